@@ -1,0 +1,287 @@
+"""The `omnistream` command line.
+
+Exit codes: 0 success, 1 runtime failure (a stage failed, no answer), 2 bad usage or input
+(argparse, unreadable media, bad config), 3 no running system where one is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from omnistream.protocol.config import Config, load_config
+from omnistream.protocol.logs import setup_logging
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
+console = Console(stderr=True)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = {}
+    for item in getattr(args, "set", None) or []:
+        key, _, value = item.partition("=")
+        from omnistream.protocol.config import _parse_scalar
+
+        overrides[key] = _parse_scalar(value)
+    if getattr(args, "session", None):
+        overrides["session"] = args.session
+    if getattr(args, "model", None):
+        overrides["reasoning.model"] = args.model
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    from omnistream.app.client import default_run_dir
+
+    return Path(args.run_dir) if args.run_dir else default_run_dir()
+
+
+def _stage_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for column in rows[0] if rows else ["stage"]:
+        table.add_column(str(column))
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    return table
+
+
+@contextmanager
+def running_system(config: Config, run_dir: Path | None, quiet: bool = False) -> Iterator[Path]:
+    """Attach to the system running in ``run_dir``, or start one for the duration of the block."""
+    from omnistream.app.launcher import Launcher
+
+    if run_dir is not None and (run_dir / "addresses.json").exists():
+        yield run_dir
+        return
+    from omnistream.app.models import prepare_llm_cache
+
+    prepare_llm_cache(config, progress=not quiet)
+    owned = run_dir or Path(tempfile.mkdtemp(prefix="omnistream-"))
+    launcher = Launcher(config, owned, on_event=None if quiet else lambda text: console.log(text))
+    try:
+        with console.status("starting stages (loading models)…", spinner="dots") if not quiet else _nullcontext():
+            launcher.start()
+        yield owned
+    finally:
+        launcher.shutdown()
+
+
+@contextmanager
+def _nullcontext() -> Iterator[None]:
+    yield
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from omnistream.app.launcher import Launcher
+    from omnistream.app.models import prepare_llm_cache
+
+    config = _config(args)
+    prepare_llm_cache(config, progress=not args.json)
+    launcher = Launcher(config, _run_dir(args), on_event=lambda text: console.log(text))
+    try:
+        launcher.start()
+    except Exception as exc:
+        console.print(f"[red]start failed:[/red] {exc}")
+        launcher.shutdown()
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(launcher.status_rows()), flush=True)
+    else:
+        console.print(_stage_table(launcher.status_rows(), f"omnistream running in {launcher.run_dir}"))
+        console.print("Ctrl-C stops everything.")
+    launcher.run_forever()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from omnistream.app.client import Client, ClientError
+
+    try:
+        client = Client.connect(_run_dir(args), timeout_s=args.timeout)
+    except (FileNotFoundError, ClientError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_NOT_RUNNING
+    with client:
+        status = client.status()
+    rows = []
+    for name, stats in sorted(status.stages.items()):
+        rates = ", ".join(f"{k}={v:.1f}/s" for k, v in sorted(stats.rates.items()) if v)
+        counters = ", ".join(f"{k}={v:g}" for k, v in sorted(stats.counters.items()))
+        rows.append({"stage": name, "pid": stats.pid, "state": stats.state, "rates": rates, "counters": counters})
+    if args.json:
+        print(json.dumps({name: msgspec.to_builtins(s) for name, s in status.stages.items()}, indent=1))
+    else:
+        console.print(_stage_table(rows, "omnistream status"))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from omnistream.app.models import check_models, prepare_llm_cache
+
+    config = _config(args)
+    path = prepare_llm_cache(config, progress=not args.json)
+    results = check_models(config, on_result=None if args.json else lambda r: console.log(f"{r.role}: {r.model} ok ({r.seconds}s) {r.detail}"))
+    if args.json:
+        print(json.dumps({"llm_cache": str(path), "checks": [r.__dict__ for r in results]}, indent=1))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from omnistream.app.client import Client, ClientError
+
+    try:
+        client = Client.connect(_run_dir(args), session=args.session or "default", timeout_s=args.timeout)
+    except (FileNotFoundError, ClientError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_NOT_RUNNING
+    with client:
+        try:
+            for delta in client.ask(args.question, ts=args.at or 0.0, choices=args.choice or [], speak=False):
+                if not args.json:
+                    print(delta, end="", flush=True)
+        except ClientError as exc:
+            console.print(f"\n[red]{exc}[/red]")
+            return EXIT_FAILURE
+    done = client.last_done
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(done)))
+    else:
+        print()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from omnistream.app.client import Client
+    from omnistream.app.replay import DEFAULT_SAMPLE, Replayer, ScheduledAsk
+    from omnistream.perception.sources import MediaError, MediaReader
+
+    path = Path(args.file) if args.file else DEFAULT_SAMPLE
+    try:
+        duration = MediaReader(path).duration_s
+    except MediaError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_USAGE
+    if args.ask and args.at is None:
+        args.at = duration
+    asks = [ScheduledAsk(args.at, args.ask)] if args.ask else []
+    config = _config(args)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    results = []
+    with running_system(config, run_dir, quiet=args.json) as live_dir, Client.connect(live_dir, session=config.session) as client:
+        def on_delta(answer, text: str) -> None:
+            if not args.json:
+                if answer.text == text:
+                    console.print(f"\n[bold]Q ({answer.ask.at_s:.0f} s):[/bold] {answer.ask.question}")
+                print(text, end="", flush=True)
+
+        replayer = Replayer(client, on_delta=on_delta, speak=not args.no_speech)
+        start = time.monotonic()
+        answers = replayer.run(path, asks, speed=args.speed, answer_timeout_s=args.timeout)
+        for index, answer in enumerate(answers):
+            wav = None
+            if answer.audio and args.wav:
+                wav = Path(args.wav if len(answers) == 1 else f"{Path(args.wav).stem}-{index + 1}.wav")
+                answer.save_wav(wav)
+            results.append(
+                {
+                    "question": answer.ask.question,
+                    "at_s": answer.ask.at_s,
+                    "answer": answer.done.text if answer.done else answer.text,
+                    "error": answer.done.error if answer.done else "no answer",
+                    "first_token_s": round(answer.first_delta_wall - answer.sent_wall, 3) if answer.first_delta_wall else None,
+                    "first_audio_s": round(answer.first_audio_wall - answer.sent_wall, 3) if answer.first_audio_wall else None,
+                    "audio_s": round(sum(len(a) for a in answer.audio) / answer.audio_rate, 2),
+                    "wav": str(wav) if wav else None,
+                }
+            )
+        elapsed = time.monotonic() - start
+    if args.json:
+        print(json.dumps({"file": str(path), "elapsed_s": round(elapsed, 2), "answers": results}, indent=1))
+    else:
+        print()
+        for result in results:
+            if result["wav"]:
+                console.print(f"spoken answer: {result['wav']} ({result['audio_s']} s)")
+    return EXIT_FAILURE if any(r["error"] for r in results) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnistream", description="Local real-time video and audio assistant.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
+        p.add_argument("--config", help="TOML configuration file")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (e.g. reasoning.model=qwen2.5-coder-0.5b)")
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        if run_dir:
+            p.add_argument("--run-dir", help="run directory of the system (default: $OMNISTREAM_RUN_DIR or ~/.local/share/omnistream/run)")
+
+    p = sub.add_parser("up", help="start every stage and supervise them until Ctrl-C")
+    common(p)
+    p.add_argument("--session", help="session name (resumes its memory)")
+    p.add_argument("--model", help="LLM: qwen2.5-coder-1.5b (default), qwen2.5-coder-0.5b or a local model directory")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", help="health and rates of each stage of the running system")
+    common(p)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("models", help="prepare the packaged models (once) and check that each loads")
+    common(p, run_dir=False)
+    p.add_argument("--model", help="LLM to prepare")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("ask", help="ask the running system a question; the answer streams to stdout")
+    common(p)
+    p.add_argument("question")
+    p.add_argument("--at", type=float, help="stream time of the question (seconds)")
+    p.add_argument("--choice", action="append", help="a multiple-choice option such as 'A a cat' (repeatable)")
+    p.add_argument("--session")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("replay", help="stream a recording as if live (starts the system if none is running)")
+    common(p)
+    p.add_argument("file", nargs="?", help="video/audio file (default: the bundled 30 s sample)")
+    p.add_argument("--speed", type=float, default=1.0, help="x real time; 0 = as fast as possible")
+    p.add_argument("--ask", help="question to ask during the replay")
+    p.add_argument("--at", type=float, help="stream time to ask at (default: the end)")
+    p.add_argument("--wav", default="answer.wav", help="where to write the spoken answer")
+    p.add_argument("--no-speech", action="store_true", help="text answers only")
+    p.add_argument("--session")
+    p.add_argument("--model", help="LLM to use")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for answers after the stream")
+    p.set_defaults(func=cmd_replay)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except msgspec.ValidationError as exc:
+        console.print(f"[red]bad configuration:[/red] {exc}")
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

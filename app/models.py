@@ -1,0 +1,121 @@
+"""Model preparation (`omnistream models`): build the LLM cache, then load every default model once.
+
+Runs automatically before the stages start; everything comes from installed registry packages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from omnistream.protocol.config import Config
+
+
+@dataclass
+class ModelCheck:
+    role: str
+    model: str
+    seconds: float
+    detail: str
+
+
+class ProgressBars:
+    """tqdm bars keyed by step name, for ``prepare_llm``'s progress callback."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        bar = self.bars.get(step)
+        if bar is None:
+            scale = total > 10_000
+            bar = self.bars[step] = tqdm(
+                total=total, desc=step, unit="B" if scale else "step", unit_scale=scale, leave=True
+            )
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def prepare_llm_cache(config: Config, progress: bool = True):
+    from omnistream.reasoning.prepare import prepare_llm
+
+    bars = ProgressBars(progress)
+    try:
+        return prepare_llm(config.reasoning.model, config.cache_dir, config.reasoning.dtype, bars)
+    finally:
+        bars.close()
+
+
+def _check_encoder(config: Config) -> str:
+    from omnistream.perception.encoder import load_encoder
+
+    encoder = load_encoder(config.perception.encoder)
+    features, probs = encoder.encode([np.zeros((240, 320, 3), np.uint8)])
+    return f"{features.shape[1]}-d features, {probs.shape[1]} classes"
+
+
+def _check_embedder(_config: Config) -> str:
+    from omnistream.memory.embedder import TextEmbedder
+
+    return f"{TextEmbedder().embed(['hello']).shape[1]}-d text vectors"
+
+
+def _check_vad(_config: Config) -> str:
+    from omnistream.speech.listen import VoiceActivity
+
+    return f"p(speech | silence) = {VoiceActivity().probability(np.zeros(512, np.float32)):.2f}"
+
+
+def _check_asr(config: Config) -> str:
+    from omnistream.speech.listen import Recognizer
+
+    Recognizer(config.speech.asr_model)
+    return "loaded"
+
+
+def _check_tts(config: Config) -> str:
+    from omnistream.speech.speak import Voice
+
+    voice = Voice(config.speech.tts_voice)
+    return f"{len(voice.synthesize('Ready.')) / voice.sample_rate:.2f} s of audio for 'Ready.'"
+
+
+def _check_llm(config: Config) -> str:
+    from omnistream.reasoning.engine import LLMEngine
+
+    engine = LLMEngine(prepare_llm_cache(config, progress=False), config.reasoning.dtype, config.reasoning.threads)
+    reply = "".join(engine.stream(engine.chat_ids("Answer in one word.", "What colour is the sky on a clear day?"), 4))
+    return f"says {reply.strip()!r}"
+
+
+def check_models(config: Config, on_result: Callable[[ModelCheck], None] | None = None) -> list[ModelCheck]:
+    """Load every default model once and run it on a tiny input; raises on the first failure."""
+    checks = [
+        ("frame encoder", config.perception.encoder, _check_encoder),
+        ("text embedding", config.memory.embedder, _check_embedder),
+        ("VAD", "silero-vad (ONNX)", _check_vad),
+        ("ASR", f"faster-whisper {config.speech.asr_model}", _check_asr),
+        ("TTS", f"hibari ({config.speech.tts_voice})", _check_tts),
+        ("LLM", config.reasoning.model, _check_llm),
+    ]
+    results = []
+    for role, name, check in checks:
+        start = time.monotonic()
+        detail = check(config)
+        result = ModelCheck(role, name, round(time.monotonic() - start, 2), detail)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results

@@ -1,0 +1,137 @@
+"""Replay a recording as if it were live, ask questions at given stream times, collect answers.
+
+Frames and audio are pushed through the gateway paced at ``speed`` x real time (0 = as fast as
+possible); each question is sent when the stream reaches its time, while the stream goes on.
+Answers stream back as text deltas; their spoken audio is gathered per turn and can be saved
+as WAV.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from omnistream.app.client import Client
+from omnistream.perception.sources import AUDIO_RATE, MediaReader
+from omnistream.protocol.messages import AnswerDelta, AnswerDone, AudioOut, Message
+
+DEFAULT_SAMPLE = Path(__file__).parent / "assets" / "sample.mp4"
+
+
+@dataclass
+class ScheduledAsk:
+    at_s: float
+    question: str
+    choices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    ask: ScheduledAsk
+    turn: str = ""
+    sent_wall: float = 0.0
+    first_delta_wall: float = 0.0
+    text: str = ""
+    done: AnswerDone | None = None
+    audio: list[np.ndarray] = field(default_factory=list)
+    audio_rate: int = 24000
+    first_audio_wall: float = 0.0
+    audio_final: bool = False
+
+    def save_wav(self, path: Path) -> Path:
+        pcm = np.concatenate(self.audio) if self.audio else np.zeros(0, np.float32)
+        soundfile.write(str(path), pcm, self.audio_rate, subtype="PCM_16")
+        return path
+
+    @property
+    def finished(self) -> bool:
+        return self.done is not None and (self.audio_final or not self.audio or bool(self.done.error))
+
+
+class Replayer:
+    def __init__(
+        self,
+        client: Client,
+        on_delta: Callable[[Answer, str], None] | None = None,
+        speak: bool = True,
+    ):
+        self.client = client
+        self.on_delta = on_delta or (lambda answer, text: None)
+        self.speak = speak
+        self.answers: dict[str, Answer] = {}
+
+    def _dispatch(self, events: list[Message]) -> None:
+        for event in events:
+            answer = self.answers.get(getattr(event, "turn", ""))
+            if answer is None:
+                continue
+            if isinstance(event, AnswerDelta):
+                if not answer.first_delta_wall:
+                    answer.first_delta_wall = time.monotonic()
+                answer.text += event.text
+                self.on_delta(answer, event.text)
+            elif isinstance(event, AnswerDone):
+                answer.done = event
+            elif isinstance(event, AudioOut):
+                if event.pcm is not None and len(event.pcm):
+                    if not answer.first_audio_wall:
+                        answer.first_audio_wall = time.monotonic()
+                    answer.audio.append(np.asarray(event.pcm, np.float32))
+                    answer.audio_rate = event.sample_rate
+                if event.flush:
+                    answer.audio.clear()
+                answer.audio_final = answer.audio_final or event.final or event.flush
+
+    def _wait_until(self, wall: float) -> None:
+        while True:
+            remaining = wall - time.monotonic()
+            self._dispatch(self.client.poll_events(max(min(remaining, 0.05), 0.0)))
+            if remaining <= 0:
+                return
+
+    def ask(self, scheduled: ScheduledAsk) -> Answer:
+        answer = Answer(ask=scheduled, sent_wall=time.monotonic())
+        answer.turn = self.client.send_ask(scheduled.question, scheduled.at_s, scheduled.choices, speak=self.speak)
+        self.answers[answer.turn] = answer
+        return answer
+
+    def run(
+        self,
+        path: Path,
+        asks: list[ScheduledAsk],
+        speed: float = 1.0,
+        max_fps: float = 10.0,
+        answer_timeout_s: float = 300.0,
+        progress: Callable[[float, float], None] | None = None,
+    ) -> list[Answer]:
+        """Stream ``path``; returns the answers in the order of ``asks``."""
+        reader = MediaReader(path, max_fps=max_fps)
+        pending = sorted(asks, key=lambda a: a.at_s)
+        answers: list[Answer] = []
+        start = time.monotonic()
+        last_ts = 0.0
+        for event in reader:
+            while pending and pending[0].at_s <= event.ts:
+                answers.append(self.ask(pending.pop(0)))
+            if speed > 0:
+                self._wait_until(start + event.ts / speed)
+            else:
+                self._dispatch(self.client.poll_events(0))
+            if event.kind == "video":
+                self.client.push_frame(event.data, event.ts)
+            else:
+                self.client.push_audio(event.data, AUDIO_RATE, event.ts, channel="scene")
+            last_ts = event.ts
+            if progress is not None:
+                progress(event.ts, reader.duration_s)
+        for scheduled in pending:  # asked after the end of the recording
+            answers.append(self.ask(ScheduledAsk(max(scheduled.at_s, last_ts), scheduled.question, scheduled.choices)))
+        deadline = time.monotonic() + answer_timeout_s
+        while not all(a.finished for a in answers) and time.monotonic() < deadline:
+            self._dispatch(self.client.poll_events(0.1))
+        return answers

@@ -1,0 +1,141 @@
+"""Configuration shared by every process: one typed struct, loaded from TOML and overrides.
+
+Precedence: defaults < ``--config FILE`` (TOML) < ``OMNISTREAM_<SECTION>__<KEY>`` environment
+variables < explicit overrides. The launcher writes the resolved config into the run directory
+and every stage reads that file, so all processes agree.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class PathsConfig(_Section):
+    cache_dir: str = ""  # model cache; default ~/.cache/omnistream
+    data_dir: str = ""  # sessions (SQLite, vectors); default ~/.local/share/omnistream
+
+
+class BusConfig(_Section):
+    transport: str = "ipc"  # "ipc" (under the run dir) or "tcp"
+    host: str = "127.0.0.1"
+    base_port: int = 47100
+    frame_hwm: int = 4
+    max_message_bytes: int = 64 << 20
+
+
+class PerceptionConfig(_Section):
+    encoder: str = "efficientnet-lite0"
+    max_fps: float = 15.0
+    batch_size: int = 4
+    threads: int = 1
+    top_labels: int = 5
+    min_label_score: float = 0.08
+    scene_cut_distance: float = 0.25
+    scene_cut_frames: int = 2
+    max_clip_s: float = 20.0
+
+
+class SpeechConfig(_Section):
+    asr_model: str = "tiny.en"
+    vad_threshold: float = 0.5
+    min_silence_s: float = 0.5
+    min_speech_s: float = 0.25
+    max_utterance_s: float = 20.0
+    partial_every_s: float = 1.0
+    ask_on_user_speech: bool = True
+    tts_voice: str = "heart"
+    tts_enabled: bool = True
+    threads: int = 1
+
+
+class MemoryConfig(_Section):
+    embedder: str = "all-MiniLM-L6-v2"
+    sensory_s: float = 10.0
+    top_k: int = 8
+    return_all_below: int = 80  # a session with at most this many records is returned whole
+
+
+class ReasoningConfig(_Section):
+    model: str = "qwen2.5-coder-1.5b"  # or "qwen2.5-coder-0.5b", or a local model directory
+    dtype: str = "bfloat16"
+    threads: int = 2
+    max_new_tokens: int = 96
+    max_context_tokens: int = 6000
+    temperature: float = 0.0
+
+
+class LauncherConfig(_Section):
+    ready_timeout_s: float = 300.0
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 10.0
+    stats_every_s: float = 1.0
+
+
+ALL_STAGES = ("gateway", "perception", "memory", "reasoning", "speech")
+
+
+class Config(_Section):
+    session: str = "default"
+    stages: tuple[str, ...] = ALL_STAGES
+    paths: PathsConfig = PathsConfig()
+    bus: BusConfig = BusConfig()
+    perception: PerceptionConfig = PerceptionConfig()
+    speech: SpeechConfig = SpeechConfig()
+    memory: MemoryConfig = MemoryConfig()
+    reasoning: ReasoningConfig = ReasoningConfig()
+    launcher: LauncherConfig = LauncherConfig()
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.paths.cache_dir or Path.home() / ".cache" / "omnistream").expanduser()
+
+    @property
+    def data_dir(self) -> Path:
+        default = Path.home() / ".local" / "share" / "omnistream"
+        return Path(self.paths.data_dir or default).expanduser()
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
+def _parse_scalar(text: str) -> Any:
+    """Environment/CLI values are TOML scalars ("2", "true", "[\"a\"]"), else plain strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Resolve the configuration; raises ``msgspec.ValidationError`` naming a bad key."""
+    tree: dict[str, Any] = {}
+    if path:
+        tree = tomllib.loads(Path(path).read_text())
+    for key, value in os.environ.items():
+        if key.startswith("OMNISTREAM_") and "__" in key:
+            dotted = key[len("OMNISTREAM_") :].lower().replace("__", ".")
+            _set_dotted(tree, dotted, _parse_scalar(value))
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    return msgspec.convert(tree, Config)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_bytes(msgspec.json.encode(config))
+
+
+def read_config(path: Path) -> Config:
+    return msgspec.json.decode(path.read_bytes(), type=Config)

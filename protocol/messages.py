@@ -1,0 +1,282 @@
+"""Every message that crosses a process boundary, in one place.
+
+Each type is a tagged ``msgspec.Struct``; the tag is the class name and doubles as the ZeroMQ
+topic. ndarray fields travel as separate zero-copy frames (see ``protocol.codec``), never pickled.
+
+Conventions: ``ts`` is stream time in seconds (the position in the watched stream, not wall
+clock); ``session`` names the user session; ``turn`` names one question/answer exchange.
+Unknown fields and wrong field types are rejected at decode time with an error naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+import numpy as np
+
+
+class Message(
+    msgspec.Struct,
+    tag=True,
+    tag_field="type",
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+    kw_only=True,
+):
+    """Base of all messages. ``ts`` is stream time (seconds)."""
+
+    ts: float = 0.0
+    session: str = "default"
+
+
+# --- media -----------------------------------------------------------------------------------
+
+
+class VideoFrame(Message):
+    """One RGB frame. ``image``: uint8 (H, W, 3), owned by the receiver after decode."""
+
+    image: np.ndarray
+    source: str = "client"
+    index: int = 0
+
+
+class AudioChunk(Message):
+    """Mono PCM. ``pcm``: float32 (N,) in [-1, 1] or int16 (N,), at ``sample_rate`` Hz.
+
+    ``channel`` is "user" for the user's microphone (its speech can become questions) or
+    "scene" for the sound track of the watched stream (transcribed into memory only).
+    """
+
+    pcm: np.ndarray
+    sample_rate: int = 16000
+    channel: Literal["user", "scene"] = "scene"
+
+
+class AudioOut(Message):
+    """Synthesised assistant speech for ``turn``. ``pcm``: float32 (N,) at ``sample_rate`` Hz.
+
+    ``flush=True`` tells the client to drop any audio of this turn it has queued (barge-in).
+    """
+
+    turn: str = ""
+    pcm: np.ndarray | None = None
+    sample_rate: int = 24000
+    seq: int = 0
+    flush: bool = False
+    final: bool = False
+
+
+# --- perception --------------------------------------------------------------------------------
+
+
+class Label(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    name: str
+    score: float
+    category: str = ""
+
+
+class Percept(Message):
+    """What perception saw in one encoded frame. ``features``: float32 (D,), L2-normalised."""
+
+    features: np.ndarray
+    labels: list[Label] = []
+    text_seen: list[str] = []
+    faces: list[str] = []
+    clip_id: int = 0
+    frame_index: int = 0
+    latency_s: float = 0.0
+
+
+class Clip(Message):
+    """A closed clip: the span [t0, ts] of one scene. ``features``: float32 (D,) mean-pooled."""
+
+    clip_id: int
+    t0: float
+    features: np.ndarray
+    labels: list[Label] = []
+    text_seen: list[str] = []
+    description: str = ""
+    n_frames: int = 0
+
+
+# --- speech -------------------------------------------------------------------------------------
+
+
+class Transcript(Message):
+    """Speech recognised in [t0, ts]. Partials are replaced by later partials or the final."""
+
+    t0: float
+    text: str
+    final: bool = True
+    speaker: Literal["user", "assistant", "scene"] = "scene"
+    turn: str = ""
+
+
+class UserSpeech(Message):
+    """The user started (``started=True``) or stopped speaking."""
+
+    started: bool
+
+
+# --- questions and answers ------------------------------------------------------------------------
+
+
+class Ask(Message):
+    """A question at stream time ``ts``. ``choices`` (optional) makes it multiple choice."""
+
+    turn: str
+    question: str
+    choices: list[str] = []
+    speak: bool = True
+
+
+class AnswerDelta(Message):
+    turn: str
+    text: str
+    seq: int = 0
+
+
+class AnswerDone(Message):
+    turn: str
+    text: str
+    choice: str = ""
+    error: str = ""
+    first_token_s: float = 0.0
+    total_s: float = 0.0
+
+
+class Interrupt(Message):
+    """Stop answering ``turn`` (empty: whatever is being answered) at once."""
+
+    turn: str = ""
+    reason: str = ""
+
+
+class Watch(Message):
+    """A standing question: raise an ``Alert`` whenever it becomes true."""
+
+    watch_id: str
+    condition: str
+
+
+class Alert(Message):
+    watch_id: str
+    text: str
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+
+class MemoryItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One remembered record: a clip description or a transcript, with its stream-time span."""
+
+    kind: Literal["clip", "transcript", "now"]
+    t0: float
+    t1: float
+    text: str
+    score: float = 0.0
+    speaker: str = ""
+
+
+class Retrieve(Message):
+    """Reasoning asks memory for what is relevant to ``query`` up to stream time ``ts``."""
+
+    request_id: str
+    query: str
+    top_k: int = 8
+    recent_s: float = 30.0
+
+
+class Retrieved(Message):
+    request_id: str
+    items: list[MemoryItem] = []
+    error: str = ""
+
+
+class KVBlock(Message):
+    """A block of cached keys/values for a span of memory text (filled by the KV-streaming reasoner).
+
+    ``keys``/``values``: float16 (layers, kv_heads, tokens, head_dim).
+    """
+
+    block_id: int
+    t0: float
+    keys: np.ndarray
+    values: np.ndarray
+    text: str = ""
+
+
+# --- control -----------------------------------------------------------------------------------------
+
+
+class Stats(Message):
+    """Periodic health of one stage. ``counters`` are totals; ``rates`` are per second."""
+
+    stage: str
+    pid: int = 0
+    counters: dict[str, float] = {}
+    rates: dict[str, float] = {}
+    state: str = "running"
+
+
+class StatusRequest(Message):
+    request_id: str = ""
+
+
+class Status(Message):
+    request_id: str = ""
+    stages: dict[str, Stats] = {}
+
+
+class Error(Message):
+    """A rejected message or a failed request. ``code`` is a stable machine-readable name."""
+
+    code: str
+    message: str
+    request_id: str = ""
+
+
+class Ready(Message):
+    stage: str
+    pid: int
+
+
+class Shutdown(Message):
+    reason: str = ""
+
+
+class Ack(Message):
+    request_id: str = ""
+
+
+AnyMessage = Union[
+    VideoFrame,
+    AudioChunk,
+    AudioOut,
+    Percept,
+    Clip,
+    Transcript,
+    UserSpeech,
+    Ask,
+    AnswerDelta,
+    AnswerDone,
+    Interrupt,
+    Watch,
+    Alert,
+    Retrieve,
+    Retrieved,
+    KVBlock,
+    Stats,
+    StatusRequest,
+    Status,
+    Error,
+    Ready,
+    Shutdown,
+    Ack,
+]
+
+MESSAGE_TYPES: dict[str, type[Message]] = {t.__name__: t for t in AnyMessage.__args__}  # type: ignore[attr-defined]
+
+# System-priority messages are handled before any queued data (pipecat's SystemFrame idea).
+SYSTEM_TYPES = (Interrupt, UserSpeech, Shutdown)

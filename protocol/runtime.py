@@ -1,0 +1,197 @@
+"""The loop every stage process runs: bus sockets, READY, stats, priority dispatch, shutdown.
+
+A stage is an object with ``handle(message)`` (and optionally ``tick()``, ``close()``); the
+runtime owns the sockets and calls it from one thread. System messages (``Interrupt``,
+``UserSpeech``, ``Shutdown``) are dispatched before data received in the same poll. Media
+topics arrive on their own SUB socket with a small high-water mark and only the newest
+message per topic is kept, so a slow stage drops frames instead of growing a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import zmq
+
+from omnistream.protocol.codec import ProtocolError
+from omnistream.protocol.config import Config, read_config
+from omnistream.protocol.logs import setup_logging
+from omnistream.protocol.messages import SYSTEM_TYPES, Error, Message, Ready, Shutdown, Stats
+from omnistream.protocol.sockets import Addresses, make_socket, recv, send
+
+log = logging.getLogger("omnistream.runtime")
+
+MEDIA_TOPICS = (b"VideoFrame",)
+
+
+class Stage(Protocol):
+    name: str
+
+    def handle(self, message: Message) -> None: ...
+
+
+class Runtime:
+    """Bus connection and main loop for one stage process."""
+
+    def __init__(self, name: str, run_dir: Path, config: Config | None = None):
+        setup_logging("INFO")
+        self.name = name
+        self.run_dir = Path(run_dir)
+        self.config = config or read_config(self.run_dir / "config.json")
+        self.addresses = Addresses.load(self.run_dir)
+        self.ctx = zmq.Context.instance()
+        limit = self.config.bus.max_message_bytes
+        self.pub = make_socket(self.ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
+        self.pub.connect(self.addresses.bus_in)
+        self.media_pub = make_socket(self.ctx, zmq.PUB, hwm=self.config.bus.frame_hwm, max_message_bytes=limit)
+        self.media_pub.connect(self.addresses.media_in)
+        self.sub = make_socket(self.ctx, zmq.SUB, hwm=10000, max_message_bytes=limit)
+        self.sub.connect(self.addresses.bus_out)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"Shutdown")
+        self.media_sub: zmq.Socket | None = None
+        self.control = make_socket(self.ctx, zmq.PUSH, hwm=100)
+        self.control.connect(self.addresses.control)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sub, zmq.POLLIN)
+        self.extra: dict[zmq.Socket, Callable[[zmq.Socket], None]] = {}
+        self.counters: dict[str, float] = defaultdict(float)
+        self.running = True
+        self._last_stats = 0.0
+        self._last_counters: dict[str, float] = {}
+        self._pending: list[Message] = []
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.running = False
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def subscribe(self, *types: type[Message]) -> None:
+        for message_type in types:
+            topic = message_type.__name__.encode()
+            if topic in MEDIA_TOPICS:
+                if self.media_sub is None:
+                    self.media_sub = make_socket(
+                        self.ctx, zmq.SUB, hwm=self.config.bus.frame_hwm, max_message_bytes=self.config.bus.max_message_bytes
+                    )
+                    self.media_sub.connect(self.addresses.media_out)
+                    self.poller.register(self.media_sub, zmq.POLLIN)
+                self.media_sub.setsockopt(zmq.SUBSCRIBE, topic)
+            else:
+                self.sub.setsockopt(zmq.SUBSCRIBE, topic)
+
+    def add_socket(self, sock: zmq.Socket, on_readable: Callable[[zmq.Socket], None]) -> None:
+        self.poller.register(sock, zmq.POLLIN)
+        self.extra[sock] = on_readable
+
+    def publish(self, message: Message) -> None:
+        sock = self.media_pub if type(message).__name__.encode() in MEDIA_TOPICS else self.pub
+        try:
+            send(sock, message, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["dropped_out"] += 1
+
+    def ready(self) -> None:
+        send(self.control, Ready(stage=self.name, pid=os.getpid()))
+        log.info("ready", extra={"stage": self.name})
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _drain(self, sock: zmq.Socket, latest_only: bool) -> list[Message]:
+        got: dict[str, Message] = {}
+        ordered: list[Message] = []
+        while True:
+            try:
+                _, message = recv(sock, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except ProtocolError as exc:
+                self.counters["rejected"] += 1
+                self.publish(Error(code=exc.code, message=f"{self.name}: {exc}"))
+                continue
+            if latest_only:
+                if type(message).__name__ in got:
+                    self.counters["dropped_in"] += 1
+                got[type(message).__name__] = message
+            else:
+                ordered.append(message)
+        return ordered + list(got.values())
+
+    def poll(self, timeout_s: float = 0.0) -> list[Message]:
+        """Receive what is waiting (system messages first). Runs extra sockets' handlers."""
+        events = dict(self.poller.poll(int(timeout_s * 1000)))
+        messages: list[Message] = []
+        if self.sub in events:
+            messages += self._drain(self.sub, latest_only=False)
+        if self.media_sub is not None and self.media_sub in events:
+            messages += self._drain(self.media_sub, latest_only=True)
+        for sock, on_readable in self.extra.items():
+            if sock in events:
+                on_readable(sock)
+        for message in messages:
+            if isinstance(message, Shutdown):
+                self.running = False
+        messages.sort(key=lambda m: not isinstance(m, SYSTEM_TYPES))
+        self._pending += messages
+        return messages
+
+    def take_pending(self) -> list[Message]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    # -- stats and loop ----------------------------------------------------------------------
+
+    def stats_message(self, state: str = "running") -> Stats:
+        now = time.monotonic()
+        elapsed = max(now - self._last_stats, 1e-6) if self._last_stats else 0.0
+        rates = {
+            key: (value - self._last_counters.get(key, 0.0)) / elapsed
+            for key, value in self.counters.items()
+            if elapsed
+        }
+        self._last_stats, self._last_counters = now, dict(self.counters)
+        return Stats(stage=self.name, pid=os.getpid(), counters=dict(self.counters), rates=rates, state=state)
+
+    def maybe_publish_stats(self) -> None:
+        if time.monotonic() - self._last_stats >= self.config.launcher.stats_every_s:
+            self.publish(self.stats_message())
+
+    def run(self, stage: Stage, tick: Callable[[], None] | None = None, poll_s: float = 0.05) -> None:
+        """Dispatch messages to ``stage.handle`` until SIGTERM or a ``Shutdown``; then call
+        ``stage.stop()`` (if it has one) while the sockets are still open."""
+        self.ready()
+        while self.running:
+            self.poll(poll_s)
+            for message in self.take_pending():
+                if not self.running:
+                    break
+                try:
+                    stage.handle(message)
+                except ProtocolError as exc:
+                    self.publish(Error(code=exc.code, message=f"{self.name}: {exc}", session=message.session))
+                except Exception as exc:  # a bad message must not kill the stage
+                    log.exception("handler failed", extra={"stage": self.name})
+                    self.counters["errors"] += 1
+                    self.publish(Error(code="stage_error", message=f"{self.name}: {type(exc).__name__}: {exc}", session=message.session))
+            if tick is not None:
+                tick()
+            self.maybe_publish_stats()
+        stop = getattr(stage, "stop", None)
+        if stop is not None:
+            stop()
+        self.publish(self.stats_message(state="stopped"))
+        self.close()
+
+    def close(self) -> None:
+        sockets: Iterable[zmq.Socket | None] = (self.pub, self.media_pub, self.sub, self.media_sub, self.control, *self.extra)
+        for sock in sockets:
+            if sock is not None:
+                sock.close(linger=0)

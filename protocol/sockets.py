@@ -1,0 +1,82 @@
+"""Addresses and socket helpers shared by the launcher, the stages and the clients.
+
+Every address derives from a run directory (``ipc://`` sockets inside it) or, with the ``tcp``
+transport, from a base port on loopback. The launcher writes ``addresses.json`` into the run
+directory so a client only needs the directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from omnistream.protocol.codec import DEFAULT_MAX_MESSAGE_BYTES, decode, encode
+from omnistream.protocol.messages import Message
+
+ENDPOINTS = ("bus_in", "bus_out", "media_in", "media_out", "control", "gateway", "gateway_pub", "memory")
+
+
+@dataclass(frozen=True)
+class Addresses:
+    bus_in: str  # XSUB side of the bus: stages' PUB sockets connect here
+    bus_out: str  # XPUB side of the bus: stages' SUB sockets connect here
+    media_in: str  # XSUB side of the media bus (frames; small queues, newest wins)
+    media_out: str  # XPUB side of the media bus
+    control: str  # launcher PULL: READY announcements
+    gateway: str  # gateway ROUTER: client requests
+    gateway_pub: str  # gateway PUB: events for clients
+    memory: str  # memory ROUTER: retrieval requests from reasoning
+
+    @classmethod
+    def for_run_dir(cls, run_dir: Path, transport: str = "ipc", host: str = "127.0.0.1", base_port: int = 47100) -> Addresses:
+        if transport == "ipc":
+            return cls(**{name: f"ipc://{run_dir / name}" for name in ENDPOINTS})
+        if transport == "tcp":
+            return cls(**{name: f"tcp://{host}:{base_port + i}" for i, name in enumerate(ENDPOINTS)})
+        raise ValueError(f"unknown transport {transport!r} (expected 'ipc' or 'tcp')")
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / "addresses.json").write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Addresses:
+        path = Path(run_dir) / "addresses.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no omnistream running in {run_dir} (missing {path.name}); start it with `omnistream up`")
+        return cls(**json.loads(path.read_text()))
+
+
+def make_socket(
+    ctx: zmq.Context,
+    kind: int,
+    *,
+    hwm: int = 1000,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    **options: Any,
+) -> zmq.Socket:
+    """A socket with linger 0, high-water marks and a per-frame size cap set."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name), value)
+    return sock
+
+
+def send(sock: zmq.Socket, message: Message, *, prefix: list[bytes] | None = None, flags: int = 0) -> None:
+    """Send zero-copy; the message's arrays must not be mutated afterwards."""
+    frames = encode(message)
+    sock.send_multipart([*(prefix or []), *frames], flags=flags, copy=False)
+
+
+def recv(sock: zmq.Socket, *, prefix_frames: int = 0, flags: int = 0) -> tuple[list[bytes], Message]:
+    """Receive and decode one message; raises ``ProtocolError`` for a bad one (already consumed)."""
+    frames = sock.recv_multipart(flags=flags, copy=False)
+    prefix = [f.bytes for f in frames[:prefix_frames]]
+    return prefix, decode(frames[prefix_frames:])

@@ -1,0 +1,57 @@
+"""Turn retrieved memory into the prompt: a timestamped log, the current time, the question."""
+
+from __future__ import annotations
+
+from omnistream.protocol.messages import MemoryItem
+
+SYSTEM_PROMPT = (
+    "You are omnistream, an assistant that watches a live video stream and listens to its sound. "
+    "Below is your memory of the stream: one line per scene you saw (labels from an image "
+    "classifier, best guess first) and per sentence you heard, with stream times. "
+    "Answer the user's question in one or two short sentences, using only this memory. "
+    "Say when something happened by citing its stream time, for example 'at 02:14'. "
+    "If the memory does not tell, say you did not see or hear it."
+)
+
+CHOICE_LETTERS = ("A", "B", "C", "D", "E", "F")
+
+
+def clock(seconds: float) -> str:
+    total = max(int(round(seconds)), 0)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def format_item(item: MemoryItem) -> str:
+    span = f"{clock(item.t0)}-{clock(item.t1)}"
+    if item.kind == "transcript":
+        who = {"user": "the user said", "assistant": "you said"}.get(item.speaker, "a voice said")
+        return f"[{span}] {who}: \"{item.text}\""
+    if item.kind == "now":
+        return f"[now, {clock(item.t1)}] on screen right now: {item.text.removeprefix('seen: ')}"
+    return f"[{span}] on screen: {item.text.removeprefix('seen: ')}"
+
+
+def memory_log(items: list[MemoryItem]) -> str:
+    return "\n".join(format_item(item) for item in items) or "(nothing seen or heard yet)"
+
+
+def user_message(log_text: str, now_ts: float, question: str, choices: list[str]) -> str:
+    parts = [f"Memory of the stream:\n{log_text}", f"Current stream time: {clock(now_ts)}.", f"Question: {question}"]
+    if choices:
+        parts.append("Choices:\n" + "\n".join(choices))
+        parts.append("Answer with the letter of the correct choice, then a short reason.")
+    return "\n\n".join(parts)
+
+
+def fit_items(items: list[MemoryItem], budget_tokens: int, count_tokens) -> list[MemoryItem]:
+    """Drop the least relevant then oldest records until the log fits ``budget_tokens``."""
+    kept = list(items)
+    while kept and count_tokens(memory_log(kept)) > budget_tokens:
+        droppable = [i for i, item in enumerate(kept) if item.kind != "now"]
+        if not droppable:
+            break
+        victim = min(droppable, key=lambda i: (kept[i].score, kept[i].t0))
+        kept.pop(victim)
+    return kept

@@ -1,0 +1,154 @@
+"""Reasoning process: on ``Ask``, retrieve from memory, stream the LLM's answer, obey ``Interrupt``.
+
+Memory is asked over a DEALER socket (request/reply with a timeout, retried once), so a memory
+restart delays an answer instead of losing it. Answers stream as ``AnswerDelta`` and end with
+``AnswerDone`` (carrying an ``error`` when the answer could not be produced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import zmq
+
+from omnistream.protocol.codec import ProtocolError
+from omnistream.protocol.config import ReasoningConfig
+from omnistream.protocol.messages import (
+    AnswerDelta,
+    AnswerDone,
+    Ask,
+    Interrupt,
+    MemoryItem,
+    Message,
+    Retrieve,
+    Retrieved,
+    Shutdown,
+)
+from omnistream.protocol.runtime import Runtime
+from omnistream.protocol.sockets import make_socket, recv, send
+from omnistream.reasoning.engine import LLMEngine
+from omnistream.reasoning.prompt import CHOICE_LETTERS, SYSTEM_PROMPT, fit_items, memory_log, user_message
+
+log = logging.getLogger("omnistream.reasoning")
+
+MAX_QUESTION_CHARS = 2000
+MEMORY_TIMEOUT_S = 10.0
+
+
+class MemoryUnavailable(RuntimeError):
+    pass
+
+
+class MemoryClient:
+    """Request/reply to the memory ROUTER; reconnects (new socket) after a timeout."""
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self.ctx, self.address = ctx, address
+        self.sock = self._connect()
+
+    def _connect(self) -> zmq.Socket:
+        sock = make_socket(self.ctx, zmq.DEALER)
+        sock.connect(self.address)
+        return sock
+
+    def retrieve(self, request: Retrieve, attempts: int = 2) -> list[MemoryItem]:
+        for _ in range(attempts):
+            send(self.sock, request)
+            deadline = time.monotonic() + MEMORY_TIMEOUT_S
+            while time.monotonic() < deadline:
+                if not self.sock.poll(100):
+                    continue
+                try:
+                    _, reply = recv(self.sock)
+                except ProtocolError as exc:
+                    raise MemoryUnavailable(f"bad reply from memory: {exc}") from exc
+                if isinstance(reply, Retrieved) and reply.request_id == request.request_id:
+                    return reply.items
+                if getattr(reply, "request_id", None) == request.request_id:
+                    raise MemoryUnavailable(f"memory refused the request: {getattr(reply, 'message', reply)}")
+            self.sock.close(linger=0)
+            self.sock = self._connect()
+        raise MemoryUnavailable(f"memory did not answer within {MEMORY_TIMEOUT_S:.0f} s ({attempts} attempts)")
+
+
+class ReasoningStage:
+    name = "reasoning"
+
+    def __init__(self, config: ReasoningConfig, engine: LLMEngine, memory: MemoryClient, runtime: Runtime):
+        self.config = config
+        self.engine = engine
+        self.memory = memory
+        self.runtime = runtime
+        self.letter_ids = [engine.tokenizer.convert_tokens_to_ids(letter) for letter in CHOICE_LETTERS]
+
+    def handle(self, message: Message) -> None:
+        if isinstance(message, Ask):
+            self.answer(message)
+
+    def _interrupted(self, ask: Ask) -> bool:
+        for message in self.runtime.poll(0):
+            if isinstance(message, Shutdown):
+                return True
+            if isinstance(message, Interrupt) and message.session == ask.session and message.turn in ("", ask.turn):
+                return True
+        return not self.runtime.running
+
+    def answer(self, ask: Ask) -> None:
+        start = time.monotonic()
+        done = AnswerDone(ts=ask.ts, session=ask.session, turn=ask.turn, text="")
+        if not ask.question.strip() or len(ask.question) > MAX_QUESTION_CHARS:
+            done.error = f"Ask.question must be 1..{MAX_QUESTION_CHARS} characters, got {len(ask.question)}"
+            self.runtime.publish(done)
+            return
+        try:
+            items = self.memory.retrieve(
+                Retrieve(ts=ask.ts, session=ask.session, request_id=uuid.uuid4().hex, query=ask.question)
+            )
+        except MemoryUnavailable as exc:
+            done.error = str(exc)
+            self.runtime.publish(done)
+            return
+        items = fit_items(items, self.config.max_context_tokens, self.engine.count_tokens)
+        choices = ask.choices[: len(CHOICE_LETTERS)]
+        input_ids = self.engine.chat_ids(SYSTEM_PROMPT, user_message(memory_log(items), ask.ts, ask.question, choices))
+        letters = self.letter_ids[: len(choices)] if choices else None
+        pieces: list[str] = []
+        for seq, piece in enumerate(
+            self.engine.stream(input_ids, self.config.max_new_tokens, lambda: self._interrupted(ask), letters)
+        ):
+            if not pieces:
+                done.first_token_s = time.monotonic() - start
+            pieces.append(piece)
+            self.runtime.publish(AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq))
+        done.text = "".join(pieces).strip()
+        if choices and done.text[:1] in CHOICE_LETTERS:
+            done.choice = done.text[0]
+        if self._interrupted(ask):
+            done.error = "interrupted"
+        done.total_s = time.monotonic() - start
+        self.runtime.counters["answers"] += 1
+        self.runtime.counters["answer_tokens"] += len(pieces)
+        self.runtime.publish(done)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from omnistream.reasoning.prepare import prepare_llm
+
+    parser = argparse.ArgumentParser(prog="omnistream-reasoning")
+    parser.add_argument("--run-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    runtime = Runtime("reasoning", args.run_dir)
+    config = runtime.config.reasoning
+    model_dir = prepare_llm(config.model, runtime.config.cache_dir, config.dtype)
+    engine = LLMEngine(model_dir, config.dtype, config.threads)
+    stage = ReasoningStage(config, engine, MemoryClient(runtime.ctx, runtime.addresses.memory), runtime)
+    runtime.subscribe(Ask, Interrupt)
+    runtime.run(stage)
+
+
+if __name__ == "__main__":
+    main()
