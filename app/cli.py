@@ -65,7 +65,8 @@ def running_system(config: Config, run_dir: Path | None, quiet: bool = False) ->
         return
     from omnistream.app.models import prepare_llm_cache
 
-    prepare_llm_cache(config, progress=not quiet)
+    if "reasoning" in config.stages:
+        prepare_llm_cache(config, progress=not quiet)
     owned = run_dir or Path(tempfile.mkdtemp(prefix="omnistream-"))
     launcher = Launcher(config, owned, on_event=None if quiet else lambda text: console.log(text))
     try:
@@ -85,12 +86,17 @@ def _nullcontext() -> Iterator[None]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from omnistream.app.launcher import Launcher
+    from omnistream.app.launcher import LaunchError, Launcher
     from omnistream.app.models import prepare_llm_cache
 
     config = _config(args)
-    prepare_llm_cache(config, progress=not args.json)
-    launcher = Launcher(config, _run_dir(args), on_event=lambda text: console.log(text))
+    if "reasoning" in config.stages:
+        prepare_llm_cache(config, progress=not args.json)
+    try:
+        launcher = Launcher(config, _run_dir(args), on_event=lambda text: console.log(text))
+    except LaunchError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_USAGE
     try:
         launcher.start()
     except Exception as exc:

@@ -74,6 +74,10 @@ class Child:
 
 class Launcher:
     def __init__(self, config: Config, run_dir: Path, on_event: Callable[[str], None] | None = None):
+        unknown = [name for name in config.stages if name not in STAGE_MODULES or name == "bus"]
+        if unknown:
+            known = ", ".join(n for n in STAGE_MODULES if n != "bus")
+            raise LaunchError(f"unknown stage {unknown[0]!r} (known: {known})")
         self.config = config
         self.run_dir = Path(run_dir)
         self.on_event = on_event or (lambda text: None)
@@ -122,8 +126,6 @@ class Launcher:
         self.pub = make_socket(self.ctx, zmq.PUB)
         self.pub.connect(self.addresses.bus_in)
         for name in self.config.stages:
-            if name not in STAGE_MODULES or name == "bus":
-                raise LaunchError(f"unknown stage {name!r} (known: {', '.join(n for n in STAGE_MODULES if n != 'bus')})")
             self._spawn(name)
         self.wait_ready(list(self.config.stages), timeout_s=self.config.launcher.ready_timeout_s)
 

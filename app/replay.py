@@ -20,7 +20,7 @@ from omnistream.app.client import Client
 from omnistream.perception.sources import AUDIO_RATE, MediaReader
 from omnistream.protocol.messages import AnswerDelta, AnswerDone, AudioOut, Message
 
-DEFAULT_SAMPLE = Path(__file__).parent / "assets" / "sample.mp4"
+DEFAULT_SAMPLE = Path(__file__).parent / "assets" / "sample.mkv"
 
 
 @dataclass

@@ -114,10 +114,13 @@ def encode(message: Message) -> list:
         _decode_state.out_buffers = None
 
 
-def _frame_bytes(frame: Any) -> Any:
-    """zmq.Frame, bytes or memoryview -> an object supporting the buffer protocol."""
+def _byte_view(frame: Any) -> memoryview:
+    """zmq.Frame, bytes or any buffer -> a flat memoryview of unsigned bytes (len == nbytes)."""
     buffer = getattr(frame, "buffer", None)
-    return buffer if buffer is not None else frame
+    view = memoryview(buffer if buffer is not None else frame)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B") if view.nbytes else memoryview(b"")
+    return view
 
 
 def decode(
@@ -129,7 +132,7 @@ def decode(
     """Decode ``[topic, header, *buffers]``; raises ``ProtocolError`` naming the problem."""
     if len(frames) < 2:
         raise ProtocolError("malformed", f"expected [topic, header, *buffers], got {len(frames)} frame(s)")
-    parts = [memoryview(_frame_bytes(f)) for f in frames]
+    parts = [_byte_view(f) for f in frames]
     total = sum(p.nbytes for p in parts)
     if total > max_message_bytes:
         raise ProtocolError("too_large", f"message of {total} bytes exceeds limit {max_message_bytes}")

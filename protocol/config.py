@@ -1,7 +1,8 @@
 """Configuration shared by every process: one typed struct, loaded from TOML and overrides.
 
-Precedence: defaults < ``--config FILE`` (TOML) < ``OMNISTREAM_<SECTION>__<KEY>`` environment
-variables < explicit overrides. The launcher writes the resolved config into the run directory
+Precedence: defaults < ``--config FILE`` (TOML) < environment variables named
+``OMNISTREAM__<SECTION>__<KEY>`` (e.g. ``OMNISTREAM__REASONING__MODEL``, values as TOML scalars) <
+explicit overrides. The launcher writes the resolved config into the run directory
 and every stage reads that file, so all processes agree.
 """
 
@@ -104,6 +105,9 @@ class Config(_Section):
         return Path(self.paths.data_dir or default).expanduser()
 
 
+ENV_PREFIX = "OMNISTREAM__"
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for name in parents:
@@ -125,8 +129,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path:
         tree = tomllib.loads(Path(path).read_text())
     for key, value in os.environ.items():
-        if key.startswith("OMNISTREAM_") and "__" in key:
-            dotted = key[len("OMNISTREAM_") :].lower().replace("__", ".")
+        if key.startswith(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
             _set_dotted(tree, dotted, _parse_scalar(value))
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)

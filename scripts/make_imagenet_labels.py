@@ -21,7 +21,11 @@ def category(gloss: str) -> str:
     clause = re.sub(r"^(a|an|the|any|one|small|large)\s+", "", clause)
     head = STOP.split(clause, maxsplit=1)[0].strip(" ,.")
     words = head.split()
-    return words[-1] if words else ""
+    word = words[-1] if words else ""
+    # A gloss that starts with a verb or adverb ("permanently mounted", "driven by") has no head noun.
+    if len(word) < 3 or word.endswith(("ly", "ed", "ing")) or word in {"set", "based", "one"}:
+        return ""
+    return word
 
 
 def main(info: Path) -> None:
@@ -30,7 +34,7 @@ def main(info: Path) -> None:
     glosses = dict(line.split("\t", 1) for line in info.joinpath("imagenet_synset_to_definition.txt").read_text().splitlines())
     out = Path(__file__).resolve().parents[1] / "perception" / "data" / "imagenet_labels.tsv"
     # Glosses of dog breeds and fish name the breed or family, not the plain animal.
-    by_range = {range(151, 269): "dog", range(0, 7): "fish", range(389, 398): "fish"}
+    by_range = {range(151, 269): "dog", range(0, 7): "fish", range(389, 398): "fish", range(321, 327): "butterfly"}
     rows = []
     for index, synset in enumerate(synsets):
         name = lemmas[synset].split(",")[0].strip()

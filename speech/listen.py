@@ -17,7 +17,8 @@ from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16000
 VAD_WINDOW = 512  # samples at 16 kHz (32 ms), what Silero VAD expects
-PRE_ROLL_S = 0.25
+PRE_ROLL_S = 0.3  # audio kept before the VAD fires: whisper mishears clipped onsets
+PAD_S = 0.5
 MIN_RATE, MAX_RATE = 4000, 192000
 
 
@@ -66,9 +67,10 @@ class Recognizer:
         self.model = WhisperModel(str(packaged_whisper_dir(model)), device="cpu", compute_type="int8", cpu_threads=threads)
 
     def transcribe(self, audio: np.ndarray) -> str:
-        """float32 (N,) 16 kHz -> text."""
+        """float32 (N,) 16 kHz -> text. Padded with silence: whisper is steadier on padded input."""
+        padding = np.zeros(int(PAD_S * SAMPLE_RATE), np.float32)
         segments, _ = self.model.transcribe(
-            audio, language="en", beam_size=1, without_timestamps=True, condition_on_previous_text=False
+            np.concatenate([padding, audio, padding]), language="en", beam_size=1, without_timestamps=True, condition_on_previous_text=False
         )
         return " ".join(segment.text.strip() for segment in segments).strip()
 
