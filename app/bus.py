@@ -20,7 +20,9 @@ from omnistream.protocol.messages import Ready
 from omnistream.protocol.sockets import Addresses, make_socket, send
 
 
-def _bind_pair(ctx: zmq.Context, bind_in: str, bind_out: str, hwm: int, max_bytes: int) -> tuple[zmq.Socket, zmq.Socket]:
+def _bind_pair(
+    ctx: zmq.Context, bind_in: str, bind_out: str, hwm: int, max_bytes: int
+) -> tuple[zmq.Socket, zmq.Socket]:
     xsub = make_socket(ctx, zmq.XSUB, hwm=hwm, max_message_bytes=max_bytes)
     xsub.bind(bind_in)
     xpub = make_socket(ctx, zmq.XPUB, hwm=hwm, max_message_bytes=max_bytes)

@@ -70,7 +70,11 @@ def running_system(config: Config, run_dir: Path | None, quiet: bool = False) ->
     owned = run_dir or Path(tempfile.mkdtemp(prefix="omnistream-"))
     launcher = Launcher(config, owned, on_event=None if quiet else lambda text: console.log(text))
     try:
-        with console.status("starting stages (loading models)…", spinner="dots") if not quiet else _nullcontext():
+        with (
+            console.status("starting stages (loading models)…", spinner="dots")
+            if not quiet
+            else _nullcontext()
+        ):
             launcher.start()
         yield owned
     finally:
@@ -86,7 +90,7 @@ def _nullcontext() -> Iterator[None]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from omnistream.app.launcher import LaunchError, Launcher
+    from omnistream.app.launcher import Launcher, LaunchError
     from omnistream.app.models import prepare_llm_cache
 
     config = _config(args)
@@ -126,7 +130,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, stats in sorted(status.stages.items()):
         rates = ", ".join(f"{k}={v:.1f}/s" for k, v in sorted(stats.rates.items()) if v)
         counters = ", ".join(f"{k}={v:g}" for k, v in sorted(stats.counters.items()))
-        rows.append({"stage": name, "pid": stats.pid, "state": stats.state, "rates": rates, "counters": counters})
+        rows.append(
+            {"stage": name, "pid": stats.pid, "state": stats.state, "rates": rates, "counters": counters}
+        )
     if args.json:
         print(json.dumps({name: msgspec.to_builtins(s) for name, s in status.stages.items()}, indent=1))
     else:
@@ -139,7 +145,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     config = _config(args)
     path = prepare_llm_cache(config, progress=not args.json)
-    results = check_models(config, on_result=None if args.json else lambda r: console.log(f"{r.role}: {r.model} ok ({r.seconds}s) {r.detail}"))
+    results = check_models(
+        config,
+        on_result=None
+        if args.json
+        else lambda r: console.log(f"{r.role}: {r.model} ok ({r.seconds}s) {r.detail}"),
+    )
     if args.json:
         print(json.dumps({"llm_cache": str(path), "checks": [r.__dict__ for r in results]}, indent=1))
     return 0
@@ -186,7 +197,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     config = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else None
     results = []
-    with running_system(config, run_dir, quiet=args.json) as live_dir, Client.connect(live_dir, session=config.session) as client:
+    with (
+        running_system(config, run_dir, quiet=args.json) as live_dir,
+        Client.connect(live_dir, session=config.session) as client,
+    ):
+
         def on_delta(answer, text: str) -> None:
             if not args.json:
                 if answer.text == text:
@@ -207,8 +222,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     "at_s": answer.ask.at_s,
                     "answer": answer.done.text if answer.done else answer.text,
                     "error": answer.done.error if answer.done else "no answer",
-                    "first_token_s": round(answer.first_delta_wall - answer.sent_wall, 3) if answer.first_delta_wall else None,
-                    "first_audio_s": round(answer.first_audio_wall - answer.sent_wall, 3) if answer.first_audio_wall else None,
+                    "first_token_s": round(answer.first_delta_wall - answer.sent_wall, 3)
+                    if answer.first_delta_wall
+                    else None,
+                    "first_audio_s": round(answer.first_audio_wall - answer.sent_wall, 3)
+                    if answer.first_audio_wall
+                    else None,
                     "audio_s": round(sum(len(a) for a in answer.audio) / answer.audio_rate, 2),
                     "wav": str(wav) if wav else None,
                 }
@@ -225,20 +244,32 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omnistream", description="Local real-time video and audio assistant.")
+    parser = argparse.ArgumentParser(
+        prog="omnistream", description="Local real-time video and audio assistant."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
         p.add_argument("--config", help="TOML configuration file")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (e.g. reasoning.model=qwen2.5-coder-0.5b)")
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a config value (e.g. reasoning.model=qwen2.5-coder-0.5b)",
+        )
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         if run_dir:
-            p.add_argument("--run-dir", help="run directory of the system (default: $OMNISTREAM_RUN_DIR or ~/.local/share/omnistream/run)")
+            p.add_argument(
+                "--run-dir",
+                help="run directory of the system (default: $OMNISTREAM_RUN_DIR or ~/.local/share/omnistream/run)",
+            )
 
     p = sub.add_parser("up", help="start every stage and supervise them until Ctrl-C")
     common(p)
     p.add_argument("--session", help="session name (resumes its memory)")
-    p.add_argument("--model", help="LLM: qwen2.5-coder-1.5b (default), qwen2.5-coder-0.5b or a local model directory")
+    p.add_argument(
+        "--model", help="LLM: qwen2.5-coder-1.5b (default), qwen2.5-coder-0.5b or a local model directory"
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="health and rates of each stage of the running system")
@@ -255,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("question")
     p.add_argument("--at", type=float, help="stream time of the question (seconds)")
-    p.add_argument("--choice", action="append", help="a multiple-choice option such as 'A a cat' (repeatable)")
+    p.add_argument(
+        "--choice", action="append", help="a multiple-choice option such as 'A a cat' (repeatable)"
+    )
     p.add_argument("--session")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_ask)
@@ -270,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speech", action="store_true", help="text answers only")
     p.add_argument("--session")
     p.add_argument("--model", help="LLM to use")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for answers after the stream")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for answers after the stream"
+    )
     p.set_defaults(func=cmd_replay)
     return parser
 

@@ -65,7 +65,9 @@ class Client:
         self.last_done: AnswerDone | None = None
 
     @classmethod
-    def connect(cls, run_dir: Path | None = None, session: str = "default", timeout_s: float = 30.0) -> Client:
+    def connect(
+        cls, run_dir: Path | None = None, session: str = "default", timeout_s: float = 30.0
+    ) -> Client:
         client = cls(Addresses.load(run_dir or default_run_dir()), session=session, timeout_s=timeout_s)
         client.wait_connected()
         return client
@@ -136,19 +138,28 @@ class Client:
     def push_frame(self, image: np.ndarray, ts: float, index: int = 0) -> bool:
         """Send one RGB uint8 (H, W, 3) frame; returns False if it was dropped (gateway busy)."""
         try:
-            send(self.dealer, VideoFrame(ts=ts, session=self.session, image=image, index=index), flags=zmq.NOBLOCK)
+            send(
+                self.dealer,
+                VideoFrame(ts=ts, session=self.session, image=image, index=index),
+                flags=zmq.NOBLOCK,
+            )
             return True
         except zmq.Again:
             self.frames_dropped += 1
             return False
 
     def push_audio(self, pcm: np.ndarray, sample_rate: int, ts: float, channel: str = "user") -> None:
-        send(self.dealer, AudioChunk(ts=ts, session=self.session, pcm=pcm, sample_rate=sample_rate, channel=channel))
+        send(
+            self.dealer,
+            AudioChunk(ts=ts, session=self.session, pcm=pcm, sample_rate=sample_rate, channel=channel),
+        )
 
     def send_ask(self, question: str, ts: float, choices: list[str] | None = None, speak: bool = True) -> str:
         """Send a question; returns its turn id once the gateway accepted it."""
         turn = uuid.uuid4().hex
-        ask = Ask(ts=ts, session=self.session, turn=turn, question=question, choices=choices or [], speak=speak)
+        ask = Ask(
+            ts=ts, session=self.session, turn=turn, question=question, choices=choices or [], speak=speak
+        )
         self._request(ask, Ack, turn)
         return turn
 
@@ -156,7 +167,12 @@ class Client:
         send(self.dealer, Interrupt(ts=ts, session=self.session, turn=turn, reason="client"))
 
     def ask(
-        self, question: str, ts: float = 0.0, choices: list[str] | None = None, speak: bool = False, timeout_s: float = 300.0
+        self,
+        question: str,
+        ts: float = 0.0,
+        choices: list[str] | None = None,
+        speak: bool = False,
+        timeout_s: float = 300.0,
     ) -> Iterator[str]:
         """Stream the answer's text deltas; ``self.last_done`` holds the ``AnswerDone``."""
         turn = self.send_ask(question, ts, choices, speak)

@@ -41,7 +41,18 @@ from omnistream.protocol.sockets import make_socket, send
 log = logging.getLogger("omnistream.gateway")
 
 CLIENT_REQUESTS = (Ask, VideoFrame, AudioChunk, Interrupt, Watch, StatusRequest)
-FORWARDED_TO_CLIENTS = (AnswerDelta, AnswerDone, AudioOut, Alert, Transcript, Clip, Stats, Error, UserSpeech, Interrupt)
+FORWARDED_TO_CLIENTS = (
+    AnswerDelta,
+    AnswerDone,
+    AudioOut,
+    Alert,
+    Transcript,
+    Clip,
+    Stats,
+    Error,
+    UserSpeech,
+    Interrupt,
+)
 MAX_QUESTION_CHARS = 2000
 
 

@@ -104,7 +104,9 @@ class Launcher:
                 pass
             else:
                 if other != os.getpid():
-                    raise LaunchError(f"omnistream is already running in {self.run_dir} (launcher pid {other})")
+                    raise LaunchError(
+                        f"omnistream is already running in {self.run_dir} (launcher pid {other})"
+                    )
         pid_file.write_text(str(os.getpid()))
         for stale in self.run_dir.iterdir():
             if stale.is_socket():
@@ -157,7 +159,9 @@ class Launcher:
                 child = self.children[name]
                 if not child.alive():
                     code = child.process.returncode if child.process else None
-                    raise LaunchError(f"{name} exited with code {code} before READY; see {self.run_dir / 'logs' / (name + '.log')}")
+                    raise LaunchError(
+                        f"{name} exited with code {code} before READY; see {self.run_dir / 'logs' / (name + '.log')}"
+                    )
             if time.monotonic() > deadline:
                 missing = [n for n in names if not self.children[n].ready]
                 raise LaunchError(f"not READY after {timeout_s:.0f} s: {', '.join(missing)}")
@@ -199,13 +203,25 @@ class Launcher:
                 uptime = now - child.started_at
                 max_backoff = self.config.launcher.restart_backoff_max_s
                 base = self.config.launcher.restart_backoff_s
-                child.backoff_s = base if uptime > STABLE_AFTER_S or not child.backoff_s else min(child.backoff_s * 2, max_backoff)
+                child.backoff_s = (
+                    base
+                    if uptime > STABLE_AFTER_S or not child.backoff_s
+                    else min(child.backoff_s * 2, max_backoff)
+                )
                 child.restarts += 1
                 child.restart_at = now + child.backoff_s
                 child.ready = False
                 event = f"{child.name} exited (code {code}) after {uptime:.1f} s; restart #{child.restarts} in {child.backoff_s:.1f} s"
                 child.history.append(event)
-                log.warning("stage exited", extra={"stage": child.name, "code": code, "restart": child.restarts, "backoff_s": child.backoff_s})
+                log.warning(
+                    "stage exited",
+                    extra={
+                        "stage": child.name,
+                        "code": code,
+                        "restart": child.restarts,
+                        "backoff_s": child.backoff_s,
+                    },
+                )
                 self.on_event(event)
         if self.pub is not None and now - self._last_stats >= self.config.launcher.stats_every_s:
             self._last_stats = now

@@ -95,8 +95,12 @@ def _check_tts(config: Config) -> str:
 def _check_llm(config: Config) -> str:
     from omnistream.reasoning.engine import LLMEngine
 
-    engine = LLMEngine(prepare_llm_cache(config, progress=False), config.reasoning.dtype, config.reasoning.threads)
-    reply = "".join(engine.stream(engine.chat_ids("Answer in one word.", "What colour is the sky on a clear day?"), 4))
+    engine = LLMEngine(
+        prepare_llm_cache(config, progress=False), config.reasoning.dtype, config.reasoning.threads
+    )
+    reply = "".join(
+        engine.stream(engine.chat_ids("Answer in one word.", "What colour is the sky on a clear day?"), 4)
+    )
     return f"says {reply.strip()!r}"
 
 

@@ -96,7 +96,9 @@ class Replayer:
 
     def ask(self, scheduled: ScheduledAsk) -> Answer:
         answer = Answer(ask=scheduled, sent_wall=time.monotonic())
-        answer.turn = self.client.send_ask(scheduled.question, scheduled.at_s, scheduled.choices, speak=self.speak)
+        answer.turn = self.client.send_ask(
+            scheduled.question, scheduled.at_s, scheduled.choices, speak=self.speak
+        )
         self.answers[answer.turn] = answer
         return answer
 
@@ -130,7 +132,9 @@ class Replayer:
             if progress is not None:
                 progress(event.ts, reader.duration_s)
         for scheduled in pending:  # asked after the end of the recording
-            answers.append(self.ask(ScheduledAsk(max(scheduled.at_s, last_ts), scheduled.question, scheduled.choices)))
+            answers.append(
+                self.ask(ScheduledAsk(max(scheduled.at_s, last_ts), scheduled.question, scheduled.choices))
+            )
         deadline = time.monotonic() + answer_timeout_s
         while not all(a.finished for a in answers) and time.monotonic() < deadline:
             self._dispatch(self.client.poll_events(0.1))

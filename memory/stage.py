@@ -54,7 +54,9 @@ def ordinal(n: int) -> str:
 class MemoryStage:
     name = "memory"
 
-    def __init__(self, config: MemoryConfig, store: MemoryStore, embedder: TextEmbedder, counters: dict[str, float]):
+    def __init__(
+        self, config: MemoryConfig, store: MemoryStore, embedder: TextEmbedder, counters: dict[str, float]
+    ):
         self.config = config
         self.store = store
         self.embedder = embedder
@@ -116,7 +118,9 @@ class MemoryStage:
 
     def retrieve(self, request: Retrieve) -> Retrieved:
         if len(request.query) > MAX_QUERY_CHARS:
-            raise ProtocolError("too_large", f"Retrieve.query has {len(request.query)} chars, limit {MAX_QUERY_CHARS}")
+            raise ProtocolError(
+                "too_large", f"Retrieve.query has {len(request.query)} chars, limit {MAX_QUERY_CHARS}"
+            )
         session, until = request.session, request.ts
         if self.store.count(session) <= self.config.return_all_below:
             chosen: dict[int, tuple[Item, float]] = {
@@ -124,11 +128,16 @@ class MemoryStage:
             }
         else:
             query = self.embedder.embed([request.query])[0]
-            chosen = {item.id: (item, score) for item, score in self.store.search(session, query, request.top_k, until)}
+            chosen = {
+                item.id: (item, score)
+                for item, score in self.store.search(session, query, request.top_k, until)
+            }
             for item in self.store.between(session, until - request.recent_s, until):
                 chosen.setdefault(item.id, (item, 0.0))
         items = [
-            MemoryItem(kind=item.kind, t0=item.t0, t1=item.t1, text=item.text, score=score, speaker=item.speaker)
+            MemoryItem(
+                kind=item.kind, t0=item.t0, t1=item.t1, text=item.text, score=score, speaker=item.speaker
+            )
             for item, score in sorted(chosen.values(), key=lambda pair: (pair[0].t0, pair[0].id))
         ]
         now = self.now_item(session, until)
@@ -148,7 +157,9 @@ class MemoryStage:
                 log.warning("rejected request: %s", exc)
                 continue
             if not isinstance(message, Retrieve):
-                reply: Message = Error(code="unsupported", message=f"memory does not serve {type(message).__name__}")
+                reply: Message = Error(
+                    code="unsupported", message=f"memory does not serve {type(message).__name__}"
+                )
             else:
                 try:
                     reply = self.retrieve(message)

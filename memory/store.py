@@ -105,7 +105,8 @@ class MemoryStore:
 
     def _items(self, where: str, params: tuple) -> list[Item]:
         rows = self.db.execute(
-            f"SELECT id, session, kind, t0, t1, text, speaker, meta FROM items WHERE {where} ORDER BY t0, id", params
+            f"SELECT id, session, kind, t0, t1, text, speaker, meta FROM items WHERE {where} ORDER BY t0, id",
+            params,
         ).fetchall()
         return [Item(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
 
@@ -116,7 +117,9 @@ class MemoryStore:
         """Records that overlap [t_from, t_to], in time order."""
         return self._items("session = ? AND t1 >= ? AND t0 <= ?", (session, t_from, t_to))
 
-    def search(self, session: str, query: np.ndarray, top_k: int, until_ts: float) -> list[tuple[Item, float]]:
+    def search(
+        self, session: str, query: np.ndarray, top_k: int, until_ts: float
+    ) -> list[tuple[Item, float]]:
         """The ``top_k`` records most similar to ``query`` (float32 (dim,)) that began by ``until_ts``."""
         index = self._index(session)
         if index.ntotal == 0 or top_k <= 0:

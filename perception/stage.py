@@ -59,7 +59,9 @@ class PerceptionStage:
         self.counters["frames_received"] += 1
         image = frame.image
         if image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 8:
-            raise ValueError(f"VideoFrame.image must be uint8 (H, W, 3) with H, W >= 8, got {image.dtype} {image.shape}")
+            raise ValueError(
+                f"VideoFrame.image must be uint8 (H, W, 3) with H, W >= 8, got {image.dtype} {image.shape}"
+            )
         now = time.monotonic()
         if self.config.max_fps > 0 and now - self._last_encode < 1.0 / self.config.max_fps:
             self.counters["frames_skipped"] += 1
@@ -70,7 +72,9 @@ class PerceptionStage:
         for clip in segmenter.push(frame.ts, features[0], probs[0]):
             self.publish(clip)
             self.counters["clips"] += 1
-        labels = top_labels(probs[0], self.encoder.classes, self.config.top_labels, self.config.min_label_score)
+        labels = top_labels(
+            probs[0], self.encoder.classes, self.config.top_labels, self.config.min_label_score
+        )
         self.publish(
             Percept(
                 ts=frame.ts,

@@ -90,9 +90,7 @@ def _array_from_frame(obj: Any) -> np.ndarray:
     buffer = frames[index]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if expected != len(buffer):
-        raise ValueError(
-            f"array of shape {shape} {dtype} needs {expected} bytes, buffer has {len(buffer)}"
-        )
+        raise ValueError(f"array of shape {shape} {dtype} needs {expected} bytes, buffer has {len(buffer)}")
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 

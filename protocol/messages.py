@@ -250,7 +250,7 @@ class Ack(Message):
     request_id: str = ""
 
 
-AnyMessage = Union[
+AnyMessage = Union[  # noqa: UP007 - a runtime Union: msgspec decodes into it
     VideoFrame,
     AudioChunk,
     AudioOut,

@@ -50,7 +50,9 @@ class Runtime:
         limit = self.config.bus.max_message_bytes
         self.pub = make_socket(self.ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
         self.pub.connect(self.addresses.bus_in)
-        self.media_pub = make_socket(self.ctx, zmq.PUB, hwm=self.config.bus.frame_hwm, max_message_bytes=limit)
+        self.media_pub = make_socket(
+            self.ctx, zmq.PUB, hwm=self.config.bus.frame_hwm, max_message_bytes=limit
+        )
         self.media_pub.connect(self.addresses.media_in)
         self.sub = make_socket(self.ctx, zmq.SUB, hwm=10000, max_message_bytes=limit)
         self.sub.connect(self.addresses.bus_out)
@@ -80,7 +82,10 @@ class Runtime:
             if topic in MEDIA_TOPICS:
                 if self.media_sub is None:
                     self.media_sub = make_socket(
-                        self.ctx, zmq.SUB, hwm=self.config.bus.frame_hwm, max_message_bytes=self.config.bus.max_message_bytes
+                        self.ctx,
+                        zmq.SUB,
+                        hwm=self.config.bus.frame_hwm,
+                        max_message_bytes=self.config.bus.max_message_bytes,
                     )
                     self.media_sub.connect(self.addresses.media_out)
                     self.poller.register(self.media_sub, zmq.POLLIN)
@@ -180,7 +185,13 @@ class Runtime:
                 except Exception as exc:  # a bad message must not kill the stage
                     log.exception("handler failed", extra={"stage": self.name})
                     self.counters["errors"] += 1
-                    self.publish(Error(code="stage_error", message=f"{self.name}: {type(exc).__name__}: {exc}", session=message.session))
+                    self.publish(
+                        Error(
+                            code="stage_error",
+                            message=f"{self.name}: {type(exc).__name__}: {exc}",
+                            session=message.session,
+                        )
+                    )
             if tick is not None:
                 tick()
             self.maybe_publish_stats()
@@ -191,7 +202,14 @@ class Runtime:
         self.close()
 
     def close(self) -> None:
-        sockets: Iterable[zmq.Socket | None] = (self.pub, self.media_pub, self.sub, self.media_sub, self.control, *self.extra)
+        sockets: Iterable[zmq.Socket | None] = (
+            self.pub,
+            self.media_pub,
+            self.sub,
+            self.media_sub,
+            self.control,
+            *self.extra,
+        )
         for sock in sockets:
             if sock is not None:
                 sock.close(linger=0)

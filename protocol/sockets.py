@@ -32,7 +32,9 @@ class Addresses:
     memory: str  # memory ROUTER: retrieval requests from reasoning
 
     @classmethod
-    def for_run_dir(cls, run_dir: Path, transport: str = "ipc", host: str = "127.0.0.1", base_port: int = 47100) -> Addresses:
+    def for_run_dir(
+        cls, run_dir: Path, transport: str = "ipc", host: str = "127.0.0.1", base_port: int = 47100
+    ) -> Addresses:
         if transport == "ipc":
             return cls(**{name: f"ipc://{run_dir / name}" for name in ENDPOINTS})
         if transport == "tcp":
@@ -46,7 +48,9 @@ class Addresses:
     def load(cls, run_dir: Path) -> Addresses:
         path = Path(run_dir) / "addresses.json"
         if not path.exists():
-            raise FileNotFoundError(f"no omnistream running in {run_dir} (missing {path.name}); start it with `omnistream up`")
+            raise FileNotFoundError(
+                f"no omnistream running in {run_dir} (missing {path.name}); start it with `omnistream up`"
+            )
         return cls(**json.loads(path.read_text()))
 
 

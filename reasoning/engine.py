@@ -7,23 +7,12 @@ tokens (barge-in), and is where KV-cache reuse plugs in.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("omnistream.reasoning.engine")
-
-
-@dataclass
-class Generation:
-    text: str
-    tokens: int
-    first_token_s: float
-    total_s: float
-    stopped: bool
 
 
 class LLMEngine:
@@ -62,7 +51,7 @@ class LLMEngine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :]
         if first_token_filter:
             mask = torch.full_like(logits, float("-inf"))
@@ -84,19 +73,9 @@ class LLMEngine:
                 return
             out = self.model(
                 input_ids=torch.tensor([[next_id]]),
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 position_ids=torch.tensor([[position]]),
             )
             position += 1
             logits = out.logits[:, -1, :]
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False) -> Generation:
-        start = time.monotonic()
-        first = 0.0
-        pieces = []
-        for piece in self.stream(input_ids, max_new_tokens, should_stop):
-            if not pieces:
-                first = time.monotonic() - start
-            pieces.append(piece)
-        return Generation("".join(pieces), len(pieces), first, time.monotonic() - start, should_stop())

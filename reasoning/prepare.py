@@ -74,7 +74,9 @@ def part_files(model: PackagedModel) -> list[Path]:
             )
         found = sorted(Path(next(iter(spec.submodule_search_locations)), "data").glob(model.part_glob))
         if len(found) != 1:
-            raise ModelPreparationError(f"package {package} should hold one data/part*.bin, found {len(found)}")
+            raise ModelPreparationError(
+                f"package {package} should hold one data/part*.bin, found {len(found)}"
+            )
         files.append(found[0])
     return files
 

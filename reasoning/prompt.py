@@ -27,7 +27,7 @@ def format_item(item: MemoryItem) -> str:
     span = f"{clock(item.t0)}-{clock(item.t1)}"
     if item.kind == "transcript":
         who = {"user": "the user said", "assistant": "you said"}.get(item.speaker, "a voice said")
-        return f"[{span}] {who}: \"{item.text}\""
+        return f'[{span}] {who}: "{item.text}"'
     if item.kind == "now":
         return f"[now, {clock(item.t1)}] on screen right now: {item.text.removeprefix('seen: ')}"
     return f"[{span}] on screen: {item.text.removeprefix('seen: ')}"
@@ -38,7 +38,11 @@ def memory_log(items: list[MemoryItem]) -> str:
 
 
 def user_message(log_text: str, now_ts: float, question: str, choices: list[str]) -> str:
-    parts = [f"Memory of the stream:\n{log_text}", f"Current stream time: {clock(now_ts)}.", f"Question: {question}"]
+    parts = [
+        f"Memory of the stream:\n{log_text}",
+        f"Current stream time: {clock(now_ts)}.",
+        f"Question: {question}",
+    ]
     if choices:
         parts.append("Choices:\n" + "\n".join(choices))
         parts.append("Answer with the letter of the correct choice, then a short reason.")

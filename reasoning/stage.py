@@ -72,7 +72,9 @@ class MemoryClient:
                     raise MemoryUnavailable(f"memory refused the request: {getattr(reply, 'message', reply)}")
             self.sock.close(linger=0)
             self.sock = self._connect()
-        raise MemoryUnavailable(f"memory did not answer within {MEMORY_TIMEOUT_S:.0f} s ({attempts} attempts)")
+        raise MemoryUnavailable(
+            f"memory did not answer within {MEMORY_TIMEOUT_S:.0f} s ({attempts} attempts)"
+        )
 
 
 class ReasoningStage:
@@ -93,7 +95,11 @@ class ReasoningStage:
         for message in self.runtime.poll(0):
             if isinstance(message, Shutdown):
                 return True
-            if isinstance(message, Interrupt) and message.session == ask.session and message.turn in ("", ask.turn):
+            if (
+                isinstance(message, Interrupt)
+                and message.session == ask.session
+                and message.turn in ("", ask.turn)
+            ):
                 return True
         return not self.runtime.running
 
@@ -114,7 +120,9 @@ class ReasoningStage:
             return
         items = fit_items(items, self.config.max_context_tokens, self.engine.count_tokens)
         choices = ask.choices[: len(CHOICE_LETTERS)]
-        input_ids = self.engine.chat_ids(SYSTEM_PROMPT, user_message(memory_log(items), ask.ts, ask.question, choices))
+        input_ids = self.engine.chat_ids(
+            SYSTEM_PROMPT, user_message(memory_log(items), ask.ts, ask.question, choices)
+        )
         letters = self.letter_ids[: len(choices)] if choices else None
         pieces: list[str] = []
         for seq, piece in enumerate(
@@ -123,7 +131,9 @@ class ReasoningStage:
             if not pieces:
                 done.first_token_s = time.monotonic() - start
             pieces.append(piece)
-            self.runtime.publish(AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq))
+            self.runtime.publish(
+                AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq)
+            )
         done.text = "".join(pieces).strip()
         if choices and done.text[:1] in CHOICE_LETTERS:
             done.choice = done.text[0]

@@ -30,11 +30,21 @@ def category(gloss: str) -> str:
 
 def main(info: Path) -> None:
     synsets = info.joinpath("imagenet_synsets.txt").read_text().split()
-    lemmas = dict(line.split("\t", 1) for line in info.joinpath("imagenet_synset_to_lemma.txt").read_text().splitlines())
-    glosses = dict(line.split("\t", 1) for line in info.joinpath("imagenet_synset_to_definition.txt").read_text().splitlines())
+    lemmas = dict(
+        line.split("\t", 1) for line in info.joinpath("imagenet_synset_to_lemma.txt").read_text().splitlines()
+    )
+    glosses = dict(
+        line.split("\t", 1)
+        for line in info.joinpath("imagenet_synset_to_definition.txt").read_text().splitlines()
+    )
     out = Path(__file__).resolve().parents[1] / "perception" / "data" / "imagenet_labels.tsv"
     # Glosses of dog breeds and fish name the breed or family, not the plain animal.
-    by_range = {range(151, 269): "dog", range(0, 7): "fish", range(389, 398): "fish", range(321, 327): "butterfly"}
+    by_range = {
+        range(151, 269): "dog",
+        range(0, 7): "fish",
+        range(389, 398): "fish",
+        range(321, 327): "butterfly",
+    }
     rows = []
     for index, synset in enumerate(synsets):
         name = lemmas[synset].split(",")[0].strip()

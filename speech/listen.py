@@ -27,9 +27,7 @@ def to_mono_16k(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
     if not MIN_RATE <= sample_rate <= MAX_RATE:
         raise ValueError(f"AudioChunk.sample_rate {sample_rate} Hz outside {MIN_RATE}..{MAX_RATE} Hz")
     audio = np.asarray(pcm)
-    if audio.ndim == 2:
-        audio = audio.mean(axis=1)
-    elif audio.ndim != 1:
+    if audio.ndim not in (1, 2):
         raise ValueError(f"AudioChunk.pcm must be (N,) or (N, channels), got shape {audio.shape}")
     if audio.dtype == np.int16:
         audio = audio.astype(np.float32) / 32768.0
@@ -37,6 +35,8 @@ def to_mono_16k(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
         audio = audio.astype(np.float32)
     else:
         raise ValueError(f"AudioChunk.pcm must be int16 or float, got {audio.dtype}")
+    if audio.ndim == 2:
+        audio = audio.mean(axis=1)
     if not np.all(np.isfinite(audio)):
         raise ValueError("AudioChunk.pcm contains NaN or infinite samples")
     if sample_rate != SAMPLE_RATE:
@@ -55,7 +55,9 @@ def packaged_whisper_dir(name: str) -> Path:
     local = Path(name).expanduser()
     if local.is_dir():
         return local
-    raise FileNotFoundError(f"whisper model {name!r} is not packaged; give a local CTranslate2 model directory")
+    raise FileNotFoundError(
+        f"whisper model {name!r} is not packaged; give a local CTranslate2 model directory"
+    )
 
 
 class Recognizer:
@@ -64,13 +66,19 @@ class Recognizer:
     def __init__(self, model: str = "tiny.en", threads: int = 1):
         from faster_whisper import WhisperModel
 
-        self.model = WhisperModel(str(packaged_whisper_dir(model)), device="cpu", compute_type="int8", cpu_threads=threads)
+        self.model = WhisperModel(
+            str(packaged_whisper_dir(model)), device="cpu", compute_type="int8", cpu_threads=threads
+        )
 
     def transcribe(self, audio: np.ndarray) -> str:
         """float32 (N,) 16 kHz -> text. Padded with silence: whisper is steadier on padded input."""
         padding = np.zeros(int(PAD_S * SAMPLE_RATE), np.float32)
         segments, _ = self.model.transcribe(
-            np.concatenate([padding, audio, padding]), language="en", beam_size=1, without_timestamps=True, condition_on_previous_text=False
+            np.concatenate([padding, audio, padding]),
+            language="en",
+            beam_size=1,
+            without_timestamps=True,
+            condition_on_previous_text=False,
         )
         return " ".join(segment.text.strip() for segment in segments).strip()
 
@@ -174,4 +182,4 @@ class Listener:
         """End of stream: finish an utterance in progress."""
         if not self.in_speech:
             return []
-        return self._finish((self._pending_ts or 0.0))
+        return self._finish(self._pending_ts or 0.0)

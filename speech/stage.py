@@ -105,10 +105,16 @@ class SpeechStage:
                 self.publish(UserSpeech(ts=event.t0, session=session, started=True))
                 speaking = [t for t in self.turns.values() if t.ask.session == session]
                 for turn in speaking:
-                    self.publish(Interrupt(ts=event.t0, session=session, turn=turn.ask.turn, reason="barge-in"))
+                    self.publish(
+                        Interrupt(ts=event.t0, session=session, turn=turn.ask.turn, reason="barge-in")
+                    )
             return
         if event.kind == "partial":
-            self.publish(Transcript(ts=event.t1, t0=event.t0, session=session, text=event.text, final=False, speaker=speaker))
+            self.publish(
+                Transcript(
+                    ts=event.t1, t0=event.t0, session=session, text=event.text, final=False, speaker=speaker
+                )
+            )
             return
         if channel == "user":
             self.publish(UserSpeech(ts=event.t1, session=session, started=False))
@@ -116,7 +122,11 @@ class SpeechStage:
             self.counters["utterances_empty"] += 1
             return
         self.counters["utterances"] += 1
-        self.publish(Transcript(ts=event.t1, t0=event.t0, session=session, text=event.text, final=True, speaker=speaker))
+        self.publish(
+            Transcript(
+                ts=event.t1, t0=event.t0, session=session, text=event.text, final=True, speaker=speaker
+            )
+        )
         if channel == "user" and self.config.ask_on_user_speech:
             self.publish(Ask(ts=event.t1, session=session, turn=uuid.uuid4().hex, question=event.text))
 
@@ -128,7 +138,14 @@ class SpeechStage:
         now = time.monotonic()
         turn.audio_end_wall = max(turn.audio_end_wall, now) + len(audio) / self.voice.sample_rate
         self.publish(
-            AudioOut(ts=turn.ask.ts, session=turn.ask.session, turn=turn.ask.turn, pcm=audio, sample_rate=self.voice.sample_rate, seq=turn.seq)
+            AudioOut(
+                ts=turn.ask.ts,
+                session=turn.ask.session,
+                turn=turn.ask.turn,
+                pcm=audio,
+                sample_rate=self.voice.sample_rate,
+                seq=turn.seq,
+            )
         )
         turn.seq += 1
         turn.spoken.append(phrase)
@@ -136,9 +153,22 @@ class SpeechStage:
 
     def _end_turn(self, turn: SpokenTurn, final: bool) -> None:
         ask = turn.ask
-        self.publish(AudioOut(ts=ask.ts, session=ask.session, turn=ask.turn, seq=turn.seq, flush=not final, final=final))
+        self.publish(
+            AudioOut(
+                ts=ask.ts, session=ask.session, turn=ask.turn, seq=turn.seq, flush=not final, final=final
+            )
+        )
         if turn.spoken:
-            self.publish(Transcript(ts=ask.ts, t0=ask.ts, session=ask.session, text=" ".join(turn.spoken), speaker="assistant", turn=ask.turn))
+            self.publish(
+                Transcript(
+                    ts=ask.ts,
+                    t0=ask.ts,
+                    session=ask.session,
+                    text=" ".join(turn.spoken),
+                    speaker="assistant",
+                    turn=ask.turn,
+                )
+            )
 
     def stop(self) -> None:
         for (session, channel), listener in self.listeners.items():

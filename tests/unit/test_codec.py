@@ -21,7 +21,20 @@ from omnistream.protocol.messages import (
     VideoFrame,
 )
 
-DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16", "float32", "float64"]
+DTYPES = [
+    "bool",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+]
 
 
 def wire(message) -> list[bytes]:
@@ -47,17 +60,23 @@ def test_non_contiguous_and_empty_arrays_round_trip() -> None:
     assert (back.ts, back.index) == (2.5, 7)
     empty = decode(wire(AudioChunk(pcm=np.zeros(0, np.float32), sample_rate=16000)))
     assert empty.pcm.shape == (0,) and empty.pcm.dtype == np.float32
-    zero_dim = decode(wire(KVBlock(block_id=0, t0=0, keys=np.array(3.5, np.float32), values=np.zeros((0, 4)))))
+    zero_dim = decode(
+        wire(KVBlock(block_id=0, t0=0, keys=np.array(3.5, np.float32), values=np.zeros((0, 4))))
+    )
     assert zero_dim.keys.shape == () and float(zero_dim.keys) == 3.5
     assert zero_dim.values.shape == (0, 4)
 
 
 def test_arrays_travel_as_separate_frames_without_copy() -> None:
     features = np.random.default_rng(0).standard_normal(1280).astype(np.float32)
-    frames = encode(Clip(clip_id=3, t0=1.0, ts=4.0, features=features, labels=[Label("monarch (butterfly)", 0.5)]))
+    frames = encode(
+        Clip(clip_id=3, t0=1.0, ts=4.0, features=features, labels=[Label("monarch (butterfly)", 0.5)])
+    )
     assert frames[0] == b"Clip"
     assert len(frames) == 3
-    assert isinstance(frames[2], memoryview) and np.shares_memory(np.frombuffer(frames[2], np.float32), features)
+    assert isinstance(frames[2], memoryview) and np.shares_memory(
+        np.frombuffer(frames[2], np.float32), features
+    )
     back = decode(frames)
     assert back.labels[0].name == "monarch (butterfly)"
     np.testing.assert_array_equal(back.features, features)
@@ -65,13 +84,19 @@ def test_arrays_travel_as_separate_frames_without_copy() -> None:
 
 def test_optional_array_and_nested_structs() -> None:
     assert decode(wire(AudioOut(turn="t", flush=True))).pcm is None
-    percept = Percept(ts=1.0, features=np.ones(4, np.float32), labels=[Label("cab", 0.3, "car")], text_seen=["SUDOKU"])
+    percept = Percept(
+        ts=1.0, features=np.ones(4, np.float32), labels=[Label("cab", 0.3, "car")], text_seen=["SUDOKU"]
+    )
     back = decode(wire(percept))
     assert back.labels == [Label("cab", 0.3, "car")] and back.text_seen == ["SUDOKU"]
 
 
 @settings(max_examples=200, deadline=None)
-@given(question=st.text(max_size=300), choices=st.lists(st.text(max_size=20), max_size=4), ts=st.floats(allow_nan=False))
+@given(
+    question=st.text(max_size=300),
+    choices=st.lists(st.text(max_size=20), max_size=4),
+    ts=st.floats(allow_nan=False),
+)
 def test_ask_round_trips_any_text(question: str, choices: list[str], ts: float) -> None:
     ask = Ask(ts=ts, turn="t1", question=question, choices=choices)
     assert decode(wire(ask)) == ask
@@ -139,6 +164,8 @@ def test_object_arrays_cannot_be_sent() -> None:
 
 
 def test_every_message_type_is_registered_by_its_name() -> None:
-    assert {"VideoFrame", "Percept", "Transcript", "Ask", "AnswerDelta", "Interrupt", "Shutdown"} <= set(MESSAGE_TYPES)
+    assert {"VideoFrame", "Percept", "Transcript", "Ask", "AnswerDelta", "Interrupt", "Shutdown"} <= set(
+        MESSAGE_TYPES
+    )
     for name, message_type in MESSAGE_TYPES.items():
         assert message_type.__name__ == name

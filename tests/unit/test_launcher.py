@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from omnistream.app.client import Client, ClientError
-from omnistream.app.launcher import LaunchError, Launcher
+from omnistream.app.launcher import Launcher, LaunchError
 from omnistream.protocol.messages import Ask, Error, Status, StatusRequest
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 from tests.conftest import make_config, pid_alive
@@ -42,7 +42,7 @@ def test_start_waits_for_ready_and_status_reports_stages(gateway_only) -> None:
     rows = {row["stage"]: row for row in launcher.status_rows()}
     assert set(rows) == {"bus", "gateway"}
     assert all(row["state"] == "ready" and row["pid"] > 0 for row in rows.values())
-    assert "gateway ready (pid %d)" % rows["gateway"]["pid"] in events
+    assert f"gateway ready (pid {rows['gateway']['pid']})" in events
     supervise_until(launcher, lambda: True)
     with Client.connect(launcher.run_dir, timeout_s=10) as client:
         launcher.step()
@@ -79,13 +79,29 @@ def test_shutdown_leaves_no_process_behind(short_tmp: Path) -> None:
 
 def test_cli_up_stops_cleanly_on_sigterm_and_status_works(short_tmp: Path) -> None:
     run_dir = short_tmp / "run"
-    env = {**os.environ, "OMNISTREAM__PATHS__DATA_DIR": str(short_tmp / "data"), "OMNISTREAM__STAGES": '["gateway"]'}
+    env = {
+        **os.environ,
+        "OMNISTREAM__PATHS__DATA_DIR": str(short_tmp / "data"),
+        "OMNISTREAM__STAGES": '["gateway"]',
+    }
     cli = [sys.executable, "-m", "omnistream.app.cli"]
-    up = subprocess.Popen([*cli, "up", "--json", "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    up = subprocess.Popen(
+        [*cli, "up", "--json", "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     try:
         rows = json.loads(up.stdout.readline())
         assert {r["stage"] for r in rows} == {"bus", "gateway"}
-        status = subprocess.run([*cli, "status", "--json", "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=60)
+        status = subprocess.run(
+            [*cli, "status", "--json", "--run-dir", str(run_dir)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert status.returncode == 0, status.stderr
         assert "gateway" in json.loads(status.stdout)
         pids = [r["pid"] for r in rows]
@@ -94,15 +110,24 @@ def test_cli_up_stops_cleanly_on_sigterm_and_status_works(short_tmp: Path) -> No
         assert not any(pid_alive(pid) for pid in pids)
     finally:
         up.kill()
-    missing = subprocess.run([*cli, "status", "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=60)
+    missing = subprocess.run(
+        [*cli, "status", "--run-dir", str(run_dir)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert missing.returncode == 3 and "omnistream up" in missing.stderr
 
 
 def test_sigkilled_launcher_takes_its_children_along(short_tmp: Path) -> None:
-    env = {**os.environ, "OMNISTREAM__PATHS__DATA_DIR": str(short_tmp / "data"), "OMNISTREAM__STAGES": '["gateway"]'}
+    env = {
+        **os.environ,
+        "OMNISTREAM__PATHS__DATA_DIR": str(short_tmp / "data"),
+        "OMNISTREAM__STAGES": '["gateway"]',
+    }
     up = subprocess.Popen(
         [sys.executable, "-m", "omnistream.app.cli", "up", "--json", "--run-dir", str(short_tmp / "run")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
     )
     pids = [r["pid"] for r in json.loads(up.stdout.readline())]
     up.kill()
@@ -119,6 +144,7 @@ def test_gateway_rejects_bad_requests_and_keeps_serving(gateway_only) -> None:
     sock = make_socket(zmq.Context.instance(), zmq.DEALER)
     sock.connect(addresses.gateway)
     try:
+
         def reply_to(frames: list[bytes]):
             sock.send_multipart(frames)
             assert sock.poll(10_000), "gateway did not answer"
@@ -126,7 +152,9 @@ def test_gateway_rejects_bad_requests_and_keeps_serving(gateway_only) -> None:
 
         bad_type = reply_to([b"Ask", msgspec.msgpack.encode({"type": "Ask", "turn": 5, "question": "hi"})])
         assert isinstance(bad_type, Error) and bad_type.code == "invalid" and "$.turn" in bad_type.message
-        unknown = reply_to([b"Ask", msgspec.msgpack.encode({"type": "Ask", "turn": "t", "question": "hi", "x": 1})])
+        unknown = reply_to(
+            [b"Ask", msgspec.msgpack.encode({"type": "Ask", "turn": "t", "question": "hi", "x": 1})]
+        )
         assert isinstance(unknown, Error) and "unknown field `x`" in unknown.message
         garbage = reply_to([b"\xff", b"\xc1"])
         assert isinstance(garbage, Error) and garbage.code == "malformed"
@@ -146,7 +174,10 @@ def test_gateway_rejects_bad_requests_and_keeps_serving(gateway_only) -> None:
 
 def test_client_reports_refused_questions(gateway_only) -> None:
     launcher, _ = gateway_only
-    with Client.connect(launcher.run_dir, timeout_s=10) as client, pytest.raises(ClientError, match="Ask.question"):
+    with (
+        Client.connect(launcher.run_dir, timeout_s=10) as client,
+        pytest.raises(ClientError, match="Ask.question"),
+    ):
         client.send_ask("x" * 5000, ts=0.0)
 
 
@@ -154,10 +185,17 @@ def test_unknown_stage_and_second_launcher_are_refused(short_tmp: Path, gateway_
     with pytest.raises(LaunchError, match="unknown stage 'vision'"):
         Launcher(make_config(short_tmp / "other", ("vision",)), short_tmp / "other-run")
     launcher, _ = gateway_only
-    env = {**os.environ, "OMNISTREAM__PATHS__DATA_DIR": str(short_tmp / "data"), "OMNISTREAM__STAGES": '["gateway"]'}
+    env = {
+        **os.environ,
+        "OMNISTREAM__PATHS__DATA_DIR": str(short_tmp / "data"),
+        "OMNISTREAM__STAGES": '["gateway"]',
+    }
     second = subprocess.run(
         [sys.executable, "-m", "omnistream.app.cli", "up", "--run-dir", str(launcher.run_dir)],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert second.returncode == 1 and "already running" in second.stderr
     assert launcher.children["gateway"].alive()

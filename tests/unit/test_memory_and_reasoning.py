@@ -1,0 +1,204 @@
+"""Memory store durability and search, memory stage retrieval, prompt building, the decode loop."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from omnistream.memory.stage import MemoryStage, clock, ordinal
+from omnistream.memory.store import MemoryStore
+from omnistream.protocol.codec import ProtocolError
+from omnistream.protocol.config import MemoryConfig, load_config
+from omnistream.protocol.messages import Clip, Label, MemoryItem, Percept, Retrieve, Transcript
+from omnistream.reasoning.prompt import fit_items, format_item, memory_log, user_message
+
+
+def vec(*values: float, dim: int = 4) -> np.ndarray:
+    v = np.zeros(dim, np.float32)
+    v[: len(values)] = values
+    return v / np.linalg.norm(v)
+
+
+def test_store_persists_searches_and_filters_by_time(tmp_path: Path) -> None:
+    store = MemoryStore(tmp_path / "m.sqlite", dim=4)
+    a = store.add("s1", "clip", 0, 10, "butterfly", vec(1, 0), features=np.ones(3, np.float32))
+    b = store.add("s1", "transcript", 12, 14, "amiable", vec(0, 1), speaker="scene")
+    store.add("s2", "clip", 0, 5, "other session", vec(1, 0))
+    assert (tmp_path / "m.sqlite").stat().st_mode & 0o777 == 0o600
+    hits = store.search("s1", vec(1, 0.1), top_k=2, until_ts=100)
+    assert [item.id for item, _ in hits] == [a, b]
+    assert store.search("s1", vec(0, 1), top_k=5, until_ts=5)[0][0].id == a  # b starts after 5 s
+    store.close()
+    reopened = MemoryStore(tmp_path / "m.sqlite", dim=4)
+    assert reopened.count("s1") == 2 and reopened.count("s2") == 1
+    assert [i.text for i in reopened.between("s1", 11, 20)] == ["amiable"]
+    assert reopened.search("s1", vec(0, 1), 1, 100)[0][0].id == b  # index rebuilt from rows
+    assert [t0 for t0, _ in reopened.features("s1")] == [0.0]
+    with pytest.raises(ValueError, match="3 dims"):
+        reopened.add("s1", "clip", 0, 1, "x", np.ones(3, np.float32))
+    assert reopened.count("s1") == 2
+
+
+class FakeEmbedder:
+    """Deterministic bag-of-letters vectors: enough to test ranking logic without a model."""
+
+    dim = 26
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), 26), np.float32)
+        for row, text in enumerate(texts):
+            for ch in text.lower():
+                if "a" <= ch <= "z":
+                    out[row, ord(ch) - 97] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
+
+
+def memory_stage(tmp_path: Path, **config) -> MemoryStage:
+    return MemoryStage(
+        MemoryConfig(**config), MemoryStore(tmp_path / "m.sqlite", 26), FakeEmbedder(), defaultdict(float)
+    )
+
+
+def clip(clip_id: int, t0: float, t1: float, name: str, features: np.ndarray) -> Clip:
+    return Clip(
+        clip_id=clip_id,
+        t0=t0,
+        ts=t1,
+        features=features,
+        labels=[Label(name, 0.5)],
+        description=f"seen: {name}",
+    )
+
+
+def test_memory_stage_marks_repeated_scenes_and_returns_time_ordered_items(tmp_path: Path) -> None:
+    stage = memory_stage(tmp_path)
+    stage.handle(clip(1, 0, 14, "monarch (butterfly)", vec(1, 0)))
+    stage.handle(Transcript(t0=3, ts=6, text="Front left.", speaker="scene"))
+    stage.handle(Transcript(t0=7, ts=8, text="partial words", final=False))
+    stage.handle(clip(2, 14, 30, "bow tie (tie)", vec(0, 1)))
+    stage.handle(clip(3, 90, 104, "monarch (butterfly)", vec(1, 0.05)))
+    stage.handle(Percept(ts=100, features=vec(1, 0), labels=[Label("monarch (butterfly)", 0.6)]))
+    reply = stage.retrieve(Retrieve(ts=101, request_id="r", query="butterfly?"))
+    texts = [item.text for item in reply.items]
+    assert texts[:3] == ["seen: monarch (butterfly)", "Front left.", "seen: bow tie (tie)"]
+    assert texts[3] == "seen: monarch (butterfly) (same scene as at 00:00; 2nd time)"
+    assert reply.items[-1].kind == "now" and "monarch" in reply.items[-1].text
+    assert len(reply.items) == 5  # the partial transcript is not stored
+
+
+def test_memory_stage_beyond_budget_uses_search_plus_recent_window(tmp_path: Path) -> None:
+    stage = memory_stage(tmp_path, return_all_below=3)
+    for i in range(6):
+        stage.handle(
+            Transcript(t0=i * 10, ts=i * 10 + 2, text=["zebra", "apple", "mango", "kiwi", "plum", "lime"][i])
+        )
+    reply = stage.retrieve(Retrieve(ts=60, request_id="r", query="zebra", top_k=1, recent_s=15))
+    assert [item.text for item in reply.items] == ["zebra", "lime"]
+    with pytest.raises(ProtocolError, match="Retrieve.query"):
+        stage.retrieve(Retrieve(ts=1, request_id="r", query="x" * 5000))
+
+
+def test_clock_and_ordinal() -> None:
+    assert clock(134.4) == "02:14" and clock(3725) == "1:02:05"
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22)] == [
+        "1st",
+        "2nd",
+        "3rd",
+        "4th",
+        "11th",
+        "12th",
+        "13th",
+        "21st",
+        "22nd",
+    ]
+
+
+def test_prompt_lines_and_budget() -> None:
+    items = [
+        MemoryItem(kind="clip", t0=0, t1=14, text="seen: monarch (butterfly)", score=0.9),
+        MemoryItem(
+            kind="transcript",
+            t0=93,
+            t1=97,
+            text="He might even have been made amiable himself.",
+            speaker="scene",
+        ),
+        MemoryItem(kind="transcript", t0=99, t1=100, text="what was that", speaker="user"),
+        MemoryItem(kind="now", t0=100, t1=101, text="seen: Linux"),
+    ]
+    assert format_item(items[0]) == "[00:00-00:14] on screen: monarch (butterfly)"
+    assert (
+        format_item(items[1]) == '[01:33-01:37] a voice said: "He might even have been made amiable himself."'
+    )
+    assert format_item(items[2]).startswith("[01:39-01:40] the user said")
+    assert format_item(items[3]) == "[now, 01:41] on screen right now: Linux"
+    text = user_message(memory_log(items), 101, "What animal?", ["A a cat", "B a butterfly"])
+    assert "Current stream time: 01:41." in text and "B a butterfly" in text and "letter" in text
+    kept = fit_items(items, budget_tokens=30, count_tokens=lambda s: len(s.split()))
+    assert kept[-1].kind == "now" and kept[0].kind == "clip"  # highest score and "now" survive
+    assert len(kept) < len(items)
+
+
+def test_config_overrides_and_unknown_keys(monkeypatch) -> None:
+    monkeypatch.setenv("OMNISTREAM__REASONING__MAX_NEW_TOKENS", "12")
+    config = load_config(None, {"perception.max_fps": 5})
+    assert config.reasoning.max_new_tokens == 12 and config.perception.max_fps == 5
+    with pytest.raises(msgspec.ValidationError, match="bogus"):
+        load_config(None, {"reasoning.bogus": 1})
+    with pytest.raises(msgspec.ValidationError, match="max_fps"):
+        load_config(None, {"perception.max_fps": "fast"})
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    """A randomly initialised 2-layer Qwen2 built from a config, with the packaged MiniLM tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from omnistream.memory.embedder import packaged_minilm_dir
+    from omnistream.reasoning.engine import LLMEngine
+
+    path = tmp_path_factory.mktemp("tiny-llm")
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_dir()))
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return LLMEngine(path, dtype="float32", threads=1)
+
+
+def test_decode_loop_matches_full_forward_greedy(tiny_engine) -> None:
+    ids = tiny_engine.tokenizer("the butterfly was on the leaf", return_tensors="pt").input_ids
+    streamed = "".join(tiny_engine.stream(ids, 8))
+    # Reference: greedy decoding by recomputing the whole sequence each step (no cache).
+    seq = ids
+    with torch.inference_mode():
+        for _ in range(8):
+            next_id = tiny_engine.model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+            if int(next_id) in tiny_engine.eos_ids:
+                break
+            seq = torch.cat([seq, next_id], dim=1)
+    expected = tiny_engine.tokenizer.decode(seq[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+    assert streamed == expected and streamed
+
+
+def test_decode_loop_stops_on_request_and_filters_first_token(tiny_engine) -> None:
+    ids = tiny_engine.tokenizer("question", return_tensors="pt").input_ids
+    calls = []
+    pieces = list(tiny_engine.stream(ids, 50, should_stop=lambda: calls.append(1) or len(calls) >= 3))
+    assert len(pieces) == 3
+    letter = tiny_engine.tokenizer.convert_tokens_to_ids("b")
+    first = next(iter(tiny_engine.stream(ids, 1, first_token_filter=[letter])))
+    assert first.strip() == "b"
