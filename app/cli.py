@@ -243,6 +243,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(r["error"] for r in results) else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from omnistream.app.bench import available_suites, markdown, run_suites, write_report
+
+    names = args.suites or available_suites()
+    try:
+        report = run_suites(names, quick=args.quick, progress=lambda text: console.log(text))
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_USAGE
+    json_path, md_path = write_report(report, Path(args.out))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(markdown(report))
+        console.print(f"written: {json_path} {md_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnistream", description="Local real-time video and audio assistant."
@@ -307,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=300.0, help="seconds to wait for answers after the stream"
     )
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("bench", help="run benchmark suites (kernels, perception, speech, llm, ...); JSON + markdown")
+    common(p, run_dir=False)
+    p.add_argument("suites", nargs="*", help="suites to run (default: all available)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for CI smoke runs")
+    p.add_argument("--out", default="bench-results", help="directory for bench.json and bench.md")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
