@@ -1,0 +1,157 @@
+"""Streaming KV memory for the reasoner (StreamingLLM sinks + rolling window, ReKV offloading).
+
+Memory text arrives one entry (a clip description or a transcript line) at a time and is
+prefilled into a live cache laid out as ``[sinks | window]`` with contiguous RoPE positions. The
+sinks are the system prompt and memory header. When the window exceeds its token budget, the
+oldest entries leave it: their keys are stored *without* rotation (position-free) together with
+their values and a per-layer mean-pooled key, and the keys still in the window are re-rotated
+so positions stay contiguous. At question time a cache ``[sinks | retrieved blocks | window]`` is
+assembled with every key rotated to its new position, so only the question is prefilled.
+
+Tensors: keys/values per layer are (1, kv_heads, tokens, head_dim) in the model dtype; pooled
+keys are float32 (layers, kv_heads, head_dim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+
+@dataclass
+class Block:
+    """One memory entry's KV. ``keys`` are unrotated (position-free) once the block is evicted."""
+
+    block_id: int
+    t0: float
+    t1: float
+    text: str
+    n_tokens: int
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    pooled: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class RotaryTable:
+    """RoPE of the model: inv_freq (head_dim/2,) from theta and linear scaling."""
+
+    def __init__(self, head_dim: int, theta: float, scaling_factor: float = 1.0):
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.inv_freq = (self.inv_freq / scaling_factor).to(torch.float32)
+
+    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rotate keys (..., tokens, head_dim) by ``delta`` (tokens,) positions (rotate_half RoPE).
+
+        Rotations compose additively, so moving a key from position p to q is ``delta = q - p``
+        and ``delta = -p`` removes its rotation. Computed in float32, returned in the keys' dtype.
+        """
+        angles = delta.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
+        sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
+        x = keys.float()
+        half = x.shape[-1] // 2
+        rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x * cos + rotated_half * sin).to(keys.dtype)
+
+
+def rotary_for(model) -> RotaryTable:
+    config = model.config
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    factor = float(params.get("factor", 1.0)) if params.get("rope_type") == "linear" else 1.0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return RotaryTable(head_dim, theta, factor)
+
+
+def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        cache.update(k, v, layer)
+    return cache
+
+
+class StreamingKV:
+    """Live ``[sinks | window]`` cache plus evicted blocks; see the module docstring."""
+
+    def __init__(self, model, sink_ids: torch.Tensor, window_tokens: int):
+        self.model = model
+        self.rotary = rotary_for(model)
+        self.window_tokens = window_tokens
+        self.cache = DynamicCache()
+        self._forward(sink_ids, start=0)
+        self.n_sink = sink_ids.shape[1]
+        self.window: list[Block] = []
+        self.evicted: list[Block] = []
+        self._next_id = 0
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def _layers(self):
+        return self.cache.layers
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, start: int, cache: DynamicCache | None = None):
+        positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
+        return self.model(input_ids=ids, cache=cache or self.cache, use_cache=True, position_ids=positions, logits_to_keep=1)
+
+    def append(self, ids: torch.Tensor, t0: float, t1: float, text: str) -> Block:
+        """Prefill one entry (ids (1, n)) after everything in the live cache; evict if over budget."""
+        start = self.length
+        self._forward(ids, start)
+        block = Block(self._next_id, t0, t1, text, ids.shape[1])
+        self._next_id += 1
+        self.window.append(block)
+        while sum(b.n_tokens for b in self.window) > self.window_tokens and len(self.window) > 1:
+            self._evict_oldest()
+        return block
+
+    def _evict_oldest(self) -> None:
+        block = self.window.pop(0)
+        lo, hi = self.n_sink, self.n_sink + block.n_tokens
+        unrotate = -torch.arange(lo, hi, dtype=torch.float32)
+        shift_back = torch.full((self.length - hi,), -float(block.n_tokens))
+        for layer in self._layers():
+            keys, values = layer.keys, layer.values
+            block.keys.append(self.rotary.rotate(keys[:, :, lo:hi], unrotate).clone())
+            block.values.append(values[:, :, lo:hi].clone())
+            rest = self.rotary.rotate(keys[:, :, hi:], shift_back)
+            layer.keys = torch.cat([keys[:, :, :lo], rest], dim=2)
+            layer.values = torch.cat([values[:, :, :lo], values[:, :, hi:]], dim=2)
+        block.pooled = torch.stack([k[0].float().mean(dim=1) for k in block.keys])
+        self.evicted.append(block)
+
+    def assemble(self, blocks: list[Block]) -> DynamicCache:
+        """A new cache ``[sinks | blocks (time order) | window]`` with contiguous positions.
+
+        The live cache is not modified. With no blocks it is a copy of the live cache.
+        """
+        blocks = sorted(blocks, key=lambda b: b.block_id)
+        inserted = sum(b.n_tokens for b in blocks)
+        keys, values = [], []
+        for index, layer in enumerate(self._layers()):
+            k_parts, v_parts = [layer.keys[:, :, : self.n_sink]], [layer.values[:, :, : self.n_sink]]
+            position = self.n_sink
+            for block in blocks:
+                where = torch.arange(position, position + block.n_tokens, dtype=torch.float32)
+                k_parts.append(self.rotary.rotate(block.keys[index], where))
+                v_parts.append(block.values[index])
+                position += block.n_tokens
+            window_keys = layer.keys[:, :, self.n_sink :]
+            if inserted:
+                window_keys = self.rotary.rotate(window_keys, torch.full((window_keys.shape[2],), float(inserted)))
+            k_parts.append(window_keys)
+            v_parts.append(layer.values[:, :, self.n_sink :])
+            keys.append(torch.cat(k_parts, dim=2))
+            values.append(torch.cat(v_parts, dim=2))
+        return cache_from(keys, values)
+
+    def window_bytes(self) -> int:
+        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self._layers())
