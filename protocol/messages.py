@@ -122,13 +122,23 @@ class UserSpeech(Message):
 # --- questions and answers ------------------------------------------------------------------------
 
 
+AnswerMode = Literal["full", "reprefill", "recent", "no_memory"]
+
+
 class Ask(Message):
-    """A question at stream time ``ts``. ``choices`` (optional) makes it multiple choice."""
+    """A question at stream time ``ts``. ``choices`` (optional) makes it multiple choice.
+
+    ``mode`` picks how memory is used: "full" (the system: streamed KV cache plus retrieved
+    blocks), or a baseline for evaluation: "reprefill" (the same retrieved records re-read as
+    text), "recent" (only the last ``recent_window_s`` seconds), "no_memory" (only what is on
+    screen now and the last utterance).
+    """
 
     turn: str
     question: str
     choices: list[str] = []
     speak: bool = True
+    mode: AnswerMode = "full"
 
 
 class AnswerDelta(Message):
@@ -177,15 +187,30 @@ class MemoryItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     text: str
     score: float = 0.0
     speaker: str = ""
+    item_id: int = 0
 
 
 class Retrieve(Message):
-    """Reasoning asks memory for what is relevant to ``query`` up to stream time ``ts``."""
+    """Reasoning asks memory for what is relevant to ``query`` up to stream time ``ts``.
+
+    With ``turn`` set, memory answers from the snapshot it took when that ``Ask`` arrived.
+    """
 
     request_id: str
     query: str
     top_k: int = 8
     recent_s: float = 30.0
+    turn: str = ""
+
+
+class Record(Message):
+    """Memory stored a record (clip description or final transcript) spanning [t0, ts]."""
+
+    item_id: int
+    kind: Literal["clip", "transcript"]
+    t0: float
+    text: str
+    speaker: str = ""
 
 
 class Retrieved(Message):
@@ -266,6 +291,7 @@ AnyMessage = Union[  # noqa: UP007 - a runtime Union: msgspec decodes into it
     Alert,
     Retrieve,
     Retrieved,
+    Record,
     KVBlock,
     Stats,
     StatusRequest,
