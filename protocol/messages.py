@@ -219,6 +219,28 @@ class Retrieved(Message):
     error: str = ""
 
 
+class HistoryRequest(Message):
+    """A client asks what memory recorded in ``session`` over stream times [t0, t1].
+
+    Records overlapping the range are returned in time order, at most ``limit`` of them;
+    ``kinds`` restricts them to clips or transcripts (empty: both).
+    """
+
+    request_id: str
+    t0: float = 0.0
+    t1: float = 1e12
+    kinds: list[Literal["clip", "transcript"]] = []
+    limit: int = 500
+
+
+class History(Message):
+    """Memory's answer to a ``HistoryRequest``; ``truncated`` when more records matched."""
+
+    request_id: str
+    items: list[MemoryItem] = []
+    truncated: bool = False
+
+
 class KVBlock(Message):
     """A block of cached keys/values for a span of memory text (filled by the KV-streaming reasoner).
 
@@ -292,6 +314,8 @@ AnyMessage = Union[  # noqa: UP007 - a runtime Union: msgspec decodes into it
     Retrieve,
     Retrieved,
     Record,
+    HistoryRequest,
+    History,
     KVBlock,
     Stats,
     StatusRequest,
