@@ -52,7 +52,13 @@ class SpeechConfig(_Section):
     min_speech_s: float = 0.25
     max_utterance_s: float = 20.0
     partial_every_s: float = 1.0
+    first_partial_s: float = 0.3  # first partial transcript (and barge-in check) after onset
+    turn_grace_s: float = 0.15  # wait after a final utterance before asking: the user may go on
     ask_on_user_speech: bool = True
+    wake_phrase: str = ""  # non-empty: only utterances containing it become questions
+    echo_overlap: float = 0.6  # share of heard words the assistant is saying that marks an echo
+    output_chunk_s: float = 0.04
+    output_lead_s: float = 0.12  # audio sent ahead of playback: the most a barge-in lets through
     tts_voice: str = "heart"
     tts_enabled: bool = True
     threads: int = 1

@@ -139,6 +139,7 @@ class Ask(Message):
     choices: list[str] = []
     speak: bool = True
     mode: AnswerMode = "full"
+    audio_rate: int = 0  # sample rate (Hz) the client wants spoken answers in; 0: the voice's own
 
 
 class AnswerDelta(Message):
