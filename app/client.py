@@ -1,4 +1,4 @@
-"""Synchronous Python client for the gateway.
+"""Synchronous Python client for the gateway (``AsyncClient`` in ``async_client`` is its asyncio twin).
 
     from omnistream.app.client import Client
     with Client.connect() as client:            # the run directory of `omnistream up`
@@ -6,8 +6,14 @@
             print(delta, end="", flush=True)
 
 Requests go over a DEALER socket to the gateway's ROUTER; events (answer deltas, audio,
-transcripts, clips, stats, errors) arrive on a SUB socket. Frames are sent without blocking and
-dropped when the gateway is slower than the source (counted in ``frames_dropped``).
+transcripts, clips, alerts, stats, errors) arrive on a SUB socket. The wire protocol is in
+``docs/protocol.md``.
+
+Gateway restarts: both sockets reconnect by themselves. The DEALER only queues on a live
+connection (``ZMQ_IMMEDIATE``), so while the gateway is away frames and audio are dropped
+(counted in ``frames_dropped`` / ``audio_dropped``) and requests are retried until their
+timeout; status and history requests are also re-sent when a reply does not come (a request
+lost with the old connection), since repeating them is harmless.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,18 +37,24 @@ from omnistream.protocol.messages import (
     Ask,
     AudioChunk,
     Error,
+    History,
+    HistoryRequest,
     Interrupt,
     Message,
     Stats,
     Status,
     StatusRequest,
     VideoFrame,
+    Watch,
 )
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
+RESEND_EVERY_S = 2.0
+MAX_KEPT_EVENTS = 10_000
+
 
 class ClientError(RuntimeError):
-    pass
+    """The gateway refused a request, did not answer in time, or an answer failed."""
 
 
 def default_run_dir() -> Path:
@@ -49,19 +62,51 @@ def default_run_dir() -> Path:
     return Path(env) if env else Path.home() / ".local" / "share" / "omnistream" / "run"
 
 
+def client_sockets(ctx: zmq.Context, addresses: Addresses) -> tuple[zmq.Socket, zmq.Socket]:
+    """The DEALER (requests) and SUB (every event) a client needs, connected."""
+    dealer = make_socket(ctx, zmq.DEALER, hwm=64, IMMEDIATE=1, RECONNECT_IVL=100, RECONNECT_IVL_MAX=1000)
+    dealer.connect(addresses.gateway)
+    sub = make_socket(ctx, zmq.SUB, hwm=10000, RECONNECT_IVL=100, RECONNECT_IVL_MAX=1000)
+    sub.connect(addresses.gateway_pub)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    return dealer, sub
+
+
+def _close_sockets(*sockets: zmq.Socket) -> None:
+    for sock in sockets:
+        sock.close(linger=0)
+
+
+def refusal(request: Message, error: Error) -> ClientError:
+    return ClientError(f"gateway refused {type(request).__name__}: [{error.code}] {error.message}")
+
+
+def history_request(
+    session: str, t0: float, t1: float, kinds: list[str] | None, limit: int
+) -> HistoryRequest:
+    return HistoryRequest(
+        session=session,
+        request_id=uuid.uuid4().hex,
+        t0=t0,
+        t1=t1,
+        kinds=list(kinds or []),  # type: ignore[arg-type] - validated by msgspec on the wire
+        limit=limit,
+    )
+
+
 class Client:
+    """Blocking client. Not thread-safe: use one per thread (or ``AsyncClient``)."""
+
     def __init__(self, addresses: Addresses, session: str = "default", timeout_s: float = 30.0):
         self.addresses = addresses
         self.session = session
         self.timeout_s = timeout_s
         self.ctx = zmq.Context.instance()
-        self.dealer = make_socket(self.ctx, zmq.DEALER, hwm=64)
-        self.dealer.connect(addresses.gateway)
-        self.sub = make_socket(self.ctx, zmq.SUB, hwm=10000)
-        self.sub.connect(addresses.gateway_pub)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.events: deque[Message] = deque()
+        self.dealer, self.sub = client_sockets(self.ctx, addresses)
+        self._finalizer = weakref.finalize(self, _close_sockets, self.dealer, self.sub)
+        self.events: deque[Message] = deque(maxlen=MAX_KEPT_EVENTS)
         self.frames_dropped = 0
+        self.audio_dropped = 0
         self.last_done: AnswerDone | None = None
 
     @classmethod
@@ -69,7 +114,11 @@ class Client:
         cls, run_dir: Path | None = None, session: str = "default", timeout_s: float = 30.0
     ) -> Client:
         client = cls(Addresses.load(run_dir or default_run_dir()), session=session, timeout_s=timeout_s)
-        client.wait_connected()
+        try:
+            client.wait_connected()
+        except ClientError:
+            client.close()
+            raise
         return client
 
     def __enter__(self) -> Client:
@@ -79,20 +128,39 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.dealer.close(linger=0)
-        self.sub.close(linger=0)
+        self._finalizer()
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _request(self, message: Message, expect: type[Message], request_id: str) -> Message:
-        send(self.dealer, message)
+    def _send_until(self, message: Message, deadline: float) -> None:
+        """Send without blocking, retrying while there is no live connection (gateway away)."""
+        while True:
+            try:
+                send(self.dealer, message, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise ClientError(
+                        f"gateway at {self.addresses.gateway} unreachable for {self.timeout_s:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+
+    def _request(self, message: Message, expect: type[Message], request_id: str, resend: bool) -> Message:
         deadline = time.monotonic() + self.timeout_s
+        self._send_until(message, deadline)
+        sent_at = time.monotonic()
         while time.monotonic() < deadline:
+            if resend and time.monotonic() - sent_at > RESEND_EVERY_S:
+                self._send_until(message, deadline)
+                sent_at = time.monotonic()
             if not self.dealer.poll(100):
                 continue
-            _, reply = recv(self.dealer)
+            try:
+                _, reply = recv(self.dealer)
+            except ProtocolError:
+                continue
             if isinstance(reply, Error) and reply.request_id in ("", request_id):
-                raise ClientError(f"gateway refused {type(message).__name__}: [{reply.code}] {reply.message}")
+                raise refusal(message, reply)
             if isinstance(reply, expect) and getattr(reply, "request_id", "") == request_id:
                 return reply
         raise ClientError(f"no reply from the gateway within {self.timeout_s:.0f} s")
@@ -112,6 +180,16 @@ class Client:
                 continue
             got.append(message)
 
+    def subscribe(self, *types: type[Message], timeout_s: float | None = None) -> Iterator[Message]:
+        """Yield events of ``types`` (all types if none) as they arrive, for ``timeout_s`` seconds
+        (forever if None). Events of other types are discarded."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while deadline is None or time.monotonic() < deadline:
+            wait = 0.1 if deadline is None else max(min(deadline - time.monotonic(), 0.1), 0.0)
+            for event in self.poll_events(wait):
+                if not types or isinstance(event, types):
+                    yield event
+
     def wait_connected(self) -> Status:
         """Block until the gateway answers a status request and its event stream is flowing."""
         status = self.status()
@@ -130,13 +208,23 @@ class Client:
     # -- API ---------------------------------------------------------------------------------------
 
     def status(self) -> Status:
+        """Latest ``Stats`` of every stage, as the gateway last saw them."""
         request_id = uuid.uuid4().hex
-        reply = self._request(StatusRequest(request_id=request_id), Status, request_id)
+        reply = self._request(StatusRequest(request_id=request_id), Status, request_id, resend=True)
         assert isinstance(reply, Status)
         return reply
 
+    def history(
+        self, t0: float = 0.0, t1: float = 1e12, kinds: list[str] | None = None, limit: int = 500
+    ) -> History:
+        """What memory recorded in this session over stream times [t0, t1] (clips, transcripts)."""
+        request = history_request(self.session, t0, t1, kinds, limit)
+        reply = self._request(request, History, request.request_id, resend=True)
+        assert isinstance(reply, History)
+        return reply
+
     def push_frame(self, image: np.ndarray, ts: float, index: int = 0) -> bool:
-        """Send one RGB uint8 (H, W, 3) frame; returns False if it was dropped (gateway busy)."""
+        """Send one RGB uint8 (H, W, 3) frame; returns False if it was dropped (gateway busy or away)."""
         try:
             send(
                 self.dealer,
@@ -148,11 +236,15 @@ class Client:
             self.frames_dropped += 1
             return False
 
-    def push_audio(self, pcm: np.ndarray, sample_rate: int, ts: float, channel: str = "user") -> None:
-        send(
-            self.dealer,
-            AudioChunk(ts=ts, session=self.session, pcm=pcm, sample_rate=sample_rate, channel=channel),
-        )
+    def push_audio(self, pcm: np.ndarray, sample_rate: int, ts: float, channel: str = "user") -> bool:
+        """Send mono PCM (float32 or int16 (N,)); returns False if dropped (gateway away)."""
+        chunk = AudioChunk(ts=ts, session=self.session, pcm=pcm, sample_rate=sample_rate, channel=channel)  # type: ignore[arg-type]
+        try:
+            send(self.dealer, chunk, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.audio_dropped += 1
+            return False
 
     def send_ask(self, question: str, ts: float, choices: list[str] | None = None, speak: bool = True) -> str:
         """Send a question; returns its turn id once the gateway accepted it."""
@@ -160,11 +252,26 @@ class Client:
         ask = Ask(
             ts=ts, session=self.session, turn=turn, question=question, choices=choices or [], speak=speak
         )
-        self._request(ask, Ack, turn)
+        self._request(ask, Ack, turn, resend=False)
         return turn
 
+    def watch(self, condition: str, ts: float = 0.0) -> str:
+        """Register a standing question; ``Alert``s with the returned watch id arrive as events."""
+        watch_id = uuid.uuid4().hex
+        self._request(
+            Watch(ts=ts, session=self.session, watch_id=watch_id, condition=condition),
+            Ack,
+            watch_id,
+            resend=False,
+        )
+        return watch_id
+
     def interrupt(self, turn: str = "", ts: float = 0.0) -> None:
-        send(self.dealer, Interrupt(ts=ts, session=self.session, turn=turn, reason="client"))
+        """Stop answering (and speaking) ``turn``, or whatever is being answered."""
+        self._send_until(
+            Interrupt(ts=ts, session=self.session, turn=turn, reason="client"),
+            time.monotonic() + self.timeout_s,
+        )
 
     def ask(
         self,

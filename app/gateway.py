@@ -1,17 +1,23 @@
 """Gateway process: the one door for clients.
 
 Clients send requests to a ROUTER (``Ask``, ``VideoFrame``, ``AudioChunk``, ``Interrupt``,
-``Watch``, ``StatusRequest``) and subscribe to a PUB that re-publishes what they need from the
-bus (answers, audio, transcripts, clips, alerts, stats, errors). A malformed request is answered
-with an ``Error`` naming the problem and the gateway keeps serving.
+``Watch``, ``StatusRequest``, ``HistoryRequest``) and subscribe to a PUB that re-publishes what
+they need from the bus (answers, audio, transcripts, clips, alerts, stats, errors). ``Ask`` and
+``Watch`` are acknowledged with an ``Ack``; a ``HistoryRequest`` is forwarded to memory's ROUTER
+and its ``History`` relayed back (an ``Error`` with code ``unavailable`` if memory does not answer
+in time). A malformed request is answered with an ``Error`` naming the problem and the gateway
+keeps serving.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
+import uuid
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from omnistream.protocol.codec import ProtocolError, decode
@@ -25,6 +31,8 @@ from omnistream.protocol.messages import (
     AudioOut,
     Clip,
     Error,
+    History,
+    HistoryRequest,
     Interrupt,
     Message,
     Stats,
@@ -36,11 +44,11 @@ from omnistream.protocol.messages import (
     Watch,
 )
 from omnistream.protocol.runtime import Runtime
-from omnistream.protocol.sockets import make_socket, send
+from omnistream.protocol.sockets import make_socket, recv, send
 
 log = logging.getLogger("omnistream.gateway")
 
-CLIENT_REQUESTS = (Ask, VideoFrame, AudioChunk, Interrupt, Watch, StatusRequest)
+CLIENT_REQUESTS = (Ask, VideoFrame, AudioChunk, Interrupt, Watch, StatusRequest, HistoryRequest)
 FORWARDED_TO_CLIENTS = (
     AnswerDelta,
     AnswerDone,
@@ -54,6 +62,8 @@ FORWARDED_TO_CLIENTS = (
     Interrupt,
 )
 MAX_QUESTION_CHARS = 2000
+MAX_HISTORY_ITEMS = 5000
+HISTORY_TIMEOUT_S = 10.0
 
 
 class GatewayStage:
@@ -67,7 +77,12 @@ class GatewayStage:
         self.client_pub = make_socket(runtime.ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
         self.client_pub.bind(runtime.addresses.gateway_pub)
         self.stats: dict[str, Stats] = {}
+        self.memory = make_socket(runtime.ctx, zmq.DEALER, hwm=1000, max_message_bytes=limit)
+        self.memory.connect(runtime.addresses.memory)
+        # gateway-side id -> (client identity, client's request_id, deadline)
+        self.history_pending: dict[str, tuple[bytes, str, float]] = {}
         runtime.add_socket(self.router, self.on_client)
+        runtime.add_socket(self.memory, self.on_memory)
         runtime.subscribe(*FORWARDED_TO_CLIENTS)
 
     def handle(self, message: Message) -> None:
@@ -92,7 +107,10 @@ class GatewayStage:
                 counters["rejected"] += 1
                 send(sock, exc.to_error(), prefix=[identity])
                 continue
-            reply = self.on_request(message)
+            if isinstance(message, HistoryRequest):
+                reply = self.forward_history(identity, message)
+            else:
+                reply = self.on_request(message)
             if reply is not None:
                 send(sock, reply, prefix=[identity])
 
@@ -115,11 +133,64 @@ class GatewayStage:
         self.runtime.publish(message)
         if isinstance(message, Ask):
             return Ack(ts=message.ts, session=message.session, request_id=message.turn)
+        if isinstance(message, Watch):
+            return Ack(ts=message.ts, session=message.session, request_id=message.watch_id)
         return None
+
+    def forward_history(self, identity: bytes, request: HistoryRequest) -> Message | None:
+        """Send ``request`` on to memory under a gateway-side id; the reply comes in ``on_memory``."""
+        if not (request.t0 <= request.t1 and 0 < request.limit <= MAX_HISTORY_ITEMS):
+            self.runtime.counters["rejected"] += 1
+            return Error(
+                code="invalid",
+                message=f"HistoryRequest needs t0 <= t1 and 1 <= limit <= {MAX_HISTORY_ITEMS}, "
+                f"got t0={request.t0}, t1={request.t1}, limit={request.limit}",
+                request_id=request.request_id,
+            )
+        forward_id = uuid.uuid4().hex
+        self.history_pending[forward_id] = (
+            identity,
+            request.request_id,
+            time.monotonic() + HISTORY_TIMEOUT_S,
+        )
+        self.runtime.counters["in_HistoryRequest"] += 1
+        send(self.memory, msgspec.structs.replace(request, request_id=forward_id))
+        return None
+
+    def on_memory(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                _, reply = recv(sock, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ProtocolError as exc:
+                log.warning("bad reply from memory: %s", exc)
+                continue
+            if not isinstance(reply, History | Error):
+                continue
+            pending = self.history_pending.pop(reply.request_id, None)
+            if pending is None:  # answered after its deadline
+                continue
+            identity, client_request_id, _ = pending
+            send(self.router, msgspec.structs.replace(reply, request_id=client_request_id), prefix=[identity])
+
+    def tick(self) -> None:
+        """Tell clients whose history request memory left unanswered (memory down or restarting)."""
+        now = time.monotonic()
+        for forward_id, (identity, client_request_id, deadline) in list(self.history_pending.items()):
+            if now >= deadline:
+                del self.history_pending[forward_id]
+                error = Error(
+                    code="unavailable",
+                    message=f"memory did not answer the history request within {HISTORY_TIMEOUT_S:.0f} s",
+                    request_id=client_request_id,
+                )
+                send(self.router, error, prefix=[identity])
 
     def stop(self) -> None:
         self.router.close(linger=0)
         self.client_pub.close(linger=0)
+        self.memory.close(linger=0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runtime = Runtime("gateway", args.run_dir)
     stage = GatewayStage(runtime)
-    runtime.run(stage)
+    runtime.run(stage, tick=stage.tick)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,308 @@
+"""asyncio client for the gateway: the same operations as ``Client``, awaitable.
+
+    from omnistream.app.async_client import AsyncClient
+    async with await AsyncClient.connect() as client:
+        async for delta in client.ask("What is on screen?"):
+            print(delta, end="", flush=True)
+
+One background task reads the SUB socket and fans every event out to the queues of whoever
+listens (each ``ask`` and each ``subscribe``), so several questions can stream at once; another
+reads the DEALER and resolves the future of the request each reply names. Reconnection after a
+gateway restart behaves as in ``Client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from omnistream.app.client import (
+    RESEND_EVERY_S,
+    ClientError,
+    _close_sockets,
+    client_sockets,
+    default_run_dir,
+    history_request,
+    refusal,
+)
+from omnistream.protocol.codec import ProtocolError, decode, encode
+from omnistream.protocol.messages import (
+    Ack,
+    AnswerDelta,
+    AnswerDone,
+    Ask,
+    AudioChunk,
+    Error,
+    History,
+    Interrupt,
+    Message,
+    Stats,
+    Status,
+    StatusRequest,
+    VideoFrame,
+    Watch,
+)
+from omnistream.protocol.sockets import Addresses
+
+LISTENER_QUEUE = 10_000
+
+
+class AsyncClient:
+    """Awaitable client; create it inside a running event loop (``await AsyncClient.connect()``)."""
+
+    def __init__(self, addresses: Addresses, session: str = "default", timeout_s: float = 30.0):
+        self.addresses = addresses
+        self.session = session
+        self.timeout_s = timeout_s
+        self.ctx = zmq.asyncio.Context.instance()
+        self.dealer, self.sub = client_sockets(self.ctx, addresses)
+        self._finalizer = weakref.finalize(self, _close_sockets, self.dealer, self.sub)
+        self._waiting: dict[str, asyncio.Future[Message]] = {}
+        self._listeners: set[asyncio.Queue[Message]] = set()
+        self._tasks = [
+            asyncio.get_running_loop().create_task(self._read_events()),
+            asyncio.get_running_loop().create_task(self._read_replies()),
+        ]
+        self.frames_dropped = 0
+        self.audio_dropped = 0
+        self.last_done: AnswerDone | None = None
+
+    @classmethod
+    async def connect(
+        cls, run_dir: Path | None = None, session: str = "default", timeout_s: float = 30.0
+    ) -> AsyncClient:
+        client = cls(Addresses.load(run_dir or default_run_dir()), session=session, timeout_s=timeout_s)
+        try:
+            await client.wait_connected()
+        except ClientError:
+            await client.close()
+            raise
+        return client
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._finalizer()
+
+    # -- background readers --------------------------------------------------------------------
+
+    async def _read_events(self) -> None:
+        while True:
+            try:
+                event = await self._recv(self.sub)
+            except ProtocolError:
+                continue
+            for queue in self._listeners:
+                if queue.full():  # a listener that stopped reading loses its oldest event
+                    queue.get_nowait()
+                queue.put_nowait(event)
+
+    async def _read_replies(self) -> None:
+        while True:
+            try:
+                reply = await self._recv(self.dealer)
+            except ProtocolError:
+                continue
+            request_id = getattr(reply, "request_id", "")
+            future = self._waiting.get(request_id)
+            if future is None and isinstance(reply, Error) and not request_id and len(self._waiting) == 1:
+                future = next(iter(self._waiting.values()))  # an error the gateway could not attribute
+            if future is not None and not future.done():
+                future.set_result(reply)
+
+    @staticmethod
+    async def _recv(sock: zmq.asyncio.Socket) -> Message:
+        return decode(await sock.recv_multipart(copy=False))
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _send_until(self, message: Message, deadline: float) -> None:
+        while True:
+            try:
+                self._send_now(message)
+                return
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise ClientError(
+                        f"gateway at {self.addresses.gateway} unreachable for {self.timeout_s:.0f} s"
+                    ) from None
+                await asyncio.sleep(0.05)
+
+    async def _request(
+        self, message: Message, expect: type[Message], request_id: str, resend: bool
+    ) -> Message:
+        deadline = time.monotonic() + self.timeout_s
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        try:
+            await self._send_until(message, deadline)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ClientError(f"no reply from the gateway within {self.timeout_s:.0f} s")
+                wait = min(remaining, RESEND_EVERY_S) if resend else remaining
+                done, _ = await asyncio.wait({future}, timeout=wait)
+                if done:
+                    break
+                await self._send_until(message, deadline)
+        finally:
+            self._waiting.pop(request_id, None)
+        reply = future.result()
+        if isinstance(reply, Error):
+            raise refusal(message, reply)
+        if not isinstance(reply, expect):
+            raise ClientError(f"expected {expect.__name__}, gateway sent {type(reply).__name__}")
+        return reply
+
+    def _send_now(self, message: Message) -> None:
+        """Send without waiting; raises ``zmq.Again`` when there is no live connection. (The asyncio
+        socket reports a non-blocking failure in the returned, already finished future.)"""
+        future = self.dealer.send_multipart(encode(message), flags=zmq.NOBLOCK, copy=False)
+        error = future.exception()
+        if error is not None:
+            raise error
+
+    def _listen(self) -> asyncio.Queue[Message]:
+        queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=LISTENER_QUEUE)
+        self._listeners.add(queue)
+        return queue
+
+    async def subscribe(
+        self, *types: type[Message], timeout_s: float | None = None
+    ) -> AsyncIterator[Message]:
+        """Yield events of ``types`` (all if none) as they arrive, for ``timeout_s`` (None: forever)."""
+        queue = self._listen()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                try:
+                    event = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    return
+                if not types or isinstance(event, types):
+                    yield event
+        finally:
+            self._listeners.discard(queue)
+
+    async def wait_connected(self) -> Status:
+        """Return once the gateway answers a status request and its event stream is flowing."""
+        queue = self._listen()
+        try:
+            status = await self.status()
+            deadline = time.monotonic() + self.timeout_s
+            while time.monotonic() < deadline:
+                try:
+                    event = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0.01))
+                except TimeoutError:
+                    break
+                if isinstance(event, Stats):
+                    return status
+            raise ClientError("connected to the gateway but its event stream is silent")
+        finally:
+            self._listeners.discard(queue)
+
+    # -- API ---------------------------------------------------------------------------------------
+
+    async def status(self) -> Status:
+        request_id = uuid.uuid4().hex
+        reply = await self._request(StatusRequest(request_id=request_id), Status, request_id, resend=True)
+        assert isinstance(reply, Status)
+        return reply
+
+    async def history(
+        self, t0: float = 0.0, t1: float = 1e12, kinds: list[str] | None = None, limit: int = 500
+    ) -> History:
+        """What memory recorded in this session over stream times [t0, t1] (clips, transcripts)."""
+        request = history_request(self.session, t0, t1, kinds, limit)
+        reply = await self._request(request, History, request.request_id, resend=True)
+        assert isinstance(reply, History)
+        return reply
+
+    def push_frame(self, image: np.ndarray, ts: float, index: int = 0) -> bool:
+        """Send one RGB uint8 (H, W, 3) frame without waiting; False if dropped."""
+        try:
+            self._send_now(VideoFrame(ts=ts, session=self.session, image=image, index=index))
+            return True
+        except zmq.Again:
+            self.frames_dropped += 1
+            return False
+
+    def push_audio(self, pcm: np.ndarray, sample_rate: int, ts: float, channel: str = "user") -> bool:
+        """Send mono PCM (float32 or int16 (N,)) without waiting; False if dropped."""
+        chunk = AudioChunk(ts=ts, session=self.session, pcm=pcm, sample_rate=sample_rate, channel=channel)  # type: ignore[arg-type]
+        try:
+            self._send_now(chunk)
+            return True
+        except zmq.Again:
+            self.audio_dropped += 1
+            return False
+
+    async def send_ask(
+        self, question: str, ts: float, choices: list[str] | None = None, speak: bool = True
+    ) -> str:
+        turn = uuid.uuid4().hex
+        ask = Ask(
+            ts=ts, session=self.session, turn=turn, question=question, choices=choices or [], speak=speak
+        )
+        await self._request(ask, Ack, turn, resend=False)
+        return turn
+
+    async def watch(self, condition: str, ts: float = 0.0) -> str:
+        """Register a standing question; its ``Alert``s (same watch id) arrive as events."""
+        watch_id = uuid.uuid4().hex
+        watch = Watch(ts=ts, session=self.session, watch_id=watch_id, condition=condition)
+        await self._request(watch, Ack, watch_id, resend=False)
+        return watch_id
+
+    async def interrupt(self, turn: str = "", ts: float = 0.0) -> None:
+        interrupt = Interrupt(ts=ts, session=self.session, turn=turn, reason="client")
+        await self._send_until(interrupt, time.monotonic() + self.timeout_s)
+
+    async def ask(
+        self,
+        question: str,
+        ts: float = 0.0,
+        choices: list[str] | None = None,
+        speak: bool = False,
+        timeout_s: float = 300.0,
+    ) -> AsyncIterator[str]:
+        """Yield the answer's text deltas as they stream; ``self.last_done`` holds the ``AnswerDone``."""
+        queue = self._listen()  # listen before asking: the first delta may come at once
+        try:
+            turn = await self.send_ask(question, ts, choices, speak)
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0.0))
+                except TimeoutError:
+                    raise ClientError(f"no complete answer within {timeout_s:.0f} s") from None
+                if isinstance(event, AnswerDelta) and event.turn == turn:
+                    yield event.text
+                elif isinstance(event, AnswerDone) and event.turn == turn:
+                    self.last_done = event
+                    if event.error:
+                        raise ClientError(f"answer failed: {event.error}")
+                    return
+        finally:
+            self._listeners.discard(queue)
