@@ -12,12 +12,13 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 # Debian packages: none are needed at run time (PyAV, soundfile and onnxruntime wheels bundle
 # FFmpeg, libsndfile and their own runtimes); the ffmpeg command line is installed for users who
-# convert recordings, only where apt is available and we may use it.
-if command -v apt-get >/dev/null && ! command -v ffmpeg >/dev/null; then
+# convert recordings, only where apt is available and we may use it. pocketsphinx-testdata holds
+# LibriVox clips with reference text that the speech tests transcribe.
+if command -v apt-get >/dev/null && { ! command -v ffmpeg >/dev/null || [ ! -d /usr/share/pocketsphinx/test/data/librivox ]; }; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
   if $SUDO true 2>/dev/null; then
-    echo "== installing Debian packages: ffmpeg"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg >/dev/null
+    echo "== installing Debian packages: ffmpeg pocketsphinx-testdata"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg pocketsphinx-testdata >/dev/null
   else
     echo "== skipping Debian packages (no root); install ffmpeg yourself if you want the CLI tool"
   fi

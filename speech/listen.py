@@ -1,13 +1,19 @@
 """Listening: any-rate PCM -> 16 kHz -> Silero VAD -> utterances -> faster-whisper transcripts.
 
-``Listener`` is the streaming state for one audio channel (the user's microphone or the stream's
-sound track): ``push(pcm, sample_rate, ts)`` returns the events it produced (speech started,
-partial transcript, speech stopped with the final transcript).
+``Listener`` is the streaming VAD state for one audio channel (the user's microphone or the
+stream's sound track): ``push(pcm, sample_rate, ts)`` returns events (speech started, utterance
+audio so far for a partial transcript, utterance ended with its voiced audio). It never runs
+ASR itself, so the caller can keep VAD on its own thread while ASR runs elsewhere.
+``StreamingTranscriber`` is ufal/whisper_streaming's shape (``insert_audio`` / ``process_iter``
+/ ``finish``): partials commit only the words two successive hypotheses agree on
+(LocalAgreement-2); the final is one whisper pass over the whole utterance, so streaming and
+batch give the same final text.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -17,13 +23,16 @@ from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16000
 VAD_WINDOW = 512  # samples at 16 kHz (32 ms), what Silero VAD expects
+STEP_S = VAD_WINDOW / SAMPLE_RATE
 PRE_ROLL_S = 0.3  # audio kept before the VAD fires: whisper mishears clipped onsets
 PAD_S = 0.5
 MIN_RATE, MAX_RATE = 4000, 192000
+# Whisper's descriptions of non-speech ("[BLANK_AUDIO]", "(coughs)", "*music*") are not words.
+NON_SPEECH = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*")
 
 
-def to_mono_16k(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
-    """PCM (N,) or (N, C), int16 or float -> float32 (M,) at 16 kHz in [-1, 1]."""
+def to_mono_float(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Validate and mix down: PCM (N,) or (N, C), int16 or float -> float32 (N,) in [-1, 1]."""
     if not MIN_RATE <= sample_rate <= MAX_RATE:
         raise ValueError(f"AudioChunk.sample_rate {sample_rate} Hz outside {MIN_RATE}..{MAX_RATE} Hz")
     audio = np.asarray(pcm)
@@ -39,10 +48,72 @@ def to_mono_16k(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
         audio = audio.mean(axis=1)
     if not np.all(np.isfinite(audio)):
         raise ValueError("AudioChunk.pcm contains NaN or infinite samples")
+    return np.clip(audio, -1.0, 1.0)
+
+
+def to_mono_16k(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
+    """A whole recording: PCM (N,) or (N, C), int16 or float -> float32 (M,) at 16 kHz in [-1, 1]."""
+    audio = to_mono_float(pcm, sample_rate)
     if sample_rate != SAMPLE_RATE:
         ratio = Fraction(SAMPLE_RATE, sample_rate)
         audio = resample_poly(audio, ratio.numerator, ratio.denominator).astype(np.float32)
-    return np.clip(audio, -1.0, 1.0)
+    return audio
+
+
+@dataclass
+class StreamResampler:
+    """Chunked resampling to 16 kHz whose output does not depend on the chunk sizes.
+
+    ``resample_poly`` on each chunk would zero-pad every chunk edge (a click each time). Here the
+    input is kept from a position that is a multiple of ``down`` (so output samples fall on the
+    grid of a one-call resample) with enough context for the FIR filter, and only output samples
+    whose filter support is complete are returned. The output lags the input by about
+    10 * max(up, down) / up input samples (under 2 ms).
+    """
+
+    sample_rate: int
+    _kept: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    _kept_start: int = 0  # input index of _kept[0], a multiple of down
+    _emitted: int = 0  # output samples returned so far
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        """float32 (N,) at ``sample_rate`` -> float32 (M,) at 16 kHz."""
+        if self.sample_rate == SAMPLE_RATE:
+            return audio
+        ratio = Fraction(SAMPLE_RATE, self.sample_rate)
+        up, down = ratio.numerator, ratio.denominator
+        context = 10 * max(up, down) // up + 1  # resample_poly's filter half-length, input samples
+        self._kept = np.concatenate([self._kept, audio])
+        available = self._kept_start + len(self._kept)
+        ready = max((available - context) * up // down, self._emitted)
+        if ready == self._emitted:
+            return np.zeros(0, np.float32)
+        out = resample_poly(self._kept, up, down)
+        first = self._kept_start * up // down
+        result = out[self._emitted - first : ready - first].astype(np.float32)
+        self._emitted = ready
+        # Keep the input that output samples from ``ready`` on still need, from a multiple of down.
+        keep_from = max((ready * down // up - context) // down * down, self._kept_start)
+        self._kept = self._kept[keep_from - self._kept_start :]
+        self._kept_start = keep_from
+        return result
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words without punctuation: what transcripts are compared on."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, by edit distance over words."""
+    ref, hyp = words(reference), words(hypothesis)
+    previous = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, 1):
+        current = [i]
+        for j, hyp_word in enumerate(hyp, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
+        previous = current
+    return previous[-1] / max(len(ref), 1)
 
 
 def packaged_whisper_dir(name: str) -> Path:
@@ -71,7 +142,10 @@ class Recognizer:
         )
 
     def transcribe(self, audio: np.ndarray) -> str:
-        """float32 (N,) 16 kHz -> text. Padded with silence: whisper is steadier on padded input."""
+        """float32 (N,) 16 kHz -> text ("" for no words). Padded with silence: whisper is steadier
+        on padded input. Non-speech annotations ("[BLANK_AUDIO]") are removed."""
+        if audio.ndim != 1 or audio.dtype != np.float32:
+            raise ValueError(f"audio must be float32 (N,) at 16 kHz, got {audio.dtype} {audio.shape}")
         padding = np.zeros(int(PAD_S * SAMPLE_RATE), np.float32)
         segments, _ = self.model.transcribe(
             np.concatenate([padding, audio, padding]),
@@ -80,7 +154,9 @@ class Recognizer:
             without_timestamps=True,
             condition_on_previous_text=False,
         )
-        return " ".join(segment.text.strip() for segment in segments).strip()
+        text = " ".join(segment.text.strip() for segment in segments)
+        text = " ".join(NON_SPEECH.sub(" ", text).split())
+        return text if words(text) else ""
 
 
 class VoiceActivity:
@@ -101,85 +177,148 @@ class VoiceActivity:
 
 
 @dataclass
+class StreamingTranscriber:
+    """Streaming ASR state for one utterance. Only the thread that owns it may call it.
+
+    ``process_iter`` returns (committed, tentative): committed words never change afterwards
+    (the longest prefix on which the last two hypotheses agree); tentative is the rest of the
+    newest hypothesis. ``finish`` returns the final text of the whole utterance.
+    """
+
+    recognizer: Recognizer
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    committed: list[str] = field(default_factory=list)
+    _previous: list[str] = field(default_factory=list)
+
+    def insert_audio(self, chunk: np.ndarray) -> None:
+        """float32 (N,) 16 kHz, appended to the utterance."""
+        self.audio = np.concatenate([self.audio, chunk.astype(np.float32, copy=False)])
+
+    def process_iter(self) -> tuple[str, str]:
+        hypothesis = self.recognizer.transcribe(self.audio).split()
+        agreed = 0
+        for new, old in zip(hypothesis, self._previous, strict=False):
+            if words(new) != words(old):
+                break
+            agreed += 1
+        if agreed > len(self.committed):
+            self.committed = hypothesis[:agreed]
+        self._previous = hypothesis
+        return " ".join(self.committed), " ".join(hypothesis[len(self.committed) :])
+
+    def finish(self) -> str:
+        return self.recognizer.transcribe(self.audio)
+
+
+@dataclass
 class ListenEvent:
-    kind: str  # "started", "partial", "final"
+    """``kind``: "started" (VAD fired; ``t0`` includes the pre-roll), "partial" (``audio`` is the
+    utterance so far), "ended" (``audio`` is the voiced utterance, None when too short to be
+    speech). Times are stream seconds; ``audio`` is float32 (N,) at 16 kHz, owned by the event."""
+
+    kind: str
     t0: float
     t1: float
-    text: str = ""
+    utterance: int
+    audio: np.ndarray | None = None
 
 
 @dataclass
 class Listener:
-    """Streaming state for one channel. Times are stream seconds of the first pushed sample + offset."""
+    """VAD segmentation of one channel. Times are stream seconds of the pushed samples.
+
+    Partial events come ``first_partial_s`` after the onset, then every ``partial_every_s``
+    (0: no partials). An utterance ends after ``min_silence_s`` of non-speech or at
+    ``max_utterance_s``.
+    """
 
     vad: VoiceActivity
-    recognizer: Recognizer
     threshold: float = 0.5
     min_silence_s: float = 0.5
     min_speech_s: float = 0.25
     max_utterance_s: float = 20.0
-    partial_every_s: float = 0.0  # 0: no partial transcripts
+    first_partial_s: float = 0.0
+    partial_every_s: float = 1.0
+    _resampler: StreamResampler | None = None
     _pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    _pending_ts: float | None = None
+    _origin_ts: float | None = None  # stream time of 16 kHz sample 0
+    _examined: int = 0  # 16 kHz samples the VAD has seen
+    _input_s: float = 0.0  # seconds of input pushed
     _pre_roll: list[np.ndarray] = field(default_factory=list)
     _speech: list[np.ndarray] = field(default_factory=list)
     _speech_t0: float = 0.0
     _silence_s: float = 0.0
-    _since_partial_s: float = 0.0
+    _next_partial_s: float = 0.0
+    _utterances: int = 0
     in_speech: bool = False
 
     def push(self, pcm: np.ndarray, sample_rate: int, ts: float) -> list[ListenEvent]:
-        audio = to_mono_16k(pcm, sample_rate)
-        if self._pending_ts is None or len(self._pending) == 0:
-            self._pending_ts = ts
-        self._pending = np.concatenate([self._pending, audio])
+        """Any chunk size, rate or format (see ``to_mono_float``); ``ts``: stream time of pcm[0].
+
+        Times follow the sample count; a chunk whose ``ts`` is over a second away from where the
+        samples say it should be (the stream jumped or paused) moves the clock to it."""
+        audio = to_mono_float(pcm, sample_rate)
+        if self._resampler is None or self._resampler.sample_rate != sample_rate:
+            self._resampler = StreamResampler(sample_rate)
+        if self._origin_ts is None:
+            self._origin_ts = ts
+        elif abs(ts - (self._origin_ts + self._input_s)) > 1.0:
+            self._origin_ts = ts - self._input_s
+        self._input_s += len(audio) / sample_rate
+        self._pending = np.concatenate([self._pending, self._resampler.push(audio)])
         events: list[ListenEvent] = []
         while len(self._pending) >= VAD_WINDOW:
             window, self._pending = self._pending[:VAD_WINDOW], self._pending[VAD_WINDOW:]
-            window_ts = self._pending_ts
-            self._pending_ts += VAD_WINDOW / SAMPLE_RATE
+            window_ts = self.stream_ts
+            self._examined += VAD_WINDOW
             events += self._step(window, window_ts)
         return events
 
+    @property
+    def stream_ts(self) -> float:
+        """Stream time of the first sample not yet examined by the VAD."""
+        return (self._origin_ts or 0.0) + self._examined / SAMPLE_RATE
+
     def _step(self, window: np.ndarray, ts: float) -> list[ListenEvent]:
         speech = self.vad.probability(window) >= self.threshold
-        step_s = VAD_WINDOW / SAMPLE_RATE
         if not self.in_speech:
             self._pre_roll.append(window)
-            del self._pre_roll[: -int(PRE_ROLL_S / step_s) or None]
+            del self._pre_roll[: -int(PRE_ROLL_S / STEP_S) or None]
             if not speech:
                 return []
             self.in_speech = True
+            self._utterances += 1
             self._speech = list(self._pre_roll)
-            self._speech_t0 = ts - (len(self._pre_roll) - 1) * step_s
-            self._silence_s = self._since_partial_s = 0.0
-            return [ListenEvent("started", self._speech_t0, ts)]
+            self._speech_t0 = ts - (len(self._pre_roll) - 1) * STEP_S
+            self._silence_s = 0.0
+            self._next_partial_s = self.first_partial_s or self.partial_every_s
+            return [ListenEvent("started", self._speech_t0, ts, self._utterances)]
         self._speech.append(window)
-        self._silence_s = 0.0 if speech else self._silence_s + step_s
-        self._since_partial_s += step_s
-        end_ts = ts + step_s
-        duration = len(self._speech) * step_s
-        if self._silence_s >= self.min_silence_s or duration >= self.max_utterance_s:
-            return self._finish(end_ts)
-        if self.partial_every_s and self._since_partial_s >= self.partial_every_s:
-            self._since_partial_s = 0.0
-            text = self.recognizer.transcribe(np.concatenate(self._speech))
-            if text:
-                return [ListenEvent("partial", self._speech_t0, end_ts, text)]
+        self._silence_s = 0.0 if speech else self._silence_s + STEP_S
+        end_ts = ts + STEP_S
+        heard_s = end_ts - self._speech_t0 - PRE_ROLL_S
+        if self._silence_s >= self.min_silence_s or heard_s >= self.max_utterance_s:
+            return [self._finish(end_ts)]
+        if self.first_partial_s and heard_s >= self._next_partial_s:
+            self._next_partial_s = heard_s + self.partial_every_s
+            return [
+                ListenEvent(
+                    "partial", self._speech_t0, end_ts, self._utterances, np.concatenate(self._speech)
+                )
+            ]
         return []
 
-    def _finish(self, end_ts: float) -> list[ListenEvent]:
+    def _finish(self, end_ts: float) -> ListenEvent:
         audio = np.concatenate(self._speech)
         trailing_silence = int(max(self._silence_s - 0.1, 0.0) * SAMPLE_RATE)
         voiced = audio[: len(audio) - trailing_silence] if trailing_silence else audio
         self.in_speech = False
         self._speech, self._pre_roll = [], []
-        if len(voiced) / SAMPLE_RATE - PRE_ROLL_S < self.min_speech_s:
-            return [ListenEvent("final", self._speech_t0, end_ts, "")]
-        return [ListenEvent("final", self._speech_t0, end_ts, self.recognizer.transcribe(voiced))]
+        too_short = len(voiced) / SAMPLE_RATE - PRE_ROLL_S < self.min_speech_s
+        return ListenEvent("ended", self._speech_t0, end_ts, self._utterances, None if too_short else voiced)
 
     def flush(self) -> list[ListenEvent]:
         """End of stream: finish an utterance in progress."""
         if not self.in_speech:
             return []
-        return self._finish(self._pending_ts or 0.0)
+        return [self._finish(self.stream_ts)]

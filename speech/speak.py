@@ -15,14 +15,18 @@ import numpy as np
 from scipy.signal import resample_poly
 
 # A phrase ends at sentence punctuation, or at a comma/semicolon once it is long enough to sound
-# natural on its own.
+# natural on its own. The first phrase of an answer may be a shorter clause: it is what the user
+# waits for, and the LLM needs a second or more to reach the end of a sentence.
 SENTENCE_END = re.compile(r"[.!?\n]+[\"')\]]*\s")
 CLAUSE_END = re.compile(r"[,;:]\s")
 MIN_CLAUSE_CHARS = 40
+MIN_FIRST_CLAUSE_CHARS = 16
 
 
 @dataclass
 class PhraseSplitter:
+    """Streaming state: text deltas in, complete phrases out; ``finish`` returns the rest."""
+
     buffer: str = ""
     phrases_out: list[str] = field(default_factory=list)
 
@@ -31,8 +35,9 @@ class PhraseSplitter:
         phrases = []
         while True:
             match = SENTENCE_END.search(self.buffer)
-            if match is None and len(self.buffer) >= MIN_CLAUSE_CHARS:
-                match = CLAUSE_END.search(self.buffer, MIN_CLAUSE_CHARS // 2)
+            min_chars = MIN_FIRST_CLAUSE_CHARS if not (self.phrases_out or phrases) else MIN_CLAUSE_CHARS
+            if match is None and len(self.buffer) >= min_chars:
+                match = CLAUSE_END.search(self.buffer, min_chars // 2)
             if match is None:
                 break
             phrase, self.buffer = self.buffer[: match.end()].strip(), self.buffer[match.end() :]

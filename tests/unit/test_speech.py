@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+import soundfile
+from scipy.signal import resample_poly
 
 from omnistream.app.replay import DEFAULT_SAMPLE
 from omnistream.perception.sources import MediaReader
-from omnistream.speech.listen import Listener, Recognizer, VoiceActivity, to_mono_16k
+from omnistream.speech.listen import (
+    Listener,
+    Recognizer,
+    StreamingTranscriber,
+    StreamResampler,
+    VoiceActivity,
+    to_mono_16k,
+    word_error_rate,
+)
 from omnistream.speech.speak import PhraseSplitter, Voice
 
 
@@ -46,54 +59,130 @@ def test_bad_audio_is_rejected_with_a_clear_error(pcm, rate, message) -> None:
         to_mono_16k(pcm, rate)
 
 
-def run_listener(listener: Listener, audio: np.ndarray, chunk: int, rate: int = 16000):
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")  # Debian pocketsphinx-testdata
+
+
+def librivox_clips() -> list[tuple[str, str]]:
+    """(wav path, reference text) for the five LibriVox clips of pocketsphinx-testdata."""
+    clips = []
+    for line in (LIBRIVOX / "transcription").read_text().splitlines():
+        match = re.fullmatch(r"<s> (.*) </s> \((.*)\)", line.strip())
+        assert match is not None, line
+        clips.append((str(LIBRIVOX / f"{match.group(2)}.wav"), match.group(1)))
+    return clips
+
+
+def run_listener(
+    listener: Listener, recognizer: Recognizer, audio: np.ndarray, chunk: int, rate: int = 16000
+):
+    """Feed ``audio`` in ``chunk``-sample pieces; return events with the finals transcribed, as
+    (kind, t0, t1, text)."""
     events = []
     for start in range(0, len(audio), chunk):
         events += listener.push(audio[start : start + chunk], rate, start / rate)
-    return events + listener.flush()
+    out = []
+    for event in events + listener.flush():
+        text = recognizer.transcribe(event.audio) if event.kind == "ended" and event.audio is not None else ""
+        out.append((event.kind, event.t0, event.t1, text))
+    return out
 
 
 def test_listener_transcribes_real_speech_with_stream_times(
     recognizer: Recognizer, sample_audio: np.ndarray
 ) -> None:
-    events = run_listener(Listener(VoiceActivity(), recognizer), sample_audio, 1600)
-    finals = [e for e in events if e.kind == "final" and e.text]
+    events = run_listener(Listener(VoiceActivity()), recognizer, sample_audio, 1600)
+    finals = [e for e in events if e[0] == "ended" and e[3]]
     assert len(finals) == 1
-    assert "might even have been made" in finals[0].text.lower()
-    assert 2.0 < finals[0].t0 < 3.5 and 5.5 < finals[0].t1 < 7.5
-    assert [e.kind for e in events][:1] == ["started"]
+    _, t0, t1, text = finals[0]
+    assert "might even have been made" in text.lower()
+    assert 2.0 < t0 < 3.5 and 5.5 < t1 < 7.5
+    assert [e[0] for e in events][:1] == ["started"]
 
 
-def test_listener_partials_while_speaking(recognizer: Recognizer, sample_audio: np.ndarray) -> None:
-    events = run_listener(
-        Listener(VoiceActivity(), recognizer, partial_every_s=1.0), sample_audio[: 8 * 16000], 4000
-    )
-    partials = [e for e in events if e.kind == "partial"]
-    assert len(partials) >= 2
-    assert all(p.t0 == partials[0].t0 for p in partials)
-    assert "he" in partials[0].text.lower()
-
-
-def test_listener_result_does_not_depend_on_chunk_size(
+def test_streaming_partials_commit_only_stable_words(
     recognizer: Recognizer, sample_audio: np.ndarray
 ) -> None:
+    listener = Listener(VoiceActivity(), first_partial_s=0.3, partial_every_s=0.5)
+    transcriber = StreamingTranscriber(recognizer)
+    committed_history, partial_t0s = [], set()
     speech = sample_audio[: 8 * 16000]
-    texts = {
-        chunk: [
-            e.text
-            for e in run_listener(Listener(VoiceActivity(), recognizer), speech, chunk)
-            if e.kind == "final"
+    final = None
+    for start in range(0, len(speech), 4000):
+        for event in listener.push(speech[start : start + 4000], 16000, start / 16000):
+            if event.kind == "partial":
+                transcriber.insert_audio(event.audio[len(transcriber.audio) :])
+                committed, _tentative = transcriber.process_iter()
+                committed_history.append(committed)
+                partial_t0s.add(event.t0)
+            elif event.kind == "ended":
+                final = recognizer.transcribe(event.audio)
+    assert len(committed_history) >= 4 and len(partial_t0s) == 1
+    # Committed text only grows: a word once committed is never taken back.
+    for earlier, later in zip(committed_history, committed_history[1:], strict=False):
+        assert later.startswith(earlier)
+    assert committed_history[-1], committed_history
+    assert final is not None and final.lower().startswith(committed_history[-1].lower().rstrip(".,"))
+    assert transcriber.finish() and "amiable" in transcriber.finish().lower()
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_streaming_equals_batch_for_any_chunk_size(recognizer: Recognizer, rate: int) -> None:
+    """An utterance fed in chunks of several sizes (and at another rate) gives exactly the final
+    transcript of one call, which is the transcript of the whole clip."""
+    path, reference = librivox_clips()[4]
+    audio, clip_rate = soundfile.read(path, dtype="float32")
+    assert clip_rate == 16000
+    batch = recognizer.transcribe(audio)
+    assert word_error_rate(reference, batch) <= 0.1, batch
+    if rate != 16000:
+        audio = resample_poly(audio, rate, 16000).astype(np.float32)
+    padded = np.concatenate([np.zeros(rate // 2, np.float32), audio, np.zeros(rate, np.float32)])
+    finals = {}
+    for chunk in (len(padded), 320, 1600, 7777):
+        events = run_listener(Listener(VoiceActivity()), recognizer, padded, chunk, rate)
+        finals[chunk] = [
+            (round(t0, 3), round(t1, 3), text) for kind, t0, t1, text in events if kind == "ended"
         ]
-        for chunk in (320, 1600, 7777)
-    }
-    assert texts[320] == texts[1600] == texts[7777]
+    assert len(finals[len(padded)]) == 1
+    assert all(found == finals[len(padded)] for found in finals.values()), finals
+    assert word_error_rate(batch, finals[320][0][2]) <= 0.1, (batch, finals[320])
+
+
+def test_stream_resampler_matches_one_call_resampling() -> None:
+    rng = np.random.default_rng(1)
+    signal = (rng.standard_normal(44100) * 0.1).astype(np.float32)
+    whole = to_mono_16k(signal, 44100)
+    for chunk in (1, 441, 1000, 44100):
+        resampler = StreamResampler(44100)
+        out = np.concatenate([resampler.push(signal[i : i + chunk]) for i in range(0, len(signal), chunk)])
+        assert len(whole) - 20 <= len(out) <= len(whole)  # the filter's look-ahead is held back
+        np.testing.assert_array_equal(out, whole[: len(out)])
+
+
+def test_librivox_transcripts_within_word_error_bound(recognizer: Recognizer) -> None:
+    errors = words_total = 0
+    for path, reference in librivox_clips():
+        audio, rate = soundfile.read(path, dtype="float32")
+        events = run_listener(Listener(VoiceActivity()), recognizer, audio, 1234, rate)
+        hypothesis = " ".join(e[3] for e in events if e[0] == "ended")
+        wer = word_error_rate(reference, hypothesis)
+        assert wer <= 0.35, (reference, hypothesis)
+        errors += wer * len(reference.split())
+        words_total += len(reference.split())
+    assert errors / words_total <= 0.12
+
+
+def test_word_error_rate_counts_edits() -> None:
+    assert word_error_rate("he was not an ill disposed man", "He was not an ill-disposed man.") == 0.0
+    assert word_error_rate("a b c d", "a x c") == pytest.approx(0.5)  # one substitution, one deletion
+    assert word_error_rate("a b", "a b c d") == pytest.approx(1.0)
 
 
 def test_silence_and_noise_give_no_transcript(recognizer: Recognizer) -> None:
     rng = np.random.default_rng(0)
     noise = (rng.standard_normal(16000 * 3) * 0.001).astype(np.float32)
-    events = run_listener(Listener(VoiceActivity(), recognizer), noise, 1600)
-    assert [e for e in events if e.text] == []
+    events = run_listener(Listener(VoiceActivity()), recognizer, noise, 1600)
+    assert [e for e in events if e[3]] == []
 
 
 def test_phrase_splitter_emits_complete_phrases_as_they_end() -> None:

@@ -1,0 +1,113 @@
+"""Full-duplex bookkeeping: paced playout of the assistant's voice, echo and wake-phrase checks.
+
+``Playout`` holds one answer's synthesised audio and sends it in small chunks paced to real time,
+a little ahead of the client's playback (``lead_s``), so stopping sending stops the voice within
+``lead_s`` and the client has almost nothing queued to drop. It knows how much the client has
+played, so a cut answer is remembered as the words actually spoken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from omnistream.speech.listen import words
+
+
+@dataclass
+class Playout:
+    """Streaming state of one spoken answer. Positions are samples at ``rate`` Hz; wall times are
+    ``time.monotonic()`` seconds. The buffer only grows; ``take`` returns copies."""
+
+    rate: int
+    chunk_s: float = 0.04
+    lead_s: float = 0.12
+    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    phrases: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, text)
+    sent: int = 0
+    paused: bool = False
+    _anchor_pos: int = 0
+    _anchor_wall: float = 0.0
+    _started: bool = False
+
+    def add(self, text: str, audio: np.ndarray) -> None:
+        """Append one phrase: float32 (N,) at ``rate`` Hz."""
+        start = len(self.buffer)
+        self.buffer = np.concatenate([self.buffer, audio.astype(np.float32, copy=False)])
+        self.phrases.append((start, len(self.buffer), text))
+
+    def played(self, now: float) -> int:
+        """Samples the client has played by ``now`` (it cannot play what was not sent)."""
+        if not self._started:
+            return 0
+        if self.paused:
+            return self.sent
+        return min(self.sent, self._anchor_pos + int((now - self._anchor_wall) * self.rate))
+
+    def take(self, now: float) -> list[np.ndarray]:
+        """Chunks due by ``now``: enough to keep ``lead_s`` ahead of playback."""
+        if self.paused or self.sent >= len(self.buffer):
+            return []
+        if not self._started or self.played(now) >= self.sent:
+            # First audio, or the client ran dry waiting for synthesis: playback restarts now.
+            self._started = True
+            self._anchor_pos, self._anchor_wall = self.sent, now
+        limit = min(len(self.buffer), self.played(now) + int(self.lead_s * self.rate))
+        step = max(int(self.chunk_s * self.rate), 1)
+        chunks = []
+        while self.sent < limit:
+            end = min(self.sent + step, len(self.buffer))
+            chunks.append(self.buffer[self.sent : end].copy())
+            self.sent = end
+        return chunks
+
+    def pause(self, now: float) -> None:
+        """Stop sending; the client drops what it queued, so sending resumes from what it played."""
+        if not self.paused:
+            self.sent = self.played(now)
+            self.paused = True
+
+    def resume(self, now: float) -> None:
+        if self.paused:
+            self.paused = False
+            self._anchor_pos, self._anchor_wall = self.sent, now
+
+    @property
+    def all_sent(self) -> bool:
+        return self.sent >= len(self.buffer)
+
+    def spoken_text(self, upto: int) -> str:
+        """The words heard up to sample ``upto``; a cut phrase keeps the share of its words that
+        corresponds to the share of its audio played."""
+        spoken = []
+        for start, end, text in self.phrases:
+            if end <= upto:
+                spoken.append(text)
+            elif start < upto:
+                phrase_words = text.split()
+                keep = int(len(phrase_words) * (upto - start) / max(end - start, 1))
+                spoken += phrase_words[:keep]
+        return " ".join(spoken)
+
+
+def is_echo(heard: str, spoken: str, min_overlap: float = 0.6) -> bool:
+    """True when most words of ``heard`` (a user transcript) are words the assistant is saying:
+    its own voice leaking into the microphone rather than the user."""
+    heard_words = words(heard)
+    if not heard_words:
+        return False
+    spoken_words = set(words(spoken))
+    return sum(word in spoken_words for word in heard_words) / len(heard_words) >= min_overlap
+
+
+def after_wake_phrase(text: str, wake_phrase: str) -> str | None:
+    """The question that follows ``wake_phrase`` in ``text`` ("hey omni, what is that?" with
+    "omni" -> "what is that?"), or None when the wake phrase is absent."""
+    wake = words(wake_phrase)
+    tokens = text.split()
+    normalised = [" ".join(words(token)) for token in tokens]
+    for start in range(len(tokens) - len(wake) + 1):
+        if normalised[start : start + len(wake)] == wake:
+            return " ".join(tokens[start + len(wake) :]).lstrip(",.:;!? ")
+    return None
