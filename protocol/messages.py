@@ -96,6 +96,7 @@ class Clip(Message):
     features: np.ndarray
     labels: list[Label] = []
     text_seen: list[str] = []
+    faces: list[str] = []  # session-stable person ids seen in the clip ("person 2")
     description: str = ""
     n_frames: int = 0
 
