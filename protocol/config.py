@@ -34,8 +34,16 @@ class BusConfig(_Section):
 
 
 class PerceptionConfig(_Section):
-    encoder: str = "efficientnet-lite0"
-    max_fps: float = 15.0
+    encoder: str = "efficientnet-lite0"  # or a local CLIP/SigLIP (vision) model directory
+    device: str = "cpu"
+    # "" = frames pushed by clients; "camera:0" (OpenCV webcam); a file path or a URL (rtsp://, http://)
+    source: str = ""
+    source_realtime: bool = True  # pace a file at real time; False: as fast as the encoder takes it
+    source_loop: bool = False  # restart a file at its end
+    reconnect_s: float = 2.0  # wait before reopening a URL or camera that failed or ended
+    stall_s: float = 5.0  # no frame for this long: the source is reported stalled
+    sample_fps: float = 0.0  # fixed sampling rate in stream time; 0 = adaptive (as fast as possible)
+    max_fps: float = 20.0  # cap on the encode rate
     batch_size: int = 4
     threads: int = 1
     top_labels: int = 5
@@ -43,6 +51,10 @@ class PerceptionConfig(_Section):
     scene_cut_distance: float = 0.25
     scene_cut_frames: int = 2
     max_clip_s: float = 20.0
+    faces: bool = False  # dlib face descriptors -> session-stable person ids, on keyframes
+    ocr: bool = False  # RapidOCR text in scene, on keyframes
+    keyframe_every_s: float = 3.0  # detectors also run on the first frame of each scene
+    face_match_distance: float = 0.55
 
 
 class SpeechConfig(_Section):
