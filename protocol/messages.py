@@ -97,6 +97,7 @@ class Clip(Message):
     labels: list[Label] = []
     text_seen: list[str] = []
     faces: list[str] = []  # session-stable person ids seen in the clip ("person 2")
+    motion: float = 0.0  # mean frame-to-frame change of grey thumbnails, 0 (still) .. 1
     description: str = ""
     n_frames: int = 0
 
