@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,13 @@ from omnistream.memory.store import Item, MemoryStore
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import MemoryConfig
 from omnistream.protocol.messages import (
+    Ask,
     Clip,
     Error,
     MemoryItem,
     Message,
     Percept,
+    Record,
     Retrieve,
     Retrieved,
     Transcript,
@@ -36,6 +39,7 @@ log = logging.getLogger("omnistream.memory")
 
 SAME_SCENE_SIMILARITY = 0.85
 MAX_QUERY_CHARS = 2000
+MAX_SNAPSHOTS = 256
 
 
 def clock(seconds: float) -> str:
@@ -55,17 +59,27 @@ class MemoryStage:
     name = "memory"
 
     def __init__(
-        self, config: MemoryConfig, store: MemoryStore, embedder: TextEmbedder, counters: dict[str, float]
+        self,
+        config: MemoryConfig,
+        store: MemoryStore,
+        embedder: TextEmbedder,
+        counters: dict[str, float],
+        publish: Callable[[Message], None] = lambda message: None,
     ):
         self.config = config
         self.store = store
         self.embedder = embedder
         self.counters = counters
+        self.publish = publish
+        # Retrieval results taken when each question arrived (the moment the user asked).
+        self.snapshots: OrderedDict[str, Retrieved] = OrderedDict()
         self.sensory: dict[str, deque[Percept]] = {}
         self.clip_features = {session: store.features(session) for session in store.sessions()}
 
     def handle(self, message: Message) -> None:
-        if isinstance(message, Clip):
+        if isinstance(message, Ask):
+            self.snapshot(message)
+        elif isinstance(message, Clip):
             self.on_clip(message)
         elif isinstance(message, Transcript) and message.final and message.text.strip():
             self.on_transcript(message)
@@ -86,13 +100,14 @@ class MemoryStage:
             text += "; text seen: " + " | ".join(clip.text_seen)
         meta = {"clip_id": clip.clip_id, "occurrence": len(earlier) + 1}
         embedding = self.embedder.embed([text])[0]
-        self.store.add(clip.session, "clip", clip.t0, clip.ts, text, embedding, features=features, meta=meta)
+        item_id = self.store.add(clip.session, "clip", clip.t0, clip.ts, text, embedding, features=features, meta=meta)
         previous.append((clip.t0, features))
         self.counters["clips_stored"] += 1
+        self.publish(Record(ts=clip.ts, session=clip.session, item_id=item_id, kind="clip", t0=clip.t0, text=text))
 
     def on_transcript(self, transcript: Transcript) -> None:
         text = transcript.text.strip()
-        self.store.add(
+        item_id = self.store.add(
             transcript.session,
             "transcript",
             transcript.t0,
@@ -102,6 +117,17 @@ class MemoryStage:
             speaker=transcript.speaker,
         )
         self.counters["transcripts_stored"] += 1
+        self.publish(
+            Record(
+                ts=transcript.ts,
+                session=transcript.session,
+                item_id=item_id,
+                kind="transcript",
+                t0=transcript.t0,
+                text=text,
+                speaker=transcript.speaker,
+            )
+        )
 
     def now_item(self, session: str, until_ts: float) -> MemoryItem | None:
         """What is on screen at ``until_ts``: labels of the latest percepts (sensory tier)."""
@@ -116,7 +142,16 @@ class MemoryStage:
         names = [name for name, _ in sorted(scores.items(), key=lambda kv: -kv[1])[:4]]
         return MemoryItem(kind="now", t0=recent[0].ts, t1=recent[-1].ts, text="seen: " + ", ".join(names))
 
+    def snapshot(self, ask: Ask) -> None:
+        request = Retrieve(ts=ask.ts, session=ask.session, request_id=ask.turn, query=ask.question[:MAX_QUERY_CHARS])
+        self.snapshots[ask.turn] = self.retrieve(request)
+        while len(self.snapshots) > MAX_SNAPSHOTS:
+            self.snapshots.popitem(last=False)
+
     def retrieve(self, request: Retrieve) -> Retrieved:
+        snapshot = self.snapshots.pop(request.turn, None) if request.turn else None
+        if snapshot is not None:
+            return Retrieved(ts=snapshot.ts, session=snapshot.session, request_id=request.request_id, items=snapshot.items)
         if len(request.query) > MAX_QUERY_CHARS:
             raise ProtocolError(
                 "too_large", f"Retrieve.query has {len(request.query)} chars, limit {MAX_QUERY_CHARS}"
@@ -136,7 +171,7 @@ class MemoryStage:
                 chosen.setdefault(item.id, (item, 0.0))
         items = [
             MemoryItem(
-                kind=item.kind, t0=item.t0, t1=item.t1, text=item.text, score=score, speaker=item.speaker
+                kind=item.kind, t0=item.t0, t1=item.t1, text=item.text, score=score, speaker=item.speaker, item_id=item.id
             )
             for item, score in sorted(chosen.values(), key=lambda pair: (pair[0].t0, pair[0].id))
         ]
@@ -176,11 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     config = runtime.config
     embedder = TextEmbedder(threads=1)
     store = MemoryStore(config.data_dir / "memory.sqlite", embedder.dim)
-    stage = MemoryStage(config.memory, store, embedder, runtime.counters)
+    stage = MemoryStage(config.memory, store, embedder, runtime.counters, runtime.publish)
     router = make_socket(runtime.ctx, zmq.ROUTER, max_message_bytes=1 << 20)
     router.bind(runtime.addresses.memory)
     runtime.add_socket(router, stage.on_router)
-    runtime.subscribe(Clip, Transcript, Percept)
+    runtime.subscribe(Clip, Transcript, Percept, Ask)
     runtime.run(stage)
     store.close()
 

@@ -88,7 +88,9 @@ class ReasoningConfig(_Section):
     dtype: str = "bfloat16"
     threads: int = 2
     max_new_tokens: int = 96
-    max_context_tokens: int = 6000
+    max_context_tokens: int = 6000  # text baselines: records beyond this are dropped
+    window_tokens: int = 8192  # streamed KV kept live; older record blocks are evicted
+    retrieved_tokens: int = 2048  # evicted blocks put back per question
     temperature: float = 0.0
 
 

@@ -35,8 +35,41 @@ class LLMEngine:
         prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(prompt + answer_prefix, return_tensors="pt").input_ids
 
+    def chat_parts(self, system: str, marker: str = "\x00MEMORY\x00") -> tuple[str, str]:
+        """The chat template split around the user's content: (text before it, text after it up
+        to the start of the assistant's reply)."""
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": marker}]
+        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before, after = prompt.split(marker)
+        return before, after
+
+    def ids(self, text: str) -> torch.Tensor:
+        """Token ids (1, n) of ``text`` without special tokens added."""
+        return self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text).input_ids)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """Prefill ``ids`` (1, n) at positions start.. into ``cache``; logits of the last token (1, V)."""
+        positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def choice_logprobs(
+        self, cache, suffixes: list[torch.Tensor], letter_ids: list[int]
+    ) -> list[torch.Tensor]:
+        """For each suffix (1, n) appended to ``cache``: log-probabilities over ``letter_ids`` of the
+        next token. The cache is cropped back after each suffix, so it is left as it was."""
+        base = cache.get_seq_length()
+        scores = []
+        for suffix in suffixes:
+            logits = self.forward(suffix, cache, base)
+            scores.append(torch.log_softmax(logits[0, letter_ids], dim=-1))
+            cache.crop(base - cache.get_seq_length())  # transformers 5: a negative count removes tokens
+        return scores
 
     @torch.inference_mode()
     def stream(
@@ -44,22 +77,18 @@ class LLMEngine:
         input_ids: torch.Tensor,
         max_new_tokens: int,
         should_stop: Callable[[], bool] = lambda: False,
-        first_token_filter: list[int] | None = None,
+        cache=None,
     ) -> Iterator[str]:
-        """Yield text pieces as tokens are decoded (greedy). ``first_token_filter`` restricts the
-        first token to the given ids (multiple-choice letters)."""
+        """Prefill ``input_ids`` after whatever ``cache`` holds (a new cache if None) and yield text
+        pieces as tokens are decoded greedily. Stops at EOS, ``max_new_tokens`` or ``should_stop()``."""
         from transformers import DynamicCache
 
-        cache = DynamicCache()
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :]
-        if first_token_filter:
-            mask = torch.full_like(logits, float("-inf"))
-            mask[:, first_token_filter] = 0.0
-            logits = logits + mask
+        cache = DynamicCache() if cache is None else cache
+        position = cache.get_seq_length()
+        logits = self.forward(input_ids, cache, position)
+        position += input_ids.shape[1]
         generated: list[int] = []
         emitted = ""
-        position = input_ids.shape[1]
         for _ in range(max_new_tokens):
             next_id = int(logits.argmax(-1))
             if next_id in self.eos_ids:
@@ -71,11 +100,5 @@ class LLMEngine:
                 emitted = text
             if should_stop():
                 return
-            out = self.model(
-                input_ids=torch.tensor([[next_id]]),
-                cache=cache,
-                use_cache=True,
-                position_ids=torch.tensor([[position]]),
-            )
+            logits = self.forward(torch.tensor([[next_id]]), cache, position)
             position += 1
-            logits = out.logits[:, -1, :]

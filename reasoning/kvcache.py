@@ -20,7 +20,6 @@ import torch
 from transformers import DynamicCache
 
 
-
 @dataclass
 class Block:
     """One memory entry's KV. ``keys`` are unrotated (position-free) once the block is evicted."""
@@ -100,7 +99,9 @@ class StreamingKV:
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, start: int, cache: DynamicCache | None = None):
         positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
-        return self.model(input_ids=ids, cache=cache or self.cache, use_cache=True, position_ids=positions, logits_to_keep=1)
+        return self.model(
+            input_ids=ids, cache=cache or self.cache, use_cache=True, position_ids=positions, logits_to_keep=1
+        )
 
     def append(self, ids: torch.Tensor, t0: float, t1: float, text: str) -> Block:
         """Prefill one entry (ids (1, n)) after everything in the live cache; evict if over budget."""
@@ -146,7 +147,9 @@ class StreamingKV:
                 position += block.n_tokens
             window_keys = layer.keys[:, :, self.n_sink :]
             if inserted:
-                window_keys = self.rotary.rotate(window_keys, torch.full((window_keys.shape[2],), float(inserted)))
+                window_keys = self.rotary.rotate(
+                    window_keys, torch.full((window_keys.shape[2],), float(inserted))
+                )
             k_parts.append(window_keys)
             v_parts.append(layer.values[:, :, self.n_sink :])
             keys.append(torch.cat(k_parts, dim=2))

@@ -37,18 +37,6 @@ def memory_log(items: list[MemoryItem]) -> str:
     return "\n".join(format_item(item) for item in items) or "(nothing seen or heard yet)"
 
 
-def user_message(log_text: str, now_ts: float, question: str, choices: list[str]) -> str:
-    parts = [
-        f"Memory of the stream:\n{log_text}",
-        f"Current stream time: {clock(now_ts)}.",
-        f"Question: {question}",
-    ]
-    if choices:
-        parts.append("Choices:\n" + "\n".join(choices))
-        parts.append("Answer with the letter of the correct choice, then a short reason.")
-    return "\n\n".join(parts)
-
-
 def fit_items(items: list[MemoryItem], budget_tokens: int, count_tokens) -> list[MemoryItem]:
     """Drop the least relevant then oldest records until the log fits ``budget_tokens``."""
     kept = list(items)

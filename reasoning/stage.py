@@ -24,19 +24,22 @@ from omnistream.protocol.messages import (
     Interrupt,
     MemoryItem,
     Message,
+    Record,
     Retrieve,
     Retrieved,
     Shutdown,
 )
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.sockets import make_socket, recv, send
+from omnistream.reasoning.answer import Answerer
 from omnistream.reasoning.engine import LLMEngine
-from omnistream.reasoning.prompt import CHOICE_LETTERS, SYSTEM_PROMPT, fit_items, memory_log, user_message
+from omnistream.reasoning.prompt import fit_items
 
 log = logging.getLogger("omnistream.reasoning")
 
 MAX_QUESTION_CHARS = 2000
 MEMORY_TIMEOUT_S = 10.0
+HISTORY_TS = 1e12  # "until the end of time": a history request returns every record
 
 
 class MemoryUnavailable(RuntimeError):
@@ -85,11 +88,47 @@ class ReasoningStage:
         self.engine = engine
         self.memory = memory
         self.runtime = runtime
-        self.letter_ids = [engine.tokenizer.convert_tokens_to_ids(letter) for letter in CHOICE_LETTERS]
+        self.answerer = Answerer(engine, config.window_tokens, config.retrieved_tokens)
+        self.loaded_sessions: set[str] = set()
 
     def handle(self, message: Message) -> None:
-        if isinstance(message, Ask):
+        if isinstance(message, Record):
+            self._load_history(message.session)
+            item = MemoryItem(
+                kind=message.kind,
+                t0=message.t0,
+                t1=message.ts,
+                text=message.text,
+                speaker=message.speaker,
+                item_id=message.item_id,
+            )
+            if self.answerer.ingest(message.session, item):
+                self.runtime.counters["records_streamed"] += 1
+        elif isinstance(message, Ask):
             self.answer(message)
+
+    def _load_history(self, session: str) -> None:
+        """On first contact with a session, stream what memory already holds (after a restart)."""
+        if session in self.loaded_sessions:
+            return
+        self.loaded_sessions.add(session)
+        try:
+            items = self.memory.retrieve(
+                Retrieve(
+                    ts=HISTORY_TS,
+                    session=session,
+                    request_id=uuid.uuid4().hex,
+                    query="",
+                    top_k=0,
+                    recent_s=HISTORY_TS,
+                )
+            )
+        except MemoryUnavailable as exc:
+            log.warning("could not load session history: %s", exc, extra={"session": session})
+            self.loaded_sessions.discard(session)
+            return
+        for item in sorted((i for i in items if i.kind != "now"), key=lambda i: i.item_id):
+            self.answerer.ingest(session, item)
 
     def _interrupted(self, ask: Ask) -> bool:
         for message in self.runtime.poll(0):
@@ -110,33 +149,36 @@ class ReasoningStage:
             done.error = f"Ask.question must be 1..{MAX_QUESTION_CHARS} characters, got {len(ask.question)}"
             self.runtime.publish(done)
             return
+        self._load_history(ask.session)
         try:
             items = self.memory.retrieve(
-                Retrieve(ts=ask.ts, session=ask.session, request_id=uuid.uuid4().hex, query=ask.question)
+                Retrieve(
+                    ts=ask.ts,
+                    session=ask.session,
+                    request_id=uuid.uuid4().hex,
+                    query=ask.question,
+                    turn=ask.turn,
+                )
             )
         except MemoryUnavailable as exc:
             done.error = str(exc)
             self.runtime.publish(done)
             return
-        items = fit_items(items, self.config.max_context_tokens, self.engine.count_tokens)
-        choices = ask.choices[: len(CHOICE_LETTERS)]
-        input_ids = self.engine.chat_ids(
-            SYSTEM_PROMPT, user_message(memory_log(items), ask.ts, ask.question, choices)
-        )
-        letters = self.letter_ids[: len(choices)] if choices else None
+        if ask.mode != "full":
+            items = fit_items(items, self.config.max_context_tokens, self.engine.count_tokens)
         pieces: list[str] = []
-        for seq, piece in enumerate(
-            self.engine.stream(input_ids, self.config.max_new_tokens, lambda: self._interrupted(ask), letters)
+        stop = lambda: self._interrupted(ask)  # noqa: E731
+        for seq, (piece, choice) in enumerate(
+            self.answerer.answer(ask, items, self.config.max_new_tokens, stop)
         ):
             if not pieces:
                 done.first_token_s = time.monotonic() - start
             pieces.append(piece)
+            done.choice = choice or done.choice
             self.runtime.publish(
                 AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq)
             )
         done.text = "".join(pieces).strip()
-        if choices and done.text[:1] in CHOICE_LETTERS:
-            done.choice = done.text[0]
         if self._interrupted(ask):
             done.error = "interrupted"
         done.total_s = time.monotonic() - start
@@ -156,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = prepare_llm(config.model, runtime.config.cache_dir, config.dtype)
     engine = LLMEngine(model_dir, config.dtype, config.threads)
     stage = ReasoningStage(config, engine, MemoryClient(runtime.ctx, runtime.addresses.memory), runtime)
-    runtime.subscribe(Ask, Interrupt)
+    runtime.subscribe(Ask, Interrupt, Record)
     runtime.run(stage)
 
 

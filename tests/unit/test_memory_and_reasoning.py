@@ -14,8 +14,8 @@ from omnistream.memory.stage import MemoryStage, clock, ordinal
 from omnistream.memory.store import MemoryStore
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import MemoryConfig, load_config
-from omnistream.protocol.messages import Clip, Label, MemoryItem, Percept, Retrieve, Transcript
-from omnistream.reasoning.prompt import fit_items, format_item, memory_log, user_message
+from omnistream.protocol.messages import Ask, Clip, Label, MemoryItem, Percept, Retrieve, Transcript
+from omnistream.reasoning.prompt import fit_items, format_item, memory_log
 
 
 def vec(*values: float, dim: int = 4) -> np.ndarray:
@@ -137,8 +137,7 @@ def test_prompt_lines_and_budget() -> None:
     )
     assert format_item(items[2]).startswith("[01:39-01:40] the user said")
     assert format_item(items[3]) == "[now, 01:41] on screen right now: Linux"
-    text = user_message(memory_log(items), 101, "What animal?", ["A a cat", "B a butterfly"])
-    assert "Current stream time: 01:41." in text and "B a butterfly" in text and "letter" in text
+    assert memory_log(items).splitlines()[1] == format_item(items[1])
     kept = fit_items(items, budget_tokens=30, count_tokens=lambda s: len(s.split()))
     assert kept[-1].kind == "now" and kept[0].kind == "clip"  # highest score and "now" survive
     assert len(kept) < len(items)
@@ -194,11 +193,49 @@ def test_decode_loop_matches_full_forward_greedy(tiny_engine) -> None:
     assert streamed == expected and streamed
 
 
-def test_decode_loop_stops_on_request_and_filters_first_token(tiny_engine) -> None:
+def test_decode_loop_stops_on_request(tiny_engine) -> None:
     ids = tiny_engine.tokenizer("question", return_tensors="pt").input_ids
     calls = []
     pieces = list(tiny_engine.stream(ids, 50, should_stop=lambda: calls.append(1) or len(calls) >= 3))
     assert len(pieces) == 3
-    letter = tiny_engine.tokenizer.convert_tokens_to_ids("b")
-    first = next(iter(tiny_engine.stream(ids, 1, first_token_filter=[letter])))
-    assert first.strip() == "b"
+
+
+def test_choice_logprobs_match_full_forward_and_leave_the_cache_as_it_was(tiny_engine) -> None:
+    from transformers import DynamicCache
+
+    prefix = tiny_engine.tokenizer("memory of the stream", return_tensors="pt").input_ids
+    suffixes = [tiny_engine.ids("a or b"), tiny_engine.ids("b or a then")]
+    letters = [tiny_engine.tokenizer.convert_tokens_to_ids(t) for t in ("a", "b")]
+    cache = DynamicCache()
+    tiny_engine.forward(prefix, cache, 0)
+    scores = tiny_engine.choice_logprobs(cache, suffixes, letters)
+    assert cache.get_seq_length() == prefix.shape[1]
+    for suffix, score in zip(suffixes, scores, strict=True):
+        with torch.inference_mode():
+            logits = tiny_engine.model(input_ids=torch.cat([prefix, suffix], dim=1)).logits[0, -1]
+        torch.testing.assert_close(
+            score, torch.log_softmax(logits[letters].float(), -1), atol=1e-4, rtol=1e-4
+        )
+
+
+def test_memory_snapshots_at_question_time_and_announces_records(tmp_path: Path) -> None:
+    published = []
+    stage = MemoryStage(
+        MemoryConfig(),
+        MemoryStore(tmp_path / "m.sqlite", 26),
+        FakeEmbedder(),
+        defaultdict(float),
+        published.append,
+    )
+    stage.handle(Transcript(t0=1, ts=2, text="first words", speaker="scene"))
+    stage.handle(Ask(ts=3, turn="q1", question="what was said?"))
+    stage.handle(Transcript(t0=2.5, ts=4, text="said after the question", speaker="scene"))
+    snap = stage.retrieve(Retrieve(ts=3, request_id="r1", query="ignored", turn="q1"))
+    assert [item.text for item in snap.items] == ["first words"] and snap.request_id == "r1"
+    fresh = stage.retrieve(Retrieve(ts=5, request_id="r2", query="x", turn="q1"))  # snapshot used once
+    assert [item.text for item in fresh.items] == ["first words", "said after the question"]
+    assert [(r.item_id, r.kind, r.text) for r in published] == [
+        (1, "transcript", "first words"),
+        (2, "transcript", "said after the question"),
+    ]
+    assert [item.item_id for item in fresh.items] == [1, 2]

@@ -1,0 +1,156 @@
+"""Answering: memory in, a streamed answer (or a scored multiple-choice letter) out.
+
+The prompt is the chat template split in three: a prefix (system prompt and memory header: the
+attention sinks), one line per memory record, and a suffix (what is on screen now, the current
+time, the question and its choices, the start of the assistant's reply). In "full" mode the
+record lines come from the session's streamed KV cache and only the suffix is prefilled; the
+baselines re-read records as text.
+
+Multiple choice is answered by the likelihood of each choice's letter, averaged over rotations
+of the choice order (a small model favours some letters; rotating cancels that).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from omnistream.protocol.messages import Ask, MemoryItem
+from omnistream.reasoning.engine import LLMEngine
+from omnistream.reasoning.kvcache import StreamingKV
+from omnistream.reasoning.prompt import CHOICE_LETTERS, SYSTEM_PROMPT, clock, format_item
+
+CHOICE_PREFIX = re.compile(r"^\s*([A-F])[\s.):]+")
+NO_MEMORY_TEXT = "(nothing remembered: answer only from what is on screen now)"
+RECENT_WINDOW_S = 30.0  # the "recent" baseline: what a short context window would hold
+
+
+def split_choice(choice: str) -> str:
+    """'C a butterfly' / 'C) a butterfly' -> 'a butterfly'."""
+    return CHOICE_PREFIX.sub("", choice, count=1).strip()
+
+
+@dataclass
+class SessionMemory:
+    """One session's streamed KV and the id of the last record it holds."""
+
+    kv: StreamingKV
+    last_item_id: int = 0
+    block_of_item: dict[int, int] = field(default_factory=dict)
+
+
+class Answerer:
+    def __init__(self, engine: LLMEngine, window_tokens: int = 8192, retrieved_tokens: int = 2048):
+        self.engine = engine
+        self.window_tokens = window_tokens
+        self.retrieved_tokens = retrieved_tokens
+        self.prefix_text, self.suffix_end = engine.chat_parts(SYSTEM_PROMPT)
+        self.prefix_text += "Memory of the stream:\n"
+        self.prefix_ids = engine.ids(self.prefix_text)
+        self.letter_ids = [engine.tokenizer.convert_tokens_to_ids(letter) for letter in CHOICE_LETTERS]
+        self.sessions: dict[str, SessionMemory] = {}
+
+    # -- memory ingestion ------------------------------------------------------------------------
+
+    def session(self, name: str) -> SessionMemory:
+        if name not in self.sessions:
+            self.sessions[name] = SessionMemory(
+                StreamingKV(self.engine.model, self.prefix_ids, self.window_tokens)
+            )
+        return self.sessions[name]
+
+    def ingest(self, session: str, item: MemoryItem) -> bool:
+        """Stream one record into the session's KV cache (once: records are keyed by id)."""
+        memory = self.session(session)
+        if item.kind == "now" or item.item_id <= memory.last_item_id:
+            return False
+        block = memory.kv.append(self.engine.ids(format_item(item) + "\n"), item.t0, item.t1, item.text)
+        memory.block_of_item[item.item_id] = block.block_id
+        memory.last_item_id = item.item_id
+        return True
+
+    # -- prompt pieces -------------------------------------------------------------------------
+
+    def suffix_text(self, ask: Ask, now: MemoryItem | None, choices: list[str]) -> str:
+        parts = [""]
+        if now is not None:
+            parts.append(format_item(now))
+        parts.append(f"Current stream time: {clock(ask.ts)}.")
+        parts.append(f"\nQuestion: {ask.question}")
+        if choices:
+            lettered = [f"{CHOICE_LETTERS[i]}. {text}" for i, text in enumerate(choices)]
+            parts.append("Choices:\n" + "\n".join(lettered))
+            parts.append("Answer with the letter of the correct choice.")
+        return "\n".join(parts) + self.suffix_end
+
+    def text_cache(self, records: list[MemoryItem]):
+        """A fresh cache holding prefix + the records as text (the re-prefill baselines)."""
+        from transformers import DynamicCache
+
+        lines = "".join(format_item(item) + "\n" for item in records) or NO_MEMORY_TEXT + "\n"
+        cache = DynamicCache()
+        self.engine.forward(self.engine.ids(self.prefix_text + lines), cache, 0)
+        return cache
+
+    def kv_cache(self, session: str, retrieved: list[MemoryItem]):
+        """The session's streamed cache with the evicted blocks of retrieved records put back."""
+        memory = self.session(session)
+        wanted = {memory.block_of_item.get(item.item_id) for item in retrieved}
+        blocks, budget = [], self.retrieved_tokens
+        for block in sorted(memory.kv.evicted, key=lambda b: -b.t1):
+            if block.block_id in wanted and block.n_tokens <= budget:
+                blocks.append(block)
+                budget -= block.n_tokens
+        return memory.kv.assemble(blocks)
+
+    def memory_for(self, ask: Ask, items: list[MemoryItem]) -> tuple[object, MemoryItem | None]:
+        """The cache to answer ``ask`` from, and the 'now' record, according to ``ask.mode``."""
+        now = next((item for item in items if item.kind == "now"), None)
+        records = [item for item in items if item.kind != "now"]
+        for item in sorted(records, key=lambda r: r.item_id):
+            self.ingest(ask.session, item)
+        if ask.mode == "full":
+            return self.kv_cache(ask.session, records), now
+        if ask.mode == "reprefill":
+            return self.text_cache(records), now
+        if ask.mode == "recent":
+            return self.text_cache([r for r in records if r.t1 >= ask.ts - RECENT_WINDOW_S]), now
+        last_speech = [r for r in records if r.kind == "transcript"][-1:]
+        return self.text_cache(last_speech), now
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def choose(self, ask: Ask, cache, now: MemoryItem | None) -> tuple[str, list[float]]:
+        """The choice letter by letter likelihood averaged over rotations; returns (letter, mean log-probs)."""
+        texts = [split_choice(c) for c in ask.choices[: len(CHOICE_LETTERS)]]
+        n = len(texts)
+        suffixes, orders = [], []
+        for shift in range(n):
+            order = [(j + shift) % n for j in range(n)]  # displayed position j shows choice order[j]
+            orders.append(order)
+            suffixes.append(self.engine.ids(self.suffix_text(ask, now, [texts[k] for k in order])))
+        totals = torch.zeros(n)
+        for order, logprobs in zip(
+            orders, self.engine.choice_logprobs(cache, suffixes, self.letter_ids[:n]), strict=True
+        ):
+            for position, original in enumerate(order):
+                totals[original] += logprobs[position]
+        means = (totals / n).tolist()
+        return CHOICE_LETTERS[int(torch.argmax(totals))], means
+
+    def answer(
+        self, ask: Ask, items: list[MemoryItem], max_new_tokens: int, should_stop: Callable[[], bool]
+    ) -> Iterator[tuple[str, str]]:
+        """Yield (text piece, choice letter or "") as the answer is produced."""
+        cache, now = self.memory_for(ask, items)
+        if ask.choices:
+            letter, _ = self.choose(ask, cache, now)
+            chosen = split_choice(ask.choices[CHOICE_LETTERS.index(letter)])
+            yield f"{letter}. {chosen}", letter
+            return
+        suffix = self.engine.ids(self.suffix_text(ask, now, []))
+        for piece in self.engine.stream(suffix, max_new_tokens, should_stop, cache=cache):
+            yield piece, ""
