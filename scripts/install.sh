@@ -13,12 +13,13 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # Debian packages: none are needed at run time (PyAV, soundfile and onnxruntime wheels bundle
 # FFmpeg, libsndfile and their own runtimes); the ffmpeg command line is installed for users who
 # convert recordings, only where apt is available and we may use it. pocketsphinx-testdata holds
-# LibriVox clips with reference text that the speech tests transcribe.
-if command -v apt-get >/dev/null && { ! command -v ffmpeg >/dev/null || [ ! -d /usr/share/pocketsphinx/test/data/librivox ]; }; then
+# LibriVox clips with reference text that the speech tests transcribe. Node.js runs the example
+# client in another language (examples/node), which the tests exercise.
+if command -v apt-get >/dev/null && { ! command -v ffmpeg >/dev/null || [ ! -d /usr/share/pocketsphinx/test/data/librivox ] || ! command -v npm >/dev/null; }; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
   if $SUDO true 2>/dev/null; then
-    echo "== installing Debian packages: ffmpeg pocketsphinx-testdata"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg pocketsphinx-testdata >/dev/null
+    echo "== installing Debian packages: ffmpeg pocketsphinx-testdata nodejs npm"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg pocketsphinx-testdata nodejs npm >/dev/null
   else
     echo "== skipping Debian packages (no root); install ffmpeg yourself if you want the CLI tool"
   fi
@@ -30,6 +31,11 @@ echo "== installing Python packages into .venv"
 # torch first and pinned: on a CPU machine a looser requirement pulls a multi-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/pip install -q --disable-pip-version-check -e ".[cpu,dev]"
+
+if command -v npm >/dev/null; then
+  echo "== installing the Node.js example client's packages (examples/node, from package-lock.json)"
+  (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 echo "== preparing models (once; cached in ~/.cache/omnistream)"
 .venv/bin/omnistream models
