@@ -24,6 +24,8 @@ from omnistream.protocol.messages import (
     Ask,
     Clip,
     Error,
+    History,
+    HistoryRequest,
     MemoryItem,
     Message,
     Percept,
@@ -181,6 +183,25 @@ class MemoryStage:
         self.counters["retrievals"] += 1
         return Retrieved(ts=request.ts, session=session, request_id=request.request_id, items=items)
 
+    def history(self, request: HistoryRequest) -> History:
+        """Stored records of the session overlapping [t0, t1], oldest first (client history queries)."""
+        items = [
+            item
+            for item in self.store.between(request.session, request.t0, request.t1)
+            if not request.kinds or item.kind in request.kinds
+        ]
+        self.counters["history_requests"] += 1
+        return History(
+            ts=request.ts,
+            session=request.session,
+            request_id=request.request_id,
+            items=[
+                MemoryItem(kind=i.kind, t0=i.t0, t1=i.t1, text=i.text, speaker=i.speaker, item_id=i.id)  # type: ignore[arg-type]
+                for i in items[: request.limit]
+            ],
+            truncated=len(items) > request.limit,
+        )
+
     def on_router(self, sock: zmq.Socket) -> None:
         while True:
             try:
@@ -191,10 +212,10 @@ class MemoryStage:
                 self.counters["rejected"] += 1
                 log.warning("rejected request: %s", exc)
                 continue
-            if not isinstance(message, Retrieve):
-                reply: Message = Error(
-                    code="unsupported", message=f"memory does not serve {type(message).__name__}"
-                )
+            if isinstance(message, HistoryRequest):
+                reply: Message = self.history(message)
+            elif not isinstance(message, Retrieve):
+                reply = Error(code="unsupported", message=f"memory does not serve {type(message).__name__}")
             else:
                 try:
                     reply = self.retrieve(message)
