@@ -246,11 +246,14 @@ class Client:
             self.audio_dropped += 1
             return False
 
-    def send_ask(self, question: str, ts: float, choices: list[str] | None = None, speak: bool = True) -> str:
-        """Send a question; returns its turn id once the gateway accepted it."""
+    def send_ask(
+        self, question: str, ts: float, choices: list[str] | None = None, speak: bool = True, mode: str = "full"
+    ) -> str:
+        """Send a question; returns its turn id once the gateway accepted it. ``mode`` other than
+        "full" selects an evaluation baseline (see ``Ask``)."""
         turn = uuid.uuid4().hex
         ask = Ask(
-            ts=ts, session=self.session, turn=turn, question=question, choices=choices or [], speak=speak
+            ts=ts, session=self.session, turn=turn, question=question, choices=choices or [], speak=speak, mode=mode
         )
         self._request(ask, Ack, turn, resend=False)
         return turn

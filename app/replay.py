@@ -8,6 +8,7 @@ as WAV.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ class ScheduledAsk:
     at_s: float
     question: str
     choices: list[str] = field(default_factory=list)
+    mode: str = "full"
+    tag: str = ""  # the caller's name for this question (e.g. an eval question id)
 
 
 @dataclass
@@ -97,7 +100,7 @@ class Replayer:
     def ask(self, scheduled: ScheduledAsk) -> Answer:
         answer = Answer(ask=scheduled, sent_wall=time.monotonic())
         answer.turn = self.client.send_ask(
-            scheduled.question, scheduled.at_s, scheduled.choices, speak=self.speak
+            scheduled.question, scheduled.at_s, scheduled.choices, speak=self.speak, mode=scheduled.mode
         )
         self.answers[answer.turn] = answer
         return answer
@@ -133,7 +136,7 @@ class Replayer:
                 progress(event.ts, reader.duration_s)
         for scheduled in pending:  # asked after the end of the recording
             answers.append(
-                self.ask(ScheduledAsk(max(scheduled.at_s, last_ts), scheduled.question, scheduled.choices))
+                self.ask(dataclasses.replace(scheduled, at_s=max(scheduled.at_s, last_ts)))
             )
         deadline = time.monotonic() + answer_timeout_s
         while not all(a.finished for a in answers) and time.monotonic() < deadline:

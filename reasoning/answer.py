@@ -104,7 +104,10 @@ class Answerer:
             if block.block_id in wanted and block.n_tokens <= budget:
                 blocks.append(block)
                 budget -= block.n_tokens
-        return memory.kv.assemble(blocks)
+        # Records stored after the question was asked (while it waited) are not part of its memory.
+        asked_at = max((memory.block_of_item.get(item.item_id, -1) for item in retrieved), default=-1)
+        later = sum(b.n_tokens for b in memory.kv.window if b.block_id > asked_at)
+        return memory.kv.assemble(blocks, drop_newest_tokens=later)
 
     def memory_for(self, ask: Ask, items: list[MemoryItem]) -> tuple[object, MemoryItem | None]:
         """The cache to answer ``ask`` from, and the 'now' record, according to ``ask.mode``."""

@@ -129,8 +129,9 @@ class StreamingKV:
         block.pooled = torch.stack([k[0].float().mean(dim=1) for k in block.keys])
         self.evicted.append(block)
 
-    def assemble(self, blocks: list[Block]) -> DynamicCache:
-        """A new cache ``[sinks | blocks (time order) | window]`` with contiguous positions.
+    def assemble(self, blocks: list[Block], drop_newest_tokens: int = 0) -> DynamicCache:
+        """A new cache ``[sinks | blocks (time order) | window]`` with contiguous positions,
+        leaving out the newest ``drop_newest_tokens`` of the window.
 
         The live cache is not modified. With no blocks it is a copy of the live cache.
         """
@@ -145,13 +146,12 @@ class StreamingKV:
                 k_parts.append(self.rotary.rotate(block.keys[index], where))
                 v_parts.append(block.values[index])
                 position += block.n_tokens
-            window_keys = layer.keys[:, :, self.n_sink :]
+            window_end = layer.keys.shape[2] - drop_newest_tokens
+            window_keys = layer.keys[:, :, self.n_sink : window_end]
             if inserted:
-                window_keys = self.rotary.rotate(
-                    window_keys, torch.full((window_keys.shape[2],), float(inserted))
-                )
+                window_keys = self.rotary.rotate(window_keys, torch.full((window_keys.shape[2],), float(inserted)))
             k_parts.append(window_keys)
-            v_parts.append(layer.values[:, :, self.n_sink :])
+            v_parts.append(layer.values[:, :, self.n_sink : window_end])
             keys.append(torch.cat(k_parts, dim=2))
             values.append(torch.cat(v_parts, dim=2))
         return cache_from(keys, values)

@@ -105,3 +105,12 @@ def test_rolling_window_keys_equal_a_recomputed_window(model) -> None:
     assembled = stream.assemble([stream.evicted[1]])
     expected = layer0_keys(model, torch.cat([SINK, ENTRIES[1], *window_ids], dim=1))
     torch.testing.assert_close(assembled.layers[0].keys, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_assembling_without_the_newest_entries_matches_a_forward_without_them(model) -> None:
+    stream = StreamingKV(model, SINK, window_tokens=1000)
+    for i, entry in enumerate(ENTRIES):
+        stream.append(entry, t0=i, t1=i + 1, text=f"entry {i}")
+    cache = stream.assemble([], drop_newest_tokens=ENTRIES[-1].shape[1] + ENTRIES[-2].shape[1])
+    expected = full_logits(model, torch.cat([SINK, *ENTRIES[:-2], QUESTION], dim=1))
+    torch.testing.assert_close(question_logits(model, stream, cache), expected, atol=1e-4, rtol=1e-4)
