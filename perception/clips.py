@@ -2,7 +2,9 @@
 
 A scene change is ``cut_frames`` consecutive frames whose cosine distance to the running mean
 of the open clip exceeds ``cut_distance`` (hysteresis: one odd frame does not cut). The new clip
-starts at the first of those frames.
+starts at the first of those frames. Each clip carries its mean-pooled features, its top labels
+over all its frames, its mean motion, and a one-line description (``describe``) that memory
+stores; people and text seen are added by the stage once the keyframe detectors have finished.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ class _OpenClip:
     feature_sum: np.ndarray
     prob_sum: np.ndarray
     n_frames: int = 0
+    motion_sum: float = 0.0
 
-    def add(self, ts: float, features: np.ndarray, probs: np.ndarray) -> None:
+    def add(self, ts: float, features: np.ndarray, probs: np.ndarray, motion: float = 0.0) -> None:
         self.t1 = ts
         self.feature_sum += features
         self.prob_sum += probs
+        self.motion_sum += motion
         self.n_frames += 1
 
     def mean_features(self) -> np.ndarray:
@@ -36,7 +40,9 @@ class _OpenClip:
 
 
 def top_labels(probs: np.ndarray, classes: list[ClassName], k: int, min_score: float) -> list[Label]:
-    """The ``k`` most probable classes above ``min_score`` (at least the best one)."""
+    """The ``k`` most probable classes above ``min_score`` (at least the best one; none without classes)."""
+    if not len(probs):
+        return []
     order = np.argsort(probs)[::-1][:k]
     labels = [
         Label(name=classes[i].label(), score=round(float(probs[i]), 3), category=classes[i].category)
@@ -46,8 +52,26 @@ def top_labels(probs: np.ndarray, classes: list[ClassName], k: int, min_score: f
     return labels or [Label(name=classes[order[0]].label(), score=round(float(probs[order[0]]), 3))]
 
 
-def describe(labels: list[Label]) -> str:
-    return "seen: " + ", ".join(label.name for label in labels)
+# Mean absolute difference of grey thumbnails per frame (see detectors.motion_between).
+MOTION_WORDS = ((0.06, "lots of motion"), (0.015, "some motion"), (0.0, "still"))
+
+
+def motion_word(motion: float) -> str:
+    return next(word for threshold, word in MOTION_WORDS if motion >= threshold)
+
+
+def describe(
+    labels: list[Label], people: list[str] = (), text_seen: list[str] = (), motion: float | None = None
+) -> str:
+    """'seen: monarch (butterfly), ...; people: person 1 (new); text: "SUDOKU"; still'."""
+    parts = ["seen: " + ", ".join(label.name for label in labels)] if labels else []
+    if people:
+        parts.append("people: " + ", ".join(people))
+    if text_seen:
+        parts.append("text: " + ", ".join(f'"{text}"' for text in text_seen))
+    if motion is not None:
+        parts.append(motion_word(motion))
+    return "; ".join(parts)
 
 
 @dataclass
@@ -60,27 +84,28 @@ class ClipSegmenter:
     min_score: float = 0.08
     session: str = "default"
     _open: _OpenClip | None = None
-    _candidates: list[tuple[float, np.ndarray, np.ndarray]] = field(default_factory=list)
+    _candidates: list[tuple[float, np.ndarray, np.ndarray, float]] = field(default_factory=list)
     _next_id: int = 1
 
     @property
     def current_clip_id(self) -> int:
         return self._open.clip_id if self._open else self._next_id
 
-    def _start(self, ts: float, features: np.ndarray, probs: np.ndarray) -> None:
+    def _start(self, ts: float, features: np.ndarray, probs: np.ndarray, motion: float = 0.0) -> None:
         self._open = _OpenClip(self._next_id, ts, ts, np.zeros_like(features), np.zeros_like(probs))
         self._next_id += 1
-        self._open.add(ts, features, probs)
+        self._open.add(ts, features, probs, motion)
 
-    def push(self, ts: float, features: np.ndarray, probs: np.ndarray) -> list[Clip]:
-        """Add one frame (features L2-normalised (D,), class probs (C,)); return clips closed by it."""
+    def push(self, ts: float, features: np.ndarray, probs: np.ndarray, motion: float = 0.0) -> list[Clip]:
+        """Add one frame (features L2-normalised (D,), class probs (C,), motion in [0, 1]);
+        return the clips closed by it."""
         if self._open is None:
-            self._start(ts, features, probs)
+            self._start(ts, features, probs, motion)
             return []
         closed: list[Clip] = []
         distance = 1.0 - float(features @ self._open.mean_features())
         if distance > self.cut_distance:
-            self._candidates.append((ts, features, probs))
+            self._candidates.append((ts, features, probs, motion))
             if len(self._candidates) >= self.cut_frames:
                 closed.append(self.close())
                 for candidate in self._candidates:
@@ -93,7 +118,7 @@ class ClipSegmenter:
         for candidate in self._candidates:  # a blip, not a scene change: keep it in this clip
             self._open.add(*candidate)
         self._candidates.clear()
-        self._open.add(ts, features, probs)
+        self._open.add(ts, features, probs, motion)
         if self._open.t1 - self._open.t0 >= self.max_clip_s:
             closed.append(self.close())
         return closed
@@ -105,6 +130,7 @@ class ClipSegmenter:
         clip, self._open = self._open, None
         probs = clip.prob_sum / max(clip.n_frames, 1)
         labels = top_labels(probs, self.classes, self.top_k, self.min_score)
+        motion = clip.motion_sum / max(clip.n_frames, 1)
         return Clip(
             ts=clip.t1,
             t0=clip.t0,
@@ -112,7 +138,8 @@ class ClipSegmenter:
             clip_id=clip.clip_id,
             features=clip.mean_features(),
             labels=labels,
-            description=describe(labels),
+            motion=round(motion, 4),
+            description=describe(labels, motion=motion),
             n_frames=clip.n_frames,
         )
 

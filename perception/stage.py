@@ -1,8 +1,17 @@
-"""Perception process: frames in (latest wins), ``Percept`` per encoded frame, ``Clip`` per scene.
+"""Perception process: frames in (latest wins), a ``Percept`` per encoded frame, a ``Clip`` per scene.
 
-Frames arrive on a media socket with a small high-water mark and the runtime keeps only the
-newest, so a slow encoder drops frames instead of queueing them. ``max_fps`` caps the encode
-rate; received/encoded/dropped counts go out in ``Stats``.
+Frames come from clients through the gateway (``VideoFrame`` on the media bus, where the runtime
+keeps only the newest) or from a source the process reads itself (``perception.source``: a
+webcam, a file or a URL; its sound track is published as scene ``AudioChunk``s for speech).
+Either way they land in a ``FrameSlot``: a newer frame replaces one the encoder has not taken,
+so a slow encoder drops frames and never queues them. The encoder runs as fast as it can up to
+``max_fps`` (wall clock), or at a fixed ``sample_fps`` (stream time).
+
+Detectors (faces, text) run on keyframes (the first frame of a scene, then every
+``keyframe_every_s``) in a background thread; a closed clip waits for its keyframes'
+results (people, text seen) before it is published. Counts of frames received, encoded and
+dropped go out in ``Stats``; source trouble goes out as ``Error`` (``source_ended``,
+``source_stalled``, ...) and never stops the stage.
 """
 
 from __future__ import annotations
@@ -10,44 +19,120 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from omnistream.perception.clips import ClipSegmenter, top_labels
+import numpy as np
+
+from omnistream.perception.clips import ClipSegmenter, describe, top_labels
+from omnistream.perception.detectors import (
+    Detections,
+    DetectorWorker,
+    FaceDetector,
+    PersonRegistry,
+    TextReader,
+    motion_between,
+    motion_thumbnail,
+)
 from omnistream.perception.encoder import FrameEncoder, load_encoder
+from omnistream.perception.live import LiveSource, open_source
+from omnistream.perception.sampling import FrameSlot, RateLimiter, SampledFrame
+from omnistream.perception.sources import AUDIO_RATE
 from omnistream.protocol.config import PerceptionConfig
-from omnistream.protocol.messages import Message, Percept, Shutdown, VideoFrame
+from omnistream.protocol.messages import AudioChunk, Clip, Error, Message, Percept, Shutdown, VideoFrame
 from omnistream.protocol.runtime import Runtime
 
 log = logging.getLogger("omnistream.perception")
 
 # Close a session's open clip when no frame has come for this long (stream ended or paused).
 IDLE_CLOSE_S = 3.0
+# A closed clip waits at most this long (wall) for the detectors to finish its keyframes.
+MAX_CLIP_HOLD_S = 10.0
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes:02d}:{secs:02d}"
+
+
+@dataclass
+class _SessionState:
+    segmenter: ClipSegmenter
+    last_frame_wall: float = 0.0
+    last_keyframe_ts: float = -float("inf")
+    thumbnail: np.ndarray | None = None
+    stream_limiter: RateLimiter | None = None
+    faces_now: list[str] = field(default_factory=list)  # latest detections, carried by percepts
+    text_now: list[str] = field(default_factory=list)
+    scene_start: float = 0.0  # stream time where the open clip starts
+    annotations: list[Detections] = field(default_factory=list)  # detector results not yet in a clip
+    held: list[tuple[Clip, float]] = field(default_factory=list)  # closed clips, wall time closed
 
 
 class PerceptionStage:
     name = "perception"
 
-    def __init__(self, config: PerceptionConfig, encoder: FrameEncoder, publish, counters: dict[str, float]):
+    def __init__(
+        self,
+        config: PerceptionConfig,
+        encoder: FrameEncoder,
+        publish: Callable[[Message], None],
+        counters: dict[str, float],
+        session: str = "default",
+        detectors: DetectorWorker | None = None,
+    ):
         self.config = config
         self.encoder = encoder
         self.publish = publish
         self.counters = counters
-        self.segmenters: dict[str, ClipSegmenter] = {}
-        self.last_frame_wall: dict[str, float] = {}
-        self._last_encode = 0.0
+        self.session = session
+        self.detectors = detectors
+        self.slot = FrameSlot(capacity=1)
+        self.batch_size = 1
+        self.wall_limiter = RateLimiter(config.max_fps)
+        self.sessions: dict[str, _SessionState] = {}
+        self.source: LiveSource | None = None
+        self._audio: deque[tuple[np.ndarray, float]] = deque()  # filled by the source thread
+        self._pending_keyframes: set[tuple[str, float]] = set()  # (session, ts) at the detectors
+        self._received = self._skipped = 0
 
-    def _segmenter(self, session: str) -> ClipSegmenter:
-        if session not in self.segmenters:
-            self.segmenters[session] = ClipSegmenter(
-                classes=self.encoder.classes,
-                cut_distance=self.config.scene_cut_distance,
-                cut_frames=self.config.scene_cut_frames,
-                max_clip_s=self.config.max_clip_s,
-                top_k=self.config.top_labels,
-                min_score=self.config.min_label_score,
-                session=session,
-            )
-        return self.segmenters[session]
+    # -- inputs ------------------------------------------------------------------------------
+
+    def start_source(self, spec: str) -> LiveSource:
+        """Read ``spec`` (camera:N, a file or a URL) in this process, in a thread."""
+        config = self.config
+        is_file = not spec.startswith("camera:") and "://" not in spec
+        if is_file and not config.source_realtime:  # lossless: the reader waits for the encoder
+            self.slot = FrameSlot(capacity=max(config.batch_size, 1), block=True)
+            self.batch_size = max(config.batch_size, 1)
+            self.wall_limiter = RateLimiter(0.0)
+        self.source = open_source(
+            spec,
+            self._offer_from_source,
+            lambda pcm, ts: self._audio.append((pcm, ts)),
+            realtime=config.source_realtime,
+            loop=config.source_loop,
+            sample_fps=config.sample_fps or (0.0 if config.source_realtime else config.max_fps),
+            reconnect_s=config.reconnect_s,
+            stall_s=config.stall_s,
+        ).start()
+        return self.source
+
+    def _offer_from_source(self, image: np.ndarray, ts: float) -> bool:
+        self._received += 1
+        frame = SampledFrame(
+            image,
+            ts,
+            index=self._received,
+            session=self.session,
+            source=self.source.spec if self.source else "",
+        )
+        while not self.slot.put(frame, timeout_s=0.5):
+            if self.slot.closed or (self.source is not None and self.source.stopping):
+                return False
+        return True
 
     def handle(self, message: Message) -> None:
         if isinstance(message, VideoFrame):
@@ -56,58 +141,199 @@ class PerceptionStage:
             self.flush_all()
 
     def on_frame(self, frame: VideoFrame) -> None:
-        self.counters["frames_received"] += 1
+        """A frame pushed by a client: checked, then offered to the slot (latest wins)."""
+        self._received += 1
         image = frame.image
         if image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 8:
             raise ValueError(
                 f"VideoFrame.image must be uint8 (H, W, 3) with H, W >= 8, got {image.dtype} {image.shape}"
             )
-        now = time.monotonic()
-        if self.config.max_fps > 0 and now - self._last_encode < 1.0 / self.config.max_fps:
-            self.counters["frames_skipped"] += 1
+        state = self._state(frame.session)
+        if state.stream_limiter is not None and not state.stream_limiter.admit(frame.ts):
+            self._skipped += 1
             return
-        self._last_encode = now
-        features, probs = self.encoder.encode([image])
-        segmenter = self._segmenter(frame.session)
-        for clip in segmenter.push(frame.ts, features[0], probs[0]):
-            self.publish(clip)
-            self.counters["clips"] += 1
-        labels = top_labels(
-            probs[0], self.encoder.classes, self.config.top_labels, self.config.min_label_score
-        )
-        self.publish(
-            Percept(
-                ts=frame.ts,
-                session=frame.session,
-                features=features[0],
-                labels=labels,
-                clip_id=segmenter.current_clip_id,
-                frame_index=frame.index,
-                latency_s=time.monotonic() - now,
+        self.slot.put(SampledFrame(image, frame.ts, frame.index, frame.session, frame.source))
+
+    def _state(self, session: str) -> _SessionState:
+        if session not in self.sessions:
+            segmenter = ClipSegmenter(
+                classes=self.encoder.classes,
+                cut_distance=self.config.scene_cut_distance,
+                cut_frames=self.config.scene_cut_frames,
+                max_clip_s=self.config.max_clip_s,
+                top_k=self.config.top_labels,
+                min_score=self.config.min_label_score,
+                session=session,
             )
-        )
-        self.counters["frames_encoded"] += 1
-        self.last_frame_wall[frame.session] = time.monotonic()
+            limiter = RateLimiter(self.config.sample_fps) if self.config.sample_fps > 0 else None
+            self.sessions[session] = _SessionState(segmenter, stream_limiter=limiter)
+        return self.sessions[session]
+
+    # -- the loop ----------------------------------------------------------------------------
 
     def tick(self) -> None:
+        self._publish_source_output()
+        if len(self.slot) and self.wall_limiter.admit(time.monotonic()):
+            frames = self.slot.take(self.batch_size)
+            if frames:
+                self.encode(frames)
+        self._collect_detections()
+        self._release_clips()
         now = time.monotonic()
-        for session, last in list(self.last_frame_wall.items()):
-            if now - last > IDLE_CLOSE_S:
+        for session, state in list(self.sessions.items()):
+            if state.last_frame_wall and now - state.last_frame_wall > IDLE_CLOSE_S:
                 self._flush(session)
+        dropped = self.slot.dropped + self._skipped + self.counters.get("dropped_in", 0.0)
+        self.counters["frames_received"] = self._received + self.counters.get("dropped_in", 0.0)
+        self.counters["frames_dropped"] = dropped
+
+    def encode(self, frames: list[SampledFrame]) -> None:
+        """Encode one batch and publish a ``Percept`` per frame (and the clips they close)."""
+        features, probs = self.encoder.encode([f.image for f in frames])
+        for frame, feature, prob in zip(frames, features, probs, strict=True):
+            state = self._state(frame.session)
+            thumbnail = motion_thumbnail(frame.image)
+            motion = motion_between(state.thumbnail, thumbnail)
+            state.thumbnail = thumbnail
+            closed = state.segmenter.push(frame.ts, feature, prob, motion)
+            clip_id = state.segmenter.current_clip_id
+            if closed:  # a new scene: what the detectors saw in the last one no longer holds
+                state.faces_now, state.text_now = [], []
+                state.scene_start = closed[-1].ts
+            now = time.monotonic()
+            state.held += [(clip, now) for clip in closed]
+            if self.detectors is not None and (
+                closed or frame.ts - state.last_keyframe_ts >= self.config.keyframe_every_s
+            ):
+                self._submit_keyframe(state, frame)
+            labels = top_labels(
+                prob, self.encoder.classes, self.config.top_labels, self.config.min_label_score
+            )
+            self.publish(
+                Percept(
+                    ts=frame.ts,
+                    session=frame.session,
+                    features=feature,
+                    labels=labels,
+                    text_seen=list(state.text_now),
+                    faces=list(state.faces_now),
+                    clip_id=clip_id,
+                    frame_index=frame.index,
+                    latency_s=round(time.monotonic() - frame.arrived, 4),
+                )
+            )
+            self.counters["frames_encoded"] += 1
+            state.last_frame_wall = time.monotonic()
+        self._release_clips()
+
+    # -- detectors and clips -------------------------------------------------------------------
+
+    def _submit_keyframe(self, state: _SessionState, frame: SampledFrame) -> None:
+        assert self.detectors is not None
+        state.last_keyframe_ts = frame.ts
+        tag = (frame.session, frame.ts)
+        self._pending_keyframes.add(tag)
+        replaced = self.detectors.submit(frame.image, frame.ts, frame.session, tag)
+        self._pending_keyframes.discard(replaced)
+        self.counters["keyframes"] += 1
+
+    def _collect_detections(self) -> None:
+        if self.detectors is None:
+            return
+        for found in self.detectors.results():
+            self._pending_keyframes.discard(found.tag)
+            state = self._state(found.session)
+            # Kept by stream time: which clip a keyframe belongs to is only known once the
+            # segmenter's hysteresis has decided whether its scene change was real.
+            state.annotations.append(found)
+            if found.ts >= state.scene_start:
+                state.faces_now = [face.label() for face in found.faces]
+                state.text_now = list(found.text)
+            self.counters["detections"] += 1
+            self.counters["faces_seen"] += len(found.faces)
+            self.counters["detector_s"] += found.seconds
+
+    def _release_clips(self, force: bool = False) -> None:
+        now = time.monotonic()
+        for session, state in self.sessions.items():
+            while state.held:
+                clip, closed_at = state.held[0]
+                waiting = any(s == session and clip.t0 <= t <= clip.ts for s, t in self._pending_keyframes)
+                if waiting and not force and now - closed_at < MAX_CLIP_HOLD_S:
+                    break
+                state.held.pop(0)
+                self._publish_clip(state, clip)
+
+    def _publish_clip(self, state: _SessionState, clip: Clip) -> None:
+        """Attach the people and text the detectors found in [t0, ts], describe, publish."""
+        mine = [found for found in state.annotations if found.ts <= clip.ts]
+        state.annotations = [found for found in state.annotations if found.ts > clip.ts]
+        people: dict[int, str] = {}
+        for found in sorted((f for f in mine if f.ts >= clip.t0), key=lambda f: f.ts):
+            for face in found.faces:
+                back = f"back, last seen {clock(found.ts - face.back_after_s)}" if face.back_after_s else ""
+                people.setdefault(face.person_id, "new" if face.new else back)
+            clip.text_seen += [line for line in found.text if line not in clip.text_seen]
+        clip.faces = [f"person {pid}" for pid in sorted(people)]
+        notes = [
+            f"person {pid} ({note})" if note else f"person {pid}" for pid, note in sorted(people.items())
+        ]
+        clip.description = describe(clip.labels, notes, clip.text_seen, clip.motion)
+        self.publish(clip)
+        self.counters["clips"] += 1
+
+    def _publish_source_output(self) -> None:
+        while self._audio:
+            pcm, ts = self._audio.popleft()
+            self.publish(
+                AudioChunk(ts=ts, session=self.session, pcm=pcm, sample_rate=AUDIO_RATE, channel="scene")
+            )
+        if self.source is None:
+            return
+        for event in self.source.events():
+            self.counters[f"source_{event.kind}"] += 1
+            log.info(
+                "source %s",
+                event.kind,
+                extra={"stage": self.name, "source": event.source, "detail": event.detail},
+            )
+            if event.kind != "opened":
+                message = f"perception source {event.source}: {event.kind}" + (
+                    f" ({event.detail})" if event.detail else ""
+                )
+                self.publish(Error(code=f"source_{event.kind}", message=message, session=self.session))
 
     def _flush(self, session: str) -> None:
-        segmenter = self.segmenters.get(session)
-        if segmenter is not None and segmenter.has_open_clip():
-            self.publish(segmenter.close())
-            self.counters["clips"] += 1
-        self.last_frame_wall.pop(session, None)
+        state = self.sessions.get(session)
+        if state is None:
+            return
+        if state.segmenter.has_open_clip():
+            state.held.append((state.segmenter.close(), time.monotonic()))
+        if self.detectors is not None:
+            self.detectors.wait_idle(MAX_CLIP_HOLD_S)
+            self._collect_detections()
+        self._release_clips(force=True)
+        state.last_frame_wall = 0.0
 
     def stop(self) -> None:
+        if self.source is not None:
+            self.slot.close()
+            self.source.stop()
         self.flush_all()
+        if self.detectors is not None:
+            self.detectors.close()
 
     def flush_all(self) -> None:
-        for session in list(self.segmenters):
+        for session in list(self.sessions):
             self._flush(session)
+
+
+def build_detectors(config: PerceptionConfig) -> DetectorWorker | None:
+    if not (config.faces or config.ocr):
+        return None
+    faces = FaceDetector(PersonRegistry(config.face_match_distance)) if config.faces else None
+    reader = TextReader() if config.ocr else None
+    return DetectorWorker(faces, reader)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,10 +342,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runtime = Runtime("perception", args.run_dir)
     config = runtime.config.perception
-    encoder = load_encoder(config.encoder, threads=config.threads)
-    stage = PerceptionStage(config, encoder, runtime.publish, runtime.counters)
+    encoder = load_encoder(config.encoder, threads=config.threads, device=config.device)
+    stage = PerceptionStage(
+        config, encoder, runtime.publish, runtime.counters, runtime.config.session, build_detectors(config)
+    )
     runtime.subscribe(VideoFrame)
-    runtime.run(stage, tick=stage.tick)
+    if config.source:
+        stage.start_source(config.source)
+    # A short poll: frames from an in-process source wake nothing, the tick must come round.
+    runtime.run(stage, tick=stage.tick, poll_s=0.005)
 
 
 if __name__ == "__main__":
