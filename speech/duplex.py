@@ -9,6 +9,7 @@ played, so a cut answer is remembered as the words actually spoken.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
 import numpy as np
 
@@ -93,12 +94,20 @@ class Playout:
 
 def is_echo(heard: str, spoken: str, min_overlap: float = 0.6) -> bool:
     """True when most words of ``heard`` (a user transcript) are words the assistant is saying:
-    its own voice leaking into the microphone rather than the user."""
+    its own voice leaking into the microphone rather than the user. A heard word matches a
+    spoken one closely enough (``difflib`` ratio >= 0.75) to survive ASR slips ("disposed" /
+    "dispose")."""
     heard_words = words(heard)
     if not heard_words:
         return False
     spoken_words = set(words(spoken))
-    return sum(word in spoken_words for word in heard_words) / len(heard_words) >= min_overlap
+
+    def said(word: str) -> bool:
+        return word in spoken_words or any(
+            SequenceMatcher(None, word, other).ratio() >= 0.75 for other in spoken_words
+        )
+
+    return sum(map(said, heard_words)) / len(heard_words) >= min_overlap
 
 
 def after_wake_phrase(text: str, wake_phrase: str) -> str | None:

@@ -62,6 +62,7 @@ class Voice:
             raise ValueError(f"TTS voice {voice!r} is not packaged (only 'heart' ships offline)")
         self.tts = Hibari(threads=threads)
         self.sample_rate = int(SAMPLE_RATE)
+        self.tts("Ready.", seed=0)  # the first call is ten times slower: pay it before the first answer
 
     def synthesize(self, text: str, sample_rate: int | None = None) -> np.ndarray:
         """text -> float32 (N,) in [-1, 1] at ``sample_rate`` (default: the voice's 24 kHz)."""

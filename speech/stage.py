@@ -40,13 +40,21 @@ from omnistream.protocol.messages import (
 )
 from omnistream.protocol.runtime import Runtime
 from omnistream.speech.duplex import Playout, after_wake_phrase, is_echo
-from omnistream.speech.listen import Listener, ListenEvent, Recognizer, StreamingTranscriber, VoiceActivity
+from omnistream.speech.listen import (
+    Listener,
+    ListenEvent,
+    Recognizer,
+    StreamingTranscriber,
+    VoiceActivity,
+    words,
+)
 from omnistream.speech.speak import PhraseSplitter, Voice
 from omnistream.speech.workers import Worker
 
 log = logging.getLogger("omnistream.speech")
 
 ECHO_TAIL_S = 2.0  # the room may still carry the answer's last words after it ends
+ECHO_MIN_WORDS = 3  # with echo about, a partial barges in only with this many unmatched words
 USER_FINAL, USER_PARTIAL, SCENE = 0, 1, 2  # ASR priorities
 
 
@@ -61,7 +69,8 @@ class SpokenTurn:
     answer_done: bool = False
     seq: int = 0
     t0: float | None = None  # stream time of the first audio sent
-    paused_by: tuple[str, int] | None = None  # the user utterance that paused it
+    heard_by: tuple[str, int] | None = None  # the user utterance that may be barging in
+    echo_heard: bool = False  # its own voice reached the microphone: confirm barge-ins by words
     cancelled: bool = False  # read by the TTS thread: skip this turn's queued phrases
 
 
@@ -206,8 +215,8 @@ class SpeechStage:
             self.utterances[key] = Utterance(event.t0, StreamingTranscriber(self.recognizer))
             now = self.clock()
             for turn in self.turns.values():
-                if turn.ask.session == session and turn.paused_by is None:
-                    self._pause(turn, key, now)
+                if turn.ask.session == session and turn.heard_by is None:
+                    self._hear(turn, key, now)
             return
         utterance = self.utterances.get(key)
         if utterance is None:
@@ -249,10 +258,11 @@ class SpeechStage:
         if utterance is None or utterance.echo or not text:
             return
         if self._is_echo(key[0], text):
-            utterance.echo = True
-            self.counters["echo_ignored"] += 1
-            self._resume(key)
+            self._on_echo(key, utterance)
             return
+        echoing = any(t.heard_by == key and t.echo_heard for t in self.turns.values())
+        if echoing and len(words(text)) < ECHO_MIN_WORDS:
+            return  # a word or two misheard from our own voice ("Simon" for "monarch"): wait
         self.publish(
             Transcript(ts=t1, t0=utterance.t0, session=key[0], text=text, final=False, speaker="user")
         )
@@ -268,8 +278,7 @@ class SpeechStage:
             self._resume(key)
             return
         if utterance.echo or self._is_echo(session, text):
-            self.counters["echo_ignored"] += 1
-            self._resume(key)
+            self._on_echo(key, utterance)
             return
         self.counters["utterances"] += 1
         self.publish(Transcript(ts=t1, t0=utterance.t0, session=session, text=text, speaker="user"))
@@ -300,23 +309,37 @@ class SpeechStage:
 
     # -- barge-in ------------------------------------------------------------------------------
 
-    def _pause(self, turn: SpokenTurn, key: tuple[str, int], now: float) -> None:
-        turn.paused_by = key
+    def _hear(self, turn: SpokenTurn, key: tuple[str, int], now: float) -> None:
+        """The user may be barging in: go quiet at once, unless this answer's own voice has been
+        heard in the microphone (then pausing at every echo would stutter: words decide)."""
+        turn.heard_by = key
+        if turn.echo_heard:
+            return
         turn.playout.pause(now)
         if turn.seq:
             self.publish(self._audio_out(turn, flush=True))
         self.counters["barge_in_pauses"] += 1
 
     def _resume(self, key: tuple[str, int]) -> None:
+        """A false interruption (no words, or our own voice): the answer goes on where it was cut."""
         now = self.clock()
         for turn in self.turns.values():
-            if turn.paused_by == key:
-                turn.paused_by = None
-                turn.playout.resume(now)
-                self.counters["false_interruptions"] += 1
+            if turn.heard_by == key:
+                turn.heard_by = None
+                if turn.playout.paused:
+                    turn.playout.resume(now)
+                    self.counters["false_interruptions"] += 1
+
+    def _on_echo(self, key: tuple[str, int], utterance: Utterance) -> None:
+        utterance.echo = True
+        self.counters["echo_ignored"] += 1
+        for turn in self.turns.values():
+            if turn.heard_by == key:
+                turn.echo_heard = True
+        self._resume(key)
 
     def _barge_in(self, key: tuple[str, int]) -> None:
-        for turn in [t for t in self.turns.values() if t.paused_by == key]:
+        for turn in [t for t in self.turns.values() if t.heard_by == key]:
             self.publish(
                 Interrupt(
                     ts=self.stream_ts.get(key[0], 0.0), session=key[0], turn=turn.ask.turn, reason="barge-in"
@@ -368,7 +391,7 @@ class SpeechStage:
             self.publish(self._audio_out(turn, chunk))
             self.counters["audio_out_chunks"] += 1
         finished = turn.answer_done and turn.synthesized == turn.submitted and turn.playout.all_sent
-        if finished and turn.paused_by is None:
+        if finished and not turn.playout.paused:
             self._end_turn(turn, cut=False)
 
     def _end_turn(self, turn: SpokenTurn, cut: bool) -> None:

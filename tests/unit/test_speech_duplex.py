@@ -1,0 +1,261 @@
+"""The speech stage with real models, messages in and messages out, no sockets (pipecat's
+``run_test`` idea): streaming TTS, spoken questions, wake phrase, barge-in, false interruptions
+and echo. Microphone audio is fed in real time where timing matters."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import soundfile
+from scipy.signal import resample_poly
+
+from omnistream.protocol.config import SpeechConfig
+from omnistream.protocol.messages import (
+    AnswerDelta,
+    AnswerDone,
+    Ask,
+    AudioChunk,
+    AudioOut,
+    Interrupt,
+    Message,
+    Transcript,
+    UserSpeech,
+)
+from omnistream.speech.listen import Recognizer, word_error_rate, words
+from omnistream.speech.speak import PhraseSplitter, Voice
+from omnistream.speech.stage import SpeechStage
+from tests.unit.test_speech import librivox_clips
+
+ANSWER = "You saw a monarch butterfly at the start. Then the reader said he might have been made amiable."
+MIC_RATE = 16000
+STEP_S = 0.02  # the client sends 20 ms microphone chunks
+
+
+@pytest.fixture(scope="module")
+def recognizer() -> Recognizer:
+    return Recognizer("tiny.en")
+
+
+@pytest.fixture(scope="module")
+def voice() -> Voice:
+    return Voice("heart")
+
+
+@pytest.fixture
+def make_harness(recognizer: Recognizer, voice: Voice):
+    """``make_harness(**speech_config)``; the stages' worker threads are stopped afterwards."""
+    made: list[Harness] = []
+
+    def make(mic_rate: int = MIC_RATE, **config) -> Harness:
+        made.append(Harness(recognizer, voice, mic_rate, **config))
+        return made[-1]
+
+    yield make
+    for harness in made:
+        harness.stage.stop()
+
+
+class Harness:
+    """Drives a ``SpeechStage`` like the runtime does: ``handle`` then ``tick``; records what it
+    publishes with the wall time."""
+
+    def __init__(self, recognizer: Recognizer, voice: Voice, mic_rate: int = MIC_RATE, **config):
+        self.out: list[tuple[float, Message]] = []
+        self.counters: dict[str, float] = defaultdict(float)
+        self.stage = SpeechStage(
+            SpeechConfig(**config),
+            recognizer,
+            voice,
+            lambda m: self.out.append((time.monotonic(), m)),
+            self.counters,
+        )
+        self.mic_ts = 0.0
+        self.mic_rate = mic_rate
+        self.echo: list[np.ndarray] = []  # assistant audio that reaches the microphone
+
+    def send(self, message: Message) -> None:
+        self.stage.handle(message)
+        self.stage.tick()
+
+    def of(self, kind: type) -> list:
+        return [m for _, m in self.out if isinstance(m, kind)]
+
+    def mic(self, audio: np.ndarray, realtime: bool = True) -> None:
+        """Feed the user's microphone in 20 ms chunks (plus any echo), ticking between chunks."""
+        rate = self.mic_rate
+        step = int(STEP_S * rate)
+        start = time.monotonic()
+        for index, offset in enumerate(range(0, len(audio), step)):
+            piece = audio[offset : offset + step].astype(np.float32)
+            if self.echo:
+                leak = np.concatenate(self.echo)
+                self.echo = [leak[len(piece) :]] if len(leak) > len(piece) else []
+                piece = piece + 0.5 * np.pad(leak[: len(piece)], (0, max(len(piece) - len(leak), 0)))
+            self.send(AudioChunk(ts=self.mic_ts, pcm=piece, sample_rate=rate, channel="user"))
+            self.mic_ts += len(piece) / rate
+            if realtime:
+                time.sleep(max(start + (index + 1) * STEP_S - time.monotonic(), 0.0))
+
+    def run_until(self, condition, timeout_s: float = 30.0, silence: bool = True) -> None:
+        """Tick (feeding microphone silence in real time) until ``condition()``."""
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, [type(m).__name__ for _, m in self.out][-20:]
+            if silence:
+                self.mic(np.zeros(int(STEP_S * self.mic_rate), np.float32))
+            else:
+                time.sleep(0.005)
+                self.stage.tick()
+
+    def audio_of(self, turn: str) -> np.ndarray:
+        chunks = [m.pcm for m in self.of(AudioOut) if m.turn == turn and m.pcm is not None]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+    def finished(self, turn: str) -> bool:
+        return any(m.final for m in self.of(AudioOut) if m.turn == turn)
+
+    def stream_answer(self, turn: str, text: str, delay_s: float = 0.05) -> None:
+        """Word-by-word deltas at about LLM speed, then ``AnswerDone``."""
+        for seq, word in enumerate(text.split(" ")):
+            self.send(AnswerDelta(turn=turn, text=word if seq == 0 else " " + word, seq=seq))
+            self.mic(np.zeros(int(delay_s * MIC_RATE), np.float32))
+        self.send(AnswerDone(turn=turn, text=text))
+
+
+def speech_clip(index: int) -> np.ndarray:
+    audio, rate = soundfile.read(librivox_clips()[index][0], dtype="float32")
+    assert rate == MIC_RATE
+    return audio
+
+
+def test_tts_streams_phrases_before_the_answer_is_done_and_adds_up_to_the_whole_answer(
+    recognizer: Recognizer, voice: Voice, make_harness
+) -> None:
+    h = make_harness()
+    h.send(Ask(turn="t1", question="What did you see?", audio_rate=16000))
+    h.stream_answer("t1", ANSWER)
+    done_wall = time.monotonic()
+    h.run_until(lambda: h.finished("t1"), silence=False)
+    outs = [(wall, m) for wall, m in h.out if isinstance(m, AudioOut) and m.pcm is not None]
+    assert outs[0][0] < done_wall  # the first phrase was heard before the answer was complete
+    assert {m.sample_rate for _, m in outs} == {16000}
+    assert max(len(m.pcm) for _, m in outs) <= 0.04 * 16000 + 1  # small paced chunks
+    assert [m.seq for _, m in outs] == sorted(m.seq for _, m in outs)
+    splitter = PhraseSplitter()
+    phrases = splitter.push(ANSWER) + splitter.finish()
+    assert len(phrases) >= 2
+    expected = np.concatenate([voice.synthesize(p, 16000) for p in phrases])
+    np.testing.assert_array_equal(h.audio_of("t1"), expected)
+    assert word_error_rate(ANSWER, recognizer.transcribe(expected)) <= 0.2
+    [spoken] = [m for m in h.of(Transcript) if m.speaker == "assistant"]
+    assert spoken.text == " ".join(phrases) and spoken.turn == "t1"
+    assert spoken.ts - spoken.t0 == pytest.approx(len(expected) / 16000, abs=0.01)
+    assert not h.of(Interrupt)
+
+
+def test_spoken_question_becomes_an_ask_after_the_grace_period(
+    recognizer: Recognizer, voice: Voice, make_harness
+) -> None:
+    h = make_harness(mic_rate=48000, turn_grace_s=0.2)  # a 48 kHz microphone
+    clip = speech_clip(4)  # "he might even have been made amiable himself"
+    mic_48k = resample_poly(np.concatenate([np.zeros(8000, np.float32), clip]), 3, 1).astype(np.float32)
+    h.mic(mic_48k, realtime=False)
+    h.run_until(lambda: h.of(Ask), timeout_s=20)
+    [ask] = h.of(Ask)
+    final = [m for m in h.of(Transcript) if m.final and m.speaker == "user"]
+    assert len(final) == 1 and word_error_rate(librivox_clips()[4][1], final[0].text) <= 0.2
+    assert ask.question == final[0].text and ask.ts == final[0].ts
+    assert 0.2 < final[0].t0 < 0.8 and 3.0 < final[0].ts < 4.5  # stream times of the speech
+    assert ask.audio_rate == 48000  # answers come back at the microphone's rate
+    partials = [m for m in h.of(Transcript) if not m.final]
+    assert partials and all(m.t0 == final[0].t0 for m in partials)
+    assert [m.started for m in h.of(UserSpeech)] == [True, False]
+    ask_wall = next(wall for wall, m in h.out if isinstance(m, Ask))
+    final_wall = next(wall for wall, m in h.out if m is final[0])
+    assert ask_wall - final_wall >= 0.2
+
+
+def test_wake_phrase_gates_questions(recognizer: Recognizer, voice: Voice, make_harness) -> None:
+    h = make_harness(wake_phrase="computer", turn_grace_s=0.0)
+    for text in ("What is on the table?", "Computer, what is on the table?"):
+        finals = len([m for m in h.of(Transcript) if m.final])
+        h.mic(np.concatenate([voice.synthesize(text, 16000), np.zeros(16000, np.float32)]), realtime=False)
+        h.run_until(lambda n=finals: len([m for m in h.of(Transcript) if m.final]) > n)
+    h.run_until(lambda: h.of(Ask), timeout_s=5)
+    [ask] = h.of(Ask)
+    assert words(ask.question) == ["what", "is", "on", "the", "table"]
+    assert [words(m.text)[0] for m in h.of(Transcript) if m.final] == ["what", "computer"]
+
+
+def start_speaking(h: Harness, turn: str) -> float:
+    """Ask, stream the whole answer, and let it play for a while; returns the wall time."""
+    h.send(Ask(turn=turn, question="What did you see?", audio_rate=16000))
+    h.stream_answer(turn, ANSWER, delay_s=0.02)
+    h.run_until(lambda: len(h.audio_of(turn)) > 1.0 * 16000)
+    return time.monotonic()
+
+
+def test_user_speech_interrupts_stops_audio_and_memory_keeps_what_was_said(
+    recognizer: Recognizer, voice: Voice, make_harness
+) -> None:
+    h = make_harness()
+    start_speaking(h, "t2")
+    h.mic(
+        np.concatenate([speech_clip(1), np.zeros(16000, np.float32)])
+    )  # "he was not an ill disposed young man"
+    h.run_until(lambda: h.finished("t2") and any(m.final for m in h.of(Transcript) if m.speaker == "user"))
+    [started] = [(wall, m) for wall, m in h.out if isinstance(m, UserSpeech) and m.started]
+    sent_after = [
+        m for wall, m in h.out if isinstance(m, AudioOut) and m.pcm is not None and wall > started[0]
+    ]
+    assert sent_after == []  # not one audio chunk once the VAD heard the user
+    flushes = [m for m in h.of(AudioOut) if m.flush]
+    assert flushes and flushes[-1].final
+    [interrupt] = h.of(Interrupt)
+    assert interrupt.turn == "t2" and interrupt.reason == "barge-in"
+    [spoken] = [m for m in h.of(Transcript) if m.speaker == "assistant"]
+    assert ANSWER.startswith(spoken.text) and 2 <= len(spoken.text.split()) < len(ANSWER.split())
+    heard_s = len(h.audio_of("t2")) / 16000
+    assert spoken.ts - spoken.t0 <= heard_s + 0.01
+    [user] = [m for m in h.of(Transcript) if m.speaker == "user" and m.final]
+    assert word_error_rate(librivox_clips()[1][1], user.text) <= 0.3, user.text
+    assert h.counters["false_interruptions"] == 0
+
+
+def test_a_short_noise_pauses_then_resumes_the_answer(
+    recognizer: Recognizer, voice: Voice, make_harness
+) -> None:
+    h = make_harness()
+    start_speaking(h, "t3")
+    cough = speech_clip(1)[int(0.45 * 16000) : int(0.6 * 16000)]  # 150 ms of voice: no word
+    h.mic(np.concatenate([cough, np.zeros(16000, np.float32)]))
+    h.run_until(lambda: h.finished("t3"), timeout_s=30)
+    assert h.counters["barge_in_pauses"] == 1 and h.counters["false_interruptions"] == 1
+    assert not h.of(Interrupt) and not h.of(Ask)
+    [spoken] = [m for m in h.of(Transcript) if m.speaker == "assistant"]
+    assert spoken.text == ANSWER
+    final = [m for m in h.of(AudioOut) if m.final]
+    assert len(final) == 1 and not final[0].flush
+
+
+def test_the_assistants_own_voice_in_the_microphone_does_not_interrupt(
+    recognizer: Recognizer, voice: Voice, make_harness
+) -> None:
+    h = make_harness()
+    h.send(Ask(turn="t4", question="What did you see?", audio_rate=16000))
+    h.stream_answer("t4", ANSWER, delay_s=0.02)
+    sent = 0
+    deadline = time.monotonic() + 40
+    while not h.finished("t4"):  # whatever the stage sends comes back into the microphone
+        assert time.monotonic() < deadline
+        audio = h.audio_of("t4")
+        h.echo.append(audio[sent:])
+        sent = len(audio)
+        h.mic(np.zeros(int(STEP_S * MIC_RATE), np.float32))
+    assert h.counters["echo_ignored"] >= 1
+    assert not h.of(Interrupt) and not h.of(Ask)
+    [spoken] = [m for m in h.of(Transcript) if m.speaker == "assistant"]
+    assert spoken.text == ANSWER
