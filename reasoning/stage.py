@@ -167,7 +167,13 @@ class ReasoningStage:
         if ask.mode != "full":
             items = fit_items(items, self.config.max_context_tokens, self.engine.count_tokens)
         pieces: list[str] = []
-        stop = lambda: self._interrupted(ask)  # noqa: E731
+        stopped = False
+
+        def stop() -> bool:  # remembers: the Interrupt is consumed by the poll that sees it
+            nonlocal stopped
+            stopped = stopped or self._interrupted(ask)
+            return stopped
+
         for seq, (piece, choice) in enumerate(
             self.answerer.answer(ask, items, self.config.max_new_tokens, stop)
         ):
@@ -179,7 +185,7 @@ class ReasoningStage:
                 AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq)
             )
         done.text = "".join(pieces).strip()
-        if self._interrupted(ask):
+        if stop():
             done.error = "interrupted"
         done.total_s = time.monotonic() - start
         self.runtime.counters["answers"] += 1
