@@ -1,13 +1,36 @@
-"""Torch reference implementations (float32) of the ops the Triton kernels accelerate.
+"""Torch reference implementations (float32 math) of the ops the Triton kernels accelerate.
 
-Each function documents its shapes; the Triton path (when present) must match these within
-tolerance. Callers go through ``omnistream.kernels.ops``, never here directly.
+Each function documents its shapes; the Triton path must match these within tolerance. They are
+also the production path wherever Triton does not run (CPU). Callers go through
+``omnistream.kernels.ops``, never here directly.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+METRICS = ("dot", "cosine")
+REDUCTIONS = ("max", "mean")
+# Elements of the (blocks, heads, tokens) score tensor materialised at once by the reference.
+_SCORE_CHUNK_ELEMENTS = 1 << 22
+
+
+def crop_box(height: int, width: int, center_crop: bool) -> tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width) of the region that is resized: the centred square or all."""
+    if not center_crop:
+        return 0, 0, height, width
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def check_frames(frames: torch.Tensor, size: int) -> None:
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (B, H, W, 3) frames, got {frames.dtype} {tuple(frames.shape)}")
+    if size <= 0 or frames.shape[1] == 0 or frames.shape[2] == 0:
+        raise ValueError(f"cannot resize {tuple(frames.shape)} frames to {size}x{size}")
 
 
 def frame_preprocess(
@@ -17,21 +40,242 @@ def frame_preprocess(
     std: tuple[float, float, float],
     center_crop: bool = True,
     antialias: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """uint8 frames (B, H, W, 3) RGB -> float32 (B, 3, size, size), normalised.
+    """uint8 frames (B, H, W, 3) RGB -> ``dtype`` (B, 3, size, size): ``(pixel / 255 - mean) / std``.
 
     With ``center_crop`` the largest centred square is taken before resizing (square subjects are
-    recognised far better than when the whole frame is squashed); bilinear resize.
+    recognised far better than when the whole frame is squashed); bilinear resize with
+    ``align_corners=False``, antialiased (triangle filter widened by the scale) when shrinking if
+    ``antialias``. Computed in float32 on the frames' device; a new tensor, owned by the caller.
     """
-    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected uint8 (B, H, W, 3) frames, got {frames.dtype} {tuple(frames.shape)}")
-    _, height, width, _ = frames.shape
-    if center_crop:
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        frames = frames[:, top : top + side, left : left + side]
+    check_frames(frames, size)
+    top, left, crop_h, crop_w = crop_box(frames.shape[1], frames.shape[2], center_crop)
+    frames = frames[:, top : top + crop_h, left : left + crop_w]
     x = frames.permute(0, 3, 1, 2).float().div_(255.0)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean_t) / std_t).to(dtype)
+
+
+def rope_rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (..., tokens, head_dim) by ``delta`` positions, rotate_half RoPE.
+
+    ``delta`` is an integer (or float) position difference per token, shaped (tokens,) or
+    broadcastable to ``x.shape[:-1]``; ``inv_freq`` float32 (head_dim // 2,) from
+    ``Rope.inv_freq``. Computed in float32, returned in ``x``'s dtype as a new tensor.
+    """
+    angles = delta.to(torch.float32)[..., None] * inv_freq.to(device=x.device, dtype=torch.float32)
+    cos, sin = angles.cos(), angles.sin()
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def check_scores_args(
+    queries: torch.Tensor, pooled_keys: torch.Tensor, metric: str, head_reduce: str, token_reduce: str
+) -> None:
+    if queries.ndim != 4 or pooled_keys.ndim != 4:
+        raise ValueError(
+            f"queries must be (layers, q_heads, q_tokens, head_dim) and pooled keys (layers, blocks, "
+            f"kv_heads, head_dim); got {tuple(queries.shape)} and {tuple(pooled_keys.shape)}"
+        )
+    layers, q_heads, tokens, head_dim = queries.shape
+    k_layers, _, kv_heads, k_dim = pooled_keys.shape
+    if layers != k_layers or head_dim != k_dim or kv_heads == 0 or q_heads % kv_heads or tokens == 0:
+        raise ValueError(
+            f"queries {tuple(queries.shape)} do not fit pooled keys {tuple(pooled_keys.shape)}: same "
+            "layers and head_dim, q_heads a multiple of kv_heads, at least one query token"
+        )
+    if metric not in METRICS or head_reduce not in REDUCTIONS or token_reduce not in REDUCTIONS:
+        raise ValueError(
+            f"metric in {METRICS}, reductions in {REDUCTIONS}; got {metric}/{head_reduce}/{token_reduce}"
+        )
+
+
+def block_scores(
+    queries: torch.Tensor,
+    pooled_keys: torch.Tensor,
+    metric: str = "dot",
+    head_reduce: str = "max",
+    token_reduce: str = "mean",
+) -> torch.Tensor:
+    """Score every block against the question, per layer -> float32 (layers, blocks).
+
+    ``queries`` (layers, q_heads, q_tokens, head_dim) and ``pooled_keys`` (layers, blocks,
+    kv_heads, head_dim), any float dtype, same RoPE state (both unrotated for position-free
+    keys). GQA: query head h is compared with KV head ``h // (q_heads // kv_heads)``. The score of
+    (head, token) is ``q . k`` (``dot``) or their cosine; it is reduced over query tokens by
+    ``token_reduce`` first, then over query heads by ``head_reduce`` (max keeps the retrieving
+    heads that a mean washes out).
+    """
+    check_scores_args(queries, pooled_keys, metric, head_reduce, token_reduce)
+    layers, q_heads, tokens, head_dim = queries.shape
+    blocks, kv_heads = pooled_keys.shape[1], pooled_keys.shape[2]
+    q = queries.float().reshape(layers, kv_heads, q_heads // kv_heads, tokens, head_dim)
+    if metric == "cosine":
+        q = F.normalize(q, dim=-1)
+    out = torch.empty(layers, blocks, dtype=torch.float32, device=queries.device)
+    chunk = max(1, _SCORE_CHUNK_ELEMENTS // (q_heads * tokens))
+    for layer in range(layers):
+        for start in range(0, blocks, chunk):
+            k = pooled_keys[layer, start : start + chunk].float()
+            if metric == "cosine":
+                k = F.normalize(k, dim=-1)
+            scores = torch.einsum("ngd,gjtd->ngjt", k, q[layer]).flatten(1, 2)  # (n, q_heads, tokens)
+            scores = scores.amax(-1) if token_reduce == "max" else scores.mean(-1)
+            out[layer, start : start + chunk] = scores.amax(-1) if head_reduce == "max" else scores.mean(-1)
+    return out
+
+
+class BlockTopK(NamedTuple):
+    """Best blocks per layer: ``ids`` int64 (layers, k) and their ``scores`` float32, best first."""
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+
+
+def topk_blocks(scores: torch.Tensor, k: int, allowed: torch.Tensor | None) -> BlockTopK:
+    """Top ``min(k, blocks)`` of float32 (layers, blocks) scores; ``allowed`` (blocks,) bool masks ids.
+
+    Masked blocks score -inf, so they come last and only appear when k exceeds the allowed count.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    if allowed is not None:
+        if allowed.shape != scores.shape[1:]:
+            raise ValueError(
+                f"allowed must be (blocks,) = {tuple(scores.shape[1:])}, got {tuple(allowed.shape)}"
+            )
+        scores = scores.masked_fill(~allowed.to(device=scores.device, dtype=torch.bool), float("-inf"))
+    values, ids = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=True, sorted=True)
+    return BlockTopK(ids, values)
+
+
+def block_scores_topk(
+    queries: torch.Tensor,
+    pooled_keys: torch.Tensor,
+    k: int,
+    metric: str = "dot",
+    head_reduce: str = "max",
+    token_reduce: str = "mean",
+    allowed: torch.Tensor | None = None,
+) -> BlockTopK:
+    """``block_scores`` followed by the top ``min(k, blocks)`` blocks of each layer (see both)."""
+    return topk_blocks(block_scores(queries, pooled_keys, metric, head_reduce, token_reduce), k, allowed)
+
+
+class GatherLayout(NamedTuple):
+    """Where each selected block lands: ids, lengths and token offsets, all int64 (layers, k)."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    offsets: torch.Tensor
+    total: int
+
+
+def gather_layout(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_ids: torch.Tensor,
+    lengths: torch.Tensor | None,
+    inv_freq: torch.Tensor,
+) -> GatherLayout:
+    """Validate a gather and lay the selected blocks out back to back (one host sync for ``total``)."""
+    if keys.ndim != 5 or keys.shape != values.shape or keys.dtype != values.dtype:
+        raise ValueError(
+            "keys and values must both be (layers, blocks, kv_heads, block_tokens, head_dim) of one "
+            f"dtype, got {keys.dtype} {tuple(keys.shape)} and {values.dtype} {tuple(values.shape)}"
+        )
+    layers, blocks, _, block_tokens, head_dim = keys.shape
+    if head_dim % 2 or inv_freq.shape != (head_dim // 2,):
+        raise ValueError(
+            f"head_dim must be even and inv_freq ({head_dim // 2},), got {tuple(inv_freq.shape)}"
+        )
+    ids = block_ids.to(device=keys.device, dtype=torch.int64)
+    if ids.ndim == 1:
+        ids = ids.expand(layers, -1)
+    if ids.ndim != 2 or ids.shape[0] != layers:
+        raise ValueError(f"block_ids must be (k,) or (layers={layers}, k), got {tuple(block_ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= blocks):
+        raise ValueError(f"block ids must lie in [0, {blocks})")
+    if lengths is None:
+        lens = torch.full_like(ids, block_tokens)
+    else:
+        if lengths.shape != (blocks,):
+            raise ValueError(f"lengths must be (blocks,) = ({blocks},), got {tuple(lengths.shape)}")
+        lens = lengths.to(device=keys.device, dtype=torch.int64)[ids]
+        if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > block_tokens):
+            raise ValueError(f"block lengths must lie in [0, {block_tokens}]")
+    ends = lens.cumsum(dim=1)
+    totals = ends[:, -1] if ids.shape[1] else torch.zeros(layers, dtype=torch.int64, device=keys.device)
+    if layers and bool((totals != totals[0]).any()):
+        raise ValueError(f"every layer must gather the same number of tokens, got {totals.tolist()}")
+    return GatherLayout(ids.contiguous(), lens, ends - lens, int(totals[0]) if layers else 0)
+
+
+def check_out(out: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor, end: int) -> None:
+    """``out`` buffers must be (layers, kv_heads, >= end, head_dim) in the store's dtype and device."""
+    layers, _, kv_heads, _, head_dim = keys.shape
+    for buffer in out:
+        if (
+            buffer.ndim != 4
+            or (buffer.shape[0], buffer.shape[1], buffer.shape[3]) != (layers, kv_heads, head_dim)
+            or buffer.shape[2] < end
+            or buffer.dtype != keys.dtype
+            or buffer.device != keys.device
+        ):
+            raise ValueError(
+                f"out buffers must be {keys.dtype} on {keys.device}, shaped (layers={layers}, "
+                f"kv_heads={kv_heads}, >= {end}, head_dim={head_dim}); got {buffer.dtype} {tuple(buffer.shape)}"
+            )
+
+
+def gather_rerotate(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    dst_start: int,
+    lengths: torch.Tensor | None = None,
+    src_starts: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather KV blocks from a block store into a contiguous cache, keys re-rotated to their new places.
+
+    ``keys``/``values`` (layers, blocks, kv_heads, block_tokens, head_dim) are the store; block b
+    holds ``lengths[b]`` valid tokens (all ``block_tokens`` when None). ``block_ids`` (k,) picks
+    the same blocks on every layer, (layers, k) per layer (every layer must then gather the same
+    number of tokens); blocks are laid out in the given order. Token t of the j-th block gets
+    position ``dst_start + offset_j + t``; its key was stored rotated at ``src_starts[b] + t``
+    (int64 (blocks,)) or unrotated (``src_starts`` None) and is rotated by the difference with
+    ``inv_freq`` (float32 (head_dim // 2,), ``Rope.inv_freq``). Returns new (layers, kv_heads,
+    tokens, head_dim) key and value tensors in the store's dtype; or, given ``out`` = (keys,
+    values) buffers (layers, kv_heads, capacity, head_dim), writes cache indices
+    ``[dst_start, dst_start + tokens)`` of them in place (cache index = position) and returns them.
+    """
+    layout = gather_layout(keys, values, block_ids, lengths, inv_freq)
+    if out is not None:
+        check_out(out, keys, dst_start + layout.total)
+    layers, _, kv_heads, block_tokens, head_dim = keys.shape
+    layer_index = torch.arange(layers, device=keys.device)[:, None]
+    picked_k = keys[layer_index, layout.ids]  # (layers, k, kv_heads, block_tokens, head_dim)
+    picked_v = values[layer_index, layout.ids]
+    token = torch.arange(block_tokens, device=keys.device)
+    valid = token[None, None, :] < layout.lengths[:, :, None]  # (layers, k, block_tokens)
+    delta = dst_start + layout.offsets[:, :, None] + token[None, None, :]
+    if src_starts is not None:
+        delta = delta - (src_starts.to(device=keys.device, dtype=torch.int64)[layout.ids][:, :, None] + token)
+    rotated = rope_rotate(picked_k, delta[:, :, None, :], inv_freq)  # delta (layers, k, 1, block_tokens)
+
+    def compact(picked: torch.Tensor) -> torch.Tensor:
+        tokens_first = picked.transpose(2, 3)[valid]  # (layers * total, kv_heads, head_dim), layer-major
+        return tokens_first.reshape(layers, layout.total, kv_heads, head_dim).transpose(1, 2).contiguous()
+
+    if out is None:
+        return compact(rotated), compact(picked_v)
+    out[0][:, :, dst_start : dst_start + layout.total] = compact(rotated)
+    out[1][:, :, dst_start : dst_start + layout.total] = compact(picked_v)
+    return out
