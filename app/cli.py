@@ -261,6 +261,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from omnistream.app.demo import serve
+    except ImportError as exc:
+        console.print(f"[red]the demo page needs gradio: .venv/bin/pip install -e '.[demo]' ({exc})[/red]")
+        return EXIT_USAGE
+    from omnistream.app.client import default_run_dir
+
+    config = _config(args)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
+    with running_system(config, run_dir, quiet=args.json) as live_dir:
+        url = f"http://{args.host}:{args.port}"
+        if args.json:
+            print(json.dumps({"url": url, "run_dir": str(live_dir)}), flush=True)
+        else:
+            console.print(f"demo page: [bold]{url}[/bold] (Ctrl-C stops)")
+        serve(live_dir, host=args.host, port=args.port, open_browser=args.open)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnistream", description="Local real-time video and audio assistant."
@@ -325,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=300.0, help="seconds to wait for answers after the stream"
     )
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("demo", help="live web page: webcam and microphone in, streamed answers and speech out")
+    common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to serve the page on")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--open", action="store_true", help="open the page in a browser")
+    p.add_argument("--session", help="session name for the system started here")
+    p.add_argument("--model", help="LLM to use if the system is started here")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run benchmark suites (kernels, perception, speech, llm, ...); JSON + markdown")
     common(p, run_dir=False)

@@ -1,0 +1,275 @@
+"""The live demo page (``omnistream demo``): webcam, microphone, typed questions, spoken answers.
+
+A Gradio 6 page that streams the browser's camera (unmirrored RGB frames, 5 per second) and
+microphone (half-second chunks) to the gateway, or replays a recording instead; shows answers as
+they stream with their stream-time citations highlighted and plays the spoken answer as it is
+synthesised (stopped on barge-in); takes standing "watch" requests and shows their alerts; and
+shows live stage stats and a memory timeline (click a row to read the record). Every browser tab
+gets its own omnistream session (``DemoSession``).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from omnistream.app.client import ClientError
+from omnistream.app.demo_session import MAX_TURNS_SHOWN, DemoSession, Turn, clock, safe, wav_bytes
+from omnistream.app.replay import DEFAULT_SAMPLE
+
+FRAME_EVERY_S = 0.2
+AUDIO_EVERY_S = 0.5
+ANSWER_TIMEOUT_S = 300.0
+NO_AUDIO_GRACE_S = 8.0  # after AnswerDone, how long to wait for speech that may never come
+CITATION = re.compile(r"\b(\d{1,2}:\d{2})\b")
+STATS_COLUMNS = ["stage", "state", "rates /s", "counters"]
+TIMELINE_COLUMNS = ["when", "kind", "text"]
+
+
+def highlight_citations(text: str) -> str:
+    """Bold every stream-time citation ("at 02:14") in an answer."""
+    return CITATION.sub(r"**\1**", text)
+
+
+def render_turn(turn: Turn, streaming: bool = False) -> str:
+    source = "🎤" if turn.spoken_question else "⌨"
+    lines = [f"{source} **{clock(turn.asked_ts)}** {turn.question}", ""]
+    body = highlight_citations(turn.text) if turn.text else "…"
+    lines.append(body + (" ▌" if streaming and turn.done is None else ""))
+    if turn.done is not None:
+        if turn.done.error:
+            lines.append(f"\n*answer failed: {turn.done.error}*")
+        else:
+            lines.append(
+                f"\n<sub>first token {turn.done.first_token_s:.1f} s · total {turn.done.total_s:.1f} s"
+                + (" · speech stopped (barge-in)" if turn.flushed else "")
+                + "</sub>"
+            )
+    return "\n".join(lines)
+
+
+def to_mono_float(pcm: np.ndarray) -> np.ndarray:
+    """Browser audio (int16 or float, mono or (N, channels)) -> float32 (N,) in [-1, 1]."""
+    audio = np.asarray(pcm)
+    if audio.ndim == 2:
+        audio = audio.mean(axis=1)
+    if np.issubdtype(audio.dtype, np.integer):
+        return (audio.astype(np.float32) / np.iinfo(audio.dtype).max).astype(np.float32)
+    return audio.astype(np.float32)
+
+
+# -- handlers ---------------------------------------------------------------------------------------
+
+
+def on_frame(frame: np.ndarray | None, link: DemoSession) -> None:
+    if frame is not None and link is not None:
+        link.push_frame(frame[..., :3])
+
+
+def on_audio(chunk: tuple[int, np.ndarray] | None, link: DemoSession) -> None:
+    if chunk is not None and link is not None:
+        sample_rate, pcm = chunk
+        link.push_audio(to_mono_float(pcm), int(sample_rate), channel="user")
+
+
+def on_ask(question: str, link: DemoSession):
+    """Send a typed question; stream its answer text and spoken audio into the page."""
+    if not question or not question.strip():
+        raise gr.Error("Type a question first.")
+    try:
+        turn = link.ask(question.strip())
+    except ClientError as exc:
+        raise gr.Error(str(exc)) from None
+    sent = 0
+    deadline = time.monotonic() + ANSWER_TIMEOUT_S
+    done_at = 0.0
+    while time.monotonic() < deadline:
+        link.wait_for_change(0.2)
+        chunk = gr.skip()  # no new audio: leave the player alone (a None would restart its stream)
+        if len(turn.audio) > sent and not turn.flushed:
+            pending = turn.audio[sent:]
+            sent += len(pending)
+            chunk = wav_bytes(np.concatenate(pending), turn.audio_rate)
+        yield render_turn(turn, streaming=True), chunk
+        if turn.done is not None:
+            done_at = done_at or time.monotonic()
+            speech_over = turn.audio_final or turn.flushed or bool(turn.done.error)
+            if speech_over or (not turn.audio and time.monotonic() - done_at > NO_AUDIO_GRACE_S):
+                return
+    yield render_turn(turn) + "\n\n*no complete answer in time*", gr.skip()
+
+
+def on_watch(condition: str, link: DemoSession) -> str:
+    if not condition or not condition.strip():
+        raise gr.Error("Describe what to watch for, e.g. 'tell me when a person enters'.")
+    try:
+        link.watch(condition.strip())
+    except ClientError as exc:
+        raise gr.Error(str(exc)) from None
+    return render_alerts(link)
+
+
+def render_alerts(link: DemoSession) -> str:
+    watching = "".join(f"- watching: {c}\n" for c in link.watches.values())
+    fired = "".join(f"- 🔔 {a}\n" for a in link.alerts)
+    return (watching + fired) or "*no watches yet*"
+
+
+def stats_rows(link: DemoSession) -> list[list[str]]:
+    rows = []
+    for name, stats in sorted(link.stats.items()):
+        rates = ", ".join(f"{k} {v:.1f}" for k, v in sorted(stats.rates.items()) if v >= 0.05)
+        counters = ", ".join(
+            f"{k} {v:g}" for k, v in sorted(stats.counters.items()) if not k.endswith(".ready")
+        )
+        rows.append([name, stats.state, rates, counters])
+    return rows or [["(waiting for stats)", "", "", ""]]
+
+
+def summary(link: DemoSession) -> str:
+    memory = link.stats.get("memory")
+    stored = memory.counters if memory else {}
+    done = [t.done for t in link.turns.values() if t.done is not None and not t.done.error]
+    latency = f"{done[-1].first_token_s:.1f} s" if done else "–"
+    return (
+        f"session `{link.session}` · stream time **{clock(link.now())}** · frames sent "
+        f"{link.frames_sent} (dropped {link.client.frames_dropped}) · audio sent {link.audio_sent_s:.0f} s · "
+        f"memory: {stored.get('clips_stored', 0):g} clips, {stored.get('transcripts_stored', 0):g} transcripts · "
+        f"last first-token latency {latency}"
+    )
+
+
+def on_tick(link: DemoSession):
+    turns = list(link.turns.values())[-MAX_TURNS_SHOWN:]
+    conversation = "\n\n---\n\n".join(render_turn(t, streaming=True) for t in reversed(turns))
+    heard = " · ".join(f"{clock(t.t0)} {t.speaker}: {t.text}" for t in list(link.heard)[-3:])
+    if link.errors:
+        heard += "\n\n" + "\n".join(f"⚠ {e}" for e in link.errors)
+    return summary(link), conversation or "*no questions yet*", heard, render_alerts(link), stats_rows(link)
+
+
+def on_timeline(link: DemoSession) -> list[list[str]]:
+    history = safe(link.history)
+    if history is None:
+        return [["", "", "memory is not answering"]]
+    link.timeline = history.items
+    return [
+        [f"{clock(i.t0)}–{clock(i.t1)}", i.kind if i.kind == "clip" else f"speech ({i.speaker})", i.text[:90]]
+        for i in history.items
+    ] or [["", "", "nothing remembered yet"]]
+
+
+def on_timeline_select(link: DemoSession, event: gr.SelectData) -> str:
+    items = link.timeline
+    row = event.index[0] if isinstance(event.index, list | tuple) else event.index
+    if not isinstance(row, int) or not 0 <= row < len(items):
+        return ""
+    item = items[row]
+    return f"**{item.kind} {clock(item.t0)}–{clock(item.t1)}**\n\n{item.text}"
+
+
+def on_recording(path: str | None, link: DemoSession) -> str:
+    target = Path(path) if path else DEFAULT_SAMPLE
+    try:
+        link.stream_recording(target)
+    except Exception as exc:  # MediaError and friends: say which file and why
+        raise gr.Error(f"cannot stream {target.name}: {exc}") from None
+    return f"streaming **{target.name}** from {clock(link.now())}"
+
+
+# -- page ---------------------------------------------------------------------------------------------
+
+
+def build_page(run_dir: Path) -> gr.Blocks:
+    """The page, talking to the system whose run directory is ``run_dir``."""
+    with gr.Blocks(title="omnistream") as page:
+        link = gr.State(lambda: DemoSession(run_dir), delete_callback=lambda s: s.close())
+        gr.Markdown("# omnistream — live")
+        status = gr.Markdown(elem_id="summary")
+        with gr.Row():
+            with gr.Column(scale=1):
+                camera = gr.Image(
+                    sources=["webcam"],
+                    streaming=True,
+                    type="numpy",
+                    label="Camera",
+                    webcam_options=gr.WebcamOptions(mirror=False),
+                    elem_id="camera",
+                )
+                mic = gr.Audio(
+                    sources=["microphone"], streaming=True, type="numpy", label="Microphone", elem_id="mic"
+                )
+                with gr.Accordion("…or stream a recording instead", open=False):
+                    upload = gr.File(label="video file", file_types=["video", "audio"], type="filepath")
+                    play = gr.Button("Stream it (or the bundled sample)", elem_id="play-recording")
+                    playing = gr.Markdown()
+            with gr.Column(scale=1):
+                question = gr.Textbox(
+                    label="Ask", placeholder="What is on screen right now?", elem_id="question"
+                )
+                with gr.Row():
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    stop = gr.Button("Stop answer", elem_id="stop")
+                answer = gr.Markdown(elem_id="answer")
+                speaker = gr.Audio(streaming=True, autoplay=True, label="Spoken answer", elem_id="speaker")
+                heard = gr.Markdown(elem_id="heard")
+                with gr.Row():
+                    watch_text = gr.Textbox(
+                        label="Watch for", placeholder="tell me when a person enters", scale=3
+                    )
+                    watch = gr.Button("Watch", scale=1, elem_id="watch")
+                alerts = gr.Markdown(elem_id="alerts")
+        with gr.Accordion("Conversation", open=False):
+            conversation = gr.Markdown(elem_id="conversation")
+        stats = gr.Dataframe(headers=STATS_COLUMNS, label="Stages (live)", elem_id="stats", interactive=False)
+        with gr.Row():
+            timeline = gr.Dataframe(
+                headers=TIMELINE_COLUMNS,
+                label="Memory timeline (click a row)",
+                elem_id="timeline",
+                interactive=False,
+                scale=2,
+            )
+            detail = gr.Markdown(elem_id="detail")
+
+        camera.stream(
+            on_frame,
+            [camera, link],
+            None,
+            stream_every=FRAME_EVERY_S,
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
+        mic.stream(
+            on_audio,
+            [mic, link],
+            None,
+            stream_every=AUDIO_EVERY_S,
+            concurrency_limit=None,
+            show_progress="hidden",
+        )
+        for trigger in (ask.click, question.submit):
+            trigger(
+                on_ask, [question, link], [answer, speaker], concurrency_limit=None, show_progress="hidden"
+            )
+        stop.click(lambda s: s.interrupt(), [link], None)
+        watch.click(on_watch, [watch_text, link], [alerts])
+        play.click(on_recording, [upload, link], [playing])
+        gr.Timer(0.5).tick(
+            on_tick, [link], [status, conversation, heard, alerts, stats], show_progress="hidden"
+        )
+        gr.Timer(3.0).tick(on_timeline, [link], [timeline], show_progress="hidden")
+        timeline.select(on_timeline_select, [link], [detail])
+    return page
+
+
+def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 7860, open_browser: bool = False) -> None:
+    """Serve the page until Ctrl-C."""
+    page = build_page(run_dir)
+    page.queue(default_concurrency_limit=None).launch(
+        server_name=host, server_port=port, inbrowser=open_browser, show_error=True, quiet=True
+    )

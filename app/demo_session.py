@@ -1,0 +1,223 @@
+"""One browser session of the demo page: its own omnistream session, client and event state.
+
+The page's handlers run on Gradio's worker threads, so requests go through ``Client`` under a
+lock, and one reader thread per session owns the event socket: it files answers, spoken audio,
+transcripts, alerts and stage stats of this session where the page's timer can render them.
+Stream time (``ts``) is seconds since the session started, for camera, microphone and a replayed
+recording alike.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from omnistream.app.client import Client, ClientError
+from omnistream.protocol.messages import (
+    Alert,
+    AnswerDelta,
+    AnswerDone,
+    AudioOut,
+    Error,
+    History,
+    MemoryItem,
+    Message,
+    Stats,
+    Transcript,
+)
+
+log = logging.getLogger("omnistream.demo")
+
+MAX_TURNS_SHOWN = 20
+
+
+@dataclass
+class Turn:
+    """One question and its answer as it streams (text deltas, spoken audio chunks)."""
+
+    turn: str
+    question: str
+    asked_ts: float
+    spoken_question: bool = False
+    text: str = ""
+    done: AnswerDone | None = None
+    audio: list[np.ndarray] = field(default_factory=list)
+    audio_rate: int = 24000
+    audio_final: bool = False
+    flushed: bool = False
+
+
+def wav_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
+    """float32 (N,) -> a 16-bit WAV file in memory (what Gradio's streaming audio output plays)."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.asarray(pcm, np.float32), sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+class DemoSession:
+    """Connection and live state of one browser tab; ``close()`` when the tab goes away."""
+
+    def __init__(self, run_dir: Path, timeout_s: float = 30.0):
+        self.session = f"web-{uuid.uuid4().hex[:8]}"
+        self.client = Client.connect(run_dir, session=self.session, timeout_s=timeout_s)
+        self.lock = threading.Lock()  # guards the client's request socket
+        self.changed = threading.Condition()
+        self.started = time.monotonic()
+        self.turns: dict[str, Turn] = {}
+        self.alerts: deque[str] = deque(maxlen=50)
+        self.watches: dict[str, str] = {}
+        self.heard: deque[Transcript] = deque(maxlen=20)
+        self.stats: dict[str, Stats] = {}
+        self.errors: deque[str] = deque(maxlen=5)
+        self.timeline: list[MemoryItem] = []  # the records shown in the page's timeline, in order
+        self.frames_sent = 0
+        self.audio_sent_s = 0.0
+        self.recording: threading.Thread | None = None
+        self.stop_recording = threading.Event()
+        self.running = True
+        self.reader = threading.Thread(target=self._read_events, name=f"demo-{self.session}", daemon=True)
+        self.reader.start()
+        log.info("demo session opened", extra={"session": self.session})
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def close(self) -> None:
+        self.running = False
+        self.stop_recording.set()
+        self.reader.join(timeout=2)
+        with self.lock:
+            self.client.close()
+        log.info("demo session closed", extra={"session": self.session})
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _read_events(self) -> None:
+        while self.running:
+            events = self.client.poll_events(0.1)
+            if events:
+                with self.changed:
+                    for event in events:
+                        self._file(event)
+                    self.changed.notify_all()
+
+    def _file(self, event: Message) -> None:
+        if isinstance(event, Stats):
+            self.stats[event.stage] = event
+            return
+        if event.session != self.session:
+            return
+        if isinstance(event, AnswerDelta | AnswerDone | AudioOut):
+            turn = self.turns.get(event.turn)
+            if turn is None:  # a question the speech stage asked from the microphone
+                turn = self.turns[event.turn] = Turn(event.turn, "(spoken question)", event.ts, True)
+            if isinstance(event, AnswerDelta):
+                turn.text += event.text
+            elif isinstance(event, AnswerDone):
+                turn.done = event
+            else:
+                if event.pcm is not None and len(event.pcm):
+                    turn.audio.append(np.asarray(event.pcm, np.float32))
+                    turn.audio_rate = event.sample_rate
+                turn.flushed = turn.flushed or event.flush
+                turn.audio_final = turn.audio_final or event.final or event.flush
+        elif isinstance(event, Transcript) and event.final:
+            self.heard.append(event)
+            if event.speaker == "user" and event.turn in self.turns:
+                self.turns[event.turn].question = event.text
+        elif isinstance(event, Error):
+            self.errors.append(f"[{event.code}] {event.message}")
+        elif isinstance(event, Alert):
+            name = self.watches.get(event.watch_id, "watch")
+            self.alerts.appendleft(f"{clock(event.ts)} **{name}**: {event.text}")
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def push_frame(self, rgb: np.ndarray, ts: float | None = None) -> None:
+        """Send an RGB uint8 (H, W, 3) frame at stream time ``ts`` (default: now)."""
+        image = np.ascontiguousarray(rgb, np.uint8)
+        with self.lock:
+            if self.client.push_frame(image, ts=self.now() if ts is None else ts, index=self.frames_sent):
+                self.frames_sent += 1
+
+    def push_audio(
+        self, pcm: np.ndarray, sample_rate: int, channel: str = "user", ts: float | None = None
+    ) -> None:
+        """Send mono PCM (float32 or int16 (N,)) at ``sample_rate`` Hz."""
+        with self.lock:
+            if self.client.push_audio(pcm, sample_rate, ts=self.now() if ts is None else ts, channel=channel):
+                self.audio_sent_s += len(pcm) / sample_rate
+
+    def ask(self, question: str) -> Turn:
+        """Send a typed question; raises ``ClientError`` with the gateway's reason if refused."""
+        ts = self.now()
+        with self.lock:
+            turn_id = self.client.send_ask(question, ts, speak=True)
+        with self.changed:
+            return self.turns.setdefault(turn_id, Turn(turn_id, question, ts))
+
+    def watch(self, condition: str) -> str:
+        with self.lock:
+            watch_id = self.client.watch(condition, ts=self.now())
+        self.watches[watch_id] = condition
+        return watch_id
+
+    def interrupt(self) -> None:
+        with self.lock:
+            self.client.interrupt(ts=self.now())
+
+    def history(self) -> History:
+        with self.lock:
+            return self.client.history(0.0, self.now() + 1.0)
+
+    def stream_recording(self, path: Path, max_fps: float = 10.0) -> None:
+        """Replay a recording into this session (instead of the camera), paced in real time."""
+        from omnistream.perception.sources import AUDIO_RATE, MediaReader
+
+        self.stop_recording.set()
+        if self.recording is not None:
+            self.recording.join(timeout=2)
+        reader = MediaReader(path, max_fps=max_fps)  # raises MediaError naming a bad file
+        self.stop_recording = stop = threading.Event()
+        offset = self.now()
+
+        def play() -> None:
+            start = time.monotonic()
+            for item in reader:
+                wait = start + item.ts - time.monotonic()
+                if stop.wait(max(wait, 0.0)) or not self.running:
+                    return
+                if item.kind == "video":
+                    self.push_frame(item.data, ts=offset + item.ts)
+                else:
+                    self.push_audio(item.data, AUDIO_RATE, channel="scene", ts=offset + item.ts)
+
+        self.recording = threading.Thread(target=play, name=f"replay-{self.session}", daemon=True)
+        self.recording.start()
+
+    def wait_for_change(self, timeout_s: float) -> None:
+        with self.changed:
+            self.changed.wait(timeout_s)
+
+
+def clock(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def safe(call, default=None):
+    """Run a request for the page; a refused or unanswered one becomes a logged, shown error."""
+    try:
+        return call()
+    except ClientError as exc:
+        log.warning("request failed: %s", exc)
+        return default
