@@ -15,12 +15,12 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # convert recordings, only where apt is available and we may use it. pocketsphinx-testdata holds
 # LibriVox clips with reference text that the speech tests transcribe. Node.js runs the example
 # client in another language (examples/node), which the tests exercise. opencv-doc holds the sample
-# images and videos the perception tests recognise.
-if command -v apt-get >/dev/null && { ! command -v ffmpeg >/dev/null || [ ! -d /usr/share/pocketsphinx/test/data/librivox ] || ! command -v npm >/dev/null || [ ! -d /usr/share/doc/opencv-doc/examples/data ]; }; then
+# images and videos the perception tests recognise. chromium runs the demo page's browser test.
+if command -v apt-get >/dev/null && { ! command -v ffmpeg >/dev/null || [ ! -d /usr/share/pocketsphinx/test/data/librivox ] || ! command -v npm >/dev/null || [ ! -d /usr/share/doc/opencv-doc/examples/data ] || ! command -v chromium >/dev/null; }; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
   if $SUDO true 2>/dev/null; then
-    echo "== installing Debian packages: ffmpeg pocketsphinx-testdata nodejs npm opencv-doc"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg pocketsphinx-testdata nodejs npm opencv-doc >/dev/null
+    echo "== installing Debian packages: ffmpeg pocketsphinx-testdata nodejs npm opencv-doc chromium"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg pocketsphinx-testdata nodejs npm opencv-doc chromium >/dev/null
   else
     echo "== skipping Debian packages (no root); install ffmpeg yourself if you want the CLI tool"
   fi
@@ -31,7 +31,7 @@ echo "== installing Python packages into .venv"
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
 # torch first and pinned: on a CPU machine a looser requirement pulls a multi-GB CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/pip install -q --disable-pip-version-check -e ".[cpu,dev,detectors]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[cpu,dev,detectors,demo]"
 # rapidocr-onnxruntime requires the GUI opencv-python, which shares cv2/ with the headless build we
 # use: install it without dependencies (its small ones are in the detectors extra).
 .venv/bin/pip install -q --disable-pip-version-check --no-deps "rapidocr-onnxruntime>=1.4"
