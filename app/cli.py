@@ -109,11 +109,42 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if args.json:
         print(json.dumps(launcher.status_rows()), flush=True)
-    else:
-        console.print(_stage_table(launcher.status_rows(), f"omnistream running in {launcher.run_dir}"))
-        console.print("Ctrl-C stops everything.")
-    launcher.run_forever()
+        launcher.run_forever()
+        return 0
+    _supervise_with_live_table(launcher)
     return 0
+
+
+def _supervise_with_live_table(launcher) -> None:
+    """Supervise until Ctrl-C under a table of the stages (state, restarts, rates) redrawn twice a second."""
+    from rich.live import Live
+
+    from omnistream.app.client import Client
+    from omnistream.protocol.messages import Stats
+
+    monitor = Client(launcher.addresses)  # only its event socket is read: every stage's Stats
+    latest: dict[str, Stats] = {}
+
+    def table() -> Table:
+        rows = launcher.status_rows()
+        for row in rows:
+            stats = latest.get(row["stage"])
+            rates = sorted(stats.rates.items()) if stats else []
+            row["rates /s"] = ", ".join(f"{k} {v:.1f}" for k, v in rates if v >= 0.05)
+        return _stage_table(rows, f"omnistream running in {launcher.run_dir} (Ctrl-C stops everything)")
+
+    with Live(table(), console=console, refresh_per_second=2) as live:
+
+        def refresh() -> None:
+            for event in monitor.poll_events(0):
+                if isinstance(event, Stats):
+                    latest[event.stage] = event
+            live.update(table())
+
+        try:
+            launcher.run_forever(on_tick=refresh)
+        finally:
+            monitor.close()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
