@@ -47,6 +47,14 @@ class FrameEncoder(Protocol):
         ...
 
 
+def stack_frames(frames: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) frames of one shape -> uint8 (B, H, W, 3) tensor."""
+    shapes = {frame.shape for frame in frames}
+    if len(shapes) != 1:
+        raise ValueError(f"frames of one batch must share one shape, got {sorted(shapes)}")
+    return torch.from_numpy(np.stack(frames))
+
+
 class EfficientNetLiteEncoder:
     """EfficientNet-Lite0: 224x224 centre crop, RGB scaled to [-1, 1] (mean = std = 0.5)."""
 
@@ -63,7 +71,7 @@ class EfficientNetLiteEncoder:
 
     @torch.inference_mode()
     def encode(self, frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        batch = torch.from_numpy(np.stack(frames)).to(self.device)
+        batch = stack_frames(frames).to(self.device)
         pixels = ops.frame_preprocess(batch, self.input_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         features, logits = self.model(pixels)
         features = torch.nn.functional.normalize(features, dim=-1)
@@ -104,7 +112,7 @@ class VisionTowerEncoder:
 
     @torch.inference_mode()
     def encode(self, frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        batch = torch.from_numpy(np.stack(frames)).to(self.device)
+        batch = stack_frames(frames).to(self.device)
         pixels = ops.frame_preprocess(batch, self.input_size, self.mean, self.std)
         pixels = pixels.to(next(self.model.parameters()).dtype)
         if hasattr(self.model, "get_image_features"):
