@@ -11,6 +11,7 @@ gets its own omnistream session (``DemoSession``).
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -267,8 +268,13 @@ def build_page(run_dir: Path) -> gr.Blocks:
     return page
 
 
+def _stop(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 7860, open_browser: bool = False) -> None:
-    """Serve the page until Ctrl-C."""
+    """Serve the page until Ctrl-C or SIGTERM (both end in a clean shutdown)."""
+    signal.signal(signal.SIGTERM, _stop)
     page = build_page(run_dir)
     page.queue(default_concurrency_limit=None).launch(
         server_name=host, server_port=port, inbrowser=open_browser, show_error=True, quiet=True
