@@ -9,7 +9,8 @@ is ``torch.topk`` (scores are 1/(kv_heads * head_dim) of the key bytes, so it is
 
 Gather: one program moves ``BLOCK_T`` tokens of one KV head of one selected block of one layer,
 rotating the key pairs (x1, x2) = (first half, second half) by ``delta * inv_freq`` in float32
-and copying the values, straight into the output cache.
+(libdevice sin/cos on the GPU: a fast approximate sine is far off at 1e5 radians) and copying
+the values, straight into the output cache.
 Import this module only where triton is installed.
 """
 
@@ -20,11 +21,17 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from omnistream.kernels.reference import check_out, check_scores_args, gather_layout
 
 _BLOCK_N = 64
 _BLOCK_T = 32
+
+
+def _interpreting() -> bool:
+    """Under TRITON_INTERPRET the kernels run in numpy: no libdevice, and bf16 dots are wrong."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -179,6 +186,7 @@ def _gather_kernel(
     sov_d,
     HALF: tl.constexpr,
     HAS_SRC: tl.constexpr,
+    PRECISE_TRIG: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
@@ -197,8 +205,12 @@ def _gather_kernel(
         delta -= tl.load(src_ptr + block) + t
     inv_freq = tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
     angle = delta.to(tl.float32)[:, None] * inv_freq[None, :]
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
+    if PRECISE_TRIG:  # full-range argument reduction: angles reach 1e5 radians
+        cos = libdevice.cos(angle)
+        sin = libdevice.sin(angle)
+    else:
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
     tok = t.to(tl.int64)[:, None]
     src_k = k_ptr + layer * sk_l + block * sk_b + head * sk_h + tok * sk_t + i[None, :] * sk_d
     x1 = tl.load(src_k, mask=mask, other=0.0).to(tl.float32)
@@ -259,6 +271,7 @@ def gather_rerotate(
         *out_v.stride(),
         HALF=head_dim // 2,
         HAS_SRC=src_starts is not None,
+        PRECISE_TRIG=not _interpreting(),
         BLOCK_T=_BLOCK_T,
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
     )
