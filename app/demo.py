@@ -56,11 +56,9 @@ def render_turn(turn: Turn, streaming: bool = False) -> str:
 def to_mono_float(pcm: np.ndarray) -> np.ndarray:
     """Browser audio (int16 or float, mono or (N, channels)) -> float32 (N,) in [-1, 1]."""
     audio = np.asarray(pcm)
-    if audio.ndim == 2:
-        audio = audio.mean(axis=1)
-    if np.issubdtype(audio.dtype, np.integer):
-        return (audio.astype(np.float32) / np.iinfo(audio.dtype).max).astype(np.float32)
-    return audio.astype(np.float32)
+    scale = float(np.iinfo(audio.dtype).max) if np.issubdtype(audio.dtype, np.integer) else 1.0
+    audio = audio.astype(np.float32) / scale
+    return audio.mean(axis=1, dtype=np.float32) if audio.ndim == 2 else audio
 
 
 # -- handlers ---------------------------------------------------------------------------------------
@@ -224,7 +222,7 @@ def build_page(run_dir: Path) -> gr.Blocks:
                     )
                     watch = gr.Button("Watch", scale=1, elem_id="watch")
                 alerts = gr.Markdown(elem_id="alerts")
-        with gr.Accordion("Conversation", open=False):
+        with gr.Accordion("Conversation (typed and spoken questions, newest first)", open=True):
             conversation = gr.Markdown(elem_id="conversation")
         stats = gr.Dataframe(headers=STATS_COLUMNS, label="Stages (live)", elem_id="stats", interactive=False)
         with gr.Row():

@@ -88,6 +88,10 @@ class DemoSession:
         self.reader.start()
         log.info("demo session opened", extra={"session": self.session})
 
+    def __deepcopy__(self, _memo: dict) -> DemoSession:
+        """Gradio deep-copies state values; a live connection is shared, never copied."""
+        return self
+
     def now(self) -> float:
         return time.monotonic() - self.started
 
@@ -118,8 +122,10 @@ class DemoSession:
             return
         if isinstance(event, AnswerDelta | AnswerDone | AudioOut):
             turn = self.turns.get(event.turn)
-            if turn is None:  # a question the speech stage asked from the microphone
-                turn = self.turns[event.turn] = Turn(event.turn, "(spoken question)", event.ts, True)
+            if turn is None:  # a question the speech stage asked from the microphone: its words
+                said = [t for t in self.heard if t.speaker == "user"]  # are the last user utterance
+                question = said[-1].text if said else "(spoken question)"
+                turn = self.turns[event.turn] = Turn(event.turn, question, event.ts, True)
             if isinstance(event, AnswerDelta):
                 turn.text += event.text
             elif isinstance(event, AnswerDone):
@@ -132,8 +138,6 @@ class DemoSession:
                 turn.audio_final = turn.audio_final or event.final or event.flush
         elif isinstance(event, Transcript) and event.final:
             self.heard.append(event)
-            if event.speaker == "user" and event.turn in self.turns:
-                self.turns[event.turn].question = event.text
         elif isinstance(event, Error):
             self.errors.append(f"[{event.code}] {event.message}")
         elif isinstance(event, Alert):
