@@ -37,6 +37,8 @@ def _config(args: argparse.Namespace) -> Config:
         overrides["session"] = args.session
     if getattr(args, "model", None):
         overrides["reasoning.model"] = args.model
+    if getattr(args, "source", None):
+        overrides["perception.source"] = args.source
     return load_config(getattr(args, "config", None), overrides)
 
 
@@ -338,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", help="session name (resumes its memory)")
     p.add_argument(
         "--model", help="LLM: qwen2.5-coder-1.5b (default), qwen2.5-coder-0.5b or a local model directory"
+    )
+    p.add_argument(
+        "--source",
+        help="video the perception process reads itself: camera:0 (webcam), a file or a URL (rtsp://...); "
+        "default: frames pushed by clients",
     )
     p.set_defaults(func=cmd_up)
 
