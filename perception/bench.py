@@ -18,6 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 import zmq
 
 INPUT_FPS = 30.0
@@ -82,6 +83,8 @@ def run_live(frames: list[np.ndarray], detectors: bool, progress: Callable[[str]
     }
     launcher = Launcher(load_config(None, overrides), root / "run")
     launcher.start()
+    processes = {name: psutil.Process(child.pid) for name, child in launcher.children.items()}
+    cpu_before = {name: sum(p.cpu_times()[:2]) for name, p in processes.items()}
     sent_at: dict[int, float] = {}
     latencies: list[tuple[float, float]] = []  # (sent wall, latency s)
     last_stats: Stats | None = None
@@ -113,6 +116,7 @@ def run_live(frames: list[np.ndarray], detectors: bool, progress: Callable[[str]
                 sent_at[index] = time.monotonic()
                 client.push_frame(image, ts=(index - 1) / INPUT_FPS, index=index)
             end = time.monotonic()
+            cpu = {name: sum(p.cpu_times()[:2]) - cpu_before[name] for name, p in processes.items()}
             while time.monotonic() - end < 1.5:  # the last percepts and a final Stats
                 if sub.poll(100):
                     _, message = recv(sub)
@@ -143,6 +147,8 @@ def run_live(frames: list[np.ndarray], detectors: bool, progress: Callable[[str]
         "sent": len(frames),
         "keyframes": counters.get("keyframes", 0.0),
         "faces_seen": counters.get("faces_seen", 0.0),
+        # CPU seconds per wall second (cores busy) of each process: load-independent cost.
+        "cores": {name: used / (end - start) for name, used in cpu.items()},
     }
 
 
@@ -195,6 +201,10 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
                 "baseline": result["sent"],
             },
         ]
+        for name, cores in sorted(result["cores"].items()):
+            rows.append(
+                {"name": f"CPU used by the {name} process, {tag}", "value": round(cores, 3), "unit": "cores"}
+            )
         if detectors:
             rows.append(
                 {

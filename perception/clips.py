@@ -9,6 +9,7 @@ stores; people and text seen are added by the stage once the keyframe detectors 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,7 +62,10 @@ def motion_word(motion: float) -> str:
 
 
 def describe(
-    labels: list[Label], people: list[str] = (), text_seen: list[str] = (), motion: float | None = None
+    labels: list[Label],
+    people: Sequence[str] = (),
+    text_seen: Sequence[str] = (),
+    motion: float | None = None,
 ) -> str:
     """'seen: monarch (butterfly), ...; people: person 1 (new); text: "SUDOKU"; still'."""
     parts = ["seen: " + ", ".join(label.name for label in labels)] if labels else []

@@ -72,6 +72,10 @@ class _SessionState:
 
 
 class PerceptionStage:
+    """The stage's logic without sockets: ``handle`` (pushed frames), ``tick`` (encode what is
+    waiting, publish detections, clips and source output), ``stop``. ``publish`` sends a message;
+    ``counters`` are the runtime's (published in ``Stats``)."""
+
     name = "perception"
 
     def __init__(
