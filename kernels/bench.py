@@ -67,18 +67,21 @@ def _numpy_topk(queries: np.ndarray, pooled: np.ndarray) -> np.ndarray:
     return np.stack(ids)
 
 
-def _loop_gather(store: cases.KVStore, ids: list[int], inv_freq: torch.Tensor) -> list[torch.Tensor]:
+def _loop_gather(
+    store: cases.KVStore, ids: list[int], inv_freq: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """What a caller writes by hand: per layer, per block, slice, rotate to its place, concatenate."""
-    keys = []
+    layers = []
     for layer in range(LAYERS):
-        parts, position = [], 0
+        keys, values, position = [], [], 0
         for block in ids:
             n = int(store.lengths[block])
             where = torch.arange(position, position + n)
-            parts.append(reference.rope_rotate(store.keys[layer, block, :, :n], where, inv_freq))
+            keys.append(reference.rope_rotate(store.keys[layer, block, :, :n], where, inv_freq))
+            values.append(store.values[layer, block, :, :n])
             position += n
-        keys.append(torch.cat(parts, dim=1))
-    return keys
+        layers.append((torch.cat(keys, dim=1), torch.cat(values, dim=1)))
+    return layers
 
 
 def _frame_rows(device: torch.device, gpu: bool, batches: list[int], repeat: int) -> list[dict]:

@@ -117,6 +117,8 @@ def block_scores(
     q = queries.float().reshape(layers, kv_heads, q_heads // kv_heads, tokens, head_dim)
     if metric == "cosine":
         q = F.normalize(q, dim=-1)
+    if token_reduce == "mean":  # a mean of dot products is the dot product with the mean query
+        q, tokens = q.mean(dim=3, keepdim=True), 1
     out = torch.empty(layers, blocks, dtype=torch.float32, device=queries.device)
     chunk = max(1, _SCORE_CHUNK_ELEMENTS // (q_heads * tokens))
     for layer in range(layers):
@@ -259,20 +261,30 @@ def gather_rerotate(
     layout = gather_layout(keys, values, block_ids, lengths, inv_freq)
     if out is not None:
         check_out(out, keys, dst_start + layout.total)
-    layers, _, kv_heads, block_tokens, head_dim = keys.shape
-    layer_index = torch.arange(layers, device=keys.device)[:, None]
-    picked_k = keys[layer_index, layout.ids]  # (layers, k, kv_heads, block_tokens, head_dim)
-    picked_v = values[layer_index, layout.ids]
-    token = torch.arange(block_tokens, device=keys.device)
-    valid = token[None, None, :] < layout.lengths[:, :, None]  # (layers, k, block_tokens)
-    delta = dst_start + layout.offsets[:, :, None] + token[None, None, :]
-    if src_starts is not None:
-        delta = delta - (src_starts.to(device=keys.device, dtype=torch.int64)[layout.ids][:, :, None] + token)
-    rotated = rope_rotate(picked_k, delta[:, :, None, :], inv_freq)  # delta (layers, k, 1, block_tokens)
+    layers, total = keys.shape[0], layout.total
+    # One row per gathered token: which block it comes from and its index inside that block.
+    block = torch.repeat_interleave(layout.ids.flatten(), layout.lengths.flatten()).view(layers, total)
+    first_slot = torch.repeat_interleave(layout.offsets.flatten(), layout.lengths.flatten()).view(
+        layers, total
+    )
+    slot = torch.arange(total, device=keys.device).expand(layers, total)
+    token = slot - first_slot
+    layer = torch.arange(layers, device=keys.device)[:, None]
+    picked_k = keys[layer, block, :, token]  # (layers, total, kv_heads, head_dim)
+    picked_v = values[layer, block, :, token]
+    delta = (
+        dst_start
+        + slot
+        - (
+            src_starts.to(device=keys.device, dtype=torch.int64)[block] + token
+            if src_starts is not None
+            else 0
+        )
+    )
+    rotated = rope_rotate(picked_k, delta[:, :, None], inv_freq)  # delta (layers, total, 1)
 
     def compact(picked: torch.Tensor) -> torch.Tensor:
-        tokens_first = picked.transpose(2, 3)[valid]  # (layers * total, kv_heads, head_dim), layer-major
-        return tokens_first.reshape(layers, layout.total, kv_heads, head_dim).transpose(1, 2).contiguous()
+        return picked.transpose(1, 2).contiguous()
 
     if out is None:
         return compact(rotated), compact(picked_v)

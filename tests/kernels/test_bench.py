@@ -28,11 +28,12 @@ def test_numpy_baseline_picks_the_reference_blocks() -> None:
 def test_loop_baseline_gathers_what_the_reference_gathers() -> None:
     store = cases.kv_store(bench.LAYERS, 6, bench.KV_HEADS, 5, 8, torch.float32, seed=6)
     inv_freq = Rope(8, theta=1e6).inv_freq()
-    keys, _ = reference.gather_rerotate(
+    keys, values = reference.gather_rerotate(
         store.keys, store.values, torch.tensor([4, 1]), inv_freq, 0, store.lengths
     )
     loop = bench._loop_gather(store, [4, 1], inv_freq)
-    torch.testing.assert_close(torch.stack(loop), keys)
+    torch.testing.assert_close(torch.stack([k for k, _ in loop]), keys)
+    torch.testing.assert_close(torch.stack([v for _, v in loop]), values)
 
 
 def test_opencv_baseline_is_close_to_the_reference_on_a_smooth_frame() -> None:
