@@ -105,6 +105,8 @@ class LiveSource:
             try:
                 self._read_once(attempt)
                 self._report("ended", f"{self.frames} frames so far")
+            except (ValueError, OSError) as exc:  # ours and PyAV's/OpenCV's name the source already
+                self._report("error", str(exc))
             except Exception as exc:  # reported, never fatal: the stage keeps running
                 self._report("error", f"{self.spec}: {type(exc).__name__}: {exc}")
             attempt += 1
@@ -189,6 +191,7 @@ class StreamSource(LiveSource):
             limiter = RateLimiter(self.sample_fps)
             offset: float | None = None
             pass_end = self._next_ts
+            last_pts = -float("inf")
             wall0 = stream0 = 0.0
             try:
                 for packet in container.demux(*(s for s in (video, audio) if s is not None)):
@@ -207,7 +210,7 @@ class StreamSource(LiveSource):
                             offset = start - pts if (attempt or self.is_url or pts < 0) else 0.0
                             wall0, stream0 = time.monotonic(), pts + offset
                         ts = pts + offset
-                        pass_end = max(pass_end, ts)
+                        pass_end, last_pts = max(pass_end, ts), max(last_pts, pts)
                         if packet.stream is audio:
                             for out in resampler.resample(frame):
                                 if not len(pending):
@@ -226,10 +229,18 @@ class StreamSource(LiveSource):
                         elif not limiter.admit(ts):
                             continue
                         self._deliver(frame.to_ndarray(format="rgb24"), ts)
+                # FFmpeg ends a cut-off file quietly: compare with the duration it declares.
+                declared = (
+                    container.duration / av.time_base if container.duration and not self.is_url else 0.0
+                )
+                declared_end = (container.start_time or 0) / av.time_base + declared
+                if declared and last_pts < declared_end - 1.0:
+                    raise ValueError(
+                        f"{self.spec} is truncated: it ends at {last_pts:.1f} s of the {declared:.1f} s it declares"
+                    )
             except av.error.FFmpegError as exc:
-                raise ValueError(
-                    f"{self.spec} is corrupt or truncated after {pass_end:.2f} s: {exc}"
-                ) from None
+                damage = "broke off" if self.is_url else "is corrupt or truncated"
+                raise ValueError(f"{self.spec} {damage} after {pass_end:.2f} s: {exc}") from None
             finally:
                 if len(pending) and self.on_audio is not None:
                     self.on_audio(pending, pending_ts)
