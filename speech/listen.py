@@ -26,6 +26,10 @@ VAD_WINDOW = 512  # samples at 16 kHz (32 ms), what Silero VAD expects
 STEP_S = VAD_WINDOW / SAMPLE_RATE
 PRE_ROLL_S = 0.3  # audio kept before the VAD fires: whisper mishears clipped onsets
 PAD_S = 0.5
+TAIL_WINDOWS = 3  # non-speech windows (96 ms) kept after the last speech window of an utterance
+# After this much silence the utterance is transcribed speculatively: if no speech follows, that
+# is already the final (the same samples as at the end), so the end-of-turn wait hides the ASR.
+EARLY_FINAL_S = 0.2
 MIN_RATE, MAX_RATE = 4000, 192000
 # Whisper's descriptions of non-speech ("[BLANK_AUDIO]", "(coughs)", "*music*") are not words.
 NON_SPEECH = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*")
@@ -213,7 +217,8 @@ class StreamingTranscriber:
 @dataclass
 class ListenEvent:
     """``kind``: "started" (VAD fired; ``t0`` includes the pre-roll), "partial" (``audio`` is the
-    utterance so far), "ended" (``audio`` is the voiced utterance, None when too short to be
+    utterance so far), "pause" (``EARLY_FINAL_S`` of silence: ``audio`` is what "ended" will carry
+    if no speech follows), "ended" (``audio`` is the voiced utterance, None when too short to be
     speech). Times are stream seconds; ``audio`` is float32 (N,) at 16 kHz, owned by the event."""
 
     kind: str
@@ -248,6 +253,7 @@ class Listener:
     _speech: list[np.ndarray] = field(default_factory=list)
     _speech_t0: float = 0.0
     _silence_s: float = 0.0
+    _voiced_windows: int = 0  # windows up to the last speech window
     _next_partial_s: float = 0.0
     _utterances: int = 0
     in_speech: bool = False
@@ -291,15 +297,21 @@ class Listener:
             self._speech = list(self._pre_roll)
             self._speech_t0 = ts - (len(self._pre_roll) - 1) * STEP_S
             self._silence_s = 0.0
+            self._voiced_windows = len(self._speech)
             self._next_partial_s = self.first_partial_s or self.partial_every_s
             return [ListenEvent("started", self._speech_t0, ts, self._utterances)]
         self._speech.append(window)
         self._silence_s = 0.0 if speech else self._silence_s + STEP_S
+        if speech:
+            self._voiced_windows = len(self._speech)
         end_ts = ts + STEP_S
         heard_s = end_ts - self._speech_t0 - PRE_ROLL_S
         if self._silence_s >= self.min_silence_s or heard_s >= self.max_utterance_s:
             return [self._finish(end_ts)]
-        if self.first_partial_s and heard_s >= self._next_partial_s:
+        silent_windows = len(self._speech) - self._voiced_windows
+        if silent_windows == round(EARLY_FINAL_S / STEP_S) and self._voiced() is not None:
+            return [ListenEvent("pause", self._speech_t0, end_ts, self._utterances, self._voiced())]
+        if self.first_partial_s and heard_s >= self._next_partial_s and not silent_windows:
             self._next_partial_s = heard_s + self.partial_every_s
             return [
                 ListenEvent(
@@ -308,14 +320,18 @@ class Listener:
             ]
         return []
 
+    def _voiced(self) -> np.ndarray | None:
+        """The utterance up to its last speech window plus a short tail; None if too short."""
+        windows = self._speech[: self._voiced_windows + TAIL_WINDOWS]
+        if len(windows) * STEP_S - PRE_ROLL_S < self.min_speech_s:
+            return None
+        return np.concatenate(windows)
+
     def _finish(self, end_ts: float) -> ListenEvent:
-        audio = np.concatenate(self._speech)
-        trailing_silence = int(max(self._silence_s - 0.1, 0.0) * SAMPLE_RATE)
-        voiced = audio[: len(audio) - trailing_silence] if trailing_silence else audio
+        voiced = self._voiced()
         self.in_speech = False
         self._speech, self._pre_roll = [], []
-        too_short = len(voiced) / SAMPLE_RATE - PRE_ROLL_S < self.min_speech_s
-        return ListenEvent("ended", self._speech_t0, end_ts, self._utterances, None if too_short else voiced)
+        return ListenEvent("ended", self._speech_t0, end_ts, self._utterances, voiced)
 
     def flush(self) -> list[ListenEvent]:
         """End of stream: finish an utterance in progress."""

@@ -79,7 +79,11 @@ class Utterance:
     t0: float
     transcriber: StreamingTranscriber
     ended: bool = False
+    end_ts: float | None = None
     echo: bool = False
+    early_samples: int = -2  # length of the audio transcribed speculatively at a pause
+    early_text: str | None = None
+    final_samples: int = -3
 
 
 @dataclass
@@ -230,13 +234,26 @@ class SpeechStage:
 
             self.asr.submit(("partial", key, event.t1), partial, USER_PARTIAL, skip=lambda: utterance.ended)
             return
-        utterance.ended = True
+        assert event.audio is not None or event.kind == "ended"
+        samples = -1 if event.audio is None else len(event.audio)
+        if event.kind == "pause":  # transcribe now what the final will be if the user is done
+            utterance.early_samples, utterance.early_text = samples, None
+            self._submit_final(key, event.audio, skip=lambda: utterance.early_samples != samples)
+            return
+        utterance.ended, utterance.end_ts, utterance.final_samples = True, event.t1, samples
         self.publish(UserSpeech(ts=event.t1, session=session, started=False))
         if event.audio is None:
             self._on_user_final(key, event.t1, "")
-        else:
-            audio = event.audio
-            self.asr.submit(("final", key, event.t1), lambda: self.recognizer.transcribe(audio), USER_FINAL)
+        elif samples != utterance.early_samples:
+            self._submit_final(key, event.audio)
+        elif utterance.early_text is not None:
+            self._on_user_final(key, event.t1, utterance.early_text)
+        # else: the speculative pass is running on exactly this audio; its result is the final
+
+    def _submit_final(self, key: tuple[str, int], audio, skip=lambda: False) -> None:
+        self.asr.submit(
+            ("final", key, len(audio)), lambda: self.recognizer.transcribe(audio), USER_FINAL, skip
+        )
 
     def _on_asr(self, tag: tuple, result, error: BaseException | None) -> None:
         kind = tag[0]
@@ -251,14 +268,23 @@ class SpeechStage:
         elif kind == "partial":
             self._on_user_partial(tag[1], tag[2], " ".join(part for part in result if part))
         else:
-            self._on_user_final(tag[1], tag[2], result)
+            _, key, samples = tag
+            utterance = self.utterances.get(key)
+            if utterance is None:
+                return
+            if utterance.ended:
+                if samples == utterance.final_samples and utterance.end_ts is not None:
+                    self._on_user_final(key, utterance.end_ts, result)
+            elif samples == utterance.early_samples:
+                utterance.early_text = result
 
     def _on_user_partial(self, key: tuple[str, int], t1: float, text: str) -> None:
         utterance = self.utterances.get(key)
         if utterance is None or utterance.echo or not text:
             return
         if self._is_echo(key[0], text):
-            self._on_echo(key, utterance)
+            if len(words(text)) >= 2:  # one common word ("he") is not evidence either way
+                self._on_echo(key, utterance)
             return
         echoing = any(t.heard_by == key and t.echo_heard for t in self.turns.values())
         if echoing and len(words(text)) < ECHO_MIN_WORDS:

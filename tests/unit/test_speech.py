@@ -215,3 +215,18 @@ def test_tts_round_trip_through_asr(recognizer: Recognizer) -> None:
     voice = Voice("heart")
     speech = to_mono_16k(voice.synthesize("The orange is on the table."), voice.sample_rate)
     assert "orange" in recognizer.transcribe(speech).lower()
+
+
+def test_pause_event_carries_exactly_the_final_audio(sample_audio: np.ndarray) -> None:
+    """The speculative transcription at a pause is of the very samples the end brings."""
+    listener = Listener(VoiceActivity())
+    events = []
+    speech = sample_audio[: 8 * 16000]
+    for start in range(0, len(speech), 1600):
+        events += listener.push(speech[start : start + 1600], 16000, start / 16000)
+    events += listener.flush()
+    pauses = [e for e in events if e.kind == "pause"]
+    [ended] = [e for e in events if e.kind == "ended" and e.audio is not None]
+    assert pauses and pauses[-1].utterance == ended.utterance
+    np.testing.assert_array_equal(pauses[-1].audio, ended.audio)
+    assert [e.kind for e in events].index("pause") > [e.kind for e in events].index("started")

@@ -1,0 +1,284 @@
+"""`omnistream bench speech`: ASR speed and accuracy, turn-taking and barge-in latencies.
+
+Rows (see ``app/bench.py`` for the format):
+- ASR real-time factor and WER of faster-whisper on the LibriVox clips of Debian's
+  pocketsphinx-testdata (baseline: the same clips fed through the streaming path, partials included);
+- end of the user's speech -> ``Ask`` (VAD silence + final ASR + grace), ``AnswerDelta`` of a first
+  phrase -> first ``AudioOut`` (TTS), and end of speech -> first audio with an instant answer:
+  the speech stage's own share of the response time (the LLM's first phrase comes on top);
+- barge-in over >= 20 trials while an answer plays: VAD firing -> audio stopped (flush sent, last
+  chunk), user speech onset -> audio stopped, onset -> ``Interrupt`` (words confirmed);
+- false interruptions (150 ms of voice, no word) that resumed the answer.
+The stage runs in this process with the real models and microphone audio fed in real time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from omnistream.protocol.config import SpeechConfig
+from omnistream.protocol.messages import (
+    AnswerDelta,
+    AnswerDone,
+    Ask,
+    AudioChunk,
+    AudioOut,
+    Interrupt,
+    Message,
+    UserSpeech,
+)
+from omnistream.speech.listen import (
+    Recognizer,
+    StreamingTranscriber,
+    word_error_rate,
+)
+from omnistream.speech.speak import Voice
+from omnistream.speech.stage import SpeechStage
+
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+ANSWER = "You saw a monarch butterfly at the start. Then the reader said he might have been made amiable."
+RATE = 16000
+STEP_S = 0.02
+
+
+def librivox() -> list[tuple[np.ndarray, str]]:
+    clips = []
+    for line in (LIBRIVOX / "transcription").read_text().splitlines():
+        match = re.fullmatch(r"<s> (.*) </s> \((.*)\)", line.strip())
+        if match:
+            audio, rate = soundfile.read(LIBRIVOX / f"{match.group(2)}.wav", dtype="float32")
+            assert rate == RATE
+            clips.append((audio, match.group(1)))
+    return clips
+
+
+def voiced_span(audio: np.ndarray, threshold: float = 0.02) -> tuple[int, int]:
+    """First and last sample of the 10 ms frames whose RMS exceeds ``threshold``: the true onset
+    and end of speech in a clip."""
+    frames = audio[: len(audio) // 160 * 160].reshape(-1, 160)
+    loud = np.flatnonzero(np.sqrt((frames**2).mean(axis=1)) > threshold)
+    return int(loud[0]) * 160, int(loud[-1] + 1) * 160
+
+
+def percentile_rows(name: str, values: list[float], unit: str = "ms") -> list[dict]:
+    array = np.asarray(values) * 1000.0
+    return [
+        {"name": f"{name} p50", "value": float(np.percentile(array, 50)), "unit": unit, "n": len(values)},
+        {"name": f"{name} p95", "value": float(np.percentile(array, 95)), "unit": unit, "n": len(values)},
+    ]
+
+
+class Driver:
+    """Runs a ``SpeechStage`` like the runtime loop; records (wall time, message) published."""
+
+    def __init__(self, recognizer: Recognizer, voice: Voice, config: SpeechConfig):
+        self.out: list[tuple[float, Message]] = []
+        self.counters: dict[str, float] = defaultdict(float)
+        self.stage = SpeechStage(config, recognizer, voice, self._publish, self.counters)
+        self.mic_ts = 0.0
+
+    def _publish(self, message: Message) -> None:
+        self.out.append((time.monotonic(), message))
+        if isinstance(message, Ask):  # the bus would bring our own Ask back
+            self.stage.handle(message)
+
+    def mic(self, audio: np.ndarray) -> list[float]:
+        """Feed 20 ms chunks in real time; returns the wall time each chunk was fed."""
+        step = int(STEP_S * RATE)
+        start = time.monotonic()
+        walls = []
+        for index, offset in enumerate(range(0, len(audio), step)):
+            walls.append(time.monotonic())
+            chunk = AudioChunk(
+                ts=self.mic_ts, pcm=audio[offset : offset + step], sample_rate=RATE, channel="user"
+            )
+            self.stage.handle(chunk)
+            self.stage.tick()
+            self.mic_ts += step / RATE
+            time.sleep(max(start + (index + 1) * STEP_S - time.monotonic(), 0.0))
+        return walls
+
+    def silence_until(self, condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError("speech bench: the stage did not respond in time")
+            self.mic(np.zeros(int(STEP_S * RATE), np.float32))
+
+    def first(
+        self, kind: type, after: float, where: Callable[[Message], bool] = lambda m: True
+    ) -> float | None:
+        return next(
+            (wall for wall, m in self.out if wall >= after and isinstance(m, kind) and where(m)), None
+        )
+
+    def answer(self, turn: str) -> None:
+        self.stage.handle(AnswerDelta(turn=turn, text=ANSWER))
+        self.stage.handle(AnswerDone(turn=turn, text=ANSWER))
+
+    def finished(self, turn: str) -> bool:
+        return any(isinstance(m, AudioOut) and m.turn == turn and m.final for _, m in self.out)
+
+
+def asr_rows(recognizer: Recognizer, clips: list[tuple[np.ndarray, str]]) -> list[dict]:
+    audio_s = sum(len(a) for a, _ in clips) / RATE
+    start = time.monotonic()
+    hypotheses = [recognizer.transcribe(audio) for audio, _ in clips]
+    batch_s = time.monotonic() - start
+    # Streaming: a partial every second of audio (LocalAgreement), then the final pass.
+    start = time.monotonic()
+    for audio, _ in clips:
+        transcriber = StreamingTranscriber(recognizer)
+        for end in range(RATE, len(audio), RATE):
+            transcriber.insert_audio(audio[len(transcriber.audio) : end])
+            transcriber.process_iter()
+        transcriber.insert_audio(audio[len(transcriber.audio) :])
+        transcriber.finish()
+    streaming_s = time.monotonic() - start
+    words = sum(len(reference.split()) for _, reference in clips)
+    errors = sum(
+        word_error_rate(ref, hyp) * len(ref.split()) for (_, ref), hyp in zip(clips, hypotheses, strict=True)
+    )
+    return [
+        {"name": "ASR tiny.en real-time factor, final pass", "value": batch_s / audio_s, "unit": "x"},
+        {
+            "name": "ASR tiny.en real-time factor, streaming (a partial every 1 s + final)",
+            "value": streaming_s / audio_s,
+            "unit": "x",
+            "baseline_name": "final pass only",
+            "baseline": batch_s / audio_s,
+        },
+        {
+            "name": f"ASR tiny.en WER, LibriVox ({len(clips)} clips, {words} words)",
+            "value": errors / words,
+            "unit": "ratio",
+        },
+    ]
+
+
+def captured_at(walls: list[float], sample: int) -> float:
+    """Wall time a microphone captured ``sample``: chunks are fed when they are complete, so the
+    chunk holding it started 20 ms before it was fed."""
+    step = int(STEP_S * RATE)
+    return walls[sample // step] - STEP_S + (sample % step) / RATE
+
+
+def response_rows(driver: Driver, clips: list[tuple[np.ndarray, str]], trials: int) -> list[dict]:
+    to_ask, to_audio, tts_first = [], [], []
+    lead_in = np.zeros(RATE // 4, np.float32)
+    for trial in range(trials):
+        audio, _ = clips[trial % len(clips)]
+        _, end = voiced_span(audio)
+        walls = driver.mic(np.concatenate([lead_in, audio]))
+        end_wall = captured_at(walls, len(lead_in) + end)
+        driver.silence_until(lambda w=end_wall: driver.first(Ask, w) is not None)
+        ask_wall, ask = next((wall, m) for wall, m in driver.out if wall >= end_wall and isinstance(m, Ask))
+        phrase_wall = time.monotonic()
+        driver.answer(ask.turn)
+        driver.silence_until(lambda t=ask.turn: driver.finished(t))
+        first_audio = driver.first(
+            AudioOut, ask_wall, lambda m, t=ask.turn: m.turn == t and m.pcm is not None
+        )
+        assert first_audio is not None
+        to_ask.append(ask_wall - end_wall)
+        to_audio.append(first_audio - end_wall)
+        tts_first.append(first_audio - phrase_wall)
+    return (
+        percentile_rows("end of user speech -> Ask (VAD silence + final ASR + grace)", to_ask)
+        + percentile_rows("first phrase text -> first AudioOut (TTS)", tts_first)
+        + percentile_rows("end of user speech -> first assistant audio, instant answer", to_audio)
+    )
+
+
+def barge_in_rows(driver: Driver, clips: list[tuple[np.ndarray, str]], trials: int) -> list[dict]:
+    vad_to_stop, vad_to_last, onset_to_stop, onset_to_interrupt = [], [], [], []
+    rng = np.random.default_rng(0)
+    for trial in range(trials):
+        turn = f"barge-{trial}"
+        driver.stage.handle(Ask(turn=turn, question="What did you see?", audio_rate=RATE))
+        driver.answer(turn)
+        barge_at = time.monotonic() + rng.uniform(0.4, 1.2)  # somewhere in the first phrase
+        driver.silence_until(lambda at=barge_at: time.monotonic() > at)
+        audio, _ = clips[trial % len(clips)]
+        onset, _ = voiced_span(audio)
+        speech = audio[max(onset - RATE // 10, 0) :]  # 100 ms before the onset, then the words
+        walls = driver.mic(speech[: int(1.5 * RATE)])
+        onset_wall = captured_at(walls, min(onset, RATE // 10))
+        driver.silence_until(lambda t=turn: driver.finished(t) and not driver.stage.utterances)
+        vad = driver.first(UserSpeech, onset_wall - 0.2, lambda m: m.started)
+        stop = driver.first(AudioOut, onset_wall - 0.2, lambda m, t=turn: m.turn == t and m.flush)
+        interrupt = driver.first(Interrupt, onset_wall - 0.2, lambda m, t=turn: m.turn == t)
+        last_audio = max(
+            w for w, m in driver.out if isinstance(m, AudioOut) and m.turn == turn and m.pcm is not None
+        )
+        if vad is None or stop is None or interrupt is None:
+            raise RuntimeError(f"speech bench: trial {trial} did not barge in")
+        vad_to_stop.append(stop - vad)
+        vad_to_last.append(max(last_audio - vad, 0.0))
+        onset_to_stop.append(max(last_audio, stop) - onset_wall)
+        onset_to_interrupt.append(interrupt - onset_wall)
+    return (
+        percentile_rows("barge-in: VAD fires -> flush sent", vad_to_stop)
+        + percentile_rows("barge-in: VAD fires -> last assistant audio chunk sent", vad_to_last)
+        + percentile_rows("barge-in: user speech onset -> assistant audio stopped", onset_to_stop)
+        + percentile_rows("barge-in: user speech onset -> Interrupt (words heard)", onset_to_interrupt)
+    )
+
+
+def false_interruption_rows(driver: Driver, clips: list[tuple[np.ndarray, str]], trials: int) -> list[dict]:
+    resumed = 0
+    for trial in range(trials):
+        turn = f"noise-{trial}"
+        driver.stage.handle(Ask(turn=turn, question="What did you see?", audio_rate=RATE))
+        driver.answer(turn)
+        before = dict(driver.counters)
+        noise_at = time.monotonic() + 0.6
+        driver.silence_until(lambda at=noise_at: time.monotonic() > at)
+        audio, _ = clips[trial % len(clips)]
+        onset, _ = voiced_span(audio)
+        driver.mic(audio[onset : onset + int(0.15 * RATE)])
+        driver.silence_until(lambda t=turn: driver.finished(t) and not driver.stage.utterances)
+        paused = driver.counters["barge_in_pauses"] - before.get("barge_in_pauses", 0)
+        resumes = driver.counters["false_interruptions"] - before.get("false_interruptions", 0)
+        spoken = any(
+            isinstance(m, AudioOut) and m.turn == turn and m.final and not m.flush for _, m in driver.out
+        )
+        resumed += int(paused > 0 and resumes > 0 and spoken)
+    return [
+        {
+            "name": "false interruptions (150 ms of voice) that paused and resumed the answer",
+            "value": resumed,
+            "unit": f"of {trials}",
+        }
+    ]
+
+
+def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
+    clips = librivox()
+    progress("speech: loading whisper tiny.en, Silero VAD, hibari")
+    recognizer = Recognizer("tiny.en")
+    voice = Voice("heart")
+    rows = asr_rows(recognizer, clips)
+    driver = Driver(recognizer, voice, SpeechConfig())
+    try:
+        progress("speech: end of user speech -> first audio")
+        rows += response_rows(driver, clips, 5 if quick else 20)
+    finally:
+        driver.stage.stop()
+    # Barge-in trials answer scripted turns only: the interrupting words do not become questions.
+    driver = Driver(recognizer, voice, SpeechConfig(ask_on_user_speech=False))
+    try:
+        progress("speech: barge-in")
+        rows += barge_in_rows(driver, clips, 20)
+        progress("speech: false interruptions")
+        rows += false_interruption_rows(driver, clips, 3 if quick else 10)
+    finally:
+        driver.stage.stop()
+    return rows
