@@ -101,6 +101,7 @@ class PerceptionStage:
         self._audio: deque[tuple[np.ndarray, float]] = deque()  # filled by the source thread
         self._pending_keyframes: set[tuple[str, float]] = set()  # (session, ts) at the detectors
         self._received = self._skipped = 0
+        self.idle_close_s = IDLE_CLOSE_S
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -185,8 +186,8 @@ class PerceptionStage:
         self._release_clips()
         now = time.monotonic()
         for session, state in list(self.sessions.items()):
-            if state.last_frame_wall and now - state.last_frame_wall > IDLE_CLOSE_S:
-                self._flush(session)
+            if state.last_frame_wall and now - state.last_frame_wall > self.idle_close_s:
+                self._flush(session, wait=False)
         dropped = self.slot.dropped + self._skipped + self.counters.get("dropped_in", 0.0)
         self.counters["frames_received"] = self._received + self.counters.get("dropped_in", 0.0)
         self.counters["frames_dropped"] = dropped
@@ -307,16 +308,18 @@ class PerceptionStage:
                 )
                 self.publish(Error(code=f"source_{event.kind}", message=message, session=self.session))
 
-    def _flush(self, session: str) -> None:
+    def _flush(self, session: str, wait: bool = True) -> None:
+        """Close the session's open clip. ``wait``: block until the detectors are done (at the
+        end); otherwise the clip is held until they are, and the loop goes on."""
         state = self.sessions.get(session)
         if state is None:
             return
         if state.segmenter.has_open_clip():
             state.held.append((state.segmenter.close(), time.monotonic()))
-        if self.detectors is not None:
+        if wait and self.detectors is not None:
             self.detectors.wait_idle(MAX_CLIP_HOLD_S)
             self._collect_detections()
-        self._release_clips(force=True)
+        self._release_clips(force=wait)
         state.last_frame_wall = 0.0
 
     def stop(self) -> None:

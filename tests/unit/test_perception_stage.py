@@ -115,6 +115,27 @@ def test_pushed_frames_are_encoded_newest_first_and_counted(encoder) -> None:
         harness.stage.handle(VideoFrame(image=np.zeros((4, 4), np.uint8)))
 
 
+def test_a_paused_stream_closes_its_clip_without_blocking(encoder) -> None:
+    import cv2
+
+    harness = Harness(encoder, max_fps=0.0, faces=True)
+    harness.stage.idle_close_s = 0.2
+    orange = cv2.cvtColor(cv2.imread(str(OPENCV_DATA / "orange.jpg")), cv2.COLOR_BGR2RGB)
+    for index in range(3):
+        harness.stage.handle(VideoFrame(ts=index * 0.1, image=orange, index=index))
+        harness.stage.tick()
+    assert harness.of(Clip) == []
+    deadline = time.monotonic() + 30
+    while not harness.of(Clip) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        harness.stage.tick()  # closes the clip, then publishes it once its keyframe is read
+    (clip,) = harness.of(Clip)
+    assert (clip.t0, clip.ts, clip.n_frames, clip.faces) == (0.0, 0.2, 3, [])
+    assert clip.description == "seen: orange (fruit); still"
+    assert harness.counters["detections"] == 1
+    harness.stage.detectors.close()
+
+
 def test_scene_cuts_fall_on_the_dev_episode_boundaries(encoder) -> None:
     episode = json.loads((DEV_EPISODE / "episode.json").read_text())
     boundaries = [s["t0"] for s in episode["segments"] if 0 < s["t0"] < 80]
