@@ -88,7 +88,7 @@ def run_live(frames: list[np.ndarray], detectors: bool, progress: Callable[[str]
     sent_at: dict[int, float] = {}
     latencies: list[tuple[float, float]] = []  # (sent wall, latency s)
     last_stats: Stats | None = None
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sub = make_socket(ctx, zmq.SUB, hwm=100_000)
     try:
         assert launcher.addresses is not None

@@ -75,6 +75,10 @@ class LiveSource:
         self._stop.set()
         self._thread.join(timeout=5.0)
 
+    def _read_once(self, attempt: int) -> None:
+        """Open the source and deliver until it ends (return) or fails (raise)."""
+        raise NotImplementedError
+
     def _report(self, kind: str, detail: str = "") -> None:
         with self._lock:
             self._events.append(SourceEvent(kind, self.spec, detail))
@@ -198,8 +202,9 @@ class StreamSource(LiveSource):
                     if self._stop.is_set():
                         return
                     for frame in packet.decode():
-                        if frame.pts is None:
+                        if not isinstance(frame, av.VideoFrame | av.AudioFrame) or frame.pts is None:
                             continue
+                        assert frame.time_base is not None  # decoded frames carry their stream's
                         pts = float(frame.pts * frame.time_base)
                         if offset is None:  # a file starts at its own time, a URL at time since start
                             start = (
@@ -211,7 +216,8 @@ class StreamSource(LiveSource):
                             wall0, stream0 = time.monotonic(), pts + offset
                         ts = pts + offset
                         pass_end, last_pts = max(pass_end, ts), max(last_pts, pts)
-                        if packet.stream is audio:
+                        if isinstance(frame, av.AudioFrame):
+                            assert self.on_audio is not None  # audio is only demuxed with a sink
                             for out in resampler.resample(frame):
                                 if not len(pending):
                                     pending_ts = ts

@@ -39,7 +39,7 @@ def _video(path: str, max_fps: float) -> Iterator[MediaEvent]:
         min_gap = 1.0 / max_fps if max_fps > 0 else 0.0
         last = -1e9
         for frame in container.decode(stream):
-            if frame.pts is None:
+            if frame.pts is None or frame.time_base is None:
                 continue
             ts = float(frame.pts * frame.time_base)
             if ts - last + 1e-6 < min_gap:
@@ -66,7 +66,7 @@ def _audio(path: str) -> Iterator[MediaEvent]:
 
         for frame in container.decode(container.streams.audio[0]):
             for out in resampler.resample(frame):
-                if not len(pending) and out.pts is not None:
+                if not len(pending) and out.pts is not None and out.time_base is not None:
                     pending_ts = float(out.pts * out.time_base)
                 pending = np.concatenate([pending, out.to_ndarray().reshape(-1).astype(np.float32)])
             yield from drain(final=False)
