@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -84,79 +85,40 @@ def _loop_gather(
     return layers
 
 
+def _row(name: str, value: float, baseline_name: str, baseline: float) -> dict:
+    return {"name": name, "value": value, "unit": "ms", "baseline_name": baseline_name, "baseline": baseline}
+
+
 def _frame_rows(device: torch.device, gpu: bool, batches: list[int], repeat: int) -> list[dict]:
     rows = []
     for batch in batches:
         frames = cases.frames(batch, FRAME_H, FRAME_W, device=device)
         name = f"frame_preprocess {batch}x{FRAME_W}x{FRAME_H} -> {FRAME_SIZE}"
-
-        def run_reference(frames=frames):
-            return reference.frame_preprocess(frames, FRAME_SIZE, MEAN, STD)
-
-        ref_ms = timed_ms(run_reference, device, repeat)
+        args = (frames, FRAME_SIZE, MEAN, STD)
+        ref_ms = timed_ms(partial(reference.frame_preprocess, *args), device, repeat)
         if gpu:
-            ms = timed_ms(
-                lambda frames=frames: ops.frame_preprocess(frames, FRAME_SIZE, MEAN, STD), device, repeat
-            )
-            rows.append(
-                {
-                    "name": f"{name} triton (cuda)",
-                    "value": ms,
-                    "unit": "ms",
-                    "baseline_name": "torch reference (cuda)",
-                    "baseline": ref_ms,
-                }
-            )
+            ms = timed_ms(partial(ops.frame_preprocess, *args), device, repeat)
+            rows.append(_row(f"{name} triton (cuda)", ms, "torch reference (cuda)", ref_ms))
         else:
-            host = frames.numpy()
-            cv_ms = timed_ms(lambda host=host: _opencv_preprocess(host), device, repeat)
-            rows.append(
-                {
-                    "name": f"{name} torch reference (cpu)",
-                    "value": ref_ms,
-                    "unit": "ms",
-                    "baseline_name": "opencv INTER_AREA + numpy",
-                    "baseline": cv_ms,
-                }
-            )
+            cv_ms = timed_ms(partial(_opencv_preprocess, frames.numpy()), device, repeat)
+            rows.append(_row(f"{name} torch reference (cpu)", ref_ms, "opencv INTER_AREA + numpy", cv_ms))
     return rows
 
 
 def _score_rows(device: torch.device, gpu: bool, sizes: list[int], repeat: int) -> list[dict]:
     rows = []
     for blocks in sizes:
-        queries, pooled = cases.retrieval_inputs(
-            LAYERS, blocks, Q_HEADS, KV_HEADS, QUESTION_TOKENS, HEAD_DIM, torch.float16, device=device
-        )
+        shape = (LAYERS, blocks, Q_HEADS, KV_HEADS, QUESTION_TOKENS, HEAD_DIM)
+        queries, pooled = cases.retrieval_inputs(*shape, torch.float16, device=device)
         name = f"block_scores_topk {blocks} blocks x {LAYERS} layers, top {TOP_K}"
-        ref_ms = timed_ms(
-            lambda q=queries, p=pooled: reference.block_scores_topk(q, p, TOP_K, token_reduce="mean"),
-            device,
-            repeat,
-        )
+        ref_ms = timed_ms(partial(reference.block_scores_topk, queries, pooled, TOP_K), device, repeat)
         if gpu:
-            ms = timed_ms(lambda q=queries, p=pooled: ops.block_scores_topk(q, p, TOP_K), device, repeat)
-            rows.append(
-                {
-                    "name": f"{name} triton (cuda)",
-                    "value": ms,
-                    "unit": "ms",
-                    "baseline_name": "torch reference (cuda)",
-                    "baseline": ref_ms,
-                }
-            )
+            ms = timed_ms(partial(ops.block_scores_topk, queries, pooled, TOP_K), device, repeat)
+            rows.append(_row(f"{name} triton (cuda)", ms, "torch reference (cuda)", ref_ms))
         else:
-            q_np, p_np = queries.float().numpy(), pooled.float().numpy()
-            np_ms = timed_ms(lambda q=q_np, p=p_np: _numpy_topk(q, p), device, repeat)
-            rows.append(
-                {
-                    "name": f"{name} torch reference (cpu)",
-                    "value": ref_ms,
-                    "unit": "ms",
-                    "baseline_name": "numpy matmul + argpartition",
-                    "baseline": np_ms,
-                }
-            )
+            host = (queries.float().numpy(), pooled.float().numpy())
+            np_ms = timed_ms(partial(_numpy_topk, *host), device, repeat)
+            rows.append(_row(f"{name} torch reference (cpu)", ref_ms, "numpy matmul + argpartition", np_ms))
         del queries, pooled
     return rows
 
@@ -172,33 +134,14 @@ def _gather_rows(
     for k in picks:
         ids = torch.randperm(store_blocks, generator=torch.Generator().manual_seed(k))[:k].to(device)
         name = f"gather_rerotate {k} of {store_blocks} blocks x {LAYERS} layers"
-
-        def run(fn, ids=ids):
-            return fn(store.keys, store.values, ids, inv_freq, 64, store.lengths)
-
-        ref_ms = timed_ms(lambda: run(reference.gather_rerotate), device, repeat)
+        args = (store.keys, store.values, ids, inv_freq, 64, store.lengths)
+        ref_ms = timed_ms(partial(reference.gather_rerotate, *args), device, repeat)
         if gpu:
-            ms = timed_ms(lambda: run(ops.gather_rerotate), device, repeat)
-            rows.append(
-                {
-                    "name": f"{name} triton (cuda)",
-                    "value": ms,
-                    "unit": "ms",
-                    "baseline_name": "torch reference (cuda)",
-                    "baseline": ref_ms,
-                }
-            )
+            ms = timed_ms(partial(ops.gather_rerotate, *args), device, repeat)
+            rows.append(_row(f"{name} triton (cuda)", ms, "torch reference (cuda)", ref_ms))
         else:
-            loop_ms = timed_ms(lambda ids=ids: _loop_gather(store, ids.tolist(), inv_freq), device, repeat)
-            rows.append(
-                {
-                    "name": f"{name} torch reference (cpu)",
-                    "value": ref_ms,
-                    "unit": "ms",
-                    "baseline_name": "per-block loop + cat",
-                    "baseline": loop_ms,
-                }
-            )
+            loop_ms = timed_ms(partial(_loop_gather, store, ids.tolist(), inv_freq), device, repeat)
+            rows.append(_row(f"{name} torch reference (cpu)", ref_ms, "per-block loop + cat", loop_ms))
     return rows
 
 

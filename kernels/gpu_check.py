@@ -6,7 +6,7 @@ Parity runs the compiled kernels (not the interpreter) on the same odd shapes an
 CPU tests, plus the native bf16 dot the interpreter cannot run and a 100k-block case; speed is the
 ``omnistream bench kernels`` suite (frames 1-32 x 640x480, 1k-1M blocks, 16-256 gathered blocks).
 Exit status 1 when a parity case fails or the Triton retrieval is not faster than the torch
-reference at 100k blocks or more. Takes about 1-3 minutes on one H100.
+reference at 100k blocks or more. The script itself ran in 10 s on an H100 (plus start-up).
 """
 
 from __future__ import annotations
@@ -127,7 +127,11 @@ def parity(device: torch.device) -> bool:
     ]:
         got, want = pair()
         error = (got - want).abs().max().item() if got.numel() else 0.0
-        ok = got.shape == want.shape and bool(torch.isfinite(got).all()) and torch.allclose(got, want, **tol)
+        ok = (
+            got.shape == want.shape
+            and bool(torch.isfinite(got).all())
+            and torch.allclose(got, want, rtol=tol["rtol"], atol=tol["atol"])
+        )
         passed &= ok
         print(f"| {name} | {error:.3g} | {'yes' if ok else 'NO'} |", flush=True)
     return passed

@@ -201,21 +201,26 @@ def gather_layout(
         ids = ids.expand(layers, -1)
     if ids.ndim != 2 or ids.shape[0] != layers:
         raise ValueError(f"block_ids must be (k,) or (layers={layers}, k), got {tuple(block_ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= blocks):
-        raise ValueError(f"block ids must lie in [0, {blocks})")
+    empty = torch.zeros_like(ids)
+    if ids.numel() == 0:
+        return GatherLayout(ids.contiguous(), empty, empty, 0)
     if lengths is None:
         lens = torch.full_like(ids, block_tokens)
-    else:
-        if lengths.shape != (blocks,):
-            raise ValueError(f"lengths must be (blocks,) = ({blocks},), got {tuple(lengths.shape)}")
-        lens = lengths.to(device=keys.device, dtype=torch.int64)[ids]
-        if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > block_tokens):
-            raise ValueError(f"block lengths must lie in [0, {block_tokens}]")
+    elif lengths.shape != (blocks,):
+        raise ValueError(f"lengths must be (blocks,) = ({blocks},), got {tuple(lengths.shape)}")
+    else:  # clamped so that bad ids are reported below rather than failing the indexing here
+        lens = lengths.to(device=keys.device, dtype=torch.int64)[ids.clamp(0, blocks - 1)]
     ends = lens.cumsum(dim=1)
-    totals = ends[:, -1] if ids.shape[1] else torch.zeros(layers, dtype=torch.int64, device=keys.device)
-    if layers and bool((totals != totals[0]).any()):
+    totals = ends[:, -1]
+    bounds = torch.stack([ids.min(), ids.max(), lens.min(), lens.max(), totals.min(), totals.max()])
+    low_id, high_id, low_len, high_len, low_total, high_total = bounds.tolist()  # the one host sync
+    if low_id < 0 or high_id >= blocks:
+        raise ValueError(f"block ids must lie in [0, {blocks}), got {low_id}..{high_id}")
+    if low_len < 0 or high_len > block_tokens:
+        raise ValueError(f"block lengths must lie in [0, {block_tokens}], got {low_len}..{high_len}")
+    if low_total != high_total:
         raise ValueError(f"every layer must gather the same number of tokens, got {totals.tolist()}")
-    return GatherLayout(ids.contiguous(), lens, ends - lens, int(totals[0]) if layers else 0)
+    return GatherLayout(ids.contiguous(), lens, ends - lens, int(low_total))
 
 
 def check_out(out: tuple[torch.Tensor, torch.Tensor], keys: torch.Tensor, end: int) -> None:

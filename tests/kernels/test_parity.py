@@ -105,3 +105,13 @@ def test_gather_rerotate_parity_per_layer_ids_into_out_buffer() -> None:
     torch.testing.assert_close(got_k, want_k, **cases.tolerance(torch.float16))
     assert torch.equal(got_v, want_v)
     assert not got_k[:, :, :9].any() and not got_k[:, :, 28:].any()
+
+
+def test_gather_rerotate_of_no_blocks_is_empty_on_both_paths() -> None:
+    store = cases.kv_store(2, 3, 2, 4, 8, torch.float16)
+    inv_freq = Rope(head_dim=8).inv_freq()
+    for module in (triton_retrieval, reference):
+        keys, values = module.gather_rerotate(
+            store.keys, store.values, torch.zeros(0, dtype=torch.int64), inv_freq, 5
+        )
+        assert keys.shape == values.shape == (2, 2, 0, 8)
