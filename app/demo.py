@@ -1,7 +1,7 @@
 """The live demo page (``omnistream demo``): webcam, microphone, typed questions, spoken answers.
 
-A Gradio 6 page that streams the browser's camera (unmirrored RGB frames, 5 per second) and
-microphone (half-second chunks) to the gateway, or replays a recording instead; shows answers as
+A Gradio 6 page that streams the browser's camera (unmirrored RGB frames, 2 per second) and
+microphone (one-second chunks) to the gateway, or replays a recording instead; shows answers as
 they stream with their stream-time citations highlighted and plays the spoken answer as it is
 synthesised (stopped on barge-in); takes standing "watch" requests and shows their alerts; and
 shows live stage stats and a memory timeline (click a row to read the record). Every browser tab
@@ -22,8 +22,8 @@ from omnistream.app.client import ClientError
 from omnistream.app.demo_session import MAX_TURNS_SHOWN, DemoSession, Turn, clock, safe, wav_bytes
 from omnistream.app.replay import DEFAULT_SAMPLE
 
-FRAME_EVERY_S = 0.2
-AUDIO_EVERY_S = 0.5
+FRAME_EVERY_S = 0.5
+AUDIO_EVERY_S = 1.0
 ANSWER_TIMEOUT_S = 300.0
 NO_AUDIO_GRACE_S = 8.0  # after AnswerDone, how long to wait for speech that may never come
 CITATION = re.compile(r"\b(\d{1,2}:\d{2})\b")
@@ -258,10 +258,10 @@ def build_page(run_dir: Path) -> gr.Blocks:
         stop.click(lambda s: s.interrupt(), [link], None)
         watch.click(on_watch, [watch_text, link], [alerts])
         play.click(on_recording, [upload, link], [playing])
-        gr.Timer(0.5).tick(
+        gr.Timer(1.0).tick(
             on_tick, [link], [status, conversation, heard, alerts, stats], show_progress="hidden"
         )
-        gr.Timer(3.0).tick(on_timeline, [link], [timeline], show_progress="hidden")
+        gr.Timer(5.0).tick(on_timeline, [link], [timeline], show_progress="hidden")
         timeline.select(on_timeline_select, [link], [detail])
     return page
 

@@ -15,7 +15,9 @@ import soundfile
 from omnistream.app.replay import DEFAULT_SAMPLE
 
 
-def fake_camera(path: Path, seconds: float = 12.0, width: int = 320, height: int = 180, fps: int = 10) -> Path:
+def fake_camera(
+    path: Path, seconds: float = 12.0, width: int = 320, height: int = 180, fps: int = 10
+) -> Path:
     """The first ``seconds`` of the bundled sample (the butterfly photo) as a 4:2:0 Y4M file."""
     with av.open(str(DEFAULT_SAMPLE)) as container, open(path, "wb") as out:
         out.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
@@ -38,6 +40,8 @@ def fake_microphone(path: Path, question: str, silence_after_s: float = 60.0, ra
 
     speech = Voice().synthesize(question, sample_rate=rate).astype(np.float32)
     speech *= 0.8 / max(float(np.abs(speech).max()), 1e-6)
-    pcm = np.concatenate([np.zeros(rate, np.float32), speech, np.zeros(int(silence_after_s * rate), np.float32)])
+    pcm = np.concatenate(
+        [np.zeros(rate, np.float32), speech, np.zeros(int(silence_after_s * rate), np.float32)]
+    )
     soundfile.write(str(path), pcm, rate, subtype="PCM_16")
     return path
