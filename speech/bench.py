@@ -14,6 +14,7 @@ The stage runs in this process with the real models and microphone audio fed in 
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import defaultdict
@@ -119,9 +120,9 @@ class Driver:
             (wall for wall, m in self.out if wall >= after and isinstance(m, kind) and where(m)), None
         )
 
-    def answer(self, turn: str) -> None:
-        self.stage.handle(AnswerDelta(turn=turn, text=ANSWER))
-        self.stage.handle(AnswerDone(turn=turn, text=ANSWER))
+    def answer(self, turn: str, text: str = ANSWER) -> None:
+        self.stage.handle(AnswerDelta(turn=turn, text=text))
+        self.stage.handle(AnswerDone(turn=turn, text=text))
 
     def finished(self, turn: str) -> bool:
         return any(isinstance(m, AudioOut) and m.turn == turn and m.final for _, m in self.out)
@@ -181,7 +182,7 @@ def response_rows(driver: Driver, clips: list[tuple[np.ndarray, str]], trials: i
         driver.silence_until(lambda w=end_wall: driver.first(Ask, w) is not None)
         ask_wall, ask = next((wall, m) for wall, m in driver.out if wall >= end_wall and isinstance(m, Ask))
         phrase_wall = time.monotonic()
-        driver.answer(ask.turn)
+        driver.answer(ask.turn, "It was a butterfly.")
         driver.silence_until(lambda t=ask.turn: driver.finished(t))
         first_audio = driver.first(
             AudioOut, ask_wall, lambda m, t=ask.turn: m.turn == t and m.pcm is not None
@@ -262,6 +263,7 @@ def false_interruption_rows(driver: Driver, clips: list[tuple[np.ndarray, str]],
 
 def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
     clips = librivox()
+    load_before = os.getloadavg()[0]
     progress("speech: loading whisper tiny.en, Silero VAD, hibari")
     recognizer = Recognizer("tiny.en")
     voice = Voice("heart")
@@ -281,4 +283,9 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
         rows += false_interruption_rows(driver, clips, 3 if quick else 10)
     finally:
         driver.stage.stop()
+    # Latencies above scale with CPU contention: say how busy the machine was.
+    load = max(load_before, os.getloadavg()[0])
+    rows.append(
+        {"name": "machine load average (1 min, highest of start and end)", "value": load, "unit": "runnable"}
+    )
     return rows

@@ -3,7 +3,9 @@
 ``Playout`` holds one answer's synthesised audio and sends it in small chunks paced to real time,
 a little ahead of the client's playback (``lead_s``), so stopping sending stops the voice within
 ``lead_s`` and the client has almost nothing queued to drop. It knows how much the client has
-played, so a cut answer is remembered as the words actually spoken.
+played, so a cut answer is remembered as the words actually spoken. ``SpokenTurn``,
+``Utterance`` and ``PendingQuestion`` are the speech stage's per-answer, per-user-utterance and
+end-of-turn state.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from difflib import SequenceMatcher
 
 import numpy as np
 
-from omnistream.speech.listen import words
+from omnistream.protocol.messages import Ask
+from omnistream.speech.listen import StreamingTranscriber, words
+from omnistream.speech.speak import PhraseSplitter
 
 
 @dataclass
@@ -120,3 +124,39 @@ def after_wake_phrase(text: str, wake_phrase: str) -> str | None:
         if normalised[start : start + len(wake)] == wake:
             return " ".join(tokens[start + len(wake) :]).lstrip(",.:;!? ")
     return None
+
+
+@dataclass
+class SpokenTurn:
+    ask: Ask
+    playout: Playout
+    splitter: PhraseSplitter = field(default_factory=PhraseSplitter)
+    text: str = ""  # answer text received so far
+    submitted: int = 0  # phrases handed to TTS
+    synthesized: int = 0
+    answer_done: bool = False
+    seq: int = 0
+    t0: float | None = None  # stream time of the first audio sent
+    heard_by: tuple[str, int] | None = None  # the user utterance that may be barging in
+    echo_heard: bool = False  # its own voice reached the microphone: confirm barge-ins by words
+    cancelled: bool = False  # read by the TTS thread: skip this turn's queued phrases
+
+
+@dataclass
+class Utterance:
+    t0: float
+    transcriber: StreamingTranscriber
+    ended: bool = False
+    end_ts: float | None = None
+    echo: bool = False
+    early_samples: int = -2  # length of the audio transcribed speculatively at a pause
+    early_text: str | None = None
+    final_samples: int = -3
+
+
+@dataclass
+class PendingQuestion:
+    text: str
+    t0: float
+    t1: float
+    deadline: float  # monotonic seconds

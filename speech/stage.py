@@ -20,7 +20,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,14 @@ from omnistream.protocol.messages import (
     UserSpeech,
 )
 from omnistream.protocol.runtime import Runtime
-from omnistream.speech.duplex import Playout, after_wake_phrase, is_echo
+from omnistream.speech.duplex import (
+    PendingQuestion,
+    Playout,
+    SpokenTurn,
+    Utterance,
+    after_wake_phrase,
+    is_echo,
+)
 from omnistream.speech.listen import (
     Listener,
     ListenEvent,
@@ -48,7 +54,7 @@ from omnistream.speech.listen import (
     VoiceActivity,
     words,
 )
-from omnistream.speech.speak import PhraseSplitter, Voice
+from omnistream.speech.speak import Voice
 from omnistream.speech.workers import Worker
 
 log = logging.getLogger("omnistream.speech")
@@ -56,42 +62,6 @@ log = logging.getLogger("omnistream.speech")
 ECHO_TAIL_S = 2.0  # the room may still carry the answer's last words after it ends
 ECHO_MIN_WORDS = 3  # with echo about, a partial barges in only with this many unmatched words
 USER_FINAL, USER_PARTIAL, SCENE = 0, 1, 2  # ASR priorities
-
-
-@dataclass
-class SpokenTurn:
-    ask: Ask
-    playout: Playout
-    splitter: PhraseSplitter = field(default_factory=PhraseSplitter)
-    text: str = ""  # answer text received so far
-    submitted: int = 0  # phrases handed to TTS
-    synthesized: int = 0
-    answer_done: bool = False
-    seq: int = 0
-    t0: float | None = None  # stream time of the first audio sent
-    heard_by: tuple[str, int] | None = None  # the user utterance that may be barging in
-    echo_heard: bool = False  # its own voice reached the microphone: confirm barge-ins by words
-    cancelled: bool = False  # read by the TTS thread: skip this turn's queued phrases
-
-
-@dataclass
-class Utterance:
-    t0: float
-    transcriber: StreamingTranscriber
-    ended: bool = False
-    end_ts: float | None = None
-    echo: bool = False
-    early_samples: int = -2  # length of the audio transcribed speculatively at a pause
-    early_text: str | None = None
-    final_samples: int = -3
-
-
-@dataclass
-class PendingQuestion:
-    text: str
-    t0: float
-    t1: float
-    deadline: float  # monotonic seconds
 
 
 class SpeechStage:

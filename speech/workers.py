@@ -34,6 +34,7 @@ class Worker:
         self._jobs: queue.PriorityQueue[Job] = queue.PriorityQueue()
         self._results: queue.SimpleQueue[tuple[Any, Any, BaseException | None]] = queue.SimpleQueue()
         self._order = itertools.count()
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -66,7 +67,7 @@ class Worker:
             try:
                 if job.run is None:
                     return
-                if not job.skip():
+                if not (self._stopping or job.skip()):
                     try:
                         self._results.put((job.tag, job.run(), None))
                     except Exception as exc:  # reported to the loop, which publishes an Error
@@ -75,6 +76,8 @@ class Worker:
             finally:
                 self._jobs.task_done()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Drop the queued jobs, let the running one finish (up to ``timeout_s``), end the thread."""
+        self._stopping = True
         self._jobs.put(Job(1 << 30, next(self._order), None, None, lambda: False))  # type: ignore[arg-type]
         self._thread.join(timeout_s)
