@@ -89,7 +89,7 @@ def history_request(
         request_id=uuid.uuid4().hex,
         t0=t0,
         t1=t1,
-        kinds=list(kinds or []),  # type: ignore[arg-type] - validated by msgspec on the wire
+        kinds=list(kinds or []),  # type: ignore[arg-type]  # msgspec validates the kinds
         limit=limit,
     )
 
@@ -101,7 +101,7 @@ class Client:
         self.addresses = addresses
         self.session = session
         self.timeout_s = timeout_s
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.dealer, self.sub = client_sockets(self.ctx, addresses)
         self._finalizer = weakref.finalize(self, _close_sockets, self.dealer, self.sub)
         self.events: deque[Message] = deque(maxlen=MAX_KEPT_EVENTS)
