@@ -12,17 +12,23 @@ values ``(layers, blocks, kv_heads, block_tokens, head_dim)`` with RoPE removed 
 per-block pooled keys ``(layers, blocks, kv_heads, head_dim)`` and valid lengths ``(blocks,)``::
 
     rope = Rope.from_hf_config(model.config)
-    best = ops.block_scores_topk(question_queries, pooled, k=8)     # ids (layers, 8), best first
-    ids = best.ids[0].sort().values                                 # same blocks on every layer, in time order
+    scores = ops.block_scores(question_queries, pooled)            # (layers, blocks) float32
+    best = ops.block_scores_topk(question_queries, pooled, k=8)    # BlockTopK: ids (layers, 8), best first
+    ids = chosen_ids.sort().values                                 # (k,): one choice for all layers, time order
     keys, values = ops.gather_rerotate(store_k, store_v, ids, rope.inv_freq(), dst_start=n_sink,
                                        lengths=store_lengths)
-    # keys/values (layers, kv_heads, tokens, head_dim): positions n_sink .. n_sink + tokens - 1
+    # keys/values (layers, kv_heads, tokens, head_dim) at positions n_sink .. n_sink + tokens - 1
 
 ``question_queries`` are the question's query vectors per layer (layers, q_heads, q_tokens,
-head_dim), unrotated like the stored keys. Pass ``out=(cache_k, cache_v)`` to write straight into
-a preallocated cache at index ``dst_start``; pass ``src_starts`` when stored keys are still
-rotated at their original positions. ``block_scores`` gives the full (layers, blocks) scores to
-mix with text/time retrieval.
+head_dim): q_proj outputs before RoPE, like the stored keys. ``block_scores`` gives every
+block's score to mix with text/time retrieval (the design's finding: choose blocks once for all
+layers, query-key scores as a secondary signal); ``best.ids`` (layers, k) can be passed to
+``gather_rerotate`` as is (ReKV's per-layer choice) when every layer then gathers the same
+number of tokens. Pass ``out=(cache_k, cache_v)`` to write straight into a preallocated cache
+at index ``dst_start``, and ``src_starts`` when stored keys are still rotated at their original
+positions. ``rope_rotate(keys, delta, inv_freq)`` moves keys already in a cache (the live
+window after an eviction). Writing an evicted block b of n tokens into the store:
+``store_k[:, b, :, :n] = keys_without_rope``, ``pooled[:, b] = keys_without_rope.float().mean(2)``.
 """
 
 from __future__ import annotations

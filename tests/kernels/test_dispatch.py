@@ -96,3 +96,22 @@ def test_environment_override_is_read_at_import(forced: str) -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == forced
+
+
+@pytest.mark.parametrize("forced", ["reference", "triton"])
+@pytest.mark.usefixtures("backend")
+def test_block_store_round_trip_through_ops(forced: str) -> None:
+    """The lead's flow: pool stored keys, find the block a question matches, put it back in place."""
+    ops.set_backend(forced)
+    rope = Rope(head_dim=16, theta=1e6)
+    stored_k = torch.randn(2, 5, 2, 6, 16, generator=torch.Generator().manual_seed(13))  # RoPE removed
+    stored_v = torch.randn_like(stored_k)
+    pooled = stored_k.mean(dim=3)  # (layers, blocks, kv_heads, head_dim)
+    queries = pooled[:, 3].repeat_interleave(2, dim=1)[:, :, None, :]  # 4 query heads ask for block 3
+    best = ops.block_scores_topk(queries, pooled, k=2, metric="cosine")
+    assert best.ids[:, 0].tolist() == [3, 3]
+    assert best.scores[:, 0].tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    keys, values = ops.gather_rerotate(stored_k, stored_v, best.ids[0, :1], rope.inv_freq(), dst_start=10)
+    torch.testing.assert_close(keys, ops.rope_rotate(stored_k[:, 3], torch.arange(10, 16), rope.inv_freq()))
+    torch.testing.assert_close(ops.rope_rotate(keys, -torch.arange(10, 16), rope.inv_freq()), stored_k[:, 3])
+    assert torch.equal(values, stored_v[:, 3])
