@@ -100,7 +100,7 @@ class PerceptionStage:
         self.source: LiveSource | None = None
         self._audio: deque[tuple[np.ndarray, float]] = deque()  # filled by the source thread
         self._pending_keyframes: set[tuple[str, float]] = set()  # (session, ts) at the detectors
-        self._received = self._skipped = 0
+        self._received = self._skipped = self._from_source = 0
         self.idle_close_s = IDLE_CLOSE_S
 
     # -- inputs ------------------------------------------------------------------------------
@@ -126,11 +126,11 @@ class PerceptionStage:
         return self.source
 
     def _offer_from_source(self, image: np.ndarray, ts: float) -> bool:
-        self._received += 1
+        self._from_source += 1  # only the source thread writes it
         frame = SampledFrame(
             image,
             ts,
-            index=self._received,
+            index=self._from_source,
             session=self.session,
             source=self.source.spec if self.source else "",
         )
@@ -189,7 +189,8 @@ class PerceptionStage:
             if state.last_frame_wall and now - state.last_frame_wall > self.idle_close_s:
                 self._flush(session, wait=False)
         dropped = self.slot.dropped + self._skipped + self.counters.get("dropped_in", 0.0)
-        self.counters["frames_received"] = self._received + self.counters.get("dropped_in", 0.0)
+        received = self._received + self._from_source + self.counters.get("dropped_in", 0.0)
+        self.counters["frames_received"] = received
         self.counters["frames_dropped"] = dropped
 
     def encode(self, frames: list[SampledFrame]) -> None:
