@@ -18,7 +18,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @pytest.mark.parametrize("antialias", [True, False])
 @pytest.mark.parametrize(
-    ("height", "width", "size", "center_crop"), [(37, 53, 24, True), (30, 17, 13, False), (9, 11, 20, True)]
+    ("height", "width", "size", "center_crop"),
+    [(37, 53, 24, True), (30, 17, 13, False), (9, 11, 20, True)],
 )
 def test_frame_preprocess_parity(
     height: int, width: int, size: int, center_crop: bool, antialias: bool
