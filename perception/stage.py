@@ -1,7 +1,7 @@
 """Perception process: frames in (latest wins), a ``Percept`` per encoded frame, a ``Clip`` per scene.
 
-Frames come from clients through the gateway (``VideoFrame`` on the media bus, where the runtime
-keeps only the newest) or from a source the process reads itself (``perception.source``: a
+Frames come from clients through the gateway (``VideoFrame`` on the media bus, drained by a
+``MediaReceiver`` thread so no stale frame waits in a queue) or from a source the process reads itself (``perception.source``: a
 webcam, a file or a URL; its sound track is published as scene ``AudioChunk``s for speech).
 Either way they land in a ``FrameSlot``: a newer frame replaces one the encoder has not taken,
 so a slow encoder drops frames and never queues them. The encoder runs as fast as it can up to
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import zmq
 
 from omnistream.perception.clips import ClipSegmenter, describe, top_labels
 from omnistream.perception.detectors import (
@@ -38,6 +39,7 @@ from omnistream.perception.detectors import (
 )
 from omnistream.perception.encoder import FrameEncoder, load_encoder
 from omnistream.perception.live import LiveSource, open_source
+from omnistream.perception.receiver import MediaReceiver
 from omnistream.perception.sampling import FrameSlot, RateLimiter, SampledFrame
 from omnistream.perception.sources import AUDIO_RATE
 from omnistream.protocol.config import PerceptionConfig
@@ -99,6 +101,8 @@ class PerceptionStage:
         self.sessions: dict[str, _SessionState] = {}
         self.source: LiveSource | None = None
         self._audio: deque[tuple[np.ndarray, float]] = deque()  # filled by the source thread
+        self._errors: deque[Error] = deque()  # filled by the media receiver thread
+        self.receiver: MediaReceiver | None = None
         self._pending_keyframes: set[tuple[str, float]] = set()  # (session, ts) at the detectors
         self._received = self._skipped = self._from_source = 0
         self.idle_close_s = IDLE_CLOSE_S
@@ -146,18 +150,25 @@ class PerceptionStage:
             self.flush_all()
 
     def on_frame(self, frame: VideoFrame) -> None:
-        """A frame pushed by a client: checked, then offered to the slot (latest wins)."""
+        """A frame pushed by a client: checked, then offered to the slot (latest wins).
+
+        Called from the ``MediaReceiver`` thread in the process (from ``handle`` in tests).
+        """
         self._received += 1
         image = frame.image
         if image.dtype.name != "uint8" or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 8:
             raise ValueError(
                 f"VideoFrame.image must be uint8 (H, W, 3) with H, W >= 8, got {image.dtype} {image.shape}"
             )
-        state = self._state(frame.session)
-        if state.stream_limiter is not None and not state.stream_limiter.admit(frame.ts):
-            self._skipped += 1
-            return
         self.slot.put(SampledFrame(image, frame.ts, frame.index, frame.session, frame.source))
+
+    def _due(self, frame: SampledFrame) -> bool:
+        """With a fixed ``sample_fps``: is this frame's stream time due? (else it is dropped)"""
+        limiter = self._state(frame.session).stream_limiter
+        if limiter is not None and not limiter.admit(frame.ts):
+            self._skipped += 1
+            return False
+        return True
 
     def _state(self, session: str) -> _SessionState:
         if session not in self.sessions:
@@ -178,8 +189,11 @@ class PerceptionStage:
 
     def tick(self) -> None:
         self._publish_source_output()
+        while self._errors:
+            self.publish(self._errors.popleft())
+            self.counters["rejected"] += 1
         if len(self.slot) and self.wall_limiter.admit(time.monotonic()):
-            frames = self.slot.take(self.batch_size)
+            frames = [frame for frame in self.slot.take(self.batch_size) if self._due(frame)]
             if frames:
                 self.encode(frames)
         self._collect_detections()
@@ -323,7 +337,15 @@ class PerceptionStage:
         self._release_clips(force=wait)
         state.last_frame_wall = 0.0
 
+    def start_receiver(self, ctx: zmq.Context, address: str, hwm: int, max_message_bytes: int) -> None:
+        """Take pushed frames straight off the media bus, in a thread (see ``receiver``)."""
+        self.receiver = MediaReceiver(
+            ctx, address, self.on_frame, self._errors.append, hwm, max_message_bytes
+        ).start()
+
     def stop(self) -> None:
+        if self.receiver is not None:
+            self.receiver.stop()
         if self.source is not None:
             self.slot.close()
             self.source.stop()
@@ -354,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     stage = PerceptionStage(
         config, encoder, runtime.publish, runtime.counters, runtime.config.session, build_detectors(config)
     )
-    runtime.subscribe(VideoFrame)
+    bus = runtime.config.bus
+    stage.start_receiver(runtime.ctx, runtime.addresses.media_out, bus.frame_hwm, bus.max_message_bytes)
     if config.source:
         stage.start_source(config.source)
     # A short poll: frames from an in-process source wake nothing, the tick must come round.

@@ -136,6 +136,40 @@ def test_a_paused_stream_closes_its_clip_without_blocking(encoder) -> None:
     harness.stage.detectors.close()
 
 
+def test_the_media_receiver_keeps_the_newest_frame_and_reports_bad_ones(short_tmp) -> None:
+    import zmq
+
+    from omnistream.perception.receiver import MediaReceiver
+    from omnistream.protocol.sockets import make_socket, send
+
+    ctx = zmq.Context.instance()
+    pub = make_socket(ctx, zmq.PUB)
+    pub.bind(f"ipc://{short_tmp / 'media'}")
+    slot, errors = FrameSlot(capacity=1), []
+
+    def on_frame(message: VideoFrame) -> None:
+        if message.image.ndim != 3:
+            raise ValueError(f"bad image shape {message.image.shape}")
+        slot.put(SampledFrame(message.image, message.ts, message.index))
+
+    receiver = MediaReceiver(ctx, f"ipc://{short_tmp / 'media'}", on_frame, errors.append).start()
+    time.sleep(0.3)  # the subscription reaches the publisher
+    for index in range(1, 6):
+        send(pub, VideoFrame(ts=index / 30, image=np.full((8, 8, 3), index, np.uint8), index=index))
+    send(pub, VideoFrame(image=np.zeros((8, 8), np.uint8), index=99))
+    pub.send_multipart([b"VideoFrame", b"not msgpack"])
+    deadline = time.monotonic() + 5
+    while len(errors) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    receiver.stop()
+    pub.close(linger=0)
+    (newest,) = slot.take(4)
+    assert newest.index == 5 and int(newest.image[0, 0, 0]) == 5
+    assert slot.dropped == 4 and receiver.received == 6
+    assert len(errors) == 2 and "bad image shape (8, 8)" in errors[0].message
+    assert errors[1].message.startswith("VideoFrame: ")  # the codec's rejection, naming the topic
+
+
 def test_scene_cuts_fall_on_the_dev_episode_boundaries(encoder) -> None:
     episode = json.loads((DEV_EPISODE / "episode.json").read_text())
     boundaries = [s["t0"] for s in episode["segments"] if 0 < s["t0"] < 80]
