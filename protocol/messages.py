@@ -57,6 +57,9 @@ class AudioOut(Message):
     """Synthesised assistant speech for ``turn``. ``pcm``: float32 (N,) at ``sample_rate`` Hz.
 
     ``flush=True`` tells the client to drop any audio of this turn it has queued (barge-in).
+    Without ``final`` the answer is only paused (the user may have coughed): more chunks of the
+    turn may follow and are played. ``final=True`` ends the turn's audio. Chunks are small (about
+    40 ms) and paced to real time, so a client should play them as they come.
     """
 
     turn: str = ""
