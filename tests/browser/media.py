@@ -34,8 +34,9 @@ def fake_camera(
     return path
 
 
-def fake_microphone(path: Path, question: str, silence_after_s: float = 60.0, rate: int = 48000) -> Path:
-    """``question`` spoken by the real TTS voice, then silence (Chromium loops the file)."""
+def fake_microphone(path: Path, question: str, silence_after_s: float = 400.0, rate: int = 16000) -> Path:
+    """``question`` spoken by the real TTS voice, then silence. Chromium loops the file: the
+    silence must outlast an answer, or the repeated question would interrupt it (barge-in)."""
     from omnistream.speech.speak import Voice
 
     speech = Voice().synthesize(question, sample_rate=rate).astype(np.float32)
