@@ -42,7 +42,9 @@ def render_turn(turn: Turn, streaming: bool = False) -> str:
     body = highlight_citations(turn.text) if turn.text else "…"
     lines.append(body + (" ▌" if streaming and turn.done is None else ""))
     if turn.done is not None:
-        if turn.done.error:
+        if turn.done.error == "interrupted":
+            lines.append("\n*(interrupted)*")
+        elif turn.done.error:
             lines.append(f"\n*answer failed: {turn.done.error}*")
         else:
             lines.append(
