@@ -11,6 +11,7 @@ with the detectors off and once with faces + OCR on keyframes. Baselines: the en
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -130,6 +131,7 @@ def run_live(frames: list[np.ndarray], detectors: bool, progress: Callable[[str]
     finally:
         sub.close(linger=0)
         launcher.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
     measured = [(t, lat) for t, lat in latencies if t - start >= WARMUP_S]
     span = max(end - start - WARMUP_S, 1e-6)
     values = np.array([lat for _, lat in measured]) if measured else np.zeros(1)
