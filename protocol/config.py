@@ -85,7 +85,7 @@ class MemoryConfig(_Section):
 
 class ReasoningConfig(_Section):
     model: str = "qwen2.5-coder-1.5b"  # or "qwen2.5-coder-0.5b", or a local model directory
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # compute dtype: auto (bf16 where the hardware has it, else float32), float32, bfloat16
     threads: int = 2
     max_new_tokens: int = 96
     max_context_tokens: int = 6000  # text baselines: records beyond this are dropped

@@ -15,14 +15,34 @@ import torch
 log = logging.getLogger("omnistream.reasoning.engine")
 
 
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """ "auto": bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32 —
+    on AVX2-only CPUs bf16 matmuls are emulated and several times slower than float32."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_native_bf16() else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"reasoning.dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
 class LLMEngine:
-    def __init__(self, model_dir: Path, dtype: str = "bfloat16", threads: int = 2):
+    def __init__(self, model_dir: Path, dtype: str = "auto", threads: int = 2):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
+        self.dtype = resolve_dtype(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=getattr(torch, dtype), attn_implementation="sdpa"
+            str(model_dir), dtype=self.dtype, attn_implementation="sdpa"
         ).eval()
         self.eos_ids = {self.tokenizer.eos_token_id}
         for token in ("<|im_end|>", "<|endoftext|>"):

@@ -14,9 +14,12 @@ keys are float32 (layers, kv_heads, head_dim).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 
@@ -35,6 +38,66 @@ class Block:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class BlockStore:
+    """Evicted blocks: metadata and pooled keys stay in RAM; K/V tensors live in a RAM tier with a
+    byte budget, least recently used blocks spilled to ``spill_dir`` as safetensors files."""
+
+    def __init__(self, ram_budget_bytes: int = 1 << 62, spill_dir: Path | None = None):
+        self.ram_budget_bytes = ram_budget_bytes
+        self.spill_dir = spill_dir
+        self.blocks: dict[int, Block] = {}
+        self._resident: OrderedDict[int, None] = OrderedDict()
+        self.disk_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        return iter(self.blocks.values())
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(self.blocks[i].nbytes() for i in self._resident)
+
+    def add(self, block: Block) -> None:
+        self.blocks[block.block_id] = block
+        self._resident[block.block_id] = None
+        self._enforce_budget()
+
+    def load(self, block_id: int) -> Block:
+        """The block with its tensors in RAM (read back from disk if it was spilled)."""
+        block = self.blocks[block_id]
+        if block_id not in self._resident:
+            tensors = load_file(str(self._path(block_id)))
+            layers = len(tensors) // 2
+            block.keys = [tensors[f"k{i}"] for i in range(layers)]
+            block.values = [tensors[f"v{i}"] for i in range(layers)]
+        self._resident[block_id] = None
+        self._resident.move_to_end(block_id)
+        self._enforce_budget(keep=block_id)
+        return block
+
+    def _path(self, block_id: int) -> Path:
+        assert self.spill_dir is not None
+        return self.spill_dir / f"block-{block_id:08d}.safetensors"
+
+    def _enforce_budget(self, keep: int = -1) -> None:
+        while self.spill_dir is not None and self.ram_bytes > self.ram_budget_bytes:
+            victim = next((i for i in self._resident if i != keep), None)
+            if victim is None:
+                return
+            block = self.blocks[victim]
+            path = self._path(victim)
+            if not path.exists():
+                self.spill_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tensors = {f"k{i}": k.contiguous() for i, k in enumerate(block.keys)}
+                tensors.update({f"v{i}": v.contiguous() for i, v in enumerate(block.values)})
+                save_file(tensors, str(path))
+                self.disk_bytes += path.stat().st_size
+            block.keys, block.values = [], []
+            del self._resident[victim]
 
 
 class RotaryTable:
@@ -78,7 +141,7 @@ def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicC
 class StreamingKV:
     """Live ``[sinks | window]`` cache plus evicted blocks; see the module docstring."""
 
-    def __init__(self, model, sink_ids: torch.Tensor, window_tokens: int):
+    def __init__(self, model, sink_ids: torch.Tensor, window_tokens: int, store: BlockStore | None = None):
         self.model = model
         self.rotary = rotary_for(model)
         self.window_tokens = window_tokens
@@ -86,7 +149,7 @@ class StreamingKV:
         self._forward(sink_ids, start=0)
         self.n_sink = sink_ids.shape[1]
         self.window: list[Block] = []
-        self.evicted: list[Block] = []
+        self.evicted = store if store is not None else BlockStore()
         self._next_id = 0
 
     @property
@@ -127,7 +190,7 @@ class StreamingKV:
             layer.keys = torch.cat([keys[:, :, :lo], rest], dim=2)
             layer.values = torch.cat([values[:, :, :lo], values[:, :, hi:]], dim=2)
         block.pooled = torch.stack([k[0].float().mean(dim=1) for k in block.keys])
-        self.evicted.append(block)
+        self.evicted.add(block)
 
     def assemble(self, blocks: list[Block], drop_newest_tokens: int = 0) -> DynamicCache:
         """A new cache ``[sinks | blocks (time order) | window]`` with contiguous positions,
@@ -135,21 +198,27 @@ class StreamingKV:
 
         The live cache is not modified. With no blocks it is a copy of the live cache.
         """
-        blocks = sorted(blocks, key=lambda b: b.block_id)
-        inserted = sum(b.n_tokens for b in blocks)
+        # Hold each block's tensors here: loading one block may spill another back to disk.
+        loaded = []
+        for block in sorted(blocks, key=lambda b: b.block_id):
+            block = self.evicted.load(block.block_id)
+            loaded.append((block.n_tokens, list(block.keys), list(block.values)))
+        inserted = sum(n for n, _, _ in loaded)
         keys, values = [], []
         for index, layer in enumerate(self._layers()):
             k_parts, v_parts = [layer.keys[:, :, : self.n_sink]], [layer.values[:, :, : self.n_sink]]
             position = self.n_sink
-            for block in blocks:
-                where = torch.arange(position, position + block.n_tokens, dtype=torch.float32)
-                k_parts.append(self.rotary.rotate(block.keys[index], where))
-                v_parts.append(block.values[index])
-                position += block.n_tokens
+            for n_tokens, block_keys, block_values in loaded:
+                where = torch.arange(position, position + n_tokens, dtype=torch.float32)
+                k_parts.append(self.rotary.rotate(block_keys[index], where))
+                v_parts.append(block_values[index])
+                position += n_tokens
             window_end = layer.keys.shape[2] - drop_newest_tokens
             window_keys = layer.keys[:, :, self.n_sink : window_end]
             if inserted:
-                window_keys = self.rotary.rotate(window_keys, torch.full((window_keys.shape[2],), float(inserted)))
+                window_keys = self.rotary.rotate(
+                    window_keys, torch.full((window_keys.shape[2],), float(inserted))
+                )
             k_parts.append(window_keys)
             v_parts.append(layer.values[:, :, self.n_sink : window_end])
             keys.append(torch.cat(k_parts, dim=2))

@@ -148,7 +148,10 @@ def convert(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16", progress: P
 
 
 def prepare_llm(name: str, cache_dir: Path, dtype: str = "bfloat16", progress: Progress = _noop) -> Path:
-    """Return a directory transformers can load for ``name`` (packaged model or local path)."""
+    """Return a directory transformers can load for ``name`` (packaged model or local path).
+
+    The cache is stored in ``dtype`` (bfloat16: half the disk of float32); the engine loads it in
+    whatever compute dtype suits the hardware."""
     local = Path(name).expanduser()
     if local.is_dir():
         return local

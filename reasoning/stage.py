@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runtime = Runtime("reasoning", args.run_dir)
     config = runtime.config.reasoning
-    model_dir = prepare_llm(config.model, runtime.config.cache_dir, config.dtype)
+    model_dir = prepare_llm(config.model, runtime.config.cache_dir)
     engine = LLMEngine(model_dir, config.dtype, config.threads)
     stage = ReasoningStage(config, engine, MemoryClient(runtime.ctx, runtime.addresses.memory), runtime)
     runtime.subscribe(Ask, Interrupt, Record)

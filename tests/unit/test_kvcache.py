@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from omnistream.reasoning.kvcache import StreamingKV, rotary_for
+from omnistream.reasoning.kvcache import BlockStore, StreamingKV, rotary_for
 
 VOCAB = 97
 
@@ -15,8 +15,14 @@ VOCAB = 97
 def model():
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
     )
     return Qwen2ForCausalLM(config).eval()
 
@@ -68,9 +74,11 @@ def test_window_covering_everything_matches_a_full_forward(model) -> None:
     stream = StreamingKV(model, SINK, window_tokens=1000)
     for i, entry in enumerate(ENTRIES):
         stream.append(entry, t0=i, t1=i + 1, text=f"entry {i}")
-    assert stream.evicted == [] and stream.length == SINK.shape[1] + sum(e.shape[1] for e in ENTRIES)
+    assert len(stream.evicted) == 0 and stream.length == SINK.shape[1] + sum(e.shape[1] for e in ENTRIES)
     expected = full_logits(model, torch.cat([SINK, *ENTRIES, QUESTION], dim=1))
-    torch.testing.assert_close(question_logits(model, stream, stream.assemble([])), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        question_logits(model, stream, stream.assemble([])), expected, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_evicted_blocks_retrieved_back_match_a_full_forward(model) -> None:
@@ -85,7 +93,7 @@ def test_evicted_blocks_retrieved_back_match_a_full_forward(model) -> None:
     assert [b.block_id for b in stream.window] == [4, 5]
     assert all(b.pooled is not None and b.pooled.shape == (2, 2, 16) for b in stream.evicted)
     expected = full_logits(model, torch.cat([SINK, *ENTRIES, ids(70), QUESTION], dim=1))
-    cache = stream.assemble(list(reversed(stream.evicted)))  # order given does not matter
+    cache = stream.assemble(list(reversed(list(stream.evicted))))  # order given does not matter
     torch.testing.assert_close(question_logits(model, stream, cache), expected, atol=1e-4, rtol=1e-4)
     # The live cache is untouched by assembling.
     assert stream.length == SINK.shape[1] + 3 + 1
@@ -102,7 +110,7 @@ def test_rolling_window_keys_equal_a_recomputed_window(model) -> None:
     expected = layer0_keys(model, torch.cat([SINK, *window_ids], dim=1))
     torch.testing.assert_close(stream.cache.layers[0].keys, expected, atol=2e-5, rtol=1e-4)
     # Selected blocks in between shift the window's positions but keep them contiguous.
-    assembled = stream.assemble([stream.evicted[1]])
+    assembled = stream.assemble([stream.evicted.blocks[1]])
     expected = layer0_keys(model, torch.cat([SINK, ENTRIES[1], *window_ids], dim=1))
     torch.testing.assert_close(assembled.layers[0].keys, expected, atol=2e-5, rtol=1e-4)
 
@@ -114,3 +122,18 @@ def test_assembling_without_the_newest_entries_matches_a_forward_without_them(mo
     cache = stream.assemble([], drop_newest_tokens=ENTRIES[-1].shape[1] + ENTRIES[-2].shape[1])
     expected = full_logits(model, torch.cat([SINK, *ENTRIES[:-2], QUESTION], dim=1))
     torch.testing.assert_close(question_logits(model, stream, cache), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_blocks_spilled_to_disk_come_back_exactly(model, tmp_path) -> None:
+    store = BlockStore(ram_budget_bytes=0, spill_dir=tmp_path / "kv")
+    stream = StreamingKV(model, SINK, window_tokens=1000, store=store)
+    for i, entry in enumerate(ENTRIES):
+        stream.append(entry, t0=i, t1=i + 1, text=f"entry {i}")
+    stream.window_tokens = 6
+    stream.append(ids(70), t0=9, t1=9, text="tick")
+    assert store.ram_bytes == 0 and len(list((tmp_path / "kv").glob("block-*.safetensors"))) == 4
+    assert store.disk_bytes > 0 and all(b.keys == [] for b in store)
+    expected = full_logits(model, torch.cat([SINK, *ENTRIES, ids(70), QUESTION], dim=1))
+    torch.testing.assert_close(
+        question_logits(model, stream, stream.assemble(list(store))), expected, atol=1e-4, rtol=1e-4
+    )
