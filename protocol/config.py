@@ -91,6 +91,7 @@ class ReasoningConfig(_Section):
     max_context_tokens: int = 6000  # text baselines: records beyond this are dropped
     window_tokens: int = 8192  # streamed KV kept live; older record blocks are evicted
     retrieved_tokens: int = 2048  # evicted blocks put back per question
+    kv_ram_mb: int = 512  # evicted KV blocks kept in RAM; older ones spill to data_dir/kv
     temperature: float = 0.0
 
 

@@ -88,7 +88,13 @@ class ReasoningStage:
         self.engine = engine
         self.memory = memory
         self.runtime = runtime
-        self.answerer = Answerer(engine, config.window_tokens, config.retrieved_tokens)
+        self.answerer = Answerer(
+            engine,
+            config.window_tokens,
+            config.retrieved_tokens,
+            block_ram_bytes=config.kv_ram_mb << 20,
+            spill_root=runtime.config.data_dir / "kv",
+        )
         self.loaded_sessions: set[str] = set()
 
     def handle(self, message: Message) -> None:
