@@ -294,6 +294,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from omnistream.app.client import Client
+    from omnistream.app.eval import MODES, EpisodeError, load_episode, markdown, run_eval, write_report
+
+    try:
+        episode, _ = load_episode(Path(args.episode))
+    except EpisodeError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_USAGE
+    modes = tuple(args.modes.split(",")) if args.modes else MODES
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        console.print(f"[red]unknown mode {unknown[0]!r} (known: {', '.join(MODES)})[/red]")
+        return EXIT_USAGE
+    if not args.session:
+        args.session = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = _config(args)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    with running_system(config, run_dir, quiet=args.json) as live_dir, Client.connect(live_dir, session=config.session) as client:
+        bar = tqdm(total=round(episode.duration_s or 0) or None, desc="replay", unit="s", disable=args.json)
+
+        def progress(ts: float, _duration: float) -> None:
+            bar.update(max(int(ts) - bar.n, 0))
+
+        report = run_eval(client, Path(args.episode), modes, open_ended=not args.no_open, speed=args.speed, progress=progress)
+        bar.close()
+    json_path, md_path = write_report(report, Path(args.out))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(markdown(report))
+        console.print(f"written: {json_path} {md_path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from omnistream.app.demo import serve
@@ -383,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=300.0, help="seconds to wait for answers after the stream"
     )
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("eval", help="replay an episode, ask its questions live, score the system and its baselines")
+    common(p)
+    p.add_argument("episode", help="episode directory (episode.json + video), e.g. ../shared/eval/dev")
+    p.add_argument("--speed", type=float, default=1.0, help="x real time (default 1)")
+    p.add_argument("--modes", help="comma-separated subset of: full,reprefill,recent,no_memory (default all)")
+    p.add_argument("--no-open", action="store_true", help="skip the open-ended (keyword-scored) questions")
+    p.add_argument("--session", help="memory session (default: a new one per run)")
+    p.add_argument("--model", help="LLM to use")
+    p.add_argument("--out", default="eval-results", help="directory for eval.json and eval.md")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="live web page: webcam and microphone in, streamed answers and speech out")
     common(p)

@@ -53,7 +53,7 @@ def prepare_llm_cache(config: Config, progress: bool = True):
 
     bars = ProgressBars(progress)
     try:
-        return prepare_llm(config.reasoning.model, config.cache_dir, config.reasoning.dtype, bars)
+        return prepare_llm(config.reasoning.model, config.cache_dir, progress=bars)
     finally:
         bars.close()
 

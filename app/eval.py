@@ -1,0 +1,210 @@
+"""`omnistream eval EPISODE_DIR`: replay a recorded episode, ask its questions live, score them.
+
+An episode directory holds ``episode.json`` (``video``, ``questions`` with ``id``, ``ask_at_s``,
+``question``, ``kind``, four ``choices`` like "C a butterfly", the ``answer`` letter and
+``keywords``) and the video it names. Every question is asked at its stream time through the
+normal client path, once per mode (the full system and the baselines, all in the same run on the
+same models), as multiple choice; the full system is also asked open-ended and scored by
+keywords. Results: accuracy by mode and question kind, "past" questions apart, latency p50/p95.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from omnistream.app.client import Client
+from omnistream.app.replay import Answer, Replayer, ScheduledAsk
+
+MODES = ("full", "reprefill", "recent", "no_memory")
+MODE_NAMES = {
+    "full": "full system (streamed KV + retrieval)",
+    "reprefill": "re-prefill retrieved text",
+    "recent": "recent window only (30 s)",
+    "no_memory": "no memory (now + last utterance)",
+}
+# Kinds whose evidence lies in the past (not on screen when asked).
+PAST_KINDS = frozenset({"visual-past", "speech-past", "temporal-order", "counting"})
+OPEN_ENDED = "open"
+
+
+class EpisodeError(ValueError):
+    pass
+
+
+class Question(msgspec.Struct, forbid_unknown_fields=False):
+    id: str
+    ask_at_s: float
+    question: str
+    kind: str
+    choices: list[str]
+    answer: str
+    keywords: list[str] = []
+
+
+class Episode(msgspec.Struct, forbid_unknown_fields=False):
+    video: str
+    questions: list[Question]
+    title: str = ""
+    duration_s: float = 0.0
+
+
+def load_episode(directory: Path) -> tuple[Episode, Path]:
+    path = Path(directory) / "episode.json"
+    if not path.exists():
+        raise EpisodeError(f"{directory} is not an episode: no episode.json")
+    try:
+        episode = msgspec.json.decode(path.read_bytes(), type=Episode)
+    except msgspec.DecodeError as exc:
+        raise EpisodeError(f"{path}: {exc}") from None
+    video = Path(directory) / episode.video
+    if not video.exists():
+        raise EpisodeError(f"{path} names video {episode.video!r}, which does not exist")
+    return episode, video
+
+
+@dataclass
+class Scored:
+    question: Question
+    mode: str
+    answer_text: str
+    choice: str
+    correct: bool
+    error: str
+    first_token_s: float
+    total_s: float
+
+
+def keyword_hit(text: str, keywords: list[str]) -> bool:
+    lowered = text.lower()
+    return any(keyword.lower() in lowered for keyword in keywords)
+
+
+def score(question: Question, mode: str, answer: Answer) -> Scored:
+    done = answer.done
+    text = done.text if done else answer.text
+    choice = done.choice if done else ""
+    correct = keyword_hit(text, question.keywords) if mode == OPEN_ENDED else choice == question.answer
+    return Scored(
+        question=question,
+        mode=mode,
+        answer_text=text,
+        choice=choice,
+        correct=bool(correct and done and not done.error),
+        error=done.error if done else "no answer",
+        first_token_s=done.first_token_s if done else float("nan"),
+        total_s=done.total_s if done else float("nan"),
+    )
+
+
+def _accuracy(rows: list[Scored]) -> float | None:
+    return round(100.0 * sum(r.correct for r in rows) / len(rows), 1) if rows else None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    finite = [v for v in values if np.isfinite(v)]
+    return round(float(np.percentile(finite, q)), 3) if finite else None
+
+
+def summarize(rows: list[Scored]) -> dict:
+    summary: dict = {}
+    kinds = sorted({r.question.kind for r in rows})
+    for mode in dict.fromkeys(r.mode for r in rows):
+        mine = [r for r in rows if r.mode == mode]
+        summary[mode] = {
+            "name": MODE_NAMES.get(mode, "full system, open-ended (keywords)"),
+            "accuracy": _accuracy(mine),
+            "past_accuracy": _accuracy([r for r in mine if r.question.kind in PAST_KINDS]),
+            "by_kind": {kind: _accuracy([r for r in mine if r.question.kind == kind]) for kind in kinds},
+            "first_token_p50_s": _percentile([r.first_token_s for r in mine], 50),
+            "first_token_p95_s": _percentile([r.first_token_s for r in mine], 95),
+            "total_p50_s": _percentile([r.total_s for r in mine], 50),
+            "total_p95_s": _percentile([r.total_s for r in mine], 95),
+            "errors": sum(bool(r.error) for r in mine),
+            "n": len(mine),
+        }
+    return summary
+
+
+def run_eval(
+    client: Client,
+    directory: Path,
+    modes: tuple[str, ...] = MODES,
+    open_ended: bool = True,
+    speed: float = 1.0,
+    progress: Callable[[float, float], None] | None = None,
+) -> dict:
+    episode, video = load_episode(directory)
+    asks = []
+    for q in episode.questions:
+        asks += [
+            ScheduledAsk(q.ask_at_s, q.question, list(q.choices), mode=mode, tag=f"{q.id}:{mode}")
+            for mode in modes
+        ]
+        if open_ended:
+            asks.append(ScheduledAsk(q.ask_at_s, q.question, mode="full", tag=f"{q.id}:{OPEN_ENDED}"))
+    replayer = Replayer(client, speak=False)
+    answers = replayer.run(video, asks, speed=speed, answer_timeout_s=900, progress=progress)
+    by_id = {q.id: q for q in episode.questions}
+    rows = []
+    for answer in answers:
+        question_id, mode = answer.ask.tag.split(":")
+        rows.append(score(by_id[question_id], mode, answer))
+    return {
+        "episode": str(directory),
+        "title": episode.title,
+        "speed": speed,
+        "summary": summarize(rows),
+        "questions": [
+            {
+                "id": r.question.id,
+                "kind": r.question.kind,
+                "mode": r.mode,
+                "expected": r.question.answer,
+                "choice": r.choice,
+                "answer": r.answer_text,
+                "correct": r.correct,
+                "error": r.error,
+                "first_token_s": r.first_token_s,
+                "total_s": r.total_s,
+            }
+            for r in rows
+        ],
+    }
+
+
+def markdown(report: dict) -> str:
+    summary = report["summary"]
+    kinds = sorted({kind for s in summary.values() for kind in s["by_kind"]})
+    head = ["mode", "accuracy %", "past %", *kinds, "first token p50/p95 s", "total p50/p95 s", "errors"]
+    lines = [
+        f"Episode: {report['title'] or report['episode']} (replayed at {report['speed']}x)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for s in summary.values():
+        cells = [
+            s["name"],
+            s["accuracy"],
+            s["past_accuracy"],
+            *(s["by_kind"].get(k) for k in kinds),
+            f"{s['first_token_p50_s']} / {s['first_token_p95_s']}",
+            f"{s['total_p50_s']} / {s['total_p95_s']}",
+            s["errors"],
+        ]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "eval.json", out_dir / "eval.md"
+    json_path.write_text(json.dumps(report, indent=1))
+    md_path.write_text(markdown(report))
+    return json_path, md_path

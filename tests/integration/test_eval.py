@@ -1,0 +1,57 @@
+"""`omnistream eval` end to end on the development episode: real processes, default models,
+accelerated replay, every question asked live in every mode (the system and its baselines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EPISODE = Path(__file__).resolve().parents[2] / ".." / "shared" / "eval" / "dev"
+
+
+@pytest.mark.skipif(not (EPISODE / "episode.json").exists(), reason="development episode not present")
+def test_eval_dev_episode_reports_the_system_and_every_baseline(tmp_path: Path) -> None:
+    env = {**os.environ, "OMNISTREAM__PATHS__DATA_DIR": str(tmp_path / "data")}
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "omnistream.app.cli",
+            "eval",
+            str(EPISODE),
+            "--speed",
+            "4",
+            "--no-open",
+            "--json",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1500,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert json.loads((out / "eval.json").read_text()) == report
+    assert "| full system" in (out / "eval.md").read_text()
+    episode = json.loads((EPISODE / "episode.json").read_text())
+    summary = report["summary"]
+    assert set(summary) == {"full", "reprefill", "recent", "no_memory"}
+    for mode, row in summary.items():
+        assert row["n"] == len(episode["questions"]), mode
+        assert row["errors"] == 0, (mode, [q for q in report["questions"] if q["error"]])
+        assert row["first_token_p50_s"] is not None
+    choices = [q["choice"] for q in report["questions"]]
+    assert all(c in "ABCD" and c for c in choices)
+    # The system must know what it saw: far better than chance (25%) with memory.
+    assert summary["full"]["accuracy"] >= 50.0, summary
+    assert summary["full"]["past_accuracy"] >= summary["recent"]["past_accuracy"], summary
