@@ -254,6 +254,7 @@ class Listener:
     _speech_t0: float = 0.0
     _silence_s: float = 0.0
     _voiced_windows: int = 0  # windows up to the last speech window
+    _onset_window: int = 0  # index of the window where the VAD fired (after the pre-roll)
     _next_partial_s: float = 0.0
     _utterances: int = 0
     in_speech: bool = False
@@ -298,6 +299,7 @@ class Listener:
             self._speech_t0 = ts - (len(self._pre_roll) - 1) * STEP_S
             self._silence_s = 0.0
             self._voiced_windows = len(self._speech)
+            self._onset_window = len(self._speech) - 1
             self._next_partial_s = self.first_partial_s or self.partial_every_s
             return [ListenEvent("started", self._speech_t0, ts, self._utterances)]
         self._speech.append(window)
@@ -321,11 +323,11 @@ class Listener:
         return []
 
     def _voiced(self) -> np.ndarray | None:
-        """The utterance up to its last speech window plus a short tail; None if too short."""
-        windows = self._speech[: self._voiced_windows + TAIL_WINDOWS]
-        if len(windows) * STEP_S - PRE_ROLL_S < self.min_speech_s:
+        """The utterance up to its last speech window plus a short tail; None when the VAD heard
+        speech for less than ``min_speech_s`` (onset to last speech window): a cough, a click."""
+        if (self._voiced_windows - self._onset_window) * STEP_S < self.min_speech_s:
             return None
-        return np.concatenate(windows)
+        return np.concatenate(self._speech[: self._voiced_windows + TAIL_WINDOWS])
 
     def _finish(self, end_ts: float) -> ListenEvent:
         voiced = self._voiced()
