@@ -98,8 +98,6 @@ class MemoryStage:
         text = clip.description
         if earlier:
             text += f" (same scene as at {clock(earlier[0])}; {ordinal(len(earlier) + 1)} time)"
-        if clip.text_seen:
-            text += "; text seen: " + " | ".join(clip.text_seen)
         meta = {"clip_id": clip.clip_id, "occurrence": len(earlier) + 1}
         embedding = self.embedder.embed([text])[0]
         item_id = self.store.add(clip.session, "clip", clip.t0, clip.ts, text, embedding, features=features, meta=meta)
