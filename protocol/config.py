@@ -95,6 +95,10 @@ class ReasoningConfig(_Section):
     temperature: float = 0.0
 
 
+class KernelsConfig(_Section):
+    backend: str = "auto"  # auto (Triton with CUDA + triton, else the torch reference), reference, triton
+
+
 class LauncherConfig(_Section):
     ready_timeout_s: float = 300.0
     restart_backoff_s: float = 0.5
@@ -115,6 +119,7 @@ class Config(_Section):
     memory: MemoryConfig = MemoryConfig()
     reasoning: ReasoningConfig = ReasoningConfig()
     launcher: LauncherConfig = LauncherConfig()
+    kernels: KernelsConfig = KernelsConfig()
 
     @property
     def cache_dir(self) -> Path:

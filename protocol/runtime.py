@@ -46,6 +46,10 @@ class Runtime:
         self.run_dir = Path(run_dir)
         self.config = config or read_config(self.run_dir / "config.json")
         self.addresses = Addresses.load(self.run_dir)
+        if self.config.kernels.backend != "auto":
+            from omnistream.kernels import ops
+
+            ops.set_backend(self.config.kernels.backend)
         self.ctx = zmq.Context.instance()
         limit = self.config.bus.max_message_bytes
         self.pub = make_socket(self.ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
