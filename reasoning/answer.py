@@ -15,12 +15,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from omnistream.protocol.messages import Ask, MemoryItem
 from omnistream.reasoning.engine import LLMEngine
-from omnistream.reasoning.kvcache import StreamingKV
+from omnistream.reasoning.kvcache import BlockStore, StreamingKV
 from omnistream.reasoning.prompt import CHOICE_LETTERS, SYSTEM_PROMPT, clock, format_item
 
 CHOICE_PREFIX = re.compile(r"^\s*([A-F])[\s.):]+")
@@ -43,8 +44,17 @@ class SessionMemory:
 
 
 class Answerer:
-    def __init__(self, engine: LLMEngine, window_tokens: int = 8192, retrieved_tokens: int = 2048):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        window_tokens: int = 8192,
+        retrieved_tokens: int = 2048,
+        block_ram_bytes: int = 512 << 20,
+        spill_root: Path | None = None,
+    ):
         self.engine = engine
+        self.block_ram_bytes = block_ram_bytes
+        self.spill_root = spill_root
         self.window_tokens = window_tokens
         self.retrieved_tokens = retrieved_tokens
         self.prefix_text, self.suffix_end = engine.chat_parts(SYSTEM_PROMPT)
@@ -57,9 +67,10 @@ class Answerer:
 
     def session(self, name: str) -> SessionMemory:
         if name not in self.sessions:
-            self.sessions[name] = SessionMemory(
-                StreamingKV(self.engine.model, self.prefix_ids, self.window_tokens)
-            )
+            spill_dir = self.spill_root / re.sub(r"[^A-Za-z0-9_.-]", "_", name) if self.spill_root else None
+            store = BlockStore(self.block_ram_bytes, spill_dir)
+            kv = StreamingKV(self.engine.model, self.prefix_ids, self.window_tokens, store)
+            self.sessions[name] = SessionMemory(kv)
         return self.sessions[name]
 
     def ingest(self, session: str, item: MemoryItem) -> bool:
