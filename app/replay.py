@@ -86,9 +86,8 @@ class Replayer:
                         answer.first_audio_wall = time.monotonic()
                     answer.audio.append(np.asarray(event.pcm, np.float32))
                     answer.audio_rate = event.sample_rate
-                if event.flush:
-                    answer.audio.clear()
-                answer.audio_final = answer.audio_final or event.final or event.flush
+                # A flush without final is a pause (barge-in being checked): the answer may resume.
+                answer.audio_final = answer.audio_final or event.final
 
     def _wait_until(self, wall: float) -> None:
         while True:
