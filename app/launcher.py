@@ -145,6 +145,9 @@ class Launcher:
             stderr=log_file,
             env=env,
             preexec_fn=_die_with_parent,
+            # Own process group: a terminal's Ctrl-C reaches the launcher only, which then stops
+            # the stages in order (bus last) instead of them all dying at once.
+            start_new_session=True,
         )
         log_file.close()
         child.ready = False
