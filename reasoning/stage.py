@@ -21,6 +21,7 @@ from omnistream.protocol.messages import (
     AnswerDelta,
     AnswerDone,
     Ask,
+    Error,
     Interrupt,
     MemoryItem,
     Message,
@@ -28,12 +29,14 @@ from omnistream.protocol.messages import (
     Retrieve,
     Retrieved,
     Shutdown,
+    Watch,
 )
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.sockets import make_socket, recv, send
 from omnistream.reasoning.answer import Answerer
 from omnistream.reasoning.engine import LLMEngine
 from omnistream.reasoning.prompt import fit_items
+from omnistream.reasoning.watch import WatchList
 
 log = logging.getLogger("omnistream.reasoning")
 
@@ -96,6 +99,7 @@ class ReasoningStage:
             spill_root=runtime.config.data_dir / "kv",
         )
         self.loaded_sessions: set[str] = set()
+        self.watches = WatchList(engine)
 
     def handle(self, message: Message) -> None:
         if isinstance(message, Record):
@@ -110,8 +114,20 @@ class ReasoningStage:
             )
             if self.answerer.ingest(message.session, item):
                 self.runtime.counters["records_streamed"] += 1
+                for alert in self.watches.check(message.session, item):
+                    self.runtime.counters["alerts"] += 1
+                    self.runtime.publish(alert)
         elif isinstance(message, Ask):
             self.answer(message)
+        elif isinstance(message, Watch):
+            try:
+                self.watches.add(message)
+            except ValueError as exc:
+                self.runtime.publish(
+                    Error(
+                        code="invalid", message=str(exc), request_id=message.watch_id, session=message.session
+                    )
+                )
 
     def _load_history(self, session: str) -> None:
         """On first contact with a session, stream what memory already holds (after a restart)."""
@@ -210,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = prepare_llm(config.model, runtime.config.cache_dir)
     engine = LLMEngine(model_dir, config.dtype, config.threads)
     stage = ReasoningStage(config, engine, MemoryClient(runtime.ctx, runtime.addresses.memory), runtime)
-    runtime.subscribe(Ask, Interrupt, Record)
+    runtime.subscribe(Ask, Interrupt, Record, Watch)
     runtime.run(stage)
 
 
