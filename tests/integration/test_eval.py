@@ -1,9 +1,8 @@
 """`omnistream eval` end to end on the development episode: real processes, accelerated replay,
-every question asked live, the system against the recent-window baseline.
+every question asked live in every mode (the system and its three baselines).
 
 The fast LLM (0.5B) answers here: with the default 1.5B on a 2-core CPU the run takes longer
-than the whole suite's time budget (see BENCHMARKS / the eval issue notes). All four modes run
-with `omnistream eval` itself."""
+than the whole suite's time budget (see BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ def test_eval_dev_episode_reports_the_system_and_every_baseline(tmp_path: Path) 
     assert "| full system" in (out / "eval.md").read_text()
     episode = json.loads((EPISODE / "episode.json").read_text())
     summary = report["summary"]
-    assert set(summary) == {"full", "recent"}
+    assert set(summary) == {"full", "reprefill", "recent", "no_memory"}
     for mode, row in summary.items():
         assert row["n"] == len(episode["questions"]), mode
         assert row["errors"] == 0, (mode, [q for q in report["questions"] if q["error"]])
