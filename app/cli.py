@@ -276,6 +276,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(r["error"] for r in results) else 0
 
 
+def _emit_report(args: argparse.Namespace, report: dict, write_report, markdown) -> int:
+    """Write a bench/eval report to ``--out`` (JSON + markdown) and print it (``--json``: the JSON)."""
+    json_path, md_path = write_report(report, Path(args.out))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(markdown(report))
+        console.print(f"written: {json_path} {md_path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from omnistream.app.bench import available_suites, markdown, run_suites, write_report
 
@@ -285,13 +296,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         return EXIT_USAGE
-    json_path, md_path = write_report(report, Path(args.out))
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(markdown(report))
-        console.print(f"written: {json_path} {md_path}")
-    return 0
+    return _emit_report(args, report, write_report, markdown)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -322,13 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         report = run_eval(client, Path(args.episode), modes, open_ended=not args.no_open, speed=args.speed, progress=progress)
         bar.close()
-    json_path, md_path = write_report(report, Path(args.out))
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(markdown(report))
-        console.print(f"written: {json_path} {md_path}")
-    return 0
+    return _emit_report(args, report, write_report, markdown)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
