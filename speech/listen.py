@@ -26,6 +26,9 @@ VAD_WINDOW = 512  # samples at 16 kHz (32 ms), what Silero VAD expects
 STEP_S = VAD_WINDOW / SAMPLE_RATE
 PRE_ROLL_S = 0.3  # audio kept before the VAD fires: whisper mishears clipped onsets
 PAD_S = 0.5
+MAX_SHORT_S = 29.0  # longer (padded) audio goes through faster-whisper's own 30 s windows
+FRAMES_PER_S = 100  # whisper's log-mel frames per second
+MAX_TOKENS_PER_S = 10  # a cap on decoded tokens (speech is 3-5 tokens/s): no runaway repeats
 TAIL_WINDOWS = 3  # non-speech windows (96 ms) kept after the last speech window of an utterance
 # After this much silence the utterance is transcribed speculatively: if no speech follows, that
 # is already the final (the same samples as at the end), so the end-of-turn wait hides the ASR.
@@ -136,14 +139,33 @@ def packaged_whisper_dir(name: str) -> Path:
 
 
 class Recognizer:
-    """faster-whisper on CPU (int8), English, greedy, no timestamps."""
+    """faster-whisper on CPU (int8), English, greedy, no timestamps.
 
-    def __init__(self, model: str = "tiny.en", threads: int = 1):
+    Whisper's encoder is built for 30 s windows and faster-whisper always pads to one: on these
+    CPUs that costs about 0.8 s per pass whatever the utterance's length, which made every partial
+    and every final transcript of a short question take most of a second. CTranslate2's encoder
+    takes shorter input, so an utterance is encoded padded only to the next whole second
+    (whisper.cpp's ``audio_ctx``): 0.1-0.3 s for a spoken question, at a word error rate within
+    a word of the 30 s window on the LibriVox clips. ``window="full"`` keeps faster-whisper's
+    own 30 s path (the baseline the bench compares with).
+    """
+
+    def __init__(self, model: str = "tiny.en", threads: int = 1, window: str = "short"):
         from faster_whisper import WhisperModel
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
 
+        if window not in ("short", "full"):
+            raise ValueError(f"whisper window must be 'short' or 'full', got {window!r}")
+        self.window = window
         self.model = WhisperModel(
             str(packaged_whisper_dir(model)), device="cpu", compute_type="int8", cpu_threads=threads
         )
+        self.tokenizer = Tokenizer(
+            self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language="en"
+        )
+        self.prompt = self.model.get_prompt(self.tokenizer, [], without_timestamps=True)
+        self.suppress = list(get_suppressed_tokens(self.tokenizer, [-1]))
 
     def transcribe(self, audio: np.ndarray) -> str:
         """float32 (N,) 16 kHz -> text ("" for no words). Padded with silence: whisper is steadier
@@ -151,16 +173,48 @@ class Recognizer:
         if audio.ndim != 1 or audio.dtype != np.float32:
             raise ValueError(f"audio must be float32 (N,) at 16 kHz, got {audio.dtype} {audio.shape}")
         padding = np.zeros(int(PAD_S * SAMPLE_RATE), np.float32)
-        segments, _ = self.model.transcribe(
-            np.concatenate([padding, audio, padding]),
-            language="en",
-            beam_size=1,
-            without_timestamps=True,
-            condition_on_previous_text=False,
-        )
-        text = " ".join(segment.text.strip() for segment in segments)
+        padded = np.concatenate([padding, audio, padding])
+        if self.window == "short" and len(padded) <= MAX_SHORT_S * SAMPLE_RATE:
+            text = self._transcribe_short(padded)
+        else:
+            segments, _ = self.model.transcribe(
+                padded,
+                language="en",
+                beam_size=1,
+                without_timestamps=True,
+                condition_on_previous_text=False,
+            )
+            text = " ".join(segment.text.strip() for segment in segments)
         text = " ".join(NON_SPEECH.sub(" ", text).split())
         return text if words(text) else ""
+
+    def _transcribe_short(self, padded: np.ndarray) -> str:
+        """One greedy pass with the encoder on the audio's own length, rounded up to whole seconds
+        (features beyond the audio are zero, as faster-whisper's own padding makes them). A pass
+        that whisper itself judges silent (no-speech probability > 0.6 with average token
+        log-probability < -1, faster-whisper's rule) gives no text."""
+        import ctranslate2
+
+        features = self.model.feature_extractor(padded)
+        frames = min(-(-features.shape[1] // FRAMES_PER_S) * FRAMES_PER_S, 30 * FRAMES_PER_S)
+        window = np.zeros((features.shape[0], frames), np.float32)
+        window[:, : min(features.shape[1], frames)] = features[:, :frames]
+        encoded = self.model.model.encode(ctranslate2.StorageView.from_array(window[None]), to_cpu=False)
+        result = self.model.model.generate(
+            encoded,
+            [self.prompt],
+            beam_size=1,
+            max_length=min(448, int(16 + MAX_TOKENS_PER_S * len(padded) / SAMPLE_RATE)),
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=self.suppress,
+        )[0]
+        tokens = [t for t in result.sequences_ids[0] if t < self.tokenizer.eot]
+        avg_logprob = result.scores[0] * len(result.sequences_ids[0]) / (len(result.sequences_ids[0]) + 1)
+        if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
+            return ""
+        return self.tokenizer.decode(tokens).strip()
 
 
 class VoiceActivity:
