@@ -1,8 +1,19 @@
-"""Memory process: stores clips and transcripts, keeps the last seconds of percepts, answers retrieval.
+"""Memory process: the pyramid memory of each session, and retrieval for questions.
 
-Bus in: ``Clip``, final ``Transcript``, ``Percept`` (sensory tier). ROUTER in: ``Retrieve`` from
-reasoning, answered with ``Retrieved`` (hybrid: text-vector search + the recent window + what is
-on screen now, in time order).
+Tiers (budgets in ``MemoryConfig``; README "Memory tiers"):
+- L0 sensory: the percepts of the last ``sensory_s`` seconds (at most ``sensory_max``), in RAM only;
+  they say what is on screen now.
+- L1: clips and final transcripts at full detail; L2: events merged from the most similar
+  adjacent L1 records (``memory.tiers``); L3: the latest synopsis, written by reasoning.
+- Archive: everything that left L1/L2, on disk and searched there.
+Every record is committed to SQLite before it is announced (``Record``), so nothing
+acknowledged is lost when the process is killed; the tiers are reloaded from disk.
+
+Bus in: ``Clip``, final ``Transcript``, ``Percept``, ``Synopsis``, ``Ask`` (snapshot). ROUTER in:
+``Retrieve`` from reasoning, answered with ``Retrieved``: the synopsis first, then in time order
+the working set (L2 events, L1 records), the archive records closest to the question, the
+records of the recent window, and last what is on screen now; ``HistoryRequest`` from the
+gateway, answered with ``History``.
 """
 
 from __future__ import annotations
@@ -11,13 +22,15 @@ import argparse
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zmq
 
 from omnistream.memory.embedder import TextEmbedder
-from omnistream.memory.store import Item, MemoryStore
+from omnistream.memory.store import LEAF_KINDS, Item, MemoryStore
+from omnistream.memory.tiers import Entry, Part, Pyramid, leaf
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import MemoryConfig
 from omnistream.protocol.messages import (
@@ -32,6 +45,7 @@ from omnistream.protocol.messages import (
     Record,
     Retrieve,
     Retrieved,
+    Synopsis,
     Transcript,
 )
 from omnistream.protocol.runtime import Runtime
@@ -57,6 +71,81 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
+@dataclass
+class Scene:
+    first_t0: float
+    features: np.ndarray  # float32 (D,), the first clip's pooled features
+    count: int = 1
+    last_t0: float = 0.0
+
+
+class Scenes:
+    """Distinct scenes of a session, for "same scene as at 00:40; 3rd time" marks.
+
+    At most ``capacity`` are kept (the least recently seen is forgotten), so RAM stays bounded.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = max(capacity, 1)
+        self.scenes: list[Scene] = []
+
+    def observe(self, t0: float, features: np.ndarray) -> tuple[float, int] | None:
+        """Record a clip; returns (first time, occurrence) of the earlier scene it repeats."""
+        matching = [
+            scene for scene in self.scenes if float(scene.features @ features) >= SAME_SCENE_SIMILARITY
+        ]
+        if matching:
+            scene = min(matching, key=lambda sc: sc.first_t0)
+            scene.count += 1
+            scene.last_t0 = t0
+            return scene.first_t0, scene.count
+        self.scenes.append(Scene(t0, np.array(features, np.float32), last_t0=t0))
+        if len(self.scenes) > self.capacity:
+            self.scenes.remove(min(self.scenes, key=lambda sc: sc.last_t0))
+        return None
+
+
+@dataclass
+class SessionMemory:
+    """What memory holds in RAM for one session: L0, the L1/L2 working set, the scene marks."""
+
+    pyramid: Pyramid
+    scenes: Scenes
+    sensory: deque[Percept] = field(default_factory=deque)
+
+
+def stored_entry(item: Item, embedding: np.ndarray, features: np.ndarray | None) -> Entry:
+    """The tier entry of a stored row (a clip, a transcript or an event)."""
+    if item.kind != "event":
+        base = item.meta.get("base")
+        return leaf(item.id, item.kind, item.t0, item.t1, item.text, embedding, features, item.speaker, base)
+    return Entry(
+        item_id=item.id,
+        kind="event",
+        t0=item.t0,
+        t1=item.t1,
+        text=item.text,
+        embedding=embedding,
+        features=features,
+        parts=[Part.from_json(row) for row in item.meta.get("parts", [])],
+        feature_weight=int(item.meta.get("weight", 0)),
+    )
+
+
+def memory_item(item: Item | Entry, score: float = 0.0) -> MemoryItem:
+    item_id = item.id if isinstance(item, Item) else item.item_id
+    return MemoryItem(
+        kind=item.kind,  # type: ignore[arg-type]
+        t0=item.t0,
+        t1=item.t1,
+        text=item.text,
+        score=score,
+        speaker=item.speaker,
+        item_id=item_id,
+        members=item.members if item.kind == "event" else [],
+    )
+
+
 class MemoryStage:
     name = "memory"
 
@@ -75,8 +164,40 @@ class MemoryStage:
         self.publish = publish
         # Retrieval results taken when each question arrived (the moment the user asked).
         self.snapshots: OrderedDict[str, Retrieved] = OrderedDict()
-        self.sensory: dict[str, deque[Percept]] = {}
-        self.clip_features = {session: store.features(session) for session in store.sessions()}
+        self.sessions: OrderedDict[str, SessionMemory] = OrderedDict()
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def session(self, name: str) -> SessionMemory:
+        """The session's in-RAM tiers, loaded from disk on first use; the least recently used
+        session beyond ``sessions_in_ram`` is unloaded (its records stay on disk)."""
+        state = self.sessions.get(name)
+        if state is not None:
+            self.sessions.move_to_end(name)
+            return state
+        pyramid = Pyramid(
+            self.config.l1_items, self.config.l2_items, self.config.event_max_chars, self.store.sink(name)
+        )
+        pyramid.load(
+            [stored_entry(*row) for row in self.store.tier_rows(name, "L1")],
+            [stored_entry(*row) for row in self.store.tier_rows(name, "L2")],
+        )
+        scenes = Scenes(self.config.scene_prototypes)
+        for t0, features in self.store.features(name):
+            scenes.observe(t0, features)
+        state = self.sessions[name] = SessionMemory(pyramid, scenes)
+        while len(self.sessions) > max(self.config.sessions_in_ram, 1):
+            unloaded, _ = self.sessions.popitem(last=False)
+            self.store.unload(unloaded)
+        return state
+
+    def _consolidate(self, state: SessionMemory, entry: Entry) -> None:
+        merges, archived = state.pyramid.merges, state.pyramid.archived
+        state.pyramid.add(entry)
+        self.counters["merges"] += state.pyramid.merges - merges
+        self.counters["archived"] += state.pyramid.archived - archived
+
+    # -- bus messages ----------------------------------------------------------------------------
 
     def handle(self, message: Message) -> None:
         if isinstance(message, Ask):
@@ -85,35 +206,48 @@ class MemoryStage:
             self.on_clip(message)
         elif isinstance(message, Transcript) and message.final and message.text.strip():
             self.on_transcript(message)
+        elif isinstance(message, Synopsis) and message.text.strip():
+            self.on_synopsis(message)
         elif isinstance(message, Percept):
-            window = self.sensory.setdefault(message.session, deque())
+            window = self.session(message.session).sensory
             window.append(message)
-            while window and window[0].ts < message.ts - self.config.sensory_s:
+            while window and (
+                window[0].ts < message.ts - self.config.sensory_s or len(window) > self.config.sensory_max
+            ):
                 window.popleft()
 
     def on_clip(self, clip: Clip) -> None:
+        state = self.session(clip.session)
         features = np.asarray(clip.features, np.float32)
-        previous = self.clip_features.setdefault(clip.session, [])
-        earlier = [t0 for t0, f in previous if float(f @ features) >= SAME_SCENE_SIMILARITY]
+        earlier = state.scenes.observe(clip.t0, features)
         text = clip.description
         if earlier:
-            text += f" (same scene as at {clock(earlier[0])}; {ordinal(len(earlier) + 1)} time)"
-        meta = {"clip_id": clip.clip_id, "occurrence": len(earlier) + 1}
+            text += f" (same scene as at {clock(earlier[0])}; {ordinal(earlier[1])} time)"
+        meta = {"clip_id": clip.clip_id, "occurrence": earlier[1] if earlier else 1, "base": clip.description}
         embedding = self.embedder.embed([text])[0]
-        item_id = self.store.add(clip.session, "clip", clip.t0, clip.ts, text, embedding, features=features, meta=meta)
-        previous.append((clip.t0, features))
+        item_id = self.store.add(
+            clip.session, "clip", clip.t0, clip.ts, text, embedding, features=features, meta=meta
+        )
         self.counters["clips_stored"] += 1
-        self.publish(Record(ts=clip.ts, session=clip.session, item_id=item_id, kind="clip", t0=clip.t0, text=text))
+        self.publish(
+            Record(ts=clip.ts, session=clip.session, item_id=item_id, kind="clip", t0=clip.t0, text=text)
+        )
+        self._consolidate(
+            state,
+            leaf(item_id, "clip", clip.t0, clip.ts, text, embedding, features, base_text=clip.description),
+        )
 
     def on_transcript(self, transcript: Transcript) -> None:
+        state = self.session(transcript.session)
         text = transcript.text.strip()
+        embedding = self.embedder.embed([text])[0]
         item_id = self.store.add(
             transcript.session,
             "transcript",
             transcript.t0,
             transcript.ts,
             text,
-            self.embedder.embed([text])[0],
+            embedding,
             speaker=transcript.speaker,
         )
         self.counters["transcripts_stored"] += 1
@@ -128,10 +262,52 @@ class MemoryStage:
                 speaker=transcript.speaker,
             )
         )
+        self._consolidate(
+            state,
+            leaf(
+                item_id,
+                "transcript",
+                transcript.t0,
+                transcript.ts,
+                text,
+                embedding,
+                speaker=transcript.speaker,
+            ),
+        )
+
+    def on_synopsis(self, synopsis: Synopsis) -> None:
+        """Store the session's new synopsis (L3) and acknowledge it; a repeat is acknowledged again."""
+        text = synopsis.text.strip()
+        latest = self.store.latest(synopsis.session, "synopsis", float("inf"))
+        if latest is not None and latest.text == text and latest.t1 == synopsis.ts:
+            item_id = latest.id
+        else:
+            item_id = self.store.add(
+                synopsis.session,
+                "synopsis",
+                synopsis.t0,
+                synopsis.ts,
+                text,
+                self.embedder.embed([text])[0],
+                meta={"through_item_id": synopsis.through_item_id},
+            )
+            self.counters["synopses_stored"] += 1
+        self.publish(
+            Record(
+                ts=synopsis.ts,
+                session=synopsis.session,
+                item_id=item_id,
+                kind="synopsis",
+                t0=synopsis.t0,
+                text=text,
+            )
+        )
+
+    # -- retrieval -------------------------------------------------------------------------------
 
     def now_item(self, session: str, until_ts: float) -> MemoryItem | None:
         """What is on screen at ``until_ts``: labels of the latest percepts (sensory tier)."""
-        window = [p for p in self.sensory.get(session, ()) if p.ts <= until_ts + 0.5]
+        window = [p for p in self.session(session).sensory if p.ts <= until_ts + 0.5]
         if not window:
             return None
         recent = window[-3:]
@@ -143,38 +319,62 @@ class MemoryStage:
         return MemoryItem(kind="now", t0=recent[0].ts, t1=recent[-1].ts, text="seen: " + ", ".join(names))
 
     def snapshot(self, ask: Ask) -> None:
-        request = Retrieve(ts=ask.ts, session=ask.session, request_id=ask.turn, query=ask.question[:MAX_QUERY_CHARS])
+        request = Retrieve(
+            ts=ask.ts, session=ask.session, request_id=ask.turn, query=ask.question[:MAX_QUERY_CHARS]
+        )
         self.snapshots[ask.turn] = self.retrieve(request)
         while len(self.snapshots) > MAX_SNAPSHOTS:
             self.snapshots.popitem(last=False)
 
+    def _tiered(self, request: Retrieve) -> dict[int, MemoryItem]:
+        """The working set, the closest archive records and the recent window, without repeats:
+        an archived record inside a chosen event is left out, and so is an event whose every
+        member is chosen on its own."""
+        session, until = request.session, request.ts
+        query = self.embedder.embed([request.query])[0]
+        chosen = {
+            entry.item_id: memory_item(entry, float(entry.embedding @ query))
+            for entry in self.session(session).pyramid.entries()
+            if entry.t0 <= until
+        }
+        for item in self.store.between(session, until - request.recent_s, until):
+            chosen.setdefault(item.id, memory_item(item))
+        covered = {member for item in chosen.values() for member in item.members}
+        for item, score in self.store.search(session, query, request.top_k, until, archive_only=True):
+            if (
+                item.id not in chosen
+                and item.id not in covered
+                and not (item.members and set(item.members) <= covered)
+            ):
+                chosen[item.id] = memory_item(item, score)
+                covered.update(item.members)
+        return {
+            item_id: item
+            for item_id, item in chosen.items()
+            if not (item.members and all(member in chosen for member in item.members))
+        }
+
     def retrieve(self, request: Retrieve) -> Retrieved:
         snapshot = self.snapshots.pop(request.turn, None) if request.turn else None
         if snapshot is not None:
-            return Retrieved(ts=snapshot.ts, session=snapshot.session, request_id=request.request_id, items=snapshot.items)
+            return Retrieved(
+                ts=snapshot.ts, session=snapshot.session, request_id=request.request_id, items=snapshot.items
+            )
         if len(request.query) > MAX_QUERY_CHARS:
             raise ProtocolError(
                 "too_large", f"Retrieve.query has {len(request.query)} chars, limit {MAX_QUERY_CHARS}"
             )
         session, until = request.session, request.ts
         if self.store.count(session) <= self.config.return_all_below:
-            chosen: dict[int, tuple[Item, float]] = {
-                item.id: (item, 0.0) for item in self.store.between(session, float("-inf"), until)
+            chosen = {
+                item.id: memory_item(item) for item in self.store.between(session, float("-inf"), until)
             }
         else:
-            query = self.embedder.embed([request.query])[0]
-            chosen = {
-                item.id: (item, score)
-                for item, score in self.store.search(session, query, request.top_k, until)
-            }
-            for item in self.store.between(session, until - request.recent_s, until):
-                chosen.setdefault(item.id, (item, 0.0))
-        items = [
-            MemoryItem(
-                kind=item.kind, t0=item.t0, t1=item.t1, text=item.text, score=score, speaker=item.speaker, item_id=item.id
-            )
-            for item, score in sorted(chosen.values(), key=lambda pair: (pair[0].t0, pair[0].id))
-        ]
+            chosen = self._tiered(request)
+        items = sorted(chosen.values(), key=lambda item: (item.t0, item.item_id))
+        synopsis = self.store.latest(session, "synopsis", until)
+        if synopsis is not None:
+            items.insert(0, memory_item(synopsis, 1.0))
         now = self.now_item(session, until)
         if now is not None:
             items.append(now)
@@ -183,20 +383,14 @@ class MemoryStage:
 
     def history(self, request: HistoryRequest) -> History:
         """Stored records of the session overlapping [t0, t1], oldest first (client history queries)."""
-        items = [
-            item
-            for item in self.store.between(request.session, request.t0, request.t1)
-            if not request.kinds or item.kind in request.kinds
-        ]
+        kinds = tuple(request.kinds) or LEAF_KINDS
+        items = self.store.between(request.session, request.t0, request.t1, kinds, limit=request.limit + 1)
         self.counters["history_requests"] += 1
         return History(
             ts=request.ts,
             session=request.session,
             request_id=request.request_id,
-            items=[
-                MemoryItem(kind=i.kind, t0=i.t0, t1=i.t1, text=i.text, speaker=i.speaker, item_id=i.id)  # type: ignore[arg-type]
-                for i in items[: request.limit]
-            ],
+            items=[memory_item(item) for item in items[: request.limit]],
             truncated=len(items) > request.limit,
         )
 
@@ -234,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     router = make_socket(runtime.ctx, zmq.ROUTER, max_message_bytes=1 << 20)
     router.bind(runtime.addresses.memory)
     runtime.add_socket(router, stage.on_router)
-    runtime.subscribe(Clip, Transcript, Percept, Ask)
+    runtime.subscribe(Clip, Transcript, Percept, Ask, Synopsis)
     runtime.run(stage)
     store.close()
 

@@ -1,8 +1,15 @@
-"""Durable memory records: SQLite for records, FAISS for their text vectors.
+"""Durable memory records: SQLite for every record, FAISS for the working set's text vectors.
 
-Every clip and transcript is a row in ``items`` (committed before it is acknowledged, WAL mode,
-so a SIGKILL of the memory process loses nothing stored). The FAISS index is derived data:
-rebuilt from the rows' embeddings at start-up, one index per session.
+Every clip, transcript, consolidated event and synopsis is a row in ``items``, committed before
+it is acknowledged (WAL mode: a SIGKILL of the memory process loses nothing stored). Rows are
+never deleted; their ``tier`` says where they stand in the pyramid: "L1" (clips and
+transcripts at full detail), "L2" (events), "L3" (synopses), or "archive" (left the working set;
+``parent`` is the event that absorbed it, 0 if none). A consolidation step (an event stored and
+its sources archived) is one transaction, so a crash leaves either the state before or after.
+
+RAM stays bounded by the tier budgets: the in-RAM FAISS index of a session holds only its L1 and
+L2 rows (rebuilt from their stored embeddings when the session is loaded); the archive is
+searched on disk, a fixed-size chunk of stored vectors at a time with ``faiss.knn``.
 """
 
 from __future__ import annotations
@@ -10,11 +17,14 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from omnistream.memory.tiers import Entry
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -31,6 +41,16 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_session_time ON items(session, t1);
 """
+# Columns added after the first release: older databases are migrated in place.
+ADDED_COLUMNS = {
+    "tier": "TEXT NOT NULL DEFAULT 'L1'",
+    "parent": "INTEGER NOT NULL DEFAULT 0",
+}
+LEAF_KINDS = ("clip", "transcript")
+WORKING_TIERS = ("L1", "L2")
+DEFAULT_TIER = {"clip": "L1", "transcript": "L1", "event": "L2", "synopsis": "L3"}
+ARCHIVE_CHUNK_ROWS = 2048  # vectors read from disk per step of an archive search
+COLUMNS = "id, session, kind, t0, t1, text, speaker, meta, tier, parent"
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,35 @@ class Item:
     text: str
     speaker: str
     meta: dict
+    tier: str = "L1"
+    parent: int = 0
+
+    @property
+    def members(self) -> list[int]:
+        """Ids of the clips and transcripts an event covers (empty for other kinds)."""
+        return [int(part[0]) for part in self.meta.get("parts", [])]
+
+
+def _blob(vector: np.ndarray | None) -> bytes | None:
+    return None if vector is None else np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def _vector(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype=np.float32).copy()
+
+
+@dataclass(frozen=True)
+class SessionSink:
+    """The ``tiers.TierSink`` of one session: consolidation steps go to the store."""
+
+    store: MemoryStore
+    session: str
+
+    def save_event(self, event: Entry, sources: list[int]) -> int:
+        return self.store.save_event(self.session, event, sources)
+
+    def archive(self, item_id: int) -> None:
+        self.store.archive(self.session, item_id)
 
 
 class MemoryStore:
@@ -55,19 +104,74 @@ class MemoryStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(items)")}
+        for name, declaration in ADDED_COLUMNS.items():
+            if name not in present:
+                self.db.execute(f"ALTER TABLE items ADD COLUMN {name} {declaration}")
+        self.db.execute("CREATE INDEX IF NOT EXISTS items_session_tier ON items(session, tier)")
         self.indexes: dict[str, faiss.IndexIDMap2] = {}
+
+    # -- the in-RAM index of the working set -------------------------------------------------------
 
     def _index(self, session: str) -> faiss.IndexIDMap2:
         index = self.indexes.get(session)
         if index is None:
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-            rows = self.db.execute("SELECT id, embedding FROM items WHERE session = ?", (session,)).fetchall()
+            rows = self.db.execute(
+                "SELECT id, embedding FROM items WHERE session = ? AND tier IN ('L1', 'L2')", (session,)
+            ).fetchall()
             if rows:
                 ids = np.array([r[0] for r in rows], dtype=np.int64)
                 vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
                 index.add_with_ids(vectors, ids)
             self.indexes[session] = index
         return index
+
+    def unload(self, session: str) -> None:
+        """Drop a session's in-RAM index (it is rebuilt from disk when needed again)."""
+        self.indexes.pop(session, None)
+
+    def working_set_size(self, session: str) -> int:
+        return int(self._index(session).ntotal)
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def _insert(
+        self,
+        session: str,
+        kind: str,
+        t0: float,
+        t1: float,
+        text: str,
+        vector: np.ndarray,
+        speaker: str,
+        features: np.ndarray | None,
+        meta: dict | None,
+        tier: str,
+    ) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO items (session, kind, t0, t1, text, speaker, embedding, features, meta, tier)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                session,
+                kind,
+                float(t0),
+                float(t1),
+                text,
+                speaker,
+                vector.tobytes(),
+                _blob(features),
+                json.dumps(meta or {}),
+                tier,
+            ),
+        )
+        return int(cursor.lastrowid)
+
+    def _checked(self, embedding: np.ndarray) -> np.ndarray:
+        vector = np.ascontiguousarray(embedding, dtype=np.float32).reshape(-1)
+        if vector.shape[0] != self.dim:
+            raise ValueError(f"embedding has {vector.shape[0]} dims, store expects {self.dim}")
+        return vector
 
     def add(
         self,
@@ -81,65 +185,142 @@ class MemoryStore:
         features: np.ndarray | None = None,
         meta: dict | None = None,
     ) -> int:
-        """Store one record durably; ``embedding``: float32 (dim,), unit length."""
-        vector = np.ascontiguousarray(embedding, dtype=np.float32).reshape(-1)
-        if vector.shape[0] != self.dim:
-            raise ValueError(f"embedding has {vector.shape[0]} dims, store expects {self.dim}")
-        cursor = self.db.execute(
-            "INSERT INTO items (session, kind, t0, t1, text, speaker, embedding, features, meta) VALUES (?,?,?,?,?,?,?,?,?)",
-            (
-                session,
-                kind,
-                float(t0),
-                float(t1),
-                text,
-                speaker,
-                vector.tobytes(),
-                None if features is None else np.ascontiguousarray(features, dtype=np.float32).tobytes(),
-                json.dumps(meta or {}),
-            ),
-        )
-        item_id = int(cursor.lastrowid)
-        self._index(session).add_with_ids(vector[None, :], np.array([item_id], dtype=np.int64))
+        """Store one record durably; ``embedding``: float32 (dim,), unit length. Clips and
+        transcripts enter L1, events L2, synopses L3."""
+        vector = self._checked(embedding)
+        tier = DEFAULT_TIER.get(kind, "L1")
+        item_id = self._insert(session, kind, t0, t1, text, vector, speaker, features, meta, tier)
+        if tier in WORKING_TIERS and session in self.indexes:
+            self.indexes[session].add_with_ids(vector[None, :], np.array([item_id], dtype=np.int64))
         return item_id
 
+    def sink(self, session: str) -> SessionSink:
+        return SessionSink(self, session)
+
+    def save_event(self, session: str, event: Entry, sources: list[int]) -> int:
+        """Store ``event`` in L2 and archive its ``sources`` under it, in one transaction."""
+        vector = self._checked(event.embedding)
+        meta = {
+            "parts": [part.to_json() for part in event.parts],
+            "merged": sources,
+            "weight": event.feature_weight,
+        }
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            item_id = self._insert(
+                session, "event", event.t0, event.t1, event.text, vector, "", event.features, meta, "L2"
+            )
+            marks = ",".join("?" * len(sources))
+            self.db.execute(
+                f"UPDATE items SET tier = 'archive', parent = ? WHERE id IN ({marks})", (item_id, *sources)
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if session in self.indexes:
+            index = self.indexes[session]
+            index.remove_ids(np.array(sources, dtype=np.int64))
+            index.add_with_ids(vector[None, :], np.array([item_id], dtype=np.int64))
+        return item_id
+
+    def archive(self, session: str, item_id: int) -> None:
+        """Move one record out of the working set (it stays on disk and searchable)."""
+        self.db.execute("UPDATE items SET tier = 'archive' WHERE id = ?", (item_id,))
+        if session in self.indexes:
+            self.indexes[session].remove_ids(np.array([item_id], dtype=np.int64))
+
+    # -- reading -----------------------------------------------------------------------------------
+
     def _items(self, where: str, params: tuple) -> list[Item]:
-        rows = self.db.execute(
-            f"SELECT id, session, kind, t0, t1, text, speaker, meta FROM items WHERE {where} ORDER BY t0, id",
-            params,
-        ).fetchall()
-        return [Item(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7])) for r in rows]
+        order = "" if "ORDER BY" in where else " ORDER BY t0, id"
+        rows = self.db.execute(f"SELECT {COLUMNS} FROM items WHERE {where}{order}", params).fetchall()
+        return [Item(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9]) for r in rows]
 
-    def count(self, session: str) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM items WHERE session = ?", (session,)).fetchone()[0])
+    def count(self, session: str, kinds: tuple[str, ...] = LEAF_KINDS) -> int:
+        marks = ",".join("?" * len(kinds))
+        return int(
+            self.db.execute(
+                f"SELECT COUNT(*) FROM items WHERE session = ? AND kind IN ({marks})", (session, *kinds)
+            ).fetchone()[0]
+        )
 
-    def between(self, session: str, t_from: float, t_to: float) -> list[Item]:
-        """Records that overlap [t_from, t_to], in time order."""
-        return self._items("session = ? AND t1 >= ? AND t0 <= ?", (session, t_from, t_to))
+    def between(
+        self, session: str, t_from: float, t_to: float, kinds: tuple[str, ...] = LEAF_KINDS, limit: int = -1
+    ) -> list[Item]:
+        """Records of ``kinds`` that overlap [t_from, t_to], in time order (the first ``limit``)."""
+        marks = ",".join("?" * len(kinds))
+        return self._items(
+            f"session = ? AND t1 >= ? AND t0 <= ? AND kind IN ({marks}) ORDER BY t0, id LIMIT {int(limit)}",
+            (session, t_from, t_to, *kinds),
+        )
+
+    def tier_rows(self, session: str, tier: str) -> Iterator[tuple[Item, np.ndarray, np.ndarray | None]]:
+        """(item, embedding, features) of every row of ``tier``, in time order."""
+        cursor = self.db.execute(
+            f"SELECT {COLUMNS}, embedding, features FROM items WHERE session = ? AND tier = ? ORDER BY t0, id",
+            (session, tier),
+        )
+        for r in cursor:
+            item = Item(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9])
+            yield item, np.frombuffer(r[10], dtype=np.float32).copy(), _vector(r[11])
+
+    def latest(self, session: str, kind: str, until_ts: float) -> Item | None:
+        """The last stored record of ``kind`` that ends by ``until_ts``."""
+        row = self.db.execute(
+            f"SELECT {COLUMNS} FROM items WHERE session = ? AND kind = ? AND t1 <= ? ORDER BY id DESC LIMIT 1",
+            (session, kind, until_ts),
+        ).fetchone()
+        return None if row is None else Item(*row[:7], json.loads(row[7]), row[8], row[9])
+
+    def _archive_scores(self, session: str, query: np.ndarray, k: int, until_ts: float) -> dict[int, float]:
+        """The ``k`` archived records closest to ``query`` (1, dim), read from disk chunk by chunk."""
+        best: dict[int, float] = {}
+        cursor = self.db.execute(
+            "SELECT id, embedding FROM items WHERE session = ? AND tier = 'archive' AND t0 <= ?",
+            (session, until_ts),
+        )
+        while rows := cursor.fetchmany(ARCHIVE_CHUNK_ROWS):
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(
+                len(rows), self.dim
+            )
+            scores, rows_at = faiss.knn(query, vectors, min(k, len(rows)), metric=faiss.METRIC_INNER_PRODUCT)
+            for score, at in zip(scores[0].tolist(), rows_at[0].tolist(), strict=True):
+                if at >= 0:
+                    best[int(rows[at][0])] = float(score)
+            best = dict(sorted(best.items(), key=lambda kv: -kv[1])[:k])
+        return best
 
     def search(
-        self, session: str, query: np.ndarray, top_k: int, until_ts: float
+        self, session: str, query: np.ndarray, top_k: int, until_ts: float, archive_only: bool = False
     ) -> list[tuple[Item, float]]:
-        """The ``top_k`` records most similar to ``query`` (float32 (dim,)) that began by ``until_ts``."""
-        index = self._index(session)
-        if index.ntotal == 0 or top_k <= 0:
+        """The ``top_k`` records most similar to ``query`` (float32 (dim,)) that began by
+        ``until_ts``: the working set through its FAISS index, the archive from disk."""
+        if top_k <= 0:
             return []
-        scores, ids = index.search(np.asarray(query, np.float32).reshape(1, -1), min(index.ntotal, top_k * 4))
-        found = {i: float(s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0}
+        vector = np.ascontiguousarray(query, np.float32).reshape(1, -1)
+        found: dict[int, float] = {}
+        index = self._index(session)
+        if index.ntotal and not archive_only:
+            scores, ids = index.search(vector, int(index.ntotal))
+            found = {i: float(s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0}
+        found.update(self._archive_scores(session, vector, top_k, until_ts))
         if not found:
             return []
         marks = ",".join("?" * len(found))
         items = self._items(f"id IN ({marks}) AND t0 <= ?", (*found, until_ts))
-        ranked = sorted(items, key=lambda item: -found[item.id])[:top_k]
+        ranked = sorted(items, key=lambda item: (-found[item.id], item.id))[:top_k]
         return [(item, found[item.id]) for item in ranked]
 
-    def features(self, session: str, kind: str = "clip") -> list[tuple[float, np.ndarray]]:
-        """(t0, features float32 (D,)) of every record of ``kind`` that has features, in time order."""
-        rows = self.db.execute(
+    def features(self, session: str, kind: str = "clip") -> Iterator[tuple[float, np.ndarray]]:
+        """(t0, features float32 (D,)) of every record of ``kind`` that has features, in time order
+        (streamed from disk)."""
+        cursor = self.db.execute(
             "SELECT t0, features FROM items WHERE session = ? AND kind = ? AND features IS NOT NULL ORDER BY t0, id",
             (session, kind),
-        ).fetchall()
-        return [(r[0], np.frombuffer(r[1], dtype=np.float32)) for r in rows]
+        )
+        for t0, blob in cursor:
+            yield t0, np.frombuffer(blob, dtype=np.float32)
 
     def sessions(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT session FROM items").fetchall()]

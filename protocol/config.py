@@ -77,10 +77,23 @@ class SpeechConfig(_Section):
 
 
 class MemoryConfig(_Section):
+    """The memory pyramid's budgets (see README "Memory tiers"). Every record stays on disk;
+    these bound what is held in RAM (and the in-RAM FAISS index) and put in a question's context."""
+
     embedder: str = "all-MiniLM-L6-v2"
-    sensory_s: float = 10.0
-    top_k: int = 8
-    return_all_below: int = 80  # a session with at most this many records is returned whole
+    sensory_s: float = 10.0  # L0: percepts of the last seconds, at full rate ...
+    sensory_max: int = 256  # ... but at most this many per session
+    l1_items: int = 48  # L1: clips and transcripts; beyond, the most similar adjacent pair merges into L2
+    l2_items: int = 16  # L2: events; beyond, a similar adjacent pair merges, or the oldest is archived
+    event_max_chars: int = 600  # an L2 merge whose text would exceed this is not made
+    top_k: int = 8  # archive records (on disk, FAISS-searched) added to a question's context
+    return_all_below: int = 80  # a session with at most this many clips + transcripts is returned whole
+    scene_prototypes: int = 512  # distinct scenes remembered for "same scene as at ..." marks
+    sessions_in_ram: int = 8  # sessions whose working set is held; the least recently used is unloaded
+    synopsis_every_records: int = 20  # L3: reasoning rewrites the synopsis after this many records ...
+    synopsis_every_s: float = 120.0  # ... or this many stream seconds (with a new record); 0: never
+    synopsis_max_tokens: int = 96  # length limit of a synopsis
+    synopsis_input_chars: int = 3000  # newest records' text the LLM reads with the last synopsis
 
 
 class ReasoningConfig(_Section):

@@ -184,16 +184,27 @@ class Alert(Message):
 # --- memory ----------------------------------------------------------------------------------------
 
 
-class MemoryItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One remembered record: a clip description or a transcript, with its stream-time span."""
+MemoryKind = Literal["clip", "transcript", "event", "synopsis", "now"]
+RecordKind = Literal["clip", "transcript", "event", "synopsis"]
 
-    kind: Literal["clip", "transcript", "now"]
+
+class MemoryItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One remembered record with its stream-time span [t0, t1].
+
+    Kinds: "clip" (a scene description) and "transcript" (speech) are what was perceived;
+    "event" is several adjacent records merged by memory consolidation (``members``: the ids of
+    the clips and transcripts it covers, whose text it carries with their times); "synopsis" is
+    the running summary of the session so far; "now" is what is on screen (retrieval only).
+    """
+
+    kind: MemoryKind
     t0: float
     t1: float
     text: str
     score: float = 0.0
     speaker: str = ""
     item_id: int = 0
+    members: list[int] = []
 
 
 class Retrieve(Message):
@@ -210,13 +221,26 @@ class Retrieve(Message):
 
 
 class Record(Message):
-    """Memory stored a record (clip description or final transcript) spanning [t0, ts]."""
+    """Memory stored a record spanning [t0, ts]: a clip description, a final transcript, or a
+    synopsis (the acknowledgement of a ``Synopsis``)."""
 
     item_id: int
-    kind: Literal["clip", "transcript"]
+    kind: Literal["clip", "transcript", "synopsis"]
     t0: float
     text: str
     speaker: str = ""
+
+
+class Synopsis(Message):
+    """Reasoning's running summary of ``session`` from its start to stream time ``ts``.
+
+    ``through_item_id`` is the last record it took into account; memory stores it (the L3 tier)
+    and acknowledges it with a ``Record`` of kind "synopsis".
+    """
+
+    text: str
+    t0: float = 0.0
+    through_item_id: int = 0
 
 
 class Retrieved(Message):
@@ -229,13 +253,14 @@ class HistoryRequest(Message):
     """A client asks what memory recorded in ``session`` over stream times [t0, t1].
 
     Records overlapping the range are returned in time order, at most ``limit`` of them;
-    ``kinds`` restricts them to clips or transcripts (empty: both).
+    ``kinds`` restricts them to clips, transcripts, consolidated events or synopses (empty:
+    clips and transcripts).
     """
 
     request_id: str
     t0: float = 0.0
     t1: float = 1e12
-    kinds: list[Literal["clip", "transcript"]] = []
+    kinds: list[RecordKind] = []
     limit: int = 500
 
 
@@ -320,6 +345,7 @@ AnyMessage = Union[  # noqa: UP007 - a runtime Union: msgspec decodes into it
     Retrieve,
     Retrieved,
     Record,
+    Synopsis,
     HistoryRequest,
     History,
     KVBlock,

@@ -92,7 +92,8 @@ def test_memory_stage_marks_repeated_scenes_and_returns_time_ordered_items(tmp_p
 
 
 def test_memory_stage_beyond_budget_uses_search_plus_recent_window(tmp_path: Path) -> None:
-    stage = memory_stage(tmp_path, return_all_below=3)
+    # L1 of one record and no L2: every pair merges straight into the archive, found by search.
+    stage = memory_stage(tmp_path, return_all_below=3, l1_items=1, l2_items=0)
     for i in range(6):
         stage.handle(
             Transcript(t0=i * 10, ts=i * 10 + 2, text=["zebra", "apple", "mango", "kiwi", "plum", "lime"][i])
