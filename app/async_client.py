@@ -59,12 +59,19 @@ LISTENER_QUEUE = 10_000
 class AsyncClient:
     """Awaitable client; create it inside a running event loop (``await AsyncClient.connect()``)."""
 
-    def __init__(self, addresses: Addresses, session: str = "default", timeout_s: float = 30.0):
+    def __init__(
+        self,
+        addresses: Addresses,
+        session: str = "default",
+        timeout_s: float = 30.0,
+        keys_dir: Path | None = None,
+        key_name: str = "client",
+    ):
         self.addresses = addresses
         self.session = session
         self.timeout_s = timeout_s
         self.ctx = zmq.asyncio.Context.instance()
-        self.dealer, self.sub = client_sockets(self.ctx, addresses)
+        self.dealer, self.sub = client_sockets(self.ctx, addresses, keys_dir, key_name)
         self._finalizer = weakref.finalize(self, _close_sockets, self.dealer, self.sub)
         self._waiting: dict[str, asyncio.Future[Message]] = {}
         self._listeners: set[asyncio.Queue[Message]] = set()
@@ -78,9 +85,21 @@ class AsyncClient:
 
     @classmethod
     async def connect(
-        cls, run_dir: Path | None = None, session: str = "default", timeout_s: float = 30.0
+        cls,
+        run_dir: Path | None = None,
+        session: str = "default",
+        timeout_s: float = 30.0,
+        *,
+        endpoint: str | None = None,
+        keys_dir: Path | None = None,
+        key_name: str = "client",
     ) -> AsyncClient:
-        client = cls(Addresses.load(run_dir or default_run_dir()), session=session, timeout_s=timeout_s)
+        addresses = (
+            Addresses.remote(endpoint, curve=keys_dir is not None or None)
+            if endpoint
+            else Addresses.load(run_dir or default_run_dir())
+        )
+        client = cls(addresses, session=session, timeout_s=timeout_s, keys_dir=keys_dir, key_name=key_name)
         try:
             await client.wait_connected()
         except ClientError:

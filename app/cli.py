@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -149,12 +150,47 @@ def _supervise_with_live_table(launcher) -> None:
             monitor.close()
 
 
+def _remote(args: argparse.Namespace) -> dict:
+    """--endpoint / --keys-dir / --key-name: a gateway on another machine, with CURVE keys."""
+    return {
+        "endpoint": getattr(args, "endpoint", None),
+        "keys_dir": Path(args.keys_dir) if getattr(args, "keys_dir", None) else None,
+        "key_name": getattr(args, "key_name", None) or "client",
+    }
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from omnistream.protocol.security import SecurityError, generate_keys
+
+    keys_dir = Path(args.dir).expanduser() if args.dir else _config(args).keys_dir
+    try:
+        paths = generate_keys(keys_dir, client=args.client, force=args.force)
+    except (SecurityError, OSError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    else:
+        console.print(f"CURVE keys in {keys_dir} (directory 0700, files 0600):")
+        console.print(f"  server public key  {paths['server_public']}  (give to clients)")
+        console.print(f"  server secret key  {paths['server_secret']}  (stays here)")
+        console.print(
+            f"  client {args.client!r} key pair  {paths['client_secret']}  (give to that client only)"
+        )
+        console.print(f"  authorised         {paths['authorized']}")
+        console.print(
+            "serve clients beyond loopback: omnistream up --set gateway.host=0.0.0.0; "
+            f"a client connects with --endpoint tcp://HOST:PORT --keys-dir DIR holding server.key and {args.client}.key_secret"
+        )
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from omnistream.app.client import Client, ClientError
 
     try:
-        client = Client.connect(_run_dir(args), timeout_s=args.timeout)
-    except (FileNotFoundError, ClientError) as exc:
+        client = Client.connect(_run_dir(args), timeout_s=args.timeout, **_remote(args))
+    except (FileNotFoundError, ClientError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")
         return EXIT_NOT_RUNNING
     with client:
@@ -193,8 +229,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from omnistream.app.client import Client, ClientError
 
     try:
-        client = Client.connect(_run_dir(args), session=args.session or "default", timeout_s=args.timeout)
-    except (FileNotFoundError, ClientError) as exc:
+        client = Client.connect(
+            _run_dir(args), session=args.session or "default", timeout_s=args.timeout, **_remote(args)
+        )
+    except (FileNotFoundError, ClientError, ValueError) as exc:
         console.print(f"[red]{exc}[/red]")
         return EXIT_NOT_RUNNING
     with client:
@@ -292,7 +330,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     names = args.suites or available_suites()
     try:
-        report = run_suites(names, quick=args.quick, progress=lambda text: console.log(text))
+        report = run_suites(
+            names, quick=args.quick, progress=lambda text: console.log(text), minutes=args.minutes
+        )
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         return EXIT_USAGE
@@ -319,13 +359,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.session = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     config = _config(args)
     run_dir = Path(args.run_dir) if args.run_dir else None
-    with running_system(config, run_dir, quiet=args.json) as live_dir, Client.connect(live_dir, session=config.session) as client:
+    with (
+        running_system(config, run_dir, quiet=args.json) as live_dir,
+        Client.connect(live_dir, session=config.session) as client,
+    ):
         bar = tqdm(total=round(episode.duration_s or 0) or None, desc="replay", unit="s", disable=args.json)
 
         def progress(ts: float, _duration: float) -> None:
             bar.update(max(int(ts) - bar.n, 0))
 
-        report = run_eval(client, Path(args.episode), modes, open_ended=not args.no_open, speed=args.speed, progress=progress)
+        report = run_eval(
+            client,
+            Path(args.episode),
+            modes,
+            open_ended=not args.no_open,
+            speed=args.speed,
+            progress=progress,
+        )
         bar.close()
     return _emit_report(args, report, write_report, markdown)
 
@@ -337,16 +387,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"[red]the demo page needs gradio: .venv/bin/pip install -e '.[demo]' ({exc})[/red]")
         return EXIT_USAGE
     from omnistream.app.client import default_run_dir
+    from omnistream.app.demo import DemoSecurityError, demo_auth
 
     config = _config(args)
+    password = args.password or os.environ.get("OMNISTREAM_DEMO_PASSWORD", "")
+    try:
+        auth = demo_auth(args.host, password, args.share, user=args.user)
+    except DemoSecurityError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_USAGE
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     with running_system(config, run_dir, quiet=args.json) as live_dir:
         url = f"http://{args.host}:{args.port}"
         if args.json:
             print(json.dumps({"url": url, "run_dir": str(live_dir)}), flush=True)
         else:
-            console.print(f"demo page: [bold]{url}[/bold] (Ctrl-C stops)")
-        serve(live_dir, host=args.host, port=args.port, open_browser=args.open)
+            login = f" (login: {args.user} and your password)" if auth else ""
+            console.print(f"demo page: [bold]{url}[/bold]{login} (Ctrl-C stops)")
+        serve(live_dir, host=args.host, port=args.port, open_browser=args.open, auth=auth, share=args.share)
     return 0
 
 
@@ -384,8 +442,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_up)
 
+    def remote(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--endpoint", help="a gateway on another machine: tcp://HOST:PORT (CURVE keys needed)")
+        p.add_argument(
+            "--keys-dir", help="CURVE keys (default $OMNISTREAM_KEYS_DIR or ~/.config/omnistream/keys)"
+        )
+        p.add_argument("--key-name", help="this client's key pair in --keys-dir (default: client)")
+
+    p = sub.add_parser("keys", help="create CURVE keys: the gateway's and an authorised client's")
+    common(p, run_dir=False)
+    p.add_argument("--dir", help="keys directory (default: gateway.keys_dir or ~/.config/omnistream/keys)")
+    p.add_argument("--client", default="client", help="name of the client key pair to add (default: client)")
+    p.add_argument("--force", action="store_true", help="also replace the server key pair")
+    p.set_defaults(func=cmd_keys)
+
     p = sub.add_parser("status", help="health and rates of each stage of the running system")
     common(p)
+    remote(p)
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_status)
 
@@ -403,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--session")
     p.add_argument("--timeout", type=float, default=60.0)
+    remote(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("replay", help="stream a recording as if live (starts the system if none is running)")
@@ -420,7 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_replay)
 
-    p = sub.add_parser("eval", help="replay an episode, ask its questions live, score the system and its baselines")
+    p = sub.add_parser(
+        "eval", help="replay an episode, ask its questions live, score the system and its baselines"
+    )
     common(p)
     p.add_argument("episode", help="episode directory (episode.json + video), e.g. ../shared/eval/dev")
     p.add_argument("--speed", type=float, default=1.0, help="x real time (default 1)")
@@ -431,19 +507,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval-results", help="directory for eval.json and eval.md")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="live web page: webcam and microphone in, streamed answers and speech out")
+    p = sub.add_parser(
+        "demo", help="live web page: webcam and microphone in, streamed answers and speech out"
+    )
     common(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to serve the page on")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to serve the page on (not loopback: --password needed)"
+    )
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--password", help="require this password (or $OMNISTREAM_DEMO_PASSWORD) to open the page")
+    p.add_argument("--user", default="omnistream", help="login name with --password (default: omnistream)")
+    p.add_argument(
+        "--share", action="store_true", help="also publish a public gradio.live link (needs --password)"
+    )
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.add_argument("--session", help="session name for the system started here")
     p.add_argument("--model", help="LLM to use if the system is started here")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="run benchmark suites (kernels, perception, speech, llm, ...); JSON + markdown")
+    p = sub.add_parser(
+        "bench", help="run benchmark suites (kernels, perception, speech, llm, ...); JSON + markdown"
+    )
     common(p, run_dir=False)
     p.add_argument("suites", nargs="*", help="suites to run (default: all available)")
     p.add_argument("--quick", action="store_true", help="small sizes, for CI smoke runs")
+    p.add_argument(
+        "--minutes", type=float, help="soak: stream minutes to replay (default 60; 2 with --quick)"
+    )
     p.add_argument("--out", default="bench-results", help="directory for bench.json and bench.md")
     p.set_defaults(func=cmd_bench)
     return parser

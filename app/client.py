@@ -13,7 +13,14 @@ Gateway restarts: both sockets reconnect by themselves. The DEALER only queues o
 connection (``ZMQ_IMMEDIATE``), so while the gateway is away frames and audio are dropped
 (counted in ``frames_dropped`` / ``audio_dropped``) and requests are retried until their
 timeout; status and history requests are also re-sent when a reply does not come (a request
-lost with the old connection), since repeating them is harmless.
+lost with the old connection), since repeating them is harmless. An answer whose end the
+restarted gateway could not relay fails with a ``ClientError`` after ``LOST_AFTER_S`` of silence
+(never a hang).
+
+A gateway served beyond loopback needs CURVE keys: ``keys_dir`` (default
+``$OMNISTREAM_KEYS_DIR`` or ``~/.config/omnistream/keys``) with ``server.key`` and this client's
+``client.key_secret`` (``omnistream keys``); ``Client.connect(endpoint="tcp://HOST:PORT")``
+reaches a gateway on another machine.
 """
 
 from __future__ import annotations
@@ -47,14 +54,21 @@ from omnistream.protocol.messages import (
     VideoFrame,
     Watch,
 )
+from omnistream.protocol.security import SecurityError, load_client_keys, make_curve_client
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 RESEND_EVERY_S = 2.0
 MAX_KEPT_EVENTS = 10_000
+LOST_AFTER_S = 30.0  # after a gateway restart, silence on a turn for this long means it was lost
 
 
 class ClientError(RuntimeError):
-    """The gateway refused a request, did not answer in time, or an answer failed."""
+    """The gateway refused a request, did not answer in time, or an answer failed. ``code`` is
+    the gateway's error code when it refused (``busy``: retry later), else ""."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
 
 
 def default_run_dir() -> Path:
@@ -62,11 +76,28 @@ def default_run_dir() -> Path:
     return Path(env) if env else Path.home() / ".local" / "share" / "omnistream" / "run"
 
 
-def client_sockets(ctx: zmq.Context, addresses: Addresses) -> tuple[zmq.Socket, zmq.Socket]:
-    """The DEALER (requests) and SUB (every event) a client needs, connected."""
+def default_keys_dir() -> Path:
+    env = os.environ.get("OMNISTREAM_KEYS_DIR")
+    return Path(env) if env else Path.home() / ".config" / "omnistream" / "keys"
+
+
+def client_sockets(
+    ctx: zmq.Context, addresses: Addresses, keys_dir: Path | None = None, key_name: str = "client"
+) -> tuple[zmq.Socket, zmq.Socket]:
+    """The DEALER (requests) and SUB (every event) a client needs, connected (with CURVE when
+    the gateway is served beyond loopback; raises ``ClientError`` if the keys are missing)."""
+    keys = None
+    if addresses.curve:
+        try:
+            keys = load_client_keys(Path(keys_dir or default_keys_dir()), key_name)
+        except SecurityError as exc:
+            raise ClientError(f"the gateway at {addresses.gateway} requires CURVE keys: {exc}") from None
     dealer = make_socket(ctx, zmq.DEALER, hwm=64, IMMEDIATE=1, RECONNECT_IVL=100, RECONNECT_IVL_MAX=1000)
-    dealer.connect(addresses.gateway)
     sub = make_socket(ctx, zmq.SUB, hwm=10000, RECONNECT_IVL=100, RECONNECT_IVL_MAX=1000)
+    if keys is not None:
+        make_curve_client(dealer, keys)
+        make_curve_client(sub, keys)
+    dealer.connect(addresses.gateway)
     sub.connect(addresses.gateway_pub)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     return dealer, sub
@@ -78,7 +109,9 @@ def _close_sockets(*sockets: zmq.Socket) -> None:
 
 
 def refusal(request: Message, error: Error) -> ClientError:
-    return ClientError(f"gateway refused {type(request).__name__}: [{error.code}] {error.message}")
+    return ClientError(
+        f"gateway refused {type(request).__name__}: [{error.code}] {error.message}", error.code
+    )
 
 
 def history_request(
@@ -97,23 +130,46 @@ def history_request(
 class Client:
     """Blocking client. Not thread-safe: use one per thread (or ``AsyncClient``)."""
 
-    def __init__(self, addresses: Addresses, session: str = "default", timeout_s: float = 30.0):
+    def __init__(
+        self,
+        addresses: Addresses,
+        session: str = "default",
+        timeout_s: float = 30.0,
+        keys_dir: Path | None = None,
+        key_name: str = "client",
+    ):
         self.addresses = addresses
         self.session = session
         self.timeout_s = timeout_s
         self.ctx: zmq.Context = zmq.Context.instance()
-        self.dealer, self.sub = client_sockets(self.ctx, addresses)
+        self.dealer, self.sub = client_sockets(self.ctx, addresses, keys_dir, key_name)
         self._finalizer = weakref.finalize(self, _close_sockets, self.dealer, self.sub)
         self.events: deque[Message] = deque(maxlen=MAX_KEPT_EVENTS)
         self.frames_dropped = 0
         self.audio_dropped = 0
         self.last_done: AnswerDone | None = None
+        self.gateway_pid = 0  # from the gateway's Stats; a change means it restarted
+        self.gateway_restarted_at = 0.0
 
     @classmethod
     def connect(
-        cls, run_dir: Path | None = None, session: str = "default", timeout_s: float = 30.0
+        cls,
+        run_dir: Path | None = None,
+        session: str = "default",
+        timeout_s: float = 30.0,
+        *,
+        endpoint: str | None = None,
+        keys_dir: Path | None = None,
+        key_name: str = "client",
     ) -> Client:
-        client = cls(Addresses.load(run_dir or default_run_dir()), session=session, timeout_s=timeout_s)
+        """Connect to the system of ``run_dir`` (this machine), or to the gateway at ``endpoint``
+        (``tcp://HOST:PORT``, another machine: CURVE keys from ``keys_dir``)."""
+        addresses = (
+            Addresses.remote(endpoint, curve=keys_dir is not None or None)
+            if endpoint
+            else Addresses.load(run_dir or default_run_dir())
+        )
+        client = cls(addresses, session=session, timeout_s=timeout_s, keys_dir=keys_dir, key_name=key_name)
         try:
             client.wait_connected()
         except ClientError:
@@ -178,6 +234,10 @@ class Client:
                 return got
             except ProtocolError:
                 continue
+            if isinstance(message, Stats) and message.stage == "gateway" and message.state == "running":
+                if self.gateway_pid and message.pid != self.gateway_pid:
+                    self.gateway_restarted_at = time.monotonic()
+                self.gateway_pid = message.pid
             got.append(message)
 
     def subscribe(self, *types: type[Message], timeout_s: float | None = None) -> Iterator[Message]:
@@ -247,13 +307,24 @@ class Client:
             return False
 
     def send_ask(
-        self, question: str, ts: float, choices: list[str] | None = None, speak: bool = True, mode: str = "full"
+        self,
+        question: str,
+        ts: float,
+        choices: list[str] | None = None,
+        speak: bool = True,
+        mode: str = "full",
     ) -> str:
         """Send a question; returns its turn id once the gateway accepted it. ``mode`` other than
         "full" selects an evaluation baseline (see ``Ask``)."""
         turn = uuid.uuid4().hex
         ask = Ask(
-            ts=ts, session=self.session, turn=turn, question=question, choices=choices or [], speak=speak, mode=mode
+            ts=ts,
+            session=self.session,
+            turn=turn,
+            question=question,
+            choices=choices or [],
+            speak=speak,
+            mode=mode,
         )
         self._request(ask, Ack, turn, resend=False)
         return turn
@@ -288,9 +359,20 @@ class Client:
         turn = self.send_ask(question, ts, choices, speak)
         deadline = time.monotonic() + timeout_s
         others: list[Message] = []
+        restarts_seen = self.gateway_restarted_at
+        heard = time.monotonic()
         try:
             while time.monotonic() < deadline:
+                if (
+                    self.gateway_restarted_at != restarts_seen
+                    and time.monotonic() - max(heard, self.gateway_restarted_at) > LOST_AFTER_S
+                ):
+                    raise ClientError(
+                        f"the gateway restarted while answering and nothing more came for {LOST_AFTER_S:.0f} s; ask again"
+                    )
                 for event in self.poll_events(0.1):
+                    if isinstance(event, AnswerDelta | AnswerDone) and event.turn == turn:
+                        heard = time.monotonic()
                     if isinstance(event, AnswerDelta) and event.turn == turn:
                         yield event.text
                     elif isinstance(event, AnswerDone) and event.turn == turn:

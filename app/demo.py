@@ -272,10 +272,47 @@ def _stop(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 7860, open_browser: bool = False) -> None:
-    """Serve the page until Ctrl-C or SIGTERM (both end in a clean shutdown)."""
+class DemoSecurityError(ValueError):
+    pass
+
+
+def demo_auth(host: str, password: str, share: bool, user: str = "omnistream") -> tuple[str, str] | None:
+    """The page's login: none on loopback without a password; a password is required to serve
+    beyond loopback or to share publicly (raises ``DemoSecurityError`` otherwise)."""
+    from omnistream.protocol.security import is_loopback
+
+    if password:
+        if len(password) < 8:
+            raise DemoSecurityError("the demo password must have at least 8 characters")
+        return (user, password)
+    if share:
+        raise DemoSecurityError("--share publishes the page on the internet: set --password too")
+    if not is_loopback(host):
+        raise DemoSecurityError(
+            f"--host {host} serves the page beyond this machine: set --password (or $OMNISTREAM_DEMO_PASSWORD)"
+        )
+    return None
+
+
+def serve(
+    run_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    open_browser: bool = False,
+    auth: tuple[str, str] | None = None,
+    share: bool = False,
+) -> None:
+    """Serve the page until Ctrl-C or SIGTERM (both end in a clean shutdown). Never shared
+    publicly unless ``share``; behind a login when ``auth`` is (user, password)."""
     signal.signal(signal.SIGTERM, _stop)
     page = build_page(run_dir)
     page.queue(default_concurrency_limit=None).launch(
-        server_name=host, server_port=port, inbrowser=open_browser, show_error=True, quiet=True
+        server_name=host,
+        server_port=port,
+        inbrowser=open_browser,
+        show_error=True,
+        quiet=True,
+        share=share,
+        auth=auth,
+        auth_message="omnistream: log in with the demo password" if auth else None,
     )

@@ -7,17 +7,33 @@ they need from the bus (answers, audio, transcripts, clips, alerts, stats, error
 and its ``History`` relayed back (an ``Error`` with code ``unavailable`` if memory does not answer
 in time). A malformed request is answered with an ``Error`` naming the problem and the gateway
 keeps serving.
+
+Reliability: every accepted ``Ask`` is tracked until its ``AnswerDone``. When the reasoning
+process restarts (a new pid in its ``Stats``), questions it had not started are sent again to the
+new one and questions it was answering end with an ``AnswerDone`` carrying an error; when no
+answer makes progress for ``gateway.ask_timeout_s`` every waiting question ends the same way, so
+a client never waits forever. At most ``gateway.max_pending_asks`` questions wait at once; more
+are refused with ``Error`` ``busy`` (retry later). Audio beyond ``gateway.max_audio_speed`` x real
+time per session and channel is dropped (counted in ``audio_dropped``); frames go to the media bus,
+which drops what a slow perception cannot take.
+
+Security: beyond loopback (``gateway.host``) both client sockets are CURVE servers and a ZAP
+handler admits only the authorised client keys (``protocol.security``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
+import numpy as np
 import zmq
 
 from omnistream.protocol.codec import ProtocolError, decode
@@ -44,6 +60,12 @@ from omnistream.protocol.messages import (
     Watch,
 )
 from omnistream.protocol.runtime import Runtime
+from omnistream.protocol.security import (
+    SecurityError,
+    load_server_keys,
+    make_curve_server,
+    start_authenticator,
+)
 from omnistream.protocol.sockets import make_socket, recv, send
 
 log = logging.getLogger("omnistream.gateway")
@@ -62,8 +84,116 @@ FORWARDED_TO_CLIENTS = (
     Interrupt,
 )
 MAX_QUESTION_CHARS = 2000
+MAX_CHOICES, MAX_CHOICE_CHARS = 26, 500
+MAX_ID_CHARS = 128  # session, turn, watch_id, request_id
 MAX_HISTORY_ITEMS = 5000
 HISTORY_TIMEOUT_S = 10.0
+MIN_AUDIO_RATE, MAX_AUDIO_RATE = 4000, 192000
+MAX_AUDIO_CHUNK_S = 60.0
+RESEND_DELAY_S = 0.5  # after a new reasoning pid: its subscriptions reach the bus first
+ALLOWED_CONTROL = frozenset("\t\n\r")
+MAX_BUCKETS = 1000
+
+
+def _odd_char(text: str) -> int:
+    """Index of the first control character (other than tab/newline) or -1."""
+    for i, ch in enumerate(text):
+        if (ord(ch) < 32 and ch not in ALLOWED_CONTROL) or ord(ch) == 127 or 0xD800 <= ord(ch) <= 0xDFFF:
+            return i
+    return -1
+
+
+def check_text(field: str, text: str, max_chars: int, allow_empty: bool = False) -> str | None:
+    """A reason to refuse ``text``, or None."""
+    if not allow_empty and not text.strip():
+        return f"{field} must not be empty"
+    if len(text) > max_chars:
+        return f"{field} must have at most {max_chars} characters, got {len(text)}"
+    bad = _odd_char(text)
+    if bad >= 0:
+        return f"{field} contains control character U+{ord(text[bad]):04X} at index {bad}"
+    return None
+
+
+def check_request(message: Message, max_frame_side: int) -> str | None:
+    """Why a client request is out of bounds (sizes, rates, odd text), or None."""
+    reason = check_text("session", message.session, MAX_ID_CHARS)
+    if reason is None and (
+        "/" in message.session or "\\" in message.session or not message.session.strip(".")
+    ):
+        reason = f"session {message.session!r} must not contain '/' or '\\' or be only dots"
+    if reason is None and not np.isfinite(message.ts):
+        reason = f"ts must be a finite number, got {message.ts}"
+    if reason is not None:
+        return reason
+    if isinstance(message, Ask):
+        if not 0 < len(message.question.strip()) <= MAX_QUESTION_CHARS:
+            return f"Ask.question must have 1..{MAX_QUESTION_CHARS} characters, got {len(message.question)}"
+        reason = check_text("Ask.question", message.question, MAX_QUESTION_CHARS) or check_text(
+            "Ask.turn", message.turn, MAX_ID_CHARS
+        )
+        if reason is None and len(message.choices) > MAX_CHOICES:
+            reason = f"Ask.choices must have at most {MAX_CHOICES} entries, got {len(message.choices)}"
+        for i, choice in enumerate(message.choices):
+            reason = reason or check_text(f"Ask.choices[{i}]", choice, MAX_CHOICE_CHARS)
+        if reason is None and message.audio_rate and not 8000 <= message.audio_rate <= 48000:
+            reason = f"Ask.audio_rate must be 0 or 8000..48000 Hz, got {message.audio_rate}"
+        return reason
+    if isinstance(message, Watch):
+        return check_text("Watch.watch_id", message.watch_id, MAX_ID_CHARS) or check_text(
+            "Watch.condition", message.condition, MAX_QUESTION_CHARS
+        )
+    if isinstance(message, VideoFrame):
+        image = message.image
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            return f"VideoFrame.image must be uint8 (H, W, 3), got {image.dtype} {tuple(image.shape)}"
+        if not (0 < image.shape[0] <= max_frame_side and 0 < image.shape[1] <= max_frame_side):
+            return f"VideoFrame.image sides must be 1..{max_frame_side} pixels, got {tuple(image.shape[:2])}"
+        return None
+    if isinstance(message, AudioChunk):
+        pcm = message.pcm
+        if not MIN_AUDIO_RATE <= message.sample_rate <= MAX_AUDIO_RATE:
+            return f"AudioChunk.sample_rate must be {MIN_AUDIO_RATE}..{MAX_AUDIO_RATE} Hz, got {message.sample_rate}"
+        if pcm.ndim != 1 or pcm.dtype not in (np.float32, np.int16) or not len(pcm):
+            return (
+                f"AudioChunk.pcm must be non-empty float32 or int16 (N,), got {pcm.dtype} {tuple(pcm.shape)}"
+            )
+        if len(pcm) > MAX_AUDIO_CHUNK_S * message.sample_rate:
+            return f"AudioChunk.pcm holds {len(pcm) / message.sample_rate:.0f} s; at most {MAX_AUDIO_CHUNK_S:.0f} s per chunk"
+        if pcm.dtype == np.float32 and not np.isfinite(pcm).all():
+            return "AudioChunk.pcm contains NaN or infinite samples"
+        return None
+    if isinstance(message, Interrupt):
+        return check_text("Interrupt.turn", message.turn, MAX_ID_CHARS, allow_empty=True) or check_text(
+            "Interrupt.reason", message.reason, MAX_QUESTION_CHARS, allow_empty=True
+        )
+    if isinstance(message, StatusRequest | HistoryRequest):
+        return check_text("request_id", message.request_id, MAX_ID_CHARS, allow_empty=True)
+    return None
+
+
+@dataclass
+class PendingAsk:
+    ask: Ask
+    started: bool = False  # an AnswerDelta came
+    resent: bool = False  # already sent again to a restarted reasoning
+
+
+class AudioBucket:
+    """Token bucket in seconds of audio: refills at ``speed`` x wall time up to ``burst_s``."""
+
+    def __init__(self, speed: float, burst_s: float):
+        self.speed, self.burst_s = speed, burst_s
+        self.tokens, self.at = burst_s, time.monotonic()
+
+    def take(self, seconds: float) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst_s, self.tokens + (now - self.at) * self.speed)
+        self.at = now
+        if seconds > self.tokens:
+            return False
+        self.tokens -= seconds
+        return True
 
 
 class GatewayStage:
@@ -71,11 +201,24 @@ class GatewayStage:
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
+        self.config = runtime.config.gateway
         limit = runtime.config.bus.max_message_bytes
         self.router = make_socket(runtime.ctx, zmq.ROUTER, hwm=1000, max_message_bytes=limit)
-        self.router.bind(runtime.addresses.gateway)
         self.client_pub = make_socket(runtime.ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
+        self.authenticator = None
+        if runtime.addresses.curve:
+            keys = load_server_keys(runtime.config.keys_dir)  # SecurityError: refuse to serve
+            self.authenticator = start_authenticator(runtime.ctx, keys)
+            make_curve_server(self.router, keys)
+            make_curve_server(self.client_pub, keys)
+        self.router.bind(runtime.addresses.gateway)
         self.client_pub.bind(runtime.addresses.gateway_pub)
+        self.pending: OrderedDict[str, PendingAsk] = OrderedDict()
+        self.failed: OrderedDict[str, str] = OrderedDict()  # turns this gateway ended with an error
+        self.last_progress = time.monotonic()
+        self.reasoning_pid = 0
+        self.resend_at: float | None = None
+        self.audio_buckets: OrderedDict[tuple[str, str], AudioBucket] = OrderedDict()
         self.stats: dict[str, Stats] = {}
         self.memory = make_socket(runtime.ctx, zmq.DEALER, hwm=1000, max_message_bytes=limit)
         self.memory.connect(runtime.addresses.memory)
@@ -88,6 +231,18 @@ class GatewayStage:
     def handle(self, message: Message) -> None:
         if isinstance(message, Stats):
             self.stats[message.stage] = message
+            if message.stage == "reasoning" and message.state == "running":
+                self.on_reasoning_pid(message.pid)
+        elif isinstance(message, AnswerDelta):
+            pending = self.pending.get(message.turn)
+            if pending is not None:
+                pending.started = True
+            self.last_progress = time.monotonic()
+        elif isinstance(message, AnswerDone):
+            self.pending.pop(message.turn, None)
+            self.last_progress = time.monotonic()
+            if self.failed.get(message.turn) == message.error:
+                return  # our own failure notice coming back over the bus: clients have it
         try:
             send(self.client_pub, message, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -107,7 +262,10 @@ class GatewayStage:
                 counters["rejected"] += 1
                 send(sock, exc.to_error(), prefix=[identity])
                 continue
-            if isinstance(message, HistoryRequest):
+            if (
+                isinstance(message, HistoryRequest)
+                and check_request(message, self.config.max_frame_side) is None
+            ):
                 reply = self.forward_history(identity, message)
             else:
                 reply = self.on_request(message)
@@ -119,16 +277,34 @@ class GatewayStage:
         if not isinstance(message, CLIENT_REQUESTS):
             counters["rejected"] += 1
             return Error(code="unsupported", message=f"clients may not send {type(message).__name__}")
+        reason = check_request(message, self.config.max_frame_side)
+        if reason is not None:
+            counters["rejected"] += 1
+            request_id = getattr(message, "turn", "") or getattr(message, "watch_id", "")
+            if isinstance(message, StatusRequest | HistoryRequest):
+                request_id = message.request_id[:MAX_ID_CHARS]
+            return Error(code="invalid", message=reason, request_id=request_id[:MAX_ID_CHARS])
         if isinstance(message, StatusRequest):
             self.stats["gateway"] = self.runtime.stats_message()
             return Status(request_id=message.request_id, stages=dict(self.stats))
-        if isinstance(message, Ask) and not 0 < len(message.question.strip()) <= MAX_QUESTION_CHARS:
-            counters["rejected"] += 1
-            return Error(
-                code="invalid",
-                message=f"Ask.question must have 1..{MAX_QUESTION_CHARS} characters, got {len(message.question)}",
-                request_id=message.turn,
-            )
+        if isinstance(message, Ask):
+            if message.turn in self.pending:
+                return Ack(ts=message.ts, session=message.session, request_id=message.turn)  # a re-send
+            if len(self.pending) >= self.config.max_pending_asks:
+                counters["busy"] += 1
+                return Error(
+                    code="busy",
+                    message=f"{len(self.pending)} questions are waiting for an answer (limit "
+                    f"{self.config.max_pending_asks}); retry in a few seconds",
+                    request_id=message.turn,
+                )
+            if not self.pending:
+                self.last_progress = time.monotonic()
+            self.pending[message.turn] = PendingAsk(message)
+        if isinstance(message, AudioChunk) and not self.audio_allowed(message):
+            counters["audio_dropped"] += 1
+            counters["audio_dropped_s"] += len(message.pcm) / message.sample_rate
+            return None
         counters[f"in_{type(message).__name__}"] += 1
         self.runtime.publish(message)
         if isinstance(message, Ask):
@@ -136,6 +312,64 @@ class GatewayStage:
         if isinstance(message, Watch):
             return Ack(ts=message.ts, session=message.session, request_id=message.watch_id)
         return None
+
+    def audio_allowed(self, chunk: AudioChunk) -> bool:
+        key = (chunk.session, chunk.channel)
+        bucket = self.audio_buckets.get(key)
+        if bucket is None:
+            bucket = self.audio_buckets[key] = AudioBucket(
+                self.config.max_audio_speed, self.config.audio_burst_s
+            )
+            while len(self.audio_buckets) > MAX_BUCKETS:
+                self.audio_buckets.popitem(last=False)
+        self.audio_buckets.move_to_end(key)
+        return bucket.take(len(chunk.pcm) / chunk.sample_rate)
+
+    # -- questions in flight -------------------------------------------------------------------
+
+    def on_reasoning_pid(self, pid: int) -> None:
+        """A new reasoning process: re-send what the old one had not started, fail the rest."""
+        previous, self.reasoning_pid = self.reasoning_pid, pid
+        if not previous or previous == pid:
+            return
+        self.runtime.counters["reasoning_restarts_seen"] += 1
+        for pending in list(self.pending.values()):
+            if pending.started or pending.resent:
+                self.fail(pending, "reasoning restarted while answering this question; ask again")
+            else:
+                pending.resent = True
+                self.resend_at = time.monotonic() + RESEND_DELAY_S
+        self.last_progress = time.monotonic()
+
+    def fail(self, pending: PendingAsk, error: str) -> None:
+        ask = pending.ask
+        self.pending.pop(ask.turn, None)
+        self.failed[ask.turn] = error
+        while len(self.failed) > 1000:
+            self.failed.popitem(last=False)
+        self.runtime.counters["asks_failed"] += 1
+        done = AnswerDone(ts=ask.ts, session=ask.session, turn=ask.turn, text="", error=error)
+        try:
+            send(self.client_pub, done, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.runtime.counters["client_dropped"] += 1
+        self.runtime.publish(done)  # speech stops speaking it
+
+    def check_pending(self) -> None:
+        now = time.monotonic()
+        if self.resend_at is not None and now >= self.resend_at:
+            self.resend_at = None
+            for pending in self.pending.values():
+                if pending.resent and not pending.started:
+                    self.runtime.counters["asks_resent"] += 1
+                    self.runtime.publish(pending.ask)
+        timeout = self.config.ask_timeout_s
+        if self.pending and now - self.last_progress > timeout:
+            for pending in list(self.pending.values()):
+                self.fail(
+                    pending,
+                    f"no answer progress within {timeout:.0f} s (reasoning busy, stalled or not running); ask again",
+                )
 
     def forward_history(self, identity: bytes, request: HistoryRequest) -> Message | None:
         """Send ``request`` on to memory under a gateway-side id; the reply comes in ``on_memory``."""
@@ -175,7 +409,9 @@ class GatewayStage:
             send(self.router, msgspec.structs.replace(reply, request_id=client_request_id), prefix=[identity])
 
     def tick(self) -> None:
-        """Tell clients whose history request memory left unanswered (memory down or restarting)."""
+        """Tell clients whose history request memory left unanswered (memory down or restarting),
+        and end questions that can no longer be answered."""
+        self.check_pending()
         now = time.monotonic()
         for forward_id, (identity, client_request_id, deadline) in list(self.history_pending.items()):
             if now >= deadline:
@@ -188,6 +424,8 @@ class GatewayStage:
                 send(self.router, error, prefix=[identity])
 
     def stop(self) -> None:
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.router.close(linger=0)
         self.client_pub.close(linger=0)
         self.memory.close(linger=0)
@@ -198,7 +436,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     runtime = Runtime("gateway", args.run_dir)
-    stage = GatewayStage(runtime)
+    try:
+        stage = GatewayStage(runtime)
+    except SecurityError as exc:
+        log.error("refusing to serve clients beyond loopback without CURVE keys: %s", exc)
+        print(f"gateway: refusing to start: {exc}", file=sys.stderr)
+        runtime.close()
+        sys.exit(2)
     runtime.run(stage, tick=stage.tick)
 
 

@@ -25,6 +25,7 @@ import zmq
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import Config, save_config
 from omnistream.protocol.messages import Ready, Shutdown, Stats
+from omnistream.protocol.security import SecurityError, load_server_keys
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 log = logging.getLogger("omnistream.launcher")
@@ -91,7 +92,33 @@ class Launcher:
 
     # -- start -------------------------------------------------------------------------------
 
+    def check_security(self) -> Addresses:
+        """The endpoints, after the loopback rule: a gateway beyond loopback needs CURVE keys."""
+        bus, gateway = self.config.bus, self.config.gateway
+        try:
+            addresses = Addresses.for_run_dir(
+                self.run_dir, bus.transport, bus.host, bus.base_port, gateway.host, gateway.port
+            )
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+        if addresses.curve:
+            try:
+                keys = load_server_keys(self.config.keys_dir)
+            except SecurityError as exc:
+                raise LaunchError(
+                    f"gateway.host {gateway.host!r} is not loopback, so clients must authenticate with "
+                    f"CURVE keys, and: {exc}"
+                ) from None
+            self.on_event(
+                f"gateway on {addresses.gateway} with CURVE ({keys.authorized} authorised client key(s))"
+            )
+        return addresses
+
     def prepare_run_dir(self) -> None:
+        # Everything this process and its stages create (run dir, logs, session data, spilled
+        # KV blocks) is owner-only.
+        os.umask(0o077)
+        addresses = self.check_security()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.run_dir, 0o700)
         (self.run_dir / "logs").mkdir(exist_ok=True, mode=0o700)
@@ -113,8 +140,7 @@ class Launcher:
                 stale.unlink()
         self.config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         save_config(self.config, self.run_dir / "config.json")
-        bus = self.config.bus
-        self.addresses = Addresses.for_run_dir(self.run_dir, bus.transport, bus.host, bus.base_port)
+        self.addresses = addresses
         self.addresses.save(self.run_dir)
 
     def start(self) -> None:

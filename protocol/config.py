@@ -33,6 +33,19 @@ class BusConfig(_Section):
     max_message_bytes: int = 64 << 20
 
 
+class GatewayConfig(_Section):
+    # Interface of the client-facing sockets. Loopback (the default) keeps them on the bus
+    # transport; any other interface serves them over tcp and requires CURVE keys (`omnistream keys`).
+    host: str = "127.0.0.1"
+    port: int = 0  # tcp port of the ROUTER (its PUB is port + 1); 0: bus.base_port + 5
+    keys_dir: str = ""  # CURVE keys; default ~/.config/omnistream/keys
+    max_pending_asks: int = 16  # questions accepted but not yet answered; beyond: Error "busy"
+    ask_timeout_s: float = 90.0  # no answer progress for this long: the pending asks fail
+    max_audio_speed: float = 16.0  # audio per session and channel beyond this x real time is dropped
+    audio_burst_s: float = 60.0  # ... after a burst of this many seconds of audio
+    max_frame_side: int = 8192  # VideoFrame height and width limit (pixels)
+
+
 class PerceptionConfig(_Section):
     encoder: str = "efficientnet-lite0"  # or a local CLIP/SigLIP (vision) model directory
     device: str = "cpu"
@@ -127,6 +140,7 @@ class Config(_Section):
     stages: tuple[str, ...] = ALL_STAGES
     paths: PathsConfig = PathsConfig()
     bus: BusConfig = BusConfig()
+    gateway: GatewayConfig = GatewayConfig()
     perception: PerceptionConfig = PerceptionConfig()
     speech: SpeechConfig = SpeechConfig()
     memory: MemoryConfig = MemoryConfig()
@@ -137,6 +151,11 @@ class Config(_Section):
     @property
     def cache_dir(self) -> Path:
         return Path(self.paths.cache_dir or Path.home() / ".cache" / "omnistream").expanduser()
+
+    @property
+    def keys_dir(self) -> Path:
+        default = Path.home() / ".config" / "omnistream" / "keys"
+        return Path(self.gateway.keys_dir or default).expanduser()
 
     @property
     def data_dir(self) -> Path:

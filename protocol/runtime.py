@@ -42,6 +42,7 @@ class Runtime:
 
     def __init__(self, name: str, run_dir: Path, config: Config | None = None):
         setup_logging("INFO")
+        os.umask(0o077)  # whatever a stage writes (session data, spilled KV, logs) is owner-only
         self.name = name
         self.run_dir = Path(run_dir)
         self.config = config or read_config(self.run_dir / "config.json")

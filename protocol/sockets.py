@@ -8,6 +8,7 @@ directory so a client only needs the directory.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,19 +31,59 @@ class Addresses:
     gateway: str  # gateway ROUTER: client requests
     gateway_pub: str  # gateway PUB: events for clients
     memory: str  # memory ROUTER: retrieval requests from reasoning
+    curve: bool = False  # the gateway's two sockets need CURVE keys (served beyond loopback)
 
     @classmethod
     def for_run_dir(
-        cls, run_dir: Path, transport: str = "ipc", host: str = "127.0.0.1", base_port: int = 47100
+        cls,
+        run_dir: Path,
+        transport: str = "ipc",
+        host: str = "127.0.0.1",
+        base_port: int = 47100,
+        gateway_host: str = "127.0.0.1",
+        gateway_port: int = 0,
     ) -> Addresses:
+        """Internal endpoints always on loopback (``ipc`` paths or ``tcp://127.0.0.1``); the
+        gateway's on ``gateway_host`` over tcp (and CURVE) when that is not loopback."""
+        from omnistream.protocol.security import is_loopback
+
+        if not is_loopback(host):
+            raise ValueError(
+                f"bus.host {host!r} is not loopback: stages talk over loopback only; "
+                "serve clients on another interface with gateway.host (CURVE keys required)"
+            )
         if transport == "ipc":
-            return cls(**{name: f"ipc://{run_dir / name}" for name in ENDPOINTS})
-        if transport == "tcp":
-            return cls(**{name: f"tcp://{host}:{base_port + i}" for i, name in enumerate(ENDPOINTS)})
-        raise ValueError(f"unknown transport {transport!r} (expected 'ipc' or 'tcp')")
+            names = {name: f"ipc://{run_dir / name}" for name in ENDPOINTS}
+        elif transport == "tcp":
+            names = {name: f"tcp://{host}:{base_port + i}" for i, name in enumerate(ENDPOINTS)}
+        else:
+            raise ValueError(f"unknown transport {transport!r} (expected 'ipc' or 'tcp')")
+        if is_loopback(gateway_host):
+            return cls(**names)
+        port = gateway_port or base_port + ENDPOINTS.index("gateway")
+        names["gateway"] = f"tcp://{gateway_host}:{port}"
+        names["gateway_pub"] = f"tcp://{gateway_host}:{port + 1}"
+        return cls(**names, curve=True)
+
+    @classmethod
+    def remote(cls, endpoint: str, curve: bool | None = None) -> Addresses:
+        """A client's view of a gateway at ``tcp://HOST:PORT`` (its PUB at PORT + 1); CURVE when
+        ``curve``, or (None) when HOST is not loopback."""
+        from omnistream.protocol.security import needs_curve
+
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        if not endpoint.startswith("tcp://") or not host or not port.isdigit():
+            raise ValueError(f"gateway endpoint {endpoint!r} must be tcp://HOST:PORT")
+        pub = f"tcp://{host}:{int(port) + 1}"
+        unused = {name: "" for name in ENDPOINTS}
+        curve = needs_curve(endpoint) if curve is None else curve
+        return cls(**{**unused, "gateway": endpoint, "gateway_pub": pub}, curve=curve)
 
     def save(self, run_dir: Path) -> None:
-        (run_dir / "addresses.json").write_text(json.dumps(asdict(self), indent=1))
+        path = run_dir / "addresses.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, run_dir: Path) -> Addresses:

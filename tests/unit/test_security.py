@@ -1,0 +1,342 @@
+"""Security: loopback by default, CURVE keys beyond it (unauthorised clients get nothing), size
+limits, owner-only files, no pickle/eval of received data, the demo page's password rule."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from omnistream.app.client import Client, ClientError
+from omnistream.app.demo import DemoSecurityError, demo_auth
+from omnistream.app.launcher import Launcher, LaunchError
+from omnistream.protocol.messages import Status, StatusRequest
+from omnistream.protocol.security import generate_keys, is_loopback, load_server_keys, write_keypair
+from omnistream.protocol.sockets import Addresses, make_socket, recv, send
+from tests.conftest import make_config
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE_DIRS = ("protocol", "app", "memory", "reasoning", "speech", "perception", "kernels")
+
+
+def free_port_pair() -> int:
+    """A tcp port p with p + 1 also free (the gateway's ROUTER and PUB)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("0.0.0.0", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("0.0.0.0", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_loopback_rule() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert is_loopback("127.3.4.5")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("myhost")
+    default = make_config(Path("/tmp/x"), ("gateway",))
+    assert default.gateway.host == "127.0.0.1" and default.bus.host == "127.0.0.1"
+    addresses = Addresses.for_run_dir(Path("/tmp/r"), "tcp")
+    assert all(getattr(addresses, n).startswith("tcp://127.0.0.1:") for n in ("gateway", "bus_in", "memory"))
+    assert not addresses.curve
+    with pytest.raises(ValueError, match="bus.host '0.0.0.0' is not loopback"):
+        Addresses.for_run_dir(Path("/tmp/r"), "tcp", host="0.0.0.0")
+    remote = Addresses.for_run_dir(Path("/tmp/r"), "ipc", gateway_host="0.0.0.0", gateway_port=5000)
+    assert (
+        remote.curve and remote.gateway == "tcp://0.0.0.0:5000" and remote.gateway_pub == "tcp://0.0.0.0:5001"
+    )
+    assert remote.bus_in.startswith("ipc://")  # the stages stay on this machine
+
+
+def test_keys_are_owner_only_and_loadable(short_tmp: Path) -> None:
+    keys_dir = short_tmp / "keys"
+    paths = generate_keys(keys_dir, client="laptop")
+    assert mode(keys_dir) == 0o700 and mode(keys_dir / "authorized_clients") == 0o700
+    for path in paths.values():
+        assert mode(path) == 0o600, path
+    public, secret = zmq.auth.load_certificate(str(paths["client_secret"]))
+    assert len(public) == 40 and len(secret) == 40
+    assert zmq.auth.load_certificate(str(paths["authorized"]))[0] == public
+    server = load_server_keys(keys_dir)
+    assert server.authorized == 1
+    # A second client keeps the server pair.
+    generate_keys(keys_dir, client="phone")
+    assert load_server_keys(keys_dir).public == server.public and load_server_keys(keys_dir).authorized == 2
+    with pytest.raises(Exception, match="reserved"):
+        generate_keys(keys_dir, client="server")
+    os.chmod(paths["server_secret"], 0o644)
+    with pytest.raises(Exception, match="readable by others"):
+        load_server_keys(keys_dir)
+
+
+def test_keys_command_never_prints_secrets(short_tmp: Path) -> None:
+    keys_dir = short_tmp / "k"
+    result = subprocess.run(
+        [sys.executable, "-m", "omnistream.app.cli", "keys", "--dir", str(keys_dir), "--client", "ci"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ci.key_secret" in result.stderr
+    for name in ("server.key_secret", "ci.key_secret"):
+        _, secret = zmq.auth.load_certificate(str(keys_dir / name))
+        assert secret.decode() not in result.stdout + result.stderr
+
+
+def test_gateway_beyond_loopback_refuses_to_start_without_keys(short_tmp: Path) -> None:
+    config = make_config(
+        short_tmp, ("gateway",), **{"gateway.host": "0.0.0.0", "gateway.keys_dir": str(short_tmp / "none")}
+    )
+    with pytest.raises(LaunchError, match=r"not loopback.*CURVE keys.*omnistream keys"):
+        Launcher(config, short_tmp / "run").start()
+    assert not (short_tmp / "run" / "addresses.json").exists()
+    # Keys but no authorised client: refused too.
+    keys_dir = short_tmp / "half"
+    write_keypair(keys_dir, "server")
+    config = make_config(
+        short_tmp, ("gateway",), **{"gateway.host": "0.0.0.0", "gateway.keys_dir": str(keys_dir)}
+    )
+    with pytest.raises(LaunchError, match="no authorised client keys"):
+        Launcher(config, short_tmp / "run").start()
+    config = make_config(short_tmp, ("gateway",), **{"bus.transport": "tcp", "bus.host": "0.0.0.0"})
+    with pytest.raises(LaunchError, match="bus.host"):
+        Launcher(config, short_tmp / "run").start()
+
+
+@pytest.fixture
+def curve_gateway(short_tmp: Path):
+    keys_dir = short_tmp / "keys"
+    generate_keys(keys_dir, client="good")
+    port = free_port_pair()
+    config = make_config(
+        short_tmp,
+        ("gateway",),
+        **{"gateway.host": "0.0.0.0", "gateway.port": port, "gateway.keys_dir": str(keys_dir)},
+    )
+    launcher = Launcher(config, short_tmp / "run")
+    launcher.start()
+    yield launcher, keys_dir, port
+    launcher.shutdown()
+
+
+def _raw_status(endpoint: str, setup=None, wait_ms: int = 3000) -> object | None:
+    """One StatusRequest on a fresh DEALER; the reply, or None if nothing came."""
+    sock = make_socket(zmq.Context.instance(), zmq.DEALER)
+    try:
+        if setup:
+            setup(sock)
+        sock.connect(endpoint)
+        send(sock, StatusRequest(request_id="probe"))
+        if not sock.poll(wait_ms):
+            return None
+        return recv(sock)[1]
+    finally:
+        sock.close(linger=0)
+
+
+def test_only_authorised_clients_reach_a_gateway_beyond_loopback(curve_gateway) -> None:
+    launcher, keys_dir, port = curve_gateway
+    addresses = json.loads((launcher.run_dir / "addresses.json").read_text())
+    assert addresses["gateway"] == f"tcp://0.0.0.0:{port}" and addresses["curve"] is True
+    endpoint = f"tcp://127.0.0.1:{port}"
+
+    # The authorised key: served, over the run directory's addresses and over an explicit endpoint.
+    with Client.connect(launcher.run_dir, timeout_s=20, keys_dir=keys_dir, key_name="good") as client:
+        launcher.step()
+        assert isinstance(client.status(), Status)
+    with Client.connect(endpoint=endpoint, keys_dir=keys_dir, key_name="good", timeout_s=20) as client:
+        assert "gateway" in client.status().stages
+
+    # No keys at all: the client refuses up front; a plain (NULL) socket gets no answer.
+    with pytest.raises(ClientError, match="requires CURVE keys"):
+        Client.connect(launcher.run_dir, timeout_s=3, keys_dir=keys_dir / "nowhere")
+    assert _raw_status(endpoint) is None
+
+    # A well-formed key pair that is not authorised: the gateway's ZAP handler refuses it.
+    stranger = keys_dir.parent / "stranger"
+    write_keypair(stranger, "client")
+    (stranger / "server.key").write_text((keys_dir / "server.key").read_text())
+    with pytest.raises(ClientError, match="unreachable|no reply"):
+        Client.connect(endpoint=endpoint, keys_dir=stranger, timeout_s=3)
+
+    # The authorised key against a server key that is not the gateway's: no handshake.
+    def wrong_server(sock: zmq.Socket) -> None:
+        public, secret = zmq.auth.load_certificate(str(keys_dir / "good.key_secret"))
+        sock.curve_serverkey = zmq.curve_keypair()[0]
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+
+    assert _raw_status(endpoint, wrong_server) is None
+
+    def authorised(sock: zmq.Socket) -> None:
+        public, secret = zmq.auth.load_certificate(str(keys_dir / "good.key_secret"))
+        sock.curve_serverkey = zmq.auth.load_certificate(str(keys_dir / "server.key"))[0]
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+
+    assert isinstance(_raw_status(endpoint, authorised), Status)
+    # The PUB side is CURVE too: a plain SUB receives nothing.
+    sub = make_socket(zmq.Context.instance(), zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port + 1}")
+    try:
+        for _ in range(10):
+            launcher.step(timeout_ms=200)
+        assert not sub.poll(500)
+    finally:
+        sub.close(linger=0)
+    assert launcher.children["gateway"].restarts == 0
+
+
+def test_oversized_message_is_cut_off_and_the_gateway_keeps_serving(short_tmp: Path) -> None:
+    config = make_config(short_tmp, ("gateway",), **{"bus.max_message_bytes": 1 << 20})
+    launcher = Launcher(config, short_tmp / "run")
+    launcher.start()
+    try:
+        addresses = Addresses.load(launcher.run_dir)
+        sock = make_socket(zmq.Context.instance(), zmq.DEALER, max_message_bytes=64 << 20)
+        sock.connect(addresses.gateway)
+        try:
+            sock.send_multipart([b"VideoFrame", b"\x80", b"\0" * (2 << 20)])
+            send(sock, StatusRequest(request_id="after-big"))
+            # ZeroMQ cut the connection at the size limit (the big frame never reached the
+            # decoder: no Error for it); the DEALER reconnects and the status request is served.
+            assert sock.poll(10_000)
+            reply = recv(sock)[1]
+            assert isinstance(reply, Status), reply
+            assert reply.stages["gateway"].counters.get("rejected", 0) == 0
+        finally:
+            sock.close(linger=0)
+        reply = _raw_status(addresses.gateway, wait_ms=10_000)
+        assert isinstance(reply, Status)
+        assert launcher.children["gateway"].alive() and launcher.children["gateway"].restarts == 0
+    finally:
+        launcher.shutdown()
+
+
+def test_run_files_are_owner_only(short_tmp: Path) -> None:
+    launcher = Launcher(make_config(short_tmp, ("gateway",)), short_tmp / "run")
+    launcher.start()
+    try:
+        run_dir = launcher.run_dir
+        assert mode(run_dir) == 0o700 and mode(run_dir / "logs") == 0o700
+        assert mode(launcher.config.data_dir) == 0o700
+        files = [p for p in run_dir.rglob("*") if p.is_file()]
+        assert {p.name for p in files} >= {"config.json", "addresses.json", "launcher.pid", "gateway.log"}
+        for path in files:
+            assert mode(path) & 0o077 == 0, f"{path} is mode {mode(path):o}"
+        for path in run_dir.iterdir():
+            if path.is_socket():
+                assert mode(run_dir) == 0o700  # sockets live only in the owner-only directory
+    finally:
+        launcher.shutdown()
+
+
+def _sources() -> list[Path]:
+    return [p for d in PACKAGE_DIRS for p in (REPO / d).rglob("*.py")]
+
+
+def test_no_pickle_eval_or_exec_of_received_data() -> None:
+    banned_modules = {"pickle", "cPickle", "dill", "marshal", "shelve", "cloudpickle", "joblib"}
+    banned_calls = {"eval", "exec", "recv_pyobj", "send_pyobj", "recv_serialized", "loads_pickle"}
+    problems = []
+    for path in _sources():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] + (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                )
+                if any(n.split(".")[0] in banned_modules for n in names):
+                    problems.append(f"{path}:{node.lineno} imports {names}")
+            elif isinstance(node, ast.Call):
+                func = node.func
+                name = (
+                    func.id
+                    if isinstance(func, ast.Name)
+                    else func.attr
+                    if isinstance(func, ast.Attribute)
+                    else ""
+                )
+                if name in banned_calls and not (name == "eval" and isinstance(func, ast.Attribute)):
+                    problems.append(f"{path}:{node.lineno} calls {name}")
+                if name == "load" and any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is False
+                    for k in node.keywords
+                ):
+                    problems.append(f"{path}:{node.lineno} torch.load(weights_only=False)")
+    assert not problems, problems
+
+
+def test_every_socket_has_size_limits() -> None:
+    """Sockets are made only by ``make_socket``, which sets MAXMSGSIZE and high-water marks."""
+    offenders = []
+    for path in _sources():
+        if path.name == "sockets.py" and path.parent.name == "protocol":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "socket"
+            ):
+                receiver = node.func.value
+                if isinstance(receiver, ast.Name) and receiver.id == "socket":
+                    continue  # the stdlib's socket.socket (free ports), not ZeroMQ
+                offenders.append(f"{path}:{node.lineno}")
+    assert not offenders, offenders
+    sock = make_socket(zmq.Context.instance(), zmq.DEALER, max_message_bytes=12345, hwm=7)
+    try:
+        assert sock.getsockopt(zmq.MAXMSGSIZE) == 12345 and sock.getsockopt(zmq.RCVHWM) == 7
+    finally:
+        sock.close(linger=0)
+
+
+def test_demo_page_needs_a_password_beyond_loopback_or_to_share() -> None:
+    assert demo_auth("127.0.0.1", "", share=False) is None
+    with pytest.raises(DemoSecurityError, match="--password"):
+        demo_auth("0.0.0.0", "", share=False)
+    with pytest.raises(DemoSecurityError, match="--share"):
+        demo_auth("127.0.0.1", "", share=True)
+    with pytest.raises(DemoSecurityError, match="at least 8"):
+        demo_auth("0.0.0.0", "short", share=False)
+    assert demo_auth("0.0.0.0", "correct horse", share=False) == ("omnistream", "correct horse")
+
+
+def test_demo_cli_refuses_to_serve_beyond_loopback_without_password(short_tmp: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMNISTREAM_DEMO_PASSWORD"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "omnistream.app.cli",
+            "demo",
+            "--host",
+            "0.0.0.0",
+            "--run-dir",
+            str(short_tmp / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 2 and "--password" in result.stderr
+    assert not (short_tmp / "r").exists()  # refused before starting anything
