@@ -146,6 +146,10 @@ def decode(
         raise ProtocolError("invalid", f"{topic}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ProtocolError("malformed", f"{topic}: header is not valid msgpack: {exc}") from None
+    except UnicodeDecodeError as exc:  # a msgpack str that is not UTF-8 (found by the fuzz test)
+        raise ProtocolError("malformed", f"{topic}: header holds a string that is not UTF-8: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("malformed", f"{topic}: header nested too deeply") from None
     finally:
         _decode_state.in_buffers = None
     if type(message).__name__ != topic:
