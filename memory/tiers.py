@@ -9,8 +9,8 @@ Each level is a time-ordered list with a fixed budget (VideoChat-Online's pyrami
 Nothing is deleted: entries that leave a level stay on disk in the archive, searchable.
 
 Similarity of two entries: the cosine of their text embeddings, averaged with the cosine of
-their visual features when both have them. Ties go to the oldest pair. An event's embedding and
-features are the means over the clips and transcripts it covers (so merging is associative),
+their visual features when both have them. Ties go to the oldest pair. An event's embedding (and
+features) is the mean of its two halves' unit vectors weighted by how many records each covers,
 and its text keeps every part with its stream time: clip descriptions once each (a repeat adds
 its time span to the first), transcripts verbatim.
 """
