@@ -240,7 +240,7 @@ FIELD_NAMES = sorted(
 )
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     type_name=st.sampled_from(sorted(MESSAGE_TYPES)),
     fields=st.dictionaries(st.sampled_from(FIELD_NAMES), msgpack_value, max_size=8),
