@@ -24,7 +24,13 @@ def clock(seconds: float) -> str:
 
 
 def format_item(item: MemoryItem) -> str:
+    """One memory line. An "event" (records merged by memory) already lists each of its parts
+    with its own time; a "synopsis" summarises the whole stream up to its end time."""
     span = f"{clock(item.t0)}-{clock(item.t1)}"
+    if item.kind == "synopsis":
+        return f"[summary of the stream up to {clock(item.t1)}] {item.text}"
+    if item.kind == "event":
+        return f"[{span}] {item.text}"
     if item.kind == "transcript":
         who = {"user": "the user said", "assistant": "you said"}.get(item.speaker, "a voice said")
         return f'[{span}] {who}: "{item.text}"'
@@ -37,11 +43,15 @@ def memory_log(items: list[MemoryItem]) -> str:
     return "\n".join(format_item(item) for item in items) or "(nothing seen or heard yet)"
 
 
+KEPT_KINDS = ("now", "synopsis")  # never dropped to fit a budget
+
+
 def fit_items(items: list[MemoryItem], budget_tokens: int, count_tokens) -> list[MemoryItem]:
-    """Drop the least relevant then oldest records until the log fits ``budget_tokens``."""
+    """Drop the least relevant then oldest records until the log fits ``budget_tokens`` (what is
+    on screen now and the synopsis stay)."""
     kept = list(items)
     while kept and count_tokens(memory_log(kept)) > budget_tokens:
-        droppable = [i for i, item in enumerate(kept) if item.kind != "now"]
+        droppable = [i for i, item in enumerate(kept) if item.kind not in KEPT_KINDS]
         if not droppable:
             break
         victim = min(droppable, key=lambda i: (kept[i].score, kept[i].t0))

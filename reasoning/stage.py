@@ -36,6 +36,7 @@ from omnistream.protocol.sockets import make_socket, recv, send
 from omnistream.reasoning.answer import Answerer
 from omnistream.reasoning.engine import LLMEngine
 from omnistream.reasoning.prompt import fit_items
+from omnistream.reasoning.synopsis import Synopsizer
 from omnistream.reasoning.watch import WatchList
 
 log = logging.getLogger("omnistream.reasoning")
@@ -100,9 +101,13 @@ class ReasoningStage:
         )
         self.loaded_sessions: set[str] = set()
         self.watches = WatchList(engine)
+        self.synopsizer = Synopsizer(engine, runtime.config.memory)
+        self._ask_waiting = False
 
     def handle(self, message: Message) -> None:
-        if isinstance(message, Record):
+        if isinstance(message, Record) and message.kind == "synopsis":
+            self.synopsizer.acknowledge(message)
+        elif isinstance(message, Record):
             self._load_history(message.session)
             item = MemoryItem(
                 kind=message.kind,
@@ -113,6 +118,7 @@ class ReasoningStage:
                 item_id=message.item_id,
             )
             if self.answerer.ingest(message.session, item):
+                self.synopsizer.observe(message.session, item)
                 self.runtime.counters["records_streamed"] += 1
                 for alert in self.watches.check(message.session, item):
                     self.runtime.counters["alerts"] += 1
@@ -149,8 +155,35 @@ class ReasoningStage:
             log.warning("could not load session history: %s", exc, extra={"session": session})
             self.loaded_sessions.discard(session)
             return
-        for item in sorted((i for i in items if i.kind != "now"), key=lambda i: i.item_id):
-            self.answerer.ingest(session, item)
+        for item in items:
+            if item.kind == "synopsis":
+                self.synopsizer.seed(session, item)
+        for item in sorted((i for i in items if i.kind in ("clip", "transcript")), key=lambda i: i.item_id):
+            if self.answerer.ingest(session, item):
+                self.synopsizer.observe(session, item)
+
+    # -- synopsis (L3): written when idle, never while a question waits ------------------------
+
+    def _question_waiting(self) -> bool:
+        """Polls the bus; True once an ``Ask`` (or a shutdown) arrived. The messages stay queued
+        for the main loop, which answers the question next."""
+        for message in self.runtime.poll(0):
+            if isinstance(message, Ask | Shutdown):
+                self._ask_waiting = True
+        return self._ask_waiting or not self.runtime.running
+
+    def tick(self) -> None:
+        """Called by the runtime loop when every queued message is handled (idle)."""
+        for synopsis in self.synopsizer.unacknowledged(time.monotonic()):
+            self.runtime.publish(synopsis)
+        self._ask_waiting = False
+        for session in self.synopsizer.due():
+            synopsis = self.synopsizer.write(session, self._question_waiting)
+            if synopsis is None:
+                self.runtime.counters["synopses_deferred"] += 1
+                return
+            self.runtime.counters["synopses"] += 1
+            self.runtime.publish(synopsis)
 
     def _interrupted(self, ask: Ask) -> bool:
         for message in self.runtime.poll(0):
@@ -227,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = LLMEngine(model_dir, config.dtype, config.threads)
     stage = ReasoningStage(config, engine, MemoryClient(runtime.ctx, runtime.addresses.memory), runtime)
     runtime.subscribe(Ask, Interrupt, Record, Watch)
-    runtime.run(stage)
+    runtime.run(stage, tick=stage.tick)
 
 
 if __name__ == "__main__":
