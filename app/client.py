@@ -234,11 +234,16 @@ class Client:
                 return got
             except ProtocolError:
                 continue
-            if isinstance(message, Stats) and message.stage == "gateway" and message.state == "running":
-                if self.gateway_pid and message.pid != self.gateway_pid:
-                    self.gateway_restarted_at = time.monotonic()
-                self.gateway_pid = message.pid
+            if isinstance(message, Stats) and message.stage == "gateway":
+                self._note_gateway_pid(message)
             got.append(message)
+
+    def _note_gateway_pid(self, stats: Stats | None) -> None:
+        if stats is None or stats.state != "running" or not stats.pid:
+            return
+        if self.gateway_pid and stats.pid != self.gateway_pid:
+            self.gateway_restarted_at = time.monotonic()
+        self.gateway_pid = stats.pid
 
     def subscribe(self, *types: type[Message], timeout_s: float | None = None) -> Iterator[Message]:
         """Yield events of ``types`` (all types if none) as they arrive, for ``timeout_s`` seconds
@@ -272,6 +277,7 @@ class Client:
         request_id = uuid.uuid4().hex
         reply = self._request(StatusRequest(request_id=request_id), Status, request_id, resend=True)
         assert isinstance(reply, Status)
+        self._note_gateway_pid(reply.stages.get("gateway"))
         return reply
 
     def history(
