@@ -9,6 +9,7 @@ code they measure.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -21,7 +22,9 @@ SUITES = {
     "perception": "omnistream.perception.bench",
     "speech": "omnistream.speech.bench",
     "llm": "omnistream.reasoning.bench",
+    "soak": "omnistream.app.soak",
 }
+DEFAULT_SUITES = ("kernels", "perception", "speech", "llm")  # soak runs only when named (an hour)
 
 
 def machine() -> dict:
@@ -36,7 +39,9 @@ def machine() -> dict:
     }
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+            model = next(
+                (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), ""
+            )
         info["cpu"] = model or info["cpu"]
     except OSError:
         pass
@@ -46,6 +51,8 @@ def machine() -> dict:
 def available_suites() -> list[str]:
     found = []
     for name, module in SUITES.items():
+        if name not in DEFAULT_SUITES:
+            continue
         try:
             if importlib.util.find_spec(module) is not None:
                 found.append(name)
@@ -54,16 +61,30 @@ def available_suites() -> list[str]:
     return found
 
 
-def run_suites(names: list[str], quick: bool, progress: Callable[[str], None]) -> dict:
-    report = {"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": quick, "suites": {}}
+def run_suites(
+    names: list[str], quick: bool, progress: Callable[[str], None], minutes: float | None = None
+) -> dict:
+    """``minutes`` goes to the suites that take it (the soak's stream minutes)."""
+    report = {
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "quick": quick,
+        "suites": {},
+    }
     for name in names:
         if name not in SUITES:
             raise ValueError(f"unknown bench suite {name!r} (known: {', '.join(SUITES)})")
         module = importlib.import_module(SUITES[name])
         start = time.monotonic()
         progress(f"bench {name}: running")
-        rows = module.run(quick=quick, progress=progress)
+        kwargs = {}
+        if minutes is not None and "minutes" in inspect.signature(module.run).parameters:
+            kwargs["minutes"] = minutes
+        rows = module.run(quick=quick, progress=progress, **kwargs)
         report["suites"][name] = {"seconds": round(time.monotonic() - start, 1), "rows": rows}
+        extra = getattr(module, "report_extra", None)
+        if extra is not None:
+            report["suites"][name].update(extra())
     return report
 
 
@@ -80,13 +101,20 @@ def markdown(report: dict) -> str:
         "",
     ]
     for name, suite in report["suites"].items():
-        lines += [f"### {name} ({suite['seconds']} s)", "", "| measurement | value | unit | baseline | baseline value |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {name} ({suite['seconds']} s)",
+            "",
+            "| measurement | value | unit | baseline | baseline value |",
+            "|---|---|---|---|---|",
+        ]
         for row in suite["rows"]:
             lines.append(
                 f"| {row['name']} | {_fmt(row.get('value'))} | {row.get('unit', '')} | "
                 f"{row.get('baseline_name', '')} | {_fmt(row.get('baseline'))} |"
             )
         lines.append("")
+        if suite.get("markdown"):
+            lines += [suite["markdown"], ""]
     return "\n".join(lines)
 
 
