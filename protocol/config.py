@@ -78,7 +78,13 @@ class SpeechConfig(_Section):
     max_utterance_s: float = 20.0
     partial_every_s: float = 1.0
     first_partial_s: float = 0.3  # first partial transcript (and barge-in check) after onset
-    turn_grace_s: float = 0.15  # wait after a final utterance before asking: the user may go on
+    # End of the user's turn: after turn_end_s of silence when the transcript reads as finished
+    # (a full stop not after "and"/"the"), else after min_silence_s + turn_grace_s.
+    turn_end_s: float = 0.35
+    turn_grace_s: float = 0.3  # further wait after an utterance that does not read as finished
+    continue_s: float = 1.5  # the user going on this soon after an Ask (answer unheard) extends it
+    first_phrase_words: int = 4  # speak the first words this early (0: wait for a clause end)
+    asr_window: str = "short"  # whisper encoder on the utterance's length, or "full" (30 s)
     ask_on_user_speech: bool = True
     wake_phrase: str = ""  # non-empty: only utterances containing it become questions
     echo_overlap: float = 0.6  # share of heard words the assistant is saying that marks an echo

@@ -5,7 +5,7 @@ a little ahead of the client's playback (``lead_s``), so stopping sending stops 
 ``lead_s`` and the client has almost nothing queued to drop. It knows how much the client has
 played, so a cut answer is remembered as the words actually spoken. ``SpokenTurn``,
 ``Utterance`` and ``PendingQuestion`` are the speech stage's per-answer, per-user-utterance and
-end-of-turn state.
+end-of-turn state (a ``PendingQuestion`` stays after it is asked: the user may go on with it).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from omnistream.protocol.messages import Ask
 from omnistream.speech.listen import StreamingTranscriber, words
 from omnistream.speech.speak import PhraseSplitter
+from omnistream.speech.turns import Timeline
 
 
 @dataclass
@@ -140,18 +141,21 @@ class SpokenTurn:
     heard_by: tuple[str, int] | None = None  # the user utterance that may be barging in
     echo_heard: bool = False  # its own voice reached the microphone: confirm barge-ins by words
     cancelled: bool = False  # read by the TTS thread: skip this turn's queued phrases
+    timeline: Timeline = field(default_factory=lambda: Timeline(""))
 
 
 @dataclass
 class Utterance:
     t0: float
     transcriber: StreamingTranscriber
+    timeline: Timeline = field(default_factory=lambda: Timeline(""))
     ended: bool = False
     end_ts: float | None = None
     echo: bool = False
     early_samples: int = -2  # length of the audio transcribed speculatively at a pause
     early_text: str | None = None
     final_samples: int = -3
+    continues: PendingQuestion | None = None  # the question this utterance may be going on with
 
 
 @dataclass
@@ -160,3 +164,5 @@ class PendingQuestion:
     t0: float
     t1: float
     deadline: float  # monotonic seconds
+    timeline: Timeline = field(default_factory=lambda: Timeline(""))
+    turn: str = ""  # once asked

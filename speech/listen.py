@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import zlib
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -174,9 +175,10 @@ class Recognizer:
             raise ValueError(f"audio must be float32 (N,) at 16 kHz, got {audio.dtype} {audio.shape}")
         padding = np.zeros(int(PAD_S * SAMPLE_RATE), np.float32)
         padded = np.concatenate([padding, audio, padding])
+        text = None
         if self.window == "short" and len(padded) <= MAX_SHORT_S * SAMPLE_RATE:
             text = self._transcribe_short(padded)
-        else:
+        if text is None:
             segments, _ = self.model.transcribe(
                 padded,
                 language="en",
@@ -188,11 +190,13 @@ class Recognizer:
         text = " ".join(NON_SPEECH.sub(" ", text).split())
         return text if words(text) else ""
 
-    def _transcribe_short(self, padded: np.ndarray) -> str:
+    def _transcribe_short(self, padded: np.ndarray) -> str | None:
         """One greedy pass with the encoder on the audio's own length, rounded up to whole seconds
         (features beyond the audio are zero, as faster-whisper's own padding makes them). A pass
         that whisper itself judges silent (no-speech probability > 0.6 with average token
-        log-probability < -1, faster-whisper's rule) gives no text."""
+        log-probability < -1, faster-whisper's rule) gives no text. None when the text loops
+        ("he was not he was not ..."; gzip compression ratio above whisper's 2.4): the caller
+        then runs the 30 s window, which does not loop on that audio."""
         import ctranslate2
 
         features = self.model.feature_extractor(padded)
@@ -214,7 +218,10 @@ class Recognizer:
         avg_logprob = result.scores[0] * len(result.sequences_ids[0]) / (len(result.sequences_ids[0]) + 1)
         if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
             return ""
-        return self.tokenizer.decode(tokens).strip()
+        text = self.tokenizer.decode(tokens).strip()
+        if len(text) > 12 and len(text.encode()) / len(zlib.compress(text.encode())) > 2.4:
+            return None
+        return text
 
 
 class VoiceActivity:
@@ -271,7 +278,7 @@ class StreamingTranscriber:
 @dataclass
 class ListenEvent:
     """``kind``: "started" (VAD fired; ``t0`` includes the pre-roll), "partial" (``audio`` is the
-    utterance so far), "pause" (``EARLY_FINAL_S`` of silence: ``audio`` is what "ended" will carry
+    utterance so far), "pause" (``pause_s`` of silence: ``audio`` is what "ended" will carry
     if no speech follows), "ended" (``audio`` is the voiced utterance, None when too short to be
     speech). Times are stream seconds; ``audio`` is float32 (N,) at 16 kHz, owned by the event."""
 
@@ -287,8 +294,8 @@ class Listener:
     """VAD segmentation of one channel. Times are stream seconds of the pushed samples.
 
     Partial events come ``first_partial_s`` after the onset, then every ``partial_every_s``
-    (0: no partials). An utterance ends after ``min_silence_s`` of non-speech or at
-    ``max_utterance_s``.
+    (0: no partials); a "pause" event after ``pause_s`` of non-speech. An utterance ends after
+    ``min_silence_s`` of non-speech, at ``max_utterance_s``, or when ``cut()``.
     """
 
     vad: VoiceActivity
@@ -298,6 +305,7 @@ class Listener:
     max_utterance_s: float = 20.0
     first_partial_s: float = 0.0
     partial_every_s: float = 1.0
+    pause_s: float = EARLY_FINAL_S
     _resampler: StreamResampler | None = None
     _pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     _origin_ts: float | None = None  # stream time of 16 kHz sample 0
@@ -365,7 +373,7 @@ class Listener:
         if self._silence_s >= self.min_silence_s or heard_s >= self.max_utterance_s:
             return [self._finish(end_ts)]
         silent_windows = len(self._speech) - self._voiced_windows
-        if silent_windows == round(EARLY_FINAL_S / STEP_S) and self._voiced() is not None:
+        if silent_windows == max(round(self.pause_s / STEP_S), 1) and self._voiced() is not None:
             return [ListenEvent("pause", self._speech_t0, end_ts, self._utterances, self._voiced())]
         if self.first_partial_s and heard_s >= self._next_partial_s and not silent_windows:
             self._next_partial_s = heard_s + self.partial_every_s
@@ -389,8 +397,24 @@ class Listener:
         self._speech, self._pre_roll = [], []
         return ListenEvent("ended", self._speech_t0, end_ts, self._utterances, voiced)
 
-    def flush(self) -> list[ListenEvent]:
-        """End of stream: finish an utterance in progress."""
+    @property
+    def utterance(self) -> int:
+        """Number of the utterance in progress (or of the last one)."""
+        return self._utterances
+
+    @property
+    def silence_s(self) -> float:
+        """Seconds of non-speech since the last speech window of the utterance in progress."""
+        return self._silence_s if self.in_speech else 0.0
+
+    def cut(self) -> list[ListenEvent]:
+        """End the utterance in progress now (the user's turn is judged over before
+        ``min_silence_s``): its "ended" event, whose audio is the last "pause" event's when no
+        speech came since. Speech after this starts a new utterance."""
         if not self.in_speech:
             return []
         return [self._finish(self.stream_ts)]
+
+    def flush(self) -> list[ListenEvent]:
+        """End of stream: finish an utterance in progress."""
+        return self.cut()

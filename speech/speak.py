@@ -21,12 +21,74 @@ SENTENCE_END = re.compile(r"[.!?\n]+[\"')\]]*\s")
 CLAUSE_END = re.compile(r"[,;:]\s")
 MIN_CLAUSE_CHARS = 40
 MIN_FIRST_CLAUSE_CHARS = 16
+# Words a phrase should not end on: the listener would hear a dangling "the" or "and".
+DANGLING = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "but",
+        "nor",
+        "so",
+        "of",
+        "to",
+        "in",
+        "on",
+        "at",
+        "by",
+        "for",
+        "from",
+        "with",
+        "as",
+        "than",
+        "that",
+        "which",
+        "who",
+        "whose",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "has",
+        "have",
+        "had",
+        "do",
+        "does",
+        "did",
+        "will",
+        "would",
+        "can",
+        "could",
+        "my",
+        "your",
+        "his",
+        "her",
+        "its",
+        "our",
+        "their",
+        "this",
+        "these",
+        "those",
+        "very",
+        "not",
+    ]
+)
 
 
 @dataclass
 class PhraseSplitter:
-    """Streaming state: text deltas in, complete phrases out; ``finish`` returns the rest."""
+    """Streaming state: text deltas in, complete phrases out; ``finish`` returns the rest.
 
+    ``first_words`` > 0 flushes the first phrase early: once that many complete words have
+    arrived without a clause end, they are spoken (extended past a dangling "the"/"and", by up to
+    three words), so synthesis starts after a few tokens instead of a whole clause. A word is
+    complete when the text after it has begun (a space follows it)."""
+
+    first_words: int = 0
     buffer: str = ""
     phrases_out: list[str] = field(default_factory=list)
 
@@ -34,17 +96,30 @@ class PhraseSplitter:
         self.buffer += delta
         phrases = []
         while True:
+            first = not (self.phrases_out or phrases)
             match = SENTENCE_END.search(self.buffer)
-            min_chars = MIN_FIRST_CLAUSE_CHARS if not (self.phrases_out or phrases) else MIN_CLAUSE_CHARS
+            min_chars = MIN_FIRST_CLAUSE_CHARS if first else MIN_CLAUSE_CHARS
             if match is None and len(self.buffer) >= min_chars:
                 match = CLAUSE_END.search(self.buffer, min_chars // 2)
-            if match is None:
+            end = match.end() if match is not None else None
+            if end is None and first and self.first_words:
+                end = self._first_words_end()
+            if end is None:
                 break
-            phrase, self.buffer = self.buffer[: match.end()].strip(), self.buffer[match.end() :]
+            phrase, self.buffer = self.buffer[:end].strip(), self.buffer[end:]
             if phrase:
                 phrases.append(phrase)
         self.phrases_out += phrases
         return phrases
+
+    def _first_words_end(self) -> int | None:
+        """End of the first ``first_words`` complete words (not on a dangling word), or None."""
+        complete = list(re.finditer(r"\S+(?=\s)", self.buffer))
+        for count in range(self.first_words, min(len(complete), self.first_words + 3) + 1):
+            word = re.sub(r"[^a-z']", "", complete[count - 1].group().lower())
+            if word not in DANGLING:
+                return complete[count - 1].end()
+        return None
 
     def finish(self) -> list[str]:
         rest, self.buffer = self.buffer.strip(), ""

@@ -20,6 +20,7 @@ from omnistream.speech.listen import (
     VoiceActivity,
     to_mono_16k,
     word_error_rate,
+    words,
 )
 from omnistream.speech.speak import PhraseSplitter, Voice
 
@@ -230,3 +231,73 @@ def test_pause_event_carries_exactly_the_final_audio(sample_audio: np.ndarray) -
     assert pauses and pauses[-1].utterance == ended.utterance
     np.testing.assert_array_equal(pauses[-1].audio, ended.audio)
     assert [e.kind for e in events].index("pause") > [e.kind for e in events].index("started")
+
+
+def test_first_phrase_is_spoken_after_a_few_words_not_on_a_dangling_one() -> None:
+    splitter = PhraseSplitter(first_words=4)
+    out = [
+        splitter.push(d) for d in ["You", " saw", " a", " monarch", " butterfly", " at", " 00:05.", " Then"]
+    ]
+    assert out[4] == ["You saw a monarch"]  # "monarch" is complete once the next word begins
+    assert sum(out, []) == ["You saw a monarch", "butterfly at 00:05."]
+    splitter = PhraseSplitter(first_words=4)
+    phrases = [
+        p
+        for d in ["The", "reader", "said", "that", "the", "butterfly", "was", "orange.", ""]
+        for p in splitter.push(d + " ")
+    ]
+    assert phrases[0] == "The reader said that the butterfly"  # not "... said that" nor "... that the"
+    splitter = PhraseSplitter(first_words=0)  # the clause-only splitter waits for punctuation
+    assert splitter.push("You saw a monarch butterfly ") == []
+
+
+def test_reads_finished_is_the_text_end_of_turn_signal() -> None:
+    from omnistream.speech.turns import reads_finished
+
+    for finished in ("What is on the table?", "He might even have been made amiable himself.", "Stop!"):
+        assert reads_finished(finished), finished
+    for going_on in (
+        "Had he married a more",
+        "Tell me about the.",
+        "I went there and.",
+        "Well, so...",
+        "Hi,",
+        "",
+    ):
+        assert not reads_finished(going_on), going_on
+
+
+def test_short_whisper_window_matches_the_30_s_window(
+    recognizer: Recognizer, sample_audio: np.ndarray
+) -> None:
+    """The encoder on the utterance's own length transcribes like faster-whisper's 30 s window,
+    and a pass that loops ("he was not he was not ...") falls back to that window."""
+    full = Recognizer("tiny.en", window="full")
+    assert recognizer.window == "short"
+    errors = words_total = 0
+    for path, reference in librivox_clips()[1:3]:
+        audio, _ = soundfile.read(path, dtype="float32")
+        short_text, full_text = recognizer.transcribe(audio), full.transcribe(audio)
+        assert word_error_rate(full_text, short_text) <= 0.3, (short_text, full_text)
+        errors += word_error_rate(reference, short_text) * len(reference.split())
+        words_total += len(reference.split())
+    assert errors / words_total <= 0.15
+    audio, _ = soundfile.read(librivox_clips()[1][0], dtype="float32")
+    cut = recognizer.transcribe(audio[: int(1.1 * 16000)])  # "he was not" looped in the short window
+    assert 1 <= len(words(cut)) <= 5 and word_error_rate("he was not", cut) <= 0.34, cut
+
+
+def test_cut_ends_the_utterance_with_the_pause_audio(sample_audio: np.ndarray) -> None:
+    """A turn judged over early ends the utterance at once, with the audio the pause carried."""
+    listener = Listener(VoiceActivity())
+    speech = sample_audio[: 8 * 16000]
+    events = []
+    for start in range(0, len(speech), 1600):
+        events += listener.push(speech[start : start + 1600], 16000, start / 16000)
+        if events and events[-1].kind == "pause":
+            break
+    assert listener.in_speech and listener.silence_s >= 0.19
+    [ended] = listener.cut()
+    assert ended.kind == "ended" and ended.utterance == events[-1].utterance
+    np.testing.assert_array_equal(ended.audio, events[-1].audio)
+    assert not listener.in_speech and listener.cut() == []
