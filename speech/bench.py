@@ -35,6 +35,7 @@ from omnistream.protocol.messages import (
     Message,
     UserSpeech,
 )
+from omnistream.speech import bench_turns
 from omnistream.speech.listen import (
     Recognizer,
     StreamingTranscriber,
@@ -86,6 +87,9 @@ class Driver:
         self.counters: dict[str, float] = defaultdict(float)
         self.stage = SpeechStage(config, recognizer, voice, self._publish, self.counters)
         self.mic_ts = 0.0
+        self.pump: Callable[[], None] = lambda: None  # feeds answer pieces (bench_turns)
+        self.sent_words: dict[str, int] = {}
+        self.llm_done: set[str] = set()
 
     def _publish(self, message: Message) -> None:
         self.out.append((time.monotonic(), message))
@@ -103,6 +107,7 @@ class Driver:
                 ts=self.mic_ts, pcm=audio[offset : offset + step], sample_rate=RATE, channel="user"
             )
             self.stage.handle(chunk)
+            self.pump()
             self.stage.tick()
             self.mic_ts += step / RATE
             time.sleep(max(start + (index + 1) * STEP_S - time.monotonic(), 0.0))
@@ -130,11 +135,23 @@ class Driver:
         return any(isinstance(m, AudioOut) and m.turn == turn and m.final for _, m in self.out)
 
 
-def asr_rows(recognizer: Recognizer, clips: list[tuple[np.ndarray, str]]) -> list[dict]:
+def asr_rows(recognizer: Recognizer, full: Recognizer, clips: list[tuple[np.ndarray, str]]) -> list[dict]:
+    """Real-time factor, time per utterance and WER of the final pass, whisper's encoder on the
+    utterance's length (baseline: faster-whisper's 30 s window); and the streaming cost."""
     audio_s = sum(len(a) for a, _ in clips) / RATE
-    start = time.monotonic()
-    hypotheses = [recognizer.transcribe(audio) for audio, _ in clips]
-    batch_s = time.monotonic() - start
+    words = sum(len(reference.split()) for _, reference in clips)
+    passes = {}
+    for name, model in (("short", recognizer), ("full", full)):
+        times, hypotheses = [], []
+        for audio, _ in clips:
+            start = time.monotonic()
+            hypotheses.append(model.transcribe(audio))
+            times.append(time.monotonic() - start)
+        errors = sum(
+            word_error_rate(ref, hyp) * len(ref.split())
+            for (_, ref), hyp in zip(clips, hypotheses, strict=True)
+        )
+        passes[name] = (sum(times) / audio_s, float(np.median(times)) * 1000, errors / words)
     # Streaming: a partial every second of audio (LocalAgreement), then the final pass.
     start = time.monotonic()
     for audio, _ in clips:
@@ -145,23 +162,36 @@ def asr_rows(recognizer: Recognizer, clips: list[tuple[np.ndarray, str]]) -> lis
         transcriber.insert_audio(audio[len(transcriber.audio) :])
         transcriber.finish()
     streaming_s = time.monotonic() - start
-    words = sum(len(reference.split()) for _, reference in clips)
-    errors = sum(
-        word_error_rate(ref, hyp) * len(ref.split()) for (_, ref), hyp in zip(clips, hypotheses, strict=True)
-    )
+    short, full_window = passes["short"], passes["full"]
+    baseline = "whisper's 30 s window (faster-whisper)"
     return [
-        {"name": "ASR tiny.en real-time factor, final pass", "value": batch_s / audio_s, "unit": "x"},
+        {
+            "name": "ASR tiny.en real-time factor, final pass, encoder on the utterance's length",
+            "value": short[0],
+            "unit": "x",
+            "baseline_name": baseline,
+            "baseline": full_window[0],
+        },
+        {
+            "name": f"ASR tiny.en final pass per utterance ({len(clips)} LibriVox clips, 2.6-7.1 s) p50",
+            "value": short[1],
+            "unit": "ms",
+            "baseline_name": baseline,
+            "baseline": full_window[1],
+        },
         {
             "name": "ASR tiny.en real-time factor, streaming (a partial every 1 s + final)",
             "value": streaming_s / audio_s,
             "unit": "x",
             "baseline_name": "final pass only",
-            "baseline": batch_s / audio_s,
+            "baseline": short[0],
         },
         {
             "name": f"ASR tiny.en WER, LibriVox ({len(clips)} clips, {words} words)",
-            "value": errors / words,
+            "value": short[2],
             "unit": "ratio",
+            "baseline_name": baseline,
+            "baseline": full_window[2],
         },
     ]
 
@@ -171,33 +201,6 @@ def captured_at(walls: list[float], sample: int) -> float:
     chunk holding it started 20 ms before it was fed."""
     step = int(STEP_S * RATE)
     return walls[sample // step] - STEP_S + (sample % step) / RATE
-
-
-def response_rows(driver: Driver, clips: list[tuple[np.ndarray, str]], trials: int) -> list[dict]:
-    to_ask, to_audio, tts_first = [], [], []
-    lead_in = np.zeros(RATE // 4, np.float32)
-    for trial in range(trials):
-        audio, _ = clips[trial % len(clips)]
-        _, end = voiced_span(audio)
-        walls = driver.mic(np.concatenate([lead_in, audio]))
-        end_wall = captured_at(walls, len(lead_in) + end)
-        driver.silence_until(lambda w=end_wall: driver.first(Ask, w) is not None)
-        ask_wall, ask = next((wall, m) for wall, m in driver.out if wall >= end_wall and isinstance(m, Ask))
-        phrase_wall = time.monotonic()
-        driver.answer(ask.turn, "It was a butterfly.")
-        driver.silence_until(lambda t=ask.turn: driver.finished(t))
-        first_audio = driver.first(
-            AudioOut, ask_wall, lambda m, t=ask.turn: m.turn == t and m.pcm is not None
-        )
-        assert first_audio is not None
-        to_ask.append(ask_wall - end_wall)
-        to_audio.append(first_audio - end_wall)
-        tts_first.append(first_audio - phrase_wall)
-    return (
-        percentile_rows("end of user speech -> Ask (VAD silence + final ASR + grace)", to_ask)
-        + percentile_rows("first phrase text -> first AudioOut (TTS)", tts_first)
-        + percentile_rows("end of user speech -> first assistant audio, instant answer", to_audio)
-    )
 
 
 def barge_in_rows(
@@ -275,19 +278,65 @@ def false_interruption_rows(driver: Driver, clips: list[tuple[np.ndarray, str]],
     ]
 
 
+def response_rows(
+    recognizer: Recognizer,
+    full: Recognizer,
+    voice: Voice,
+    clips: list[tuple[np.ndarray, str]],
+    trials: int,
+    llm: bench_turns.LLM | None,
+    progress: Callable[[str], None],
+) -> list[dict]:
+    """End of the user's question -> first assistant audio, broken down, for the current
+    settings and (baseline) the settings before, with a scripted answer and with the LLM."""
+    results: dict[tuple[str, str], list[dict]] = {}
+    answerers = [("scripted", None)] + ([("llm", llm)] if llm is not None else [])
+    for label, responder in answerers:
+        for settings, config, model in (
+            ("now", SpeechConfig(), recognizer),
+            ("before", bench_turns.before_config(), full),
+        ):
+            progress(f"speech: end of question -> first audio, {label} answer, settings {settings}")
+            driver = Driver(model, voice, config)
+            try:
+                results[(label, settings)] = bench_turns.turn_trials(
+                    driver, clips, trials, voiced_span, captured_at, progress, responder
+                )
+            finally:
+                driver.stage.stop()
+    rows = bench_turns.breakdown_rows(
+        "scripted answer at 50 tokens/s",
+        results[("scripted", "now")],
+        results[("scripted", "before")],
+        bench_turns.SPEECH_SPANS,
+    )
+    if llm is not None:
+        rows += bench_turns.breakdown_rows(
+            f"LLM {llm.model}", results[("llm", "now")], results[("llm", "before")], bench_turns.LLM_SPANS
+        )
+    return rows
+
+
 def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
+    """``OMNISTREAM__REASONING__MODEL`` (or the config's ``reasoning.model``) picks the LLM;
+    ``OMNISTREAM_BENCH_SPEECH_LLM=0`` leaves the LLM out."""
     clips = librivox()
     load_before = os.getloadavg()[0]
+    llm = None
+    if os.environ.get("OMNISTREAM_BENCH_SPEECH_LLM", "1") != "0":
+        progress("speech: loading the LLM in its own process")
+        llm = bench_turns.LLM(progress)
     progress("speech: loading whisper tiny.en, Silero VAD, hibari")
     recognizer = Recognizer("tiny.en")
+    full = Recognizer("tiny.en", window="full")
     voice = Voice("heart")
-    rows = asr_rows(recognizer, clips)
-    driver = Driver(recognizer, voice, SpeechConfig())
     try:
-        progress("speech: end of user speech -> first audio")
-        rows += response_rows(driver, clips, 5 if quick else 20)
+        rows = asr_rows(recognizer, full, clips)
+        rows += response_rows(recognizer, full, voice, clips, 5 if quick else 20, llm, progress)
     finally:
-        driver.stage.stop()
+        if llm is not None:
+            llm.close()
+    rows += bench_turns.transport_rows()
     # Barge-in trials answer scripted turns only: the interrupting words do not become questions.
     driver = Driver(recognizer, voice, SpeechConfig(ask_on_user_speech=False))
     try:

@@ -159,8 +159,13 @@ class Recognizer:
         if window not in ("short", "full"):
             raise ValueError(f"whisper window must be 'short' or 'full', got {window!r}")
         self.window = window
+        # Two workers: a final transcript runs alongside a partial instead of after it.
         self.model = WhisperModel(
-            str(packaged_whisper_dir(model)), device="cpu", compute_type="int8", cpu_threads=threads
+            str(packaged_whisper_dir(model)),
+            device="cpu",
+            compute_type="int8",
+            cpu_threads=threads,
+            num_workers=2,
         )
         self.tokenizer = Tokenizer(
             self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language="en"

@@ -59,7 +59,7 @@ from omnistream.speech.workers import Worker
 log = logging.getLogger("omnistream.speech")
 
 ECHO_MIN_WORDS = 3  # with echo about, a partial barges in only with this many unmatched words
-USER_FINAL, USER_PARTIAL, SCENE = 0, 1, 2  # ASR priorities
+USER_PARTIAL, SCENE = 1, 2  # ASR priorities on the shared worker
 UNHEARD_S = 0.5  # an answer played for less than this has not been heard: the user may go on
 
 
@@ -85,7 +85,10 @@ class SpeechStage:
         self.publish = publish
         self.counters = counters
         self.clock = clock
-        self.asr = Worker("speech-asr")
+        self.asr = Worker("speech-asr")  # partials and the scene's sound track
+        # A user's final transcript is what the answer waits for: its own thread, so it never
+        # queues behind a partial already running (whisper passes cannot be stopped midway).
+        self.asr_final = Worker("speech-asr-final")
         self.speaker = Speaker(config, voice, publish, counters, clock, self._on_timeline)
         self.listeners: dict[tuple[str, str], Listener] = {}
         self.utterances: dict[tuple[str, int], Utterance] = {}
@@ -114,13 +117,14 @@ class SpeechStage:
     def tick(self) -> None:
         """Collect worker results, send due audio, end turns, ask. Called every loop pass."""
         now = self.clock()
-        for tag, result, error in self.asr.results():
+        for tag, result, error in self.asr_final.results() + self.asr.results():
             self._on_asr(tag, result, error)
         self.speaker.tick(now)
         for key, utterance in list(self.utterances.items()):
             if self._turn_over_early(key, utterance, now):
                 for event in self.listeners[(key[0], "user")].cut():
                     self._on_user_event(key[0], event)
+        now = self.clock()  # a question that became due in this pass goes out in this pass
         for session, pending in list(self.pending.items()):
             if now >= pending.deadline and not self._user_busy(session):
                 del self.pending[session]
@@ -241,16 +245,21 @@ class SpeechStage:
     def _turn_over_early(self, key: tuple[str, int], utterance: Utterance, now: float) -> bool:
         """The transcript at the pause reads as a finished turn and the silence (stream time) has
         lasted ``turn_end_s``, with no speech since."""
-        if utterance.ended or not utterance.early_text or not reads_finished(utterance.early_text):
+        if not self._text_ends_turns() or utterance.ended or not reads_finished(utterance.early_text or ""):
             return False
         listener = self.listeners.get((key[0], "user"))
         if listener is None or listener.utterance != key[1]:
             return False
         return listener.silence_s >= max(self.config.turn_end_s, listener.pause_s)
 
+    def _text_ends_turns(self) -> bool:
+        """``turn_end_s`` >= ``min_silence_s`` turns the transcript signal off: every utterance
+        then waits ``min_silence_s`` + ``turn_grace_s`` (the behaviour before it existed)."""
+        return self.config.turn_end_s < self.config.min_silence_s
+
     def _submit_final(self, key: tuple[str, int], audio, skip=lambda: False) -> None:
         run = lambda: timed(lambda: self.recognizer.transcribe(audio))  # noqa: E731
-        self.asr.submit(("final", key, len(audio)), run, USER_FINAL, skip)
+        self.asr_final.submit(("final", key, len(audio)), run, 0, skip)
 
     def _on_asr(self, tag: tuple, result, error: BaseException | None) -> None:
         kind = tag[0]
@@ -313,7 +322,7 @@ class SpeechStage:
         self.speaker.cut(key)
         if not self.config.ask_on_user_speech:
             return
-        deadline = now if reads_finished(text) else now + self.config.turn_grace_s
+        deadline = now if self._text_ends_turns() and reads_finished(text) else now + self.config.turn_grace_s
         pending = self.pending.get(session)
         if pending is not None:  # the user went on before the question was asked: one question
             pending.text, pending.t1, pending.deadline = f"{pending.text} {text}", t1, deadline
@@ -344,6 +353,7 @@ class SpeechStage:
                 if channel == "user":
                     self._on_user_event(session, event)
         self.asr.stop()
+        self.asr_final.stop()
         self.speaker.stop()
 
 
