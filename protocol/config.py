@@ -79,7 +79,8 @@ class SpeechConfig(_Section):
     partial_every_s: float = 1.0
     first_partial_s: float = 0.3  # first partial transcript (and barge-in check) after onset
     # End of the user's turn: after turn_end_s of silence when the transcript reads as finished
-    # (a full stop not after "and"/"the"), else after min_silence_s + turn_grace_s.
+    # (a full stop not after "and"/"the"), else after min_silence_s + turn_grace_s
+    # (turn_end_s >= min_silence_s: always the latter).
     turn_end_s: float = 0.35
     turn_grace_s: float = 0.3  # further wait after an utterance that does not read as finished
     continue_s: float = 1.5  # the user going on this soon after an Ask (answer unheard) extends it
