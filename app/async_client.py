@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from omnistream.app.client import (
+    LOST_AFTER_S,
     RESEND_EVERY_S,
     ClientError,
     _close_sockets,
@@ -82,6 +83,15 @@ class AsyncClient:
         self.frames_dropped = 0
         self.audio_dropped = 0
         self.last_done: AnswerDone | None = None
+        self.gateway_pid = 0  # from the gateway's Stats; a change means it restarted
+        self.gateway_restarted_at = 0.0
+
+    def _note_gateway_pid(self, stats: Stats | None) -> None:
+        if stats is None or stats.state != "running" or not stats.pid:
+            return
+        if self.gateway_pid and stats.pid != self.gateway_pid:
+            self.gateway_restarted_at = time.monotonic()
+        self.gateway_pid = stats.pid
 
     @classmethod
     async def connect(
@@ -129,6 +139,8 @@ class AsyncClient:
                 event = await self._recv(self.sub)
             except ProtocolError:
                 continue
+            if isinstance(event, Stats) and event.stage == "gateway":
+                self._note_gateway_pid(event)
             for queue in self._listeners:
                 if queue.full():  # a listener that stopped reading loses its oldest event
                     queue.get_nowait()
@@ -247,6 +259,7 @@ class AsyncClient:
         request_id = uuid.uuid4().hex
         reply = await self._request(StatusRequest(request_id=request_id), Status, request_id, resend=True)
         assert isinstance(reply, Status)
+        self._note_gateway_pid(reply.stages.get("gateway"))
         return reply
 
     async def history(
@@ -311,11 +324,25 @@ class AsyncClient:
         try:
             turn = await self.send_ask(question, ts, choices, speak)
             deadline = time.monotonic() + timeout_s
+            restarts_seen = self.gateway_restarted_at
+            heard = time.monotonic()
             while True:
+                if self.gateway_restarted_at != restarts_seen and (
+                    time.monotonic() - max(heard, self.gateway_restarted_at) > LOST_AFTER_S
+                ):
+                    raise ClientError(
+                        f"the gateway restarted while answering and nothing more came for {LOST_AFTER_S:.0f} s; ask again"
+                    )
                 try:
-                    event = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0.0))
+                    event = await asyncio.wait_for(
+                        queue.get(), max(min(deadline - time.monotonic(), 1.0), 0.0)
+                    )
                 except TimeoutError:
+                    if time.monotonic() < deadline:
+                        continue
                     raise ClientError(f"no complete answer within {timeout_s:.0f} s") from None
+                if isinstance(event, AnswerDelta | AnswerDone) and event.turn == turn:
+                    heard = time.monotonic()
                 if isinstance(event, AnswerDelta) and event.turn == turn:
                     yield event.text
                 elif isinstance(event, AnswerDone) and event.turn == turn:

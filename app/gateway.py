@@ -354,6 +354,8 @@ class GatewayStage:
         except zmq.Again:
             self.runtime.counters["client_dropped"] += 1
         self.runtime.publish(done)  # speech stops speaking it
+        # ... and reasoning stops working on it if it still is (its client was told it failed)
+        self.runtime.publish(Interrupt(ts=ask.ts, session=ask.session, turn=ask.turn, reason=error))
 
     def check_pending(self) -> None:
         now = time.monotonic()

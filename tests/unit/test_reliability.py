@@ -4,6 +4,7 @@ beyond the rate limit is dropped and counted, a restarted gateway is noticed by 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -143,6 +144,35 @@ def test_client_notices_a_gateway_restart_and_does_not_hang(gateway: Launcher, m
             new_pid = gateway.children["gateway"].pid
             assert new_pid != old_pid and client.gateway_pid == new_pid
             assert client.status().stages["gateway"].pid == new_pid
+    finally:
+        stop.set()
+        supervisor.join()
+
+
+def test_async_client_notices_a_gateway_restart_too(gateway: Launcher, monkeypatch) -> None:
+    from omnistream.app import async_client as async_module
+    from omnistream.app.async_client import AsyncClient
+
+    monkeypatch.setattr(async_module, "LOST_AFTER_S", 3.0)
+    stop = threading.Event()
+    supervisor = threading.Thread(
+        target=lambda: [gateway.step(timeout_ms=50) for _ in iter(stop.is_set, True)]
+    )
+    supervisor.start()
+
+    async def scenario() -> float:
+        async with await AsyncClient.connect(gateway.run_dir, timeout_s=20) as client:
+            old_pid = gateway.children["gateway"].pid
+            assert client.gateway_pid == old_pid
+            threading.Timer(1.0, os.kill, (old_pid, signal.SIGKILL)).start()
+            start = time.monotonic()
+            with pytest.raises(ClientError, match="gateway restarted while answering"):
+                async for _ in client.ask("Still there?", timeout_s=120):
+                    pytest.fail("no answer was expected")
+            return time.monotonic() - start
+
+    try:
+        assert asyncio.run(scenario()) < 60
     finally:
         stop.set()
         supervisor.join()
