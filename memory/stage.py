@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import zmq
 
@@ -326,6 +327,11 @@ class MemoryStage:
         while len(self.snapshots) > MAX_SNAPSHOTS:
             self.snapshots.popitem(last=False)
 
+    def stream_now(self, session: str) -> float:
+        """The latest stream time memory knows for ``session`` (its newest record or percept)."""
+        window = self.session(session).sensory
+        return max(self.store.latest_end(session), window[-1].ts if window else 0.0)
+
     def _tiered(self, request: Retrieve) -> dict[int, MemoryItem]:
         """The working set, the closest archive records and the recent window, without repeats:
         an archived record inside a chosen event is left out, and so is an event whose every
@@ -364,6 +370,8 @@ class MemoryStage:
             raise ProtocolError(
                 "too_large", f"Retrieve.query has {len(request.query)} chars, limit {MAX_QUERY_CHARS}"
             )
+        if request.ts <= 0:  # a question without a stream time is about now (e.g. `omnistream ask`)
+            request = msgspec.structs.replace(request, ts=self.stream_now(request.session))
         session, until = request.session, request.ts
         if self.store.count(session) <= self.config.return_all_below:
             chosen = {

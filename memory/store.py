@@ -273,6 +273,13 @@ class MemoryStore:
         ).fetchone()
         return None if row is None else Item(*row[:7], json.loads(row[7]), row[8], row[9])
 
+    def latest_end(self, session: str) -> float:
+        """End of the session's newest clip or transcript (0 for an empty session)."""
+        row = self.db.execute(
+            "SELECT MAX(t1) FROM items WHERE session = ? AND kind IN ('clip', 'transcript')", (session,)
+        ).fetchone()
+        return float(row[0] or 0.0)
+
     def _archive_scores(self, session: str, query: np.ndarray, k: int, until_ts: float) -> dict[int, float]:
         """The ``k`` archived records closest to ``query`` (1, dim), read from disk chunk by chunk."""
         best: dict[int, float] = {}

@@ -306,3 +306,13 @@ def test_ram_is_bounded_by_the_budgets_while_disk_keeps_everything(tmp_path: Pat
     assert grown < 150_000, f"Python heap grew {grown} bytes over 1000 records"
     assert stage.store.count("default") == 1200  # every clip and transcript is on disk
     assert stage.store.count("default", ("event",)) == stage.counters["merges"] > 500
+
+
+def test_a_question_without_a_stream_time_is_about_now(tmp_path: Path) -> None:
+    stage = stage_at(tmp_path / "m.sqlite", return_all_below=100)
+    feed(stage, "abc")
+    assert stage.stream_now("default") == 25
+    reply = stage.retrieve(Retrieve(ts=0, request_id="r", query="c"))
+    assert reply.ts == 25 and [item.text for item in reply.items] == ["a", "b", "c"]
+    stage.handle(Percept(ts=31, features=unit(1), labels=[]))
+    assert stage.stream_now("default") == 31
