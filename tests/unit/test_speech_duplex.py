@@ -180,6 +180,22 @@ def test_spoken_question_becomes_an_ask_at_the_end_of_the_turn(
     partials = [m for m in h.of(Transcript) if not m.final]
     assert partials and all(m.t0 == final[0].t0 for m in partials)
     assert [m.started for m in h.of(UserSpeech)] == [True, False]
+    # Answered, the turn leaves its latency timeline: every mark, in the order things happen.
+    h.send(ask)  # the bus brings the stage's own Ask back
+    h.stream_answer(ask.turn, ANSWER, delay_s=0.02)
+    h.run_until(lambda: h.stage.timelines)
+    [timeline] = h.stage.timelines
+    order = ["speech_end", "turn_end", "final", "ask", "ask_received", "first_delta", "first_phrase"]
+    order += ["first_tts", "first_audio"]
+    assert timeline.turn == ask.turn and list(timeline.marks) == sorted(timeline.marks, key=order.index)
+    times = [timeline.marks[name] for name in order]
+    assert times == sorted(times) and timeline.asr_s is not None and 0 < timeline.asr_s < 5
+    first_audio = next(wall for wall, m in h.out if isinstance(m, AudioOut) and m.pcm is not None)
+    assert timeline.marks["first_audio"] == pytest.approx(first_audio, abs=0.005)
+    spans = timeline.spans()
+    assert spans["last speech window -> first AudioOut sent (speech stage + LLM)"] == pytest.approx(
+        times[-1] - times[0]
+    )
 
 
 @pytest.mark.parametrize(
