@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -30,8 +29,9 @@ import numpy as np
 import zmq
 
 from omnistream.memory.embedder import TextEmbedder
-from omnistream.memory.store import LEAF_KINDS, Item, MemoryStore
-from omnistream.memory.tiers import Entry, Part, Pyramid, leaf
+from omnistream.memory.session import Scenes, SessionMemory, memory_item, stored_entry
+from omnistream.memory.store import LEAF_KINDS, MemoryStore
+from omnistream.memory.tiers import Entry, Pyramid, leaf
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import MemoryConfig
 from omnistream.protocol.messages import (
@@ -54,7 +54,6 @@ from omnistream.protocol.sockets import make_socket, recv, send
 
 log = logging.getLogger("omnistream.memory")
 
-SAME_SCENE_SIMILARITY = 0.85
 MAX_QUERY_CHARS = 2000
 MAX_SNAPSHOTS = 256
 
@@ -70,81 +69,6 @@ def clock(seconds: float) -> str:
 def ordinal(n: int) -> str:
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
-
-
-@dataclass
-class Scene:
-    first_t0: float
-    features: np.ndarray  # float32 (D,), the first clip's pooled features
-    count: int = 1
-    last_t0: float = 0.0
-
-
-class Scenes:
-    """Distinct scenes of a session, for "same scene as at 00:40; 3rd time" marks.
-
-    At most ``capacity`` are kept (the least recently seen is forgotten), so RAM stays bounded.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = max(capacity, 1)
-        self.scenes: list[Scene] = []
-
-    def observe(self, t0: float, features: np.ndarray) -> tuple[float, int] | None:
-        """Record a clip; returns (first time, occurrence) of the earlier scene it repeats."""
-        matching = [
-            scene for scene in self.scenes if float(scene.features @ features) >= SAME_SCENE_SIMILARITY
-        ]
-        if matching:
-            scene = min(matching, key=lambda sc: sc.first_t0)
-            scene.count += 1
-            scene.last_t0 = t0
-            return scene.first_t0, scene.count
-        self.scenes.append(Scene(t0, np.array(features, np.float32), last_t0=t0))
-        if len(self.scenes) > self.capacity:
-            self.scenes.remove(min(self.scenes, key=lambda sc: sc.last_t0))
-        return None
-
-
-@dataclass
-class SessionMemory:
-    """What memory holds in RAM for one session: L0, the L1/L2 working set, the scene marks."""
-
-    pyramid: Pyramid
-    scenes: Scenes
-    sensory: deque[Percept] = field(default_factory=deque)
-
-
-def stored_entry(item: Item, embedding: np.ndarray, features: np.ndarray | None) -> Entry:
-    """The tier entry of a stored row (a clip, a transcript or an event)."""
-    if item.kind != "event":
-        base = item.meta.get("base")
-        return leaf(item.id, item.kind, item.t0, item.t1, item.text, embedding, features, item.speaker, base)
-    return Entry(
-        item_id=item.id,
-        kind="event",
-        t0=item.t0,
-        t1=item.t1,
-        text=item.text,
-        embedding=embedding,
-        features=features,
-        parts=[Part.from_json(row) for row in item.meta.get("parts", [])],
-        feature_weight=int(item.meta.get("weight", 0)),
-    )
-
-
-def memory_item(item: Item | Entry, score: float = 0.0) -> MemoryItem:
-    item_id = item.id if isinstance(item, Item) else item.item_id
-    return MemoryItem(
-        kind=item.kind,  # type: ignore[arg-type]
-        t0=item.t0,
-        t1=item.t1,
-        text=item.text,
-        score=score,
-        speaker=item.speaker,
-        item_id=item_id,
-        members=item.members if item.kind == "event" else [],
-    )
 
 
 class MemoryStage:
