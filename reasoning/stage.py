@@ -170,6 +170,7 @@ class ReasoningStage:
         for message in self.runtime.poll(0):
             if isinstance(message, Ask | Shutdown):
                 self._ask_waiting = True
+        self.runtime.maybe_publish_stats()  # a long synopsis must not look like a hung stage
         return self._ask_waiting or not self.runtime.running
 
     def tick(self) -> None:
