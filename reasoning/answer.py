@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from omnistream.protocol.messages import Ask, MemoryItem
+from omnistream.reasoning.cache import BufferedCache
 from omnistream.reasoning.engine import LLMEngine
 from omnistream.reasoning.kvcache import BlockStore, StreamingKV
 from omnistream.reasoning.prompt import CHOICE_LETTERS, SYSTEM_PROMPT, clock, format_item
@@ -99,10 +100,8 @@ class Answerer:
 
     def text_cache(self, records: list[MemoryItem]):
         """A fresh cache holding prefix + the records as text (the re-prefill baselines)."""
-        from transformers import DynamicCache
-
         lines = "".join(format_item(item) + "\n" for item in records) or NO_MEMORY_TEXT + "\n"
-        cache = DynamicCache()
+        cache = BufferedCache()
         self.engine.forward(self.engine.ids(self.prefix_text + lines), cache, 0)
         return cache
 

@@ -7,48 +7,93 @@ tokens (barge-in), and is where KV-cache reuse plugs in.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from omnistream.reasoning.cache import BufferedCache
+
 log = logging.getLogger("omnistream.reasoning.engine")
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+            line = next((line for line in cpuinfo if line.startswith("flags")), "")
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+FORMATS = ("auto", "int8", "float32", "bfloat16", "float16")
+
+
+def resolve_format(fmt: str) -> str:
+    """The weight format to run: "auto" is bfloat16 on a GPU and int8 on a CPU (decoding is bound
+    by memory bandwidth, and int8 weights are a quarter of float32; see reasoning/quant.py)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"reasoning.dtype must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "auto":
+        return "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
+    return fmt
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
-    """ "auto": bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32 —
-    on AVX2-only CPUs bf16 matmuls are emulated and several times slower than float32."""
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() or cpu_has_native_bf16() else torch.float32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"reasoning.dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return getattr(torch, dtype)
+    """The dtype activations and the KV cache are kept in for a weight format."""
+    fmt = resolve_format(dtype)
+    return torch.float32 if fmt == "int8" else getattr(torch, fmt)
+
+
+def int8_dir(model_dir: Path) -> Path:
+    """Where the int8 conversion of a prepared model directory ``<name>-<dtype>`` is cached."""
+    return model_dir.with_name(model_dir.name.rsplit("-", 1)[0] + "-int8")
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class LLMEngine:
     def __init__(self, model_dir: Path, dtype: str = "auto", threads: int = 2):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from omnistream.reasoning.quant import load_int8, prepare_int8
+
+        started = time.monotonic()
         torch.set_num_threads(threads)
+        self.format = resolve_format(dtype)
         self.dtype = resolve_dtype(dtype)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and self.format != "int8" else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=self.dtype, attn_implementation="sdpa"
-        ).eval()
+        if self.format == "int8":
+            self.model = load_int8(prepare_int8(model_dir, int8_dir(model_dir)))
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=self.dtype, attn_implementation="sdpa"
+            ).eval()
+            self.model.to(self.device)
         self.eos_ids = {self.tokenizer.eos_token_id}
         for token in ("<|im_end|>", "<|endoftext|>"):
             token_id = self.tokenizer.convert_tokens_to_ids(token)
             if isinstance(token_id, int) and token_id >= 0:
                 self.eos_ids.add(token_id)
+        self.load_seconds = time.monotonic() - started
+        log.info(
+            "llm loaded",
+            extra={
+                "format": self.format,
+                "seconds": round(self.load_seconds, 1),
+                "peak_rss_mb": round(peak_rss_mb()),
+            },
+        )
 
     def chat_ids(self, system: str, user: str, answer_prefix: str = "") -> torch.Tensor:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -73,9 +118,15 @@ class LLMEngine:
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
         """Prefill ``ids`` (1, n) at positions start.. into ``cache``; logits of the last token (1, V)."""
-        positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, position_ids=positions, logits_to_keep=1)
-        return out.logits[:, -1, :].float()
+        positions = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            cache=cache,
+            use_cache=True,
+            position_ids=positions,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float().cpu()
 
     @torch.inference_mode()
     def choice_logprobs(
@@ -92,6 +143,23 @@ class LLMEngine:
         return scores
 
     @torch.inference_mode()
+    def greedy(self, input_ids: torch.Tensor, max_new_tokens: int, cache=None) -> Iterator[int]:
+        """Prefill ``input_ids`` after whatever ``cache`` holds (a new cache if None), then yield
+        greedily decoded token ids until EOS or ``max_new_tokens``. The next token is computed only
+        when the caller asks for it, so stopping between tokens costs nothing."""
+        cache = BufferedCache() if cache is None else cache
+        position = cache.get_seq_length()
+        logits = self.forward(input_ids, cache, position)
+        position += input_ids.shape[1]
+        for step in range(max_new_tokens):
+            next_id = int(logits.argmax(-1))
+            if next_id in self.eos_ids:
+                return
+            yield next_id
+            if step + 1 < max_new_tokens:
+                logits = self.forward(torch.tensor([[next_id]]), cache, position)
+                position += 1
+
     def stream(
         self,
         input_ids: torch.Tensor,
@@ -99,26 +167,33 @@ class LLMEngine:
         should_stop: Callable[[], bool] = lambda: False,
         cache=None,
     ) -> Iterator[str]:
-        """Prefill ``input_ids`` after whatever ``cache`` holds (a new cache if None) and yield text
-        pieces as tokens are decoded greedily. Stops at EOS, ``max_new_tokens`` or ``should_stop()``."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache() if cache is None else cache
-        position = cache.get_seq_length()
-        logits = self.forward(input_ids, cache, position)
-        position += input_ids.shape[1]
-        generated: list[int] = []
-        emitted = ""
-        for _ in range(max_new_tokens):
-            next_id = int(logits.argmax(-1))
-            if next_id in self.eos_ids:
-                break
-            generated.append(next_id)
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
+        """Text pieces of the greedy continuation as tokens are decoded. Stops at EOS,
+        ``max_new_tokens`` or ``should_stop()`` (checked after every token)."""
+        text = TextStream(self.tokenizer)
+        for token_id in self.greedy(input_ids, max_new_tokens, cache):
+            piece = text.push(token_id)
+            if piece:
+                yield piece
             if should_stop():
                 return
-            logits = self.forward(torch.tensor([[next_id]]), cache, position)
-            position += 1
+
+
+class TextStream:
+    """Incremental detokenization: each pushed token id gives the text it completes. Only a short
+    tail is decoded each time (not the whole answer), and a piece is held back while it ends in
+    an incomplete UTF-8 sequence or could still merge with the next token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.context = 0  # decoding starts here, one piece back, so merges across pieces come out right
+        self.shown = 0  # ids whose text has been returned
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.context : self.shown], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.context :], skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= len(before) or not text.startswith(before):
+            return ""
+        self.context, self.shown = self.shown, len(self.ids)
+        return text[len(before) :]

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import DynamicCache
+
+from omnistream.reasoning.cache import BufferedCache, cache_from
 
 
 @dataclass
@@ -113,7 +114,7 @@ class RotaryTable:
         Rotations compose additively, so moving a key from position p to q is ``delta = q - p``
         and ``delta = -p`` removes its rotation. Computed in float32, returned in the keys' dtype.
         """
-        angles = delta.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        angles = delta.to(keys.device, torch.float32)[:, None] * self.inv_freq.to(keys.device)[None, :]
         cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
         sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
         x = keys.float()
@@ -131,13 +132,6 @@ def rotary_for(model) -> RotaryTable:
     return RotaryTable(head_dim, theta, factor)
 
 
-def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
-    cache = DynamicCache()
-    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-        cache.update(k, v, layer)
-    return cache
-
-
 class StreamingKV:
     """Live ``[sinks | window]`` cache plus evicted blocks; see the module docstring."""
 
@@ -145,7 +139,7 @@ class StreamingKV:
         self.model = model
         self.rotary = rotary_for(model)
         self.window_tokens = window_tokens
-        self.cache = DynamicCache()
+        self.cache = BufferedCache()
         self._forward(sink_ids, start=0)
         self.n_sink = sink_ids.shape[1]
         self.window: list[Block] = []
@@ -160,7 +154,7 @@ class StreamingKV:
         return self.cache.layers
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, start: int, cache: DynamicCache | None = None):
+    def _forward(self, ids: torch.Tensor, start: int, cache: BufferedCache | None = None):
         positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
         return self.model(
             input_ids=ids, cache=cache or self.cache, use_cache=True, position_ids=positions, logits_to_keep=1
@@ -192,7 +186,7 @@ class StreamingKV:
         block.pooled = torch.stack([k[0].float().mean(dim=1) for k in block.keys])
         self.evicted.add(block)
 
-    def assemble(self, blocks: list[Block], drop_newest_tokens: int = 0) -> DynamicCache:
+    def assemble(self, blocks: list[Block], drop_newest_tokens: int = 0) -> BufferedCache:
         """A new cache ``[sinks | blocks (time order) | window]`` with contiguous positions,
         leaving out the newest ``drop_newest_tokens`` of the window.
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from omnistream.protocol.messages import Alert, MemoryItem, Watch
+from omnistream.reasoning.cache import BufferedCache
 from omnistream.reasoning.engine import LLMEngine
 from omnistream.reasoning.prompt import format_item
 
@@ -70,7 +70,7 @@ class WatchList:
     def margin(self, condition: str, item: MemoryItem) -> float:
         """logit(yes) - logit(no) for 'does this observation meet the condition?'."""
         user = f"Observation: {format_item(item)}\nCondition: {condition}\nIs the condition met?"
-        logits = self.engine.forward(self.engine.chat_ids(WATCH_SYSTEM, user), DynamicCache(), 0)[0]
+        logits = self.engine.forward(self.engine.chat_ids(WATCH_SYSTEM, user), BufferedCache(), 0)[0]
         return float(logits[self.yes_no[0]] - logits[self.yes_no[1]])
 
     def check(self, session: str, item: MemoryItem) -> list[Alert]:

@@ -1,0 +1,245 @@
+"""`omnistream bench llm`: the reasoner's LLM speed per weight format, against llama.cpp.
+
+For each model and weight format, in a fresh process (so peak RSS is that format's own):
+load time, peak RSS, prefill tokens/s at 32/256/1024 tokens, decode tokens/s (one token at a time
+after a 256-token prompt, the text's own next tokens fed back so every backend decodes the same
+sequence), and time to first token of a 20-token question after a 1024-token context already in
+the cache (the reasoner's case: memory is streamed in before the question comes). The reference
+is llama-cpp-python on the same GGUF file, same prompts, same threads, in the same run; it is
+installed only for this benchmark and skipped with a message when missing.
+
+The prompt text is real English prose (the GPL-3 text every Debian system carries), so tokens
+per word are those of real text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PREFILL_LENGTHS = (32, 256, 1024)
+DECODE_TOKENS = 64
+QUESTION_TOKENS = 20
+CONTEXT_TOKENS = 1024
+TEXT_FILES = (Path("/usr/share/common-licenses/GPL-3"), Path(__file__).resolve().parents[1] / "README.md")
+_NOTES: list[str] = []
+
+
+def corpus() -> str:
+    for path in TEXT_FILES:
+        if path.exists():
+            return path.read_text() * 3
+    raise FileNotFoundError(f"no benchmark text found (looked for {', '.join(map(str, TEXT_FILES))})")
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- workers (each runs in its own process) -------------------------------------------------------
+
+
+def measure_torch(model: str, fmt: str, threads: int, quick: bool) -> dict:
+    import torch
+
+    from omnistream.protocol.config import load_config
+    from omnistream.reasoning.cache import BufferedCache
+    from omnistream.reasoning.engine import LLMEngine
+    from omnistream.reasoning.prepare import prepare_llm
+
+    config = load_config()
+    model_dir = prepare_llm(model, config.cache_dir)
+    start = time.perf_counter()
+    engine = LLMEngine(model_dir, fmt, threads)
+    load_s = time.perf_counter() - start
+    ids = engine.ids(corpus())[:, : CONTEXT_TOKENS + DECODE_TOKENS + QUESTION_TOKENS]
+    repeats = 2 if quick else 3
+
+    def prefill(n: int) -> None:
+        engine.forward(ids[:, :n], BufferedCache(), 0)
+
+    prefill(8)  # warm-up: first calls allocate and pack
+    result = {"load_s": load_s}
+    for n in PREFILL_LENGTHS:
+        result[f"prefill_{n}"] = n / _median_time(lambda n=n: prefill(n), 1 if n >= 1024 else repeats)
+
+    with torch.inference_mode():
+        cache = BufferedCache()
+        engine.forward(ids[:, :256], cache, 0)
+        start = time.perf_counter()
+        for i in range(DECODE_TOKENS):
+            logits = engine.forward(ids[:, 256 + i : 257 + i], cache, 256 + i)
+            int(logits.argmax(-1))
+        result["decode"] = DECODE_TOKENS / (time.perf_counter() - start)
+
+        cache = BufferedCache()
+        engine.forward(ids[:, :CONTEXT_TOKENS], cache, 0)
+        question = ids[:, CONTEXT_TOKENS : CONTEXT_TOKENS + QUESTION_TOKENS]
+
+        def first_token() -> None:
+            int(engine.forward(question, cache, CONTEXT_TOKENS).argmax(-1))
+            cache.crop(-QUESTION_TOKENS)
+
+        result["ttft_ms"] = 1000 * _median_time(first_token, 5)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
+    from llama_cpp import Llama
+
+    from omnistream.protocol.config import load_config
+    from omnistream.reasoning.prepare import PACKAGED_MODELS, assemble_gguf
+
+    config = load_config()
+    gguf = assemble_gguf(PACKAGED_MODELS[model], config.cache_dir / "gguf")
+    start = time.perf_counter()
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=4096,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=1024,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - start
+    tokens = llm.tokenize(corpus().encode(), add_bos=False)[
+        : CONTEXT_TOKENS + DECODE_TOKENS + QUESTION_TOKENS
+    ]
+    repeats = 2 if quick else 3
+
+    def prefill(n: int) -> None:
+        llm.reset()
+        llm.eval(tokens[:n])
+
+    prefill(8)
+    result = {"load_s": load_s}
+    for n in PREFILL_LENGTHS:
+        result[f"prefill_{n}"] = n / _median_time(lambda n=n: prefill(n), 1 if n >= 1024 else repeats)
+    prefill(256)
+    start = time.perf_counter()
+    for i in range(DECODE_TOKENS):
+        llm.eval([tokens[256 + i]])
+        int(llm.scores[llm.n_tokens - 1].argmax())
+    result["decode"] = DECODE_TOKENS / (time.perf_counter() - start)
+    prefill(CONTEXT_TOKENS)
+    question = tokens[CONTEXT_TOKENS : CONTEXT_TOKENS + QUESTION_TOKENS]
+
+    def first_token() -> None:
+        llm.eval(question)
+        int(llm.scores[llm.n_tokens - 1].argmax())
+        llm.n_tokens = CONTEXT_TOKENS  # the next eval drops the question's KV
+
+    result["ttft_ms"] = 1000 * _median_time(first_token, 5)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+# -- the suite --------------------------------------------------------------------------------
+
+
+def _run_worker(backend: str, model: str, fmt: str, threads: int, quick: bool) -> dict:
+    command = [sys.executable, "-m", "omnistream.reasoning.bench", backend, model, fmt, str(threads)]
+    if quick:
+        command.append("--quick")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench worker {backend} {model} {fmt} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+ROWS = [
+    *((f"prefill_{n}", f"prefill {n} tokens", "tokens/s") for n in PREFILL_LENGTHS),
+    ("decode", "decode", "tokens/s"),
+    ("ttft_ms", f"first token, {QUESTION_TOKENS}-token question, {CONTEXT_TOKENS} cached", "ms"),
+    ("load_s", "load", "s"),
+    ("peak_rss_mb", "peak RSS", "MB"),
+]
+
+
+def run(
+    quick: bool = False,
+    progress: Callable[[str], None] = print,
+    models: tuple[str, ...] | None = None,
+    formats: tuple[str, ...] | None = None,
+    threads: int = 2,
+) -> list[dict]:
+    from omnistream.protocol.config import load_config
+
+    config = load_config()
+    models = models or (
+        (config.reasoning.model,)
+        if quick
+        else tuple(dict.fromkeys((config.reasoning.model, "qwen2.5-coder-0.5b")))
+    )
+    formats = formats or (("int8", "float32") if quick else ("int8", "float32", "bfloat16"))
+    rows: list[dict] = []
+    _NOTES.clear()
+    for model in models:
+        reference = None
+        if llama_cpp_available():
+            progress(f"bench llm: llama.cpp {model} (reference)")
+            reference = _run_worker("llama_cpp", model, "Q4_K_M", threads, quick)
+        else:
+            _NOTES.append(
+                "llama-cpp-python is not installed: no llama.cpp reference (pip install llama-cpp-python)"
+            )
+        for fmt in formats:
+            progress(f"bench llm: {model} {fmt}")
+            measured = _run_worker("torch", model, fmt, threads, quick)
+            for key, label, unit in ROWS:
+                row = {"name": f"{model} {fmt}: {label}", "value": round(measured[key], 2), "unit": unit}
+                if reference is not None:
+                    row.update(baseline=round(reference[key], 2), baseline_name="llama.cpp Q4_K_M")
+                rows.append(row)
+    return rows
+
+
+def report_extra() -> dict:
+    return {"markdown": "\n".join(f"Note: {note}" for note in _NOTES)} if _NOTES else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m omnistream.reasoning.bench", description="one bench worker"
+    )
+    parser.add_argument("backend", choices=("torch", "llama_cpp"))
+    parser.add_argument("model")
+    parser.add_argument("format")
+    parser.add_argument("threads", type=int)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.backend == "torch":
+        result = measure_torch(args.model, args.format, args.threads, args.quick)
+    else:
+        result = measure_llama_cpp(args.model, args.threads, args.quick)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Weight formats and the in-place KV cache, on a tiny Qwen2 built from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+from omnistream.reasoning.cache import BufferedCache
+from omnistream.reasoning.engine import LLMEngine, int8_dir, resolve_format
+from omnistream.reasoning.quant import Int8Linear, load_int8, prepare_int8
+
+
+def test_buffered_cache_equals_dynamic_cache_through_appends_crops_and_assignments() -> None:
+    torch.manual_seed(0)
+    ours, theirs = BufferedCache(), DynamicCache()
+    for step in range(300):
+        n = 5 if step % 7 == 0 else 1
+        k, v = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+        for layer in range(2):
+            a, b = ours.update(k, v, layer), theirs.update(k, v, layer)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        if step % 50 == 0:
+            ours.crop(-3)
+            theirs.crop(-3)
+        if step == 120:  # the streaming memory assigns evicted layers directly
+            for cache in (ours, theirs):
+                cache.layers[0].keys = cache.layers[0].keys[:, :, 10:].clone()
+                cache.layers[0].values = cache.layers[0].values[:, :, 10:].clone()
+    assert ours.get_seq_length() == theirs.get_seq_length() > 300
+    for mine, reference in zip(ours.layers, theirs.layers, strict=True):
+        assert torch.equal(mine.keys, reference.keys) and torch.equal(mine.values, reference.values)
+    # Appending reuses the buffer: far fewer reallocations than tokens.
+    assert ours.layers[1].nbytes_reserved() < 2 * ours.layers[1].keys.numel() * 4 * 2 + 256 * 2 * 8 * 4 * 2
+
+
+def test_buffered_cache_rejects_a_positive_crop() -> None:
+    cache = BufferedCache()
+    cache.update(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), 0)
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(2)
+
+
+def test_int8_linear_is_exact_on_its_grid_and_close_on_real_weights() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    quantized = Int8Linear.from_linear(linear)
+    qweight, scales, bias = quantized.unpacked()
+    assert qweight.dtype == torch.int8 and int(qweight.abs().max()) == 127
+    assert torch.equal(bias, linear.bias.data)
+    dequantized = qweight.float() * scales[:, None]
+    assert (dequantized - linear.weight.data).abs().max() <= scales.max() / 2 + 1e-7
+    x = torch.randn(3, 5, 64)
+    with torch.inference_mode():
+        expected, got = linear(x), quantized(x)
+    assert got.shape == expected.shape
+    assert (got - expected).norm() / expected.norm() < 0.03
+
+
+def test_int8_linear_names_a_bad_weight() -> None:
+    with pytest.raises(ValueError, match="int8"):
+        Int8Linear(torch.zeros(4, 4), torch.ones(4), None)
+    with pytest.raises(ValueError, match="scale per output row"):
+        Int8Linear(torch.zeros(4, 4, dtype=torch.int8), torch.ones(3), None)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    from omnistream.memory.embedder import packaged_minilm_dir
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-bfloat16"
+    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_dir()))
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_int8_cache_loads_the_same_model_it_saved(tiny_model_dir: Path) -> None:
+    from omnistream.reasoning.quant import quantize_model
+
+    out = prepare_int8(tiny_model_dir, int8_dir(tiny_model_dir))
+    assert out.name == "tiny-int8" and (out / "int8.safetensors").exists()
+    loaded = load_int8(out)
+    reference = Qwen2ForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    in_memory = quantize_model(
+        Qwen2ForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    )
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 2 * 7 + 1  # lm_head included
+    ids = torch.tensor([[5, 17, 99, 300, 42, 7, 1000, 3]])
+    with torch.inference_mode():
+        from_disk, fresh, exact = (m(input_ids=ids).logits for m in (loaded, in_memory, reference))
+    assert torch.equal(from_disk, fresh)  # the cache holds exactly what quantization made
+    assert (from_disk - exact).norm() / exact.norm() < 0.05
+    assert (from_disk.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.75
+
+
+def test_engine_runs_int8_and_decodes_the_greedy_sequence(tiny_model_dir: Path) -> None:
+    engine = LLMEngine(tiny_model_dir, dtype="int8", threads=1)
+    assert engine.format == "int8" and engine.dtype == torch.float32
+    ids = engine.tokenizer("the butterfly was on the leaf", return_tensors="pt").input_ids
+    decoded = list(engine.greedy(ids, 12))
+    seq = ids
+    with torch.inference_mode():  # reference: the whole sequence recomputed each step, no cache
+        for _ in range(12):
+            next_id = engine.model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+            if int(next_id) in engine.eos_ids:
+                break
+            seq = torch.cat([seq, next_id], dim=1)
+    assert decoded == seq[0, ids.shape[1] :].tolist() and len(decoded) == 12
+
+
+@pytest.mark.parametrize(
+    "text", ["the butterfly's wings, unbelievably bright!", "naïve café — 東京 ok", "one two, three: four five"]
+)
+def test_text_stream_pieces_add_up_to_one_decode(tiny_model_dir: Path, text: str) -> None:
+    from transformers import AutoTokenizer
+
+    from omnistream.reasoning.engine import TextStream
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(token_id) for token_id in ids]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert sum(1 for piece in pieces if piece) > 3
+
+
+def test_format_names_are_checked() -> None:
+    assert resolve_format("float32") == "float32"
+    assert resolve_format("auto") in ("int8", "bfloat16")
+    with pytest.raises(ValueError, match="reasoning.dtype"):
+        resolve_format("int4")
