@@ -121,7 +121,7 @@ class SpeechStage:
             self._on_asr(tag, result, error)
         self.speaker.tick(now)
         for key, utterance in list(self.utterances.items()):
-            if self._turn_over_early(key, utterance, now):
+            if self._turn_over_early(key, utterance):
                 for event in self.listeners[(key[0], "user")].cut():
                     self._on_user_event(key[0], event)
         now = self.clock()  # a question that became due in this pass goes out in this pass
@@ -224,7 +224,7 @@ class SpeechStage:
         timeline = utterance.timeline
         if event.kind == "pause":  # transcribe now what the final will be if the user is done
             utterance.early_samples, utterance.early_text = samples, None
-            timeline.marks["speech_end"] = now - self._pause_s(session)
+            timeline.marks["speech_end"] = now - self.listeners[(session, "user")].pause_s
             self._submit_final(key, event.audio, skip=lambda: utterance.early_samples != samples)
             return
         utterance.ended, utterance.end_ts, utterance.final_samples = True, event.t1, samples
@@ -239,10 +239,7 @@ class SpeechStage:
             self._on_user_final(key, event.t1, utterance.early_text)
         # else: the speculative pass is running on exactly this audio; its result is the final
 
-    def _pause_s(self, session: str) -> float:
-        return self.listeners[(session, "user")].pause_s
-
-    def _turn_over_early(self, key: tuple[str, int], utterance: Utterance, now: float) -> bool:
+    def _turn_over_early(self, key: tuple[str, int], utterance: Utterance) -> bool:
         """The transcript at the pause reads as a finished turn and the silence (stream time) has
         lasted ``turn_end_s``, with no speech since."""
         if not self._text_ends_turns() or utterance.ended or not reads_finished(utterance.early_text or ""):
