@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 ROUNDS = int(os.environ.get("OMNISTREAM_CHAOS_ROUNDS", "2"))
 ORDER = ("gateway", "perception", "memory", "reasoning", "speech", "bus")
-ASK_BOUND_S = 100.0  # a question ends (answer or error) within this, whatever is killed
+ASK_BOUND_S = 160.0  # a question ends (answer or error) within this, whatever is killed
 KILL_GAP_S = 5.0  # between kills within a round; each round ends when every process is back
 KNOWN_ERRORS = (
     "reasoning restarted while answering",
@@ -78,23 +78,26 @@ class Feeder(threading.Thread):
 
     def run(self) -> None:
         with Client.connect(self.run_dir, timeout_s=60) as client:
-            loop = 0
-            start = time.monotonic()
-            while not self.stop.is_set():
-                for event in self.events:
-                    ts = loop * self.length + event.ts
-                    while time.monotonic() < start + ts / 2.0:
-                        if self.stop.is_set():
-                            return
-                        client.poll_events(0.01)  # keep the event queue short
-                    if event.kind == "video":
-                        ok = client.push_frame(event.data, ts)
-                    else:
-                        ok = client.push_audio(event.data, AUDIO_RATE, ts, channel="scene")
-                    self.sent += ok
-                    self.dropped += not ok
-                loop += 1
+            self.stream(client)
             self.reconnected_status = client.status()
+
+    def stream(self, client: Client) -> None:
+        loop = 0
+        start = time.monotonic()
+        while True:
+            for event in self.events:
+                ts = loop * self.length + event.ts
+                while time.monotonic() < start + ts / 2.0:
+                    if self.stop.is_set():
+                        return
+                    client.poll_events(0.01)  # keep the event queue short
+                if event.kind == "video":
+                    ok = client.push_frame(event.data, ts)
+                else:
+                    ok = client.push_audio(event.data, AUDIO_RATE, ts, channel="scene")
+                self.sent += ok
+                self.dropped += not ok
+            loop += 1
 
 
 class Asker(threading.Thread):
@@ -133,7 +136,8 @@ def test_every_stage_killed_in_turn_under_load(tmp_path_factory) -> None:
             "reasoning.model": "qwen2.5-coder-0.5b",
             "reasoning.max_new_tokens": 24,
             "launcher.restart_backoff_s": 0.2,
-            "gateway.ask_timeout_s": 60.0,
+            "gateway.ask_timeout_s": 120.0,
+            "perception.max_fps": 2.0,  # leave the LLM some of a small machine's CPU
         },
     )
     prepare_llm_cache(config, progress=False)
@@ -203,7 +207,7 @@ def test_every_stage_killed_in_turn_under_load(tmp_path_factory) -> None:
         summary = [(round(o.seconds), o.text[:40] or o.error[:60]) for o in outcomes]
         # After the last kill the system answers again (same client class, fresh question).
         with Client.connect(run_dir, timeout_s=60) as client:
-            final = "".join(client.ask("What is on screen?", speak=False, timeout_s=120))
+            final = "".join(client.ask("What is on screen?", speak=False, timeout_s=300))
             assert final.strip(), (client.last_done, summary)
             history = client.history(limit=5000)
             status = client.status()
@@ -212,6 +216,13 @@ def test_every_stage_killed_in_turn_under_load(tmp_path_factory) -> None:
         assert records, "memory acknowledged no record"
         lost = sorted(set(records) - kept)
         assert not lost, f"{len(lost)} acknowledged records missing, e.g. {records[lost[0]]}"
+        # Session data (SQLite, WAL, spilled KV blocks) is owner-only.
+        exposed = [
+            f"{p} {p.stat().st_mode & 0o777:o}"
+            for p in [config.data_dir, *config.data_dir.rglob("*")]
+            if p.stat().st_mode & 0o077
+        ]
+        assert not exposed, exposed
         # Clients reconnected by themselves: both long-lived clients' last status came through.
         assert feeder.sent > 0 and asker.client_status.stages and feeder.reconnected_status.stages
         assert {"gateway", "perception", "memory", "reasoning", "speech"} <= set(status.stages)
