@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from omnistream.kernels import ops
 from omnistream.protocol.messages import Ask, MemoryItem
-from omnistream.reasoning.cache import BufferedCache
+from omnistream.reasoning.cache import BufferedCache, cache_from
 from omnistream.reasoning.engine import LLMEngine
 from omnistream.reasoning.kvcache import BlockStore, StreamingKV
 from omnistream.reasoning.prompt import CHOICE_LETTERS, SYSTEM_PROMPT, clock, format_item
@@ -28,6 +29,7 @@ from omnistream.reasoning.prompt import CHOICE_LETTERS, SYSTEM_PROMPT, clock, fo
 CHOICE_PREFIX = re.compile(r"^\s*([A-F])[\s.):]+")
 NO_MEMORY_TEXT = "(nothing remembered: answer only from what is on screen now)"
 RECENT_WINDOW_S = 30.0  # the "recent" baseline: what a short context window would hold
+RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
 
 
 def split_choice(choice: str) -> str:
@@ -52,7 +54,9 @@ class Answerer:
         retrieved_tokens: int = 2048,
         block_ram_bytes: int = 512 << 20,
         spill_root: Path | None = None,
+        internal_retrieval: bool = True,
     ):
+        self.internal_retrieval = internal_retrieval
         self.engine = engine
         self.block_ram_bytes = block_ram_bytes
         self.spill_root = spill_root
@@ -69,9 +73,15 @@ class Answerer:
     def session(self, name: str) -> SessionMemory:
         if name not in self.sessions:
             spill_dir = self.spill_root / re.sub(r"[^A-Za-z0-9_.-]", "_", name) if self.spill_root else None
-            store = BlockStore(self.block_ram_bytes, spill_dir)
+            store = BlockStore(self.block_ram_bytes, spill_dir, persist=spill_dir is not None)
             kv = StreamingKV(self.engine.model, self.prefix_ids, self.window_tokens, store)
-            self.sessions[name] = SessionMemory(kv)
+            memory = SessionMemory(kv)
+            # Blocks an earlier run evicted come back from disk; the records after them (the
+            # live window) are streamed again from memory's history.
+            for block in store:
+                memory.block_of_item[block.item_id] = block.block_id
+                memory.last_item_id = max(memory.last_item_id, block.item_id)
+            self.sessions[name] = memory
         return self.sessions[name]
 
     def ingest(self, session: str, item: MemoryItem) -> bool:
@@ -79,7 +89,9 @@ class Answerer:
         memory = self.session(session)
         if item.kind == "now" or item.item_id <= memory.last_item_id:
             return False
-        block = memory.kv.append(self.engine.ids(format_item(item) + "\n"), item.t0, item.t1, item.text)
+        block = memory.kv.append(
+            self.engine.ids(format_item(item) + "\n"), item.t0, item.t1, item.text, item_id=item.item_id
+        )
         memory.block_of_item[item.item_id] = block.block_id
         memory.last_item_id = item.item_id
         return True
@@ -105,17 +117,63 @@ class Answerer:
         self.engine.forward(self.engine.ids(self.prefix_text + lines), cache, 0)
         return cache
 
-    def kv_cache(self, session: str, retrieved: list[MemoryItem]):
-        """The session's streamed cache with the evicted blocks of retrieved records put back."""
+    @torch.inference_mode()
+    def question_queries(self, kv: StreamingKV, question: str) -> torch.Tensor:
+        """The question's query vectors before RoPE, (layers, q_heads, tokens, head_dim): the
+        question prefilled after the sinks, each layer's q projection captured on the way."""
+        config = self.engine.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        captured: list[torch.Tensor] = []
+        hooks = [
+            layer.self_attn.q_proj.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+            for layer in self.engine.model.model.layers
+        ]
+        try:
+            sinks = cache_from(
+                [layer.keys[:, :, : kv.n_sink] for layer in kv.cache.layers],
+                [layer.values[:, :, : kv.n_sink] for layer in kv.cache.layers],
+            )
+            self.engine.forward(self.engine.ids(question), sinks, kv.n_sink)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.stack([q.reshape(q.shape[0], -1, head_dim).transpose(0, 1) for q in captured]).float()
+
+    def rank_blocks(self, kv: StreamingKV, question: str, candidates: set[int]) -> list[int]:
+        """Evicted block ids (among ``candidates``) by how strongly the question's queries attend to
+        their pooled keys, averaged over layers (ReKV's internal retrieval), best first."""
+        ids, pooled = kv.evicted.pooled_keys()
+        keep = [i for i, block_id in enumerate(ids) if block_id in candidates]
+        if not keep:
+            return []
+        scores = ops.block_scores(self.question_queries(kv, question), pooled[:, keep]).mean(dim=0)
+        order = torch.argsort(scores, descending=True).tolist()
+        return [ids[keep[i]] for i in order]
+
+    def kv_cache(self, session: str, retrieved: list[MemoryItem], question: str = ""):
+        """The session's streamed cache with retrieved evicted blocks put back: the blocks of the
+        records memory found by text (external retrieval) fused with the blocks the question's
+        own queries score highest (internal retrieval), up to ``retrieved_tokens``."""
         memory = self.session(session)
-        wanted = {memory.block_of_item.get(item.item_id) for item in retrieved}
-        blocks, budget = [], self.retrieved_tokens
-        for block in sorted(memory.kv.evicted, key=lambda b: -b.t1):
-            if block.block_id in wanted and block.n_tokens <= budget:
-                blocks.append(block)
-                budget -= block.n_tokens
         # Records stored after the question was asked (while it waited) are not part of its memory.
         asked_at = max((memory.block_of_item.get(item.item_id, -1) for item in retrieved), default=-1)
+        candidates = {b.block_id for b in memory.kv.evicted if b.block_id <= asked_at}
+        external = [
+            memory.block_of_item[item.item_id]
+            for item in retrieved
+            if memory.block_of_item.get(item.item_id) in candidates
+        ]
+        internal = self.rank_blocks(memory.kv, question, candidates) if question and self.internal_retrieval else []
+        fused: dict[int, float] = {}
+        for ranking in (external, internal):  # reciprocal rank fusion
+            for rank, block_id in enumerate(dict.fromkeys(ranking)):
+                fused[block_id] = fused.get(block_id, 0.0) + 1.0 / (RRF_K + rank)
+        blocks, budget = [], self.retrieved_tokens
+        for block_id in sorted(fused, key=lambda i: -fused[i]):
+            block = memory.kv.evicted.blocks[block_id]
+            if block.n_tokens <= budget:
+                blocks.append(block)
+                budget -= block.n_tokens
         later = sum(b.n_tokens for b in memory.kv.window if b.block_id > asked_at)
         return memory.kv.assemble(blocks, drop_newest_tokens=later)
 
@@ -126,7 +184,7 @@ class Answerer:
         for item in sorted(records, key=lambda r: r.item_id):
             self.ingest(ask.session, item)
         if ask.mode == "full":
-            return self.kv_cache(ask.session, records), now
+            return self.kv_cache(ask.session, records, ask.question), now
         if ask.mode == "reprefill":
             return self.text_cache(records), now
         if ask.mode == "recent":

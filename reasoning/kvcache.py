@@ -14,6 +14,7 @@ keys are float32 (layers, kv_heads, head_dim).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class Block:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     pooled: torch.Tensor | None = None
+    item_id: int = -1  # the memory record this block holds
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
@@ -43,14 +45,25 @@ class Block:
 
 class BlockStore:
     """Evicted blocks: metadata and pooled keys stay in RAM; K/V tensors live in a RAM tier with a
-    byte budget, least recently used blocks spilled to ``spill_dir`` as safetensors files."""
+    byte budget, least recently used blocks spilled to ``spill_dir`` as safetensors files.
 
-    def __init__(self, ram_budget_bytes: int = 1 << 62, spill_dir: Path | None = None):
+    With ``persist`` every block is written to ``spill_dir`` as it arrives (write-through, atomic
+    rename), with its metadata in the file header, so a restarted reasoner gets the session's
+    evicted KV back (``restore``) instead of recomputing it."""
+
+    def __init__(self, ram_budget_bytes: int = 1 << 62, spill_dir: Path | None = None, persist: bool = False):
+        if persist and spill_dir is None:
+            raise ValueError("a persistent block store needs a directory")
         self.ram_budget_bytes = ram_budget_bytes
         self.spill_dir = spill_dir
+        self.persist = persist
         self.blocks: dict[int, Block] = {}
         self._resident: OrderedDict[int, None] = OrderedDict()
         self.disk_bytes = 0
+        self._pooled: torch.Tensor | None = None  # (blocks, layers, kv_heads, head_dim), in block order
+        self._pooled_ids: list[int] = []
+        if persist:
+            self.restore()
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -65,13 +78,79 @@ class BlockStore:
     def add(self, block: Block) -> None:
         self.blocks[block.block_id] = block
         self._resident[block.block_id] = None
+        if self.persist:
+            self._write(block)
         self._enforce_budget()
+
+    def pooled_keys(self) -> tuple[list[int], torch.Tensor]:
+        """(block ids, their pooled keys stacked as (layers, blocks, kv_heads, head_dim)) for
+        question-to-block scoring; the stack grows with the store instead of being rebuilt."""
+        missing = [i for i in self.blocks if i not in set(self._pooled_ids)]
+        if missing:
+            fresh = torch.stack([self.blocks[i].pooled for i in missing], dim=1)
+            self._pooled = fresh if self._pooled is None else torch.cat([self._pooled, fresh], dim=1)
+            self._pooled_ids += missing
+        if self._pooled is None:
+            return [], torch.empty(0)
+        return self._pooled_ids, self._pooled
+
+    def _write(self, block: Block) -> None:
+        path = self._path(block.block_id)
+        if path.exists():
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tensors = {f"k{i}": k.contiguous() for i, k in enumerate(block.keys)}
+        tensors.update({f"v{i}": v.contiguous() for i, v in enumerate(block.values)})
+        if block.pooled is not None:
+            tensors["pooled"] = block.pooled.contiguous()
+        meta = {
+            "t0": repr(block.t0),
+            "t1": repr(block.t1),
+            "text": block.text,
+            "n_tokens": str(block.n_tokens),
+            "item_id": str(block.item_id),
+        }
+        partial = path.with_suffix(".partial")
+        save_file(tensors, str(partial), metadata=meta)
+        os.chmod(partial, 0o600)
+        partial.replace(path)
+        self.disk_bytes += path.stat().st_size
+
+    def restore(self) -> list[Block]:
+        """Blocks written by an earlier process (metadata and pooled keys; K/V load on demand)."""
+        from safetensors import safe_open
+
+        restored = []
+        for path in sorted(self.spill_dir.glob("block-*.safetensors")) if self.spill_dir.exists() else []:
+            block_id = int(path.stem.split("-")[1])
+            if block_id in self.blocks:
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as reader:
+                    meta = reader.metadata() or {}
+                    pooled = reader.get_tensor("pooled") if "pooled" in reader.keys() else None  # noqa: SIM118
+                block = Block(
+                    block_id,
+                    float(meta["t0"]),
+                    float(meta["t1"]),
+                    meta["text"],
+                    int(meta["n_tokens"]),
+                    pooled=pooled,
+                    item_id=int(meta.get("item_id", -1)),
+                )
+            except Exception as exc:  # safetensors raises its own SafetensorError
+                raise ValueError(f"KV block file {path} is unreadable: {exc}") from exc
+            self.blocks[block_id] = block
+            self.disk_bytes += path.stat().st_size
+            restored.append(block)
+        return restored
 
     def load(self, block_id: int) -> Block:
         """The block with its tensors in RAM (read back from disk if it was spilled)."""
         block = self.blocks[block_id]
         if block_id not in self._resident:
             tensors = load_file(str(self._path(block_id)))
+            tensors.pop("pooled", None)
             layers = len(tensors) // 2
             block.keys = [tensors[f"k{i}"] for i in range(layers)]
             block.values = [tensors[f"v{i}"] for i in range(layers)]
@@ -90,13 +169,7 @@ class BlockStore:
             if victim is None:
                 return
             block = self.blocks[victim]
-            path = self._path(victim)
-            if not path.exists():
-                self.spill_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                tensors = {f"k{i}": k.contiguous() for i, k in enumerate(block.keys)}
-                tensors.update({f"v{i}": v.contiguous() for i, v in enumerate(block.values)})
-                save_file(tensors, str(path))
-                self.disk_bytes += path.stat().st_size
+            self._write(block)
             block.keys, block.values = [], []
             del self._resident[victim]
 
@@ -144,7 +217,7 @@ class StreamingKV:
         self.n_sink = sink_ids.shape[1]
         self.window: list[Block] = []
         self.evicted = store if store is not None else BlockStore()
-        self._next_id = 0
+        self._next_id = max(self.evicted.blocks, default=-1) + 1
 
     @property
     def length(self) -> int:
@@ -160,11 +233,11 @@ class StreamingKV:
             input_ids=ids, cache=cache or self.cache, use_cache=True, position_ids=positions, logits_to_keep=1
         )
 
-    def append(self, ids: torch.Tensor, t0: float, t1: float, text: str) -> Block:
+    def append(self, ids: torch.Tensor, t0: float, t1: float, text: str, item_id: int = -1) -> Block:
         """Prefill one entry (ids (1, n)) after everything in the live cache; evict if over budget."""
         start = self.length
         self._forward(ids, start)
-        block = Block(self._next_id, t0, t1, text, ids.shape[1])
+        block = Block(self._next_id, t0, t1, text, ids.shape[1], item_id=item_id)
         self._next_id += 1
         self.window.append(block)
         while sum(b.n_tokens for b in self.window) > self.window_tokens and len(self.window) > 1:

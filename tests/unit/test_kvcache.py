@@ -137,3 +137,59 @@ def test_blocks_spilled_to_disk_come_back_exactly(model, tmp_path) -> None:
     torch.testing.assert_close(
         question_logits(model, stream, stream.assemble(list(store))), expected, atol=1e-4, rtol=1e-4
     )
+
+
+def test_persisted_blocks_survive_a_new_process_and_assemble_the_same_cache(model, tmp_path) -> None:
+    """Write-through block files carry the metadata and pooled keys; a store opened on the same
+    directory (a restarted reasoner) restores them and assembling gives the same logits."""
+    store = BlockStore(ram_budget_bytes=1 << 30, spill_dir=tmp_path / "kv", persist=True)
+    stream = StreamingKV(model, SINK, window_tokens=7, store=store)
+    for i, entry in enumerate(ENTRIES):
+        stream.append(entry, t0=i, t1=i + 1.5, text=f"entry {i}", item_id=100 + i)
+    assert [b.block_id for b in store] == [0, 1, 2] and store.ram_bytes > 0  # written, still in RAM
+    before = stream.assemble(list(store))
+
+    reopened = BlockStore(ram_budget_bytes=1 << 30, spill_dir=tmp_path / "kv", persist=True)
+    assert [(b.block_id, b.item_id, b.t0, b.t1, b.text, b.n_tokens) for b in reopened] == [
+        (b.block_id, b.item_id, b.t0, b.t1, b.text, b.n_tokens) for b in store
+    ]
+    for old, new in zip(store, reopened, strict=True):
+        assert torch.equal(old.pooled, new.pooled) and new.keys == []
+    restarted = StreamingKV(model, SINK, window_tokens=7, store=reopened)
+    for i in (3, 4):  # the live window is streamed again; evicted blocks are not
+        restarted.append(ENTRIES[i], t0=i, t1=i + 1.5, text=f"entry {i}", item_id=100 + i)
+    assert len(reopened) == 3 and [b.block_id for b in restarted.window] == [3, 4]
+    # The retrieved blocks land exactly as before the restart (same tensors, same positions); the
+    # window was recomputed after the sinks alone, so only its deeper layers may differ.
+    after = restarted.assemble(list(reopened))
+    end = SINK.shape[1] + sum(b.n_tokens for b in store)
+    for old_layer, new_layer in zip(before.layers, after.layers, strict=True):
+        assert torch.equal(old_layer.keys[:, :, :end], new_layer.keys[:, :, :end])
+        assert torch.equal(old_layer.values[:, :, :end], new_layer.values[:, :, :end])
+    fresh = StreamingKV(model, SINK, window_tokens=7)
+    for i in (3, 4):
+        fresh.append(ENTRIES[i], t0=i, t1=i + 1.5, text=f"entry {i}")
+    torch.testing.assert_close(
+        question_logits(model, restarted, restarted.assemble([])),
+        question_logits(model, fresh, fresh.assemble([])),
+    )
+
+
+def test_unreadable_block_file_is_named(tmp_path) -> None:
+    (tmp_path / "kv").mkdir()
+    (tmp_path / "kv" / "block-00000003.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="block-00000003"):
+        BlockStore(spill_dir=tmp_path / "kv", persist=True)
+
+
+def test_pooled_key_stack_follows_the_store(model) -> None:
+    stream = StreamingKV(model, SINK, window_tokens=4)
+    for i, entry in enumerate(ENTRIES[:3]):
+        stream.append(entry, t0=i, t1=i + 1, text=f"entry {i}")
+    block_ids, pooled = stream.evicted.pooled_keys()
+    assert block_ids == [0, 1] and pooled.shape == (2, 2, 2, 16)
+    stream.append(ENTRIES[3], t0=3, t1=4, text="entry 3")
+    block_ids, pooled = stream.evicted.pooled_keys()
+    assert block_ids == [0, 1, 2]
+    for column, block_id in enumerate(block_ids):
+        torch.testing.assert_close(pooled[:, column], stream.evicted.blocks[block_id].pooled)
