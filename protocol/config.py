@@ -110,10 +110,11 @@ class MemoryConfig(_Section):
     return_all_below: int = 80  # a session with at most this many clips + transcripts is returned whole
     scene_prototypes: int = 512  # distinct scenes remembered for "same scene as at ..." marks
     sessions_in_ram: int = 8  # sessions whose working set is held; the least recently used is unloaded
-    synopsis_every_records: int = 20  # L3: reasoning rewrites the synopsis after this many records ...
+    synopsis_every_records: int = 20  # L3: reasoning extends the synopsis after this many records ...
     synopsis_every_s: float = 120.0  # ... or this many stream seconds (with a new record); 0: never
-    synopsis_max_tokens: int = 96  # length limit of a synopsis
-    synopsis_input_chars: int = 3000  # newest records' text the LLM reads with the last synopsis
+    synopsis_max_tokens: int = 64  # length limit of each sentence the LLM adds to the synopsis
+    synopsis_max_chars: int = 600  # beyond, the synopsis's two oldest sentences are summed up in one
+    synopsis_input_chars: int = 3000  # most text of new records the LLM sums up at once
 
 
 class ReasoningConfig(_Section):

@@ -1,11 +1,17 @@
-"""L3 synopsis: a short running summary of each session, rewritten by the LLM while it is idle.
+"""L3 synopsis: a short running summary of each session, written by the LLM while it is idle.
 
 After ``synopsis_every_records`` new records, or ``synopsis_every_s`` stream seconds with at
-least one new record, the reasoner rewrites the session's synopsis from the previous one and the
-newest records (at most ``synopsis_input_chars`` of them), and publishes it as a ``Synopsis``.
-Memory stores it and acknowledges it with a ``Record`` of kind "synopsis"; an unacknowledged
-synopsis is sent again. Questions come first: writing stops as soon as ``should_stop`` says an
-``Ask`` is waiting (between prefill chunks and between tokens) and is retried later.
+least one new record, the reasoner sums the newest records (at most ``synopsis_input_chars`` of
+them) up in one sentence, "From 01:10 to 03:20, the stream showed ...", and appends it to the
+session's synopsis. When the synopsis grows past ``synopsis_max_chars``, its two oldest
+sentences are summed up into one the same way (a small pyramid of its own). A small model
+rewrites a summary poorly (the 0.5B copied the old one and dropped the new records) but sums up
+a handful of lines well, which is why the synopsis grows by sentences.
+
+It is published as a ``Synopsis``; memory stores it and acknowledges it with a ``Record`` of
+kind "synopsis"; an unacknowledged synopsis is sent again. Questions come first: writing stops
+as soon as ``should_stop`` says an ``Ask`` is waiting (between prefill chunks and between
+tokens), leaves the state as it was, and is retried later.
 """
 
 from __future__ import annotations
@@ -24,23 +30,50 @@ from omnistream.reasoning.prompt import clock, format_item
 log = logging.getLogger("omnistream.reasoning.synopsis")
 
 SYNOPSIS_SYSTEM = (
-    "You keep the running summary of a live video stream for an assistant's memory. "
-    "You get the summary so far and the newest records (what was on screen and what was said, "
-    "with stream times). Write the new summary of the whole stream: at most three short "
-    "sentences, plain text, the main things seen and said with their stream times (mm:ss). "
-    "Use only the records; do not invent."
+    "You summarise a live video stream for an assistant's memory. Reply with the summary only: "
+    "plain prose about what was seen and said. Do not copy the records line by line; do not "
+    "invent anything."
 )
 PREFILL_CHUNK_TOKENS = 64  # prefill in chunks so that a question can stop it between chunks
 ACK_TIMEOUT_S = 10.0  # memory did not acknowledge a synopsis within this (wall) time: send it again
-MAX_SYNOPSIS_CHARS = 800
+MAX_SENTENCE_CHARS = 400
+CLOCK = r"(?:\d+:)?\d{2}:\d{2}"
+SENTENCE = re.compile(rf"From ({CLOCK}) to ({CLOCK}), ")
+
+
+def seconds(text: str) -> float:
+    """'01:02:05' or '02:05' -> seconds."""
+    total = 0
+    for part in text.split(":"):
+        total = total * 60 + int(part)
+    return float(total)
+
+
+@dataclass(frozen=True)
+class Sentence:
+    t0: float
+    t1: float
+    text: str  # "From 00:00 to 00:22, the stream showed ..."
+
+
+def split_sentences(text: str) -> list[Sentence]:
+    """A stored synopsis back into its sentences (by their "From mm:ss to mm:ss, " openings)."""
+    marks = list(SENTENCE.finditer(text))
+    if not marks:
+        return [Sentence(0.0, 0.0, text.strip())] if text.strip() else []
+    ends = [m.start() for m in marks[1:]] + [len(text)]
+    return [
+        Sentence(seconds(m.group(1)), seconds(m.group(2)), text[m.start() : end].strip())
+        for m, end in zip(marks, ends, strict=True)
+    ]
 
 
 @dataclass
 class SessionDigest:
     """The synopsis state of one session."""
 
-    text: str = ""  # the latest synopsis, "" before the first
-    covered_ts: float = float("-inf")  # stream time the latest synopsis covers up to
+    sentences: list[Sentence] = field(default_factory=list)
+    covered_ts: float = float("-inf")  # stream time the synopsis covers up to
     t0: float | None = None  # start of the first record seen
     new: list[MemoryItem] = field(default_factory=list)  # records since, newest last (text-bounded)
     new_count: int = 0
@@ -49,10 +82,13 @@ class SessionDigest:
     pending: Synopsis | None = None  # sent, not yet acknowledged
     sent_at: float = 0.0
 
+    @property
+    def text(self) -> str:
+        return " ".join(sentence.text for sentence in self.sentences)
+
 
 def clean(text: str) -> str:
-    text = re.sub(r"\s+", " ", text).strip().strip('"')
-    return text[:MAX_SYNOPSIS_CHARS]
+    return re.sub(r"\s+", " ", text).strip()[:MAX_SENTENCE_CHARS]
 
 
 class Synopsizer:
@@ -70,7 +106,7 @@ class Synopsizer:
         """Start from a synopsis memory already holds (the reasoner restarted)."""
         digest = self.digest(session)
         if synopsis.t1 >= digest.covered_ts:
-            digest.text, digest.covered_ts = synopsis.text, synopsis.t1
+            digest.sentences, digest.covered_ts = split_sentences(synopsis.text), synopsis.t1
             digest.t0 = synopsis.t0 if digest.t0 is None else min(digest.t0, synopsis.t0)
             digest.new = [item for item in digest.new if item.t1 > synopsis.t1]
             digest.new_count = len(digest.new)
@@ -96,7 +132,7 @@ class Synopsizer:
     # -- writing -----------------------------------------------------------------------------------
 
     def due(self) -> list[str]:
-        """Sessions whose synopsis should be rewritten now."""
+        """Sessions whose synopsis should be extended now."""
         every_n, every_s = self.config.synopsis_every_records, self.config.synopsis_every_s
         if every_n <= 0 and every_s <= 0:
             return []
@@ -108,24 +144,23 @@ class Synopsizer:
             and ((every_n > 0 and d.new_count >= every_n) or (every_s > 0 and since(d) >= every_s))
         ]
 
-    def prompt(self, digest: SessionDigest) -> str:
-        so_far = (
-            f"Summary so far (up to {clock(digest.covered_ts)}): {digest.text}"
-            if digest.text
-            else ("Summary so far: (nothing yet)")
+    @staticmethod
+    def request(lines: list[str], t0: float, t1: float, what: str) -> tuple[str, str]:
+        """(user message, start of the reply) asking for one sentence about ``lines``."""
+        span = f"from {clock(t0)} to {clock(t1)}"
+        body = "\n".join(lines)
+        return (
+            f"{what} {span}:\n{body}\n\nSummarise these in one sentence.",
+            f"From {clock(t0)} to {clock(t1)}, the stream showed",
         )
-        records = "\n".join(format_item(item) for item in digest.new)
-        return f"{so_far}\n\nNewest records:\n{records}\n\nThe summary of the whole stream up to {clock(digest.last_ts)}:"
 
-    def write(self, session: str, should_stop: Callable[[], bool]) -> Synopsis | None:
-        """Rewrite the synopsis of ``session`` (None if ``should_stop`` cut it short)."""
+    def _sentence(self, lines: list[str], t0: float, t1: float, what: str, should_stop) -> Sentence | None:
+        """One sentence about ``lines`` from the LLM (None if ``should_stop`` cut it short)."""
         from transformers import DynamicCache
 
-        digest = self.digest(session)
-        new_count, last_ts, last_item_id = digest.new_count, digest.last_ts, digest.last_item_id
-        ids = self.engine.chat_ids(SYNOPSIS_SYSTEM, self.prompt(digest))
+        user, opening = self.request(lines, t0, t1, what)
+        ids = self.engine.chat_ids(SYNOPSIS_SYSTEM, user, opening)
         cache = DynamicCache()
-        started = time.monotonic()
         position = 0
         while ids.shape[1] - position > 1:
             if should_stop():
@@ -138,14 +173,35 @@ class Synopsizer:
         )
         if should_stop():
             return None
-        text = clean("".join(pieces))
-        if not text:
+        return Sentence(t0, t1, clean(opening + "".join(pieces)))
+
+    def write(self, session: str, should_stop: Callable[[], bool]) -> Synopsis | None:
+        """Extend the synopsis of ``session`` (None, and nothing changed, if ``should_stop`` cut it
+        short)."""
+        digest = self.digest(session)
+        started = time.monotonic()
+        new_count, last_ts, last_item_id = digest.new_count, digest.last_ts, digest.last_item_id
+        lines = [format_item(item) for item in digest.new]
+        first = min(item.t0 for item in digest.new)
+        sentence = self._sentence(lines, max(first, 0.0), last_ts, "Records of the stream", should_stop)
+        if sentence is None:
             return None
-        digest.text, digest.covered_ts = text, last_ts
+        sentences = [*digest.sentences, sentence]
+        while (
+            len(" ".join(s.text for s in sentences)) > self.config.synopsis_max_chars and len(sentences) > 1
+        ):
+            older, newer = sentences[0], sentences[1]
+            merged = self._sentence(
+                [older.text, newer.text], older.t0, newer.t1, "Summary of the stream", should_stop
+            )
+            if merged is None:
+                return None
+            sentences[:2] = [merged]
+        digest.sentences, digest.covered_ts = sentences, last_ts
         digest.new = [item for item in digest.new if item.t1 > last_ts]
         digest.new_count -= new_count
         synopsis = Synopsis(
-            ts=last_ts, session=session, text=text, t0=digest.t0 or 0.0, through_item_id=last_item_id
+            ts=last_ts, session=session, text=digest.text, t0=digest.t0 or 0.0, through_item_id=last_item_id
         )
         digest.pending, digest.sent_at = synopsis, time.monotonic()
         log.info(

@@ -41,12 +41,24 @@ def clip(clip_id: int, t0: float, t1: float, description: str) -> Clip:
     )
 
 
+ANIMAL_WORDS = ("butterfl", "monarch", "admiral", "ringlet")
+
+
+def items_of(records: list[Record]) -> list[MemoryItem]:
+    return [
+        MemoryItem(kind=r.kind, t0=r.t0, t1=r.ts, text=r.text, speaker=r.speaker, item_id=r.item_id)
+        for r in records
+    ]
+
+
 def test_synopsis_from_real_records_is_stored_and_answers_a_later_question(
     engine: LLMEngine, tmp_path: Path
 ) -> None:
     # L1 holds one record and L2 none: everything older than the newest record is archived, and
     # the question below asks for no archive hits and no recent window.
-    config = MemoryConfig(synopsis_every_records=4, l1_items=1, l2_items=0, return_all_below=0)
+    config = MemoryConfig(
+        synopsis_every_records=4, synopsis_max_chars=160, l1_items=1, l2_items=0, return_all_below=0
+    )
     published: list = []
     memory = MemoryStage(
         config, MemoryStore(tmp_path / "m.sqlite", 384), TextEmbedder(), defaultdict(float), published.append
@@ -61,18 +73,8 @@ def test_synopsis_from_real_records_is_stored_and_answers_a_later_question(
         memory.handle(message)
     records = [m for m in published if isinstance(m, Record)]
     assert [r.kind for r in records] == ["clip", "transcript", "clip", "transcript"]
-    for record in records:
-        synopsizer.observe(
-            "default",
-            MemoryItem(
-                kind=record.kind,
-                t0=record.t0,
-                t1=record.ts,
-                text=record.text,
-                speaker=record.speaker,
-                item_id=record.item_id,
-            ),
-        )
+    for item in items_of(records):
+        synopsizer.observe("default", item)
     assert synopsizer.due() == ["default"]
 
     calls = 0
@@ -87,7 +89,9 @@ def test_synopsis_from_real_records_is_stored_and_answers_a_later_question(
 
     synopsis = synopsizer.write("default", lambda: False)
     assert synopsis is not None and synopsis.ts == 22 and synopsis.through_item_id == records[-1].item_id
-    assert "butterfl" in synopsis.text.lower(), synopsis.text
+    assert synopsis.text.startswith("From 00:00 to 00:22, the stream showed"), synopsis.text
+    assert any(word in synopsis.text.lower() for word in ANIMAL_WORDS), synopsis.text
+    assert "kernel" in synopsis.text.lower(), synopsis.text
     assert synopsizer.due() == []
     memory.handle(synopsis)
     ack = published[-1]
@@ -95,15 +99,32 @@ def test_synopsis_from_real_records_is_stored_and_answers_a_later_question(
     synopsizer.acknowledge(ack)
     assert synopsizer.unacknowledged(now=1e12) == []
 
-    reply = memory.retrieve(
-        Retrieve(ts=30, request_id="q", query="Which animal was shown?", top_k=0, recent_s=0)
-    )
-    assert reply.items[0].kind == "synopsis" and reply.items[0].text == synopsis.text
-    assert "butterfl" not in " ".join(
-        item.text.lower() for item in reply.items[1:]
-    )  # only the synopsis tells
-    assert memory_log(reply.items).splitlines()[0] == f"[summary of the stream up to 00:22] {synopsis.text}"
+    reply = memory.retrieve(Retrieve(ts=30, request_id="q", query="What was on screen?", top_k=0, recent_s=0))
+    assert [item.kind for item in reply.items] == ["synopsis"]  # nothing else tells what was seen
+    assert reply.items[0].text == synopsis.text
+    assert memory_log(reply.items) == f"[summary of the stream up to 00:22] {synopsis.text}"
+    ask = Ask(turn="t", question="What did the voice say Linux is?", ts=30, mode="reprefill")
+    answer = "".join(
+        piece for piece, _ in Answerer(engine).answer(ask, reply.items, 40, lambda: False)
+    ).lower()
+    assert "kernel" in answer, answer
 
-    ask = Ask(turn="t", question="Which animal was on screen?", ts=30, mode="reprefill")
-    answer = "".join(piece for piece, _ in Answerer(engine).answer(ask, reply.items, 40, lambda: False))
-    assert "butterfl" in answer.lower(), answer
+    # Four more records: a second sentence, and the synopsis outgrows 160 characters, so its two
+    # sentences are summed up into one covering the whole stream.
+    published.clear()
+    for message in (
+        clip(3, 22, 30, "seen: teapot (kitchenware)"),
+        Transcript(t0=24, ts=28, text="The tea is ready.", speaker="scene"),
+        clip(4, 30, 40, "seen: coffee mug (kitchenware)"),
+        Transcript(t0=32, ts=36, text="Coffee, please.", speaker="scene"),
+    ):
+        memory.handle(message)
+    for item in items_of([m for m in published if isinstance(m, Record)]):
+        synopsizer.observe("default", item)
+    second = synopsizer.write("default", lambda: False)
+    assert second is not None and second.ts == 40
+    assert second.text.startswith("From 00:00 to 00:40, the stream showed"), second.text
+    assert len(synopsizer.digest("default").sentences) == 1
+    memory.handle(second)
+    latest = memory.retrieve(Retrieve(ts=45, request_id="q2", query="What happened?", top_k=0, recent_s=0))
+    assert latest.items[0].text == second.text

@@ -7,7 +7,7 @@ from __future__ import annotations
 from omnistream.protocol.config import MemoryConfig
 from omnistream.protocol.messages import MemoryItem, Record, Synopsis
 from omnistream.reasoning.prompt import fit_items, format_item, memory_log
-from omnistream.reasoning.synopsis import ACK_TIMEOUT_S, Synopsizer
+from omnistream.reasoning.synopsis import ACK_TIMEOUT_S, Sentence, Synopsizer, split_sentences
 
 
 def said(item_id: int, t0: float, text: str = "words") -> MemoryItem:
@@ -43,10 +43,32 @@ def test_a_stored_synopsis_covers_the_records_before_it() -> None:
     schedule.observe("s", said(3, 40, "new words"))
     schedule.observe("s", said(4, 50, "more words"))
     assert schedule.due() == ["s"]
-    prompt = schedule.prompt(schedule.digest("s"))
-    assert prompt.startswith("Summary so far (up to 00:30): Earlier things.")
-    assert '[00:40-00:42] a voice said: "new words"' in prompt and "[00:10" not in prompt
-    assert prompt.endswith("The summary of the whole stream up to 00:52:")
+    assert [item.item_id for item in schedule.digest("s").new] == [3, 4]
+
+
+def test_the_llm_is_asked_for_one_sentence_that_opens_with_its_time_span() -> None:
+    user, opening = Synopsizer.request(
+        ['[00:40-00:42] a voice said: "new words"'], 40, 52, "Records of the stream"
+    )
+    assert user == (
+        'Records of the stream from 00:40 to 00:52:\n[00:40-00:42] a voice said: "new words"\n\n'
+        "Summarise these in one sentence."
+    )
+    assert opening == "From 00:40 to 00:52, the stream showed"
+
+
+def test_a_stored_synopsis_splits_back_into_its_sentences() -> None:
+    text = (
+        "From 00:00 to 00:22, the stream showed a butterfly. From 00:22 to 1:02:05, the stream showed Linux."
+    )
+    assert split_sentences(text) == [
+        Sentence(0, 22, "From 00:00 to 00:22, the stream showed a butterfly."),
+        Sentence(22, 3725, "From 00:22 to 1:02:05, the stream showed Linux."),
+    ]
+    assert split_sentences("Free text.") == [Sentence(0, 0, "Free text.")] and split_sentences(" ") == []
+    schedule = synopsizer()
+    schedule.seed("s", MemoryItem(kind="synopsis", t0=0, t1=3725, text=text))
+    assert schedule.digest("s").text == text and schedule.digest("s").covered_ts == 3725
 
 
 def test_the_llm_reads_only_the_newest_records_within_the_character_budget() -> None:
@@ -60,7 +82,7 @@ def test_the_llm_reads_only_the_newest_records_within_the_character_budget() -> 
 def test_unacknowledged_synopsis_is_sent_again() -> None:
     schedule = synopsizer()
     digest = schedule.digest("s")
-    digest.pending = Synopsis(session="s", ts=30, text="A summary.")
+    digest.pending = Synopsis(session="s", ts=30, text="A summary.")  # as ``write`` leaves it
     digest.sent_at = 100.0
     assert schedule.unacknowledged(now=100.0 + ACK_TIMEOUT_S - 1) == []
     assert schedule.unacknowledged(now=100.0 + ACK_TIMEOUT_S) == [digest.pending]
