@@ -84,7 +84,7 @@ def soak(
     progress: Callable[[str], None] = lambda text: None,
     media: Path | None = None,
     model: str = "qwen2.5-coder-0.5b",
-    sample_every_s: float = SAMPLE_EVERY_S,
+    sample_every_s: float | None = None,
 ) -> dict:
     """Run the soak; returns {"samples": [...], "questions": [...], "minutes", "speed", ...}."""
     from omnistream.app.client import Client, ClientError
@@ -120,6 +120,8 @@ def soak(
     samples: list[dict] = []
     questions: list[dict] = []
     total_s = minutes * 60.0
+    if sample_every_s is None:  # about 40 samples or more, at most every SAMPLE_EVERY_S
+        sample_every_s = min(SAMPLE_EVERY_S, max(0.5, total_s / speed / 40))
     try:
         with Client.connect(launcher.run_dir, session="soak", timeout_s=60) as client:
             start = time.monotonic()
