@@ -165,7 +165,8 @@ class MemoryStore:
                 tier,
             ),
         )
-        return int(cursor.lastrowid)
+        assert cursor.lastrowid is not None  # an INSERT always sets it
+        return cursor.lastrowid
 
     def _checked(self, embedding: np.ndarray) -> np.ndarray:
         vector = np.ascontiguousarray(embedding, dtype=np.float32).reshape(-1)
@@ -220,7 +221,7 @@ class MemoryStore:
             raise
         if session in self.indexes:
             index = self.indexes[session]
-            index.remove_ids(np.array(sources, dtype=np.int64))
+            index.remove_ids(np.array(sources, dtype=np.int64))  # type: ignore[arg-type]  # the wrapper takes ids
             index.add_with_ids(vector[None, :], np.array([item_id], dtype=np.int64))
         return item_id
 
@@ -228,14 +229,21 @@ class MemoryStore:
         """Move one record out of the working set (it stays on disk and searchable)."""
         self.db.execute("UPDATE items SET tier = 'archive' WHERE id = ?", (item_id,))
         if session in self.indexes:
-            self.indexes[session].remove_ids(np.array([item_id], dtype=np.int64))
+            self.indexes[session].remove_ids(np.array([item_id], dtype=np.int64))  # type: ignore[arg-type]
 
     # -- reading -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _item(row: tuple) -> Item:
+        """An ``Item`` from the first columns of a row selected with ``COLUMNS``."""
+        return Item(
+            row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), row[8], row[9]
+        )
 
     def _items(self, where: str, params: tuple) -> list[Item]:
         order = "" if "ORDER BY" in where else " ORDER BY t0, id"
         rows = self.db.execute(f"SELECT {COLUMNS} FROM items WHERE {where}{order}", params).fetchall()
-        return [Item(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9]) for r in rows]
+        return [self._item(row) for row in rows]
 
     def count(self, session: str, kinds: tuple[str, ...] = LEAF_KINDS) -> int:
         marks = ",".join("?" * len(kinds))
@@ -261,9 +269,8 @@ class MemoryStore:
             f"SELECT {COLUMNS}, embedding, features FROM items WHERE session = ? AND tier = ? ORDER BY t0, id",
             (session, tier),
         )
-        for r in cursor:
-            item = Item(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9])
-            yield item, np.frombuffer(r[10], dtype=np.float32).copy(), _vector(r[11])
+        for row in cursor:
+            yield self._item(row), np.frombuffer(row[10], dtype=np.float32).copy(), _vector(row[11])
 
     def latest(self, session: str, kind: str, until_ts: float) -> Item | None:
         """The last stored record of ``kind`` that ends by ``until_ts``."""
@@ -271,7 +278,7 @@ class MemoryStore:
             f"SELECT {COLUMNS} FROM items WHERE session = ? AND kind = ? AND t1 <= ? ORDER BY id DESC LIMIT 1",
             (session, kind, until_ts),
         ).fetchone()
-        return None if row is None else Item(*row[:7], json.loads(row[7]), row[8], row[9])
+        return None if row is None else self._item(row)
 
     def latest_end(self, session: str) -> float:
         """End of the session's newest clip or transcript (0 for an empty session)."""
