@@ -263,10 +263,16 @@ class AsyncClient:
         return reply
 
     async def history(
-        self, t0: float = 0.0, t1: float = 1e12, kinds: list[str] | None = None, limit: int = 500
+        self,
+        t0: float = 0.0,
+        t1: float = 1e12,
+        kinds: list[str] | None = None,
+        limit: int = 500,
+        newest: bool = False,
     ) -> History:
-        """What memory recorded in this session over stream times [t0, t1] (clips, transcripts)."""
-        request = history_request(self.session, t0, t1, kinds, limit)
+        """What memory recorded in this session over stream times [t0, t1] (clips and transcripts
+        unless ``kinds`` says otherwise): the first ``limit`` records, or the last with ``newest``."""
+        request = history_request(self.session, t0, t1, kinds, limit, newest)
         reply = await self._request(request, History, request.request_id, resend=True)
         assert isinstance(reply, History)
         return reply

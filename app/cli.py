@@ -253,7 +253,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from omnistream.app.client import Client
-    from omnistream.app.replay import DEFAULT_SAMPLE, Replayer, ScheduledAsk
+    from omnistream.app.replay import DEFAULT_SAMPLE, Replayer, ScheduledAsk, session_end
     from omnistream.perception.sources import MediaError, MediaReader
 
     path = Path(args.file) if args.file else DEFAULT_SAMPLE
@@ -280,8 +280,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 print(text, end="", flush=True)
 
         replayer = Replayer(client, on_delta=on_delta, speak=not args.no_speech)
+        # A named session resumes: the recording continues its timeline where its memory stops.
+        start_ts = session_end(client) if args.session else 0.0
+        if start_ts and not args.json:
+            console.log(f"session {config.session}: continuing at stream time {start_ts:.1f} s")
         start = time.monotonic()
-        answers = replayer.run(path, asks, speed=args.speed, answer_timeout_s=args.timeout)
+        answers = replayer.run(path, asks, speed=args.speed, answer_timeout_s=args.timeout, start_ts=start_ts)
         for index, answer in enumerate(answers):
             wav = None
             if answer.audio and args.wav:

@@ -115,7 +115,7 @@ def refusal(request: Message, error: Error) -> ClientError:
 
 
 def history_request(
-    session: str, t0: float, t1: float, kinds: list[str] | None, limit: int
+    session: str, t0: float, t1: float, kinds: list[str] | None, limit: int, newest: bool = False
 ) -> HistoryRequest:
     return HistoryRequest(
         session=session,
@@ -124,6 +124,7 @@ def history_request(
         t1=t1,
         kinds=list(kinds or []),  # type: ignore[arg-type]  # msgspec validates the kinds
         limit=limit,
+        newest=newest,
     )
 
 
@@ -281,10 +282,16 @@ class Client:
         return reply
 
     def history(
-        self, t0: float = 0.0, t1: float = 1e12, kinds: list[str] | None = None, limit: int = 500
+        self,
+        t0: float = 0.0,
+        t1: float = 1e12,
+        kinds: list[str] | None = None,
+        limit: int = 500,
+        newest: bool = False,
     ) -> History:
-        """What memory recorded in this session over stream times [t0, t1] (clips, transcripts)."""
-        request = history_request(self.session, t0, t1, kinds, limit)
+        """What memory recorded in this session over stream times [t0, t1] (clips and transcripts
+        unless ``kinds`` says otherwise): the first ``limit`` records, or the last with ``newest``."""
+        request = history_request(self.session, t0, t1, kinds, limit, newest)
         reply = self._request(request, History, request.request_id, resend=True)
         assert isinstance(reply, History)
         return reply

@@ -2,6 +2,8 @@
 
 Frames and audio are pushed through the gateway paced at ``speed`` x real time (0 = as fast as
 possible); each question is sent when the stream reaches its time, while the stream goes on.
+Stream times start at ``start_ts`` (``session_end``: where a resumed session stopped), so a
+recording replayed into a session that already holds memories continues its timeline.
 Answers stream back as text deltas; their spoken audio is gathered per turn and can be saved
 as WAV.
 """
@@ -56,6 +58,12 @@ class Answer:
         return self.done is not None and (self.audio_final or not self.audio or bool(self.done.error))
 
 
+def session_end(client: Client) -> float:
+    """Stream time at which the client's session stops so far: the end of its newest record."""
+    newest = client.history(limit=1, newest=True).items
+    return newest[-1].t1 if newest else 0.0
+
+
 class Replayer:
     def __init__(
         self,
@@ -96,10 +104,14 @@ class Replayer:
             if remaining <= 0:
                 return
 
-    def ask(self, scheduled: ScheduledAsk) -> Answer:
+    def ask(self, scheduled: ScheduledAsk, start_ts: float = 0.0) -> Answer:
         answer = Answer(ask=scheduled, sent_wall=time.monotonic())
         answer.turn = self.client.send_ask(
-            scheduled.question, scheduled.at_s, scheduled.choices, speak=self.speak, mode=scheduled.mode
+            scheduled.question,
+            start_ts + scheduled.at_s,
+            scheduled.choices,
+            speak=self.speak,
+            mode=scheduled.mode,
         )
         self.answers[answer.turn] = answer
         return answer
@@ -112,8 +124,10 @@ class Replayer:
         max_fps: float = 10.0,
         answer_timeout_s: float = 300.0,
         progress: Callable[[float, float], None] | None = None,
+        start_ts: float = 0.0,
     ) -> list[Answer]:
-        """Stream ``path``; returns the answers in the order of ``asks``."""
+        """Stream ``path`` with its time 0 at stream time ``start_ts``; returns the answers in the
+        order of ``asks`` (whose ``at_s`` count from the start of the file)."""
         reader = MediaReader(path, max_fps=max_fps)
         pending = sorted(asks, key=lambda a: a.at_s)
         answers: list[Answer] = []
@@ -121,21 +135,21 @@ class Replayer:
         last_ts = 0.0
         for event in reader:
             while pending and pending[0].at_s <= event.ts:
-                answers.append(self.ask(pending.pop(0)))
+                answers.append(self.ask(pending.pop(0), start_ts))
             if speed > 0:
                 self._wait_until(start + event.ts / speed)
             else:
                 self._dispatch(self.client.poll_events(0))
             if event.kind == "video":
-                self.client.push_frame(event.data, event.ts)
+                self.client.push_frame(event.data, start_ts + event.ts)
             else:
-                self.client.push_audio(event.data, AUDIO_RATE, event.ts, channel="scene")
+                self.client.push_audio(event.data, AUDIO_RATE, start_ts + event.ts, channel="scene")
             last_ts = event.ts
             if progress is not None:
                 progress(event.ts, reader.duration_s)
         for scheduled in pending:  # asked after the end of the recording
             answers.append(
-                self.ask(dataclasses.replace(scheduled, at_s=max(scheduled.at_s, last_ts)))
+                self.ask(dataclasses.replace(scheduled, at_s=max(scheduled.at_s, last_ts)), start_ts)
             )
         deadline = time.monotonic() + answer_timeout_s
         while not all(a.finished for a in answers) and time.monotonic() < deadline:

@@ -316,13 +316,18 @@ class MemoryStage:
     def history(self, request: HistoryRequest) -> History:
         """Stored records of the session overlapping [t0, t1], oldest first (client history queries)."""
         kinds = tuple(request.kinds) or LEAF_KINDS
-        items = self.store.between(request.session, request.t0, request.t1, kinds, limit=request.limit + 1)
+        items = self.store.between(
+            request.session, request.t0, request.t1, kinds, limit=request.limit + 1, newest=request.newest
+        )
         self.counters["history_requests"] += 1
+        kept = items[: request.limit]
+        if request.newest:
+            kept.sort(key=lambda item: (item.t0, item.id))
         return History(
             ts=request.ts,
             session=request.session,
             request_id=request.request_id,
-            items=[memory_item(item) for item in items[: request.limit]],
+            items=[memory_item(item) for item in kept],
             truncated=len(items) > request.limit,
         )
 

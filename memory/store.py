@@ -254,12 +254,20 @@ class MemoryStore:
         )
 
     def between(
-        self, session: str, t_from: float, t_to: float, kinds: tuple[str, ...] = LEAF_KINDS, limit: int = -1
+        self,
+        session: str,
+        t_from: float,
+        t_to: float,
+        kinds: tuple[str, ...] = LEAF_KINDS,
+        limit: int = -1,
+        newest: bool = False,
     ) -> list[Item]:
-        """Records of ``kinds`` that overlap [t_from, t_to], in time order (the first ``limit``)."""
+        """Records of ``kinds`` that overlap [t_from, t_to]: the first ``limit`` in time order, or
+        with ``newest`` the ``limit`` that end last, the last-ending first."""
         marks = ",".join("?" * len(kinds))
+        order = "t1 DESC, id DESC" if newest else "t0, id"
         return self._items(
-            f"session = ? AND t1 >= ? AND t0 <= ? AND kind IN ({marks}) ORDER BY t0, id LIMIT {int(limit)}",
+            f"session = ? AND t1 >= ? AND t0 <= ? AND kind IN ({marks}) ORDER BY {order} LIMIT {int(limit)}",
             (session, t_from, t_to, *kinds),
         )
 

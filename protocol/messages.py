@@ -254,7 +254,8 @@ class HistoryRequest(Message):
 
     Records overlapping the range are returned in time order, at most ``limit`` of them;
     ``kinds`` restricts them to clips, transcripts, consolidated events or synopses (empty:
-    clips and transcripts).
+    clips and transcripts). ``newest`` returns the newest ``limit`` records instead of the oldest
+    (still oldest first): ``limit=1, newest=True`` is where the session's stream time stands.
     """
 
     request_id: str
@@ -262,6 +263,7 @@ class HistoryRequest(Message):
     t1: float = 1e12
     kinds: list[RecordKind] = []
     limit: int = 500
+    newest: bool = False
 
 
 class History(Message):

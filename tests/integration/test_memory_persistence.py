@@ -25,6 +25,7 @@ import zmq
 
 from omnistream.app.client import Client
 from omnistream.app.launcher import Launcher
+from omnistream.app.replay import session_end
 from omnistream.protocol.messages import Clip, Label, Message, Record, Synopsis, Transcript
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 from tests.conftest import make_config, pid_alive
@@ -206,6 +207,7 @@ def test_named_session_survives_sigkill_of_memory_and_a_whole_restart(short_tmp:
             finally:
                 bus.close()
             assert min(r.item_id for r in later) > max(i[0] for kind in before.values() for i in kind)
+            assert session_end(client) == 40  # where `omnistream replay --session kitchen` would go on
             after = remembered(client)
         assert after["clip"][:3] == before["clip"] and after["clip"][3][3] == AFTER_RESTART[0].description
         assert after["synopsis"] == before["synopsis"]

@@ -316,3 +316,17 @@ def test_a_question_without_a_stream_time_is_about_now(tmp_path: Path) -> None:
     assert reply.ts == 25 and [item.text for item in reply.items] == ["a", "b", "c"]
     stage.handle(Percept(ts=31, features=unit(1), labels=[]))
     assert stage.stream_now("default") == 31
+
+
+def test_history_of_the_newest_records(tmp_path: Path) -> None:
+    stage = stage_at(tmp_path / "m.sqlite", l1_items=100)
+    feed(stage, "abcde")
+    newest = stage.history(HistoryRequest(request_id="h", limit=2, newest=True))
+    assert [item.text for item in newest.items] == ["d", "e"] and newest.truncated
+    oldest = stage.history(HistoryRequest(request_id="h", limit=2))
+    assert [item.text for item in oldest.items] == ["a", "b"] and oldest.truncated
+    assert stage.history(HistoryRequest(request_id="h", limit=1, newest=True)).items[0].t1 == 45
+    # The newest is the record that ends last, even when another began later.
+    stage.handle(Transcript(t0=50, ts=70, text="a"))
+    stage.handle(Transcript(t0=55, ts=60, text="b"))
+    assert stage.history(HistoryRequest(request_id="h", limit=1, newest=True)).items[0].t1 == 70
