@@ -36,7 +36,10 @@ class Scenes:
     def observe(self, t0: float, features: np.ndarray) -> tuple[float, int] | None:
         """Record a clip; returns (first time, occurrence) of the earlier scene it repeats."""
         matching = [
-            scene for scene in self.scenes if float(scene.features @ features) >= SAME_SCENE_SIMILARITY
+            scene
+            for scene in self.scenes
+            if scene.features.shape == features.shape  # another encoder's features never match
+            and float(scene.features @ features) >= SAME_SCENE_SIMILARITY
         ]
         if matching:
             scene = min(matching, key=lambda sc: sc.first_t0)

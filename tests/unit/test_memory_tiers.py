@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omnistream.memory.session import Scenes
 from omnistream.memory.stage import MemoryStage
 from omnistream.memory.store import MemoryStore
 from omnistream.memory.tiers import Entry, Pyramid, leaf, merge, render
@@ -330,3 +331,13 @@ def test_history_of_the_newest_records(tmp_path: Path) -> None:
     stage.handle(Transcript(t0=50, ts=70, text="a"))
     stage.handle(Transcript(t0=55, ts=60, text="b"))
     assert stage.history(HistoryRequest(request_id="h", limit=1, newest=True)).items[0].t1 == 70
+
+
+def test_scene_marks_stay_bounded_and_ignore_other_encoders() -> None:
+    scenes = Scenes(capacity=2)
+    assert scenes.observe(0, unit(1)) is None
+    assert scenes.observe(10, unit(0, 1)) is None
+    assert scenes.observe(20, unit(1)) == (0, 2)  # the first scene again: seen at 00:00, 2nd time
+    assert scenes.observe(30, unit(0, 0, 1)) is None  # a third scene: the least recently seen goes
+    assert [scene.first_t0 for scene in scenes.scenes] == [0, 30]
+    assert scenes.observe(40, np.ones(7, np.float32)) is None  # features of another size
