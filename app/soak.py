@@ -2,7 +2,7 @@
 
 Starts the whole system (the fast LLM) on a fresh data directory, streams the bundled sample
 (``app/assets/sample.mkv``, or ``OMNISTREAM_SOAK_MEDIA``) in a loop with stream time increasing,
-``speed`` x faster than real time, asks a question every stream minute (every other one
+``speed`` x faster than real time, asks a question at minute 1 and then every 5 stream minutes (every other one
 spoken), and every few seconds samples each process's resident memory (RSS, from /proc) and the
 session's disk use. Reports, per process, RSS after warm-up (the baseline), at the end, its peak
 and its slope over the second half (MB per stream hour; flat is about 0), the same for the data
@@ -25,6 +25,7 @@ DEFAULT_MINUTES = 60.0
 QUICK_MINUTES = 2.0
 DEFAULT_SPEED = 8.0
 SAMPLE_EVERY_S = 5.0
+QUESTION_EVERY_MIN = 5.0  # stream minutes between questions
 WARMUP_FRACTION = 0.1  # the baseline is taken after this share of the stream (at least 1 minute)
 QUESTIONS = (
     "What is on screen right now?",
@@ -126,7 +127,7 @@ def soak(
         with Client.connect(launcher.run_dir, session="soak", timeout_s=60) as client:
             start = time.monotonic()
             next_sample = start
-            next_question_ts = 60.0
+            next_question_ts = 60.0  # then every QUESTION_EVERY_MIN
             pending: dict[str, dict] = {}
             stream_s = 0.0
             loop = 0
@@ -174,7 +175,7 @@ def soak(
                         client.push_audio(event.data, AUDIO_RATE, stream_s, channel="scene")
                     if stream_s >= next_question_ts:
                         question = QUESTIONS[len(questions) % len(QUESTIONS)]
-                        speak = int(next_question_ts // 60) % 2 == 0
+                        speak = len(questions) % 2 == 0
                         try:
                             turn = client.send_ask(question, ts=stream_s, speak=speak)
                             pending[turn] = {"stream_min": round(stream_s / 60, 2), "sent": time.monotonic()}
@@ -182,7 +183,7 @@ def soak(
                             questions.append(
                                 {"stream_min": round(stream_s / 60, 2), "ok": False, "error": str(exc)}
                             )
-                        next_question_ts += 60.0
+                        next_question_ts += 60.0 * QUESTION_EVERY_MIN
                 loop += 1
             deadline = time.monotonic() + 120
             while pending and time.monotonic() < deadline:

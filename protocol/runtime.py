@@ -4,7 +4,8 @@ A stage is an object with ``handle(message)`` (and optionally ``tick()``, ``clos
 runtime owns the sockets and calls it from one thread. System messages (``Interrupt``,
 ``UserSpeech``, ``Shutdown``) are dispatched before data received in the same poll. Media
 topics arrive on their own SUB socket with a small high-water mark and only the newest
-message per topic is kept, so a slow stage drops frames instead of growing a queue.
+message per topic is kept, so a slow stage drops frames instead of growing a queue. An
+``Ask`` still waiting when an ``Interrupt`` for its turn arrives is dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,12 +24,22 @@ import zmq
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import Config, read_config
 from omnistream.protocol.logs import setup_logging
-from omnistream.protocol.messages import SYSTEM_TYPES, Error, Message, Ready, Shutdown, Stats
+from omnistream.protocol.messages import (
+    SYSTEM_TYPES,
+    Ask,
+    Error,
+    Interrupt,
+    Message,
+    Ready,
+    Shutdown,
+    Stats,
+)
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 log = logging.getLogger("omnistream.runtime")
 
 MEDIA_TOPICS = (b"VideoFrame",)
+MAX_CANCELLED = 1000
 
 
 class Stage(Protocol):
@@ -73,6 +84,7 @@ class Runtime:
         self._last_stats = 0.0
         self._last_counters: dict[str, float] = {}
         self._pending: list[Message] = []
+        self._cancelled: OrderedDict[tuple[str, str], None] = OrderedDict()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
@@ -146,12 +158,27 @@ class Runtime:
         for sock, on_readable in self.extra.items():
             if sock in events:
                 on_readable(sock)
+        interrupted = False
         for message in messages:
             if isinstance(message, Shutdown):
                 self.running = False
+            elif isinstance(message, Interrupt) and message.turn:
+                interrupted = True
+                self._cancelled[(message.session, message.turn)] = None
+                while len(self._cancelled) > MAX_CANCELLED:
+                    self._cancelled.popitem(last=False)
         messages.sort(key=lambda m: not isinstance(m, SYSTEM_TYPES))
         self._pending += messages
+        if interrupted:
+            kept = [m for m in self._pending if not self.cancelled(m)]
+            self.counters["asks_cancelled"] += len(self._pending) - len(kept)
+            self._pending = kept
         return messages
+
+    def cancelled(self, message: Message) -> bool:
+        """An ``Ask`` interrupted before it was handled (its client gave up, or the gateway ended
+        it): dropped, so a stage never works through a backlog of stale questions."""
+        return isinstance(message, Ask) and (message.session, message.turn) in self._cancelled
 
     def take_pending(self) -> list[Message]:
         pending, self._pending = self._pending, []
@@ -183,6 +210,9 @@ class Runtime:
             for message in self.take_pending():
                 if not self.running:
                     break
+                if self.cancelled(message):  # interrupted while it waited in this batch
+                    self.counters["asks_cancelled"] += 1
+                    continue
                 try:
                     stage.handle(message)
                 except ProtocolError as exc:

@@ -17,7 +17,7 @@ import zmq
 
 from omnistream.app.client import Client, ClientError
 from omnistream.app.launcher import Launcher
-from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, Stats
+from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, Interrupt, Stats
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 from tests.conftest import make_config
 
@@ -176,3 +176,40 @@ def test_async_client_notices_a_gateway_restart_too(gateway: Launcher, monkeypat
     finally:
         stop.set()
         supervisor.join()
+
+
+def test_a_question_interrupted_while_it_waits_is_dropped(gateway: Launcher) -> None:
+    """The stage loop drops an ``Ask`` whose ``Interrupt`` came before it was handled (the
+    gateway interrupts every question it ends), so a slow reasoner skips stale questions."""
+    from omnistream.protocol.runtime import Runtime
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    umask = os.umask(0o077)
+    runtime = Runtime("probe", gateway.run_dir)
+    pub = make_socket(zmq.Context.instance(), zmq.PUB)
+    pub.connect(runtime.addresses.bus_in)
+    try:
+        runtime.subscribe(Ask, Interrupt)
+        time.sleep(0.5)
+        for turn in ("keep", "stale"):
+            send(pub, Ask(turn=turn, question="q"))
+        deadline = time.monotonic() + 5
+        while len(runtime._pending) < 2 and time.monotonic() < deadline:
+            runtime.poll(0.1)
+        send(pub, Interrupt(turn="stale", reason="timed out"))
+        send(pub, Interrupt(turn="", reason="barge-in"))  # no turn: stops the current answer only
+        while runtime.counters["asks_cancelled"] < 1 and time.monotonic() < deadline:
+            runtime.poll(0.1)
+        time.sleep(0.2)
+        runtime.poll(0.1)
+        pending = runtime.take_pending()
+        assert [m.turn for m in pending if isinstance(m, Ask)] == ["keep"]
+        assert sum(isinstance(m, Interrupt) for m in pending) == 2  # still delivered to the stage
+        assert runtime.cancelled(Ask(turn="stale", question="q"))
+        assert not runtime.cancelled(Ask(turn="stale", question="q", session="other"))
+    finally:
+        pub.close(linger=0)
+        runtime.close()
+        os.umask(umask)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
