@@ -213,7 +213,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from omnistream.app.models import check_models, prepare_llm_cache
 
     config = _config(args)
-    path = prepare_llm_cache(config, progress=not args.json)
+    path = prepare_llm_cache(config, progress=not args.json, every_packaged=True)
     results = check_models(
         config,
         on_result=None

@@ -48,14 +48,25 @@ class ProgressBars:
             bar.close()
 
 
-def prepare_llm_cache(config: Config, progress: bool = True):
-    from omnistream.reasoning.prepare import prepare_llm
+def prepare_llm_cache(config: Config, progress: bool = True, every_packaged: bool = False):
+    """Prepare the configured LLM (and with ``every_packaged`` the fast one too): reassemble,
+    convert, and build the int8 cache when that is the format the engine will run."""
+    from omnistream.reasoning.engine import int8_dir, resolve_format
+    from omnistream.reasoning.prepare import PACKAGED_MODELS, prepare_llm
+    from omnistream.reasoning.quant import prepare_int8
 
+    names = [config.reasoning.model, *(PACKAGED_MODELS if every_packaged else ())]
     bars = ProgressBars(progress)
     try:
-        return prepare_llm(config.reasoning.model, config.cache_dir, progress=bars)
+        dirs = [prepare_llm(name, config.cache_dir, progress=bars) for name in dict.fromkeys(names)]
     finally:
         bars.close()
+    if resolve_format(config.reasoning.dtype) == "int8":
+        for model_dir in dirs:
+            if progress and not (int8_dir(model_dir) / "int8.json").exists():
+                print(f"quantizing {model_dir.name} to int8 (once)", flush=True)
+            prepare_int8(model_dir, int8_dir(model_dir))
+    return dirs[0]
 
 
 def _check_encoder(config: Config) -> str:

@@ -18,19 +18,6 @@ from omnistream.reasoning.cache import BufferedCache
 log = logging.getLogger("omnistream.reasoning.engine")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            line = next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
-
-
-def cpu_has_native_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
 FORMATS = ("auto", "int8", "float32", "bfloat16", "float16")
 
 
@@ -40,7 +27,7 @@ def resolve_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"reasoning.dtype must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "auto":
-        return "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
+        return "bfloat16" if torch.cuda.is_available() else "int8"
     return fmt
 
 

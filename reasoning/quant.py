@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,11 +24,21 @@ from torch import nn
 
 log = logging.getLogger("omnistream.reasoning.quant")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+WEIGHT_MAX = 63  # 7-bit weights: with 8-bit activations, AVX2's u8 x s8 pair sums cannot saturate int16
+BUCKET_RATIO = 2.0  # rows whose magnitudes differ by more than this are quantized separately
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ W.T + b`` with W int8 per output channel, through fbgemm's dynamic linear."""
+    """``y = x @ W.T + b`` with W int8 per output channel, through fbgemm's dynamic linear.
+
+    fbgemm quantizes the activation with one scale per call. One token with huge activations
+    (the attention-sink token has them) would crush every other row of a prefill to a few
+    levels, so rows are grouped by magnitude (powers of two) and each group is its own call:
+    one call when decoding, a handful when prefilling.
+    """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -39,17 +50,19 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear needs one scale per output row, got {tuple(scales.shape)}")
         self.out_features, self.in_features = qweight.shape
         self.has_bias = bias is not None
-        quantized = torch._make_per_channel_quantized_tensor(
-            qweight, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0
-        )
+        with warnings.catch_warnings():  # quantized tensor types are deprecated, fbgemm's packing is not
+            warnings.simplefilter("ignore", UserWarning)
+            quantized = torch._make_per_channel_quantized_tensor(
+                qweight, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0
+            )
         self._packed = torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.float())
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 weight, float32 scale per row): symmetric, absmax of each row maps to 127."""
+        """(int8 weight, float32 scale per row): symmetric, absmax of each row maps to WEIGHT_MAX."""
         w = weight.float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        scales = (w.abs().amax(dim=1) / WEIGHT_MAX).clamp(min=1e-12)
+        q = torch.round(w / scales[:, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
         return q, scales
 
     @classmethod
@@ -64,7 +77,22 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, True)
+        rows = x.reshape(-1, shape[-1]).float()
+        if rows.shape[0] == 1:
+            y = torch.ops.quantized.linear_dynamic(rows, self._packed, False)
+            return y.reshape(*shape[:-1], self.out_features)
+        magnitude = rows.abs().amax(dim=1).clamp(min=1e-30)
+        if magnitude.max() <= BUCKET_RATIO * magnitude.min():
+            return torch.ops.quantized.linear_dynamic(rows, self._packed, False).reshape(
+                *shape[:-1], self.out_features
+            )
+        bucket = torch.floor(torch.log2(magnitude) / torch.log2(torch.tensor(BUCKET_RATIO)))
+        y = rows.new_empty((rows.shape[0], self.out_features))
+        for value in torch.unique(bucket):
+            index = torch.nonzero(bucket == value).squeeze(1)
+            y.index_copy_(
+                0, index, torch.ops.quantized.linear_dynamic(rows.index_select(0, index), self._packed, False)
+            )
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -172,7 +200,8 @@ def load_int8(model_dir: Path) -> nn.Module:
 
 def prepare_int8(float_dir: Path, out_dir: Path) -> Path:
     """The int8 cache of the model in ``float_dir`` (built once, a few seconds to a minute)."""
-    if (out_dir / "int8.json").exists():
+    marker = out_dir / "int8.json"
+    if marker.exists() and json.loads(marker.read_text()).get("version") == FORMAT_VERSION:
         return out_dir
     from transformers import AutoModelForCausalLM
 

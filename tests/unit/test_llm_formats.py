@@ -10,7 +10,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from omnistream.reasoning.cache import BufferedCache
 from omnistream.reasoning.engine import LLMEngine, int8_dir, resolve_format
-from omnistream.reasoning.quant import Int8Linear, load_int8, prepare_int8
+from omnistream.reasoning.quant import WEIGHT_MAX, Int8Linear, load_int8, prepare_int8
 
 
 def test_buffered_cache_equals_dynamic_cache_through_appends_crops_and_assignments() -> None:
@@ -48,7 +48,7 @@ def test_int8_linear_is_exact_on_its_grid_and_close_on_real_weights() -> None:
     linear = torch.nn.Linear(64, 48)
     quantized = Int8Linear.from_linear(linear)
     qweight, scales, bias = quantized.unpacked()
-    assert qweight.dtype == torch.int8 and int(qweight.abs().max()) == 127
+    assert qweight.dtype == torch.int8 and int(qweight.abs().max()) == WEIGHT_MAX
     assert torch.equal(bias, linear.bias.data)
     dequantized = qweight.float() * scales[:, None]
     assert (dequantized - linear.weight.data).abs().max() <= scales.max() / 2 + 1e-7
@@ -57,6 +57,20 @@ def test_int8_linear_is_exact_on_its_grid_and_close_on_real_weights() -> None:
         expected, got = linear(x), quantized(x)
     assert got.shape == expected.shape
     assert (got - expected).norm() / expected.norm() < 0.03
+
+
+def test_an_outlier_token_does_not_change_the_other_rows() -> None:
+    """The attention-sink token's activations are orders of magnitude larger than the others';
+    one activation scale for the whole prefill would flatten every other row."""
+    torch.manual_seed(1)
+    quantized = Int8Linear.from_linear(torch.nn.Linear(64, 32))
+    rows = torch.randn(6, 64)
+    outlier = torch.randn(1, 64) * 500
+    with torch.inference_mode():
+        alone = quantized(rows)
+        together = quantized(torch.cat([outlier, rows]))
+    assert torch.equal(together[1:], alone)
+    torch.testing.assert_close(together[:1], quantized(outlier), rtol=0, atol=0)
 
 
 def test_int8_linear_names_a_bad_weight() -> None:
@@ -125,7 +139,8 @@ def test_engine_runs_int8_and_decodes_the_greedy_sequence(tiny_model_dir: Path) 
 
 
 @pytest.mark.parametrize(
-    "text", ["the butterfly's wings, unbelievably bright!", "naïve café — 東京 ok", "one two, three: four five"]
+    "text",
+    ["the butterfly's wings, unbelievably bright!", "naïve café — 東京 ok", "one two, three: four five"],
 )
 def test_text_stream_pieces_add_up_to_one_decode(tiny_model_dir: Path, text: str) -> None:
     from transformers import AutoTokenizer
