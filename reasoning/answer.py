@@ -30,6 +30,7 @@ CHOICE_PREFIX = re.compile(r"^\s*([A-F])[\s.):]+")
 NO_MEMORY_TEXT = "(nothing remembered: answer only from what is on screen now)"
 RECENT_WINDOW_S = 30.0  # the "recent" baseline: what a short context window would hold
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
+STREAMED_KINDS = ("clip", "transcript")  # what goes into the KV stream; events/synopsis are derived
 
 
 def split_choice(choice: str) -> str:
@@ -87,7 +88,7 @@ class Answerer:
     def ingest(self, session: str, item: MemoryItem) -> bool:
         """Stream one record into the session's KV cache (once: records are keyed by id)."""
         memory = self.session(session)
-        if item.kind == "now" or item.item_id <= memory.last_item_id:
+        if item.kind not in STREAMED_KINDS or item.item_id <= memory.last_item_id:
             return False
         block = memory.kv.append(
             self.engine.ids(format_item(item) + "\n"), item.t0, item.t1, item.text, item_id=item.item_id
@@ -155,15 +156,17 @@ class Answerer:
         records memory found by text (external retrieval) fused with the blocks the question's
         own queries score highest (internal retrieval), up to ``retrieved_tokens``."""
         memory = self.session(session)
-        # Records stored after the question was asked (while it waited) are not part of its memory.
-        asked_at = max((memory.block_of_item.get(item.item_id, -1) for item in retrieved), default=-1)
-        candidates = {b.block_id for b in memory.kv.evicted if b.block_id <= asked_at}
-        external = [
-            memory.block_of_item[item.item_id]
-            for item in retrieved
-            if memory.block_of_item.get(item.item_id) in candidates
+        # An event memory merged stands for its member records, whose blocks the stream holds.
+        item_ids = [
+            i for item in retrieved for i in (item.members if item.kind == "event" else [item.item_id])
         ]
-        internal = self.rank_blocks(memory.kv, question, candidates) if question and self.internal_retrieval else []
+        # Records stored after the question was asked (while it waited) are not part of its memory.
+        asked_at = max((memory.block_of_item.get(i, -1) for i in item_ids), default=-1)
+        candidates = {b.block_id for b in memory.kv.evicted if b.block_id <= asked_at}
+        external = [memory.block_of_item[i] for i in item_ids if memory.block_of_item.get(i) in candidates]
+        internal = (
+            self.rank_blocks(memory.kv, question, candidates) if question and self.internal_retrieval else []
+        )
         fused: dict[int, float] = {}
         for ranking in (external, internal):  # reciprocal rank fusion
             for rank, block_id in enumerate(dict.fromkeys(ranking)):
@@ -180,16 +183,22 @@ class Answerer:
     def memory_for(self, ask: Ask, items: list[MemoryItem]) -> tuple[object, MemoryItem | None]:
         """The cache to answer ``ask`` from, and the 'now' record, according to ``ask.mode``."""
         now = next((item for item in items if item.kind == "now"), None)
-        records = [item for item in items if item.kind != "now"]
-        for item in sorted(records, key=lambda r: r.item_id):
+        synopsis = [item for item in items if item.kind == "synopsis"][:1]
+        records = [item for item in items if item.kind not in ("now", "synopsis")]
+        perceived = [item for item in records if item.kind in STREAMED_KINDS]
+        for item in sorted(perceived, key=lambda r: r.item_id):
             self.ingest(ask.session, item)
         if ask.mode == "full":
-            return self.kv_cache(ask.session, records, ask.question), now
+            cache = self.kv_cache(ask.session, records, ask.question)
+            if synopsis:  # always in context: after the memory, before the question
+                line = self.engine.ids(format_item(synopsis[0]) + "\n")
+                self.engine.forward(line, cache, cache.get_seq_length())
+            return cache, now
         if ask.mode == "reprefill":
-            return self.text_cache(records), now
+            return self.text_cache(synopsis + records), now
         if ask.mode == "recent":
-            return self.text_cache([r for r in records if r.t1 >= ask.ts - RECENT_WINDOW_S]), now
-        last_speech = [r for r in records if r.kind == "transcript"][-1:]
+            return self.text_cache([r for r in perceived if r.t1 >= ask.ts - RECENT_WINDOW_S]), now
+        last_speech = [r for r in perceived if r.kind == "transcript"][-1:]
         return self.text_cache(last_speech), now
 
     # -- answering -----------------------------------------------------------------------------

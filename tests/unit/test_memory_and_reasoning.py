@@ -164,6 +164,10 @@ def tiny_engine(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-llm")
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_dir()))
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     tokenizer.save_pretrained(path)
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -240,3 +244,77 @@ def test_memory_snapshots_at_question_time_and_announces_records(tmp_path: Path)
         (2, "transcript", "said after the question"),
     ]
     assert [item.item_id for item in fresh.items] == [1, 2]
+
+
+def record(item_id: int, t0: float, text: str, kind: str = "clip") -> MemoryItem:
+    return MemoryItem(kind=kind, t0=t0, t1=t0 + 5, text=text, item_id=item_id)
+
+
+RECORDS = [
+    record(i + 1, 10.0 * i, f"scene number {i} with a red {word}")
+    for i, word in enumerate(["car", "apple", "leaf", "kettle", "guitar", "window", "bicycle"])
+]
+
+
+def test_events_bring_back_their_members_blocks_and_the_synopsis_stays_in_context(tiny_engine) -> None:
+    from omnistream.reasoning.answer import Answerer
+
+    answerer = Answerer(tiny_engine, window_tokens=24, retrieved_tokens=10_000, internal_retrieval=False)
+    for item in RECORDS:
+        assert answerer.ingest("s", item)
+    memory = answerer.session("s")
+    evicted = {b.item_id: b for b in memory.kv.evicted}
+    assert {1, 2, 3} <= set(evicted)
+    event = MemoryItem(kind="event", t0=0, t1=25, text="merged", item_id=99, members=[2, 3])
+    synopsis = MemoryItem(kind="synopsis", t0=0, t1=60, text="a stream of red things", item_id=100)
+    assert not answerer.ingest("s", event) and not answerer.ingest("s", synopsis)  # derived, not streamed
+    cache = answerer.kv_cache("s", [event, RECORDS[-1]])
+    window = sum(b.n_tokens for b in memory.kv.window)
+    assert cache.get_seq_length() == memory.kv.n_sink + evicted[2].n_tokens + evicted[3].n_tokens + window
+
+    ask = Ask(ts=70, session="s", turn="t", question="what was red?", mode="full")
+    with_synopsis, _ = answerer.memory_for(ask, [synopsis, event, RECORDS[-1]])
+    line = tiny_engine.ids(format_item(synopsis) + "\n").shape[1]
+    assert with_synopsis.get_seq_length() == cache.get_seq_length() + line
+    recent, _ = answerer.memory_for(
+        msgspec.structs.replace(ask, mode="recent"), [synopsis, event, RECORDS[-1]]
+    )
+    expected = tiny_engine.ids(answerer.prefix_text + format_item(RECORDS[-1]) + "\n").shape[1]
+    assert recent.get_seq_length() == expected  # the baselines get neither synopsis nor events
+
+
+def test_internal_retrieval_scores_blocks_by_the_questions_own_queries(tiny_engine) -> None:
+    """rank_blocks captures each layer's q projection during the question's prefill; the ranking
+    must equal a direct computation from the model's hidden states."""
+    from omnistream.kernels import reference
+    from omnistream.reasoning.answer import Answerer
+    from omnistream.reasoning.cache import cache_from
+
+    answerer = Answerer(tiny_engine, window_tokens=24)
+    for item in RECORDS:
+        answerer.ingest("s", item)
+    kv = answerer.session("s").kv
+    candidates = {b.block_id for b in kv.evicted}
+    question = "which scene had the kettle?"
+    ranked = answerer.rank_blocks(kv, question, candidates)
+    assert sorted(ranked) == sorted(candidates)
+
+    model = tiny_engine.model
+    sinks = cache_from(
+        [layer.keys[:, :, : kv.n_sink] for layer in kv.cache.layers],
+        [layer.values[:, :, : kv.n_sink] for layer in kv.cache.layers],
+    )
+    ids = tiny_engine.ids(question)
+    positions = torch.arange(kv.n_sink, kv.n_sink + ids.shape[1]).unsqueeze(0)
+    with torch.inference_mode():
+        hidden = model(
+            input_ids=ids, cache=sinks, position_ids=positions, output_hidden_states=True
+        ).hidden_states
+        queries = []
+        for layer, states in zip(model.model.layers, hidden, strict=False):
+            q = layer.self_attn.q_proj(layer.input_layernorm(states))[0]
+            queries.append(q.reshape(ids.shape[1], model.config.num_attention_heads, -1).transpose(0, 1))
+    block_ids, pooled = kv.evicted.pooled_keys()
+    scores = reference.block_scores(torch.stack(queries), pooled).mean(dim=0)
+    expected = [block_ids[i] for i in torch.argsort(scores, descending=True).tolist()]
+    assert ranked == expected
