@@ -22,9 +22,10 @@ SUITES = {
     "perception": "omnistream.perception.bench",
     "speech": "omnistream.speech.bench",
     "llm": "omnistream.reasoning.bench",
+    "memory": "omnistream.reasoning.memory_bench",
     "soak": "omnistream.app.soak",
 }
-DEFAULT_SUITES = ("kernels", "perception", "speech", "llm")  # soak runs only when named (an hour)
+DEFAULT_SUITES = ("kernels", "perception", "speech", "llm", "memory")  # soak runs only when named (an hour)
 
 
 def machine() -> dict:

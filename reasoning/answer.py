@@ -58,6 +58,7 @@ class Answerer:
         internal_retrieval: bool = True,
     ):
         self.internal_retrieval = internal_retrieval
+        self.last_blocks: list[int] = []  # the evicted blocks the last KV question used
         self.engine = engine
         self.block_ram_bytes = block_ram_bytes
         self.spill_root = spill_root
@@ -90,9 +91,8 @@ class Answerer:
         memory = self.session(session)
         if item.kind not in STREAMED_KINDS or item.item_id <= memory.last_item_id:
             return False
-        block = memory.kv.append(
-            self.engine.ids(format_item(item) + "\n"), item.t0, item.t1, item.text, item_id=item.item_id
-        )
+        line = format_item(item)
+        block = memory.kv.append(self.engine.ids(line + "\n"), item.t0, item.t1, line, item_id=item.item_id)
         memory.block_of_item[item.item_id] = block.block_id
         memory.last_item_id = item.item_id
         return True
@@ -113,9 +113,12 @@ class Answerer:
 
     def text_cache(self, records: list[MemoryItem]):
         """A fresh cache holding prefix + the records as text (the re-prefill baselines)."""
-        lines = "".join(format_item(item) + "\n" for item in records) or NO_MEMORY_TEXT + "\n"
+        return self.text_cache_lines([format_item(item) for item in records])
+
+    def text_cache_lines(self, lines: list[str]):
+        text = "".join(line + "\n" for line in lines) or NO_MEMORY_TEXT + "\n"
         cache = BufferedCache()
-        self.engine.forward(self.engine.ids(self.prefix_text + lines), cache, 0)
+        self.engine.forward(self.engine.ids(self.prefix_text + text), cache, 0)
         return cache
 
     @torch.inference_mode()
@@ -178,6 +181,7 @@ class Answerer:
                 blocks.append(block)
                 budget -= block.n_tokens
         later = sum(b.n_tokens for b in memory.kv.window if b.block_id > asked_at)
+        self.last_blocks = [b.block_id for b in blocks]
         return memory.kv.assemble(blocks, drop_newest_tokens=later)
 
     def memory_for(self, ask: Ask, items: list[MemoryItem]) -> tuple[object, MemoryItem | None]:
