@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from omnistream.app.client import Client
+from omnistream.app.client import Client, ClientError
 from omnistream.perception.sources import AUDIO_RATE, MediaReader
 from omnistream.protocol.messages import AnswerDelta, AnswerDone, AudioOut, Message
 
@@ -104,6 +104,15 @@ class Replayer:
             if remaining <= 0:
                 return
 
+    def try_ask(self, scheduled: ScheduledAsk, start_ts: float = 0.0) -> Answer | None:
+        """``ask``, or None when the gateway is busy (too many questions waiting): retry later."""
+        try:
+            return self.ask(scheduled, start_ts)
+        except ClientError as exc:
+            if exc.code != "busy":
+                raise
+            return None
+
     def ask(self, scheduled: ScheduledAsk, start_ts: float = 0.0) -> Answer:
         answer = Answer(ask=scheduled, sent_wall=time.monotonic())
         answer.turn = self.client.send_ask(
@@ -135,7 +144,11 @@ class Replayer:
         last_ts = 0.0
         for event in reader:
             while pending and pending[0].at_s <= event.ts:
-                answers.append(self.ask(pending.pop(0), start_ts))
+                answer = self.try_ask(pending[0], start_ts)
+                if answer is None:  # busy: the question goes out on a later frame, at its own time
+                    break
+                answers.append(answer)
+                pending.pop(0)
             if speed > 0:
                 self._wait_until(start + event.ts / speed)
             else:
@@ -147,11 +160,16 @@ class Replayer:
             last_ts = event.ts
             if progress is not None:
                 progress(event.ts, reader.duration_s)
-        for scheduled in pending:  # asked after the end of the recording
-            answers.append(
-                self.ask(dataclasses.replace(scheduled, at_s=max(scheduled.at_s, last_ts)), start_ts)
-            )
         deadline = time.monotonic() + answer_timeout_s
+        for scheduled in pending:  # asked after the end of the recording (or while it was busy)
+            scheduled = dataclasses.replace(scheduled, at_s=max(scheduled.at_s, last_ts))
+            while (answer := self.try_ask(scheduled, start_ts)) is None:
+                if time.monotonic() > deadline:
+                    raise ClientError(
+                        f"gateway stayed busy; {scheduled.question!r} was never accepted", "busy"
+                    )
+                self._dispatch(self.client.poll_events(0.5))
+            answers.append(answer)
         while not all(a.finished for a in answers) and time.monotonic() < deadline:
             self._dispatch(self.client.poll_events(0.1))
         return answers
