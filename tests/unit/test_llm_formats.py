@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, Qwen2ForCausalLM
 
 from omnistream.reasoning.cache import BufferedCache
 from omnistream.reasoning.engine import LLMEngine, int8_dir, resolve_format
@@ -81,27 +81,8 @@ def test_int8_linear_names_a_bad_weight() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer
-
-    from omnistream.memory.embedder import packaged_minilm_dir
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny-bfloat16"
-    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_dir()))
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
+def tiny_model_dir(tiny_llm_dir: Path) -> Path:
+    return tiny_llm_dir
 
 
 def test_int8_cache_loads_the_same_model_it_saved(tiny_model_dir: Path) -> None:

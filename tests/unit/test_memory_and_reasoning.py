@@ -155,32 +155,10 @@ def test_config_overrides_and_unknown_keys(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory):
-    """A randomly initialised 2-layer Qwen2 built from a config, with the packaged MiniLM tokenizer."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from omnistream.memory.embedder import packaged_minilm_dir
+def tiny_engine(tiny_llm_dir):
     from omnistream.reasoning.engine import LLMEngine
 
-    path = tmp_path_factory.mktemp("tiny-llm")
-    tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_dir()))
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}"
-    )
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return LLMEngine(path, dtype="float32", threads=1)
+    return LLMEngine(tiny_llm_dir, dtype="float32", threads=1)
 
 
 def test_decode_loop_matches_full_forward_greedy(tiny_engine) -> None:
