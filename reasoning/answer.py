@@ -12,6 +12,7 @@ of the choice order (a small model favours some letters; rotating cancels that).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,13 @@ NO_MEMORY_TEXT = "(nothing remembered: answer only from what is on screen now)"
 RECENT_WINDOW_S = 30.0  # the "recent" baseline: what a short context window would hold
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
 STREAMED_KINDS = ("clip", "transcript")  # what goes into the KV stream; events/synopsis are derived
+
+
+def session_dir_name(session: str) -> str:
+    """A directory name for a session that cannot leave its parent ("..", "/") and stays the same
+    across restarts: the readable part plus a hash of the exact name."""
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", session)[:48]
+    return f"{readable}-{hashlib.sha256(session.encode()).hexdigest()[:12]}"
 
 
 def split_choice(choice: str) -> str:
@@ -74,7 +82,7 @@ class Answerer:
 
     def session(self, name: str) -> SessionMemory:
         if name not in self.sessions:
-            spill_dir = self.spill_root / re.sub(r"[^A-Za-z0-9_.-]", "_", name) if self.spill_root else None
+            spill_dir = self.spill_root / session_dir_name(name) if self.spill_root else None
             store = BlockStore(self.block_ram_bytes, spill_dir, persist=spill_dir is not None)
             kv = StreamingKV(self.engine.model, self.prefix_ids, self.window_tokens, store)
             memory = SessionMemory(kv)

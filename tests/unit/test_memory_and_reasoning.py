@@ -296,3 +296,12 @@ def test_internal_retrieval_scores_blocks_by_the_questions_own_queries(tiny_engi
     scores = reference.block_scores(torch.stack(queries), pooled).mean(dim=0)
     expected = [block_ids[i] for i in torch.argsort(scores, descending=True).tolist()]
     assert ranked == expected
+
+
+def test_session_directory_names_stay_inside_their_parent() -> None:
+    from omnistream.reasoning.answer import session_dir_name
+
+    names = {session_dir_name(s) for s in ("..", ".", "../etc", "a/b", "kitchen", "kitchen ")}
+    assert len(names) == 6
+    assert all("/" not in n and n not in (".", "..") and not n.startswith(".") for n in names)
+    assert session_dir_name("kitchen") == session_dir_name("kitchen")  # stable across restarts
