@@ -6,7 +6,8 @@ after a 256-token prompt, the text's own next tokens fed back so every backend d
 sequence), and time to first token of a 20-token question after a 1024-token context already in
 the cache (the reasoner's case: memory is streamed in before the question comes). The reference
 is llama-cpp-python on the same GGUF file, same prompts, same threads, in the same run; it is
-installed only for this benchmark and skipped with a message when missing.
+installed only for this benchmark and skipped with a message when missing. Both compute the
+last position's logits on every call (llama.cpp's ``eval`` does it internally).
 
 The prompt text is real English prose (the GPL-3 text every Debian system carries), so tokens
 per word are those of real text.
@@ -138,14 +139,12 @@ def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
     start = time.perf_counter()
     for i in range(DECODE_TOKENS):
         llm.eval([tokens[256 + i]])
-        int(llm.scores[llm.n_tokens - 1].argmax())
     result["decode"] = DECODE_TOKENS / (time.perf_counter() - start)
     prefill(CONTEXT_TOKENS)
     question = tokens[CONTEXT_TOKENS : CONTEXT_TOKENS + QUESTION_TOKENS]
 
     def first_token() -> None:
         llm.eval(question)
-        int(llm.scores[llm.n_tokens - 1].argmax())
         llm.n_tokens = CONTEXT_TOKENS  # the next eval drops the question's KV
 
     result["ttft_ms"] = 1000 * _median_time(first_token, 5)
