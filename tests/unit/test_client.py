@@ -67,7 +67,10 @@ def test_status_watch_and_events(system: Supervised) -> None:
 
 
 def test_bad_requests_are_refused_with_the_reason(system: Supervised) -> None:
-    with Client.connect(system.launcher.run_dir, timeout_s=10) as client:
+    from omnistream.app.gateway import HISTORY_TIMEOUT_S
+
+    # The client waits longer than the gateway waits for memory, so the gateway's reason arrives.
+    with Client.connect(system.launcher.run_dir, timeout_s=HISTORY_TIMEOUT_S + 10) as client:
         with pytest.raises(ClientError, match=r"refused Ask: \[invalid\] Ask.question must have 1..2000"):
             list(client.ask("   "))
         with pytest.raises(ClientError, match=r"refused HistoryRequest: \[invalid\].*t0 <= t1"):
