@@ -48,7 +48,7 @@ def episode_records(episode_dir: Path, speed: float, progress: Callable[[str], N
     ):
         Replayer(client, speak=False).run(video, [], speed=speed)
         time.sleep(3.0)  # the last clip closes after the stream ends
-        history = client.history(limit=10_000)
+        history = client.history(limit=5000)
     records = [item for item in history.items if item.kind in ("clip", "transcript")]
     if not records:
         raise RuntimeError("the replay produced no records")
