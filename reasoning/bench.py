@@ -49,12 +49,6 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # -- workers (each runs in its own process) -------------------------------------------------------
 
 
@@ -63,7 +57,7 @@ def measure_torch(model: str, fmt: str, threads: int, quick: bool) -> dict:
 
     from omnistream.protocol.config import load_config
     from omnistream.reasoning.cache import BufferedCache
-    from omnistream.reasoning.engine import LLMEngine
+    from omnistream.reasoning.engine import LLMEngine, peak_rss_mb
     from omnistream.reasoning.prepare import prepare_llm
 
     config = load_config()
@@ -100,11 +94,13 @@ def measure_torch(model: str, fmt: str, threads: int, quick: bool) -> dict:
             cache.crop(-QUESTION_TOKENS)
 
         result["ttft_ms"] = 1000 * _median_time(first_token, 5)
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
 def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
+    import resource
+
     from llama_cpp import Llama
 
     from omnistream.protocol.config import load_config
@@ -148,7 +144,8 @@ def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
         llm.n_tokens = CONTEXT_TOKENS  # the next eval drops the question's KV
 
     result["ttft_ms"] = 1000 * _median_time(first_token, 5)
-    result["peak_rss_mb"] = _peak_rss_mb()
+    # Not engine.peak_rss_mb: importing the engine would load torch into the reference process.
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 

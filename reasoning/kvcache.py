@@ -85,7 +85,7 @@ class BlockStore:
     def pooled_keys(self) -> tuple[list[int], torch.Tensor]:
         """(block ids, their pooled keys stacked as (layers, blocks, kv_heads, head_dim)) for
         question-to-block scoring; the stack grows with the store instead of being rebuilt."""
-        missing = [i for i in self.blocks if i not in set(self._pooled_ids)]
+        missing = list(self.blocks)[len(self._pooled_ids) :]  # blocks are only ever added, in order
         if missing:
             fresh = torch.stack([self.blocks[i].pooled for i in missing], dim=1)
             self._pooled = fresh if self._pooled is None else torch.cat([self._pooled, fresh], dim=1)

@@ -40,7 +40,9 @@ def episode_records(episode_dir: Path, speed: float, progress: Callable[[str], N
 
     episode, video = load_episode(episode_dir)
     session = f"bench-memory-{time.strftime('%Y%m%d-%H%M%S')}"
-    config = load_config(overrides={"session": session, "stages": ["gateway", "perception", "speech", "memory"]})
+    config = load_config(
+        overrides={"session": session, "stages": ["gateway", "perception", "speech", "memory"]}
+    )
     progress(f"bench memory: replaying {video.name} at {speed}x for its records")
     with (
         running_system(config, None, quiet=True) as run_dir,

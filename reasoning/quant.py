@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 import warnings
@@ -86,7 +87,7 @@ class Int8Linear(nn.Module):
             return torch.ops.quantized.linear_dynamic(rows, self._packed, False).reshape(
                 *shape[:-1], self.out_features
             )
-        bucket = torch.floor(torch.log2(magnitude) / torch.log2(torch.tensor(BUCKET_RATIO)))
+        bucket = torch.floor(torch.log2(magnitude) / math.log2(BUCKET_RATIO))
         y = rows.new_empty((rows.shape[0], self.out_features))
         for value in torch.unique(bucket):
             index = torch.nonzero(bucket == value).squeeze(1)
