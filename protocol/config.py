@@ -119,14 +119,14 @@ class MemoryConfig(_Section):
 
 class ReasoningConfig(_Section):
     model: str = "qwen2.5-coder-1.5b"  # or "qwen2.5-coder-0.5b", or a local model directory
-    dtype: str = "auto"  # compute dtype: auto (bf16 where the hardware has it, else float32), float32, bfloat16
+    dtype: str = "auto"  # weights: auto (int8 on CPUs, bf16 on GPUs), int8, float32, bfloat16
     threads: int = 2
     max_new_tokens: int = 96
     max_context_tokens: int = 6000  # text baselines: records beyond this are dropped
     window_tokens: int = 8192  # streamed KV kept live; older record blocks are evicted
     retrieved_tokens: int = 2048  # evicted blocks put back per question
     kv_ram_mb: int = 512  # evicted KV blocks kept in RAM; older ones spill to data_dir/kv
-    temperature: float = 0.0
+    system_prompt: str = ""  # instructions for the assistant; empty: the built-in ones (prompt.SYSTEM_PROMPT)
 
 
 class KernelsConfig(_Section):

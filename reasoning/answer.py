@@ -64,6 +64,7 @@ class Answerer:
         block_ram_bytes: int = 512 << 20,
         spill_root: Path | None = None,
         internal_retrieval: bool = True,
+        system_prompt: str = "",
     ):
         self.internal_retrieval = internal_retrieval
         self.last_blocks: list[int] = []  # the evicted blocks the last KV question used
@@ -72,7 +73,7 @@ class Answerer:
         self.spill_root = spill_root
         self.window_tokens = window_tokens
         self.retrieved_tokens = retrieved_tokens
-        self.prefix_text, self.suffix_end = engine.chat_parts(SYSTEM_PROMPT)
+        self.prefix_text, self.suffix_end = engine.chat_parts(system_prompt or SYSTEM_PROMPT)
         self.prefix_text += "Memory of the stream:\n"
         self.prefix_ids = engine.ids(self.prefix_text)
         self.letter_ids = [engine.tokenizer.convert_tokens_to_ids(letter) for letter in CHOICE_LETTERS]

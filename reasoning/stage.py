@@ -98,6 +98,7 @@ class ReasoningStage:
             config.retrieved_tokens,
             block_ram_bytes=config.kv_ram_mb << 20,
             spill_root=runtime.config.data_dir / "kv",
+            system_prompt=config.system_prompt,
         )
         self.loaded_sessions: set[str] = set()
         self.watches = WatchList(engine)

@@ -37,6 +37,10 @@ pytestmark = pytest.mark.slow
 RATE = 16000
 STEP = RATE // 50  # 20 ms
 QUESTION = "Please tell me a long story about a butterfly in a garden."
+STORYTELLER = (
+    "You are a storyteller. Whatever the user asks, answer with a long story of at least ten "
+    "sentences, full of details. Never answer in one sentence."
+)
 BARGE_IN = Path("/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav")
 
 
@@ -46,7 +50,13 @@ def system(tmp_path_factory):
     config = make_config(
         root,
         ("gateway", "memory", "reasoning", "speech"),
-        **{"reasoning.model": "qwen2.5-coder-0.5b", "reasoning.max_new_tokens": 160},
+        **{
+            "reasoning.model": "qwen2.5-coder-0.5b",
+            "reasoning.max_new_tokens": 400,
+            # The built-in instructions ask for one or two sentences, which a fast machine generates
+            # before the user can talk over them; this test needs the answer still being generated.
+            "reasoning.system_prompt": STORYTELLER,
+        },
     )
     prepare_llm_cache(config, progress=False)
     launcher = Launcher(config, Path("/tmp") / f"os-barge-{os.getpid()}")
