@@ -48,10 +48,14 @@ def supervise(launcher: Launcher, seconds: float) -> None:
         launcher.step(timeout_ms=100)
 
 
-def test_replay_answers_about_what_was_seen_and_heard_in_text_and_speech(system: Launcher, tmp_path: Path) -> None:
+def test_replay_answers_about_what_was_seen_and_heard_in_text_and_speech(
+    system: Launcher, tmp_path: Path
+) -> None:
     with Client.connect(system.run_dir) as client:
         replayer = Replayer(client)
-        [answer] = replayer.run(DEFAULT_SAMPLE, [ScheduledAsk(30.0, QUESTION)], speed=3.0, answer_timeout_s=240)
+        [answer] = replayer.run(
+            DEFAULT_SAMPLE, [ScheduledAsk(30.0, QUESTION)], speed=3.0, answer_timeout_s=240
+        )
     assert answer.done is not None and not answer.done.error, answer.done
     text = answer.done.text.lower()
     assert answer.text.strip().lower() == text  # the deltas add up to the final answer
