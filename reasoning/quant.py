@@ -1,10 +1,13 @@
-"""Weight formats for the CPU: int8 linear layers (per output channel, symmetric) run by fbgemm's
-dynamic-quantization kernels, and the converted weights cached as safetensors so a later start
-loads in seconds instead of quantizing again.
+"""Weight formats for the CPU: int8 linear layers (per output channel, symmetric), and the
+converted weights cached as safetensors so a later start loads in seconds instead of quantizing
+again.
 
 Why int8: decoding one token reads every weight once, so on a laptop CPU it is bound by memory
-bandwidth; int8 weights are a quarter of float32. Activations are quantized per call (per tensor,
-with ``reduce_range`` so AVX2's 16-bit accumulation cannot saturate); the output is float32.
+bandwidth; int8 weights are a quarter of float32. Activations are quantized per call and the
+output is float32. The layers run on our own AVX2 kernel (``reasoning/native``: one activation
+scale per token, weights read once per call) where it builds, else on fbgemm's dynamic
+quantization (one activation scale per call, with ``reduce_range``). Weights are 7-bit so that
+AVX2's 16-bit pair sums cannot saturate in either.
 The embedding table stays a lookup in bfloat16 (half the RAM, exact rows), and the tied output
 projection gets its own int8 copy: with a 150k vocabulary it is the largest matrix of the model.
 """
@@ -23,6 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from omnistream.reasoning import native
+
 log = logging.getLogger("omnistream.reasoning.quant")
 
 FORMAT_VERSION = 2
@@ -33,8 +38,13 @@ BUCKET_RATIO = 2.0  # rows whose magnitudes differ by more than this are quantiz
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ W.T + b`` with W int8 per output channel, through fbgemm's dynamic linear.
+    """``y = x @ W.T + b`` with W int8 per output channel (7-bit, |w| <= WEIGHT_MAX).
 
+    Where the native AVX2 kernel builds (``reasoning/native``), it runs the layer from the raw
+    int8 weight: every activation row (token) is quantized with its own scale and the weight is
+    read once per call, whatever the number of rows; no fbgemm packed copy is made.
+
+    Otherwise (no compiler, no AVX2, or ``OMNISTREAM_NATIVE=0``) fbgemm's dynamic linear runs it.
     fbgemm quantizes the activation with one scale per call. One token with huge activations
     (the attention-sink token has them) would crush every other row of a prefill to a few
     levels, so rows are grouped by magnitude (powers of two) and each group is its own call:
@@ -51,6 +61,13 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear needs one scale per output row, got {tuple(scales.shape)}")
         self.out_features, self.in_features = qweight.shape
         self.has_bias = bias is not None
+        self._packed = None
+        if native.available():
+            self._qweight = qweight.contiguous()
+            self._scales = scales.float().contiguous()
+            self._rowsum = native.weight_rowsum(self._qweight)
+            self._bias = None if bias is None else bias.float().contiguous()
+            return
         with warnings.catch_warnings():  # quantized tensor types are deprecated, fbgemm's packing is not
             warnings.simplefilter("ignore", UserWarning)
             quantized = torch._make_per_channel_quantized_tensor(
@@ -73,10 +90,14 @@ class Int8Linear(nn.Module):
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(int8 weight, scales, bias) as stored."""
+        if self._packed is None:
+            return self._qweight, self._scales, self._bias
         weight, bias = torch.ops.quantized.linear_unpack(self._packed)
         return weight.int_repr(), weight.q_per_channel_scales().float(), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            return native.int8_linear(x, self._qweight, self._scales, self._rowsum, self._bias)
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).float()
         if rows.shape[0] == 1:

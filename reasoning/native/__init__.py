@@ -1,0 +1,212 @@
+"""A native int8 linear kernel (``int8_gemm.c``) for AVX2 CPUs, built on first use.
+
+The C source is compiled once per machine into
+``~/.cache/omnistream/native/int8_gemm-<sha of source + compiler + flags>.so`` (under a lock, with
+an atomic rename, so processes starting together build it once) and loaded with ctypes. Without
+a C compiler, without AVX2/FMA/F16C, or when the build fails, one warning is logged and
+``available()`` is False: callers fall back to fbgemm. ``OMNISTREAM_NATIVE=0`` forces that
+fallback (benchmarks and tests compare both).
+
+``build()`` compiles ahead of time (``omnistream models`` can call it so the first question does
+not wait for the compiler) and returns the library's path, or None where it cannot be used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch  # loaded first: the kernel's libgomp.so.1 then resolves to torch's own OpenMP runtime
+
+log = logging.getLogger("omnistream.reasoning.native")
+
+SOURCE = Path(__file__).with_name("int8_gemm.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+ABI_VERSION = 1
+REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    return Path.home() / ".cache" / "omnistream" / "native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def _cpu_supported() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return all(flag in flags for flag in REQUIRED_CPU_FLAGS)
+    return False
+
+
+def _library_path(compiler: str) -> Path:
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update("\0".join((compiler, *FLAGS)).encode())
+    return _cache_dir() / f"int8_gemm-{digest.hexdigest()[:16]}.so"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same file
+        if target.exists():
+            return
+        tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.so")
+        try:
+            done = subprocess.run(
+                [compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-1000:]}")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _load() -> ctypes.CDLL | None:
+    """Build (if needed) and load the library once per process; None (one warning) if unusable."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if not _cpu_supported():
+        log.warning("native int8 kernel unavailable: this CPU lacks AVX2/FMA/F16C; using fbgemm")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("native int8 kernel unavailable: no C compiler (gcc) found; using fbgemm")
+        return None
+    try:
+        target = _library_path(compiler)
+        if not target.exists():
+            _compile(compiler, target)
+        lib = ctypes.CDLL(str(target))
+        if lib.int8_gemm_abi_version() != ABI_VERSION:
+            raise RuntimeError("ABI version mismatch")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning(f"native int8 kernel unavailable ({error}); using fbgemm")
+        return None
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    lib.int8_linear.restype = None
+    lib.int8_linear.argtypes = [
+        pointer,
+        integer,
+        integer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        pointer,
+        integer,
+        integer,
+    ]
+    lib.int8_quantize_rows.restype = None
+    lib.int8_quantize_rows.argtypes = [pointer, integer, integer, pointer, pointer]
+    _lib = lib
+    return lib
+
+
+def enabled() -> bool:
+    """False when ``OMNISTREAM_NATIVE=0`` (or ``false``/``no``/``off``) forces fbgemm."""
+    return os.environ.get("OMNISTREAM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether Int8Linear should run the native kernel (builds it on the first call)."""
+    return enabled() and _load() is not None
+
+
+def build() -> Path | None:
+    """Compile the kernel now if needed: its path, or None where it cannot be used (logged)."""
+    if _load() is None:
+        return None
+    compiler = _compiler()
+    return _library_path(compiler) if compiler else None
+
+
+def weight_rowsum(qweight: torch.Tensor) -> torch.Tensor:
+    """The int32 sum of each int8 weight row (removes the activations' +128 offset)."""
+    return qweight.sum(dim=1, dtype=torch.int32)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_rowsum: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threads: int | None = None,
+) -> torch.Tensor:
+    """``x @ (weight * w_scale[:, None]).T + bias`` with x quantized to 8 bits per row.
+
+    ``weight``: (N, K) contiguous int8 with |w| <= 63; ``w_scale``: (N,) float32; ``w_rowsum``:
+    (N,) int32 from ``weight_rowsum``; ``bias``: (N,) float32 or None. ``x``: (..., K), any float
+    dtype; the result is float32 (..., N).
+    """
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        raise RuntimeError("the native int8 kernel is not available")
+    n, k = weight.shape
+    shape = x.shape
+    if shape[-1] != k:
+        raise ValueError(f"int8_linear: x has {shape[-1]} features, the weight {k}")
+    rows = x.reshape(-1, k)
+    if rows.dtype != torch.float32:
+        rows = rows.float()
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32)
+    lib.int8_linear(
+        rows.data_ptr(),
+        m,
+        k,
+        weight.data_ptr(),
+        w_scale.data_ptr(),
+        w_rowsum.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        n,
+        threads or torch.get_num_threads(),
+    )
+    return y.reshape(*shape[:-1], n)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation quantization of a (M, K) float32 tensor: (u8 q + 128, scale per row)."""
+    lib = _lib if _lib is not None else _load()
+    if lib is None:
+        raise RuntimeError("the native int8 kernel is not available")
+    x = x.float().contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.uint8)
+    scales = torch.empty(m, dtype=torch.float32)
+    lib.int8_quantize_rows(x.data_ptr(), m, k, q.data_ptr(), scales.data_ptr())
+    return q, scales

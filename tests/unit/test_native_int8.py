@@ -1,0 +1,178 @@
+"""The native int8 kernel (reasoning/native): exact int32 products against a float reference,
+per-token activation scales, Int8Linear on it against fbgemm, and the fbgemm fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnistream.reasoning import native
+from omnistream.reasoning.quant import WEIGHT_MAX, Int8Linear
+
+needs_native = pytest.mark.skipif(
+    not native.available(), reason="native int8 kernel unavailable (no compiler or no AVX2)"
+)
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """The kernel's arithmetic in float64: per-row activation quantization as the kernel does it
+    (absmax / 127, round half to even), then exact integer dot products."""
+    x = x.float()
+    absmax = x.abs().amax(dim=1)
+    inv = torch.where(absmax > 0, torch.tensor(127.0) / absmax, torch.zeros_like(absmax))
+    q = torch.round(x * inv[:, None]).clamp(-127, 127)
+    acc = q.double() @ qweight.double().T  # exact: integers far below 2**53
+    y = acc * (absmax / 127.0).double()[:, None] * scales.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
+def random_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-WEIGHT_MAX, WEIGHT_MAX + 1, (n, k), dtype=torch.int8, generator=g)
+    qweight[0, : min(k, 5)] = WEIGHT_MAX  # extremes: the pair sums' worst case
+    return qweight, torch.rand(n, generator=g) * 0.02 + 1e-3
+
+
+@needs_native
+def test_activation_quantization_is_per_row_absmax_round_half_even() -> None:
+    x = torch.randn(5, 77) * torch.tensor([1.0, 1000.0, 1e-3, 0.0, 3.0])[:, None]
+    x[4, :4] = torch.tensor([127.0, 0.5, -1.5, 2.5])  # scale 1: exact ties round half to even
+    q, scales = native.quantize_rows(x)
+    absmax = x.abs().amax(dim=1)
+    torch.testing.assert_close(scales, absmax / 127.0, rtol=0, atol=0)
+    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    expected = torch.round(x * inv[:, None]).clamp(-127, 127).to(torch.int32) + 128
+    assert torch.equal(q.to(torch.int32), expected)
+    assert torch.equal(q[3], torch.full((77,), 128, dtype=torch.uint8))  # an all-zero row
+    assert q[4, :4].tolist() == [255, 128, 126, 130]
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 3, 17, 64, 300])
+@pytest.mark.parametrize("k", [32, 100, 896])
+@pytest.mark.parametrize("n", [1, 7, 130])
+def test_kernel_matches_the_exact_reference(m: int, k: int, n: int) -> None:
+    qweight, scales = random_weight(n, k, seed=m * 1000 + k + n)
+    rowsum = native.weight_rowsum(qweight)
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g) * (torch.rand(m, 1, generator=g) * 10 + 0.01)
+    bias = torch.randn(n, generator=g)
+    for b in (None, bias):
+        expected = reference(x, qweight, scales, b)
+        for threads in (1, 2):
+            got = native.int8_linear(x, qweight, scales, rowsum, b, threads=threads)
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            torch.testing.assert_close(
+                got, expected, rtol=2e-6, atol=2e-6 * float(expected.abs().max()) + 1e-6
+            )
+
+
+@needs_native
+def test_kernel_handles_leading_dimensions_dtypes_and_a_large_shape() -> None:
+    qweight, scales = random_weight(301, 1000, seed=3)
+    rowsum = native.weight_rowsum(qweight)
+    x = torch.randn(2, 37, 1000)
+    expected = reference(x.reshape(-1, 1000), qweight, scales, None).reshape(2, 37, 301)
+    torch.testing.assert_close(native.int8_linear(x, qweight, scales, rowsum), expected, rtol=2e-6, atol=1e-4)
+    got = native.int8_linear(x.transpose(0, 1).contiguous().transpose(0, 1), qweight, scales, rowsum)
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-4)  # a non-contiguous input
+    half = native.int8_linear(x.bfloat16(), qweight, scales, rowsum)
+    torch.testing.assert_close(
+        half,
+        reference(x.bfloat16().float().reshape(-1, 1000), qweight, scales, None).reshape(2, 37, 301),
+        rtol=2e-6,
+        atol=1e-4,
+    )
+
+
+@needs_native
+def test_an_outlier_token_does_not_change_the_other_rows_outputs() -> None:
+    qweight, scales = random_weight(50, 96, seed=7)
+    rowsum = native.weight_rowsum(qweight)
+    rows = torch.randn(9, 96)
+    alone = native.int8_linear(rows, qweight, scales, rowsum, threads=2)
+    together = native.int8_linear(
+        torch.cat([torch.randn(1, 96) * 1e4, rows]), qweight, scales, rowsum, threads=2
+    )
+    assert torch.equal(together[1:], alone)  # bit for bit, whichever tile a row fell in
+    one_by_one = torch.cat(
+        [native.int8_linear(row[None], qweight, scales, rowsum, threads=1) for row in rows]
+    )
+    assert torch.equal(one_by_one, alone)
+
+
+def _fbgemm_linear(linear: torch.nn.Linear, monkeypatch: pytest.MonkeyPatch) -> Int8Linear:
+    with monkeypatch.context() as patch:
+        patch.setenv("OMNISTREAM_NATIVE", "0")
+        module = Int8Linear.from_linear(linear)
+    assert module._packed is not None
+    return module
+
+
+@needs_native
+def test_int8_linear_runs_native_without_a_packed_copy_and_agrees_with_fbgemm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96)
+    fast = Int8Linear.from_linear(linear)
+    assert fast._packed is None  # the raw int8 weight only: no second copy in RAM
+    slow = _fbgemm_linear(linear, monkeypatch)
+    for a, b in zip(fast.unpacked(), slow.unpacked(), strict=True):
+        assert torch.equal(a, b)  # the same stored weights either way (save_int8's format)
+    x = torch.randn(2, 11, 256)
+    with torch.inference_mode():
+        got, fbgemm, exact = fast(x), slow(x), linear(x)
+    assert got.shape == exact.shape
+    assert (got - fbgemm).norm() / fbgemm.norm() < 0.02  # fbgemm: one 7-bit scale per call
+    assert (got - exact).norm() / exact.norm() < 0.02
+
+
+def test_the_fallback_runs_fbgemm_when_native_is_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMNISTREAM_NATIVE", "0")
+    assert not native.available()
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    module = Int8Linear.from_linear(linear)
+    assert module._packed is not None
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        got, exact = module(x), linear(x)
+    assert (got - exact).norm() / exact.norm() < 0.03
+    qweight, scales, bias = module.unpacked()
+    assert qweight.dtype == torch.int8 and torch.equal(bias, linear.bias.data)
+
+
+def test_a_failed_build_reports_unavailable_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = tmp_path / "int8_gemm.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    if not native._cpu_supported() or native._compiler() is None:
+        pytest.skip("no AVX2 CPU or no compiler: the build is never tried")
+    with caplog.at_level("WARNING", logger="omnistream.reasoning.native"):
+        assert not native.available()
+        assert not native.available()  # tried once per process
+    assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
+    assert not list((tmp_path / "cache").glob("*.so"))
+
+
+def test_the_library_is_built_once_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    if not native._cpu_supported() or native._compiler() is None:
+        pytest.skip("no AVX2 CPU or no compiler")
+    monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    path = native.build()
+    assert path is not None and path.parent == tmp_path and path.exists()
+    stamp = path.stat().st_mtime_ns
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.build() == path and path.stat().st_mtime_ns == stamp  # cached, not rebuilt
+    assert [p.name for p in tmp_path.glob("*.so")] == [path.name]  # no temporary left behind
