@@ -41,6 +41,30 @@ def session_dir_name(session: str) -> str:
     return f"{readable}-{hashlib.sha256(session.encode()).hexdigest()[:12]}"
 
 
+def tap_queries(model, callback: Callable[[torch.Tensor], None]) -> list:
+    """Call ``callback`` with each layer's q projection (batch, tokens, heads * head_dim) on the
+    next forward passes; returns handles with ``remove()``. Our Qwen2 offers ``on_query``;
+    a transformers model gets forward hooks on ``q_proj``."""
+    handles = []
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        if hasattr(attention, "on_query"):
+            attention.on_query.append(callback)
+            handles.append(_Untap(attention.on_query, callback))
+        else:
+            handles.append(attention.q_proj.register_forward_hook(lambda _m, _i, out: callback(out)))
+    return handles
+
+
+@dataclass
+class _Untap:
+    callbacks: list
+    callback: Callable
+
+    def remove(self) -> None:
+        self.callbacks.remove(self.callback)
+
+
 def split_choice(choice: str) -> str:
     """'C a butterfly' / 'C) a butterfly' -> 'a butterfly'."""
     return CHOICE_PREFIX.sub("", choice, count=1).strip()
@@ -137,10 +161,7 @@ class Answerer:
         config = self.engine.model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         captured: list[torch.Tensor] = []
-        hooks = [
-            layer.self_attn.q_proj.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
-            for layer in self.engine.model.model.layers
-        ]
+        hooks = tap_queries(self.engine.model, lambda q: captured.append(q[0]))
         try:
             sinks = cache_from(
                 [layer.keys[:, :, : kv.n_sink] for layer in kv.cache.layers],

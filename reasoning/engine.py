@@ -50,8 +50,9 @@ def peak_rss_mb() -> float:
 
 class LLMEngine:
     def __init__(self, model_dir: Path, dtype: str = "auto", threads: int = 2):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        from omnistream.reasoning import qwen2
         from omnistream.reasoning.quant import load_int8, prepare_int8
 
         started = time.monotonic()
@@ -60,9 +61,17 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype)
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.format != "int8" else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        # Qwen2 (the packaged models) runs on reasoning/qwen2.py; another architecture in a local
+        # model directory goes through transformers.
+        native = qwen2.is_qwen2(model_dir)
         if self.format == "int8":
-            self.model = load_int8(prepare_int8(model_dir, int8_dir(model_dir)))
+            prepared = prepare_int8(model_dir, int8_dir(model_dir))
+            self.model = qwen2.from_int8_dir(prepared) if native else load_int8(prepared)
+        elif native:
+            self.model = qwen2.from_float_dir(model_dir, self.dtype, str(self.device))
         else:
+            from transformers import AutoModelForCausalLM
+
             self.model = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=self.dtype, attn_implementation="sdpa"
             ).eval()

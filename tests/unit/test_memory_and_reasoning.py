@@ -284,14 +284,17 @@ def test_internal_retrieval_scores_blocks_by_the_questions_own_queries(tiny_engi
     )
     ids = tiny_engine.ids(question)
     positions = torch.arange(kv.n_sink, kv.n_sink + ids.shape[1]).unsqueeze(0)
-    with torch.inference_mode():
-        hidden = model(
-            input_ids=ids, cache=sinks, position_ids=positions, output_hidden_states=True
-        ).hidden_states
-        queries = []
-        for layer, states in zip(model.model.layers, hidden, strict=False):
-            q = layer.self_attn.q_proj(layer.input_layernorm(states))[0]
-            queries.append(q.reshape(ids.shape[1], model.config.num_attention_heads, -1).transpose(0, 1))
+    n = ids.shape[1]
+    queries = []
+    with torch.inference_mode():  # the layers run one by one, each one's q projection read directly
+        x = model.model.embed_tokens(ids)
+        cos, sin = model.model.rotary(positions[0], x.dtype)
+        mask = torch.ones(n, kv.n_sink + n, dtype=torch.bool).tril(diagonal=kv.n_sink)
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            q = attention.qkv_proj(layer.input_layernorm(x))[0, :, : attention.q_size]
+            queries.append(q.reshape(n, model.config.num_attention_heads, -1).transpose(0, 1))
+            x = layer(x, cos, sin, sinks, mask)
     block_ids, pooled = kv.evicted.pooled_keys()
     scores = reference.block_scores(torch.stack(queries), pooled).mean(dim=0)
     expected = [block_ids[i] for i in torch.argsort(scores, descending=True).tolist()]

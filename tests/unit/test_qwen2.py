@@ -1,0 +1,107 @@
+"""The reasoner's own Qwen2 against transformers' Qwen2ForCausalLM on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnistream.reasoning import qwen2
+from omnistream.reasoning.cache import BufferedCache
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 with a tied output projection and linear RoPE scaling."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tied")
+    config = Qwen2Config(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _hf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+
+
+def _run(model, ids: torch.Tensor, cache, start: int, **kwargs) -> torch.Tensor:
+    positions = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
+    with torch.inference_mode():
+        return model(input_ids=ids, cache=cache, use_cache=True, position_ids=positions, **kwargs).logits
+
+
+@pytest.mark.parametrize("which", ["tiny", "tied"])
+def test_logits_and_cache_match_transformers(which: str, tiny_llm_dir: Path, tied_dir: Path) -> None:
+    path = tiny_llm_dir if which == "tiny" else tied_dir
+    ours, theirs = qwen2.from_float_dir(path), _hf(path)
+    vocab = ours.config.vocab_size
+    torch.manual_seed(2)
+    ids = torch.randint(0, vocab, (1, 30))
+    caches = BufferedCache(), BufferedCache()
+    # A prefill, one decoded token, another prefill after it: every logit and cached key equal.
+    for lo, hi in ((0, 17), (17, 18), (18, 30)):
+        a = _run(ours, ids[:, lo:hi], caches[0], lo)
+        b = _run(theirs, ids[:, lo:hi], caches[1], lo)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    for la, lb in zip(caches[0].layers, caches[1].layers, strict=True):
+        torch.testing.assert_close(la.keys, lb.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(la.values, lb.values, atol=1e-5, rtol=1e-4)
+    # logits_to_keep=1: only the last position, the same numbers.
+    last = _run(ours, ids, BufferedCache(), 0, logits_to_keep=1)
+    full = _run(theirs, ids, BufferedCache(), 0)
+    assert last.shape == (1, 1, vocab)
+    torch.testing.assert_close(last[0, 0], full[0, -1], atol=2e-5, rtol=1e-4)
+
+
+def test_on_query_sees_the_q_projection(tiny_llm_dir: Path) -> None:
+    ours, theirs = qwen2.from_float_dir(tiny_llm_dir), _hf(tiny_llm_dir)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 9))
+    seen: list[torch.Tensor] = []
+    ours.model.layers[1].self_attn.on_query.append(seen.append)
+    expected: list[torch.Tensor] = []
+    hook = theirs.model.layers[1].self_attn.q_proj.register_forward_hook(
+        lambda _m, _i, out: expected.append(out)
+    )
+    _run(ours, ids, BufferedCache(), 0)
+    _run(theirs, ids, BufferedCache(), 0)
+    hook.remove()
+    assert len(seen) == 1 and seen[0].shape == (1, 9, ours.config.num_attention_heads * ours.config.head_dim)
+    torch.testing.assert_close(seen[0], expected[0], atol=1e-5, rtol=1e-4)
+
+
+def test_int8_model_matches_transformers_with_the_same_int8_layers(
+    tiny_llm_dir: Path, tmp_path: Path
+) -> None:
+    from omnistream.reasoning.quant import load_int8, prepare_int8
+
+    int8_dir = prepare_int8(tiny_llm_dir, tmp_path / "tiny-int8")
+    ours, theirs = qwen2.from_int8_dir(int8_dir), load_int8(int8_dir)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 25))
+    a = _run(ours, ids, BufferedCache(), 0)
+    b = _run(theirs, ids, BufferedCache(), 0)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_other_architectures_are_named(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2}'
+    )
+    assert not qwen2.is_qwen2(tmp_path)
+    with pytest.raises(ValueError, match="llama"):
+        qwen2.load_config(tmp_path)
