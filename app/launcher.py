@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -41,6 +42,21 @@ STAGE_MODULES = {
 STABLE_AFTER_S = 30.0
 STOP_GRACE_S = 8.0
 PR_SET_PDEATHSIG = 1
+
+
+BUDGETED_STAGES = ("memory", "reasoning")  # launcher.ram_budget_mb covers these two together
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (/proc), nan when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return float("nan")
 
 
 def _die_with_parent() -> None:
@@ -89,6 +105,7 @@ class Launcher:
         self.pub: zmq.Socket | None = None
         self.addresses: Addresses | None = None
         self._last_stats = 0.0
+        self._over_budget = False
 
     # -- start -------------------------------------------------------------------------------
 
@@ -256,7 +273,21 @@ class Launcher:
             self._last_stats = now
             counters = {f"{c.name}.restarts": float(c.restarts) for c in self.children.values()}
             counters.update({f"{c.name}.ready": float(c.ready) for c in self.children.values()})
+            rss = {c.name: rss_mb(c.pid) for c in self.children.values() if c.alive()}
+            counters.update({f"{name}.rss_mb": value for name, value in rss.items()})
+            self._check_budget(rss)
             send(self.pub, Stats(stage="launcher", pid=os.getpid(), counters=counters))
+
+    def _check_budget(self, rss: dict[str, float]) -> None:
+        """Warn (once per crossing) when memory + reasoning hold more than ``ram_budget_mb``."""
+        used = sum(rss.get(name, 0.0) for name in BUDGETED_STAGES if math.isfinite(rss.get(name, 0.0)))
+        over = used > self.config.launcher.ram_budget_mb > 0
+        if over and not self._over_budget:
+            log.warning(
+                "memory + reasoning over their RAM budget",
+                extra={"rss_mb": round(used), "budget_mb": self.config.launcher.ram_budget_mb},
+            )
+        self._over_budget = over
 
     def status_rows(self) -> list[dict]:
         now = time.monotonic()
@@ -267,6 +298,7 @@ class Launcher:
                 "state": "ready" if c.ready else ("restarting" if c.restart_at else "starting"),
                 "restarts": c.restarts,
                 "up_s": round(now - c.started_at, 1) if c.alive() else 0.0,
+                "rss_mb": round(rss_mb(c.pid)) if c.alive() else 0,
             }
             for c in self.children.values()
         ]

@@ -36,17 +36,6 @@ QUESTIONS = (
 _last: dict = {}
 
 
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return float("nan")
-
-
 def disk_mb(path: Path) -> float:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -89,7 +78,7 @@ def soak(
 ) -> dict:
     """Run the soak; returns {"samples": [...], "questions": [...], "minutes", "speed", ...}."""
     from omnistream.app.client import Client, ClientError
-    from omnistream.app.launcher import Launcher
+    from omnistream.app.launcher import BUDGETED_STAGES, Launcher, rss_mb
     from omnistream.app.models import prepare_llm_cache
     from omnistream.app.replay import DEFAULT_SAMPLE
     from omnistream.perception.sources import AUDIO_RATE, MediaReader
@@ -148,7 +137,11 @@ def soak(
                                 "disk_mb": round(disk_mb(config.data_dir), 2),
                                 "restarts": sum(c.restarts for c in launcher.children.values()),
                             }
-                            sample["rss_mb"]["total"] = round(sum(sample["rss_mb"].values()), 1)
+                            budgeted = [sample["rss_mb"].get(name, 0.0) for name in BUDGETED_STAGES]
+                            sample["rss_mb"]["memory+reasoning"] = round(sum(budgeted), 1)
+                            sample["rss_mb"]["total"] = round(
+                                sum(sample["rss_mb"][c.name] for c in launcher.children.values()), 1
+                            )
                             samples.append(sample)
                             progress(
                                 f"soak: {stream_s / 60:.1f}/{minutes:g} stream min, RSS total "
@@ -208,6 +201,8 @@ def soak(
         shutil.rmtree(root, ignore_errors=True)
     counters = {name: dict(s.counters) for name, s in status.stages.items()}
     return {
+        "ram_budget_mb": config.launcher.ram_budget_mb,
+        "model": model,
         "minutes": minutes,
         "speed": speed,
         "media": str(media),
@@ -251,6 +246,18 @@ def summarise(result: dict) -> list[dict]:
                 "name": f"RSS {name} slope over the second half",
                 "value": rows[-1]["slope_mb_per_stream_hour"],
                 "unit": "MB per stream hour",
+            }
+        )
+    budget = result.get("ram_budget_mb")
+    peak = max(s["rss_mb"].get("memory+reasoning", float("nan")) for s in samples)
+    if budget:
+        rows.append(
+            {
+                "name": f"peak RSS memory + reasoning ({result.get('model', '')}) within the RAM budget",
+                "value": "yes" if peak <= budget else "no",
+                "unit": "",
+                "peak_mb": peak,
+                "budget_mb": budget,
             }
         )
     rows.append(

@@ -138,6 +138,7 @@ class LauncherConfig(_Section):
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 10.0
     stats_every_s: float = 1.0
+    ram_budget_mb: int = 1536  # memory + reasoning processes together (RSS); over it, a warning; 0: off
 
 
 ALL_STAGES = ("gateway", "perception", "memory", "reasoning", "speech")

@@ -44,17 +44,22 @@ class BufferedLayer(DynamicLayer):
         self.values = value_states.new_empty((batch, heads, 0, value_states.shape[-1]))
         self.is_initialized = True
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def _ensure_capacity(self, needed: int, exact: bool = False) -> None:
         if self._k_buf.shape[-2] >= needed and self._k_buf.dim() == 4:
             return
         length = self._k.shape[-2]
-        capacity = max(needed, 2 * length, MIN_CAPACITY)
+        capacity = needed if exact else max(needed, 2 * length, MIN_CAPACITY)
         for name in ("k", "v"):
             view = getattr(self, f"_{name}")
             buffer = view.new_empty((*view.shape[:2], capacity, view.shape[-1]))
             buffer[..., :length, :] = view
             setattr(self, f"_{name}_buf", buffer)
             setattr(self, f"_{name}", buffer[..., :length, :])
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` in all (no doubling when they are reached)."""
+        if self.is_initialized:
+            self._ensure_capacity(tokens, exact=True)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -89,6 +94,11 @@ class BufferedCache(DynamicCache):
 
     def __init__(self) -> None:
         Cache.__init__(self, layer_class_to_replicate=BufferedLayer)
+
+    def reserve(self, tokens: int) -> None:
+        """Preallocate every initialised layer for ``tokens`` in all."""
+        for layer in self.layers:
+            layer.reserve(tokens)
 
 
 def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> BufferedCache:

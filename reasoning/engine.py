@@ -42,6 +42,17 @@ def int8_dir(model_dir: Path) -> Path:
     return model_dir.with_name(model_dir.name.rsplit("-", 1)[0] + "-int8")
 
 
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc keeps freed mid-sized buffers, e.g. the
+    parts of weights fused at load: ~110 MB of resident memory for the 0.5B)."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -76,6 +87,7 @@ class LLMEngine:
                 str(model_dir), dtype=self.dtype, attn_implementation="sdpa"
             ).eval()
             self.model.to(self.device)
+        release_freed_memory()  # conversion and fusing leave freed buffers on glibc's heap
         self.eos_ids = {self.tokenizer.eos_token_id}
         for token in ("<|im_end|>", "<|endoftext|>"):
             token_id = self.tokenizer.convert_tokens_to_ids(token)

@@ -174,6 +174,9 @@ class BlockStore:
             del self._resident[victim]
 
 
+RESERVE_SLACK = 512  # window buffers hold this many tokens beyond the budget (the entry that overflows it)
+
+
 class RotaryTable:
     """RoPE of the model: inv_freq (head_dim/2,) from theta and linear scaling."""
 
@@ -215,6 +218,7 @@ class StreamingKV:
         self.cache = BufferedCache()
         self._forward(sink_ids, start=0)
         self.n_sink = sink_ids.shape[1]
+        self.cache.reserve(self.n_sink + window_tokens + RESERVE_SLACK)
         self.window: list[Block] = []
         self.evicted = store if store is not None else BlockStore()
         self._next_id = max(self.evicted.blocks, default=-1) + 1
@@ -253,9 +257,12 @@ class StreamingKV:
             keys, values = layer.keys, layer.values
             block.keys.append(self.rotary.rotate(keys[:, :, lo:hi], unrotate).clone())
             block.values.append(values[:, :, lo:hi].clone())
+            # The rest of the window moves down in place (its buffer keeps its size: no
+            # reallocation per eviction, no doubling beyond the window).
             rest = self.rotary.rotate(keys[:, :, hi:], shift_back)
-            layer.keys = torch.cat([keys[:, :, :lo], rest], dim=2)
-            layer.values = torch.cat([values[:, :, :lo], values[:, :, hi:]], dim=2)
+            keys[:, :, lo : lo + rest.shape[2]] = rest
+            values[:, :, lo : lo + rest.shape[2]] = values[:, :, hi:].clone()
+            layer.crop(-block.n_tokens)
         block.pooled = torch.stack([k[0].float().mean(dim=1) for k in block.keys])
         self.evicted.add(block)
 
@@ -293,4 +300,5 @@ class StreamingKV:
         return cache_from(keys, values)
 
     def window_bytes(self) -> int:
-        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self._layers())
+        """Bytes the live cache's buffers hold (reserved, not only filled)."""
+        return sum(layer.nbytes_reserved() for layer in self._layers())

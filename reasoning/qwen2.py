@@ -263,7 +263,10 @@ def build(
 def from_float_dir(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Qwen2:
     """The model from transformers-format safetensors, weights in ``dtype`` on ``device``."""
     config = load_config(model_dir)
-    tensors = {name: t.to(device=device, dtype=dtype) for name, t in _float_tensors(model_dir).items()}
+    # Copies (copy=True), so no tensor keeps the safetensors file's mapping alive (see from_int8_dir).
+    tensors = {
+        name: t.to(device=device, dtype=dtype, copy=True) for name, t in _float_tensors(model_dir).items()
+    }
     if "lm_head.weight" not in tensors:  # tied output projection
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
 
@@ -286,7 +289,10 @@ def from_int8_dir(model_dir: Path) -> Qwen2:
     if meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{model_dir}: int8 cache version {meta.get('version')}, expected {FORMAT_VERSION}")
     config = load_config(model_dir)
-    tensors = load_file(str(Path(model_dir) / "int8.safetensors"))
+    # load_file's tensors are views of one mapping of the whole file, which lives as long as any
+    # of them: fusing q/k/v and gate/up copies those, and a kept view of any other tensor would
+    # hold every page the copies read resident as well (+30% RSS). So everything is copied.
+    tensors = {name: t.clone() for name, t in load_file(str(Path(model_dir) / "int8.safetensors")).items()}
     missing = [n for n in meta["linears"] if f"{n}.qweight" not in tensors]
     if missing:
         raise ValueError(f"{model_dir}: int8 cache lacks {missing[:3]}")

@@ -25,8 +25,11 @@ def test_short_soak_samples_every_process_and_stays_flat(tmp_path: Path) -> None
     assert len(curve) >= 4, curve
     assert any("stream min, RSS total" in line for line in lines)
     for sample in curve:
-        assert set(sample["rss_mb"]) == STAGES | {"total"}
+        assert set(sample["rss_mb"]) == STAGES | {"total", "memory+reasoning"}
         assert all(math.isfinite(v) and v > 5 for v in sample["rss_mb"].values()), sample
+        assert sample["rss_mb"]["memory+reasoning"] == pytest.approx(
+            sample["rss_mb"]["memory"] + sample["rss_mb"]["reasoning"], abs=0.2
+        )
     assert curve[-1]["stream_min"] >= 1.4 and curve[-1]["restarts"] == 0
     assert curve[-1]["disk_mb"] > 0  # the session's SQLite memory
     rows = {row["name"]: row for row in suite["rows"]}
@@ -41,6 +44,8 @@ def test_short_soak_samples_every_process_and_stays_flat(tmp_path: Path) -> None
     assert suite["questions"], "no question was asked"
     for question in suite["questions"]:
         assert question["ok"] or question["error"], question
+    [budget] = [row for name, row in rows.items() if "within the RAM budget" in name]
+    assert budget["budget_mb"] == 1536 and budget["value"] == ("yes" if budget["peak_mb"] <= 1536 else "no")
     json_path, md_path = write_report(report, tmp_path)
     assert json.loads(json_path.read_text())["suites"]["soak"]["curve"] == curve
     text = md_path.read_text()

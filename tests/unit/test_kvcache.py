@@ -103,8 +103,10 @@ def test_rolling_window_keys_equal_a_recomputed_window(model) -> None:
     """Layer-0 keys depend only on token and position: after eviction the live [sinks | window]
     must hold exactly the keys a fresh forward over sinks + window tokens computes."""
     stream = StreamingKV(model, SINK, window_tokens=7)
+    reserved = stream.window_bytes()
     for i, entry in enumerate(ENTRIES):
         stream.append(entry, t0=i, t1=i + 1, text=f"entry {i}")
+    assert stream.window_bytes() == reserved > 0  # evictions move the window in place
     window_ids = [ENTRIES[b.block_id] for b in stream.window]
     assert [b.block_id for b in stream.window] == [3, 4] and len(stream.evicted) == 3
     expected = layer0_keys(model, torch.cat([SINK, *window_ids], dim=1))
