@@ -121,14 +121,29 @@ class Answerer:
 
     def ingest(self, session: str, item: MemoryItem) -> bool:
         """Stream one record into the session's KV cache (once: records are keyed by id)."""
+        return bool(self.ingest_many(session, [item]))
+
+    def ingest_many(self, session: str, items: list[MemoryItem]) -> list[MemoryItem]:
+        """Stream records (in id order) into the session's KV cache, several per forward pass;
+        returns those that were new (records already held, or not streamed kinds, are skipped)."""
         memory = self.session(session)
-        if item.kind not in STREAMED_KINDS or item.item_id <= memory.last_item_id:
-            return False
-        line = format_item(item)
-        block = memory.kv.append(self.engine.ids(line + "\n"), item.t0, item.t1, line, item_id=item.item_id)
-        memory.block_of_item[item.item_id] = block.block_id
-        memory.last_item_id = item.item_id
-        return True
+        new: list[MemoryItem] = []
+        last = memory.last_item_id
+        for item in items:
+            if item.kind in STREAMED_KINDS and item.item_id > last:
+                new.append(item)
+                last = item.item_id
+        if not new:
+            return []
+        lines = [format_item(item) for item in new]
+        entries = [
+            (self.engine.ids(line + "\n"), item.t0, item.t1, line, item.item_id)
+            for item, line in zip(new, lines, strict=True)
+        ]
+        for item, block in zip(new, memory.kv.append_many(entries), strict=True):
+            memory.block_of_item[item.item_id] = block.block_id
+        memory.last_item_id = new[-1].item_id
+        return new
 
     # -- prompt pieces -------------------------------------------------------------------------
 
@@ -220,8 +235,7 @@ class Answerer:
         synopsis = [item for item in items if item.kind == "synopsis"][:1]
         records = [item for item in items if item.kind not in ("now", "synopsis")]
         perceived = [item for item in records if item.kind in STREAMED_KINDS]
-        for item in sorted(perceived, key=lambda r: r.item_id):
-            self.ingest(ask.session, item)
+        self.ingest_many(ask.session, sorted(perceived, key=lambda r: r.item_id))
         if ask.mode == "full":
             cache = self.kv_cache(ask.session, records, ask.question)
             if synopsis:  # always in context: after the memory, before the question

@@ -174,7 +174,8 @@ class BlockStore:
             del self._resident[victim]
 
 
-RESERVE_SLACK = 512  # window buffers hold this many tokens beyond the budget (the entry that overflows it)
+APPEND_TOKENS = 512  # at most this many tokens of queued entries are prefilled in one pass
+RESERVE_SLACK = APPEND_TOKENS  # window buffers hold this many tokens beyond the budget (what overflows it)
 
 
 class RotaryTable:
@@ -239,14 +240,30 @@ class StreamingKV:
 
     def append(self, ids: torch.Tensor, t0: float, t1: float, text: str, item_id: int = -1) -> Block:
         """Prefill one entry (ids (1, n)) after everything in the live cache; evict if over budget."""
-        start = self.length
-        self._forward(ids, start)
-        block = Block(self._next_id, t0, t1, text, ids.shape[1], item_id=item_id)
-        self._next_id += 1
-        self.window.append(block)
-        while sum(b.n_tokens for b in self.window) > self.window_tokens and len(self.window) > 1:
-            self._evict_oldest()
-        return block
+        return self.append_many([(ids, t0, t1, text, item_id)])[0]
+
+    def append_many(self, entries: list[tuple[torch.Tensor, float, float, str, int]]) -> list[Block]:
+        """Prefill entries ``(ids (1, n), t0, t1, text, item_id)`` in order, several per forward
+        pass (up to ``APPEND_TOKENS``): the same cache as appending them one by one (causal
+        attention), with the weights read once per pass instead of once per entry."""
+        blocks: list[Block] = []
+        start = 0
+        while start < len(entries):
+            end, tokens = start, 0
+            while end < len(entries) and (end == start or tokens + entries[end][0].shape[1] <= APPEND_TOKENS):
+                tokens += entries[end][0].shape[1]
+                end += 1
+            batch = entries[start:end]
+            self._forward(torch.cat([e[0] for e in batch], dim=1), self.length)
+            for ids, t0, t1, text, item_id in batch:
+                block = Block(self._next_id, t0, t1, text, ids.shape[1], item_id=item_id)
+                self._next_id += 1
+                self.window.append(block)
+                blocks.append(block)
+            while sum(b.n_tokens for b in self.window) > self.window_tokens and len(self.window) > 1:
+                self._evict_oldest()
+            start = end
+        return blocks
 
     def _evict_oldest(self) -> None:
         block = self.window.pop(0)

@@ -44,6 +44,7 @@ log = logging.getLogger("omnistream.reasoning")
 MAX_QUESTION_CHARS = 2000
 MEMORY_TIMEOUT_S = 10.0
 HISTORY_TS = 1e12  # "until the end of time": a history request returns every record
+MAX_QUEUED_RECORDS = 64  # records waiting to be prefilled together; more are streamed at once
 
 
 class MemoryUnavailable(RuntimeError):
@@ -104,6 +105,7 @@ class ReasoningStage:
         self.watches = WatchList(engine)
         self.synopsizer = Synopsizer(engine, runtime.config.memory)
         self._ask_waiting = False
+        self.queued_records: dict[str, list[MemoryItem]] = {}
 
     def handle(self, message: Message) -> None:
         if isinstance(message, Record) and message.kind == "synopsis":
@@ -118,13 +120,13 @@ class ReasoningStage:
                 speaker=message.speaker,
                 item_id=message.item_id,
             )
-            if self.answerer.ingest(message.session, item):
-                self.synopsizer.observe(message.session, item)
-                self.runtime.counters["records_streamed"] += 1
-                for alert in self.watches.check(message.session, item):
-                    self.runtime.counters["alerts"] += 1
-                    self.runtime.publish(alert)
+            # Queued: records that arrived together are prefilled together (one pass over the
+            # weights), when the stage is idle or before a question needs them.
+            self.queued_records.setdefault(message.session, []).append(item)
+            if sum(len(items) for items in self.queued_records.values()) >= MAX_QUEUED_RECORDS:
+                self.stream_records()
         elif isinstance(message, Ask):
+            self.stream_records()
             self.answer(message)
         elif isinstance(message, Watch):
             try:
@@ -135,6 +137,17 @@ class ReasoningStage:
                         code="invalid", message=str(exc), request_id=message.watch_id, session=message.session
                     )
                 )
+
+    def stream_records(self) -> None:
+        """Prefill the queued records into their sessions' KV memory; watches see each one."""
+        queued, self.queued_records = self.queued_records, {}
+        for session, items in queued.items():
+            for item in self.answerer.ingest_many(session, sorted(items, key=lambda i: i.item_id)):
+                self.synopsizer.observe(session, item)
+                self.runtime.counters["records_streamed"] += 1
+                for alert in self.watches.check(session, item):
+                    self.runtime.counters["alerts"] += 1
+                    self.runtime.publish(alert)
 
     def _load_history(self, session: str) -> None:
         """On first contact with a session, stream what memory already holds (after a restart)."""
@@ -159,9 +172,9 @@ class ReasoningStage:
         for item in items:
             if item.kind == "synopsis":
                 self.synopsizer.seed(session, item)
-        for item in sorted((i for i in items if i.kind in ("clip", "transcript")), key=lambda i: i.item_id):
-            if self.answerer.ingest(session, item):
-                self.synopsizer.observe(session, item)
+        streamed = sorted((i for i in items if i.kind in ("clip", "transcript")), key=lambda i: i.item_id)
+        for item in self.answerer.ingest_many(session, streamed):
+            self.synopsizer.observe(session, item)
 
     # -- synopsis (L3): written when idle, never while a question waits ------------------------
 
@@ -176,6 +189,7 @@ class ReasoningStage:
 
     def tick(self) -> None:
         """Called by the runtime loop when every queued message is handled (idle)."""
+        self.stream_records()
         for synopsis in self.synopsizer.unacknowledged(time.monotonic()):
             self.runtime.publish(synopsis)
         self._ask_waiting = False

@@ -195,3 +195,34 @@ def test_pooled_key_stack_follows_the_store(model) -> None:
     assert block_ids == [0, 1, 2]
     for column, block_id in enumerate(block_ids):
         torch.testing.assert_close(pooled[:, column], stream.evicted.blocks[block_id].pooled)
+
+
+def test_appending_many_entries_in_one_pass_equals_appending_them_one_by_one(model, monkeypatch) -> None:
+    """Same blocks, windows and evictions; the same keys and values while nothing is evicted
+    mid-pass (an entry prefilled in a pass also sees the entries evicted at its end)."""
+    from omnistream.reasoning import kvcache
+
+    monkeypatch.setattr(kvcache, "APPEND_TOKENS", 8)  # passes of at most 8 tokens: 3+5, 2+4, 3
+    entries = [(e, i, i + 1, f"entry {i}", 100 + i) for i, e in enumerate(ENTRIES)]
+    for window in (100, 9):
+        one, many = (
+            StreamingKV(model, SINK, window_tokens=window),
+            StreamingKV(model, SINK, window_tokens=window),
+        )
+        for entry in entries:
+            one.append(*entry)
+        blocks = many.append_many(entries)
+        assert [(b.block_id, b.item_id, b.n_tokens) for b in blocks] == [
+            (i, 100 + i, e.shape[1]) for i, e in enumerate(ENTRIES)
+        ]
+        assert [b.block_id for b in many.window] == [b.block_id for b in one.window]
+        assert sorted(many.evicted.blocks) == sorted(one.evicted.blocks)
+        assert many.length == one.length
+    assert len(many.evicted) == 2  # window 9 (3+5+2+4+3 tokens) evicted two entries
+    one, many = StreamingKV(model, SINK, window_tokens=100), StreamingKV(model, SINK, window_tokens=100)
+    for entry in entries:
+        one.append(*entry)
+    many.append_many(entries)
+    for a, b in zip(many.cache.layers, one.cache.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=2e-5, rtol=1e-4)
