@@ -23,12 +23,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import torch  # loaded first: the kernel's libgomp.so.1 then resolves to torch's own OpenMP runtime
+import torch
 
 log = logging.getLogger("omnistream.reasoning.native")
 
 SOURCE = Path(__file__).with_name("int8_gemm.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC")
 ABI_VERSION = 1
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 

@@ -10,14 +10,13 @@
  * Register tiles: 4 tokens x 3 weight rows (12 int32 accumulators) for prefills, 1 token x 4
  * rows for decoding (memory bound: 4 weight streams at once). Tokens are blocked so a block of
  * quantized activations stays in L2 while the weight rows of a tile stay in L1. Output rows are
- * split between OpenMP threads.
+ * handed out in chunks to the caller and a small pool of helper threads (see parallel_chunks).
  *
  * Plain C, no torch headers: built by omnistream/reasoning/native/__init__.py with
- * gcc -O3 -mavx2 -mfma -mf16c -fopenmp -shared -fPIC.
+ * gcc -O3 -mavx2 -mfma -mf16c -pthread -shared -fPIC.
  */
 #include <immintrin.h>
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -293,6 +292,160 @@ static void compute_rows(const uint8_t *xq, size_t ldx, const float *xs, int M, 
     }
 }
 
+/* ---- a small thread pool ------------------------------------------------------------------
+ * Why not OpenMP: an OpenMP parallel region ends with a barrier that waits for every thread to
+ * arrive. On a machine whose other core is busy (the other stages run there), a helper thread
+ * that is not scheduled costs the caller a scheduler time slice (milliseconds) per call, and a
+ * decoded token makes ~170 calls. Here the caller takes chunks of work itself and waits only for
+ * chunks a helper has actually started: a helper that does not get a core simply takes none.
+ * Helpers spin briefly for the next call (decoding makes them back to back), then sleep on a
+ * futex: a long spin would take the core from torch's own threads and the other stages.
+ */
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define MAX_HELPERS 63
+#ifndef SPIN_PAUSES
+#define SPIN_PAUSES 1000 /* ~20-60 us */
+#endif
+
+typedef void (*chunk_fn)(void *arg, int chunk);
+
+typedef struct {
+    chunk_fn fn;
+    void *arg;
+    int chunks;
+    int helpers; /* helpers allowed to join (threads - 1) */
+    atomic_int next, done, active;
+} job_t;
+
+static job_t jobs[2];           /* generation g uses jobs[g & 1]; a late helper sees a stale g */
+static atomic_uint generation;   /* futex word */
+static atomic_int sleepers;
+static int helpers_started;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void futex_wait(atomic_uint *word, unsigned value) {
+    syscall(SYS_futex, (unsigned *)word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+static void futex_wake_all(atomic_uint *word) {
+    syscall(SYS_futex, (unsigned *)word, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+}
+
+static void run_chunks(job_t *job) {
+    int c;
+    while ((c = atomic_fetch_add(&job->next, 1)) < job->chunks) {
+        job->fn(job->arg, c);
+        atomic_fetch_add(&job->done, 1);
+    }
+}
+
+static void *helper_main(void *p) {
+    const int index = (int)(intptr_t)p;
+    unsigned seen = atomic_load(&generation);
+    for (;;) {
+        unsigned g;
+        int spins = 0;
+        while ((g = atomic_load(&generation)) == seen) {
+            if (spins < SPIN_PAUSES) {
+                _mm_pause();
+            } else {
+                atomic_fetch_add(&sleepers, 1);
+                if (atomic_load(&generation) == seen) futex_wait(&generation, seen);
+                atomic_fetch_sub(&sleepers, 1);
+            }
+            spins++;
+        }
+        seen = g;
+        job_t *job = &jobs[g & 1];
+        atomic_fetch_add(&job->active, 1);
+        if (atomic_load(&generation) == g && index < job->helpers) run_chunks(job);
+        atomic_fetch_sub(&job->active, 1);
+    }
+    return NULL;
+}
+
+static void forget_helpers(void) { /* in a forked child: the helpers stayed with the parent */
+    helpers_started = 0;
+    pthread_mutex_init(&pool_lock, NULL);
+}
+
+static void ensure_helpers(int n) {
+    static int at_fork_registered;
+    if (n > MAX_HELPERS) n = MAX_HELPERS;
+    if (helpers_started >= n) return;
+    pthread_mutex_lock(&pool_lock);
+    if (!at_fork_registered) at_fork_registered = pthread_atfork(NULL, NULL, forget_helpers) == 0;
+    while (helpers_started < n) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&thread, &attr, helper_main, (void *)(intptr_t)helpers_started) != 0) {
+            pthread_attr_destroy(&attr);
+            break;
+        }
+        pthread_attr_destroy(&attr);
+        helpers_started++;
+    }
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* fn(arg, c) for c in [0, chunks), by the caller and up to threads - 1 helpers. Calls are
+ * serialized (one job at a time); returns when every chunk is done. */
+static void parallel_chunks(chunk_fn fn, void *arg, int chunks, int threads) {
+    if (threads <= 1 || chunks <= 1) {
+        for (int c = 0; c < chunks; c++) fn(arg, c);
+        return;
+    }
+    ensure_helpers(threads - 1);
+    pthread_mutex_lock(&pool_lock);
+    const unsigned g = atomic_load(&generation) + 1;
+    job_t *job = &jobs[g & 1];
+    while (atomic_load(&job->active) != 0) _mm_pause(); /* a helper leaving generation g - 2 */
+    job->fn = fn;
+    job->arg = arg;
+    job->chunks = chunks;
+    job->helpers = threads - 1;
+    atomic_store(&job->next, 0);
+    atomic_store(&job->done, 0);
+    atomic_store(&generation, g);
+    if (atomic_load(&sleepers) > 0) futex_wake_all(&generation);
+    run_chunks(job);
+    while (atomic_load(&job->done) < chunks) _mm_pause(); /* chunks a helper is finishing */
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* ---- the entry point ----------------------------------------------------------------------- */
+
+typedef struct {
+    const float *x;
+    int M, K, N, chunk, rows_per_qchunk;
+    size_t ldx;
+    uint8_t *xq;
+    float *xs;
+    const int8_t *w;
+    const float *ws, *bias;
+    const int32_t *rowsum;
+    float *y;
+} call_t;
+
+static void quantize_chunk(void *p, int c) {
+    const call_t *a = (const call_t *)p;
+    const int m0 = c * a->rows_per_qchunk;
+    const int m1 = m0 + a->rows_per_qchunk < a->M ? m0 + a->rows_per_qchunk : a->M;
+    for (int m = m0; m < m1; m++) a->xs[m] = quantize_row(a->x + (size_t)m * a->K, a->K, a->xq + m * a->ldx);
+}
+
+static void compute_chunk(void *p, int c) {
+    const call_t *a = (const call_t *)p;
+    const int n0 = c * a->chunk, n1 = n0 + a->chunk < a->N ? n0 + a->chunk : a->N;
+    compute_rows(a->xq, a->ldx, a->xs, a->M, a->K, a->w, a->ws, a->rowsum, a->bias, a->y, a->N, n0, n1);
+}
+
 /* y[M][N] = x[M][K] @ w[N][K].T (+ bias): see the top of the file. */
 void int8_linear(const float *x, int M, int K, const int8_t *w, const float *w_scale, const int32_t *w_rowsum,
                  const float *bias, float *y, int N, int threads) {
@@ -313,22 +466,9 @@ void int8_linear(const float *x, int M, int K, const int8_t *w, const float *w_s
     int chunk = (int)(N / (threads * 8));
     if (M > 1 && (size_t)chunk * K > 192 * 1024) chunk = (int)(192 * 1024 / K);
     chunk = chunk < 12 ? 12 : (chunk > 192 ? 192 : chunk / 12 * 12);
-    const int chunks = (N + chunk - 1) / chunk;
-    if (threads == 1) {
-        for (int m = 0; m < M; m++) xs[m] = quantize_row(x + (size_t)m * K, K, xq + m * ldx);
-        compute_rows(xq, ldx, xs, M, K, w, w_scale, w_rowsum, bias, y, N, 0, N);
-    } else {
-#pragma omp parallel num_threads(threads)
-        {
-#pragma omp for schedule(static)
-            for (int m = 0; m < M; m++) xs[m] = quantize_row(x + (size_t)m * K, K, xq + m * ldx);
-#pragma omp for schedule(dynamic, 1) nowait
-            for (int c = 0; c < chunks; c++) {
-                const int n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-                compute_rows(xq, ldx, xs, M, K, w, w_scale, w_rowsum, bias, y, N, n0, n1);
-            }
-        }
-    }
+    call_t call = {x, M, K, N, chunk, 16, ldx, xq, xs, w, w_scale, bias, w_rowsum, y};
+    parallel_chunks(quantize_chunk, &call, (M + 15) / 16, threads);
+    parallel_chunks(compute_chunk, &call, (N + chunk - 1) / chunk, threads);
     free(xq);
     free(xs);
 }

@@ -176,3 +176,22 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(native, "_tried", False)
     assert native.build() == path and path.stat().st_mtime_ns == stamp  # cached, not rebuilt
     assert [p.name for p in tmp_path.glob("*.so")] == [path.name]  # no temporary left behind
+
+
+@needs_native
+def test_concurrent_callers_share_the_helper_pool_safely() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    qweight, scales = random_weight(200, 384, seed=11)
+    rowsum = native.weight_rowsum(qweight)
+    inputs = [torch.randn(m, 384) for m in (1, 2, 5, 33) * 4]
+    expected = [native.int8_linear(x, qweight, scales, rowsum, threads=1) for x in inputs]
+
+    def work(i: int) -> bool:
+        return all(
+            torch.equal(native.int8_linear(inputs[i], qweight, scales, rowsum, threads=2), expected[i])
+            for _ in range(20)
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(len(inputs))))
