@@ -75,7 +75,7 @@ def measure_torch(model: str, fmt: str, threads: int, quick: bool) -> dict:
     from omnistream.reasoning import native
     from omnistream.reasoning.quant import Int8Linear
 
-    uses_native = any(isinstance(m, Int8Linear) and m._packed is None for m in engine.model.modules())
+    uses_native = any(isinstance(m, Int8Linear) and m._native is not None for m in engine.model.modules())
     ids = engine.ids(corpus())[:, : CONTEXT_TOKENS + DECODE_TOKENS + QUESTION_TOKENS]
     repeats = 2 if quick else 3
 

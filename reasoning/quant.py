@@ -61,12 +61,9 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear needs one scale per output row, got {tuple(scales.shape)}")
         self.out_features, self.in_features = qweight.shape
         self.has_bias = bias is not None
-        self._packed = None
+        self._packed = self._native = None
         if native.available():
-            self._qweight = qweight.contiguous()
-            self._scales = scales.float().contiguous()
-            self._rowsum = native.weight_rowsum(self._qweight)
-            self._bias = None if bias is None else bias.float().contiguous()
+            self._native = native.PreparedWeight(qweight, scales, bias)
             return
         with warnings.catch_warnings():  # quantized tensor types are deprecated, fbgemm's packing is not
             warnings.simplefilter("ignore", UserWarning)
@@ -90,14 +87,14 @@ class Int8Linear(nn.Module):
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(int8 weight, scales, bias) as stored."""
-        if self._packed is None:
-            return self._qweight, self._scales, self._bias
+        if self._native is not None:
+            return self._native.weight, self._native.scale, self._native.bias
         weight, bias = torch.ops.quantized.linear_unpack(self._packed)
         return weight.int_repr(), weight.q_per_channel_scales().float(), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            return native.int8_linear(x, self._qweight, self._scales, self._rowsum, self._bias)
+        if self._native is not None:
+            return self._native.linear(x)
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).float()
         if rows.shape[0] == 1:

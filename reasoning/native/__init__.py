@@ -156,47 +156,78 @@ def weight_rowsum(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.sum(dim=1, dtype=torch.int32)
 
 
+class PreparedWeight:
+    """An int8 weight with its row scales, row sums and bias, checked once, for ``linear``
+    (per call only the activation is checked: decoding makes ~170 calls a token)."""
+
+    __slots__ = ("weight", "scale", "rowsum", "bias", "out_features", "in_features", "_pointers")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise ValueError(
+                f"native int8: the weight must be 2-D int8, got {weight.dtype} {tuple(weight.shape)}"
+            )
+        self.weight = weight.contiguous()
+        self.out_features, self.in_features = self.weight.shape
+        self.scale = scale.float().contiguous()
+        self.rowsum = weight_rowsum(self.weight)
+        self.bias = None if bias is None else bias.float().contiguous()
+        if self.scale.shape != (self.out_features,) or (
+            self.bias is not None and self.bias.shape != (self.out_features,)
+        ):
+            raise ValueError("native int8: one scale (and bias) per output row")
+        self._pointers = (
+            self.weight.data_ptr(),
+            self.scale.data_ptr(),
+            self.rowsum.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(),
+        )
+
+    def linear(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """``x @ (weight * scale[:, None]).T + bias`` with x quantized to 8 bits per row (token).
+        ``x``: (..., in_features), any float dtype; the result is float32 (..., out_features)."""
+        lib = _lib if _lib is not None else _load()
+        if lib is None:
+            raise RuntimeError("the native int8 kernel is not available")
+        k = self.in_features
+        if x.shape[-1] != k:
+            raise ValueError(f"native int8: x has {x.shape[-1]} features, the weight {k}")
+        if x.dtype != torch.float32:
+            x = x.float()
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
+        w, s, r, b = self._pointers
+        lib.int8_linear(
+            x.data_ptr(),
+            x.numel() // k,
+            k,
+            w,
+            s,
+            r,
+            b,
+            y.data_ptr(),
+            self.out_features,
+            threads or torch.get_num_threads(),
+        )
+        return y
+
+
 def int8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     w_scale: torch.Tensor,
-    w_rowsum: torch.Tensor,
+    w_rowsum: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     threads: int | None = None,
 ) -> torch.Tensor:
     """``x @ (weight * w_scale[:, None]).T + bias`` with x quantized to 8 bits per row.
 
-    ``weight``: (N, K) contiguous int8 with |w| <= 63; ``w_scale``: (N,) float32; ``w_rowsum``:
-    (N,) int32 from ``weight_rowsum``; ``bias``: (N,) float32 or None. ``x``: (..., K), any float
-    dtype; the result is float32 (..., N).
+    ``weight``: (N, K) int8 with |w| <= 63; ``w_scale``: (N,) float32; ``w_rowsum``: unused (kept
+    for the signature; computed from the weight); ``bias``: (N,) or None. ``x``: (..., K), any
+    float dtype; the result is float32 (..., N). For repeated calls, use ``PreparedWeight``.
     """
-    lib = _lib if _lib is not None else _load()
-    if lib is None:
-        raise RuntimeError("the native int8 kernel is not available")
-    n, k = weight.shape
-    shape = x.shape
-    if shape[-1] != k:
-        raise ValueError(f"int8_linear: x has {shape[-1]} features, the weight {k}")
-    rows = x.reshape(-1, k)
-    if rows.dtype != torch.float32:
-        rows = rows.float()
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-    m = rows.shape[0]
-    y = torch.empty((m, n), dtype=torch.float32)
-    lib.int8_linear(
-        rows.data_ptr(),
-        m,
-        k,
-        weight.data_ptr(),
-        w_scale.data_ptr(),
-        w_rowsum.data_ptr(),
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-        n,
-        threads or torch.get_num_threads(),
-    )
-    return y.reshape(*shape[:-1], n)
+    return PreparedWeight(weight, w_scale, bias).linear(x, threads)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

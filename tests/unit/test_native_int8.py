@@ -118,7 +118,7 @@ def test_int8_linear_runs_native_without_a_packed_copy_and_agrees_with_fbgemm(
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96)
     fast = Int8Linear.from_linear(linear)
-    assert fast._packed is None  # the raw int8 weight only: no second copy in RAM
+    assert fast._packed is None and fast._native is not None  # the raw int8 weight only: no packed copy
     slow = _fbgemm_linear(linear, monkeypatch)
     for a, b in zip(fast.unpacked(), slow.unpacked(), strict=True):
         assert torch.equal(a, b)  # the same stored weights either way (save_int8's format)
