@@ -1,4 +1,4 @@
-"""The memory process's MiniLM encoder (own BERT forward + tokenizers) against transformers."""
+"""The memory process's MiniLM encoder (own numpy BERT forward + tokenizers) against transformers."""
 
 from __future__ import annotations
 
@@ -47,3 +47,24 @@ def test_similar_meanings_are_close(embedder: TextEmbedder) -> None:
     )
     assert float(cat @ kitten) > float(cat @ budget) + 0.2
     assert embedder.embed([]).shape == (0, 384)
+
+
+def test_erf_matches_math_erf() -> None:
+    import math
+
+    from omnistream.memory.embedder import _erf
+
+    x = np.linspace(-6, 6, 2001)
+    np.testing.assert_allclose(_erf(x), [math.erf(v) for v in x], atol=2e-7)
+
+
+def test_the_memory_process_encoder_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from omnistream.memory.embedder import TextEmbedder; "
+        "TextEmbedder().embed(['hello']); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
