@@ -29,7 +29,7 @@ log = logging.getLogger("omnistream.reasoning.native")
 
 SOURCE = Path(__file__).with_name("int8_gemm.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC")
-ABI_VERSION = 1
+ABI_VERSION = 2
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 _lib: ctypes.CDLL | None = None
@@ -128,7 +128,7 @@ def _load() -> ctypes.CDLL | None:
         integer,
     ]
     lib.int8_quantize_rows.restype = None
-    lib.int8_quantize_rows.argtypes = [pointer, integer, integer, pointer, pointer]
+    lib.int8_quantize_rows.argtypes = [pointer, integer, integer, pointer, pointer, pointer]
     _lib = lib
     return lib
 
@@ -221,7 +221,7 @@ def int8_linear(
     bias: torch.Tensor | None = None,
     threads: int | None = None,
 ) -> torch.Tensor:
-    """``x @ (weight * w_scale[:, None]).T + bias`` with x quantized to 8 bits per row.
+    """``x @ (weight * w_scale[:, None]).T + bias`` with x quantized to 8 bits per row (token).
 
     ``weight``: (N, K) int8 with |w| <= 63; ``w_scale``: (N,) float32; ``w_rowsum``: unused (kept
     for the signature; computed from the weight); ``bias``: (N,) or None. ``x``: (..., K), any
@@ -230,8 +230,9 @@ def int8_linear(
     return PreparedWeight(weight, w_scale, bias).linear(x, threads)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's activation quantization of a (M, K) float32 tensor: (u8 q + 128, scale per row)."""
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's activation quantization of a (M, K) tensor, one row (token) at a time,
+    asymmetric: (u8 values, float32 scale per row, int32 zero point per row), x ~ scale * (u - zero)."""
     lib = _lib if _lib is not None else _load()
     if lib is None:
         raise RuntimeError("the native int8 kernel is not available")
@@ -239,5 +240,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.uint8)
     scales = torch.empty(m, dtype=torch.float32)
-    lib.int8_quantize_rows(x.data_ptr(), m, k, q.data_ptr(), scales.data_ptr())
-    return q, scales
+    zeros = torch.empty(m, dtype=torch.int32)
+    lib.int8_quantize_rows(x.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), zeros.data_ptr())
+    return q, scales, zeros

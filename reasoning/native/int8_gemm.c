@@ -1,11 +1,13 @@
 /* int8 x int8 linear layer for AVX2 CPUs: y = x @ W.T (+ b), W int8 per output row (7-bit).
  *
- * Each activation row m is quantized with its own scale (absmax / 127) to u8 as q + 128.
- * _mm256_maddubs_epi16(u8 x, s8 w) adds pairs of products in int16: with |w| <= 63 a pair is at
- * most 2 * 255 * 63 = 32130, so it cannot saturate; _mm256_madd_epi16 with ones widens to int32
- * and the dot products accumulate exactly in int32. The offset is removed with the weight's row
- * sum: sum((q + 128) * w) - 128 * rowsum(w) = sum(q * w).
- *   y[m][n] = acc[m][n] * x_scale[m] * w_scale[n] (+ bias[n])
+ * Each activation row m (token) is quantized on its own, asymmetrically, to u8:
+ *   u = clamp(round(x / s) + z, 0, 255), s = (max(x, 0) - min(x, 0)) / 255, z = round(-min / s)
+ * (all 256 levels span the row's own range: LLM activations have one-sided outliers, where a
+ * symmetric absmax scale would waste half the levels). _mm256_maddubs_epi16(u8 x, s8 w) adds
+ * pairs of products in int16: with |w| <= 63 a pair is at most 2 * 255 * 63 = 32130, so it
+ * cannot saturate; _mm256_madd_epi16 with ones widens to int32 and the dot products accumulate
+ * exactly in int32. The zero point comes off with the weight's row sum:
+ *   y[m][n] = (acc[m][n] - z[m] * rowsum(w[n])) * s[m] * w_scale[n] (+ bias[n])
  *
  * Register tiles: 4 tokens x 3 weight rows (12 int32 accumulators) for prefills, 1 token x 4
  * rows for decoding (memory bound: 4 weight streams at once). Tokens are blocked so a block of
@@ -37,42 +39,50 @@
 #define PF_NR 3 /* prefill: weight rows per tile */
 #endif
 
-int int8_gemm_abi_version(void) { return 1; }
+int int8_gemm_abi_version(void) { return 2; }
 
-/* Row m of x -> u8 (q + 128) with q = round(x * 127 / absmax); returns the scale absmax / 127. */
-static float quantize_row(const float *x, int K, uint8_t *q) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 vmax = _mm256_setzero_ps();
+/* Row x -> u8 q (see the top of the file); returns the scale, the zero point in *zero. */
+static float quantize_row(const float *x, int K, uint8_t *q, int32_t *zero) {
+    __m256 vmin = _mm256_setzero_ps(), vmax = _mm256_setzero_ps(); /* the range includes 0 */
     int k = 0;
-    for (; k + 8 <= K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    float absmax = _mm_cvtss_f32(m4);
-    for (; k < K; k++) {
-        float a = fabsf(x[k]);
-        if (a > absmax) absmax = a;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_loadu_ps(x + k);
+        vmin = _mm256_min_ps(vmin, v);
+        vmax = _mm256_max_ps(vmax, v);
     }
-    float inv = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+    float lo[8], hi[8];
+    _mm256_storeu_ps(lo, vmin);
+    _mm256_storeu_ps(hi, vmax);
+    float mn = 0.0f, mx = 0.0f;
+    for (int i = 0; i < 8; i++) {
+        mn = lo[i] < mn ? lo[i] : mn;
+        mx = hi[i] > mx ? hi[i] : mx;
+    }
+    for (; k < K; k++) {
+        mn = x[k] < mn ? x[k] : mn;
+        mx = x[k] > mx ? x[k] : mx;
+    }
+    const float range = mx - mn;
+    const float inv = range > 0.0f ? 255.0f / range : 0.0f;
+    const int32_t z = (int32_t)lrintf(-mn * inv);
+    *zero = z;
     const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i vz = _mm256_set1_epi32(z);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    const __m256i flip = _mm256_set1_epi8((char)0x80);
     k = 0;
     for (; k + 32 <= K; k += 32) {
-        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
-        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
-        __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 16), vinv));
-        __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 24), vinv));
+        __m256i a = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv)), vz);
+        __m256i b = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv)), vz);
+        __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 16), vinv)), vz);
+        __m256i d = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 24), vinv)), vz);
         __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
-        __m256i abcd = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), perm);
-        _mm256_storeu_si256((__m256i *)(q + k), _mm256_xor_si256(abcd, flip));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), perm));
     }
     for (; k < K; k++) {
-        int v = (int)lrintf(x[k] * inv);
-        v = v > 127 ? 127 : (v < -127 ? -127 : v);
-        q[k] = (uint8_t)(v + 128);
+        int v = (int)lrintf(x[k] * inv) + z;
+        q[k] = (uint8_t)(v > 255 ? 255 : (v < 0 ? 0 : v));
     }
-    return absmax / 127.0f;
+    return range / 255.0f;
 }
 
 INLINE int32_t hsum_epi32(__m256i v) {
@@ -110,12 +120,12 @@ INLINE void tile(const uint8_t *xq, size_t ldx, const int8_t *w, size_t ldw, int
         }
 }
 
-INLINE void store(const int32_t *acc, int MT, int NR, int m0, int n0, const float *xs,
+INLINE void store(const int32_t *acc, int MT, int NR, int m0, int n0, const float *xs, const int32_t *xz,
                   const float *ws, const int32_t *rowsum, const float *bias, float *y, int N) {
     for (int t = 0; t < MT; t++)
         for (int r = 0; r < NR; r++) {
             int n = n0 + r;
-            int32_t a = acc[t * 4 + r] - 128 * rowsum[n];
+            int32_t a = acc[t * 4 + r] - xz[m0 + t] * rowsum[n];
             /* Explicit fmaf: every tile shape rounds alike (no compiler-chosen contraction), so a
              * token's output does not depend on which tile it fell in. */
             const float v = (float)a * xs[m0 + t];
@@ -245,7 +255,7 @@ static void tile_any(const uint8_t *xq, size_t ldx, const int8_t *w, size_t ldw,
 
 
 /* Output rows [n0, n1) for all M tokens. */
-static void compute_rows(const uint8_t *xq, size_t ldx, const float *xs, int M, int K, const int8_t *w,
+static void compute_rows(const uint8_t *xq, size_t ldx, const float *xs, const int32_t *xz, int M, int K, const int8_t *w,
                          const float *ws, const int32_t *rowsum, const float *bias, float *y, int N,
                          int n0, int n1) {
     const size_t ldw = (size_t)K;
@@ -254,12 +264,12 @@ static void compute_rows(const uint8_t *xq, size_t ldx, const float *xs, int M, 
         int n = n0;
         for (; n + DEC_NR <= n1; n += DEC_NR) {
             gemv_tile(xq, w + n * ldw, ldw, K, acc);
-            store(acc, 1, DEC_NR, 0, n, xs, ws, rowsum, bias, y, N);
+            store(acc, 1, DEC_NR, 0, n, xs, xz, ws, rowsum, bias, y, N);
         }
         for (; n < n1; n += 4) {
             const int nr = n1 - n < 4 ? n1 - n : 4;
             tile_any(xq, ldx, w + n * ldw, ldw, K, 1, nr, acc);
-            store(acc, 1, nr, 0, n, xs, ws, rowsum, bias, y, N);
+            store(acc, 1, nr, 0, n, xs, xz, ws, rowsum, bias, y, N);
         }
         return;
     }
@@ -280,13 +290,13 @@ static void compute_rows(const uint8_t *xq, size_t ldx, const float *xs, int M, 
 #else
                     tile(xq + m * ldx, ldx, wr, ldw, K, PF_MT, PF_NR, acc);
 #endif
-                    store(acc, PF_MT, PF_NR, m, n, xs, ws, rowsum, bias, y, N);
+                    store(acc, PF_MT, PF_NR, m, n, xs, xz, ws, rowsum, bias, y, N);
                 }
             }
             for (; m < m1; m += 4) {
                 const int mt = m1 - m < 4 ? m1 - m : 4;
                 tile_any(xq + m * ldx, ldx, wr, ldw, K, mt, nr, acc);
-                store(acc, mt, nr, m, n, xs, ws, rowsum, bias, y, N);
+                store(acc, mt, nr, m, n, xs, xz, ws, rowsum, bias, y, N);
             }
         }
     }
@@ -427,6 +437,7 @@ typedef struct {
     size_t ldx;
     uint8_t *xq;
     float *xs;
+    int32_t *xz;
     const int8_t *w;
     const float *ws, *bias;
     const int32_t *rowsum;
@@ -437,13 +448,14 @@ static void quantize_chunk(void *p, int c) {
     const call_t *a = (const call_t *)p;
     const int m0 = c * a->rows_per_qchunk;
     const int m1 = m0 + a->rows_per_qchunk < a->M ? m0 + a->rows_per_qchunk : a->M;
-    for (int m = m0; m < m1; m++) a->xs[m] = quantize_row(a->x + (size_t)m * a->K, a->K, a->xq + m * a->ldx);
+    for (int m = m0; m < m1; m++)
+        a->xs[m] = quantize_row(a->x + (size_t)m * a->K, a->K, a->xq + m * a->ldx, a->xz + m);
 }
 
 static void compute_chunk(void *p, int c) {
     const call_t *a = (const call_t *)p;
     const int n0 = c * a->chunk, n1 = n0 + a->chunk < a->N ? n0 + a->chunk : a->N;
-    compute_rows(a->xq, a->ldx, a->xs, a->M, a->K, a->w, a->ws, a->rowsum, a->bias, a->y, a->N, n0, n1);
+    compute_rows(a->xq, a->ldx, a->xs, a->xz, a->M, a->K, a->w, a->ws, a->rowsum, a->bias, a->y, a->N, n0, n1);
 }
 
 /* y[M][N] = x[M][K] @ w[N][K].T (+ bias): see the top of the file. */
@@ -452,7 +464,7 @@ void int8_linear(const float *x, int M, int K, const int8_t *w, const float *w_s
     if (M <= 0 || N <= 0) return;
     const size_t ldx = ((size_t)K + 63) & ~(size_t)63;
     uint8_t *xq = (uint8_t *)aligned_alloc(64, (size_t)M * ldx);
-    float *xs = (float *)malloc(sizeof(float) * (size_t)M);
+    float *xs = (float *)malloc(sizeof(float) * 2 * (size_t)M); /* scales, then zero points */
     if (!xq || !xs) { /* out of memory: NaNs rather than garbage */
         for (size_t i = 0; i < (size_t)M * N; i++) y[i] = NAN;
         free(xq);
@@ -466,7 +478,7 @@ void int8_linear(const float *x, int M, int K, const int8_t *w, const float *w_s
     int chunk = (int)(N / (threads * 8));
     if (M > 1 && (size_t)chunk * K > 192 * 1024) chunk = (int)(192 * 1024 / K);
     chunk = chunk < 12 ? 12 : (chunk > 192 ? 192 : chunk / 12 * 12);
-    call_t call = {x, M, K, N, chunk, 16, ldx, xq, xs, w, w_scale, bias, w_rowsum, y};
+    call_t call = {x, M, K, N, chunk, 16, ldx, xq, xs, (int32_t *)(xs + M), w, w_scale, bias, w_rowsum, y};
     parallel_chunks(quantize_chunk, &call, (M + 15) / 16, threads);
     parallel_chunks(compute_chunk, &call, (N + chunk - 1) / chunk, threads);
     free(xq);
@@ -474,6 +486,6 @@ void int8_linear(const float *x, int M, int K, const int8_t *w, const float *w_s
 }
 
 /* For tests: the activation quantization alone (q as u8 = q + 128, one scale per row). */
-void int8_quantize_rows(const float *x, int M, int K, uint8_t *q, float *scales) {
-    for (int m = 0; m < M; m++) scales[m] = quantize_row(x + (size_t)m * K, K, q + (size_t)m * K);
+void int8_quantize_rows(const float *x, int M, int K, uint8_t *q, float *scales, int32_t *zeros) {
+    for (int m = 0; m < M; m++) scales[m] = quantize_row(x + (size_t)m * K, K, q + (size_t)m * K, zeros + m);
 }

@@ -14,15 +14,24 @@ needs_native = pytest.mark.skipif(
 )
 
 
-def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-    """The kernel's arithmetic in float64: per-row activation quantization as the kernel does it
-    (absmax / 127, round half to even), then exact integer dot products."""
+def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel's activation quantization in torch: per row, asymmetric over [min, max] (0
+    included), 256 levels, round half to even."""
     x = x.float()
-    absmax = x.abs().amax(dim=1)
-    inv = torch.where(absmax > 0, torch.tensor(127.0) / absmax, torch.zeros_like(absmax))
-    q = torch.round(x * inv[:, None]).clamp(-127, 127)
-    acc = q.double() @ qweight.double().T  # exact: integers far below 2**53
-    y = acc * (absmax / 127.0).double()[:, None] * scales.double()[None, :]
+    low = x.amin(dim=1).clamp(max=0)
+    high = x.amax(dim=1).clamp(min=0)
+    span = high - low
+    inv = torch.where(span > 0, torch.tensor(255.0) / span, torch.zeros_like(span))
+    zero = torch.round(-low * inv)
+    u = (torch.round(x * inv[:, None]) + zero[:, None]).clamp(0, 255)
+    return u, span / 255.0, zero
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """The kernel's arithmetic: its activation quantization, then exact integer dot products."""
+    u, x_scale, zero = quantize_reference(x)
+    acc = (u - zero[:, None]).double() @ qweight.double().T  # exact: integers far below 2**53
+    y = acc * x_scale.double()[:, None] * scales.double()[None, :]
     if bias is not None:
         y = y + bias.double()
     return y.float()
@@ -36,17 +45,21 @@ def random_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 @needs_native
-def test_activation_quantization_is_per_row_absmax_round_half_even() -> None:
-    x = torch.randn(5, 77) * torch.tensor([1.0, 1000.0, 1e-3, 0.0, 3.0])[:, None]
-    x[4, :4] = torch.tensor([127.0, 0.5, -1.5, 2.5])  # scale 1: exact ties round half to even
-    q, scales = native.quantize_rows(x)
-    absmax = x.abs().amax(dim=1)
-    torch.testing.assert_close(scales, absmax / 127.0, rtol=0, atol=0)
-    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
-    expected = torch.round(x * inv[:, None]).clamp(-127, 127).to(torch.int32) + 128
-    assert torch.equal(q.to(torch.int32), expected)
-    assert torch.equal(q[3], torch.full((77,), 128, dtype=torch.uint8))  # an all-zero row
-    assert q[4, :4].tolist() == [255, 128, 126, 130]
+def test_activation_quantization_is_per_row_asymmetric_round_half_even() -> None:
+    x = torch.randn(6, 77) * torch.tensor([1.0, 1000.0, 1e-3, 0.0, 3.0, 1.0])[:, None]
+    x[4, :4] = torch.tensor([255.0, 0.5, 1.5, 2.5])  # row 4: range [0, 255], scale 1, ties
+    x[4, 4:] = x[4, 4:].abs()
+    x[5] = x[5].abs() + 1  # all positive: the range still starts at 0
+    q, scales, zeros = native.quantize_rows(x)
+    u, x_scale, zero = quantize_reference(x)
+    torch.testing.assert_close(scales, x_scale, rtol=0, atol=0)
+    assert torch.equal(zeros, zero.to(torch.int32)) and torch.equal(q.to(torch.int32), u.to(torch.int32))
+    assert torch.equal(q[3], torch.zeros(77, dtype=torch.uint8)) and int(zeros[3]) == 0  # an all-zero row
+    assert q[4, :4].tolist() == [255, 0, 2, 2] and int(zeros[4]) == 0
+    assert int(zeros[5]) == 0 and int(q[5].max()) == 255
+    # Asymmetric: a one-sided outlier keeps all 256 levels for the row's real range.
+    spread = x[0].max() - x[0].min()
+    assert float(scales[0]) <= float(spread) / 255 * 1.0001
 
 
 @needs_native
