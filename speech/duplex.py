@@ -98,21 +98,30 @@ class Playout:
 
 
 def is_echo(heard: str, spoken: str, min_overlap: float = 0.6) -> bool:
-    """True when most words of ``heard`` (a user transcript) are words the assistant is saying:
-    its own voice leaking into the microphone rather than the user. A heard word matches a
-    spoken one closely enough (``difflib`` ratio >= 0.75) to survive ASR slips ("disposed" /
-    "dispose")."""
+    """True when most words of ``heard`` (a user transcript) are the assistant's own words in its
+    own order: its voice leaking into the microphone rather than the user. An echo reproduces
+    runs of consecutive words; a user who asks about the same thing shares words but not runs
+    ("what animal is on the screen?" against "the animal on the screen is a butterfly" has one
+    run, "on the screen", half its words). Runs count from two words (one for a heard text of
+    one or two words). A heard word matches a spoken one closely enough (``difflib`` ratio >=
+    0.75) to survive ASR slips ("disposed" / "dispose")."""
     heard_words = words(heard)
-    if not heard_words:
+    spoken_words = words(spoken)
+    if not heard_words or not spoken_words:
         return False
-    spoken_words = set(words(spoken))
+    vocabulary = set(spoken_words)
 
-    def said(word: str) -> bool:
-        return word in spoken_words or any(
-            SequenceMatcher(None, word, other).ratio() >= 0.75 for other in spoken_words
-        )
+    def as_spoken(word: str) -> str:
+        if word in vocabulary:
+            return word
+        best = max(vocabulary, key=lambda other: SequenceMatcher(None, word, other).ratio())
+        return best if SequenceMatcher(None, word, best).ratio() >= 0.75 else word
 
-    return sum(map(said, heard_words)) / len(heard_words) >= min_overlap
+    heard_words = [as_spoken(word) for word in heard_words]
+    min_run = 2 if len(heard_words) >= 3 else 1
+    blocks = SequenceMatcher(None, heard_words, spoken_words, autojunk=False).get_matching_blocks()
+    covered = sum(block.size for block in blocks if block.size >= min_run)
+    return covered / len(heard_words) >= min_overlap
 
 
 def after_wake_phrase(text: str, wake_phrase: str) -> str | None:

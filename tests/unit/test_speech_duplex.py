@@ -310,3 +310,20 @@ def test_the_assistants_own_voice_in_the_microphone_does_not_interrupt(
     assert not h.of(Interrupt) and not h.of(Ask)
     [spoken] = [m for m in h.of(Transcript) if m.speaker == "assistant"]
     assert spoken.text == ANSWER
+
+
+@pytest.mark.parametrize(
+    ("heard", "echo"),
+    [
+        ("the animal on the screen is a", True),  # the assistant's own words, in order
+        ("he was not an ill dispose young man", True),  # with an ASR slip
+        ("butterfly", True),
+        ("What animal is on the screen?", False),  # the user asks about the same thing
+        ("stop, what about the budget?", False),
+    ],
+)
+def test_echo_is_the_assistants_words_in_its_order(heard: str, echo: bool) -> None:
+    from omnistream.speech.duplex import is_echo
+
+    spoken = "The animal on the screen is a butterfly. He was not an ill-disposed young man."
+    assert is_echo(heard, spoken) is echo
