@@ -279,11 +279,33 @@ def from_float_dir(model_dir: Path, dtype: torch.dtype = torch.float32, device: 
     return build(config, tensors, make_linear, embedding)
 
 
+class Int8Embedding(nn.Module):
+    """A token embedding as int8 rows with one float scale per row (absmax / 127), returned in
+    float32: a quarter of float32's RAM and half of bfloat16's (136 MB less for the 0.5B, 233 MB
+    for the 1.5B). A row is read once per token, so the table's size is all that matters."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        qweight = torch.empty(weight.shape, dtype=torch.int8)
+        scales = torch.empty(weight.shape[0])
+        for start in range(0, weight.shape[0], 8192):  # in slices: no float32 copy of the whole table
+            rows = weight[start : start + 8192].float()
+            scale = (rows.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+            qweight[start : start + 8192] = torch.round(rows / scale[:, None]).to(torch.int8)
+            scales[start : start + 8192] = scale
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scales[ids].unsqueeze(-1)
+
+
 def from_int8_dir(model_dir: Path) -> Qwen2:
     """The model from the int8 cache ``quant.save_int8`` writes (int8.safetensors + int8.json)."""
     from safetensors.torch import load_file
 
-    from omnistream.reasoning.quant import FORMAT_VERSION, BF16Embedding, Int8Linear
+    from omnistream.reasoning.quant import FORMAT_VERSION, Int8Linear
 
     meta = json.loads((Path(model_dir) / "int8.json").read_text())
     if meta.get("version") != FORMAT_VERSION:
@@ -303,4 +325,4 @@ def from_int8_dir(model_dir: Path) -> Qwen2:
         biases = [tensors.pop(f"{n}.bias", None) for n in names]
         return Int8Linear(torch.cat(weights), scales, _joined_bias(biases, [w.shape[0] for w in weights]))
 
-    return build(config, tensors, make_linear, BF16Embedding(tensors.pop("model.embed_tokens.weight")))
+    return build(config, tensors, make_linear, Int8Embedding(tensors.pop("model.embed_tokens.weight")))

@@ -92,6 +92,7 @@ def test_int8_model_matches_transformers_with_the_same_int8_layers(
 
     int8_dir = prepare_int8(tiny_llm_dir, tmp_path / "tiny-int8")
     ours, theirs = qwen2.from_int8_dir(int8_dir), load_int8(int8_dir)
+    theirs.set_input_embeddings(ours.model.embed_tokens)  # ours keeps the table as int8 rows
     ids = torch.randint(0, ours.config.vocab_size, (1, 25))
     a = _run(ours, ids, BufferedCache(), 0)
     b = _run(theirs, ids, BufferedCache(), 0)
@@ -105,3 +106,18 @@ def test_other_architectures_are_named(tmp_path: Path) -> None:
     assert not qwen2.is_qwen2(tmp_path)
     with pytest.raises(ValueError, match="llama"):
         qwen2.load_config(tmp_path)
+
+
+def test_int8_embedding_rows_are_within_half_a_step() -> None:
+    torch.manual_seed(3)
+    table = torch.randn(1000, 64) * torch.linspace(0.01, 5, 1000)[:, None]
+    table[7] = 0.0  # an all-zero row stays zero
+    embedding = qwen2.Int8Embedding(table.to(torch.bfloat16))
+    ids = torch.tensor([[0, 7, 500, 999, 7]])
+    rows = embedding(ids)[0]
+    exact = table.to(torch.bfloat16).float()[ids[0]]
+    step = exact.abs().amax(dim=1, keepdim=True) / 127
+    assert rows.dtype == torch.float32 and rows.shape == (5, 64)
+    assert bool(((rows - exact).abs() <= step / 2 + 1e-6).all())
+    assert bool((rows[1] == 0).all())
+    assert embedding.qweight.dtype == torch.int8 and embedding.qweight.element_size() == 1
