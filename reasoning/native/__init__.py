@@ -34,6 +34,7 @@ REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 _lib: ctypes.CDLL | None = None
 _tried = False
+_threads: int | None = None  # None: torch.get_num_threads() at each call
 
 
 def _cache_dir() -> Path:
@@ -127,6 +128,8 @@ def _load() -> ctypes.CDLL | None:
         integer,
         integer,
     ]
+    lib.int8_set_spin.restype = None
+    lib.int8_set_spin.argtypes = [integer]
     lib.int8_quantize_rows.restype = None
     lib.int8_quantize_rows.argtypes = [pointer, integer, integer, pointer, pointer, pointer]
     _lib = lib
@@ -149,6 +152,15 @@ def build() -> Path | None:
         return None
     compiler = _compiler()
     return _library_path(compiler) if compiler else None
+
+
+def set_threads(threads: int | None) -> None:
+    """Threads the kernel uses (the caller plus helpers), independent of torch's; None follows
+    ``torch.get_num_threads()``. The engine can run torch's own ops on one thread and the kernel
+    on two: torch's OpenMP workers and the kernel's helpers then do not spin against each other,
+    and torch's OpenMP barriers do not stall when the other core is busy."""
+    global _threads
+    _threads = None if threads is None else max(1, int(threads))
 
 
 def weight_rowsum(qweight: torch.Tensor) -> torch.Tensor:
@@ -208,7 +220,7 @@ class PreparedWeight:
             b,
             y.data_ptr(),
             self.out_features,
-            threads or torch.get_num_threads(),
+            threads or _threads or torch.get_num_threads(),
         )
         return y
 

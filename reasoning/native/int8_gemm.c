@@ -321,6 +321,10 @@ static void compute_rows(const uint8_t *xq, size_t ldx, const float *xs, const i
 #ifndef SPIN_PAUSES
 #define SPIN_PAUSES 1000 /* ~20-60 us */
 #endif
+static atomic_int spin_pauses = SPIN_PAUSES;
+
+/* How long helpers spin for the next call before sleeping (in pause instructions). */
+void int8_set_spin(int pauses) { atomic_store(&spin_pauses, pauses < 0 ? 0 : pauses); }
 
 typedef void (*chunk_fn)(void *arg, int chunk);
 
@@ -359,8 +363,9 @@ static void *helper_main(void *p) {
     for (;;) {
         unsigned g;
         int spins = 0;
+        const int limit = atomic_load_explicit(&spin_pauses, memory_order_relaxed);
         while ((g = atomic_load(&generation)) == seen) {
-            if (spins < SPIN_PAUSES) {
+            if (spins < limit) {
                 _mm_pause();
             } else {
                 atomic_fetch_add(&sleepers, 1);
