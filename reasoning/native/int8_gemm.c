@@ -282,6 +282,9 @@ static void compute_rows(const uint8_t *xq, size_t ldx, const float *xs, const i
         for (; n < n1; n += PF_NR) {
             const int nr = n1 - n < PF_NR ? n1 - n : PF_NR;
             const int8_t *wr = w + n * ldw;
+            /* The next triple's rows come from DRAM while this one is multiplied. */
+            if (n + 2 * PF_NR <= n1)
+                for (size_t off = 0; off < PF_NR * ldw; off += 64) _mm_prefetch((const char *)(wr + PF_NR * ldw + off), _MM_HINT_T0);
             int m = m0;
             if (nr == PF_NR) {
                 for (; m + PF_MT <= m1; m += PF_MT) {
