@@ -81,11 +81,11 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         # Qwen2 (the packaged models) runs on reasoning/qwen2.py; another architecture in a local
         # model directory goes through transformers.
-        native = qwen2.is_qwen2(model_dir)
+        ours = qwen2.is_qwen2(model_dir)
         if self.format == "int8":
             prepared = prepare_int8(model_dir, int8_dir(model_dir))
-            self.model = qwen2.from_int8_dir(prepared) if native else load_int8(prepared)
-        elif native:
+            self.model = qwen2.from_int8_dir(prepared) if ours else load_int8(prepared)
+        elif ours:
             self.model = qwen2.from_float_dir(model_dir, self.dtype, str(self.device))
         else:
             from transformers import AutoModelForCausalLM

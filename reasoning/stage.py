@@ -34,7 +34,7 @@ from omnistream.protocol.messages import (
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.sockets import make_socket, recv, send
 from omnistream.reasoning.answer import Answerer
-from omnistream.reasoning.engine import LLMEngine
+from omnistream.reasoning.engine import LLMEngine, release_freed_memory
 from omnistream.reasoning.prompt import fit_items
 from omnistream.reasoning.synopsis import Synopsizer
 from omnistream.reasoning.watch import WatchList
@@ -148,6 +148,10 @@ class ReasoningStage:
                 for alert in self.watches.check(session, item):
                     self.runtime.counters["alerts"] += 1
                     self.runtime.publish(alert)
+        if queued:
+            # Prefill passes of different lengths leave freed buffers scattered over glibc's heap,
+            # which it keeps: without this the process grew by ~1 GB over a 60-minute soak.
+            release_freed_memory()
 
     def _load_history(self, session: str) -> None:
         """On first contact with a session, stream what memory already holds (after a restart)."""
@@ -259,6 +263,7 @@ class ReasoningStage:
         if stop():
             done.error = "interrupted"
         done.total_s = time.monotonic() - start
+        release_freed_memory()  # the question's assembled cache (retrieved blocks + window)
         self.runtime.counters["answers"] += 1
         self.runtime.counters["answer_tokens"] += len(pieces)
         self.runtime.publish(done)
