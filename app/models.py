@@ -62,6 +62,9 @@ def prepare_llm_cache(config: Config, progress: bool = True, every_packaged: boo
     finally:
         bars.close()
     if resolve_format(config.reasoning.dtype) == "int8":
+        from omnistream.reasoning import native
+
+        native.build()  # the int8 kernel, compiled once (falls back to fbgemm where it cannot)
         for model_dir in dirs:
             if progress and not (int8_dir(model_dir) / "int8.json").exists():
                 print(f"quantizing {model_dir.name} to int8 (once)", flush=True)
