@@ -174,7 +174,8 @@ class BlockStore:
             del self._resident[victim]
 
 
-APPEND_TOKENS = 512  # at most this many tokens of queued entries are prefilled in one pass
+APPEND_TOKENS = 128  # at most this many tokens of queued entries are prefilled in one pass (its attention
+# scores over the window are the pass's largest transient: 14 heads x 128 x 4.6k floats = 33 MB per layer)
 RESERVE_SLACK = APPEND_TOKENS  # window buffers hold this many tokens beyond the budget (what overflows it)
 
 
