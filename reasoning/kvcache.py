@@ -176,7 +176,7 @@ class BlockStore:
 
 APPEND_TOKENS = 128  # at most this many tokens of queued entries are prefilled in one pass (its attention
 # scores over the window are the pass's largest transient: 14 heads x 128 x 4.6k floats = 33 MB per layer)
-RESERVE_SLACK = APPEND_TOKENS  # window buffers hold this many tokens beyond the budget (what overflows it)
+RESERVE_SLACK = 512  # window buffers hold this many tokens beyond the budget (a pass, or one long entry)
 
 
 class RotaryTable:
