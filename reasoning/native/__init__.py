@@ -1,7 +1,8 @@
-"""A native int8 linear kernel (``int8_gemm.c``) for AVX2 CPUs, built on first use.
+"""Native kernels for AVX2 CPUs (the ``*.c`` files here: int8 linear layers, the thread pool they
+share, and whatever other kernels sit beside them), built into one library on first use.
 
-The C source is compiled once per machine into
-``~/.cache/omnistream/native/int8_gemm-<sha of source + compiler + flags>.so`` (under a lock, with
+The C sources are compiled once per machine into
+``~/.cache/omnistream/native/omnistream-<sha of sources + compiler + flags>.so`` (under a lock, with
 an atomic rename, so processes starting together build it once) and loaded with ctypes. Without
 a C compiler, without AVX2/FMA/F16C, or when the build fails, one warning is logged and
 ``available()`` is False: callers fall back to fbgemm. ``OMNISTREAM_NATIVE=0`` forces that
@@ -27,7 +28,7 @@ import torch
 
 log = logging.getLogger("omnistream.reasoning.native")
 
-SOURCE = Path(__file__).with_name("int8_gemm.c")
+SOURCE_DIR = Path(__file__).parent
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC")
 ABI_VERSION = 2
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -62,11 +63,17 @@ def _cpu_supported() -> bool:
     return False
 
 
+def sources() -> list[Path]:
+    """The C files built into the library (every ``*.c`` beside this module, in name order)."""
+    return sorted(SOURCE_DIR.glob("*.c"))
+
+
 def _library_path(compiler: str) -> Path:
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    for path in [*sources(), *sorted(SOURCE_DIR.glob("*.h"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update("\0".join((compiler, *FLAGS)).encode())
-    return _cache_dir() / f"int8_gemm-{digest.hexdigest()[:16]}.so"
+    return _cache_dir() / f"omnistream-{digest.hexdigest()[:16]}.so"
 
 
 def _compile(compiler: str, target: Path) -> None:
@@ -78,7 +85,7 @@ def _compile(compiler: str, target: Path) -> None:
         tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.so")
         try:
             done = subprocess.run(
-                [compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"],
+                [compiler, *FLAGS, "-o", str(tmp), *map(str, sources()), "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=120,

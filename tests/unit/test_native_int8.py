@@ -161,9 +161,8 @@ def test_the_fallback_runs_fbgemm_when_native_is_switched_off(monkeypatch: pytes
 def test_a_failed_build_reports_unavailable_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    bad = tmp_path / "int8_gemm.c"
-    bad.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", bad)
+    (tmp_path / "int8_gemm.c").write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE_DIR", tmp_path)
     monkeypatch.setattr(native, "_cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_tried", False)
