@@ -166,6 +166,14 @@ class Output:
 class Qwen2(nn.Module):
     """Qwen2 causal LM for inference: ``model(input_ids=, cache=, position_ids=, logits_to_keep=)``."""
 
+    native_ops = True  # False: always the torch layers (tests compare the two paths)
+
+    def uses_native_ops(self) -> bool:
+        """Whether float32 CPU forwards run on the fused native ops (``_forward_native``)."""
+        from omnistream.reasoning.native import ops
+
+        return self.native_ops and ops.usable() and ops.attention_supported(self.config.head_dim)
+
     def __init__(self, config: SimpleNamespace):
         super().__init__()
         self.config = config
@@ -192,6 +200,9 @@ class Qwen2(nn.Module):
             position_ids = torch.arange(past, past + n, device=input_ids.device)[None]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(position_ids[0], x.dtype)
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] == 1 and self.uses_native_ops():
+            x = _forward_native(self, x[0], cos, sin, cache, min(logits_to_keep, n) if logits_to_keep else n)
+            return Output(logits=self.lm_head(x[None]), past_key_values=cache)
         # New token i sees everything cached and the new tokens up to itself.
         mask = None
         if n > 1:
@@ -202,6 +213,48 @@ class Qwen2(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return Output(logits=self.lm_head(x), past_key_values=cache)
+
+
+def _forward_native(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int) -> torch.Tensor:
+    """The decoder layers and the final norm on the fused native ops (reasoning/native/ops.c), for
+    one sequence in float32 on the CPU: the same maths as the layers' forward, in ~5 native calls
+    plus the 4 linear layers per layer. ``x`` (n, hidden) is the residual stream, updated in place;
+    returns the normed last ``keep`` rows. Each residual add is fused into the next RMSNorm, and
+    the last layer computes attention and MLP only for the ``keep`` rows whose logits are wanted
+    (its keys and values still go to the cache for every row)."""
+    from omnistream.reasoning.native import ops
+
+    layers = model.model.layers
+    x = x.contiguous() if x.is_contiguous() else x.clone()
+    n = x.shape[0]
+    norm = layers[0].input_layernorm
+    h = ops.rmsnorm(x, norm.weight, norm.eps)
+    for index, layer in enumerate(layers):
+        attn = layer.self_attn
+        q_size, kv_size, dim, kv_heads = attn.q_size, attn.kv_size, attn.head_dim, attn.kv_heads
+        qkv = attn.qkv_proj(h)
+        if attn.on_query:
+            q = qkv[None, :, :q_size].clone()  # before RoPE, which runs in place below
+            for callback in attn.on_query:
+                callback(q)
+        ops.rope_(qkv, cos, sin, attn.heads + kv_heads, dim)  # q heads and k heads are adjacent
+        k = qkv[:, q_size : q_size + kv_size].view(n, kv_heads, dim).transpose(0, 1)[None]
+        v = qkv[:, q_size + kv_size :].view(n, kv_heads, dim).transpose(0, 1)[None]
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer)
+            if k.dtype != torch.float32 or k.stride(-1) != 1:  # a cache kept in another layout
+                k, v = k.float().contiguous(), v.float().contiguous()
+        last = index + 1 == len(layers)
+        rows = keep if last else n  # the last layer: only the rows whose logits are kept
+        if rows < n:
+            x = x[n - rows :]
+        out = attn.o_proj(ops.attention(qkv[n - rows :, :q_size], k, v))
+        mlp, norm = layer.mlp, layer.post_attention_layernorm
+        h = ops.rmsnorm(x, norm.weight, norm.eps, residual=out)
+        down = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h)))
+        norm = model.model.norm if last else layers[index + 1].input_layernorm
+        h = ops.rmsnorm(x, norm.weight, norm.eps, residual=down)
+    return h
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -326,3 +379,101 @@ def from_int8_dir(model_dir: Path) -> Qwen2:
         return Int8Linear(torch.cat(weights), scales, _joined_bias(biases, [w.shape[0] for w in weights]))
 
     return build(config, tensors, make_linear, Int8Embedding(tensors.pop("model.embed_tokens.weight")))
+
+
+# -- GGUF blocks as they are (reasoning/native/kquant.py) -------------------------------------------
+
+GGUF_LINEARS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_tensor_name(name: str) -> str:
+    """transformers' name of a linear layer (``model.layers.3.mlp.up_proj``, ``lm_head``) -> the
+    GGUF's (``blk.3.ffn_up``, ``output``). llama.cpp's converter does not permute Qwen2's q/k rows
+    (only LLaMA's), so GGUF rows are transformers' rows."""
+    if name == "lm_head":
+        return "output"
+    _, _, layer, rest = name.split(".", 3)
+    return f"blk.{layer}.{GGUF_LINEARS[rest]}"
+
+
+def config_from_gguf(meta: dict, vocab_size: int) -> SimpleNamespace:
+    """The fields load_config gives, from a qwen2 GGUF's metadata."""
+    arch = meta.get("general.architecture")
+    if arch != "qwen2":
+        raise ValueError(f"GGUF architecture {arch!r}, expected 'qwen2'")
+    heads = int(meta["qwen2.attention.head_count"])
+    hidden = int(meta["qwen2.embedding_length"])
+    theta = float(meta.get("qwen2.rope.freq_base", 10000.0))
+    return SimpleNamespace(
+        model_type="qwen2",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(meta["qwen2.feed_forward_length"]),
+        num_hidden_layers=int(meta["qwen2.block_count"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(meta.get("qwen2.attention.head_count_kv", heads)),
+        head_dim=hidden // heads,
+        rms_norm_eps=float(meta.get("qwen2.attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(meta.get("qwen2.context_length", 32768)),
+        rope_theta=theta,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings="output.weight" not in meta.get("_tensors", ()),
+    )
+
+
+def from_gguf(gguf_path: Path, model_dir: Path | None = None) -> Qwen2:
+    """The model running the GGUF's quantized blocks as they are (Q4_K, Q6_K, Q8_0, Q5_0, on the
+    native kernel: ``reasoning/native/kquant.py``), activations in float32. The configuration
+    comes from ``model_dir``'s config.json when given (the converted directory, which also holds
+    the tokenizer), else from the GGUF's metadata."""
+    from omnistream.reasoning.native.kquant import KQuantEmbedding, KQuantLinear, QTensor, read_gguf
+
+    gguf_tensors, meta = read_gguf(Path(gguf_path))
+    embedding = gguf_tensors["token_embd.weight"]
+    if not isinstance(embedding, QTensor):
+        raise ValueError(f"{gguf_path}: token_embd is not a quantized tensor")
+    if model_dir is not None:
+        config = load_config(model_dir)
+    else:
+        meta["_tensors"] = tuple(gguf_tensors)
+        config = config_from_gguf(meta, embedding.rows)
+    if "output.weight" not in gguf_tensors:  # tied output projection: the same blocks
+        gguf_tensors["output.weight"] = embedding
+    norms = {"model.norm.weight": gguf_tensors.pop("output_norm.weight")}
+    for i in range(config.num_hidden_layers):
+        norms[f"model.layers.{i}.input_layernorm.weight"] = gguf_tensors.pop(f"blk.{i}.attn_norm.weight")
+        norms[f"model.layers.{i}.post_attention_layernorm.weight"] = gguf_tensors.pop(f"blk.{i}.ffn_norm.weight")
+
+    def make_linear(names: list[str]) -> nn.Module:
+        parts: list[QTensor] = []
+        biases: list[torch.Tensor | None] = []
+        for name in names:
+            base = gguf_tensor_name(name)
+            weight = gguf_tensors[f"{base}.weight"] if name == "lm_head" else gguf_tensors.pop(f"{base}.weight")
+            if not isinstance(weight, QTensor):
+                raise ValueError(f"{gguf_path}: {base}.weight is not in a supported quantized type")
+            bias = gguf_tensors.pop(f"{base}.bias", None)
+            biases.append(None if bias is None else bias.reshape(-1))
+            if parts and parts[-1].qtype == weight.qtype:  # adjacent rows of one type: one call
+                last = parts.pop()
+                weight = QTensor(weight.qtype, last.rows + weight.rows, weight.cols, torch.cat([last.data, weight.data]))
+            parts.append(weight)
+        rows = [gguf_tensors_rows[n] for n in names]
+        return KQuantLinear(parts, _joined_bias(biases, rows))
+
+    gguf_tensors_rows = {}
+    for i in range(config.num_hidden_layers):
+        for hf, gg in GGUF_LINEARS.items():
+            gguf_tensors_rows[f"model.layers.{i}.{hf}"] = gguf_tensors[f"blk.{i}.{gg}.weight"].rows
+    gguf_tensors_rows["lm_head"] = gguf_tensors["output.weight"].rows
+    model = build(config, norms, make_linear, KQuantEmbedding(embedding))
+    gguf_tensors.clear()
+    return model

@@ -92,6 +92,10 @@ def test_int8_model_matches_transformers_with_the_same_int8_layers(
 
     int8_dir = prepare_int8(tiny_llm_dir, tmp_path / "tiny-int8")
     ours, theirs = qwen2.from_int8_dir(int8_dir), load_int8(int8_dir)
+    # The torch layers, as transformers': the fused native ops sum in another order, and one
+    # last-bit difference before a per-row activation quantization moves a value by a rounding
+    # step (test_native_ops compares the native path with this one at that noise level).
+    ours.native_ops = False
     theirs.set_input_embeddings(ours.model.embed_tokens)  # ours keeps the table as int8 rows
     ids = torch.randint(0, ours.config.vocab_size, (1, 25))
     a = _run(ours, ids, BufferedCache(), 0)

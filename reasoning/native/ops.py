@@ -1,0 +1,151 @@
+"""ctypes wrappers of ``ops.c`` (fused float32 ops of a Qwen2 layer) taking torch tensors.
+
+All take float32 CPU tensors whose last dimension is contiguous and return (or fill) float32
+tensors; ``usable()`` says whether the library is there (and ``OMNISTREAM_NATIVE`` allows it).
+The Qwen2 fast path (reasoning/qwen2.py) calls them; tests compare each with torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+
+from omnistream.reasoning import native
+
+ABI_VERSION = 1
+_lib: ctypes.CDLL | None = None
+_checked = False
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _checked
+    if _checked:
+        return _lib
+    _checked = True
+    lib = native._load()
+    if lib is None or not hasattr(lib, "ops_abi_version") or lib.ops_abi_version() != ABI_VERSION:
+        return None
+    p, i, l, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    lib.ops_rmsnorm.restype = lib.ops_rope.restype = lib.ops_silu_mul.restype = lib.ops_attention.restype = None
+    lib.ops_rmsnorm.argtypes = [p, p, p, p, i, i, f, i]
+    lib.ops_rope.argtypes = [p, i, l, i, i, p, p, i]
+    lib.ops_silu_mul.argtypes = [p, i, i, p, i]
+    lib.ops_attention.argtypes = [p, l, i, i, i, i, p, l, l, p, l, l, i, p, l, f, i]
+    _lib = lib
+    return lib
+
+
+def usable() -> bool:
+    """The ops are built and allowed (``OMNISTREAM_NATIVE=0`` turns them off with the int8 kernel)."""
+    return native.enabled() and _load() is not None
+
+
+def _threads() -> int:
+    return native._threads or torch.get_num_threads()
+
+
+def _check(t: torch.Tensor, name: str) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1:
+        raise ValueError(f"native ops: {name} must be float32 on the CPU with a contiguous last dimension")
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension. With ``residual``, ``x`` is
+    first updated in place to ``x + residual`` (the layer's skip connection). x: contiguous."""
+    if not x.is_contiguous():
+        raise ValueError("native rmsnorm: x must be contiguous")
+    _check(x, "x")
+    hidden = x.shape[-1]
+    if residual is not None:
+        residual = residual.contiguous()
+        if residual.shape != x.shape:
+            raise ValueError("native rmsnorm: residual and x differ in shape")
+    weight = weight.contiguous()
+    y = torch.empty_like(x)
+    (_lib or _load()).ops_rmsnorm(
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        weight.data_ptr(),
+        y.data_ptr(),
+        x.numel() // hidden,
+        hidden,
+        eps,
+        _threads(),
+    )
+    return y
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> None:
+    """Rotate-half RoPE in place on the first ``heads`` head vectors of every row of ``x``
+    (rows, >= heads * head_dim), row m with ``cos[m]``/``sin[m]`` (rows, head_dim)."""
+    _check(x, "x")
+    rows = x.shape[0]
+    if x.dim() != 2 or x.shape[1] < heads * head_dim or head_dim % 2:
+        raise ValueError("native rope: x must be (rows, >= heads * head_dim), head_dim even")
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    if cos.shape != (rows, head_dim) or sin.shape != (rows, head_dim):
+        raise ValueError(f"native rope: cos/sin must be ({rows}, {head_dim})")
+    (_lib or _load()).ops_rope(
+        x.data_ptr(), rows, x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr(), _threads()
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for rows ``[gate | up]`` (..., 2 * I): (..., I)."""
+    gate_up = gate_up.contiguous()
+    _check(gate_up, "gate_up")
+    inner = gate_up.shape[-1] // 2
+    out = gate_up.new_empty((*gate_up.shape[:-1], inner))
+    (_lib or _load()).ops_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * inner), inner, out.data_ptr(), _threads())
+    return out
+
+
+def attention_supported(head_dim: int) -> bool:
+    return head_dim % 8 == 0 and head_dim <= 256
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal grouped-query attention of n new positions against a cache that ends with them.
+
+    q: (n, heads * D) (rows may be strided, e.g. the q part of a fused qkv output); k, v: (1,
+    kv_heads, past + n, D), any strides with a contiguous last dimension (a BufferedLayer's view).
+    Position i sees keys [0, past + i]. Returns (n, heads * D) (into ``out`` if given)."""
+    _check(q, "q")
+    _check(k, "k")
+    _check(v, "v")
+    _, kv_heads, total, head_dim = k.shape
+    n = q.shape[0]
+    heads = q.shape[1] // head_dim
+    if (
+        k.shape[0] != 1
+        or v.shape != k.shape
+        or q.shape[1] != heads * head_dim
+        or heads % kv_heads
+        or total < n
+        or not attention_supported(head_dim)
+    ):
+        raise ValueError(f"native attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if out is None:
+        out = q.new_empty((n, heads * head_dim))
+    (_lib or _load()).ops_attention(
+        q.data_ptr(),
+        q.stride(0),
+        n,
+        heads,
+        kv_heads,
+        head_dim,
+        k.data_ptr(),
+        k.stride(1),
+        k.stride(2),
+        v.data_ptr(),
+        v.stride(1),
+        v.stride(2),
+        total - n,
+        out.data_ptr(),
+        out.stride(0),
+        1.0 / math.sqrt(head_dim),
+        _threads(),
+    )
+    return out
