@@ -16,11 +16,12 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # LibriVox clips with reference text that the speech tests transcribe. Node.js runs the example
 # client in another language (examples/node), which the tests exercise. opencv-doc holds the sample
 # images and videos the perception tests recognise. chromium runs the demo page's browser test.
-if command -v apt-get >/dev/null && { ! command -v ffmpeg >/dev/null || [ ! -d /usr/share/pocketsphinx/test/data/librivox ] || ! command -v npm >/dev/null || [ ! -d /usr/share/doc/opencv-doc/examples/data ] || ! command -v chromium >/dev/null; }; then
+# gcc builds the reasoner's native CPU kernels (reasoning/native; without it the LLM runs slower).
+if command -v apt-get >/dev/null && { ! command -v gcc >/dev/null || ! command -v ffmpeg >/dev/null || [ ! -d /usr/share/pocketsphinx/test/data/librivox ] || ! command -v npm >/dev/null || [ ! -d /usr/share/doc/opencv-doc/examples/data ] || ! command -v chromium >/dev/null; }; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
   if $SUDO true 2>/dev/null; then
-    echo "== installing Debian packages: ffmpeg pocketsphinx-testdata nodejs npm opencv-doc chromium"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ffmpeg pocketsphinx-testdata nodejs npm opencv-doc chromium >/dev/null
+    echo "== installing Debian packages: gcc ffmpeg pocketsphinx-testdata nodejs npm opencv-doc chromium"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gcc libc6-dev ffmpeg pocketsphinx-testdata nodejs npm opencv-doc chromium >/dev/null
   else
     echo "== skipping Debian packages (no root); install ffmpeg yourself if you want the CLI tool"
   fi
