@@ -404,7 +404,7 @@ def gguf_tensor_name(name: str) -> str:
     return f"blk.{layer}.{GGUF_LINEARS[rest]}"
 
 
-def config_from_gguf(meta: dict, vocab_size: int) -> SimpleNamespace:
+def config_from_gguf(meta: dict, vocab_size: int, tied: bool) -> SimpleNamespace:
     """The fields load_config gives, from a qwen2 GGUF's metadata."""
     arch = meta.get("general.architecture")
     if arch != "qwen2":
@@ -425,7 +425,7 @@ def config_from_gguf(meta: dict, vocab_size: int) -> SimpleNamespace:
         max_position_embeddings=int(meta.get("qwen2.context_length", 32768)),
         rope_theta=theta,
         rope_parameters={"rope_type": "default", "rope_theta": theta},
-        tie_word_embeddings="output.weight" not in meta.get("_tensors", ()),
+        tie_word_embeddings=tied,
     )
 
 
@@ -436,44 +436,38 @@ def from_gguf(gguf_path: Path, model_dir: Path | None = None) -> Qwen2:
     the tokenizer), else from the GGUF's metadata."""
     from omnistream.reasoning.native.kquant import KQuantEmbedding, KQuantLinear, QTensor, read_gguf
 
-    gguf_tensors, meta = read_gguf(Path(gguf_path))
-    embedding = gguf_tensors["token_embd.weight"]
+    tensors, meta = read_gguf(Path(gguf_path))
+    embedding = tensors["token_embd.weight"]
     if not isinstance(embedding, QTensor):
         raise ValueError(f"{gguf_path}: token_embd is not a quantized tensor")
-    if model_dir is not None:
-        config = load_config(model_dir)
-    else:
-        meta["_tensors"] = tuple(gguf_tensors)
-        config = config_from_gguf(meta, embedding.rows)
-    if "output.weight" not in gguf_tensors:  # tied output projection: the same blocks
-        gguf_tensors["output.weight"] = embedding
-    norms = {"model.norm.weight": gguf_tensors.pop("output_norm.weight")}
+    tied = "output.weight" not in tensors
+    config = load_config(model_dir) if model_dir else config_from_gguf(meta, embedding.rows, tied)
+    if tied:  # the output projection is the embedding's blocks (one copy in RAM)
+        tensors["output.weight"] = embedding
+    norms = {"model.norm.weight": tensors.pop("output_norm.weight")}
     for i in range(config.num_hidden_layers):
-        norms[f"model.layers.{i}.input_layernorm.weight"] = gguf_tensors.pop(f"blk.{i}.attn_norm.weight")
-        norms[f"model.layers.{i}.post_attention_layernorm.weight"] = gguf_tensors.pop(f"blk.{i}.ffn_norm.weight")
+        norms[f"model.layers.{i}.input_layernorm.weight"] = tensors.pop(f"blk.{i}.attn_norm.weight")
+        norms[f"model.layers.{i}.post_attention_layernorm.weight"] = tensors.pop(f"blk.{i}.ffn_norm.weight")
 
     def make_linear(names: list[str]) -> nn.Module:
         parts: list[QTensor] = []
         biases: list[torch.Tensor | None] = []
+        rows: list[int] = []
         for name in names:
             base = gguf_tensor_name(name)
-            weight = gguf_tensors[f"{base}.weight"] if name == "lm_head" else gguf_tensors.pop(f"{base}.weight")
+            weight = tensors.pop(f"{base}.weight")
             if not isinstance(weight, QTensor):
                 raise ValueError(f"{gguf_path}: {base}.weight is not in a supported quantized type")
-            bias = gguf_tensors.pop(f"{base}.bias", None)
+            bias = tensors.pop(f"{base}.bias", None)
             biases.append(None if bias is None else bias.reshape(-1))
+            rows.append(weight.rows)
             if parts and parts[-1].qtype == weight.qtype:  # adjacent rows of one type: one call
                 last = parts.pop()
-                weight = QTensor(weight.qtype, last.rows + weight.rows, weight.cols, torch.cat([last.data, weight.data]))
+                data = torch.cat([last.data, weight.data])
+                weight = QTensor(weight.qtype, last.rows + weight.rows, weight.cols, data)
             parts.append(weight)
-        rows = [gguf_tensors_rows[n] for n in names]
         return KQuantLinear(parts, _joined_bias(biases, rows))
 
-    gguf_tensors_rows = {}
-    for i in range(config.num_hidden_layers):
-        for hf, gg in GGUF_LINEARS.items():
-            gguf_tensors_rows[f"model.layers.{i}.{hf}"] = gguf_tensors[f"blk.{i}.{gg}.weight"].rows
-    gguf_tensors_rows["lm_head"] = gguf_tensors["output.weight"].rows
     model = build(config, norms, make_linear, KQuantEmbedding(embedding))
-    gguf_tensors.clear()
+    tensors.clear()
     return model
