@@ -202,6 +202,7 @@ class ReasoningStage:
             if synopsis is None:
                 self.runtime.counters["synopses_deferred"] += 1
                 return
+            release_freed_memory()  # the synopsis prompt's cache
             self.runtime.counters["synopses"] += 1
             self.runtime.publish(synopsis)
 
