@@ -26,7 +26,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-int ops_abi_version(void) { return 1; }
+int ops_abi_version(void) { return 2; }
 
 INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -203,6 +203,43 @@ typedef struct {
     float scale;
 } attn_t;
 
+/* Kt[d][j] = K[j][d] for j < bk (zeros for bk <= j < BK), d < D (D % 8 == 0): 8 x 8 tiles
+ * transposed in registers (a scalar column walk was half of a decode step's attention). */
+static void transpose_block(const float *K, long kst, int bk, int D, float *Kt) {
+    static const float zeros[MAX_D] __attribute__((aligned(32)));
+    for (int j = 0; j < BK; j += 8) {
+        const float *row[8];
+        for (int t = 0; t < 8; t++) row[t] = j + t < bk ? K + (size_t)(j + t) * kst : zeros;
+        for (int d = 0; d < D; d += 8) {
+            __m256 r0 = _mm256_loadu_ps(row[0] + d), r1 = _mm256_loadu_ps(row[1] + d);
+            __m256 r2 = _mm256_loadu_ps(row[2] + d), r3 = _mm256_loadu_ps(row[3] + d);
+            __m256 r4 = _mm256_loadu_ps(row[4] + d), r5 = _mm256_loadu_ps(row[5] + d);
+            __m256 r6 = _mm256_loadu_ps(row[6] + d), r7 = _mm256_loadu_ps(row[7] + d);
+            const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+            const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+            const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+            const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+            r0 = _mm256_shuffle_ps(t0, t2, 0x44);
+            r1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            r2 = _mm256_shuffle_ps(t1, t3, 0x44);
+            r3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            r4 = _mm256_shuffle_ps(t4, t6, 0x44);
+            r5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            r6 = _mm256_shuffle_ps(t5, t7, 0x44);
+            r7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *o = Kt + (size_t)d * BK + j;
+            _mm256_store_ps(o + 0 * BK, _mm256_permute2f128_ps(r0, r4, 0x20));
+            _mm256_store_ps(o + 1 * BK, _mm256_permute2f128_ps(r1, r5, 0x20));
+            _mm256_store_ps(o + 2 * BK, _mm256_permute2f128_ps(r2, r6, 0x20));
+            _mm256_store_ps(o + 3 * BK, _mm256_permute2f128_ps(r3, r7, 0x20));
+            _mm256_store_ps(o + 4 * BK, _mm256_permute2f128_ps(r0, r4, 0x31));
+            _mm256_store_ps(o + 5 * BK, _mm256_permute2f128_ps(r1, r5, 0x31));
+            _mm256_store_ps(o + 6 * BK, _mm256_permute2f128_ps(r2, r6, 0x31));
+            _mm256_store_ps(o + 7 * BK, _mm256_permute2f128_ps(r3, r7, 0x31));
+        }
+    }
+}
+
 /* S[r][0:BK] = Q[r] . Kt[:, 0:BK] for rows [r0, r0 + R) (R <= 4), 16 keys per step. */
 INLINE void qk_tile(const float *Q, int D, const float *Kt, float *S, int R) {
     for (int j = 0; j < BK; j += 16) {
@@ -292,11 +329,7 @@ static void attn_chunk(void *p, int c) {
     const int kend = a->past + i1; /* keys any row of the block may see */
     for (int j0 = 0; j0 < kend; j0 += BK) {
         const int bk = kend - j0 < BK ? kend - j0 : BK;
-        for (int d = 0; d < D; d++) { /* transpose the block; zeros past its end */
-            float *t = Kt + d * BK;
-            for (int j = 0; j < bk; j++) t[j] = K[(size_t)(j0 + j) * a->kst + d];
-            for (int j = bk; j < BK; j++) t[j] = 0.0f;
-        }
+        transpose_block(K + (size_t)j0 * a->kst, a->kst, bk, D, Kt);
         for (int r0 = 0; r0 < rows; r0 += 4) {
             const int R = rows - r0 < 4 ? rows - r0 : 4;
             TILE4(qk_tile(Q + r0 * D, D, Kt, S + r0 * BK, R_));
@@ -360,4 +393,65 @@ void ops_attention(const float *q, long ldq, int n, int heads, int kv_heads, int
     attn_t a = {q, k, v, ldq, ksh, kst, vsh, vst, out, ldo, n, past, heads, kv_heads, D, qb, (n + qb - 1) / qb, scale};
     const int chunks = a.nqb * kv_heads;
     parallel_chunks(attn_chunk, &a, chunks, threads_for((long)n * (past + n) * heads * D, threads));
+}
+
+/* ---- whole layer halves on int8 weights (int8_gemm.c), for one call per half from Python ---- */
+
+/* An int8 linear layer as native.PreparedWeight holds it. */
+typedef struct {
+    const int8_t *w;
+    const float *scale;
+    const int32_t *rowsum;
+    const float *bias; /* or NULL */
+    int N, K;
+} lin_t;
+
+void int8_linear(const float *x, int M, int K, const int8_t *w, const float *w_scale, const int32_t *w_rowsum,
+                 const float *bias, float *y, int N, int threads);
+
+static void lin(const lin_t *l, const float *x, int M, float *y, int threads) {
+    int8_linear(x, M, l->K, l->w, l->scale, l->rowsum, l->bias, y, l->N, threads);
+}
+
+/* Into a layer: x += res (when res), h = RMSNorm(x), qkv = h @ Wqkv.T (+ b), then RoPE in place on
+ * the first rope_heads heads of every qkv row (q and k; 0: none, the caller rotates later).
+ * x, res: (M, H); qkv: (M, qkv->N); cos, sin: (M, D). Returns 0, or -1 when out of memory. */
+int ops_layer_in(float *x, const float *res, const float *norm_w, float eps, int M, int H, const lin_t *qkv_l,
+                 float *qkv, const float *cos, const float *sin, int rope_heads, int D, int threads) {
+    float *h = (float *)malloc(sizeof(float) * (size_t)M * H);
+    if (!h) return -1;
+    ops_rmsnorm(x, res, norm_w, h, M, H, eps, threads);
+    lin(qkv_l, h, M, qkv, threads);
+    if (rope_heads) ops_rope(qkv, M, qkv_l->N, rope_heads, D, cos, sin, threads);
+    free(h);
+    return 0;
+}
+
+/* The rest of a layer for M query rows: a = attention (as ops_attention) @ Wo.T; x += a;
+ * h = RMSNorm(x); d = (SiLU(gate) * up)(h @ Wgu.T) @ Wdown.T into d (M, H), which the caller adds
+ * to x with the next norm (ops_layer_in's res, or ops_rmsnorm's residual for the final norm). */
+int ops_layer_out(const float *q, long ldq, int M, int heads, int kv_heads, int D, const float *k, long ksh, long kst,
+                  const float *v, long vsh, long vst, int past, float scale, float *x, int H, const lin_t *o_l,
+                  const float *norm_w, float eps, const lin_t *gu_l, const lin_t *down_l, float *d, int threads) {
+    const int I = gu_l->N / 2;
+    float *att = (float *)malloc(sizeof(float) * (size_t)M * heads * D);
+    float *h = (float *)malloc(sizeof(float) * (size_t)M * H);
+    float *gu = (float *)malloc(sizeof(float) * (size_t)M * gu_l->N);
+    float *m = (float *)malloc(sizeof(float) * (size_t)M * I);
+    int status = -1;
+    if (att && h && gu && m) {
+        ops_attention(q, ldq, M, heads, kv_heads, D, k, ksh, kst, v, vsh, vst, past, att, (long)heads * D, scale,
+                      threads);
+        lin(o_l, att, M, d, threads); /* d holds a for a moment */
+        ops_rmsnorm(x, d, norm_w, h, M, H, eps, threads);
+        lin(gu_l, h, M, gu, threads);
+        ops_silu_mul(gu, M, I, m, threads);
+        lin(down_l, m, M, d, threads);
+        status = 0;
+    }
+    free(att);
+    free(h);
+    free(gu);
+    free(m);
+    return status;
 }

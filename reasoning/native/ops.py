@@ -14,9 +14,27 @@ import torch
 
 from omnistream.reasoning import native
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _lib: ctypes.CDLL | None = None
 _checked = False
+
+
+class LinearSpec(ctypes.Structure):
+    """ops.c's lin_t: an int8 layer as ``native.PreparedWeight`` holds it (which must outlive it)."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("rowsum", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("N", ctypes.c_int),
+        ("K", ctypes.c_int),
+    ]
+
+    @classmethod
+    def of(cls, prepared: native.PreparedWeight) -> LinearSpec:
+        w, s, r, b = prepared._pointers
+        return cls(w, s, r, b, prepared.out_features, prepared.in_features)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -33,6 +51,10 @@ def _load() -> ctypes.CDLL | None:
     lib.ops_rope.argtypes = [p, i, l, i, i, p, p, i]
     lib.ops_silu_mul.argtypes = [p, i, i, p, i]
     lib.ops_attention.argtypes = [p, l, i, i, i, i, p, l, l, p, l, l, i, p, l, f, i]
+    lin = ctypes.POINTER(LinearSpec)
+    lib.ops_layer_in.restype = lib.ops_layer_out.restype = i
+    lib.ops_layer_in.argtypes = [p, p, p, f, i, i, lin, p, p, p, i, i, i]
+    lib.ops_layer_out.argtypes = [p, l, i, i, i, i, p, l, l, p, l, l, i, f, p, i, lin, p, f, lin, lin, p, i]
     _lib = lib
     return lib
 
@@ -148,4 +170,93 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         1.0 / math.sqrt(head_dim),
         _threads(),
     )
+    return out
+
+
+# -- layer halves on int8 weights (one native call each) -------------------------------------------
+
+
+def layer_in(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    qkv: LinearSpec,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rope_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """Into a layer: ``x += residual`` (in place, when given), ``h = rmsnorm(x)``, returns
+    ``qkv = h @ Wqkv.T + b`` (rows, qkv.N) with RoPE applied in place to its first ``rope_heads``
+    heads (0: none). x, residual: contiguous (rows, hidden); cos/sin: contiguous (rows, head_dim)."""
+    rows, hidden = x.shape
+    out = x.new_empty((rows, qkv.N))
+    status = (_lib or _load()).ops_layer_in(
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        norm_weight.data_ptr(),
+        eps,
+        rows,
+        hidden,
+        qkv,
+        out.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        rope_heads,
+        head_dim,
+        _threads(),
+    )
+    if status:
+        raise MemoryError("native layer_in: out of memory")
+    return out
+
+
+def layer_out(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    x: torch.Tensor,
+    o_proj: LinearSpec,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_up: LinearSpec,
+    down: LinearSpec,
+) -> torch.Tensor:
+    """The rest of a layer for the rows of ``q`` (n, heads * D, strided rows allowed): attention
+    against k/v as ``attention``, ``x += o_proj(.)`` in place (x: contiguous (n, hidden)), then
+    returns the MLP's output ``down(silu(gate) * up)(rmsnorm(x))`` (n, hidden), not yet added."""
+    _, kv_heads, total, head_dim = k.shape
+    n, hidden = x.shape
+    heads = q.shape[1] // head_dim
+    if q.shape[0] != n or total < n or v.shape != k.shape or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"native layer_out: q {tuple(q.shape)}, k {tuple(k.shape)}, x {tuple(x.shape)}")
+    out = x.new_empty((n, hidden))
+    status = (_lib or _load()).ops_layer_out(
+        q.data_ptr(),
+        q.stride(0),
+        n,
+        heads,
+        kv_heads,
+        head_dim,
+        k.data_ptr(),
+        k.stride(1),
+        k.stride(2),
+        v.data_ptr(),
+        v.stride(1),
+        v.stride(2),
+        total - n,
+        1.0 / math.sqrt(head_dim),
+        x.data_ptr(),
+        hidden,
+        o_proj,
+        norm_weight.data_ptr(),
+        eps,
+        gate_up,
+        down,
+        out.data_ptr(),
+        _threads(),
+    )
+    if status:
+        raise MemoryError("native layer_out: out of memory")
     return out

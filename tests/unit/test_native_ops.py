@@ -146,6 +146,7 @@ def test_fast_forward_matches_the_torch_forward(
     path = tiny_llm_dir if which == "tiny" else tied_odd_dir
     fast, slow = _both(monkeypatch, path, int8, tmp_path)
     assert fast.uses_native_ops()
+    assert (qwen2._int8_specs(fast) is not None) == int8  # int8: a native call per layer half
     # float32: the same numbers up to summation order. int8: activations are quantized per row, so
     # a last-bit difference in a layer's input can move one value by a rounding step.
     tol = {"atol": 1e-2, "rtol": 1e-2} if int8 else {"atol": 1e-4, "rtol": 1e-4}
