@@ -227,9 +227,9 @@ def _forward_native(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int) -
     layers = model.model.layers
     x = x.contiguous() if x.is_contiguous() else x.clone()
     n = x.shape[0]
-    specs = _int8_specs(model)
-    if specs is not None:
-        return _forward_int8(model, x, cos.contiguous(), sin.contiguous(), cache, keep, specs)
+    plan = _int8_plan(model)
+    if plan is not None:
+        return _forward_int8(model, x, cos.contiguous(), sin.contiguous(), cache, keep, plan)
     norm = layers[0].input_layernorm
     h = ops.rmsnorm(x, norm.weight, norm.eps)
     for index, layer in enumerate(layers):
@@ -260,25 +260,37 @@ def _forward_native(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int) -
     return h
 
 
-def _int8_specs(model: Qwen2) -> list | None:
-    """The native layer specs (ops.LinearSpec) of every layer's qkv, o, gate_up and down, in that
-    order, when all are native Int8Linear modules without hooks (then ``_forward_int8`` runs each
-    half of a layer as one native call); None otherwise. Built once per set of modules."""
+def _int8_plan(model: Qwen2) -> list | None:
+    """Per layer what ``_int8_layers`` needs (attention module, norms, ops.LinearSpec of qkv, o,
+    gate_up and down) when every linear layer is a native Int8Linear without hooks (then each
+    half of a layer is one native call); None otherwise. Built once per set of modules; checked
+    each forward through the modules' dicts (nn.Module attribute lookups cost ~1 us each)."""
     from torch.nn.modules import module as torch_module
 
     from omnistream.reasoning.native import ops
     from omnistream.reasoning.quant import Int8Linear
 
-    modules = [
-        m
-        for layer in model.model.layers
-        for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-    ]
-    cached = getattr(model, "_native_specs", None)
+    modules = []
+    for layer in model.model.layers:
+        attn, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
+        modules += (attn["qkv_proj"], attn["o_proj"], mlp["gate_up_proj"], mlp["down_proj"])
+    cached = model.__dict__.get("_native_plan")
     if cached is None or len(cached[0]) != len(modules) or any(a is not b for a, b in zip(cached[0], modules)):
-        native = all(type(m) is Int8Linear and m._native is not None for m in modules)
-        cached = (modules, [ops.LinearSpec.of(m._native) for m in modules] if native else None)
-        model._native_specs = cached
+        plan = None
+        if all(type(m) is Int8Linear and m._native is not None for m in modules):
+            specs = [ops.LinearSpec.of(m._native) for m in modules]
+            plan = [
+                (
+                    layer.self_attn,
+                    layer.input_layernorm.weight,
+                    layer.input_layernorm.eps,
+                    layer.post_attention_layernorm.weight,
+                    layer.post_attention_layernorm.eps,
+                    *specs[4 * i : 4 * i + 4],
+                )
+                for i, layer in enumerate(model.model.layers)
+            ]
+        cached = model.__dict__["_native_plan"] = (modules, plan)
     if cached[1] is None or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return None
     if any(m._forward_hooks or m._forward_pre_hooks for m in modules):
@@ -286,37 +298,41 @@ def _int8_specs(model: Qwen2) -> list | None:
     return cached[1]
 
 
-def _forward_int8(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int, specs: list) -> torch.Tensor:
+def _forward_int8(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int, plan: list) -> torch.Tensor:
     """``_forward_native`` for int8 layers: per layer one native call up to the rotated qkv, then
     ``cache.update``, then one for attention, o_proj, the norm and the MLP (ops.layer_in/out)."""
     from omnistream.reasoning.native import ops
 
-    layers = model.model.layers
+    with ops.helpers_spinning():
+        return _int8_layers(model, x, cos, sin, cache, keep, plan)
+
+
+def _int8_layers(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int, plan: list) -> torch.Tensor:
+    from omnistream.reasoning.native import ops
+
     n = x.shape[0]
     down = None
-    for index, layer in enumerate(layers):
-        attn = layer.self_attn
+    for index, (attn, w_in, eps_in, w_post, eps_post, qkv_spec, o_spec, gate_up_spec, down_spec) in enumerate(plan):
         q_size, kv_size, dim, kv_heads = attn.q_size, attn.kv_size, attn.head_dim, attn.kv_heads
-        qkv_spec, o_spec, gate_up_spec, down_spec = specs[4 * index : 4 * index + 4]
-        norm = layer.input_layernorm
         rope_heads = 0 if attn.on_query else attn.heads + kv_heads  # taps see q before RoPE
-        qkv = ops.layer_in(x, down, norm.weight, norm.eps, qkv_spec, cos, sin, rope_heads, dim)
+        qkv = ops.layer_in(x, down, w_in, eps_in, qkv_spec, cos, sin, rope_heads, dim)
         if attn.on_query:
             q = qkv[None, :, :q_size].clone()
             for callback in attn.on_query:
                 callback(q)
             ops.rope_(qkv, cos, sin, attn.heads + kv_heads, dim)
-        k = qkv[:, q_size : q_size + kv_size].view(n, kv_heads, dim).transpose(0, 1)[None]
-        v = qkv[:, q_size + kv_size :].view(n, kv_heads, dim).transpose(0, 1)[None]
+        # k, v: (1, kv_heads, n, dim) views of the qkv rows.
+        shape, strides = (1, kv_heads, n, dim), (kv_size, dim, qkv.shape[1], 1)
+        k = qkv.as_strided(shape, strides, q_size)
+        v = qkv.as_strided(shape, strides, q_size + kv_size)
         if cache is not None:
             k, v = cache.update(k, v, attn.layer)
             if k.dtype != torch.float32 or k.stride(-1) != 1 or v.dtype != torch.float32 or v.stride(-1) != 1:
                 k, v = k.float().contiguous(), v.float().contiguous()
-        rows = keep if index + 1 == len(layers) else n  # the last layer: only the kept rows
+        rows = keep if index + 1 == len(plan) else n  # the last layer: only the kept rows
         if rows < n:
             x = x[n - rows :]
-        norm = layer.post_attention_layernorm
-        down = ops.layer_out(qkv[n - rows :, :q_size], k, v, x, o_spec, norm.weight, norm.eps, gate_up_spec, down_spec)
+        down = ops.layer_out(qkv[n - rows :, :q_size], k, v, x, o_spec, w_post, eps_post, gate_up_spec, down_spec)
     norm = model.model.norm
     return ops.rmsnorm(x, norm.weight, norm.eps, residual=down)
 

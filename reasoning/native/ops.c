@@ -387,6 +387,7 @@ static void attn_chunk(void *p, int c) {
 void ops_attention(const float *q, long ldq, int n, int heads, int kv_heads, int D, const float *k, long ksh,
                    long kst, const float *v, long vsh, long vst, int past, float *out, long ldo, float scale,
                    int threads) {
+    if (n <= 0) return;
     const int G = heads / kv_heads;
     int qb = (64 + G - 1) / G; /* ~64 rows a block */
     if (qb > n) qb = n;

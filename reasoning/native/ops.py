@@ -7,14 +7,20 @@ The Qwen2 fast path (reasoning/qwen2.py) calls them; tests compare each with tor
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
+from collections.abc import Iterator
 
 import torch
 
 from omnistream.reasoning import native
 
 ABI_VERSION = 2
+# Pause instructions the pool's helpers spin for the next call during a forward (pool.c's default,
+# ~1000, lets them sleep in the Python between a layer's native calls, and waking them costs more
+# than the gap). Restored after the forward, so idle helpers still sleep soon.
+FORWARD_SPIN = 10000
 _lib: ctypes.CDLL | None = None
 _checked = False
 
@@ -52,7 +58,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ops_silu_mul.argtypes = [p, i, i, p, i]
     lib.ops_attention.argtypes = [p, l, i, i, i, i, p, l, l, p, l, l, i, p, l, f, i]
     lin = ctypes.POINTER(LinearSpec)
-    lib.ops_layer_in.restype = lib.ops_layer_out.restype = i
+    lib.ops_layer_in.restype = lib.ops_layer_out.restype = lib.int8_get_spin.restype = i
+    lib.int8_get_spin.argtypes = []
     lib.ops_layer_in.argtypes = [p, p, p, f, i, i, lin, p, p, p, i, i, i]
     lib.ops_layer_out.argtypes = [p, l, i, i, i, i, p, l, l, p, l, l, i, f, p, i, lin, p, f, lin, lin, p, i]
     _lib = lib
@@ -171,6 +178,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         _threads(),
     )
     return out
+
+
+@contextlib.contextmanager
+def helpers_spinning(pauses: int | None = None) -> Iterator[None]:
+    """Within the block, the pool's helpers spin at least ``pauses`` (default FORWARD_SPIN)
+    between calls instead of sleeping; the previous setting comes back after it."""
+    lib = _lib or _load()
+    old = lib.int8_get_spin()
+    lib.int8_set_spin(max(old, FORWARD_SPIN if pauses is None else pauses))
+    try:
+        yield
+    finally:
+        lib.int8_set_spin(old)
 
 
 # -- layer halves on int8 weights (one native call each) -------------------------------------------

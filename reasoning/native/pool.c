@@ -27,6 +27,9 @@ static atomic_int spin_pauses = SPIN_PAUSES;
 /* How long helpers spin for the next call before sleeping (in pause instructions). */
 void int8_set_spin(int pauses) { atomic_store(&spin_pauses, pauses < 0 ? 0 : pauses); }
 
+/* The current spin (a caller can raise it around a burst of calls and restore it). */
+int int8_get_spin(void) { return atomic_load(&spin_pauses); }
+
 typedef struct {
     chunk_fn fn;
     void *arg;

@@ -10,5 +10,6 @@ void parallel_chunks(chunk_fn fn, void *arg, int chunks, int threads);
 
 /* How long helpers spin for the next call before sleeping (in pause instructions). */
 void int8_set_spin(int pauses);
+int int8_get_spin(void);
 
 #endif

@@ -146,7 +146,7 @@ def test_fast_forward_matches_the_torch_forward(
     path = tiny_llm_dir if which == "tiny" else tied_odd_dir
     fast, slow = _both(monkeypatch, path, int8, tmp_path)
     assert fast.uses_native_ops()
-    assert (qwen2._int8_specs(fast) is not None) == int8  # int8: a native call per layer half
+    assert (qwen2._int8_plan(fast) is not None) == int8  # int8: a native call per layer half
     # float32: the same numbers up to summation order. int8: activations are quantized per row, so
     # a last-bit difference in a layer's input can move one value by a rounding step.
     tol = {"atol": 1e-2, "rtol": 1e-2} if int8 else {"atol": 1e-4, "rtol": 1e-4}
@@ -203,3 +203,15 @@ def test_attention_scale_is_one_over_sqrt_head_dim() -> None:
     k[0, 0, 1] = 1.0
     w = torch.softmax(torch.tensor([0.0, 8.0 / math.sqrt(8)]), 0)
     torch.testing.assert_close(ops.attention(q, k, v)[0], w @ v[0, 0])
+
+
+def test_helpers_spin_longer_only_within_a_forward() -> None:
+    lib = ops._load()
+    before = lib.int8_get_spin()
+    with ops.helpers_spinning(before + 12345):
+        assert lib.int8_get_spin() == before + 12345
+    assert lib.int8_get_spin() == before
+
+
+def test_empty_input_gives_empty_outputs() -> None:
+    assert ops.attention(torch.randn(0, 32), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)).shape == (0, 32)
