@@ -50,7 +50,8 @@ class ProgressBars:
 
 def prepare_llm_cache(config: Config, progress: bool = True, every_packaged: bool = False):
     """Prepare the configured LLM (and with ``every_packaged`` the fast one too): reassemble,
-    convert, and build the int8 cache when that is the format the engine will run."""
+    convert, and build the native kernels, plus the int8 cache when that is the format the
+    engine will run ("gguf", the default on a CPU, runs the reassembled GGUF as it is)."""
     from omnistream.reasoning.engine import int8_dir, resolve_format
     from omnistream.reasoning.prepare import PACKAGED_MODELS, prepare_llm
     from omnistream.reasoning.quant import prepare_int8
@@ -61,7 +62,11 @@ def prepare_llm_cache(config: Config, progress: bool = True, every_packaged: boo
         dirs = [prepare_llm(name, config.cache_dir, progress=bars) for name in dict.fromkeys(names)]
     finally:
         bars.close()
-    if resolve_format(config.reasoning.dtype) == "int8":
+    if resolve_format(config.reasoning.dtype, dirs[0]) == "gguf":
+        from omnistream.reasoning import native
+
+        native.build()  # the kernels, compiled once (the GGUF's blocks run as they are: no cache)
+    elif resolve_format(config.reasoning.dtype, dirs[0]) == "int8":
         from omnistream.reasoning import native
 
         native.build()  # the int8 kernel, compiled once (falls back to fbgemm where it cannot)

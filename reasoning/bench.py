@@ -9,7 +9,8 @@ is llama-cpp-python on the same GGUF file, same prompts, same threads, in the sa
 installed only for this benchmark and skipped with a message when missing. Both compute the
 last position's logits on every call (llama.cpp's ``eval`` does it internally).
 
-The int8 format runs on the native kernel where it builds (reasoning/native); the same run then
+The gguf format runs the GGUF's own quantized blocks on the native kernel (reasoning/native/
+kquant.c). The int8 format runs on the native kernel where it builds (reasoning/native); the same run then
 also measures fbgemm's path (``OMNISTREAM_NATIVE=0``, format name ``int8-fbgemm``), and the rows
 are labelled "int8 (native)" and "int8 (fbgemm)".
 
@@ -106,7 +107,13 @@ def measure_torch(model: str, fmt: str, threads: int, quick: bool) -> dict:
 
         result["ttft_ms"] = 1000 * _median_time(first_token, 5)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["rss_mb"] = _rss_mb()
     return result
+
+
+def _rss_mb() -> float:
+    """Resident memory now (after the measurements: the steady size, not the load's peak)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
@@ -157,6 +164,7 @@ def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
     result["ttft_ms"] = 1000 * _median_time(first_token, 5)
     # Not engine.peak_rss_mb: importing the engine would load torch into the reference process.
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["rss_mb"] = _rss_mb()
     return result
 
 
@@ -186,6 +194,7 @@ ROWS = [
     ("ttft_ms", f"first token, {QUESTION_TOKENS}-token question, {CONTEXT_TOKENS} cached", "ms"),
     ("load_s", "load", "s"),
     ("peak_rss_mb", "peak RSS", "MB"),
+    ("rss_mb", "RSS after the runs", "MB"),
 ]
 
 
@@ -204,7 +213,7 @@ def run(
         if quick
         else tuple(dict.fromkeys((config.reasoning.model, "qwen2.5-coder-0.5b")))
     )
-    formats = formats or (("int8", "float32") if quick else ("int8", "float32", "bfloat16"))
+    formats = formats or (("gguf", "int8", "float32") if quick else ("gguf", "int8", "float32", "bfloat16"))
     rows: list[dict] = []
     _NOTES.clear()
     for model in models:

@@ -18,23 +18,54 @@ from omnistream.reasoning.cache import BufferedCache
 log = logging.getLogger("omnistream.reasoning.engine")
 
 
-FORMATS = ("auto", "int8", "float32", "bfloat16", "float16")
+FORMATS = ("auto", "gguf", "int8", "float32", "bfloat16", "float16")
 
 
-def resolve_format(fmt: str) -> str:
-    """The weight format to run: "auto" is bfloat16 on a GPU and int8 on a CPU (decoding is bound
-    by memory bandwidth, and int8 weights are a quarter of float32; see reasoning/quant.py)."""
+def gguf_file(model_dir: Path) -> Path | None:
+    """The GGUF a prepared model directory came from: ``<cache>/gguf/<name>.gguf`` beside
+    ``<cache>/llm/<name>-<dtype>`` (reasoning/prepare.py), or the one ``*.gguf`` inside a local
+    model directory; None if there is none."""
+    model_dir = Path(model_dir)
+    name = model_dir.name.rsplit("-", 1)[0]
+    packaged = model_dir.parent.parent / "gguf" / f"{name}.gguf"
+    if packaged.is_file() and packaged.with_suffix(".gguf.sha256").is_file():
+        return packaged
+    inside = sorted(model_dir.glob("*.gguf")) if model_dir.is_dir() else []
+    return inside[0] if len(inside) == 1 else None
+
+
+def resolve_format(fmt: str, model_dir: Path | None = None) -> str:
+    """The weight format to run. "auto" is bfloat16 on a GPU; on a CPU (decoding is bound by
+    memory bandwidth) it is "gguf" for a Qwen2 model prepared from a GGUF (``model_dir``) where
+    the native kernel builds: the file's own 4.5-6.5-bit blocks (reasoning/native/kquant.py;
+    the 1.5B decodes faster than as int8 and takes ~600 MB less RAM), else int8 (a quarter of
+    float32; see reasoning/quant.py)."""
     if fmt not in FORMATS:
         raise ValueError(f"reasoning.dtype must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "auto":
-        return "bfloat16" if torch.cuda.is_available() else "int8"
+        if torch.cuda.is_available():
+            return "bfloat16"
+        return "gguf" if model_dir is not None and gguf_runnable(model_dir) else "int8"
     return fmt
+
+
+def gguf_runnable(model_dir: Path) -> bool:
+    """Whether the "gguf" format can run ``model_dir``: a Qwen2 with its GGUF beside it, every
+    weight in a block type the native kernel has, and the kernel built."""
+    from omnistream.reasoning import qwen2
+
+    path = gguf_file(model_dir)
+    if path is None or not qwen2.is_qwen2(model_dir):
+        return False
+    from omnistream.reasoning.native import kquant
+
+    return kquant.available() and kquant.supports(path)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
     """The dtype activations and the KV cache are kept in for a weight format."""
     fmt = resolve_format(dtype)
-    return torch.float32 if fmt == "int8" else getattr(torch, fmt)
+    return torch.float32 if fmt in ("int8", "gguf") else getattr(torch, fmt)
 
 
 def int8_dir(model_dir: Path) -> Path:
@@ -67,9 +98,9 @@ class LLMEngine:
         from omnistream.reasoning.quant import load_int8, prepare_int8
 
         started = time.monotonic()
-        self.format = resolve_format(dtype)
+        self.format = resolve_format(dtype, model_dir)
         torch.set_num_threads(threads)
-        if self.format == "int8" and native.available():
+        if self.format in ("int8", "gguf") and native.available():
             # The int8 kernel runs the linear layers (nearly all the work) on ``threads`` cores
             # with its own workers; torch's remaining small ops run on one thread, so its OpenMP
             # barriers never wait for a core another process (or the kernel) holds: on 2 busy
@@ -77,12 +108,19 @@ class LLMEngine:
             native.set_threads(threads)
             torch.set_num_threads(1)
         self.dtype = resolve_dtype(dtype)
-        self.device = torch.device("cuda" if torch.cuda.is_available() and self.format != "int8" else "cpu")
+        self.device = torch.device(
+            "cuda" if torch.cuda.is_available() and self.format not in ("int8", "gguf") else "cpu"
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         # Qwen2 (the packaged models) runs on reasoning/qwen2.py; another architecture in a local
         # model directory goes through transformers.
         ours = qwen2.is_qwen2(model_dir)
-        if self.format == "int8":
+        if self.format == "gguf":
+            gguf = gguf_file(model_dir)
+            if gguf is None or not ours:
+                raise ValueError(f"{model_dir}: format 'gguf' needs a Qwen2 model prepared from a GGUF")
+            self.model = qwen2.from_gguf(gguf, model_dir)
+        elif self.format == "int8":
             prepared = prepare_int8(model_dir, int8_dir(model_dir))
             self.model = qwen2.from_int8_dir(prepared) if ours else load_int8(prepared)
         elif ours:

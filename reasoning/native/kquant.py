@@ -287,6 +287,17 @@ class _Header:
             self._take(count * struct.calcsize(_SCALARS[etype]))
 
 
+def supports(path: Path) -> bool:
+    """Whether every tensor of the GGUF at ``path`` is of a type ``read_gguf`` loads (reads only
+    the header)."""
+    try:
+        with open(path, "rb") as f:
+            header = _Header(f)
+    except (OSError, ValueError, struct.error):
+        return False
+    return all(qtype in SUPPORTED or qtype in _FLOATS for _, _, qtype, _ in header.tensors)
+
+
 def read_gguf(path: Path) -> tuple[dict[str, QTensor | torch.Tensor], dict[str, object]]:
     """Tensors of a GGUF (quantized ones as QTensor, float ones as float32 tensors) and its
     scalar/string metadata. Tensors are read (not mapped) into anonymous memory, so no page of

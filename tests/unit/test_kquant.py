@@ -118,7 +118,9 @@ def test_activation_quantization(block):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(1, 7, 512), (1, 64, 768), (5, 13, 768), (11, 33, 1024), (37, 70, 256)])
+@pytest.mark.parametrize(
+    "shape", [(1, 7, 512), (1, 64, 768), (5, 13, 768), (11, 33, 1024), (37, 70, 256), (800, 5, 256)]
+)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: kquant.NAMES[t])
 def test_gemm_matches_reference(qtype, shape, threads):
     m, n, k = shape
@@ -174,13 +176,13 @@ def test_rejects_bad_shapes():
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS, VOCAB = 256, 512, 4, 2, 2, 320
 
 
-def write_tiny_gguf(path, tied: bool) -> dict[str, tuple[int, np.ndarray]]:
+def write_tiny_gguf(path, tied: bool, vocab: int = VOCAB) -> dict[str, tuple[int, np.ndarray]]:
     """A 2-layer Qwen2 GGUF mixing every supported type; returns {name: (type, blocks or floats)}."""
     rng = np.random.default_rng(7)
     head_dim = HIDDEN // HEADS
-    layout = {"token_embd": (kquant.Q4_K, VOCAB, HIDDEN)}
+    layout = {"token_embd": (kquant.Q4_K, vocab, HIDDEN)}
     if not tied:
-        layout["output"] = (kquant.Q6_K, VOCAB, HIDDEN)
+        layout["output"] = (kquant.Q6_K, vocab, HIDDEN)
     for i in range(LAYERS):
         layout |= {
             f"blk.{i}.attn_q": (kquant.Q4_K, HEADS * head_dim, HIDDEN),
@@ -289,3 +291,47 @@ def test_tiny_qwen2_from_gguf_matches_float(tmp_path, tied):
     model(input_ids=ids[:, :11], cache=cache)
     step = model(input_ids=ids[:, 11:], cache=cache).logits
     assert (step[0, -1] - want[0, -1]).abs().max() < 0.1 * want.std()
+
+
+def test_engine_runs_gguf_and_auto_picks_it(tmp_path, tiny_llm_dir):
+    """A Qwen2 directory with its GGUF inside: "auto" resolves to "gguf" on a CPU, and the engine's
+    cached greedy decoding equals recomputing the whole sequence each step."""
+    import json
+    import shutil
+
+    from omnistream.reasoning.engine import LLMEngine, gguf_file, resolve_format
+
+    model_dir = tmp_path / "tiny-gguf"
+    shutil.copytree(tiny_llm_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    vocab = json.loads((tiny_llm_dir / "config.json").read_text())["vocab_size"]
+    write_tiny_gguf(model_dir / "tiny.gguf", tied=True, vocab=vocab)
+    config = {
+        "model_type": "qwen2",
+        "vocab_size": vocab,
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert gguf_file(model_dir) == model_dir / "tiny.gguf"
+    assert resolve_format("auto", tiny_llm_dir) in ("int8", "bfloat16")  # no GGUF there
+    if not torch.cuda.is_available():
+        assert resolve_format("auto", model_dir) == "gguf"
+    engine = LLMEngine(model_dir, dtype="gguf", threads=2)
+    assert engine.format == "gguf" and engine.dtype == torch.float32
+    assert isinstance(engine.model.lm_head, kquant.KQuantLinear)
+    ids = engine.tokenizer("the butterfly was on the leaf", return_tensors="pt").input_ids
+    decoded = list(engine.greedy(ids, 8))
+    seq = ids
+    with torch.inference_mode():
+        for _ in range(8):
+            next_id = engine.model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+            if int(next_id) in engine.eos_ids:
+                break
+            seq = torch.cat([seq, next_id], dim=1)
+    assert decoded == seq[0, ids.shape[1] :].tolist()
