@@ -227,34 +227,42 @@ def _forward_native(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int) -
     layers = model.model.layers
     x = x.contiguous() if x.is_contiguous() else x.clone()
     n = x.shape[0]
+    cos, sin = cos.contiguous(), sin.contiguous()
     plan = _int8_plan(model)
-    if plan is not None:
-        return _forward_int8(model, x, cos.contiguous(), sin.contiguous(), cache, keep, plan)
+    with ops.helpers_spinning():
+        if plan is not None:
+            return _int8_layers(model, x, cos, sin, cache, keep, plan)
+        return _module_layers(model, x, cos, sin, cache, keep)
+
+
+def _module_layers(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int) -> torch.Tensor:
+    """``_forward_native`` with the linear layers called as modules (float32, other formats)."""
+    from omnistream.reasoning.native import ops
+
+    layers = model.model.layers
+    n = x.shape[0]
     norm = layers[0].input_layernorm
     h = ops.rmsnorm(x, norm.weight, norm.eps)
     for index, layer in enumerate(layers):
         attn = layer.self_attn
         q_size, kv_size, dim, kv_heads = attn.q_size, attn.kv_size, attn.head_dim, attn.kv_heads
-        qkv = attn.qkv_proj(h)
+        qkv = attn.qkv_proj(h[None])[0]  # modules see (batch, n, features), as on the torch path
         if attn.on_query:
             q = qkv[None, :, :q_size].clone()  # before RoPE, which runs in place below
             for callback in attn.on_query:
                 callback(q)
         ops.rope_(qkv, cos, sin, attn.heads + kv_heads, dim)  # q heads and k heads are adjacent
-        k = qkv[:, q_size : q_size + kv_size].view(n, kv_heads, dim).transpose(0, 1)[None]
-        v = qkv[:, q_size + kv_size :].view(n, kv_heads, dim).transpose(0, 1)[None]
+        k, v = _kv_views(qkv, q_size, kv_size, kv_heads, dim)
         if cache is not None:
-            k, v = cache.update(k, v, attn.layer)
-            if k.dtype != torch.float32 or k.stride(-1) != 1:  # a cache kept in another layout
-                k, v = k.float().contiguous(), v.float().contiguous()
+            k, v = _float_kv(*cache.update(k, v, attn.layer))
         last = index + 1 == len(layers)
         rows = keep if last else n  # the last layer: only the rows whose logits are kept
         if rows < n:
             x = x[n - rows :]
-        out = attn.o_proj(ops.attention(qkv[n - rows :, :q_size], k, v))
+        out = attn.o_proj(ops.attention(qkv[n - rows :, :q_size], k, v)[None])[0]
         mlp, norm = layer.mlp, layer.post_attention_layernorm
         h = ops.rmsnorm(x, norm.weight, norm.eps, residual=out)
-        down = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h)))
+        down = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h[None])))[0]
         norm = model.model.norm if last else layers[index + 1].input_layernorm
         h = ops.rmsnorm(x, norm.weight, norm.eps, residual=down)
     return h
@@ -298,16 +306,24 @@ def _int8_plan(model: Qwen2) -> list | None:
     return cached[1]
 
 
-def _forward_int8(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int, plan: list) -> torch.Tensor:
-    """``_forward_native`` for int8 layers: per layer one native call up to the rotated qkv, then
-    ``cache.update``, then one for attention, o_proj, the norm and the MLP (ops.layer_in/out)."""
-    from omnistream.reasoning.native import ops
+def _kv_views(qkv: torch.Tensor, q_size: int, kv_size: int, kv_heads: int, dim: int):
+    """k and v as (1, kv_heads, n, dim) views of fused qkv rows (n, q_size + 2 * kv_size)."""
+    shape, strides = (1, kv_heads, qkv.shape[0], dim), (kv_size, dim, qkv.shape[1], 1)
+    offset = qkv.storage_offset() + q_size
+    return qkv.as_strided(shape, strides, offset), qkv.as_strided(shape, strides, offset + kv_size)
 
-    with ops.helpers_spinning():
-        return _int8_layers(model, x, cos, sin, cache, keep, plan)
+
+def _float_kv(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a cache returned, as the native attention takes it (a cache kept in another dtype or
+    layout is converted; BufferedLayer's float32 views pass as they are)."""
+    if k.dtype != torch.float32 or k.stride(-1) != 1 or v.dtype != torch.float32 or v.stride(-1) != 1:
+        return k.float().contiguous(), v.float().contiguous()
+    return k, v
 
 
 def _int8_layers(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int, plan: list) -> torch.Tensor:
+    """``_forward_native`` for int8 layers: per layer one native call up to the rotated qkv, then
+    ``cache.update``, then one for attention, o_proj, the norm and the MLP (ops.layer_in/out)."""
     from omnistream.reasoning.native import ops
 
     n = x.shape[0]
@@ -321,14 +337,9 @@ def _int8_layers(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int, plan
             for callback in attn.on_query:
                 callback(q)
             ops.rope_(qkv, cos, sin, attn.heads + kv_heads, dim)
-        # k, v: (1, kv_heads, n, dim) views of the qkv rows.
-        shape, strides = (1, kv_heads, n, dim), (kv_size, dim, qkv.shape[1], 1)
-        k = qkv.as_strided(shape, strides, q_size)
-        v = qkv.as_strided(shape, strides, q_size + kv_size)
+        k, v = _kv_views(qkv, q_size, kv_size, kv_heads, dim)
         if cache is not None:
-            k, v = cache.update(k, v, attn.layer)
-            if k.dtype != torch.float32 or k.stride(-1) != 1 or v.dtype != torch.float32 or v.stride(-1) != 1:
-                k, v = k.float().contiguous(), v.float().contiguous()
+            k, v = _float_kv(*cache.update(k, v, attn.layer))
         rows = keep if index + 1 == len(plan) else n  # the last layer: only the kept rows
         if rows < n:
             x = x[n - rows :]

@@ -215,3 +215,17 @@ def test_helpers_spin_longer_only_within_a_forward() -> None:
 
 def test_empty_input_gives_empty_outputs() -> None:
     assert ops.attention(torch.randn(0, 32), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)).shape == (0, 32)
+
+
+def test_a_hooked_linear_is_still_called_as_a_module(tiny_llm_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    fast, slow = _both(monkeypatch, tiny_llm_dir, True, tmp_path)
+    calls: list[tuple] = []
+    handle = fast.model.layers[0].mlp.down_proj.register_forward_hook(lambda _m, _i, out: calls.append(out.shape))
+    assert qwen2._int8_plan(fast) is None  # the per-module path, which calls the hook
+    ids = torch.randint(0, fast.config.vocab_size, (1, 10))
+    a = _logits(fast, ids, BufferedCache(), 0)
+    b = _logits(slow, ids, BufferedCache(), 0)
+    assert calls == [(1, 10, fast.config.hidden_size)]  # (batch, tokens, features) as on the torch path
+    torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+    handle.remove()
+    assert qwen2._int8_plan(fast) is not None
