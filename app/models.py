@@ -50,8 +50,8 @@ class ProgressBars:
 
 def prepare_llm_cache(config: Config, progress: bool = True, every_packaged: bool = False):
     """Prepare the configured LLM (and with ``every_packaged`` the fast one too): reassemble,
-    convert, and build the native kernels, plus the int8 cache when that is the format the
-    engine will run ("gguf", the default on a CPU, runs the reassembled GGUF as it is)."""
+    convert, and build the native kernels, plus the int8 cache of each model the engine will
+    run as int8 ("gguf", the 1.5B's default on a CPU, runs the reassembled GGUF as it is)."""
     from omnistream.reasoning.engine import int8_dir, resolve_format
     from omnistream.reasoning.prepare import PACKAGED_MODELS, prepare_llm
     from omnistream.reasoning.quant import prepare_int8
@@ -62,18 +62,17 @@ def prepare_llm_cache(config: Config, progress: bool = True, every_packaged: boo
         dirs = [prepare_llm(name, config.cache_dir, progress=bars) for name in dict.fromkeys(names)]
     finally:
         bars.close()
-    if resolve_format(config.reasoning.dtype, dirs[0]) == "gguf":
+    formats = {model_dir: resolve_format(config.reasoning.dtype, model_dir) for model_dir in dirs}
+    if any(fmt in ("gguf", "int8") for fmt in formats.values()):
         from omnistream.reasoning import native
 
-        native.build()  # the kernels, compiled once (the GGUF's blocks run as they are: no cache)
-    elif resolve_format(config.reasoning.dtype, dirs[0]) == "int8":
-        from omnistream.reasoning import native
-
-        native.build()  # the int8 kernel, compiled once (falls back to fbgemm where it cannot)
-        for model_dir in dirs:
-            if progress and not (int8_dir(model_dir) / "int8.json").exists():
-                print(f"quantizing {model_dir.name} to int8 (once)", flush=True)
-            prepare_int8(model_dir, int8_dir(model_dir))
+        native.build()  # the kernels, compiled once (int8 falls back to fbgemm where they cannot)
+    for model_dir, fmt in formats.items():
+        if fmt != "int8":  # "gguf" runs the reassembled GGUF's blocks as they are: no cache
+            continue
+        if progress and not (int8_dir(model_dir) / "int8.json").exists():
+            print(f"quantizing {model_dir.name} to int8 (once)", flush=True)
+        prepare_int8(model_dir, int8_dir(model_dir))
     return dirs[0]
 
 

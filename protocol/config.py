@@ -119,7 +119,7 @@ class MemoryConfig(_Section):
 
 class ReasoningConfig(_Section):
     model: str = "qwen2.5-coder-1.5b"  # or "qwen2.5-coder-0.5b", or a local model directory
-    dtype: str = "auto"  # weights: auto (int8 on CPUs, bf16 on GPUs), int8, float32, bfloat16
+    dtype: str = "auto"  # weights: auto (gguf/int8 on CPUs, see engine.resolve_format; bf16 on GPUs), gguf, int8, float32, bfloat16
     threads: int = 2
     max_new_tokens: int = 96
     max_context_tokens: int = 6000  # text baselines: records beyond this are dropped
