@@ -335,3 +335,35 @@ def test_engine_runs_gguf_and_auto_picks_it(tmp_path, tiny_llm_dir):
                 break
             seq = torch.cat([seq, next_id], dim=1)
     assert decoded == seq[0, ids.shape[1] :].tolist()
+
+
+def test_gguf_header_and_k_quant_share(tmp_path):
+    """Our GGUF reader: metadata scalars, tensor table and data offsets as the gguf package wrote
+    them; the K-quant share "auto" uses to choose the format."""
+    path = tmp_path / "tiny.gguf"
+    tensors = write_tiny_gguf(path, tied=False)
+    read, meta = kquant.read_gguf(path)
+    assert meta["general.architecture"] == "qwen2" and meta["qwen2.block_count"] == LAYERS
+    assert set(read) == set(tensors)
+    for name, (qtype, data) in tensors.items():
+        if qtype == 0:
+            assert torch.equal(read[name], torch.from_numpy(data))
+        else:
+            assert read[name].qtype == qtype and read[name].rows == data.shape[0]
+            assert np.array_equal(
+                read[name].dequantize().numpy(), dequantize(data, GT(qtype)).reshape(data.shape[0], -1)
+            )
+    assert kquant.supports(path)
+    share = kquant.k_quant_share(path)
+    k_bytes = sum(d.nbytes for t, d in tensors.values() if t in (kquant.Q4_K, kquant.Q6_K))
+    all_bytes = sum(d.nbytes for t, d in tensors.values() if t)
+    assert share == pytest.approx(k_bytes / all_bytes)
+    only_q8 = tmp_path / "q8.gguf"
+    writer = gguf.GGUFWriter(str(only_q8), "qwen2")
+    writer.add_tensor("w.weight", random_blocks(kquant.Q8_0, 4, 64, 1), raw_dtype=GT.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert kquant.k_quant_share(only_q8) == 0.0 and kquant.supports(only_q8)
+    assert not kquant.supports(tmp_path / "missing.gguf")
