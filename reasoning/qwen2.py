@@ -70,7 +70,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight.to(dtype) * x.to(dtype)  # in the activations' dtype (bf16 on a GPU), as transformers
 
 
 class Rotary(nn.Module):
