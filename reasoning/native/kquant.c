@@ -21,7 +21,9 @@
  *
  * Tiles: MT tokens x NR weight rows; the rows' blocks are unpacked once per tile and used for MT
  * tokens. Decoding (M = 1) runs 1 x 4 tiles with a software prefetch ahead of the weight sweep
- * (memory bound); prefills run 4 x 2 tiles over token blocks that stay in L2 (compute bound).
+ * (memory bound); prefills run 4 x 2 tiles over token blocks that stay in L2 (compute bound),
+ * Q4_K 4 x 3 ones whose integer part is written in assembly (q4k_sb4x3_asm: 12 accumulators).
+ * Every tile shape gives the same integer sums (lane for lane) and float steps per output.
  * Output rows are handed out in chunks through parallel_chunks (pool.c).
  */
 #include <immintrin.h>
@@ -179,6 +181,114 @@ INLINE void q4k_tile(const acts_t *A, int t0, const blk_q4k *w, int nb, int MT, 
     }
     for (int t = 0; t < MT; t++)
         for (int r = 0; r < NR; r++) out[t * 4 + r] = hsum_ps(accf[t][r]);
+}
+
+/* Prefill tile for Q4_K, 4 tokens x 3 rows, one super-block, in assembly (intrinsics spill the 12
+ * accumulators). ymm0-11 accumulate acc[t][r] (lane-for-lane the sums of q4k_tile), ymm12/13 hold
+ * a row's low/high nibbles of 64 values, ymm14 a sub-block scale (int16 broadcast), ymm15 the
+ * products; the activations are maddubs' memory operand. sc16: the rows' 8 scales as int16. */
+static void q4k_sb4x3_asm(const int8_t *const x[4], const uint8_t *const q[3], const int16_t *sc16,
+                          __m256i out[12]) {
+    static const uint8_t M4[32] __attribute__((aligned(32))) = {
+        15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
+        15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15};
+    /* one token: products of 32 values (activations at XO of XP) with QR, scaled, into ACC */
+#define KQ_MAC(XO, QR, XP, ACC)                                                                \
+    "vpmaddubsw " XO "(%[" XP "]), %%" QR ", %%ymm15\n\t"                                      \
+    "vpmaddwd %%ymm14, %%ymm15, %%ymm15\n\t"                                                   \
+    "vpaddd %%ymm15, %%" ACC ", %%" ACC "\n\t"
+    /* row R (pointer WP, accumulators A0..A3 for tokens 0..3), values 64p..64p+63 */
+#define KQ_ROW(P, WP, SO_LO, SO_HI, A0, A1, A2, A3)                                            \
+    "vmovdqu " #P "*32(%[" WP "]), %%ymm12\n\t"                                                \
+    "vpsrlw $4, %%ymm12, %%ymm13\n\t"                                                          \
+    "vpand %[m4], %%ymm12, %%ymm12\n\t"                                                        \
+    "vpbroadcastw " SO_LO "(%[sc]), %%ymm14\n\t"                                               \
+    KQ_MAC(#P "*64", "ymm12", "x0", A0) KQ_MAC(#P "*64", "ymm12", "x1", A1)                    \
+    KQ_MAC(#P "*64", "ymm12", "x2", A2) KQ_MAC(#P "*64", "ymm12", "x3", A3)                    \
+    "vpand %[m4], %%ymm13, %%ymm13\n\t"                                                        \
+    "vpbroadcastw " SO_HI "(%[sc]), %%ymm14\n\t"                                               \
+    KQ_MAC(#P "*64+32", "ymm13", "x0", A0) KQ_MAC(#P "*64+32", "ymm13", "x1", A1)              \
+    KQ_MAC(#P "*64+32", "ymm13", "x2", A2) KQ_MAC(#P "*64+32", "ymm13", "x3", A3)
+    /* sub-block 2p of row r: scale at byte 2*(8r + 2p) */
+#define KQ_P(P)                                                                                \
+    KQ_ROW(P, "w0", #P "*4", #P "*4+2", "ymm0", "ymm3", "ymm6", "ymm9")                        \
+    KQ_ROW(P, "w1", "16+" #P "*4", "18+" #P "*4", "ymm1", "ymm4", "ymm7", "ymm10")             \
+    KQ_ROW(P, "w2", "32+" #P "*4", "34+" #P "*4", "ymm2", "ymm5", "ymm8", "ymm11")
+    __asm__ volatile(
+        "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
+        "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
+        "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
+        "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
+        "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"
+        "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
+        "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"
+        "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
+        "vpxor %%ymm8, %%ymm8, %%ymm8\n\t"
+        "vpxor %%ymm9, %%ymm9, %%ymm9\n\t"
+        "vpxor %%ymm10, %%ymm10, %%ymm10\n\t"
+        "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+        KQ_P(0) KQ_P(1) KQ_P(2) KQ_P(3)
+        "vmovdqa %%ymm0, 0(%[out])\n\t"
+        "vmovdqa %%ymm1, 32(%[out])\n\t"
+        "vmovdqa %%ymm2, 64(%[out])\n\t"
+        "vmovdqa %%ymm3, 96(%[out])\n\t"
+        "vmovdqa %%ymm4, 128(%[out])\n\t"
+        "vmovdqa %%ymm5, 160(%[out])\n\t"
+        "vmovdqa %%ymm6, 192(%[out])\n\t"
+        "vmovdqa %%ymm7, 224(%[out])\n\t"
+        "vmovdqa %%ymm8, 256(%[out])\n\t"
+        "vmovdqa %%ymm9, 288(%[out])\n\t"
+        "vmovdqa %%ymm10, 320(%[out])\n\t"
+        "vmovdqa %%ymm11, 352(%[out])\n\t"
+        :
+        : [x0] "r"(x[0]), [x1] "r"(x[1]), [x2] "r"(x[2]), [x3] "r"(x[3]), [w0] "r"(q[0]),
+          [w1] "r"(q[1]), [w2] "r"(q[2]), [sc] "r"(sc16), [out] "r"(out), [m4] "m"(*(const __m256i *)M4)
+        : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+          "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+#undef KQ_MAC
+#undef KQ_ROW
+#undef KQ_P
+}
+
+/* The Q4_K prefill tile, 4 tokens x 3 rows: q4k_tile's sums and float steps, the integer part of
+ * each super-block in q4k_sb4x3_asm. */
+static void q4k_tile4x3(const acts_t *A, int t0, const blk_q4k *w, int nb, float *out) {
+    __m256 accf[4][3];
+    __m256i acci[12] __attribute__((aligned(32)));
+    int16_t sc16[24] __attribute__((aligned(32)));
+    for (int t = 0; t < 4; t++)
+        for (int r = 0; r < 3; r++) accf[t][r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int8_t *x[4];
+        const uint8_t *q[3];
+        for (int t = 0; t < 4; t++) x[t] = A->q + (size_t)(t0 + t) * A->ldx + b * 256;
+        for (int r = 0; r < 3; r++) {
+            const blk_q4k *blk = w + (size_t)r * nb + b;
+            q[r] = blk->qs;
+            _mm_store_si128((__m128i *)(sc16 + 8 * r), _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)blk->sc)));
+        }
+        q4k_sb4x3_asm(x, q, sc16, acci);
+        /* the float steps of q4k_tile, with d * da and dmin * da as vector products (same values) */
+        __m256 da[4];
+        __m256i sums[4];
+        for (int t = 0; t < 4; t++) {
+            const size_t tt = (size_t)(t0 + t);
+            da[t] = _mm256_broadcast_ss(A->d + tt * A->nd + b);
+            sums[t] = _mm256_loadu_si256((const __m256i *)(A->s + tt * A->ns + 16 * b));
+        }
+        for (int r = 0; r < 3; r++) {
+            const blk_q4k *blk = w + (size_t)r * nb + b;
+            const __m128i m8 = _mm_loadl_epi64((const __m128i *)blk->m);
+            const __m256i mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+            const __m256 d = _mm256_set1_ps(h2f(blk->d)), dmin = _mm256_set1_ps(h2f(blk->dmin));
+            for (int t = 0; t < 4; t++) {
+                accf[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acci[3 * t + r]), _mm256_mul_ps(d, da[t]), accf[t][r]);
+                accf[t][r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums[t], mins)), _mm256_mul_ps(dmin, da[t]), accf[t][r]);
+            }
+        }
+    }
+    for (int t = 0; t < 4; t++)
+        for (int r = 0; r < 3; r++) out[t * 4 + r] = hsum_ps(accf[t][r]);
 }
 
 /* ---- Q6_K ------------------------------------------------------------------------------------- */
@@ -359,6 +469,20 @@ static void compute_rows(const call_t *c, int n0, int n1) {
     for (int m0 = 0; m0 < c->M; m0 += mb) {
         const int m1 = m0 + mb < c->M ? m0 + mb : c->M;
         int n = n0;
+        if (c->type == KQ_Q4_K) /* 4 x 3 tiles in assembly, then the 4 x 2 ones below */
+            for (; n + 3 <= n1; n += 3) {
+                const uint8_t *wr = c->w + n * c->row_bytes;
+                int m = m0;
+                for (; m + 4 <= m1; m += 4) {
+                    q4k_tile4x3(&c->A, m, (const blk_q4k *)wr, nb, acc);
+                    store(c, acc, m, 4, n, 3);
+                }
+                for (; m < m1; m++)
+                    for (int r = 0; r < 3; r++) {
+                        tile_1x1(&c->A, m, wr + r * c->row_bytes, c->type, nb, acc);
+                        store(c, acc, m, 1, n + r, 1);
+                    }
+            }
         for (; n + PF_NR <= n1; n += PF_NR) { /* full row tiles: PF_MT tokens at a time, then 1 */
             const uint8_t *wr = c->w + n * c->row_bytes;
             int m = m0;

@@ -117,6 +117,27 @@ def test_activation_quantization(block):
     assert torch.equal(s.int(), q.int().reshape(3, -1, 16).sum(dim=2))
 
 
+@pytest.mark.parametrize("n", [3, 4, 5, 7, 26])
+@pytest.mark.parametrize("m", [4, 5, 6, 7, 9])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: kquant.NAMES[t])
+def test_prefill_tiles_equal_decode_tiles(qtype, m, n):
+    """Every prefill tile (the assembly 4 x 3 ones, the 4 x 2 and 1-row tails for the rest of the
+    rows and tokens) gives bit for bit what decoding one token at a time gives: the same integer
+    sums and float steps per output."""
+    k = 512
+    raw = random_blocks(qtype, n, k, seed=100 * m + n + qtype)
+    layer = kquant.KQuantLinear([kquant.QTensor.from_gguf_blocks(qtype, raw, k)], torch.randn(n))
+    x = torch.randn(m, k) * 2
+    x[1, 5] = -30.0
+    native.set_threads(1)
+    try:
+        y = layer(x)
+        one = torch.cat([layer(x[i : i + 1]) for i in range(m)])
+    finally:
+        native.set_threads(None)
+    assert torch.equal(y, one)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "shape", [(1, 7, 512), (1, 64, 768), (5, 13, 768), (11, 33, 1024), (37, 70, 256), (800, 5, 256)]
