@@ -129,6 +129,9 @@ class ReasoningConfig(_Section):
     retrieved_tokens: int = 2048  # evicted blocks put back per question
     kv_ram_mb: int = 64  # evicted KV blocks kept in RAM; older ones spill to data_dir/kv
     system_prompt: str = ""  # instructions for the assistant; empty: the built-in ones (prompt.SYSTEM_PROMPT)
+    # Multiple choice: "text" scores each choice's words as the reply (mean log-probability per
+    # token); "letter" scores the choice letters with the choices listed (see Answerer.choose).
+    choice_scoring: str = "text"
 
 
 class KernelsConfig(_Section):

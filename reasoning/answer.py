@@ -31,7 +31,8 @@ CHOICE_PREFIX = re.compile(r"^\s*([A-F])[\s.):]+")
 NO_MEMORY_TEXT = "(nothing remembered: answer only from what is on screen now)"
 RECENT_WINDOW_S = 30.0  # the "recent" baseline: what a short context window would hold
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
-STREAMED_KINDS = ("clip", "transcript")  # what goes into the KV stream; events/synopsis are derived
+STREAMED_KINDS = ("clip", "transcript")
+CHOICE_SCORING = ("text", "letter")  # how a multiple-choice question is answered (Answerer.choose)  # what goes into the KV stream; events/synopsis are derived
 
 
 def session_dir_name(session: str) -> str:
@@ -89,7 +90,11 @@ class Answerer:
         spill_root: Path | None = None,
         internal_retrieval: bool = True,
         system_prompt: str = "",
+        choice_scoring: str = "text",
     ):
+        if choice_scoring not in CHOICE_SCORING:
+            raise ValueError(f"choice scoring must be one of {CHOICE_SCORING}, got {choice_scoring!r}")
+        self.choice_scoring = choice_scoring
         self.internal_retrieval = internal_retrieval
         self.last_blocks: list[int] = []  # the evicted blocks the last KV question used
         self.engine = engine
@@ -252,8 +257,21 @@ class Answerer:
     # -- answering -----------------------------------------------------------------------------
 
     def choose(self, ask: Ask, cache, now: MemoryItem | None) -> tuple[str, list[float]]:
-        """The choice letter by letter likelihood averaged over rotations; returns (letter, mean log-probs)."""
+        """The choice to answer with; returns (letter, one score per choice, higher is better).
+
+        "text" scoring (the default): the question is asked without the choices and each
+        choice's own words are scored as the start of the reply, by their mean log-probability
+        per token: a small model copies well from what it has in context (a quote heard, a word
+        read on screen), while picking a letter out of a list is close to chance for it.
+        "letter": the likelihood of each choice's letter with the choices listed, averaged over
+        rotations of their order (a small model favours some letters; rotating cancels that)."""
         texts = [split_choice(c) for c in ask.choices[: len(CHOICE_LETTERS)]]
+        if self.choice_scoring == "text":
+            prompt = self.engine.ids(self.suffix_text(ask, now, []))
+            continuations = [self.engine.ids(text) for text in texts]
+            logprobs = self.engine.continuation_logprobs(cache, prompt, continuations)
+            means = [float(lp.mean()) for lp in logprobs]
+            return CHOICE_LETTERS[max(range(len(means)), key=means.__getitem__)], means
         n = len(texts)
         suffixes, orders = [], []
         for shift in range(n):

@@ -187,6 +187,7 @@ def run(quick: bool = False, progress: Callable[[str], None] = print) -> list[di
             window_tokens=config.reasoning.window_tokens,
             retrieved_tokens=config.reasoning.retrieved_tokens,
             block_ram_bytes=config.reasoning.kv_ram_mb << 20,
+            choice_scoring=config.reasoning.choice_scoring,
         )
         session = f"m{minutes}"
         progress(f"bench memory: streaming {len(memory)} records ({minutes} min) into the KV memory")

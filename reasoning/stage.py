@@ -100,6 +100,7 @@ class ReasoningStage:
             block_ram_bytes=config.kv_ram_mb << 20,
             spill_root=runtime.config.data_dir / "kv",
             system_prompt=config.system_prompt,
+            choice_scoring=config.choice_scoring,
         )
         self.loaded_sessions: set[str] = set()
         self.watches = WatchList(engine)

@@ -201,6 +201,44 @@ def test_choice_logprobs_match_full_forward_and_leave_the_cache_as_it_was(tiny_e
         )
 
 
+def test_continuation_logprobs_match_full_forward_and_leave_the_cache_as_it_was(tiny_engine) -> None:
+    from omnistream.reasoning.cache import BufferedCache
+
+    prefix = tiny_engine.tokenizer("memory of the stream", return_tensors="pt").input_ids
+    prompt = tiny_engine.ids(" question: which one?")
+    continuations = [tiny_engine.ids("a monarch butterfly"), tiny_engine.ids("bird"), tiny_engine.ids("fail better")]
+    cache = BufferedCache()
+    tiny_engine.forward(prefix, cache, 0)
+    scores = tiny_engine.continuation_logprobs(cache, prompt, continuations)
+    assert cache.get_seq_length() == prefix.shape[1]
+    for ids, score in zip(continuations, scores, strict=True):
+        whole = torch.cat([prefix, prompt, ids], dim=1)
+        with torch.inference_mode():
+            logits = tiny_engine.model(input_ids=whole).logits[0].float()
+        start = prefix.shape[1] + prompt.shape[1]
+        expected = torch.log_softmax(logits[start - 1 : -1], -1).gather(1, ids[0, :, None]).squeeze(1)
+        assert score.shape == (ids.shape[1],)
+        torch.testing.assert_close(score, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_text_scoring_picks_the_choice_the_model_finds_likeliest(tiny_engine) -> None:
+    from omnistream.reasoning.answer import Answerer
+
+    answerer = Answerer(tiny_engine, 256, 64, choice_scoring="text")
+    ask = Ask(ts=5, session="s", turn="t", question="which?", choices=["A red", "B green", "C blue"])
+    cache, now = answerer.memory_for(ask, [])
+    letter, scores = answerer.choose(ask, cache, now)
+    prompt = tiny_engine.ids(answerer.suffix_text(ask, now, []))
+    expected = [
+        float(lp.mean())
+        for lp in tiny_engine.continuation_logprobs(cache, prompt, [tiny_engine.ids(t) for t in ("red", "green", "blue")])
+    ]
+    assert scores == pytest.approx(expected)
+    assert letter == "ABC"[max(range(3), key=expected.__getitem__)]
+    with pytest.raises(ValueError, match="choice scoring"):
+        Answerer(tiny_engine, choice_scoring="vibes")
+
+
 def test_memory_snapshots_at_question_time_and_announces_records(tmp_path: Path) -> None:
     published = []
     stage = MemoryStage(
