@@ -83,6 +83,33 @@ class BufferedLayer(DynamicLayer):
         self._k = self._k_buf[..., :end, :]
         self._v = self._v_buf[..., :end, :]
 
+    # -- shared storage (reasoning/static_decode.py: a CUDA graph's static KV buffers) ----------
+
+    def uses_buffers(self, k_buf: torch.Tensor, v_buf: torch.Tensor) -> bool:
+        """Whether ``k_buf``/``v_buf`` are this layer's storage (``move_to``)."""
+        return self._k_buf is k_buf and self._v_buf is v_buf
+
+    def move_to(self, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
+        """Make ``k_buf``/``v_buf`` (batch, heads, capacity, dim) this layer's storage, with the
+        filled part copied in; later updates write into them while they have room."""
+        length = self._k.shape[-2]
+        for view, buffer in ((self._k, k_buf), (self._v, v_buf)):
+            if view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                view = view.clone()  # a view of the target itself: no overlapping copy
+            buffer.narrow(-2, 0, length).copy_(view)
+        self._k_buf, self._v_buf = k_buf, v_buf
+        self.set_length(length)
+
+    def set_length(self, length: int) -> None:
+        """The filled part is the buffers' first ``length`` tokens (written there by the caller)."""
+        self._k = self._k_buf.narrow(-2, 0, length)
+        self._v = self._v_buf.narrow(-2, 0, length)
+
+    def detach_buffers(self) -> None:
+        """Copy the filled part into storage of its own (the shared buffers go to another cache)."""
+        self._k = self._k_buf = self._k.clone(memory_format=torch.contiguous_format)
+        self._v = self._v_buf = self._v.clone(memory_format=torch.contiguous_format)
+
     def nbytes_reserved(self) -> int:
         if self._k_buf is None:
             return 0

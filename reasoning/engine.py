@@ -160,6 +160,11 @@ class LLMEngine:
             ).eval()
             self.model.to(self.device)
         release_freed_memory()  # conversion and fusing leave freed buffers on glibc's heap
+        # One-token decode steps on a CUDA GPU as CUDA graph replays (reasoning/static_decode.py;
+        # None elsewhere, or with OMNISTREAM_CUDA_GRAPHS=0).
+        from omnistream.reasoning import static_decode
+
+        self.decoder = static_decode.for_model(self.model)
         self.eos_ids = {self.tokenizer.eos_token_id}
         for token in ("<|im_end|>", "<|endoftext|>"):
             token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -198,6 +203,11 @@ class LLMEngine:
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
         """Prefill ``ids`` (1, n) at positions start.. into ``cache``; logits of the last token (1, V)."""
+        decoder = getattr(self, "decoder", None)
+        if decoder is not None and ids.shape[1] == 1:
+            logits = decoder.step(ids, cache, start)  # None: the step does not fit, run eagerly
+            if logits is not None:
+                return logits
         positions = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0)
         out = self.model(
             input_ids=ids.to(self.device),
@@ -229,16 +239,26 @@ class LLMEngine:
         when the caller asks for it, so stopping between tokens costs nothing."""
         cache = BufferedCache() if cache is None else cache
         position = cache.get_seq_length()
-        logits = self.forward(input_ids, cache, position)
+        next_id = int(self.forward(input_ids, cache, position).argmax(-1))
         position += input_ids.shape[1]
         for step in range(max_new_tokens):
-            next_id = int(logits.argmax(-1))
             if next_id in self.eos_ids:
                 return
             yield next_id
             if step + 1 < max_new_tokens:
-                logits = self.forward(torch.tensor([[next_id]]), cache, position)
+                next_id = self.next_token(next_id, cache, position)
                 position += 1
+
+    @torch.inference_mode()
+    def next_token(self, token: int, cache, position: int) -> int:
+        """Decode ``token`` at ``position`` after ``cache``; the greedy next token id. On a CUDA
+        GPU a CUDA graph replay whose argmax is read back (8 bytes, one sync)."""
+        decoder = getattr(self, "decoder", None)
+        if decoder is not None:
+            next_id = decoder.next_token(token, cache, position)
+            if next_id is not None:
+                return next_id
+        return int(self.forward(torch.tensor([[token]]), cache, position).argmax(-1))
 
     def stream(
         self,

@@ -420,7 +420,9 @@ def from_float_dir(model_dir: Path, dtype: torch.dtype = torch.float32, device: 
         return _linear(torch.cat(weights) if len(weights) > 1 else weights[0], bias)
 
     embedding = nn.Embedding.from_pretrained(tensors["model.embed_tokens.weight"], freeze=True)
-    return build(config, tensors, make_linear, embedding)
+    model = build(config, tensors, make_linear, embedding)
+    model.model.rotary.to(device)  # inv_freq beside the weights (on a GPU: no host copy per forward)
+    return model
 
 
 class Int8Embedding(nn.Module):
