@@ -22,7 +22,7 @@
  * Tiles: MT tokens x NR weight rows; the rows' blocks are unpacked once per tile and used for MT
  * tokens. Decoding (M = 1) runs 1 x 4 tiles with a software prefetch ahead of the weight sweep
  * (memory bound); prefills run 4 x 2 tiles over token blocks that stay in L2 (compute bound),
- * Q4_K 4 x 3 ones whose integer part is written in assembly (q4k_sb4x3_asm: 12 accumulators).
+ * Q4_K and Q6_K 4 x 3 ones whose integer part is in assembly (q4k/q6k_sb4x3_asm: 12 accumulators).
  * Every tile shape gives the same integer sums (lane for lane) and float steps per output.
  * Output rows are handed out in chunks through parallel_chunks (pool.c).
  */
@@ -351,6 +351,118 @@ INLINE void q6k_tile(const acts_t *A, int t0, const blk_q6k *w, int nb, int MT, 
         for (int r = 0; r < NR; r++) out[t * 4 + r] = hsum_ps(accf[t][r]);
 }
 
+/* Prefill tile for Q6_K, 4 tokens x 3 rows, one super-block, in assembly like q4k_sb4x3_asm.
+ * ymm0-11 accumulate acc[t][r] (lane for lane the sums of q6k_tile, before its -32 offset),
+ * ymm12 holds a row's 32 6-bit values (4 low bits from ql, 2 high from qh), ymm13 their scales
+ * (sc: per row 8 vectors, low half the first 16-value sub-block's scale, high half the second's),
+ * ymm14/15 the products. x: the tokens' activations of the super-block, q: the rows' blocks. */
+static void q6k_sb4x3_asm(const int8_t *const x[4], const blk_q6k *const q[3], const __m256i *sc,
+                          __m256i out[12]) {
+    static const uint8_t M[2][32] __attribute__((aligned(32))) = {
+        {15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
+         15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15},
+        {48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48,
+         48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48}};
+    /* one token: products of 32 values (activations at XO of XP) with ymm12, scaled, into ACC */
+#define KQ_MAC6(XO, XP, T, ACC)                                                                \
+    "vpmaddubsw " XO "(%[" XP "]), %%ymm12, %%" T "\n\t"                                       \
+    "vpmaddwd %%ymm13, %%" T ", %%" T "\n\t"                                                   \
+    "vpaddd %%" T ", %%" ACC ", %%" ACC "\n\t"
+    /* row WP, values 32c..32c+31 of half H (c = 4H + I): low bits at LO (shifted by LOSH), high
+     * bits at qh (128 + 32H, moved into bits 4-5 by QHSH), scales vector SC */
+#define KQ_ROW6(H, I, LO, LOSH, QHSH, WP, SC, A0, A1, A2, A3)                                  \
+    "vmovdqu 64*" #H "+" LO "(%[" WP "]), %%ymm12\n\t" LOSH                                    \
+    "vpand %[m4], %%ymm12, %%ymm12\n\t"                                                        \
+    "vmovdqu 128+32*" #H "(%[" WP "]), %%ymm15\n\t" QHSH                                       \
+    "vpand %[m30], %%ymm15, %%ymm15\n\t"                                                       \
+    "vpor %%ymm15, %%ymm12, %%ymm12\n\t"                                                       \
+    "vmovdqa " SC "*256+32*(4*" #H "+" #I ")(%[sc]), %%ymm13\n\t"                              \
+    KQ_MAC6("128*" #H "+32*" #I, "x0", "ymm14", A0) KQ_MAC6("128*" #H "+32*" #I, "x1", "ymm15", A1) \
+    KQ_MAC6("128*" #H "+32*" #I, "x2", "ymm14", A2) KQ_MAC6("128*" #H "+32*" #I, "x3", "ymm15", A3)
+#define KQ_CHUNK6(H, I, LO, LOSH, QHSH)                                                        \
+    KQ_ROW6(H, I, LO, LOSH, QHSH, "w0", "0", "ymm0", "ymm3", "ymm6", "ymm9")                  \
+    KQ_ROW6(H, I, LO, LOSH, QHSH, "w1", "1", "ymm1", "ymm4", "ymm7", "ymm10")                 \
+    KQ_ROW6(H, I, LO, LOSH, QHSH, "w2", "2", "ymm2", "ymm5", "ymm8", "ymm11")
+    /* the four 32-value chunks of a half, as q6k_tile unpacks them */
+#define KQ_HALF6(H)                                                                            \
+    KQ_CHUNK6(H, 0, "0", "", "vpsllw $4, %%ymm15, %%ymm15\n\t")                                \
+    KQ_CHUNK6(H, 1, "32", "", "vpsllw $2, %%ymm15, %%ymm15\n\t")                               \
+    KQ_CHUNK6(H, 2, "0", "vpsrlw $4, %%ymm12, %%ymm12\n\t", "")                                \
+    KQ_CHUNK6(H, 3, "32", "vpsrlw $4, %%ymm12, %%ymm12\n\t", "vpsrlw $2, %%ymm15, %%ymm15\n\t")
+    __asm__ volatile(
+        "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
+        "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
+        "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
+        "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
+        "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"
+        "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
+        "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"
+        "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
+        "vpxor %%ymm8, %%ymm8, %%ymm8\n\t"
+        "vpxor %%ymm9, %%ymm9, %%ymm9\n\t"
+        "vpxor %%ymm10, %%ymm10, %%ymm10\n\t"
+        "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+        KQ_HALF6(0) KQ_HALF6(1)
+        "vmovdqa %%ymm0, 0(%[out])\n\t"
+        "vmovdqa %%ymm1, 32(%[out])\n\t"
+        "vmovdqa %%ymm2, 64(%[out])\n\t"
+        "vmovdqa %%ymm3, 96(%[out])\n\t"
+        "vmovdqa %%ymm4, 128(%[out])\n\t"
+        "vmovdqa %%ymm5, 160(%[out])\n\t"
+        "vmovdqa %%ymm6, 192(%[out])\n\t"
+        "vmovdqa %%ymm7, 224(%[out])\n\t"
+        "vmovdqa %%ymm8, 256(%[out])\n\t"
+        "vmovdqa %%ymm9, 288(%[out])\n\t"
+        "vmovdqa %%ymm10, 320(%[out])\n\t"
+        "vmovdqa %%ymm11, 352(%[out])\n\t"
+        :
+        : [x0] "r"(x[0]), [x1] "r"(x[1]), [x2] "r"(x[2]), [x3] "r"(x[3]), [w0] "r"(q[0]),
+          [w1] "r"(q[1]), [w2] "r"(q[2]), [sc] "r"(sc), [out] "r"(out),
+          [m4] "m"(*(const __m256i *)M[0]), [m30] "m"(*(const __m256i *)M[1])
+        : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+          "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+#undef KQ_MAC6
+#undef KQ_ROW6
+#undef KQ_CHUNK6
+#undef KQ_HALF6
+}
+
+/* The Q6_K prefill tile, 4 tokens x 3 rows: q6k_tile's sums and float steps, the integer part of
+ * each super-block in q6k_sb4x3_asm. */
+static void q6k_tile4x3(const acts_t *A, int t0, const blk_q6k *w, int nb, float *out) {
+    __m256 accf[4][3];
+    __m256i acci[12] __attribute__((aligned(32)));
+    __m256i sc[3][8] __attribute__((aligned(32)));
+    for (int t = 0; t < 4; t++)
+        for (int r = 0; r < 3; r++) accf[t][r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int8_t *x[4];
+        const blk_q6k *q[3];
+        for (int t = 0; t < 4; t++) x[t] = A->q + (size_t)(t0 + t) * A->ldx + b * 256;
+        for (int r = 0; r < 3; r++) {
+            q[r] = w + (size_t)r * nb + b;
+            for (int h = 0; h < 2; h++) {
+                const __m256i s = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(q[r]->sc + 8 * h))));
+                for (int i = 0; i < 4; i++) sc[r][4 * h + i] = bcast(s, PAIR16[i]);
+            }
+        }
+        q6k_sb4x3_asm(x, q, sc[0], acci);
+        for (int r = 0; r < 3; r++) {
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q[r]->sc));
+            const __m256 d = _mm256_set1_ps(h2f(q[r]->d));
+            for (int t = 0; t < 4; t++) {
+                const size_t tt = (size_t)(t0 + t);
+                const __m256i sums = _mm256_loadu_si256((const __m256i *)(A->s + tt * A->ns + 16 * b));
+                const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(sums, sc16), 5); /* 32 * sc . asum */
+                accf[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acci[3 * t + r], off)),
+                                             _mm256_mul_ps(d, _mm256_broadcast_ss(A->d + tt * A->nd + b)), accf[t][r]);
+            }
+        }
+    }
+    for (int t = 0; t < 4; t++)
+        for (int r = 0; r < 3; r++) out[t * 4 + r] = hsum_ps(accf[t][r]);
+}
+
 /* ---- Q8_0 / Q5_0: 32-value blocks, signed weights ------------------------------------------- */
 
 /* The 32 signed weights of a block. */
@@ -469,12 +581,15 @@ static void compute_rows(const call_t *c, int n0, int n1) {
     for (int m0 = 0; m0 < c->M; m0 += mb) {
         const int m1 = m0 + mb < c->M ? m0 + mb : c->M;
         int n = n0;
-        if (c->type == KQ_Q4_K) /* 4 x 3 tiles in assembly, then the 4 x 2 ones below */
+        if (c->type == KQ_Q4_K || c->type == KQ_Q6_K) /* 4 x 3 tiles in assembly, then the 4 x 2 ones below */
             for (; n + 3 <= n1; n += 3) {
                 const uint8_t *wr = c->w + n * c->row_bytes;
                 int m = m0;
                 for (; m + 4 <= m1; m += 4) {
-                    q4k_tile4x3(&c->A, m, (const blk_q4k *)wr, nb, acc);
+                    if (c->type == KQ_Q4_K)
+                        q4k_tile4x3(&c->A, m, (const blk_q4k *)wr, nb, acc);
+                    else
+                        q6k_tile4x3(&c->A, m, (const blk_q6k *)wr, nb, acc);
                     store(c, acc, m, 4, n, 3);
                 }
                 for (; m < m1; m++)
