@@ -7,16 +7,19 @@ machine here cannot reach the model packages). The weights are random, drawn by 
 own initialisation and saved as safetensors, which is all speed depends on; correctness compares
 our Qwen2 forward (reasoning/qwen2.py, loaded through ``LLMEngine`` as on a CPU) with
 transformers' Qwen2 on the same weights. For each model, in bfloat16: prefill tokens/s at
-32/256/1024, decode tokens/s (128 tokens after a 256-token prompt and 8 warm-up tokens) with
-our CUDA-graph decode (reasoning/static_decode.py, ``LLMEngine.next_token``) and with it off
-(the eager forward, as ``OMNISTREAM_CUDA_GRAPHS=0``), first token for a 20-token question on a
-1024-token cache, load seconds and peak GPU memory; transformers' model with its DynamicCache
-is the baseline in the same run. Graph decode is checked against eager decode over 64 greedy
-steps after a 500-token prompt (crossing the 512-token capacity bucket: buffers grow, a graph
-is captured again): the free-running greedy tokens, the logits' cosine and argmax with eager
-fed the same tokens, the caches after; and two caches decoded alternately (the static buffers
-change hands). ``--cpu`` is a dry run on tiny configs: float32, the static decode maths run
-eagerly (no graphs).
+32/256/1024; decode tokens/s after a 256-token prompt and 8 untimed warm-up tokens, with our
+CUDA-graph decode (reasoning/static_decode.py through ``LLMEngine.next_token``, 128 tokens),
+with it off (the eager forward, as ``OMNISTREAM_CUDA_GRAPHS=0``, 64 tokens; again with cuDNN's
+SDPA off, to see whether per-length attention plans are what makes eager decode slow) and
+transformers' (64 tokens); first token for a 20-token question on a 1024-token cache, repeated
+and at lengths not seen before; load seconds and peak GPU memory. transformers' model with its
+DynamicCache is the baseline in the same run. Graph decode is checked against eager decode
+over 64 greedy steps after a 500-token prompt (crossing the 512-token capacity bucket: the
+buffers grow, a graph is captured again): free-running greedy tokens, the logits' cosine and
+argmax with eager fed the same tokens, the caches after; against the same static maths run
+without graphs (the same kernels: the difference should be ~0); two caches decoded alternately
+(the static buffers change hands); synchronizing CUDA calls per decode step. ``--cpu`` is a dry
+run on tiny configs: float32, the static maths without graphs.
 """
 
 from __future__ import annotations
@@ -78,14 +81,14 @@ def random_model_dir(config_dir: Path, out: Path) -> Path:
     return out
 
 
-def measure(forward, new_cache, vocab: int, next_token=None) -> dict:
+def measure(forward, new_cache, vocab: int, next_token=None, decode_tokens: int = DECODE_TOKENS) -> dict:
     """Prefill, decode and first-token speed. ``next_token(token, cache, position) -> int`` is
     the decode step (default: ``forward`` and an argmax of the logits it returns)."""
     ids = torch.randint(0, vocab, (1, 4096), device=DEVICE)
     result = {}
     for n in PREFILL:
         result[f"prefill_{n}"] = n / _sync_time(lambda n=n: forward(ids[:, :n], new_cache(), 0))
-    result["decode"] = time_decode(forward, new_cache, vocab, next_token)
+    result["decode"] = time_decode(forward, new_cache, vocab, next_token, decode_tokens)
     cache = new_cache()
     forward(ids[:, :CONTEXT], cache, 0)
 
@@ -355,7 +358,7 @@ def check(config_dir: Path, work: Path) -> dict:
     cos = min(float(torch.nn.functional.cosine_similarity(g, w).min()) for g, w in steps)
     top1 = sum(int(g.argmax(-1)) == int(w.argmax(-1)) for g, w in steps) / len(steps)
     _log(f"{config_dir.name}: vs transformers min cosine {cos:.5f}, top-1 {top1:.2f}")
-    baseline = measure(ref_forward, DynamicCache, vocab)
+    baseline = measure(ref_forward, DynamicCache, vocab, decode_tokens=EAGER_DECODE_TOKENS)
     _log(f"{config_dir.name}: transformers measured")
     del engine, reference
     if DEVICE == "cuda":
