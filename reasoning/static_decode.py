@@ -35,7 +35,9 @@ does not fit: more than one token, a cache other than a BufferedCache or with la
 lengths/dtypes/devices, an empty cache, more than ``max_capacity`` tokens, ``on_query`` taps or
 forward hooks on the model (they must see every forward). With ``graphs=False`` the same static
 maths runs eagerly, on any device: the CPU tests compare it with the model's own forward.
-``OMNISTREAM_CUDA_GRAPHS=0`` turns the whole path off in ``LLMEngine``.
+``OMNISTREAM_CUDA_GRAPHS=0`` turns the whole path off in ``LLMEngine``. A decoder's static
+inputs and buffers are shared by its steps: it is used from one thread (as the reasoner's stage
+runs its engine).
 """
 
 from __future__ import annotations
