@@ -233,6 +233,33 @@ class LLMEngine:
         return scores
 
     @torch.inference_mode()
+    def continuation_logprobs(self, cache, prompt: torch.Tensor, continuations: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Prefill ``prompt`` (1, n) after ``cache``, then for each continuation (1, m): the
+        log-probability of each of its tokens (m,) following the prompt. The cache is cropped back
+        to what it held before, so it is left as it was."""
+        base = cache.get_seq_length()
+        last = torch.log_softmax(self.forward(prompt, cache, base)[0], dim=-1)
+        start = base + prompt.shape[1]
+        scores = []
+        for ids in continuations:
+            first = last[int(ids[0, 0])].reshape(1)
+            if ids.shape[1] > 1:
+                positions = torch.arange(start, start + ids.shape[1] - 1, device=self.device).unsqueeze(0)
+                logits = self.model(
+                    input_ids=ids[:, :-1].to(self.device),
+                    cache=cache,
+                    use_cache=True,
+                    position_ids=positions,
+                    logits_to_keep=ids.shape[1] - 1,
+                ).logits[0].float().cpu()
+                rest = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).squeeze(1)
+                cache.crop(start - cache.get_seq_length())
+                first = torch.cat([first, rest])
+            scores.append(first)
+        cache.crop(base - cache.get_seq_length())
+        return scores
+
+    @torch.inference_mode()
     def greedy(self, input_ids: torch.Tensor, max_new_tokens: int, cache=None) -> Iterator[int]:
         """Prefill ``input_ids`` after whatever ``cache`` holds (a new cache if None), then yield
         greedily decoded token ids until EOS or ``max_new_tokens``. The next token is computed only
