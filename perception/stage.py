@@ -362,7 +362,14 @@ def build_detectors(config: PerceptionConfig) -> DetectorWorker | None:
     if not (config.faces or config.ocr):
         return None
     faces = FaceDetector(PersonRegistry(config.face_match_distance)) if config.faces else None
-    reader = TextReader() if config.ocr else None
+    reader = None
+    if config.ocr:
+        try:
+            reader = TextReader()
+        except ModuleNotFoundError as exc:  # the detectors extra is not installed
+            log.warning("perception.ocr is on but text in scene cannot be read: %s", exc)
+    if faces is None and reader is None:
+        return None
     return DetectorWorker(faces, reader)
 
 

@@ -65,7 +65,7 @@ class PerceptionConfig(_Section):
     scene_cut_frames: int = 2
     max_clip_s: float = 20.0
     faces: bool = False  # dlib face descriptors -> session-stable person ids, on keyframes
-    ocr: bool = False  # RapidOCR text in scene, on keyframes
+    ocr: bool = True  # RapidOCR text in scene, on keyframes (skipped, with a warning, when not installed)
     keyframe_every_s: float = 3.0  # detectors also run on the first frame of each scene
     face_match_distance: float = 0.55
 

@@ -321,3 +321,17 @@ def test_camera_source_reads_opencv_frames_and_reports_a_missing_camera() -> Non
     kinds = [e.kind for e in missing.events()]
     missing.stop()
     assert kinds[0] == "error" and "stalled" in kinds
+
+
+def test_ocr_on_without_its_package_warns_and_runs_without_detectors(monkeypatch, caplog) -> None:
+    from omnistream.perception import stage as perception_stage
+    from omnistream.protocol.config import PerceptionConfig
+
+    def missing() -> None:
+        raise ModuleNotFoundError("text reading needs rapidocr-onnxruntime")
+
+    monkeypatch.setattr(perception_stage, "TextReader", missing)
+    assert PerceptionConfig().ocr  # text in scene is read by default
+    with caplog.at_level("WARNING", logger="omnistream.perception"):
+        assert perception_stage.build_detectors(PerceptionConfig(ocr=True, faces=False)) is None
+    assert "rapidocr" in caplog.text
