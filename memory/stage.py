@@ -231,7 +231,8 @@ class MemoryStage:
     # -- retrieval -------------------------------------------------------------------------------
 
     def now_item(self, session: str, until_ts: float) -> MemoryItem | None:
-        """What is on screen at ``until_ts``: labels of the latest percepts (sensory tier)."""
+        """What is on screen at ``until_ts``: labels of the latest percepts (sensory tier), with the
+        people and text the detectors last found in the scene."""
         window = [p for p in self.session(session).sensory if p.ts <= until_ts + 0.5]
         if not window:
             return None
@@ -241,7 +242,13 @@ class MemoryStage:
             for label in percept.labels:
                 scores[label.name] = scores.get(label.name, 0.0) + label.score / len(recent)
         names = [name for name, _ in sorted(scores.items(), key=lambda kv: -kv[1])[:4]]
-        return MemoryItem(kind="now", t0=recent[0].ts, t1=recent[-1].ts, text="seen: " + ", ".join(names))
+        text = "seen: " + ", ".join(names)
+        latest = recent[-1]  # percepts carry the scene's latest detections (keyframes)
+        if latest.faces:
+            text += "; people: " + ", ".join(latest.faces)
+        if latest.text_seen:
+            text += "; text: " + ", ".join(f'"{line}"' for line in latest.text_seen)
+        return MemoryItem(kind="now", t0=recent[0].ts, t1=recent[-1].ts, text=text)
 
     def snapshot(self, ask: Ask) -> None:
         request = Retrieve(

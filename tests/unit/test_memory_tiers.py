@@ -19,7 +19,7 @@ from omnistream.memory.stage import MemoryStage
 from omnistream.memory.store import MemoryStore
 from omnistream.memory.tiers import Entry, Pyramid, leaf, merge, render
 from omnistream.protocol.config import MemoryConfig
-from omnistream.protocol.messages import Clip, HistoryRequest, Percept, Retrieve, Synopsis, Transcript
+from omnistream.protocol.messages import Clip, HistoryRequest, Label, Percept, Retrieve, Synopsis, Transcript
 
 DIM = 4
 
@@ -341,3 +341,20 @@ def test_scene_marks_stay_bounded_and_ignore_other_encoders() -> None:
     assert scenes.observe(30, unit(0, 0, 1)) is None  # a third scene: the least recently seen goes
     assert [scene.first_t0 for scene in scenes.scenes] == [0, 30]
     assert scenes.observe(40, np.ones(7, np.float32)) is None  # features of another size
+
+
+def test_now_carries_the_scenes_latest_text_and_people(tmp_path: Path) -> None:
+    stage = stage_at(tmp_path / "m.sqlite")
+    stage.handle(Percept(ts=10, features=unit(1), labels=[Label(name="crossword puzzle", score=0.9)]))
+    stage.handle(
+        Percept(
+            ts=10.2,
+            features=unit(1),
+            labels=[Label(name="crossword puzzle", score=0.8)],
+            text_seen=["SUDOKU"],
+            faces=["person 2"],
+        )
+    )
+    now = stage.now_item("default", 10.5)
+    assert now is not None and now.kind == "now"
+    assert now.text == 'seen: crossword puzzle; people: person 2; text: "SUDOKU"'
