@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tile_asm.h"
+
 #define INLINE static inline __attribute__((always_inline))
 
 /* Tile sizes (the defaults are measured choices; -D overrides them for experiments). */
@@ -142,18 +144,7 @@ static void tile4x3_asm(const uint8_t *x, size_t ldx, const int8_t *w, size_t ld
     const int8_t *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw;
     long k = 0;
     __asm__ volatile(
-        "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
-        "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
-        "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
-        "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
-        "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"
-        "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
-        "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"
-        "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
-        "vpxor %%ymm8, %%ymm8, %%ymm8\n\t"
-        "vpxor %%ymm9, %%ymm9, %%ymm9\n\t"
-        "vpxor %%ymm10, %%ymm10, %%ymm10\n\t"
-        "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+        TILE12_ZERO
         "vpcmpeqw %%ymm12, %%ymm12, %%ymm12\n\t"
         "vpsrlw $15, %%ymm12, %%ymm12\n\t"
         "cmp %[kend], %[k]\n\t"
@@ -180,18 +171,7 @@ static void tile4x3_asm(const uint8_t *x, size_t ldx, const int8_t *w, size_t ld
         "cmp %[kend], %[k]\n\t"
         "jl 1b\n"
         "2:\n\t"
-        "vmovdqa %%ymm0, 0(%[out])\n\t"
-        "vmovdqa %%ymm1, 32(%[out])\n\t"
-        "vmovdqa %%ymm2, 64(%[out])\n\t"
-        "vmovdqa %%ymm3, 96(%[out])\n\t"
-        "vmovdqa %%ymm4, 128(%[out])\n\t"
-        "vmovdqa %%ymm5, 160(%[out])\n\t"
-        "vmovdqa %%ymm6, 192(%[out])\n\t"
-        "vmovdqa %%ymm7, 224(%[out])\n\t"
-        "vmovdqa %%ymm8, 256(%[out])\n\t"
-        "vmovdqa %%ymm9, 288(%[out])\n\t"
-        "vmovdqa %%ymm10, 320(%[out])\n\t"
-        "vmovdqa %%ymm11, 352(%[out])\n\t"
+        TILE12_STORE
         : [k] "+r"(k)
         : [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3), [w0] "r"(w0), [w1] "r"(w1),
           [w2] "r"(w2), [kend] "r"(K32), [out] "r"(lanes)

@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "pool.h"
+#include "tile_asm.h"
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -215,31 +216,9 @@ static void q4k_sb4x3_asm(const int8_t *const x[4], const uint8_t *const q[3], c
     KQ_ROW(P, "w1", "16+" #P "*4", "18+" #P "*4", "ymm1", "ymm4", "ymm7", "ymm10")             \
     KQ_ROW(P, "w2", "32+" #P "*4", "34+" #P "*4", "ymm2", "ymm5", "ymm8", "ymm11")
     __asm__ volatile(
-        "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
-        "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
-        "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
-        "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
-        "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"
-        "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
-        "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"
-        "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
-        "vpxor %%ymm8, %%ymm8, %%ymm8\n\t"
-        "vpxor %%ymm9, %%ymm9, %%ymm9\n\t"
-        "vpxor %%ymm10, %%ymm10, %%ymm10\n\t"
-        "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+        TILE12_ZERO
         KQ_P(0) KQ_P(1) KQ_P(2) KQ_P(3)
-        "vmovdqa %%ymm0, 0(%[out])\n\t"
-        "vmovdqa %%ymm1, 32(%[out])\n\t"
-        "vmovdqa %%ymm2, 64(%[out])\n\t"
-        "vmovdqa %%ymm3, 96(%[out])\n\t"
-        "vmovdqa %%ymm4, 128(%[out])\n\t"
-        "vmovdqa %%ymm5, 160(%[out])\n\t"
-        "vmovdqa %%ymm6, 192(%[out])\n\t"
-        "vmovdqa %%ymm7, 224(%[out])\n\t"
-        "vmovdqa %%ymm8, 256(%[out])\n\t"
-        "vmovdqa %%ymm9, 288(%[out])\n\t"
-        "vmovdqa %%ymm10, 320(%[out])\n\t"
-        "vmovdqa %%ymm11, 352(%[out])\n\t"
+        TILE12_STORE
         :
         : [x0] "r"(x[0]), [x1] "r"(x[1]), [x2] "r"(x[2]), [x3] "r"(x[3]), [w0] "r"(q[0]),
           [w1] "r"(q[1]), [w2] "r"(q[2]), [sc] "r"(sc16), [out] "r"(out), [m4] "m"(*(const __m256i *)M4)
@@ -390,31 +369,9 @@ static void q6k_sb4x3_asm(const int8_t *const x[4], const blk_q6k *const q[3], c
     KQ_CHUNK6(H, 2, "0", "vpsrlw $4, %%ymm12, %%ymm12\n\t", "")                                \
     KQ_CHUNK6(H, 3, "32", "vpsrlw $4, %%ymm12, %%ymm12\n\t", "vpsrlw $2, %%ymm15, %%ymm15\n\t")
     __asm__ volatile(
-        "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
-        "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
-        "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
-        "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
-        "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"
-        "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
-        "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"
-        "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
-        "vpxor %%ymm8, %%ymm8, %%ymm8\n\t"
-        "vpxor %%ymm9, %%ymm9, %%ymm9\n\t"
-        "vpxor %%ymm10, %%ymm10, %%ymm10\n\t"
-        "vpxor %%ymm11, %%ymm11, %%ymm11\n\t"
+        TILE12_ZERO
         KQ_HALF6(0) KQ_HALF6(1)
-        "vmovdqa %%ymm0, 0(%[out])\n\t"
-        "vmovdqa %%ymm1, 32(%[out])\n\t"
-        "vmovdqa %%ymm2, 64(%[out])\n\t"
-        "vmovdqa %%ymm3, 96(%[out])\n\t"
-        "vmovdqa %%ymm4, 128(%[out])\n\t"
-        "vmovdqa %%ymm5, 160(%[out])\n\t"
-        "vmovdqa %%ymm6, 192(%[out])\n\t"
-        "vmovdqa %%ymm7, 224(%[out])\n\t"
-        "vmovdqa %%ymm8, 256(%[out])\n\t"
-        "vmovdqa %%ymm9, 288(%[out])\n\t"
-        "vmovdqa %%ymm10, 320(%[out])\n\t"
-        "vmovdqa %%ymm11, 352(%[out])\n\t"
+        TILE12_STORE
         :
         : [x0] "r"(x[0]), [x1] "r"(x[1]), [x2] "r"(x[2]), [x3] "r"(x[3]), [w0] "r"(q[0]),
           [w1] "r"(q[1]), [w2] "r"(q[2]), [sc] "r"(sc), [out] "r"(out),
