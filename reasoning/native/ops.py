@@ -135,6 +135,28 @@ def attention_supported(head_dim: int) -> bool:
     return head_dim % 8 == 0 and head_dim <= 256
 
 
+def _attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """The leading arguments ops_attention and ops_layer_out share: q (pointer, row stride), the
+    shape (n, heads, kv_heads, head_dim), k and v (pointer, head and token strides), past."""
+    _, kv_heads, total, head_dim = k.shape
+    n = q.shape[0]
+    return (
+        q.data_ptr(),
+        q.stride(0),
+        n,
+        q.shape[1] // head_dim,
+        kv_heads,
+        head_dim,
+        k.data_ptr(),
+        k.stride(1),
+        k.stride(2),
+        v.data_ptr(),
+        v.stride(1),
+        v.stride(2),
+        total - n,
+    )
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal grouped-query attention of n new positions against a cache that ends with them.
 
@@ -159,19 +181,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     if out is None:
         out = q.new_empty((n, heads * head_dim))
     (_lib or _load()).ops_attention(
-        q.data_ptr(),
-        q.stride(0),
-        n,
-        heads,
-        kv_heads,
-        head_dim,
-        k.data_ptr(),
-        k.stride(1),
-        k.stride(2),
-        v.data_ptr(),
-        v.stride(1),
-        v.stride(2),
-        total - n,
+        *_attention_operands(q, k, v),
         out.data_ptr(),
         out.stride(0),
         1.0 / math.sqrt(head_dim),
@@ -248,24 +258,11 @@ def layer_out(
     returns the MLP's output ``down(silu(gate) * up)(rmsnorm(x))`` (n, hidden), not yet added."""
     _, kv_heads, total, head_dim = k.shape
     n, hidden = x.shape
-    heads = q.shape[1] // head_dim
     if q.shape[0] != n or total < n or v.shape != k.shape or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError(f"native layer_out: q {tuple(q.shape)}, k {tuple(k.shape)}, x {tuple(x.shape)}")
     out = x.new_empty((n, hidden))
     status = (_lib or _load()).ops_layer_out(
-        q.data_ptr(),
-        q.stride(0),
-        n,
-        heads,
-        kv_heads,
-        head_dim,
-        k.data_ptr(),
-        k.stride(1),
-        k.stride(2),
-        v.data_ptr(),
-        v.stride(1),
-        v.stride(2),
-        total - n,
+        *_attention_operands(q, k, v),
         1.0 / math.sqrt(head_dim),
         x.data_ptr(),
         hidden,
