@@ -6,6 +6,7 @@ tokens (barge-in), and is where KV-cache reuse plugs in.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -74,7 +75,9 @@ def int8_dir(model_dir: Path) -> Path:
     return model_dir.with_name(model_dir.name.rsplit("-", 1)[0] + "-int8")
 
 
+@functools.cache
 def _libc():
+    """glibc, loaded once (``find_library`` runs ``ldconfig``: not per ingest pass)."""
     import ctypes
     import ctypes.util
 
