@@ -85,6 +85,7 @@ class SpeechConfig(_Section):
     turn_grace_s: float = 0.3  # further wait after an utterance that does not read as finished
     continue_s: float = 1.5  # the user going on this soon after an Ask (answer unheard) extends it
     first_phrase_words: int = 4  # speak the first words this early (0: wait for a clause end)
+    read_ahead: bool = True  # send the words of a question heard so far (Draft): reasoning reads them before the turn ends
     asr_window: str = "short"  # whisper encoder on the utterance's length, or "full" (30 s)
     ask_on_user_speech: bool = True
     wake_phrase: str = ""  # non-empty: only utterances containing it become questions

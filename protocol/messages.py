@@ -147,6 +147,15 @@ class Ask(Message):
     audio_rate: int = 0  # sample rate (Hz) the client wants spoken answers in; 0: the voice's own
 
 
+class Draft(Message):
+    """The question a user is still speaking: the words heard so far (``ts``: stream time of the
+    last of them). Reasoning reads it ahead (retrieves memory for it and prefills its tokens) so
+    that the ``Ask`` that follows at the end of the turn only has the rest to read. Nothing is
+    answered for a draft; one that no ``Ask`` follows is dropped after a few seconds."""
+
+    question: str
+
+
 class AnswerDelta(Message):
     turn: str
     text: str
@@ -339,6 +348,7 @@ AnyMessage = Union[  # noqa: UP007 - a runtime Union: msgspec decodes into it
     Transcript,
     UserSpeech,
     Ask,
+    Draft,
     AnswerDelta,
     AnswerDone,
     Interrupt,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from omnistream.kernels import ops
-from omnistream.protocol.messages import Ask, MemoryItem
+from omnistream.protocol.messages import Ask, Draft, MemoryItem
 from omnistream.reasoning.cache import BufferedCache, cache_from
 from omnistream.reasoning.engine import LLMEngine
 from omnistream.reasoning.kvcache import BlockStore, StreamingKV
@@ -31,8 +32,12 @@ CHOICE_PREFIX = re.compile(r"^\s*([A-F])[\s.):]+")
 NO_MEMORY_TEXT = "(nothing remembered: answer only from what is on screen now)"
 RECENT_WINDOW_S = 30.0  # the "recent" baseline: what a short context window would hold
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
+DRAFT_MAX_AGE_S = 8.0  # a question read ahead (``Answerer.prepare``) is used for an Ask this recent
 STREAMED_KINDS = ("clip", "transcript")
-CHOICE_SCORING = ("text", "letter")  # how a multiple-choice question is answered (Answerer.choose)  # what goes into the KV stream; events/synopsis are derived
+CHOICE_SCORING = (
+    "text",
+    "letter",
+)  # how a multiple-choice question is answered (Answerer.choose)  # what goes into the KV stream; events/synopsis are derived
 
 
 def session_dir_name(session: str) -> str:
@@ -71,6 +76,28 @@ def split_choice(choice: str) -> str:
     return CHOICE_PREFIX.sub("", choice, count=1).strip()
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def common_prefix(a: list, b: list) -> int:
+    """Length of the longest common prefix of two sequences."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+@dataclass
+class Prepared:
+    """A spoken question read ahead while the user was still speaking (``Answerer.prepare``):
+    its memory assembled into ``cache``, then the suffix's head (what is on screen, the time,
+    "Question:") and the question's tokens so far, ``question_ids``, after ``base`` tokens."""
+
+    question: str
+    cache: object
+    base: int
+    question_ids: list[int]
+    at: float  # time.monotonic() of the last draft
+
+
 @dataclass
 class SessionMemory:
     """One session's streamed KV and the id of the last record it holds."""
@@ -107,6 +134,7 @@ class Answerer:
         self.prefix_ids = engine.ids(self.prefix_text)
         self.letter_ids = [engine.tokenizer.convert_tokens_to_ids(letter) for letter in CHOICE_LETTERS]
         self.sessions: dict[str, SessionMemory] = {}
+        self.prepared: dict[str, Prepared] = {}  # by session
 
     # -- memory ingestion ------------------------------------------------------------------------
 
@@ -152,12 +180,17 @@ class Answerer:
 
     # -- prompt pieces -------------------------------------------------------------------------
 
-    def suffix_text(self, ask: Ask, now: MemoryItem | None, choices: list[str]) -> str:
+    def suffix_head(self, ask: Ask, now: MemoryItem | None) -> str:
+        """The suffix up to the question's words (it ends in "Question:")."""
         parts = [""]
         if now is not None:
             parts.append(format_item(now))
         parts.append(f"Current stream time: {clock(ask.ts)}.")
-        parts.append(f"\nQuestion: {ask.question}")
+        parts.append("\nQuestion:")
+        return "\n".join(parts)
+
+    def suffix_text(self, ask: Ask, now: MemoryItem | None, choices: list[str]) -> str:
+        parts = [f"{self.suffix_head(ask, now)} {ask.question}"]
         if choices:
             lettered = [f"{CHOICE_LETTERS[i]}. {text}" for i, text in enumerate(choices)]
             parts.append("Choices:\n" + "\n".join(lettered))
@@ -287,16 +320,81 @@ class Answerer:
         means = (totals / n).tolist()
         return CHOICE_LETTERS[int(torch.argmax(totals))], means
 
+    # -- reading a spoken question ahead -------------------------------------------------------
+
+    def prepare(self, draft: Draft, items: list[MemoryItem] | None) -> None:
+        """Read ``draft`` (the words of a question heard so far) ahead: the first draft of a
+        question assembles its memory (``items``: what memory retrieved for it) and prefills the
+        suffix's head; each draft then prefills its words, reusing the tokens it shares with the
+        previous draft (the cache is cut back to where they differ, as llama.cpp's prompt cache
+        does). ``items`` may be None when ``has_prepared`` (the memory is already assembled)."""
+        prepared = self.prepared.get(draft.session)
+        if prepared is None or items is not None:
+            ask = Ask(ts=draft.ts, session=draft.session, turn="", question=draft.question)
+            cache, now = self.memory_for(ask, items or [])
+            self.engine.forward(self.engine.ids(self.suffix_head(ask, now)), cache, cache.get_seq_length())
+            prepared = Prepared(draft.question, cache, cache.get_seq_length(), [], time.monotonic())
+            self.prepared[draft.session] = prepared
+        unread = self._unread(prepared, draft.question)
+        if unread:
+            start = prepared.base + len(prepared.question_ids) - len(unread)
+            self.engine.forward(torch.tensor([unread]), prepared.cache, start)
+        prepared.question, prepared.at = draft.question, time.monotonic()
+
+    def has_prepared(self, session: str) -> bool:
+        prepared = self.prepared.get(session)
+        return prepared is not None and time.monotonic() - prepared.at <= DRAFT_MAX_AGE_S
+
+    def drop_stale_drafts(self) -> int:
+        """Forget questions read ahead that no Ask followed; returns how many."""
+        stale = [s for s in self.prepared if not self.has_prepared(s)]
+        for session in stale:
+            del self.prepared[session]
+        return len(stale)
+
+    def take_prepared(self, ask: Ask) -> Prepared | None:
+        """The read-ahead state ``ask`` can be answered from, removed from the session: a spoken
+        question (full mode, open) asked soon after its last draft, whose words begin with at
+        least half of the draft's (its memory was retrieved for those words)."""
+        prepared = self.prepared.pop(ask.session, None)
+        if prepared is None or ask.choices or ask.mode != "full":
+            return None
+        if time.monotonic() - prepared.at > DRAFT_MAX_AGE_S:
+            return None
+        drafted, asked = _words(prepared.question), _words(ask.question)
+        return prepared if drafted and 2 * common_prefix(drafted, asked) >= len(drafted) else None
+
+    def _unread(self, prepared: Prepared, question: str) -> list[int]:
+        """Cut the prepared cache back to the tokens it shares with ``question``'s; returns the
+        question's tokens after those (for the caller to prefill)."""
+        ids = self.engine.ids(f" {question}")[0].tolist()
+        same = common_prefix(prepared.question_ids, ids)
+        if same < len(prepared.question_ids):
+            prepared.cache.crop(same - len(prepared.question_ids))
+        prepared.question_ids = ids
+        return ids[same:]
+
     def answer(
-        self, ask: Ask, items: list[MemoryItem], max_new_tokens: int, should_stop: Callable[[], bool]
+        self,
+        ask: Ask,
+        items: list[MemoryItem],
+        max_new_tokens: int,
+        should_stop: Callable[[], bool],
+        prepared: Prepared | None = None,
     ) -> Iterator[tuple[str, str]]:
-        """Yield (text piece, choice letter or "") as the answer is produced."""
-        cache, now = self.memory_for(ask, items)
-        if ask.choices:
-            letter, _ = self.choose(ask, cache, now)
-            chosen = split_choice(ask.choices[CHOICE_LETTERS.index(letter)])
-            yield f"{letter}. {chosen}", letter
-            return
-        suffix = self.engine.ids(self.suffix_text(ask, now, []))
+        """Yield (text piece, choice letter or "") as the answer is produced. With ``prepared``
+        (``take_prepared``: the question read ahead) the answer comes from that cache, ``items``
+        unused: only the question's last words are left to read."""
+        if prepared is not None:  # its last words and the turn's end in one pass
+            unread = self._unread(prepared, ask.question) + self.engine.ids(self.suffix_end)[0].tolist()
+            cache, suffix = prepared.cache, torch.tensor([unread])
+        else:
+            cache, now = self.memory_for(ask, items)
+            if ask.choices:
+                letter, _ = self.choose(ask, cache, now)
+                chosen = split_choice(ask.choices[CHOICE_LETTERS.index(letter)])
+                yield f"{letter}. {chosen}", letter
+                return
+            suffix = self.engine.ids(self.suffix_text(ask, now, []))
         for piece in self.engine.stream(suffix, max_new_tokens, should_stop, cache=cache):
             yield piece, ""

@@ -224,9 +224,7 @@ def _forward_native(model: Qwen2, x: torch.Tensor, cos, sin, cache, keep: int) -
     (its keys and values still go to the cache for every row)."""
     from omnistream.reasoning.native import ops
 
-    layers = model.model.layers
     x = x.contiguous() if x.is_contiguous() else x.clone()
-    n = x.shape[0]
     cos, sin = cos.contiguous(), sin.contiguous()
     plan = _int8_plan(model)
     with ops.helpers_spinning():
@@ -283,7 +281,7 @@ def _int8_plan(model: Qwen2) -> list | None:
         attn, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
         modules += (attn["qkv_proj"], attn["o_proj"], mlp["gate_up_proj"], mlp["down_proj"])
     cached = model.__dict__.get("_native_plan")
-    if cached is None or len(cached[0]) != len(modules) or any(a is not b for a, b in zip(cached[0], modules)):
+    if cached is None or len(cached[0]) != len(modules) or any(a is not b for a, b in zip(cached[0], modules, strict=True)):
         plan = None
         if all(type(m) is Int8Linear and m._native is not None for m in modules):
             specs = [ops.LinearSpec.of(m._native) for m in modules]

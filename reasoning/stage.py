@@ -1,5 +1,10 @@
 """Reasoning process: on ``Ask``, retrieve from memory, stream the LLM's answer, obey ``Interrupt``.
 
+A ``Draft`` (the words of a spoken question heard so far, from the speech stage) is read ahead:
+memory is retrieved and assembled for it and its tokens prefilled while the user is still
+speaking, so the ``Ask`` at the end of the turn has only its last words to read before the first
+token (see ``Answerer.prepare``).
+
 Memory is asked over a DEALER socket (request/reply with a timeout, retried once), so a memory
 restart delays an answer instead of losing it. Answers stream as ``AnswerDelta`` and end with
 ``AnswerDone`` (carrying an ``error`` when the answer could not be produced).
@@ -21,6 +26,7 @@ from omnistream.protocol.messages import (
     AnswerDelta,
     AnswerDone,
     Ask,
+    Draft,
     Error,
     Interrupt,
     MemoryItem,
@@ -126,8 +132,9 @@ class ReasoningStage:
             self.queued_records.setdefault(message.session, []).append(item)
             if sum(len(items) for items in self.queued_records.values()) >= MAX_QUEUED_RECORDS:
                 self.stream_records()
+        elif isinstance(message, Draft):
+            self.read_ahead(message)
         elif isinstance(message, Ask):
-            self.stream_records()
             self.answer(message)
         elif isinstance(message, Watch):
             try:
@@ -138,6 +145,24 @@ class ReasoningStage:
                         code="invalid", message=str(exc), request_id=message.watch_id, session=message.session
                     )
                 )
+
+    def read_ahead(self, draft: Draft) -> None:
+        """Prepare the spoken question in ``draft``; the first draft of a question retrieves its
+        memory. A draft that fails (memory away, bad text) is dropped: the Ask will do the work."""
+        if not draft.question.strip() or len(draft.question) > MAX_QUESTION_CHARS:
+            return
+        items = None
+        if not self.answerer.has_prepared(draft.session):
+            self._load_history(draft.session)
+            self.stream_records()
+            try:
+                items = self.memory.retrieve(
+                    Retrieve(ts=draft.ts, session=draft.session, request_id=uuid.uuid4().hex, query=draft.question)
+                )
+            except MemoryUnavailable:
+                return
+        self.answerer.prepare(draft, items)
+        self.runtime.counters["drafts_read"] += 1
 
     def stream_records(self) -> None:
         """Prefill the queued records into their sessions' KV memory; watches see each one."""
@@ -187,13 +212,15 @@ class ReasoningStage:
         """Polls the bus; True once an ``Ask`` (or a shutdown) arrived. The messages stay queued
         for the main loop, which answers the question next."""
         for message in self.runtime.poll(0):
-            if isinstance(message, Ask | Shutdown):
+            if isinstance(message, Ask | Draft | Shutdown):
                 self._ask_waiting = True
         self.runtime.maybe_publish_stats()  # a long synopsis must not look like a hung stage
         return self._ask_waiting or not self.runtime.running
 
     def tick(self) -> None:
         """Called by the runtime loop when every queued message is handled (idle)."""
+        if self.answerer.drop_stale_drafts():
+            release_freed_memory()  # the dropped drafts' assembled caches
         self.stream_records()
         for synopsis in self.synopsizer.unacknowledged(time.monotonic()):
             self.runtime.publish(synopsis)
@@ -226,9 +253,14 @@ class ReasoningStage:
             done.error = f"Ask.question must be 1..{MAX_QUESTION_CHARS} characters, got {len(ask.question)}"
             self.runtime.publish(done)
             return
+        # Read ahead (Draft): memory was retrieved and assembled for the question's first words,
+        # so records that arrived since can wait until after the answer.
+        prepared = self.answerer.take_prepared(ask)
+        if prepared is None:
+            self.stream_records()
         self._load_history(ask.session)
         try:
-            items = self.memory.retrieve(
+            items = [] if prepared is not None else self.memory.retrieve(
                 Retrieve(
                     ts=ask.ts,
                     session=ask.session,
@@ -252,7 +284,7 @@ class ReasoningStage:
             return stopped
 
         for seq, (piece, choice) in enumerate(
-            self.answerer.answer(ask, items, self.config.max_new_tokens, stop)
+            self.answerer.answer(ask, items, self.config.max_new_tokens, stop, prepared)
         ):
             if not pieces:
                 done.first_token_s = time.monotonic() - start
@@ -282,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = prepare_llm(config.model, runtime.config.cache_dir)
     engine = LLMEngine(model_dir, config.dtype, config.threads)
     stage = ReasoningStage(config, engine, MemoryClient(runtime.ctx, runtime.addresses.memory), runtime)
-    runtime.subscribe(Ask, Interrupt, Record, Watch)
+    runtime.subscribe(Ask, Draft, Interrupt, Record, Watch)
     runtime.run(stage, tick=stage.tick)
 
 

@@ -360,7 +360,8 @@ def check(config_dir: Path, work: Path) -> dict:
     _log(f"{config_dir.name}: vs transformers min cosine {cos:.5f}, top-1 {top1:.2f}")
     baseline = measure(ref_forward, DynamicCache, vocab, decode_tokens=EAGER_DECODE_TOKENS)
     _log(f"{config_dir.name}: transformers measured")
-    del engine, reference
+    del engine
+    reference = None  # frees the model (ref_forward is not called again)
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return {

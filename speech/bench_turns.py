@@ -28,19 +28,29 @@ import numpy as np
 import zmq
 
 from omnistream.protocol.config import SpeechConfig, load_config
-from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, AudioOut, Interrupt
+from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, AudioOut, Draft, Interrupt
 from omnistream.protocol.sockets import make_socket, recv, send
 from omnistream.speech.turns import SPANS
 
-BEFORE = {"turn_end_s": 10.0, "turn_grace_s": 0.15, "first_phrase_words": 0, "asr_window": "full"}
-BEFORE_NAME = "before: 30 s whisper window, 0.5 s silence + 0.15 s grace, first phrase at a clause end"
+BEFORE = {
+    "turn_end_s": 10.0,
+    "turn_grace_s": 0.15,
+    "first_phrase_words": 0,
+    "asr_window": "full",
+    "read_ahead": False,
+}
+BEFORE_NAME = (
+    "before: 30 s whisper window, 0.5 s silence + 0.15 s grace, first phrase at a clause end, "
+    "question not read ahead"
+)
 SCRIPTED = "It was a monarch butterfly on a purple flower, near the window, and then it flew away."
 SCRIPTED_S_PER_WORD = 0.02
 
 
 def _llm_process(conn) -> None:
-    """Child process: load the configured LLM, answer (turn, question) requests with streamed
-    pieces until a "stop" arrives."""
+    """Child process: load the configured LLM; read ("draft", question) requests ahead (as the
+    reasoning stage does with a ``Draft``) and answer ("ask", turn, question) requests with
+    streamed pieces until a "stop" arrives."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,9 +69,14 @@ def _llm_process(conn) -> None:
     while (request := conn.recv()) is not None:
         if request == "stop":
             continue
-        turn, question = request
+        if request[0] == "draft":
+            draft = Draft(session="bench", question=request[1])
+            answerer.prepare(draft, None if answerer.has_prepared("bench") else [])
+            continue
+        _, turn, question = request
         ask = Ask(turn=turn, question=question, session="bench")
-        for piece, _ in answerer.answer(ask, [], 32, lambda: conn.poll()):
+        prepared = answerer.take_prepared(ask)
+        for piece, _ in answerer.answer(ask, [], 32, lambda: conn.poll(), prepared):
             conn.send(("delta", turn, piece))
         conn.send(("done", turn, ""))
 
@@ -80,7 +95,10 @@ class LLM:
         progress(f"speech: LLM {self.model} loaded")
 
     def ask(self, turn: str, question: str) -> None:
-        self.conn.send((turn, question))
+        self.conn.send(("ask", turn, question))
+
+    def draft(self, question: str) -> None:
+        self.conn.send(("draft", question))
 
     def stop(self) -> None:
         self.conn.send("stop")
@@ -106,6 +124,8 @@ def answer_each_ask(driver, llm: LLM | None) -> Callable[[], None]:
 
     def on_publish(message) -> None:
         publish(message)
+        if isinstance(message, Draft) and llm is not None:
+            llm.draft(message.question)
         if isinstance(message, Ask):
             if llm is not None:
                 llm.ask(message.turn, message.question)
@@ -276,7 +296,9 @@ def transport_rows(messages: int = 300) -> list[dict]:
 
 
 def _proxy(xsub, xpub) -> None:
-    with contextlib.suppress(zmq.ContextTerminated):
+    # The context is destroyed under it at the end: "Socket operation on non-socket" (ENOTSOCK)
+    # or ContextTerminated, depending on which socket closes first.
+    with contextlib.suppress(zmq.ContextTerminated, zmq.ZMQError):
         zmq.proxy(xsub, xpub)
 
 

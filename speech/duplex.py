@@ -165,6 +165,7 @@ class Utterance:
     early_text: str | None = None
     final_samples: int = -3
     continues: PendingQuestion | None = None  # the question this utterance may be going on with
+    drafted: str = ""  # the question last sent as a Draft
 
 
 @dataclass

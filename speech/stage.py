@@ -5,7 +5,9 @@ worker thread) -> partial and final ``Transcript``s and ``UserSpeech`` events. A
 user's speech the utterance is transcribed at once; if that transcript reads as a finished turn
 and the silence reaches ``turn_end_s``, the turn is over and the ``Ask`` goes out. Otherwise
 the utterance ends after ``min_silence_s`` and is asked ``turn_grace_s`` later (always, or only
-after ``wake_phrase``). The user going on right after an ``Ask`` extends that question.
+after ``wake_phrase``). The user going on right after an ``Ask`` extends that question. While
+the user speaks, each partial transcript (and the one at a pause) goes to reasoning as a
+``Draft`` of the question (``read_ahead``), so the LLM has read most of it when the turn ends.
 Speaking (``speaking.Speaker``): ``AnswerDelta`` phrases -> TTS -> ``AudioOut`` chunks paced to
 real time at the rate the ``Ask`` asked for; what was heard is recorded as an assistant
 ``Transcript``.
@@ -35,6 +37,7 @@ from omnistream.protocol.messages import (
     AnswerDone,
     Ask,
     AudioChunk,
+    Draft,
     Error,
     Interrupt,
     Message,
@@ -281,6 +284,7 @@ class SpeechStage:
                     self._on_user_final(key, utterance.end_ts, text)
             elif samples == utterance.early_samples:
                 utterance.early_text = text
+                self._draft(key, self.listeners[(key[0], "user")].stream_ts, text)
 
     def _on_user_partial(self, key: tuple[str, int], t1: float, text: str) -> None:
         utterance = self.utterances.get(key)
@@ -296,6 +300,30 @@ class SpeechStage:
             Transcript(ts=t1, t0=utterance.t0, session=key[0], text=text, final=False, speaker="user")
         )
         self.speaker.cut(key)
+        self._draft(key, t1, text)
+
+    def _draft(self, key: tuple[str, int], t1: float, text: str) -> None:
+        """Send what the question will be if the user stops now (as ``_on_user_final`` would
+        ask it) to reasoning, to be read ahead."""
+        utterance = self.utterances.get(key)
+        if not (self.config.read_ahead and self.config.ask_on_user_speech and text) or utterance is None:
+            return
+        session = key[0]
+        if utterance.echo or self.speaker.is_echo(session, text):
+            return
+        pending = self.pending.get(session)
+        if pending is not None:
+            question = f"{pending.text} {text}"
+        elif utterance.continues is not None and self.asked.get(session) is utterance.continues:
+            question = f"{utterance.continues.text} {text}"
+        elif self.config.wake_phrase:
+            question = after_wake_phrase(text, self.config.wake_phrase) or ""
+        else:
+            question = text
+        if question and question != utterance.drafted:
+            utterance.drafted = question
+            self.publish(Draft(ts=t1, session=session, question=question))
+            self.counters["drafts"] += 1
 
     def _on_user_final(self, key: tuple[str, int], t1: float, text: str) -> None:
         session = key[0]

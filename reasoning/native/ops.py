@@ -51,17 +51,17 @@ def _load() -> ctypes.CDLL | None:
     lib = native._load()
     if lib is None or not hasattr(lib, "ops_abi_version") or lib.ops_abi_version() != ABI_VERSION:
         return None
-    p, i, l, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    p, i, long_, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.ops_rmsnorm.restype = lib.ops_rope.restype = lib.ops_silu_mul.restype = lib.ops_attention.restype = None
     lib.ops_rmsnorm.argtypes = [p, p, p, p, i, i, f, i]
-    lib.ops_rope.argtypes = [p, i, l, i, i, p, p, i]
+    lib.ops_rope.argtypes = [p, i, long_, i, i, p, p, i]
     lib.ops_silu_mul.argtypes = [p, i, i, p, i]
-    lib.ops_attention.argtypes = [p, l, i, i, i, i, p, l, l, p, l, l, i, p, l, f, i]
+    lib.ops_attention.argtypes = [p, long_, i, i, i, i, p, long_, long_, p, long_, long_, i, p, long_, f, i]
     lin = ctypes.POINTER(LinearSpec)
     lib.ops_layer_in.restype = lib.ops_layer_out.restype = lib.int8_get_spin.restype = i
     lib.int8_get_spin.argtypes = []
     lib.ops_layer_in.argtypes = [p, p, p, f, i, i, lin, p, p, p, i, i, i]
-    lib.ops_layer_out.argtypes = [p, l, i, i, i, i, p, l, l, p, l, l, i, f, p, i, lin, p, f, lin, lin, p, i]
+    lib.ops_layer_out.argtypes = [p, long_, i, i, i, i, p, long_, long_, p, long_, long_, i, f, p, i, lin, p, f, lin, lin, p, i]
     _lib = lib
     return lib
 

@@ -26,6 +26,7 @@ from omnistream.protocol.messages import (
     AudioOut,
     Interrupt,
     Message,
+    Stats,
     Transcript,
 )
 from omnistream.speech.listen import words
@@ -116,6 +117,9 @@ def test_user_talks_over_the_spoken_answer_and_it_stops(system: Launcher) -> Non
         mic.until(lambda: mic.of(AnswerDone, turn) and any(m.final for m in mic.of(AudioOut, turn)), 60)
         mic.until(lambda: [m for m in mic.of(Transcript, turn) if m.speaker == "assistant"], 10)
         mic.until(lambda: len([m for m in mic.of(Transcript) if m.speaker == "user" and m.final]) > 1, 60)
+        # The spoken question was read ahead by reasoning while it was being said (Draft).
+        read = lambda: [m.counters.get("drafts_read", 0) for m in mic.of(Stats) if m.stage == "reasoning"]  # noqa: E731
+        mic.until(lambda: read() and read()[-1] >= 1, 30)
 
     [interrupt] = mic.of(Interrupt, turn)
     assert interrupt.reason == "barge-in"

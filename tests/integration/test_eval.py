@@ -1,8 +1,10 @@
 """`omnistream eval` end to end on the development episode: real processes, accelerated replay,
-every question asked live in every mode (the system and its three baselines).
+every question asked live to the system and to its 30-second-window baseline.
 
-The default models answer (the 1.5B runs on its GGUF blocks): about 8 minutes on 2 cores, most of
-it the re-prefill baseline reading the memory as text for every question."""
+The default models answer (the 1.5B runs on its GGUF blocks). The re-prefill and no-memory
+baselines are left to `omnistream eval` itself (BENCHMARKS.md has all four): re-prefill reads the
+whole memory as text for every question (~18 s each on 2 cores), which alone took over 4 of this
+test's 9 minutes; `--modes` is what a user runs for a subset, so that path is the one tested."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ EPISODE = Path(__file__).resolve().parents[2] / ".." / "shared" / "eval" / "dev"
 
 
 @pytest.mark.skipif(not (EPISODE / "episode.json").exists(), reason="development episode not present")
-def test_eval_dev_episode_reports_the_system_and_every_baseline(tmp_path: Path) -> None:
+def test_eval_dev_episode_reports_the_system_against_a_recent_window(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "OMNISTREAM__PATHS__DATA_DIR": str(tmp_path / "data"),
@@ -37,6 +39,8 @@ def test_eval_dev_episode_reports_the_system_and_every_baseline(tmp_path: Path) 
             "--speed",
             "4",
             "--no-open",
+            "--modes",
+            "full,recent",
             "--json",
             "--out",
             str(out),
@@ -52,7 +56,7 @@ def test_eval_dev_episode_reports_the_system_and_every_baseline(tmp_path: Path) 
     assert "| full system" in (out / "eval.md").read_text()
     episode = json.loads((EPISODE / "episode.json").read_text())
     summary = report["summary"]
-    assert set(summary) == {"full", "reprefill", "recent", "no_memory"}
+    assert set(summary) == {"full", "recent"}
     for mode, row in summary.items():
         assert row["n"] == len(episode["questions"]), mode
         assert row["errors"] == 0, (mode, [q for q in report["questions"] if q["error"]])

@@ -206,7 +206,11 @@ def test_continuation_logprobs_match_full_forward_and_leave_the_cache_as_it_was(
 
     prefix = tiny_engine.tokenizer("memory of the stream", return_tensors="pt").input_ids
     prompt = tiny_engine.ids(" question: which one?")
-    continuations = [tiny_engine.ids("a monarch butterfly"), tiny_engine.ids("bird"), tiny_engine.ids("fail better")]
+    continuations = [
+        tiny_engine.ids("a monarch butterfly"),
+        tiny_engine.ids("bird"),
+        tiny_engine.ids("fail better"),
+    ]
     cache = BufferedCache()
     tiny_engine.forward(prefix, cache, 0)
     scores = tiny_engine.continuation_logprobs(cache, prompt, continuations)
@@ -231,7 +235,9 @@ def test_text_scoring_picks_the_choice_the_model_finds_likeliest(tiny_engine) ->
     prompt = tiny_engine.ids(answerer.suffix_text(ask, now, []))
     expected = [
         float(lp.mean())
-        for lp in tiny_engine.continuation_logprobs(cache, prompt, [tiny_engine.ids(t) for t in ("red", "green", "blue")])
+        for lp in tiny_engine.continuation_logprobs(
+            cache, prompt, [tiny_engine.ids(t) for t in ("red", "green", "blue")]
+        )
     ]
     assert scores == pytest.approx(expected)
     assert letter == "ABC"[max(range(3), key=expected.__getitem__)]
@@ -346,3 +352,71 @@ def test_session_directory_names_stay_inside_their_parent() -> None:
     assert len(names) == 6
     assert all("/" not in n and n not in (".", "..") and not n.startswith(".") for n in names)
     assert session_dir_name("kitchen") == session_dir_name("kitchen")  # stable across restarts
+
+
+def counting_forward(engine, monkeypatch) -> list[int]:
+    """Record how many tokens each ``engine.forward`` call reads."""
+    calls: list[int] = []
+    forward = engine.forward
+
+    def counted(ids, cache, start):
+        calls.append(ids.shape[1])
+        return forward(ids, cache, start)
+
+    monkeypatch.setattr(engine, "forward", counted)
+    return calls
+
+
+def test_a_question_read_ahead_is_answered_as_if_asked_at_once_reading_only_its_end(
+    tiny_engine, monkeypatch
+) -> None:
+    from omnistream.protocol.messages import Draft
+    from omnistream.reasoning.answer import Answerer
+
+    question = "where was the red kettle in the scene?"
+    ask = Ask(ts=70, session="s", turn="t", question=question, mode="full")
+    answers = {}
+    for read_ahead in (False, True):
+        answerer = Answerer(tiny_engine, window_tokens=24, retrieved_tokens=64)
+        for item in RECORDS:
+            answerer.ingest("s", item)
+        prepared = None
+        if read_ahead:
+            # Partial transcripts as whisper revises them: a wrong word is read, then replaced.
+            answerer.prepare(Draft(ts=70, session="s", question="where was a"), RECORDS[:2])
+            answerer.prepare(Draft(ts=70, session="s", question="where was the red kettle"), None)
+            assert answerer.has_prepared("s")
+            prepared = answerer.take_prepared(ask)
+            assert prepared is not None and not answerer.has_prepared("s")
+        calls = counting_forward(tiny_engine, monkeypatch)
+        items = [] if read_ahead else RECORDS[:2]
+        answers[read_ahead] = "".join(p for p, _ in answerer.answer(ask, items, 12, lambda: False, prepared))
+        monkeypatch.undo()
+        if read_ahead:  # memory was assembled ahead: the first pass is the prefill of what is left
+            end = (
+                tiny_engine.ids(" in the scene?")[0].shape[0] + tiny_engine.ids(answerer.suffix_end).shape[1]
+            )
+            assert calls[0] <= end + 1, calls  # the words after the last draft and the turn's end
+        else:  # (retrieval's question pass,) the whole suffix, then one token at a time
+            assert tiny_engine.ids(answerer.suffix_text(ask, None, [])).shape[1] in calls, calls
+    assert answers[True] == answers[False] and answers[True]
+
+
+def test_a_read_ahead_draft_is_not_used_for_a_different_question_or_when_stale(
+    tiny_engine, monkeypatch
+) -> None:
+    from omnistream.protocol.messages import Draft
+    from omnistream.reasoning import answer as answer_module
+
+    answerer = answer_module.Answerer(tiny_engine, window_tokens=24, retrieved_tokens=64)
+    draft = Draft(ts=5, session="s", question="where did I leave my keys")
+    answerer.prepare(draft, [])
+    other = Ask(ts=6, session="s", turn="t", question="what is on the screen now?")
+    assert answerer.take_prepared(other) is None  # retrieved for other words
+    answerer.prepare(draft, [])
+    choices = Ask(ts=6, session="s", turn="t", question="where did I leave my keys?", choices=["A x", "B y"])
+    assert answerer.take_prepared(choices) is None
+    answerer.prepare(draft, [])
+    monkeypatch.setattr(answer_module, "DRAFT_MAX_AGE_S", -1.0)
+    assert not answerer.has_prepared("s") and answerer.drop_stale_drafts() == 1
+    assert answerer.prepared == {}

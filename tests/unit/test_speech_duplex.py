@@ -19,6 +19,7 @@ from omnistream.protocol.messages import (
     Ask,
     AudioChunk,
     AudioOut,
+    Draft,
     Interrupt,
     Message,
     Transcript,
@@ -196,6 +197,33 @@ def test_spoken_question_becomes_an_ask_at_the_end_of_the_turn(
     assert spans["last speech window -> first AudioOut sent (speech stage + LLM)"] == pytest.approx(
         times[-1] - times[0]
     )
+
+
+def test_the_question_is_sent_ahead_as_it_is_heard(
+    recognizer: Recognizer, voice: Voice, make_harness
+) -> None:
+    """While the user speaks, partial transcripts go to reasoning as ``Draft``s of the question
+    (read ahead), each the start of what is finally asked; none with ``read_ahead`` off."""
+    h = make_harness()
+    clip = speech_clip(0)  # "and mister john dashwood had then leisure to consider how much ..."
+    h.mic(np.concatenate([np.zeros(4000, np.float32), clip]))  # in real time, as a microphone
+    h.run_until(lambda: h.of(Ask), timeout_s=20)
+    [ask] = h.of(Ask)
+    drafts = [(i, m) for i, (_, m) in enumerate(h.out) if isinstance(m, Draft)]
+    ask_at = next(i for i, (_, m) in enumerate(h.out) if isinstance(m, Ask))
+    assert len(drafts) >= 2 and all(i < ask_at for i, _ in drafts)
+    # Whisper revises partials (an early one may miss the first word, the last word or two of
+    # each may change): the last draft is the start of what was asked.
+    asked, drafted = words(ask.question), words(drafts[-1][1].question)
+    assert drafted[:-2] == asked[: len(drafted) - 2], (drafts[-1][1].question, ask.question)
+    assert len(drafted) >= len(asked) // 2
+    assert len({m.question for _, m in drafts}) == len(drafts)  # each draft says something new
+    assert all(m.ts <= ask.ts for _, m in drafts)
+
+    quiet = make_harness(read_ahead=False)
+    quiet.mic(np.concatenate([np.zeros(4000, np.float32), clip[: 2 * MIC_RATE]]))
+    quiet.run_until(lambda: quiet.of(Transcript), timeout_s=20)
+    assert not quiet.of(Draft)
 
 
 @pytest.mark.parametrize(
