@@ -186,7 +186,8 @@ def turn_trials(
         if llm is not None:
             llm.stop()
         driver.silence_until(lambda turn=ask.turn: idle(driver, llm, turn), timeout_s=120)
-        driver.mic(np.zeros(16000 // 4, np.float32))
+        # Past ``continue_s``: the next clip is a new question, not the user going on with this one.
+        driver.mic(np.zeros(int(16000 * (driver.stage.config.continue_s + 0.25)), np.float32))
         timeline = next(t for t in driver.stage.timelines if t.turn == ask.turn)
         spans = dict(timeline.spans())
         marks = timeline.marks
