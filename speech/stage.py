@@ -127,6 +127,11 @@ class SpeechStage:
             if self._turn_over_early(key, utterance):
                 for event in self.listeners[(key[0], "user")].cut():
                     self._on_user_event(key[0], event)
+            elif utterance.early_text and not utterance.ended and not self._ends_soon(utterance.early_text):
+                # The transcript at a pause of a turn that waits longer: reasoning reads it ahead.
+                # (A turn about to end gets its Ask now: a Draft just before it would cost
+                # reasoning one more pass on the way to the first token.)
+                self._draft(key, self.listeners[(key[0], "user")].stream_ts, utterance.early_text)
         now = self.clock()  # a question that became due in this pass goes out in this pass
         for session, pending in list(self.pending.items()):
             if now >= pending.deadline and not self._user_busy(session):
@@ -252,6 +257,10 @@ class SpeechStage:
             return False
         return listener.silence_s >= max(self.config.turn_end_s, listener.pause_s)
 
+    def _ends_soon(self, text: str) -> bool:
+        """A turn with this transcript at a pause ends after ``turn_end_s`` of silence."""
+        return self._text_ends_turns() and reads_finished(text)
+
     def _text_ends_turns(self) -> bool:
         """``turn_end_s`` >= ``min_silence_s`` turns the transcript signal off: every utterance
         then waits ``min_silence_s`` + ``turn_grace_s`` (the behaviour before it existed)."""
@@ -283,8 +292,7 @@ class SpeechStage:
                 if samples == utterance.final_samples and utterance.end_ts is not None:
                     self._on_user_final(key, utterance.end_ts, text)
             elif samples == utterance.early_samples:
-                utterance.early_text = text
-                self._draft(key, self.listeners[(key[0], "user")].stream_ts, text)
+                utterance.early_text = text  # sent as a Draft by tick() unless the turn ends now
 
     def _on_user_partial(self, key: tuple[str, int], t1: float, text: str) -> None:
         utterance = self.utterances.get(key)
