@@ -33,6 +33,7 @@ NO_MEMORY_TEXT = "(nothing remembered: answer only from what is on screen now)"
 RECENT_WINDOW_S = 30.0  # the "recent" baseline: what a short context window would hold
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
 DRAFT_MAX_AGE_S = 8.0  # a question read ahead (``Answerer.prepare``) is used for an Ask this recent
+DRAFT_MEMORY_S = 15.0  # ... and its memory, assembled at the first draft, is rebuilt after this
 STREAMED_KINDS = ("clip", "transcript")
 CHOICE_SCORING = (
     "text",
@@ -96,6 +97,16 @@ class Prepared:
     base: int
     question_ids: list[int]
     at: float  # time.monotonic() of the last draft
+    made: float = field(default_factory=time.monotonic)  # when its memory was assembled
+
+
+def _fresh(prepared: Prepared | None) -> bool:
+    now = time.monotonic()
+    return (
+        prepared is not None
+        and now - prepared.at <= DRAFT_MAX_AGE_S
+        and now - prepared.made <= DRAFT_MEMORY_S
+    )
 
 
 @dataclass
@@ -342,8 +353,9 @@ class Answerer:
         prepared.question, prepared.at = draft.question, time.monotonic()
 
     def has_prepared(self, session: str) -> bool:
-        prepared = self.prepared.get(session)
-        return prepared is not None and time.monotonic() - prepared.at <= DRAFT_MAX_AGE_S
+        """A question is being read ahead for ``session``: its last draft is recent, and so is
+        its memory (a long question gets its memory assembled again)."""
+        return _fresh(self.prepared.get(session))
 
     def drop_stale_drafts(self) -> int:
         """Forget questions read ahead that no Ask followed; returns how many."""
@@ -359,7 +371,7 @@ class Answerer:
         prepared = self.prepared.pop(ask.session, None)
         if prepared is None or ask.choices or ask.mode != "full":
             return None
-        if time.monotonic() - prepared.at > DRAFT_MAX_AGE_S:
+        if not _fresh(prepared):
             return None
         drafted, asked = _words(prepared.question), _words(ask.question)
         return prepared if drafted and 2 * common_prefix(drafted, asked) >= len(drafted) else None

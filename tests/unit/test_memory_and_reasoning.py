@@ -417,6 +417,10 @@ def test_a_read_ahead_draft_is_not_used_for_a_different_question_or_when_stale(
     choices = Ask(ts=6, session="s", turn="t", question="where did I leave my keys?", choices=["A x", "B y"])
     assert answerer.take_prepared(choices) is None
     answerer.prepare(draft, [])
+    with monkeypatch.context() as patch:  # a question spoken for long: its memory is re-assembled
+        patch.setattr(answer_module, "DRAFT_MEMORY_S", -1.0)
+        assert not answerer.has_prepared("s")
+    assert answerer.has_prepared("s")
     monkeypatch.setattr(answer_module, "DRAFT_MAX_AGE_S", -1.0)
     assert not answerer.has_prepared("s") and answerer.drop_stale_drafts() == 1
     assert answerer.prepared == {}
