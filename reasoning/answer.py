@@ -23,6 +23,7 @@ import torch
 
 from omnistream.kernels import ops
 from omnistream.protocol.messages import Ask, Draft, MemoryItem
+from omnistream.protocol.text import words
 from omnistream.reasoning.cache import BufferedCache, cache_from
 from omnistream.reasoning.engine import LLMEngine
 from omnistream.reasoning.kvcache import BlockStore, StreamingKV
@@ -34,11 +35,8 @@ RECENT_WINDOW_S = 30.0  # the "recent" baseline: what a short context window wou
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
 DRAFT_MAX_AGE_S = 8.0  # a question read ahead (``Answerer.prepare``) is used for an Ask this recent
 DRAFT_MEMORY_S = 15.0  # ... and its memory, assembled at the first draft, is rebuilt after this
-STREAMED_KINDS = ("clip", "transcript")
-CHOICE_SCORING = (
-    "text",
-    "letter",
-)  # how a multiple-choice question is answered (Answerer.choose)  # what goes into the KV stream; events/synopsis are derived
+STREAMED_KINDS = ("clip", "transcript")  # what goes into the KV stream; events/synopsis are derived
+CHOICE_SCORING = ("text", "letter")  # how a multiple-choice question is answered (Answerer.choose)
 
 
 def session_dir_name(session: str) -> str:
@@ -75,10 +73,6 @@ class _Untap:
 def split_choice(choice: str) -> str:
     """'C a butterfly' / 'C) a butterfly' -> 'a butterfly'."""
     return CHOICE_PREFIX.sub("", choice, count=1).strip()
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -373,7 +367,7 @@ class Answerer:
             return None
         if not _fresh(prepared):
             return None
-        drafted, asked = _words(prepared.question), _words(ask.question)
+        drafted, asked = words(prepared.question), words(ask.question)
         return prepared if drafted and 2 * common_prefix(drafted, asked) >= len(drafted) else None
 
     def _unread(self, prepared: Prepared, question: str) -> list[int]:

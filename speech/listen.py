@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import resample_poly
 
+from omnistream.protocol.text import words
+
 SAMPLE_RATE = 16000
 VAD_WINDOW = 512  # samples at 16 kHz (32 ms), what Silero VAD expects
 STEP_S = VAD_WINDOW / SAMPLE_RATE
@@ -105,11 +107,6 @@ class StreamResampler:
         self._kept = self._kept[keep_from - self._kept_start :]
         self._kept_start = keep_from
         return result
-
-
-def words(text: str) -> list[str]:
-    """Lower-case words without punctuation: what transcripts are compared on."""
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:

@@ -6,8 +6,9 @@ user's speech the utterance is transcribed at once; if that transcript reads as 
 and the silence reaches ``turn_end_s``, the turn is over and the ``Ask`` goes out. Otherwise
 the utterance ends after ``min_silence_s`` and is asked ``turn_grace_s`` later (always, or only
 after ``wake_phrase``). The user going on right after an ``Ask`` extends that question. While
-the user speaks, each partial transcript (and the one at a pause) goes to reasoning as a
-``Draft`` of the question (``read_ahead``), so the LLM has read most of it when the turn ends.
+the user speaks, each partial transcript (and the one at a pause, when the turn waits longer)
+goes to reasoning as a ``Draft`` of the question (``read_ahead``), so the LLM has read most of
+it when the turn ends.
 Speaking (``speaking.Speaker``): ``AnswerDelta`` phrases -> TTS -> ``AudioOut`` chunks paced to
 real time at the rate the ``Ask`` asked for; what was heard is recorded as an assistant
 ``Transcript``.
@@ -127,11 +128,6 @@ class SpeechStage:
             if self._turn_over_early(key, utterance):
                 for event in self.listeners[(key[0], "user")].cut():
                     self._on_user_event(key[0], event)
-            elif utterance.early_text and not utterance.ended and not self._ends_soon(utterance.early_text):
-                # The transcript at a pause of a turn that waits longer: reasoning reads it ahead.
-                # (A turn about to end gets its Ask now: a Draft just before it would cost
-                # reasoning one more pass on the way to the first token.)
-                self._draft(key, self.listeners[(key[0], "user")].stream_ts, utterance.early_text)
         now = self.clock()  # a question that became due in this pass goes out in this pass
         for session, pending in list(self.pending.items()):
             if now >= pending.deadline and not self._user_busy(session):
@@ -250,7 +246,7 @@ class SpeechStage:
     def _turn_over_early(self, key: tuple[str, int], utterance: Utterance) -> bool:
         """The transcript at the pause reads as a finished turn and the silence (stream time) has
         lasted ``turn_end_s``, with no speech since."""
-        if not self._text_ends_turns() or utterance.ended or not reads_finished(utterance.early_text or ""):
+        if utterance.ended or not self._ends_soon(utterance.early_text or ""):
             return False
         listener = self.listeners.get((key[0], "user"))
         if listener is None or listener.utterance != key[1]:
@@ -292,7 +288,11 @@ class SpeechStage:
                 if samples == utterance.final_samples and utterance.end_ts is not None:
                     self._on_user_final(key, utterance.end_ts, text)
             elif samples == utterance.early_samples:
-                utterance.early_text = text  # sent as a Draft by tick() unless the turn ends now
+                utterance.early_text = text
+                # A turn that waits longer is read ahead. (One about to end gets its Ask within
+                # turn_end_s: a Draft just before it would cost reasoning one more pass.)
+                if not self._ends_soon(text):
+                    self._draft(key, self.listeners[(key[0], "user")].stream_ts, text)
 
     def _on_user_partial(self, key: tuple[str, int], t1: float, text: str) -> None:
         utterance = self.utterances.get(key)
@@ -319,15 +319,7 @@ class SpeechStage:
         session = key[0]
         if utterance.echo or self.speaker.is_echo(session, text):
             return
-        pending = self.pending.get(session)
-        if pending is not None:
-            question = f"{pending.text} {text}"
-        elif utterance.continues is not None and self.asked.get(session) is utterance.continues:
-            question = f"{utterance.continues.text} {text}"
-        elif self.config.wake_phrase:
-            question = after_wake_phrase(text, self.config.wake_phrase) or ""
-        else:
-            question = text
+        question = self._question(session, utterance, text)
         if question and question != utterance.drafted:
             utterance.drafted = question
             self.publish(Draft(ts=t1, session=session, question=question))
@@ -349,27 +341,42 @@ class SpeechStage:
             return
         self.counters["utterances"] += 1
         self.publish(Transcript(ts=t1, t0=utterance.t0, session=session, text=text, speaker="user"))
-        gone_on = utterance.continues if self.asked.get(session) is utterance.continues else None
+        gone_on = self._gone_on(session, utterance)
         if gone_on is not None and gone_on.turn not in self.speaker.turns:  # not spoken: tell reasoning
             self.publish(Interrupt(ts=t1, session=session, turn=gone_on.turn, reason="user continued"))
         self.speaker.cut(key)
         if not self.config.ask_on_user_speech:
             return
-        deadline = now if self._text_ends_turns() and reads_finished(text) else now + self.config.turn_grace_s
+        deadline = now if self._ends_soon(text) else now + self.config.turn_grace_s
+        question = self._question(session, utterance, text)
         pending = self.pending.get(session)
         if pending is not None:  # the user went on before the question was asked: one question
-            pending.text, pending.t1, pending.deadline = f"{pending.text} {text}", t1, deadline
+            pending.text, pending.t1, pending.deadline = question, t1, deadline
             return
+        t0 = utterance.t0
         if gone_on is not None:  # the turn was judged over too early: ask the whole question
             self.counters["questions_continued"] += 1
             del self.asked[session]
-            question, t0 = f"{gone_on.text} {text}", gone_on.t0
-        elif self.config.wake_phrase:
-            question, t0 = after_wake_phrase(text, self.config.wake_phrase), utterance.t0
-        else:
-            question, t0 = text, utterance.t0
+            t0 = gone_on.t0
         if question:
             self.pending[session] = PendingQuestion(question, t0, t1, deadline, utterance.timeline)
+
+    def _gone_on(self, session: str, utterance: Utterance) -> PendingQuestion | None:
+        """The question just asked that ``utterance`` goes on with, if any."""
+        return utterance.continues if self.asked.get(session) is utterance.continues else None
+
+    def _question(self, session: str, utterance: Utterance, text: str) -> str:
+        """The question ``text`` (a transcript of ``utterance``) makes if the turn ends now: joined
+        to the session's question not yet asked, or to the one it goes on with, else what follows
+        the wake phrase ("" without it), else ``text``."""
+        pending, gone_on = self.pending.get(session), self._gone_on(session, utterance)
+        if pending is not None:
+            return f"{pending.text} {text}"
+        if gone_on is not None:
+            return f"{gone_on.text} {text}"
+        if self.config.wake_phrase:
+            return after_wake_phrase(text, self.config.wake_phrase) or ""
+        return text
 
     def _user_busy(self, session: str) -> bool:
         listener = self.listeners.get((session, "user"))
