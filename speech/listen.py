@@ -221,9 +221,26 @@ class Recognizer:
         if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
             return ""
         text = self.tokenizer.decode(tokens).strip()
-        if len(text) > 12 and len(text.encode()) / len(zlib.compress(text.encode())) > 2.4:
+        if looped(text):
             return None
         return text
+
+
+def looped(text: str) -> bool:
+    """Whisper looping on a pass ("He was not. He was not. He was not. ..."): a phrase of one to
+    three words said three times in a row, or of four to twelve words twice in a row, or gzip
+    compression above whisper's 2.4. The gzip rule alone misses short loops: five "He was not."
+    compress only 2.3 times, two and a half "Computer, what is on the table." 2.2 times."""
+    if len(text) > 12 and len(text.encode()) / len(zlib.compress(text.encode())) > 2.4:
+        return True
+    said = words(text)
+    for size in range(1, min(12, len(said) // 2) + 1):
+        times = 3 if size <= 3 else 2
+        for start in range(len(said) - times * size + 1):
+            phrase = said[start : start + size]
+            if all(said[start + k * size : start + (k + 1) * size] == phrase for k in range(1, times)):
+                return True
+    return False
 
 
 class VoiceActivity:

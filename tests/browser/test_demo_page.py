@@ -21,8 +21,9 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from omnistream.app.client import Client
 from omnistream.app.launcher import Launcher
-from tests.browser.media import fake_camera, fake_microphone
-from tests.conftest import make_config
+
+from ..conftest import make_config
+from .media import fake_camera, fake_microphone
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,8 @@ from omnistream.protocol.messages import (
 )
 from omnistream.speech.listen import words
 from omnistream.speech.speak import Voice
-from tests.conftest import make_config, pid_alive
+
+from ..conftest import make_config, pid_alive
 
 pytestmark = pytest.mark.slow
 

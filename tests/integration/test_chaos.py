@@ -26,7 +26,8 @@ from omnistream.app.replay import DEFAULT_SAMPLE
 from omnistream.perception.sources import AUDIO_RATE, MediaReader
 from omnistream.protocol.messages import Record
 from omnistream.protocol.sockets import make_socket, recv
-from tests.conftest import make_config, pid_alive
+
+from ..conftest import make_config, pid_alive
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,8 @@ from omnistream.app.client import Client
 from omnistream.app.launcher import Launcher
 from omnistream.app.models import prepare_llm_cache
 from omnistream.app.replay import DEFAULT_SAMPLE, Replayer, ScheduledAsk
-from tests.conftest import make_config, pid_alive
+
+from ..conftest import make_config, pid_alive
 
 pytestmark = pytest.mark.slow
 

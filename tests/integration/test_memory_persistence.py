@@ -28,7 +28,8 @@ from omnistream.app.launcher import Launcher
 from omnistream.app.replay import session_end
 from omnistream.protocol.messages import Clip, Label, Message, Record, Synopsis, Transcript
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
-from tests.conftest import make_config, pid_alive
+
+from ..conftest import make_config, pid_alive
 
 pytestmark = pytest.mark.slow  # three starts of the memory process (MiniLM), ~25 s on 2 idle cores
 

@@ -21,7 +21,8 @@ from omnistream.app.async_client import AsyncClient
 from omnistream.app.client import Client, ClientError
 from omnistream.app.launcher import Launcher
 from omnistream.protocol.messages import Stats
-from tests.conftest import make_config
+
+from ..conftest import make_config
 
 
 class Supervised:

@@ -14,7 +14,8 @@ from omnistream.app.client import Client, ClientError
 from omnistream.app.demo import build_page, highlight_citations, on_ask, on_watch, stats_rows, to_mono_float
 from omnistream.app.demo_session import DemoSession, wav_bytes
 from omnistream.app.launcher import Launcher
-from tests.conftest import make_config
+
+from ..conftest import make_config
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ from omnistream.app.client import Client
 from omnistream.app.launcher import Launcher
 from omnistream.protocol.messages import Clip, Transcript
 from omnistream.protocol.sockets import make_socket, send
-from tests.conftest import make_config
+
+from ..conftest import make_config
 
 SESSION = "kitchen"
 

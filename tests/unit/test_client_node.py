@@ -16,7 +16,8 @@ import pytest
 
 from omnistream.app.client import Client
 from omnistream.app.launcher import Launcher
-from tests.conftest import make_config
+
+from ..conftest import make_config
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "examples" / "node"
 

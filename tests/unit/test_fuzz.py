@@ -51,7 +51,8 @@ from omnistream.protocol.messages import (
     Watch,
 )
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
-from tests.conftest import make_config
+
+from ..conftest import make_config
 
 CASES = int(os.environ.get("OMNISTREAM_FUZZ_CASES", "100000"))
 SEED = 20261126

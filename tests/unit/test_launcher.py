@@ -18,7 +18,8 @@ from omnistream.app.client import Client, ClientError
 from omnistream.app.launcher import Launcher, LaunchError
 from omnistream.protocol.messages import Ask, Error, Status, StatusRequest
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
-from tests.conftest import make_config, pid_alive
+
+from ..conftest import make_config, pid_alive
 
 
 def supervise_until(launcher: Launcher, condition, timeout_s: float = 30.0) -> None:

@@ -19,7 +19,8 @@ from omnistream.app.client import Client, ClientError
 from omnistream.app.launcher import Launcher
 from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, Interrupt, Stats
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
-from tests.conftest import make_config
+
+from ..conftest import make_config
 
 
 def supervise(launcher: Launcher, seconds: float) -> None:

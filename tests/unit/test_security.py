@@ -22,7 +22,8 @@ from omnistream.app.launcher import Launcher, LaunchError
 from omnistream.protocol.messages import Status, StatusRequest
 from omnistream.protocol.security import generate_keys, is_loopback, load_server_keys, write_keypair
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
-from tests.conftest import make_config
+
+from ..conftest import make_config
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("protocol", "app", "memory", "reasoning", "speech", "perception", "kernels")

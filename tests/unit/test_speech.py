@@ -18,6 +18,7 @@ from omnistream.speech.listen import (
     StreamingTranscriber,
     StreamResampler,
     VoiceActivity,
+    looped,
     to_mono_16k,
     word_error_rate,
     words,
@@ -303,3 +304,13 @@ def test_cut_ends_the_utterance_with_the_pause_audio(sample_audio: np.ndarray) -
     assert ended.kind == "ended" and ended.utterance == events[-1].utterance
     np.testing.assert_array_equal(ended.audio, events[-1].audio)
     assert not listener.in_speech and listener.cut() == []
+
+
+def test_whisper_loops_are_recognised() -> None:
+    assert looped("He was not. He was not. He was not. He was not. He was not.")
+    assert looped("he was not he was not he was not")
+    assert looped("the the the the the the the the the")
+    assert looped("Computer, what is on the table. Computer, what is on the table. Computer, what is on the")
+    assert not looped("What is on the table? Is it on the table?")
+    assert not looped("He was not an ill-disposed young man, as he was not.")
+    assert not looped("What is on the table? Computer, what is on the table?")

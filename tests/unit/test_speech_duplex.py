@@ -28,7 +28,8 @@ from omnistream.protocol.messages import (
 from omnistream.speech.listen import Recognizer, word_error_rate, words
 from omnistream.speech.speak import PhraseSplitter, Voice
 from omnistream.speech.stage import SpeechStage
-from tests.unit.test_speech import librivox_clips
+
+from .test_speech import librivox_clips
 
 ANSWER = "You saw a monarch butterfly at the start. Then the reader said he might have been made amiable."
 MIC_RATE = 16000
@@ -265,7 +266,10 @@ def test_wake_phrase_gates_questions(recognizer: Recognizer, voice: Voice, make_
         h.run_until(lambda n=finals: len([m for m in h.of(Transcript) if m.final]) > n)
     h.run_until(lambda: h.of(Ask), timeout_s=5)
     [ask] = h.of(Ask)
-    assert words(ask.question) == ["what", "is", "on", "the", "table"]
+    assert words(ask.question) == ["what", "is", "on", "the", "table"], (
+        ask.question,
+        [m.text for m in h.of(Transcript)],
+    )
     assert [words(m.text)[0] for m in h.of(Transcript) if m.final] == ["what", "computer"]
 
 
