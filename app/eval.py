@@ -28,8 +28,12 @@ MODE_NAMES = {
     "recent": "recent window only (30 s)",
     "no_memory": "no memory (now + last utterance)",
 }
-# Kinds whose evidence lies in the past (not on screen when asked).
+# Kinds whose evidence lies in the past (not on screen when asked). A question of another kind
+# (count-people, colour, spatial, held-object, object-last-seen) is about the past when its
+# evidence ended more than the recent window before it was asked.
 PAST_KINDS = frozenset({"visual-past", "speech-past", "temporal-order", "counting"})
+NOW_KINDS = frozenset({"visual-now", "text-in-scene"})
+PAST_AFTER_S = 30.0
 OPEN_ENDED = "open"
 
 
@@ -45,6 +49,13 @@ class Question(msgspec.Struct, forbid_unknown_fields=False):
     choices: list[str]
     answer: str
     keywords: list[str] = []
+    evidence_s: list[float] = []
+
+    @property
+    def past(self) -> bool:
+        if self.kind in PAST_KINDS or self.kind in NOW_KINDS:
+            return self.kind in PAST_KINDS
+        return bool(self.evidence_s) and self.ask_at_s - self.evidence_s[-1] > PAST_AFTER_S
 
 
 class Episode(msgspec.Struct, forbid_unknown_fields=False):
@@ -119,7 +130,7 @@ def summarize(rows: list[Scored]) -> dict:
         summary[mode] = {
             "name": MODE_NAMES.get(mode, "full system, open-ended (keywords)"),
             "accuracy": _accuracy(mine),
-            "past_accuracy": _accuracy([r for r in mine if r.question.kind in PAST_KINDS]),
+            "past_accuracy": _accuracy([r for r in mine if r.question.past]),
             "by_kind": {kind: _accuracy([r for r in mine if r.question.kind == kind]) for kind in kinds},
             "first_token_p50_s": _percentile([r.first_token_s for r in mine], 50),
             "first_token_p95_s": _percentile([r.first_token_s for r in mine], 95),

@@ -84,6 +84,15 @@ def _check_encoder(config: Config) -> str:
     return f"{features.shape[1]}-d features, {probs.shape[1]} classes"
 
 
+def _check_objects(config: Config) -> str:
+    from omnistream.perception.objects import ObjectDetector
+
+    if config.perception.objects_fps <= 0:
+        return "off (perception.objects_fps = 0)"
+    detector = ObjectDetector()
+    return f"{len(detector.detect(np.zeros((240, 320, 3), np.uint8)))} objects on a black frame"
+
+
 def _check_embedder(_config: Config) -> str:
     from omnistream.memory.embedder import TextEmbedder
 
@@ -126,6 +135,7 @@ def check_models(config: Config, on_result: Callable[[ModelCheck], None] | None 
     """Load every default model once and run it on a tiny input; raises on the first failure."""
     checks = [
         ("frame encoder", config.perception.encoder, _check_encoder),
+        ("objects", "SSD-MobileNet-v2 COCO", _check_objects),
         ("text embedding", config.memory.embedder, _check_embedder),
         ("VAD", "silero-vad (ONNX)", _check_vad),
         ("ASR", f"faster-whisper {config.speech.asr_model}", _check_asr),

@@ -34,6 +34,7 @@ from omnistream.memory.store import LEAF_KINDS, MemoryStore
 from omnistream.memory.tiers import Entry, Pyramid, leaf
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import MemoryConfig
+from omnistream.protocol.labels import classes_in, spoken
 from omnistream.protocol.messages import (
     Ask,
     Clip,
@@ -46,6 +47,7 @@ from omnistream.protocol.messages import (
     Record,
     Retrieve,
     Retrieved,
+    Sighting,
     Synopsis,
     Transcript,
 )
@@ -131,6 +133,8 @@ class MemoryStage:
             self.on_clip(message)
         elif isinstance(message, Transcript) and message.final and message.text.strip():
             self.on_transcript(message)
+        elif isinstance(message, Sighting) and message.text.strip():
+            self.on_sighting(message)
         elif isinstance(message, Synopsis) and message.text.strip():
             self.on_synopsis(message)
         elif isinstance(message, Percept):
@@ -200,6 +204,67 @@ class MemoryStage:
             ),
         )
 
+    def on_sighting(self, sighting: Sighting) -> None:
+        """Store a tracker event (an object or person appearing, leaving, people present) as a
+        record of kind "sighting", retrievable by text and time like clips and transcripts."""
+        state = self.session(sighting.session)
+        text = sighting.text.strip()
+        embedding = self.embedder.embed([text])[0]
+        meta = {
+            "label": sighting.label,
+            "event": sighting.event,
+            "track": sighting.track_id,
+            "count": sighting.count,
+        }
+        item_id = self.store.add(
+            sighting.session, "sighting", sighting.t0, sighting.ts, text, embedding, meta=meta
+        )
+        self.counters["sightings_stored"] += 1
+        self.publish(
+            Record(
+                ts=sighting.ts,
+                session=sighting.session,
+                item_id=item_id,
+                kind="sighting",
+                t0=sighting.t0,
+                text=text,
+            )
+        )
+        self._consolidate(state, leaf(item_id, "sighting", sighting.t0, sighting.ts, text, embedding))
+
+    def timeline(self, session: str, query: str, until_ts: float, in_view: list[str]) -> list[str]:
+        """For each thing the question names (COCO classes, by everyday words too): how many
+        separate times it appeared, when first, and where it was last seen or that it is in view
+        now; for people, the most present at once. Computed here, not left to the model."""
+        facts = []
+        for label in classes_in(query)[:3]:
+            rows = self.store.sightings(session, label, until_ts)
+            if not rows:
+                continue
+            name = spoken(label)
+            appeared = [r for r in rows if r.meta.get("event") == "appeared"]
+            ended = [r for r in rows if r.meta.get("event") in ("left", "gone")]
+            fact = f"{name}: appeared {len(appeared)} separate time{'s' if len(appeared) != 1 else ''}"
+            if appeared:
+                fact += f", first at {clock(appeared[0].t0)}"
+                if len(appeared) > 1:
+                    fact += f", last appeared at {clock(appeared[-1].t0)}"
+            now = any(line.split(" (")[0].endswith(name) or label in line for line in in_view)
+            if now:
+                fact += "; in view now"
+            elif ended:
+                fact += f"; {ended[-1].text}"
+            counts = [r for r in rows if r.meta.get("event") == "count"]
+            if label == "person" and counts:
+                # A closed interval ("2 people present 00:10-00:16") or the open one ("... from 00:17").
+                closed = {r.t0 for r in counts if r.t1 > r.t0}
+                spans = [r for r in counts if r.t1 > r.t0 or r.t0 not in closed]
+                most = max(spans, key=lambda r: (int(r.meta.get("count", 0)), r.t1 - r.t0))
+                until = clock(most.t1) if most.t1 > most.t0 else "now"
+                fact += f"; at most {int(most.meta.get('count', 0))} at once ({clock(most.t0)}-{until})"
+            facts.append(fact)
+        return facts
+
     def on_synopsis(self, synopsis: Synopsis) -> None:
         """Store the session's new synopsis (L3) and acknowledge it; a repeat is acknowledged again."""
         text = synopsis.text.strip()
@@ -230,9 +295,10 @@ class MemoryStage:
 
     # -- retrieval -------------------------------------------------------------------------------
 
-    def now_item(self, session: str, until_ts: float) -> MemoryItem | None:
+    def now_item(self, session: str, until_ts: float, query: str = "") -> MemoryItem | None:
         """What is on screen at ``until_ts``: labels of the latest percepts (sensory tier), with the
-        people and text the detectors last found in the scene."""
+        objects, people and text the detectors last found in the scene, and the timeline facts of
+        the things ``query`` names."""
         window = [p for p in self.session(session).sensory if p.ts <= until_ts + 0.5]
         if not window:
             return None
@@ -244,11 +310,16 @@ class MemoryStage:
         names = [name for name, _ in sorted(scores.items(), key=lambda kv: -kv[1])[:4]]
         text = "seen: " + ", ".join(names)
         latest = recent[-1]  # percepts carry the scene's latest detections (keyframes)
+        if latest.objects:
+            people = sum(1 for line in latest.objects if line.startswith("person"))
+            text += "; objects: " + ", ".join(latest.objects)
+            text += f"; {people} {'person' if people == 1 else 'people'} in view"
         if latest.faces:
             text += "; people: " + ", ".join(latest.faces)
         if latest.text_seen:
             text += "; text: " + ", ".join(f'"{line}"' for line in latest.text_seen)
-        return MemoryItem(kind="now", t0=recent[0].ts, t1=recent[-1].ts, text=text)
+        facts = self.timeline(session, query, until_ts, latest.objects) if query else []
+        return MemoryItem(kind="now", t0=recent[0].ts, t1=recent[-1].ts, text=text, facts=facts)
 
     def snapshot(self, ask: Ask) -> None:
         request = Retrieve(
@@ -314,7 +385,7 @@ class MemoryStage:
         synopsis = self.store.latest(session, "synopsis", until)
         if synopsis is not None:
             items.insert(0, memory_item(synopsis, 1.0))
-        now = self.now_item(session, until)
+        now = self.now_item(session, until, request.query)
         if now is not None:
             items.append(now)
         self.counters["retrievals"] += 1
@@ -372,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     router = make_socket(runtime.ctx, zmq.ROUTER, max_message_bytes=1 << 20)
     router.bind(runtime.addresses.memory)
     runtime.add_socket(router, stage.on_router)
-    runtime.subscribe(Clip, Transcript, Percept, Ask, Synopsis)
+    runtime.subscribe(Clip, Transcript, Sighting, Percept, Ask, Synopsis)
     runtime.run(stage)
     store.close()
 

@@ -46,9 +46,9 @@ ADDED_COLUMNS = {
     "tier": "TEXT NOT NULL DEFAULT 'L1'",
     "parent": "INTEGER NOT NULL DEFAULT 0",
 }
-LEAF_KINDS = ("clip", "transcript")
+LEAF_KINDS = ("clip", "transcript", "sighting")
 WORKING_TIERS = ("L1", "L2")
-DEFAULT_TIER = {"clip": "L1", "transcript": "L1", "event": "L2", "synopsis": "L3"}
+DEFAULT_TIER = {"clip": "L1", "transcript": "L1", "sighting": "L1", "event": "L2", "synopsis": "L3"}
 ARCHIVE_CHUNK_ROWS = 2048  # vectors read from disk per step of an archive search
 COLUMNS = "id, session, kind, t0, t1, text, speaker, meta, tier, parent"
 
@@ -269,6 +269,14 @@ class MemoryStore:
         return self._items(
             f"session = ? AND t1 >= ? AND t0 <= ? AND kind IN ({marks}) ORDER BY {order} LIMIT {int(limit)}",
             (session, t_from, t_to, *kinds),
+        )
+
+    def sightings(self, session: str, label: str, until_ts: float) -> list[Item]:
+        """The tracker's records about COCO class ``label`` up to ``until_ts``, in time order."""
+        return self._items(
+            "session = ? AND kind = 'sighting' AND json_extract(meta, '$.label') = ? AND t0 <= ? "
+            "ORDER BY t0, id LIMIT -1",
+            (session, label, until_ts),
         )
 
     def tier_rows(self, session: str, tier: str) -> Iterator[tuple[Item, np.ndarray, np.ndarray | None]]:

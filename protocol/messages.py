@@ -86,6 +86,7 @@ class Percept(Message):
     labels: list[Label] = []
     text_seen: list[str] = []
     faces: list[str] = []
+    objects: list[str] = []  # objects in view (tracked): "red cup (left)", "person in a blue shirt (centre)"
     clip_id: int = 0
     frame_index: int = 0
     latency_s: float = 0.0
@@ -100,9 +101,24 @@ class Clip(Message):
     labels: list[Label] = []
     text_seen: list[str] = []
     faces: list[str] = []  # session-stable person ids seen in the clip ("person 2")
+    objects: list[str] = []  # objects detected in the clip, with positions and colours
     motion: float = 0.0  # mean frame-to-frame change of grey thumbnails, 0 (still) .. 1
     description: str = ""
     n_frames: int = 0
+
+
+class Sighting(Message):
+    """A change in what is in view, from perception's object tracker: ``event`` "appeared" (a
+    person: "entered"), "left" / "gone" (last seen: ``ts``), or "count" (people present over
+    [t0, ts]). ``text`` says it in words with its stream times ("cell phone 1 last seen at 03:12, on
+    the right, right of the laptop"); memory stores it as a record of kind "sighting"."""
+
+    t0: float
+    label: str  # COCO class ("person", "cell phone")
+    event: Literal["appeared", "left", "gone", "count"]
+    text: str
+    track_id: int = 0
+    count: int = 0
 
 
 # --- speech -------------------------------------------------------------------------------------
@@ -193,14 +209,15 @@ class Alert(Message):
 # --- memory ----------------------------------------------------------------------------------------
 
 
-MemoryKind = Literal["clip", "transcript", "event", "synopsis", "now"]
-RecordKind = Literal["clip", "transcript", "event", "synopsis"]
+MemoryKind = Literal["clip", "transcript", "sighting", "event", "synopsis", "now"]
+RecordKind = Literal["clip", "transcript", "sighting", "event", "synopsis"]
 
 
 class MemoryItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One remembered record with its stream-time span [t0, t1].
 
-    Kinds: "clip" (a scene description) and "transcript" (speech) are what was perceived;
+    Kinds: "clip" (a scene description), "transcript" (speech) and "sighting" (an object or
+    person entering, leaving or last seen, a count of people: perception's tracker) are what was perceived;
     "event" is several adjacent records merged by memory consolidation (``members``: the ids of
     the clips and transcripts it covers, whose text it carries with their times); "synopsis" is
     the running summary of the session so far; "now" is what is on screen (retrieval only).
@@ -214,6 +231,9 @@ class MemoryItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     speaker: str = ""
     item_id: int = 0
     members: list[int] = []
+    # "now" only: what memory's timeline says of the things the question names (first and last
+    # seen, separate appearances, people present), computed from the sighting records.
+    facts: list[str] = []
 
 
 class Retrieve(Message):
@@ -230,11 +250,11 @@ class Retrieve(Message):
 
 
 class Record(Message):
-    """Memory stored a record spanning [t0, ts]: a clip description, a final transcript, or a
-    synopsis (the acknowledgement of a ``Synopsis``)."""
+    """Memory stored a record spanning [t0, ts]: a clip description, a final transcript, a
+    sighting, or a synopsis (the acknowledgement of a ``Synopsis``)."""
 
     item_id: int
-    kind: Literal["clip", "transcript", "synopsis"]
+    kind: Literal["clip", "transcript", "sighting", "synopsis"]
     t0: float
     text: str
     speaker: str = ""
@@ -345,6 +365,7 @@ AnyMessage = Union[  # noqa: UP007 - a runtime Union: msgspec decodes into it
     AudioOut,
     Percept,
     Clip,
+    Sighting,
     Transcript,
     UserSpeech,
     Ask,

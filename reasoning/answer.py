@@ -35,7 +35,8 @@ RECENT_WINDOW_S = 30.0  # the "recent" baseline: what a short context window wou
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
 DRAFT_MAX_AGE_S = 8.0  # a question read ahead (``Answerer.prepare``) is used for an Ask this recent
 DRAFT_MEMORY_S = 15.0  # ... and its memory, assembled at the first draft, is rebuilt after this
-STREAMED_KINDS = ("clip", "transcript")  # what goes into the KV stream; events/synopsis are derived
+# What goes into the KV stream (perceived records); events and the synopsis are derived.
+STREAMED_KINDS = ("clip", "transcript", "sighting")
 CHOICE_SCORING = ("text", "letter")  # how a multiple-choice question is answered (Answerer.choose)
 
 

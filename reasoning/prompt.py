@@ -35,7 +35,10 @@ def format_item(item: MemoryItem) -> str:
         who = {"user": "the user said", "assistant": "you said"}.get(item.speaker, "a voice said")
         return f'[{span}] {who}: "{item.text}"'
     if item.kind == "now":
-        return f"[now, {clock(item.t1)}] on screen right now: {item.text.removeprefix('seen: ')}"
+        line = f"[now, {clock(item.t1)}] on screen right now: {item.text.removeprefix('seen: ')}"
+        return "\n".join([line, *(f"[timeline] {fact}" for fact in item.facts)])
+    if item.kind == "sighting":
+        return f"[{span}] {item.text}"
     return f"[{span}] on screen: {item.text.removeprefix('seen: ')}"
 
 

@@ -39,7 +39,7 @@ from omnistream.protocol.messages import (
 )
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.sockets import make_socket, recv, send
-from omnistream.reasoning.answer import Answerer
+from omnistream.reasoning.answer import STREAMED_KINDS, Answerer
 from omnistream.reasoning.engine import LLMEngine, release_freed_memory
 from omnistream.reasoning.prompt import fit_items
 from omnistream.reasoning.synopsis import Synopsizer
@@ -202,7 +202,7 @@ class ReasoningStage:
         for item in items:
             if item.kind == "synopsis":
                 self.synopsizer.seed(session, item)
-        streamed = sorted((i for i in items if i.kind in ("clip", "transcript")), key=lambda i: i.item_id)
+        streamed = sorted((i for i in items if i.kind in STREAMED_KINDS), key=lambda i: i.item_id)
         for item in self.answerer.ingest_many(session, streamed):
             self.synopsizer.observe(session, item)
 

@@ -114,7 +114,7 @@ class Synopsizer:
     def observe(self, session: str, item: MemoryItem) -> None:
         """A new clip or transcript of ``session``."""
         digest = self.digest(session)
-        if item.kind not in ("clip", "transcript") or item.t1 <= digest.covered_ts:
+        if item.kind not in ("clip", "transcript", "sighting") or item.t1 <= digest.covered_ts:
             return
         digest.t0 = item.t0 if digest.t0 is None else min(digest.t0, item.t0)
         digest.new.append(item)

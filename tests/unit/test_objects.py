@@ -1,0 +1,213 @@
+"""Objects: the COCO detector on OpenCV's sample photos, colour names, positions, the tracker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from omnistream.perception.objects import (
+    ObjectDetector,
+    ObjectSighting,
+    colour_name,
+    position_words,
+)
+from omnistream.perception.tracks import Tracker
+from omnistream.protocol.labels import classes_in
+
+SAMPLES = Path("/usr/share/doc/opencv-doc/examples/data")
+
+
+def rgb(name: str) -> np.ndarray:
+    image = cv2.imread(str(SAMPLES / name))
+    assert image is not None, f"{SAMPLES / name} missing (Debian package opencv-doc)"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def detector() -> ObjectDetector:
+    return ObjectDetector(min_score=0.5)
+
+
+def test_detector_finds_the_footballer_and_his_ball(detector: ObjectDetector) -> None:
+    found = detector.detect(rgb("messi5.jpg"))
+    labels = [s.label for s in found]
+    assert labels[:2] == ["person", "sports ball"], found
+    person, ball = found[0], found[1]
+    assert person.score > 0.9 and ball.score > 0.9
+    # The ball is at his feet: inside the lower part of the person's box.
+    assert person.box[0] <= ball.box[0] and ball.box[3] <= person.box[3] + 5
+    assert ball.describe().endswith("ball (centre)")
+
+
+def test_detector_finds_oranges_and_nothing_on_a_blank_frame(detector: ObjectDetector) -> None:
+    found = detector.detect(rgb("fruits.jpg"))
+    assert found and found[0].label == "orange" and found[0].score > 0.9
+    assert "orange" in found[0].colour
+    assert detector.detect(np.full((240, 320, 3), 128, np.uint8)) == []
+
+
+@pytest.mark.parametrize(
+    ("colour", "name"),
+    [
+        ((230, 20, 20), "red"),
+        ((20, 40, 220), "blue"),
+        ((240, 230, 30), "yellow"),
+        ((30, 160, 40), "green"),
+        ((255, 140, 0), "orange"),
+        ((128, 0, 160), "purple"),
+        ((255, 105, 180), "pink"),
+        ((120, 70, 20), "brown"),
+        ((250, 250, 250), "white"),
+        ((10, 10, 10), "black"),
+        ((128, 128, 128), "grey"),
+    ],
+)
+def test_colour_names_of_pure_colours(colour: tuple[int, int, int], name: str) -> None:
+    patch = np.full((30, 30, 3), colour, np.uint8)
+    noisy = np.clip(patch + np.random.default_rng(0).integers(-12, 12, patch.shape), 0, 255).astype(np.uint8)
+    assert colour_name(noisy) == name
+
+
+def test_colour_names_of_mixed_colours() -> None:
+    patch = np.zeros((40, 40, 3), np.uint8)
+    patch[:, :24] = (220, 20, 20)
+    patch[:, 24:] = (250, 250, 250)
+    assert colour_name(patch) == "red and white"  # 60 / 40: both named, the larger first
+    patch[:, 34:] = (20, 40, 220)
+    assert colour_name(patch) == "red"  # 85 % red, 15 % blue: one colour
+    assert colour_name(np.zeros((0, 0, 3), np.uint8)) == ""
+
+
+def test_position_words() -> None:
+    assert position_words((0, 0, 50, 50), 600, 400) == "left"
+    assert position_words((500, 300, 600, 400), 600, 400) == "right"
+    assert position_words((280, 180, 300, 200), 600, 400) == "centre, far"
+    assert position_words((0, 0, 600, 300), 600, 400) == "centre, near"
+
+
+def test_classes_a_question_mentions() -> None:
+    assert classes_in("Where did I leave my phone?") == ["cell phone"]
+    assert classes_in("How many people came in?") == ["person"]
+    assert set(classes_in("What colour was the cup next to the laptop?")) == {"cup", "laptop"}
+    assert classes_in("What did she say about the budget?") == []
+
+
+def sighting(label: str, x: int, y: int = 100, size: int = 60) -> ObjectSighting:
+    box = (x, y, x + size, y + size)
+    return ObjectSighting(label, 0.9, box, (640, 480), position_words(box, 640, 480), "red")
+
+
+def test_tracker_enter_occlusion_leave_is_one_track_with_its_events() -> None:
+    tracker = Tracker(min_hits=2, max_missed_s=3.0)
+    events = []
+    # A cup sits still on the right from t=0; a person walks in from the left at t=2.
+    for step in range(40):  # 2 detections a second for 20 s
+        ts = step / 2
+        frame = [sighting("cup", 500)]
+        if 2 <= ts < 12 and not (5 <= ts < 6.5):  # the person is missed for 1.5 s (occluded)
+            frame.append(sighting("person", 40 + int(ts * 20), 80, 150))
+        if ts >= 15:
+            frame = []  # the cup is taken away at 15 s
+        events += [(ts, e) for e in tracker.update(ts, frame)]
+    events += [(20.0, e) for e in tracker.flush(20.0)]
+    kinds = [(e.kind, e.label, e.track_id) for _, e in events if e.kind != "count"]
+    assert kinds == [
+        ("appeared", "cup", 1),
+        ("appeared", "person", 1),  # one person track despite the occlusion
+        ("left", "person", 1),
+        ("gone", "cup", 1),
+    ]
+    entered = next(e for _, e in events if e.kind == "appeared" and e.label == "person")
+    assert entered.t0 == 2.0 and entered.text.startswith("person 1 (in a red shirt) entered at 00:02")
+    left = next(e for _, e in events if e.kind == "left")
+    assert left.ts == 11.5 and "last seen at 00:12" in left.text and "(in view 00:02-00:12)" in left.text
+    gone = next(e for _, e in events if e.kind == "gone")
+    assert gone.ts == 14.5 and gone.text.startswith("red cup 1 last seen at 00:14, on the right")
+    counts = [e.text for _, e in events if e.kind == "count"]
+    assert counts[0] == "1 person present from 00:02"
+    assert counts[1].startswith("1 person present 00:02-00:1")
+
+
+def test_tracker_ignores_a_single_false_detection_and_counts_two_people() -> None:
+    tracker = Tracker(min_hits=2, max_missed_s=2.0)
+    assert tracker.update(0.0, [sighting("dog", 300)]) == []  # seen once: not announced
+    events = tracker.update(0.5, [sighting("person", 50, size=120), sighting("person", 400, size=120)])
+    events += tracker.update(1.0, [sighting("person", 55, size=120), sighting("person", 405, size=120)])
+    events += tracker.update(4.0, [sighting("person", 60, size=120), sighting("person", 410, size=120)])
+    assert [e.label for e in events if e.kind == "appeared"] == ["person", "person"]
+    assert [e.text for e in events if e.kind == "count"] == [
+        "2 people present from 00:00"
+    ]  # first seen at 0.5 s
+    assert all(e.label != "dog" for e in events)
+    assert len(tracker.in_view()) == 2
+
+
+def test_memory_stores_sightings_and_answers_last_seen_from_the_timeline(tmp_path: Path) -> None:
+    from collections import defaultdict
+
+    from omnistream.memory.stage import MemoryStage
+    from omnistream.memory.store import MemoryStore
+    from omnistream.protocol.config import MemoryConfig
+    from omnistream.protocol.messages import Percept, Record, Retrieve, Sighting
+    from omnistream.reasoning.prompt import format_item
+
+    from .test_memory_and_reasoning import FakeEmbedder
+
+    published = []
+    stage = MemoryStage(
+        MemoryConfig(),
+        MemoryStore(tmp_path / "m.sqlite", 26),
+        FakeEmbedder(),
+        defaultdict(float),
+        published.append,
+    )
+    # A tracker run: the phone shows up twice, last on the right of the laptop; two people for a while.
+    tracker = Tracker(min_hits=2, max_missed_s=2.0)
+    events = []
+    for step in range(60):
+        ts = step / 2
+        frame = [sighting("laptop", 250, 200, 100)]
+        if 2 <= ts < 6 or 14 <= ts < 20:
+            frame.append(sighting("cell phone", 120 if ts < 10 else 420, 220, 60))
+        if 8 <= ts < 24:
+            frame.append(sighting("person", 20, 50, 150))
+        if 10 <= ts < 16:
+            frame.append(sighting("person", 450, 50, 150))
+        events += tracker.update(ts, frame)
+    for event in events:
+        stage.handle(
+            Sighting(
+                ts=event.ts,
+                t0=event.t0,
+                label=event.label,
+                event=event.kind,
+                text=event.text,
+                track_id=event.track_id,
+                count=event.count,
+            )
+        )
+    records = [m for m in published if isinstance(m, Record)]
+    assert records and all(r.kind == "sighting" for r in records)
+    assert any(
+        r.text.startswith("red phone 2 last seen at 00:20, on the right, right of the laptop")
+        for r in records
+    )
+    stage.handle(Percept(ts=30, features=np.ones(4, np.float32) / 2, objects=["red laptop (centre)"]))
+    reply = stage.retrieve(Retrieve(ts=30, request_id="r", query="Where did I leave my phone?"))
+    assert any(item.kind == "sighting" and "phone 2 last seen" in item.text for item in reply.items)
+    now = reply.items[-1]
+    assert now.kind == "now" and "objects: red laptop (centre); 0 people in view" in now.text
+    assert now.facts == [
+        "phone: appeared 2 separate times, first at 00:02, last appeared at 00:14; "
+        "red phone 2 last seen at 00:20, on the right, right of the laptop (in view 00:14-00:20)"
+    ]
+    assert "[timeline] phone: appeared 2 separate times" in format_item(now)
+    people = stage.retrieve(Retrieve(ts=30, request_id="p", query="How many people were there at most?"))
+    [fact] = people.items[-1].facts
+    assert (
+        fact.startswith("person: appeared 2 separate times, first at 00:08")
+        and "at most 2 at once (00:10-00:16)" in fact
+    )
