@@ -145,6 +145,33 @@ class MemoryStage:
             ):
                 window.popleft()
 
+    def _store(
+        self,
+        session: str,
+        kind: str,
+        t0: float,
+        t1: float,
+        text: str,
+        *,
+        speaker: str = "",
+        features: np.ndarray | None = None,
+        meta: dict | None = None,
+        base_text: str | None = None,
+    ) -> None:
+        """Store one perceived record durably, announce it (``Record``), add it to the tiers."""
+        state = self.session(session)
+        embedding = self.embedder.embed([text])[0]
+        item_id = self.store.add(
+            session, kind, t0, t1, text, embedding, speaker=speaker, features=features, meta=meta
+        )
+        self.counters[f"{kind}s_stored"] += 1
+        self.publish(
+            Record(ts=t1, session=session, item_id=item_id, kind=kind, t0=t0, text=text, speaker=speaker)  # type: ignore[arg-type]
+        )
+        self._consolidate(
+            state, leaf(item_id, kind, t0, t1, text, embedding, features, speaker, base_text=base_text)
+        )
+
     def on_clip(self, clip: Clip) -> None:
         state = self.session(clip.session)
         features = np.asarray(clip.features, np.float32)
@@ -153,84 +180,37 @@ class MemoryStage:
         if earlier:
             text += f" (same scene as at {clock(earlier[0])}; {ordinal(earlier[1])} time)"
         meta = {"clip_id": clip.clip_id, "occurrence": earlier[1] if earlier else 1, "base": clip.description}
-        embedding = self.embedder.embed([text])[0]
-        item_id = self.store.add(
-            clip.session, "clip", clip.t0, clip.ts, text, embedding, features=features, meta=meta
-        )
-        self.counters["clips_stored"] += 1
-        self.publish(
-            Record(ts=clip.ts, session=clip.session, item_id=item_id, kind="clip", t0=clip.t0, text=text)
-        )
-        self._consolidate(
-            state,
-            leaf(item_id, "clip", clip.t0, clip.ts, text, embedding, features, base_text=clip.description),
+        self._store(
+            clip.session,
+            "clip",
+            clip.t0,
+            clip.ts,
+            text,
+            features=features,
+            meta=meta,
+            base_text=clip.description,
         )
 
     def on_transcript(self, transcript: Transcript) -> None:
-        state = self.session(transcript.session)
-        text = transcript.text.strip()
-        embedding = self.embedder.embed([text])[0]
-        item_id = self.store.add(
+        self._store(
             transcript.session,
             "transcript",
             transcript.t0,
             transcript.ts,
-            text,
-            embedding,
+            transcript.text.strip(),
             speaker=transcript.speaker,
-        )
-        self.counters["transcripts_stored"] += 1
-        self.publish(
-            Record(
-                ts=transcript.ts,
-                session=transcript.session,
-                item_id=item_id,
-                kind="transcript",
-                t0=transcript.t0,
-                text=text,
-                speaker=transcript.speaker,
-            )
-        )
-        self._consolidate(
-            state,
-            leaf(
-                item_id,
-                "transcript",
-                transcript.t0,
-                transcript.ts,
-                text,
-                embedding,
-                speaker=transcript.speaker,
-            ),
         )
 
     def on_sighting(self, sighting: Sighting) -> None:
         """Store a tracker event (an object or person appearing, leaving, people present) as a
         record of kind "sighting", retrievable by text and time like clips and transcripts."""
-        state = self.session(sighting.session)
-        text = sighting.text.strip()
-        embedding = self.embedder.embed([text])[0]
         meta = {
             "label": sighting.label,
             "event": sighting.event,
             "track": sighting.track_id,
             "count": sighting.count,
         }
-        item_id = self.store.add(
-            sighting.session, "sighting", sighting.t0, sighting.ts, text, embedding, meta=meta
-        )
-        self.counters["sightings_stored"] += 1
-        self.publish(
-            Record(
-                ts=sighting.ts,
-                session=sighting.session,
-                item_id=item_id,
-                kind="sighting",
-                t0=sighting.t0,
-                text=text,
-            )
-        )
-        self._consolidate(state, leaf(item_id, "sighting", sighting.t0, sighting.ts, text, embedding))
+        self._store(sighting.session, "sighting", sighting.t0, sighting.ts, sighting.text.strip(), meta=meta)
 
     def timeline(self, session: str, query: str, until_ts: float, in_view: list[str]) -> list[str]:
         """For each thing the question names (COCO classes, by everyday words too): how many

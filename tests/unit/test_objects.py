@@ -138,32 +138,20 @@ def test_tracker_ignores_a_single_false_detection_and_counts_two_people() -> Non
     events += tracker.update(1.0, [sighting("person", 55, size=120), sighting("person", 405, size=120)])
     events += tracker.update(4.0, [sighting("person", 60, size=120), sighting("person", 410, size=120)])
     assert [e.label for e in events if e.kind == "appeared"] == ["person", "person"]
-    assert [e.text for e in events if e.kind == "count"] == [
-        "2 people present from 00:00"
-    ]  # first seen at 0.5 s
+    counts = [e.text for e in events if e.kind == "count"]
+    assert counts == ["2 people present from 00:00"]  # first seen at 0.5 s
     assert all(e.label != "dog" for e in events)
     assert len(tracker.in_view()) == 2
 
 
 def test_memory_stores_sightings_and_answers_last_seen_from_the_timeline(tmp_path: Path) -> None:
-    from collections import defaultdict
-
-    from omnistream.memory.stage import MemoryStage
-    from omnistream.memory.store import MemoryStore
-    from omnistream.protocol.config import MemoryConfig
     from omnistream.protocol.messages import Percept, Record, Retrieve, Sighting
     from omnistream.reasoning.prompt import format_item
 
-    from .test_memory_and_reasoning import FakeEmbedder
+    from .test_memory_and_reasoning import memory_stage
 
-    published = []
-    stage = MemoryStage(
-        MemoryConfig(),
-        MemoryStore(tmp_path / "m.sqlite", 26),
-        FakeEmbedder(),
-        defaultdict(float),
-        published.append,
-    )
+    stage, published = memory_stage(tmp_path), []
+    stage.publish = published.append
     # A tracker run: the phone shows up twice, last on the right of the laptop; two people for a while.
     tracker = Tracker(min_hits=2, max_missed_s=2.0)
     events = []
