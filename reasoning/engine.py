@@ -70,9 +70,16 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return torch.float32 if fmt in ("int8", "gguf") else getattr(torch, fmt)
 
 
+PREPARED_DTYPES = ("bfloat16", "float16", "float32")
+
+
 def int8_dir(model_dir: Path) -> Path:
-    """Where the int8 conversion of a prepared model directory ``<name>-<dtype>`` is cached."""
-    return model_dir.with_name(model_dir.name.rsplit("-", 1)[0] + "-int8")
+    """Where the int8 conversion of a model directory is cached: ``<name>-int8`` beside a
+    prepared ``<name>-<dtype>``, else ``<directory name>-int8`` (two local models whose names share
+    a prefix, "qwen-1b" and "qwen-7b", get two caches; the cache also records which weights it was
+    made from, see ``quant.prepare_int8``)."""
+    stem, _, suffix = model_dir.name.rpartition("-")
+    return model_dir.with_name(f"{stem if stem and suffix in PREPARED_DTYPES else model_dir.name}-int8")
 
 
 @functools.cache
@@ -236,7 +243,9 @@ class LLMEngine:
         return scores
 
     @torch.inference_mode()
-    def continuation_logprobs(self, cache, prompt: torch.Tensor, continuations: list[torch.Tensor]) -> list[torch.Tensor]:
+    def continuation_logprobs(
+        self, cache, prompt: torch.Tensor, continuations: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Prefill ``prompt`` (1, n) after ``cache``, then for each continuation (1, m): the
         log-probability of each of its tokens (m,) following the prompt. The cache is cropped back
         to what it held before, so it is left as it was."""
@@ -248,13 +257,18 @@ class LLMEngine:
             first = last[int(ids[0, 0])].reshape(1)
             if ids.shape[1] > 1:
                 positions = torch.arange(start, start + ids.shape[1] - 1, device=self.device).unsqueeze(0)
-                logits = self.model(
-                    input_ids=ids[:, :-1].to(self.device),
-                    cache=cache,
-                    use_cache=True,
-                    position_ids=positions,
-                    logits_to_keep=ids.shape[1] - 1,
-                ).logits[0].float().cpu()
+                logits = (
+                    self.model(
+                        input_ids=ids[:, :-1].to(self.device),
+                        cache=cache,
+                        use_cache=True,
+                        position_ids=positions,
+                        logits_to_keep=ids.shape[1] - 1,
+                    )
+                    .logits[0]
+                    .float()
+                    .cpu()
+                )
                 rest = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).squeeze(1)
                 cache.crop(start - cache.get_seq_length())
                 first = torch.cat([first, rest])

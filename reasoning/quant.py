@@ -14,6 +14,7 @@ projection gets its own int8 copy: with a 150k vocabulary it is the largest matr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -176,7 +177,8 @@ def save_int8(model: nn.Module, out_dir: Path, source_dir: Path) -> None:
         ):
             shutil.copy2(path, tmp / path.name)
     save_file(tensors, str(tmp / "int8.safetensors"))
-    (tmp / "int8.json").write_text(json.dumps({"version": FORMAT_VERSION, "linears": linears}))
+    meta = {"version": FORMAT_VERSION, "source": source_fingerprint(source_dir), "linears": linears}
+    (tmp / "int8.json").write_text(json.dumps(meta))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 
@@ -217,11 +219,34 @@ def load_int8(model_dir: Path) -> nn.Module:
     return model.eval()
 
 
+def source_fingerprint(float_dir: Path) -> str:
+    """What identifies the weights in ``float_dir`` without reading gigabytes: the config, and for
+    each weight file its name, size and first and last MiB (a safetensors file starts with its
+    tensor table; different weights of the same shapes differ in their data)."""
+    digest = hashlib.sha256()
+    config = float_dir / "config.json"
+    digest.update(config.read_bytes() if config.exists() else b"")
+    for path in sorted(float_dir.iterdir()):
+        if path.is_file() and path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with path.open("rb") as f:
+                digest.update(f.read(1 << 20))
+                f.seek(max(size - (1 << 20), 0))
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
 def prepare_int8(float_dir: Path, out_dir: Path) -> Path:
-    """The int8 cache of the model in ``float_dir`` (built once, a few seconds to a minute)."""
+    """The int8 cache of the model in ``float_dir`` (built once, a few seconds to a minute); a
+    cache made by another format version or from other weights is built again."""
     marker = out_dir / "int8.json"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == FORMAT_VERSION:
-        return out_dir
+    source = source_fingerprint(float_dir)
+    if marker.exists():
+        meta = json.loads(marker.read_text())
+        if meta.get("version") == FORMAT_VERSION and meta.get("source") == source:
+            return out_dir
+        log.info("int8 cache is stale, rebuilding", extra={"cache": str(out_dir), "source": source})
     from transformers import AutoModelForCausalLM
 
     start = time.monotonic()

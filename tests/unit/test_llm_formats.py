@@ -141,3 +141,31 @@ def test_format_names_are_checked() -> None:
     assert resolve_format("auto") in ("int8", "bfloat16")
     with pytest.raises(ValueError, match="reasoning.dtype"):
         resolve_format("int4")
+
+
+def test_two_local_models_sharing_a_name_prefix_get_their_own_int8_caches(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A second local model must never load the first one's int8 weights: different directory
+    names get different caches, and a cache made from other weights is rebuilt."""
+    import shutil
+
+    first, second = tmp_path / "qwen-1b", tmp_path / "qwen-7b"
+    shutil.copytree(tiny_model_dir, first)
+    model = Qwen2ForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    torch.manual_seed(1)
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.05)
+    shutil.copytree(tiny_model_dir, second)
+    model.save_pretrained(second)
+    assert int8_dir(first) != int8_dir(second)
+    assert int8_dir(tiny_model_dir).name == "tiny-int8"  # a prepared <name>-<dtype> keeps its name
+    ids = torch.tensor([[5, 17, 99, 300]])
+    with torch.inference_mode():
+        a = load_int8(prepare_int8(first, int8_dir(first)))(ids).logits
+        b = load_int8(prepare_int8(second, int8_dir(second)))(ids).logits
+        assert not torch.allclose(a, b)
+        # The same cache directory reused for other weights (a model replaced in place) is rebuilt.
+        shared = tmp_path / "shared-int8"
+        assert torch.equal(load_int8(prepare_int8(first, shared))(ids).logits, a)
+        assert torch.equal(load_int8(prepare_int8(second, shared))(ids).logits, b)
