@@ -47,6 +47,27 @@ def session_dir_name(session: str) -> str:
     return f"{readable}-{hashlib.sha256(session.encode()).hexdigest()[:12]}"
 
 
+KV_FILES_VERSION = 1  # bump when what a block file holds changes
+
+
+def kv_fingerprint(engine, prefix_ids: list[int]) -> str:
+    """What the cached keys and values depend on: the model (its directory and, for a source
+    fingerprint, its config), the weight format, dtype and device, and the prompt prefix they
+    were computed after. Spilled blocks live under it: another model's, format's or prompt's
+    blocks are never read (``omnistream --model`` changed, two systems sharing a data dir)."""
+    config = engine.model_dir / "config.json"
+    parts = {
+        "version": KV_FILES_VERSION,
+        "model": str(engine.model_dir.resolve()),
+        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else "",
+        "format": engine.format,
+        "dtype": str(engine.dtype),
+        "device": str(engine.device),
+        "prefix": hashlib.sha256(str(list(prefix_ids)).encode()).hexdigest(),
+    }
+    return hashlib.sha256(repr(sorted(parts.items())).encode()).hexdigest()[:16]
+
+
 def tap_queries(model, callback: Callable[[torch.Tensor], None]) -> list:
     """Call ``callback`` with each layer's q projection (batch, tokens, heads * head_dim) on the
     next forward passes; returns handles with ``remove()``. Our Qwen2 offers ``on_query``;
@@ -138,6 +159,8 @@ class Answerer:
         self.prefix_text, self.suffix_end = engine.chat_parts(system_prompt or SYSTEM_PROMPT)
         self.prefix_text += "Memory of the stream:\n"
         self.prefix_ids = engine.ids(self.prefix_text)
+        # Spilled KV blocks are kept per model/format/dtype/device/prompt (kv_fingerprint).
+        self.spill_dir = spill_root / kv_fingerprint(engine, self.prefix_ids) if spill_root else None
         self.letter_ids = [engine.tokenizer.convert_tokens_to_ids(letter) for letter in CHOICE_LETTERS]
         self.sessions: dict[str, SessionMemory] = {}
         self.prepared: dict[str, Prepared] = {}  # by session
@@ -146,7 +169,7 @@ class Answerer:
 
     def session(self, name: str) -> SessionMemory:
         if name not in self.sessions:
-            spill_dir = self.spill_root / session_dir_name(name) if self.spill_root else None
+            spill_dir = self.spill_dir / session_dir_name(name) if self.spill_dir else None
             store = BlockStore(self.block_ram_bytes, spill_dir, persist=spill_dir is not None)
             kv = StreamingKV(self.engine.model, self.prefix_ids, self.window_tokens, store)
             memory = SessionMemory(kv)

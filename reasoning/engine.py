@@ -135,6 +135,7 @@ class LLMEngine:
 
         started = time.monotonic()
         map_large_buffers()
+        self.model_dir = Path(model_dir)
         self.format = resolve_format(dtype, model_dir)
         torch.set_num_threads(threads)
         if self.format in ("int8", "gguf") and native.available():

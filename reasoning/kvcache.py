@@ -14,7 +14,9 @@ keys are float32 (layers, kv_heads, head_dim).
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from omnistream.reasoning.cache import BufferedCache, cache_from
+
+log = logging.getLogger("omnistream.reasoning")
 
 
 @dataclass
@@ -117,7 +121,23 @@ class BlockStore:
         self.disk_bytes += path.stat().st_size
 
     def restore(self) -> list[Block]:
-        """Blocks written by an earlier process (metadata and pooled keys; K/V load on demand)."""
+        """Blocks written by an earlier process (metadata and pooled keys; K/V load on demand).
+
+        One unreadable file drops them all (with a warning): the session's records are then
+        streamed again from memory, instead of every question failing on that file."""
+        try:
+            return self._restore()
+        except ValueError as exc:
+            log.warning("dropping the session's spilled KV blocks: %s", exc)
+            for block_id in list(self.blocks):
+                del self.blocks[block_id]
+            self._resident.clear()
+            self._pooled, self._pooled_ids, self.disk_bytes = None, [], 0
+            assert self.spill_dir is not None
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            return []
+
+    def _restore(self) -> list[Block]:
         from safetensors import safe_open
 
         restored = []

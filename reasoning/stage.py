@@ -39,7 +39,7 @@ from omnistream.protocol.messages import (
 )
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.sockets import make_socket, recv, send
-from omnistream.reasoning.answer import STREAMED_KINDS, Answerer
+from omnistream.reasoning.answer import STREAMED_KINDS, Answerer, split_choice
 from omnistream.reasoning.engine import LLMEngine, release_freed_memory
 from omnistream.reasoning.prompt import fit_items
 from omnistream.reasoning.synopsis import Synopsizer
@@ -157,7 +157,9 @@ class ReasoningStage:
             self.stream_records()
             try:
                 items = self.memory.retrieve(
-                    Retrieve(ts=draft.ts, session=draft.session, request_id=uuid.uuid4().hex, query=draft.question)
+                    Retrieve(
+                        ts=draft.ts, session=draft.session, request_id=uuid.uuid4().hex, query=draft.question
+                    )
                 )
             except MemoryUnavailable:
                 return
@@ -247,12 +249,27 @@ class ReasoningStage:
         return not self.runtime.running
 
     def answer(self, ask: Ask) -> None:
-        start = time.monotonic()
+        """Answer ``ask``: deltas, then exactly one ``AnswerDone`` (with ``error`` set when the
+        question is invalid or answering it failed)."""
         done = AnswerDone(ts=ask.ts, session=ask.session, turn=ask.turn, text="")
+        empty = [i for i, choice in enumerate(ask.choices) if not split_choice(choice)]
         if not ask.question.strip() or len(ask.question) > MAX_QUESTION_CHARS:
             done.error = f"Ask.question must be 1..{MAX_QUESTION_CHARS} characters, got {len(ask.question)}"
+        elif empty:
+            done.error = f"Ask.choices[{empty[0]}] has no text after its letter: {ask.choices[empty[0]]!r}"
+        if done.error:
             self.runtime.publish(done)
             return
+        try:
+            self._answer(ask, done)
+        except Exception as exc:  # one question failed: say so, keep the stage and the slot
+            log.exception("answer failed", extra={"turn": ask.turn})
+            self.runtime.counters["answer_errors"] += 1
+            done.error = f"answer failed: {type(exc).__name__}: {exc}"
+            self.runtime.publish(done)
+
+    def _answer(self, ask: Ask, done: AnswerDone) -> None:
+        start = time.monotonic()
         # Read ahead (Draft): memory was retrieved and assembled for the question's first words,
         # so records that arrived since can wait until after the answer.
         prepared = self.answerer.take_prepared(ask)
@@ -260,13 +277,17 @@ class ReasoningStage:
             self.stream_records()
         self._load_history(ask.session)
         try:
-            items = [] if prepared is not None else self.memory.retrieve(
-                Retrieve(
-                    ts=ask.ts,
-                    session=ask.session,
-                    request_id=uuid.uuid4().hex,
-                    query=ask.question,
-                    turn=ask.turn,
+            items = (
+                []
+                if prepared is not None
+                else self.memory.retrieve(
+                    Retrieve(
+                        ts=ask.ts,
+                        session=ask.session,
+                        request_id=uuid.uuid4().hex,
+                        query=ask.question,
+                        turn=ask.turn,
+                    )
                 )
             )
         except MemoryUnavailable as exc:

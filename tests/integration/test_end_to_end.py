@@ -70,6 +70,22 @@ def test_replay_answers_about_what_was_seen_and_heard_in_text_and_speech(
     assert answer.first_audio_wall > 0
 
 
+def test_a_question_that_cannot_be_answered_still_ends_with_its_answer_done(system: Launcher) -> None:
+    """An empty choice ("A.") once raised inside reasoning: no AnswerDone, the client waited for
+    minutes. Every Ask ends with exactly one AnswerDone, with the reason when it failed, and the
+    next question is answered."""
+    with Client.connect(system.run_dir) as client:
+        start = time.monotonic()
+        assert list(client.ask("Which is it?", choices=["A.", "B a cat"], timeout_s=60)) == []
+        assert time.monotonic() - start < 30
+        assert client.last_done is not None
+        assert client.last_done.error == "Ask.choices[0] has no text after its letter: 'A.'"
+        "".join(
+            client.ask("Which animal was on screen?", choices=["A a cat", "B a butterfly"], timeout_s=120)
+        )
+        assert client.last_done is not None and not client.last_done.error and client.last_done.choice == "B"
+
+
 def test_memory_killed_with_sigkill_comes_back_with_its_memories(system: Launcher) -> None:
     memory = system.children["memory"]
     old_pid = memory.pid

@@ -177,11 +177,20 @@ def test_persisted_blocks_survive_a_new_process_and_assemble_the_same_cache(mode
     )
 
 
-def test_unreadable_block_file_is_named(tmp_path) -> None:
-    (tmp_path / "kv").mkdir()
-    (tmp_path / "kv" / "block-00000003.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="block-00000003"):
-        BlockStore(spill_dir=tmp_path / "kv", persist=True)
+def test_an_unreadable_block_file_drops_the_spilled_blocks_with_a_warning(model, tmp_path, caplog) -> None:
+    """One corrupt file once made the session raise on every use; now the session's spilled
+    blocks are dropped (its records are streamed again from memory) and the store works."""
+    store = BlockStore(ram_budget_bytes=1 << 30, spill_dir=tmp_path / "kv", persist=True)
+    stream = StreamingKV(model, SINK, window_tokens=7, store=store)
+    for i, entry in enumerate(ENTRIES):
+        stream.append(entry, t0=i, t1=i + 1.5, text=f"entry {i}", item_id=100 + i)
+    assert len(store) == 3
+    (tmp_path / "kv" / "block-00000001.safetensors").write_bytes(b"not a safetensors file")
+    with caplog.at_level("WARNING", logger="omnistream.reasoning"):
+        reopened = BlockStore(ram_budget_bytes=1 << 30, spill_dir=tmp_path / "kv", persist=True)
+    assert len(reopened) == 0 and reopened.disk_bytes == 0
+    assert "block-00000001" in caplog.text and "dropping" in caplog.text
+    assert not (tmp_path / "kv").exists() or not any((tmp_path / "kv").iterdir())
 
 
 def test_pooled_key_stack_follows_the_store(model) -> None:

@@ -424,3 +424,31 @@ def test_a_read_ahead_draft_is_not_used_for_a_different_question_or_when_stale(
     monkeypatch.setattr(answer_module, "DRAFT_MAX_AGE_S", -1.0)
     assert not answerer.has_prepared("s") and answerer.drop_stale_drafts() == 1
     assert answerer.prepared == {}
+
+
+def test_spilled_kv_is_kept_apart_per_model_format_and_prompt(tiny_engine, tiny_llm_dir, tmp_path) -> None:
+    """Blocks spilled under data_dir/kv record what computed them: after the model, its format or
+    dtype, or the system prompt changes, a session never reads the old blocks (wrong shapes or
+    silently wrong answers); the same setup finds its own blocks again."""
+    from omnistream.reasoning.answer import Answerer
+    from omnistream.reasoning.engine import LLMEngine
+
+    def spill_dir(engine, **kwargs) -> Path:
+        answerer = Answerer(engine, window_tokens=24, spill_root=tmp_path / "kv", **kwargs)
+        answerer.ingest_many(
+            "s",
+            [
+                MemoryItem(kind="clip", t0=i, t1=i + 1, text=f"seen: thing {i} " * 4, item_id=i + 1)
+                for i in range(8)
+            ],
+        )
+        blocks = answerer.session("s").kv.evicted
+        assert len(blocks) > 0 and blocks.spill_dir is not None
+        return blocks.spill_dir
+
+    first = spill_dir(tiny_engine)
+    assert spill_dir(tiny_engine) == first  # a restarted reasoner with the same setup
+    assert spill_dir(tiny_engine, system_prompt="Answer like a pirate.") != first
+    assert spill_dir(LLMEngine(tiny_llm_dir, dtype="bfloat16", threads=1)) != first
+    restored = Answerer(tiny_engine, window_tokens=24, spill_root=tmp_path / "kv").session("s")
+    assert len(restored.kv.evicted) > 0 and restored.last_item_id > 0
