@@ -1,4 +1,4 @@
-"""Durable memory records: SQLite for every record, FAISS for the working set's text vectors.
+"""Durable memory records: SQLite for every record, an in-RAM vector index for the working set.
 
 Every clip, transcript, consolidated event and synopsis is a row in ``items``, committed before
 it is acknowledged (WAL mode: a SIGKILL of the memory process loses nothing stored). Rows are
@@ -7,9 +7,11 @@ transcripts at full detail), "L2" (events), "L3" (synopses), or "archive" (left 
 ``parent`` is the event that absorbed it, 0 if none). A consolidation step (an event stored and
 its sources archived) is one transaction, so a crash leaves either the state before or after.
 
-RAM stays bounded by the tier budgets: the in-RAM FAISS index of a session holds only its L1 and
-L2 rows (rebuilt from their stored embeddings when the session is loaded); the archive is
-searched on disk, a fixed-size chunk of stored vectors at a time with ``faiss.knn``.
+RAM stays bounded by the tier budgets: the in-RAM index of a session holds only its L1 and L2 rows
+(rebuilt from their stored embeddings when the session is loaded); the archive is searched on
+disk, a fixed-size chunk of stored vectors at a time. Both are exact inner-product searches in
+numpy: FAISS's flat index measured no faster at these sizes (0.6 ms for 10k 384-d vectors, one
+thread, either way; BENCHMARKS.md), so it is not a dependency.
 """
 
 from __future__ import annotations
@@ -21,10 +23,41 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from omnistream.memory.tiers import Entry
+
+
+class VectorIndex:
+    """Unit vectors with integer ids; exact inner-product search over all of them."""
+
+    def __init__(self, dim: int):
+        self.ids = np.empty(0, np.int64)
+        self.vectors = np.empty((0, dim), np.float32)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.ids)
+
+    def add_with_ids(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.vectors = np.concatenate([self.vectors, np.asarray(vectors, np.float32)])
+        self.ids = np.concatenate([self.ids, np.asarray(ids, np.int64)])
+
+    def remove_ids(self, ids: np.ndarray) -> None:
+        keep = ~np.isin(self.ids, ids)
+        self.ids, self.vectors = self.ids[keep], self.vectors[keep]
+
+    def scores(self, query: np.ndarray) -> dict[int, float]:
+        """Every id with its inner product with ``query`` (dim,)."""
+        return dict(zip(self.ids.tolist(), (self.vectors @ query).tolist(), strict=True))
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest ``scores``, best first."""
+    k = min(k, len(scores))
+    top = np.argpartition(-scores, k - 1)[:k]
+    return top[np.argsort(-scores[top], kind="stable")]
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -109,14 +142,14 @@ class MemoryStore:
             if name not in present:
                 self.db.execute(f"ALTER TABLE items ADD COLUMN {name} {declaration}")
         self.db.execute("CREATE INDEX IF NOT EXISTS items_session_tier ON items(session, tier)")
-        self.indexes: dict[str, faiss.IndexIDMap2] = {}
+        self.indexes: dict[str, VectorIndex] = {}
 
     # -- the in-RAM index of the working set -------------------------------------------------------
 
-    def _index(self, session: str) -> faiss.IndexIDMap2:
+    def _index(self, session: str) -> VectorIndex:
         index = self.indexes.get(session)
         if index is None:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+            index = VectorIndex(self.dim)
             rows = self.db.execute(
                 "SELECT id, embedding FROM items WHERE session = ? AND tier IN ('L1', 'L2')", (session,)
             ).fetchall()
@@ -221,7 +254,7 @@ class MemoryStore:
             raise
         if session in self.indexes:
             index = self.indexes[session]
-            index.remove_ids(np.array(sources, dtype=np.int64))  # type: ignore[arg-type]  # the wrapper takes ids
+            index.remove_ids(np.array(sources, dtype=np.int64))
             index.add_with_ids(vector[None, :], np.array([item_id], dtype=np.int64))
         return item_id
 
@@ -229,7 +262,7 @@ class MemoryStore:
         """Move one record out of the working set (it stays on disk and searchable)."""
         self.db.execute("UPDATE items SET tier = 'archive' WHERE id = ?", (item_id,))
         if session in self.indexes:
-            self.indexes[session].remove_ids(np.array([item_id], dtype=np.int64))  # type: ignore[arg-type]
+            self.indexes[session].remove_ids(np.array([item_id], dtype=np.int64))
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -314,10 +347,9 @@ class MemoryStore:
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(
                 len(rows), self.dim
             )
-            scores, rows_at = faiss.knn(query, vectors, min(k, len(rows)), metric=faiss.METRIC_INNER_PRODUCT)
-            for score, at in zip(scores[0].tolist(), rows_at[0].tolist(), strict=True):
-                if at >= 0:
-                    best[int(rows[at][0])] = float(score)
+            scores = vectors @ query[0]
+            for at in top_k(scores, k).tolist():
+                best[int(rows[at][0])] = float(scores[at])
             best = dict(sorted(best.items(), key=lambda kv: -kv[1])[:k])
         return best
 
@@ -325,15 +357,14 @@ class MemoryStore:
         self, session: str, query: np.ndarray, top_k: int, until_ts: float, archive_only: bool = False
     ) -> list[tuple[Item, float]]:
         """The ``top_k`` records most similar to ``query`` (float32 (dim,)) that began by
-        ``until_ts``: the working set through its FAISS index, the archive from disk."""
+        ``until_ts``: the working set through its in-RAM index, the archive from disk."""
         if top_k <= 0:
             return []
         vector = np.ascontiguousarray(query, np.float32).reshape(1, -1)
         found: dict[int, float] = {}
         index = self._index(session)
         if index.ntotal and not archive_only:
-            scores, ids = index.search(vector, int(index.ntotal))
-            found = {i: float(s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0}
+            found = index.scores(vector[0])
         found.update(self._archive_scores(session, vector, top_k, until_ts))
         if not found:
             return []
