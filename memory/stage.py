@@ -234,14 +234,16 @@ class MemoryStage:
                 fact += "; in view now"
             elif ended:
                 fact += f"; {ended[-1].text}"
-            counts = [r for r in rows if r.meta.get("event") == "count"]
-            if label == "person" and counts:
-                # A closed interval ("2 people present 00:10-00:16") or the open one ("... from 00:17").
-                closed = {r.t0 for r in counts if r.t1 > r.t0}
-                spans = [r for r in counts if r.t1 > r.t0 or r.t0 not in closed]
-                most = max(spans, key=lambda r: (int(r.meta.get("count", 0)), r.t1 - r.t0))
-                until = clock(most.t1) if most.t1 > most.t0 else "now"
-                fact += f"; at most {int(most.meta.get('count', 0))} at once ({clock(most.t0)}-{until})"
+            if label == "person":  # the most at once: the tracker's closed intervals, or now
+                spans = [
+                    (int(r.meta.get("count", 0)), clock(r.t0), clock(r.t1))
+                    for r in rows
+                    if r.meta.get("event") == "count"
+                ]
+                spans.append((sum(1 for line in in_view if line.startswith("person")), "now", ""))
+                most = max(spans, key=lambda span: span[0])
+                if most[0]:
+                    fact += f"; at most {most[0]} at once ({'-'.join(filter(None, most[1:]))})"
             facts.append(fact)
         return facts
 

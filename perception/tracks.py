@@ -6,8 +6,10 @@ the live tracks of the same class: greedily by IoU, or by centroid distance (a f
 frame diagonal) for small or fast objects. Hysteresis both ways: a track is confirmed (and
 announced) after ``min_hits`` detections, so one false detection makes no event; it ends only
 when unseen for ``max_missed_s`` of stream time, so a missed frame or a brief occlusion keeps it.
-People get their own count events: "2 people present from 00:40" and, when the count changes,
-the interval that ended ("2 people present 00:40-01:30").
+People get count events: when the number of people in view has changed and held for
+``count_stable_s``, the interval that ended ("2 people present 00:40-01:30"; the number in view
+now is in perception's percepts). In a crowd (more than ``crowd`` people in view) people coming
+and going make no event each: the counts tell it, and memory is not flooded with records.
 """
 
 from __future__ import annotations
@@ -69,12 +71,15 @@ def _centre_distance(a: ObjectSighting, b: ObjectSighting) -> float:
 class Tracker:
     min_iou: float = 0.2
     max_centre_distance: float = 0.2
-    min_hits: int = 2
+    min_hits: int = 3
     max_missed_s: float = 3.0
+    count_stable_s: float = 2.0
+    crowd: int = 3
     tracks: list[Track] = field(default_factory=list)
     next_ids: dict[str, int] = field(default_factory=dict)
-    people: int = 0  # confirmed people in view
+    people: int = 0  # people in view, as last announced
     people_since: float = 0.0
+    _counted: tuple[int, float] | None = None  # a new number of people, since when
 
     def update(self, ts: float, sightings: list[ObjectSighting]) -> list[TrackEvent]:
         """Associate one frame's detections at stream time ``ts``; returns the events it makes."""
@@ -109,12 +114,13 @@ class Tracker:
                 track.confirmed = True
                 events.append(self._appeared(track))
         ended = self._end(lambda track: ts - track.last_ts > self.max_missed_s)
-        return events + ended + self._count(ts, events + ended)
+        changes = events + ended
+        return self._quiet_crowd(changes) + self._count(ts, changes)
 
     def flush(self, ts: float) -> list[TrackEvent]:
         """End every track (the stream stopped at ``ts``)."""
         ended = self._end(lambda track: True)
-        return ended + self._count(ts, ended)
+        return self._quiet_crowd(ended) + self._count(ts, ended, final=True)
 
     def in_view(self) -> list[Track]:
         return [track for track in self.tracks if track.confirmed]
@@ -144,37 +150,35 @@ class Tracker:
         self.tracks = kept
         return events
 
-    def _count(self, ts: float, changes: list[TrackEvent]) -> list[TrackEvent]:
-        """Count events when the number of people in view changed at ``ts``: dated when the
-        people who came were first seen, or when those who left were last seen."""
+    def _quiet_crowd(self, events: list[TrackEvent]) -> list[TrackEvent]:
+        """Drop people's own enter/leave events while more than ``crowd`` people are in view."""
         people = sum(1 for track in self.tracks if track.confirmed and track.label == "person")
-        if people == self.people:
+        left = sum(1 for event in events if event.kind == "left")
+        if max(people, people + left, self.people) <= self.crowd:
+            return events
+        return [event for event in events if event.label != "person" or event.kind == "count"]
+
+    def _count(self, ts: float, changes: list[TrackEvent], final: bool = False) -> list[TrackEvent]:
+        """The interval of the previous number of people, once a new number has held for
+        ``count_stable_s`` (or the stream ended). A change is dated when the people who came
+        were first seen, or when those who left were last seen."""
+        people = sum(1 for track in self.tracks if track.confirmed and track.label == "person")
+        came = [e.t0 for e in changes if e.label == "person" and e.kind == "appeared"]
+        left = [e.ts for e in changes if e.label == "person" and e.kind == "left"]
+        if people == self.people and not final:
+            self._counted = None
             return []
-        came = [event.t0 for event in changes if event.label == "person" and event.kind == "appeared"]
-        left = [event.ts for event in changes if event.label == "person" and event.kind == "left"]
-        if people > self.people and came:
-            ts = max(came)
-        elif people < self.people and left:
-            ts = max(left)
+        if self._counted is None or self._counted[0] != people:
+            since = max(came) if people > self.people and came else max(left) if left else ts
+            self._counted = (people, since)
+        count, since = self._counted
+        if not final and ts - since < self.count_stable_s:
+            return []
         events = []
-        if self.people:
-            events.append(
-                TrackEvent(
-                    "count",
-                    "person",
-                    self.people_since,
-                    ts,
-                    f"{_people(self.people)} present {clock(self.people_since)}-{clock(ts)}",
-                    count=self.people,
-                )
-            )
-        self.people, self.people_since = people, ts
-        if people:
-            events.append(
-                TrackEvent(
-                    "count", "person", ts, ts, f"{_people(people)} present from {clock(ts)}", count=people
-                )
-            )
+        if self.people and since > self.people_since:
+            text = f"{_people(self.people)} present {clock(self.people_since)}-{clock(since)}"
+            events.append(TrackEvent("count", "person", self.people_since, since, text, count=self.people))
+        self.people, self.people_since, self._counted = count, since, None
         return events
 
 

@@ -127,8 +127,7 @@ def test_tracker_enter_occlusion_leave_is_one_track_with_its_events() -> None:
     gone = next(e for _, e in events if e.kind == "gone")
     assert gone.ts == 14.5 and gone.text.startswith("red cup 1 last seen at 00:14, on the right")
     counts = [e.text for _, e in events if e.kind == "count"]
-    assert counts[0] == "1 person present from 00:02"
-    assert counts[1].startswith("1 person present 00:02-00:1")
+    assert counts == ["1 person present 00:02-00:12"]  # from first seen to last seen
 
 
 def test_tracker_ignores_a_single_false_detection_and_counts_two_people() -> None:
@@ -138,10 +137,28 @@ def test_tracker_ignores_a_single_false_detection_and_counts_two_people() -> Non
     events += tracker.update(1.0, [sighting("person", 55, size=120), sighting("person", 405, size=120)])
     events += tracker.update(4.0, [sighting("person", 60, size=120), sighting("person", 410, size=120)])
     assert [e.label for e in events if e.kind == "appeared"] == ["person", "person"]
-    counts = [e.text for e in events if e.kind == "count"]
-    assert counts == ["2 people present from 00:00"]  # first seen at 0.5 s
+    assert [e for e in events if e.kind == "count"] == []  # the interval is told when it ends
     assert all(e.label != "dog" for e in events)
     assert len(tracker.in_view()) == 2
+    assert [e.text for e in tracker.flush(5.0) if e.kind == "count"] == ["2 people present 00:00-00:04"]
+
+
+def test_a_crowd_makes_counts_not_an_event_per_person() -> None:
+    tracker = Tracker(min_hits=2, max_missed_s=1.0, crowd=3)
+    events = []
+    for step in range(40):  # 2 frames a second: 5 people walk through, 2 stay for the first 10 s
+        ts = step / 2
+        people = [sighting("person", 20 + 120 * i, 50, 100) for i in range(5 if ts < 10 else 2)]
+        if ts == 4:
+            people = people[:4]  # one missed in one frame: no count change announced
+        events += tracker.update(ts, people)
+    events += tracker.flush(20.0)
+    # Only the two who stayed, once the crowd had gone, have events of their own; the crowd is in the counts.
+    assert [e.kind for e in events if e.label == "person" and e.kind != "count"] == ["left", "left"]
+    assert [e.text for e in events if e.kind == "count"] == [
+        "5 people present 00:00-00:10",
+        "2 people present 00:10-00:20",
+    ]
 
 
 def test_memory_stores_sightings_and_answers_last_seen_from_the_timeline(tmp_path: Path) -> None:
