@@ -36,7 +36,10 @@ RRF_K = 60  # reciprocal rank fusion constant (Cormack et al.)
 DRAFT_MAX_AGE_S = 8.0  # a question read ahead (``Answerer.prepare``) is used for an Ask this recent
 DRAFT_MEMORY_S = 15.0  # ... and its memory, assembled at the first draft, is rebuilt after this
 # What goes into the KV stream (perceived records); events and the synopsis are derived.
-STREAMED_KINDS = ("clip", "transcript", "sighting")
+# Sightings are not streamed: memory hands the reasoner their timeline for the things a question
+# names (the "now" record's facts); streaming each of them cost every question behind the backlog
+# (first token p95 3.9 -> 36.9 s on docs/episodes/objects at 2x, BENCHMARKS.md).
+STREAMED_KINDS = ("clip", "transcript")
 CHOICE_SCORING = ("text", "letter")  # how a multiple-choice question is answered (Answerer.choose)
 
 
