@@ -24,16 +24,10 @@ from typing import Protocol
 
 import numpy as np
 
+from omnistream.protocol.text import clock
+
 REPEAT_MARK = re.compile(r" \(same scene as at [^)]*\)$")
 SPEAKERS = {"user": "the user said", "assistant": "you said"}
-
-
-def clock(seconds: float) -> str:
-    """Stream time as mm:ss (h:mm:ss past an hour)."""
-    total = max(int(round(seconds)), 0)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
 def unit(vector: np.ndarray) -> np.ndarray:

@@ -14,17 +14,15 @@ onnxruntime release the GIL while they compute. Motion is cheap and runs on ever
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from omnistream.perception.objects import ObjectDetector, ObjectSighting
+from omnistream.perception.objects import ObjectDetector, ObjectSighting, package_dir
 
 log = logging.getLogger("omnistream.perception")
 
@@ -32,15 +30,6 @@ log = logging.getLogger("omnistream.perception")
 FACE_MATCH_DISTANCE = 0.55
 # A person unseen for this long "comes back" when seen again.
 COMEBACK_GAP_S = 30.0
-
-
-def _package_dir(name: str, pip_name: str) -> Path:
-    # face_recognition_models imports pkg_resources (gone from new setuptools): find its files
-    # without importing it.
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"face detection needs the package {pip_name} (pip install {pip_name})")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @dataclass
@@ -106,7 +95,9 @@ class FaceDetector:
     def __init__(self, registry: PersonRegistry | None = None, upsample: int = 1):
         import dlib
 
-        models = _package_dir("face_recognition_models", "face-recognition-models") / "models"
+        models = (
+            package_dir("face_recognition_models", "face-recognition-models", "face detection") / "models"
+        )
         self._detector = dlib.get_frontal_face_detector()
         self._landmarks = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
         self._describer = dlib.face_recognition_model_v1(
@@ -228,10 +219,6 @@ class DetectorWorker:
         self.replaced = 0
         self._thread = threading.Thread(target=self._run, name="detectors", daemon=True)
         self._thread.start()
-
-    @property
-    def keyframe_detectors(self) -> bool:
-        return self.faces is not None or self.reader is not None
 
     def submit(
         self, image: np.ndarray, ts: float, session: str, tag: object = None, keyframe: bool = True

