@@ -125,6 +125,9 @@ class Tracker:
     def in_view(self) -> list[Track]:
         return [track for track in self.tracks if track.confirmed]
 
+    def people_in_view(self) -> int:
+        return sum(1 for track in self.in_view() if track.label == "person")
+
     # -- events ------------------------------------------------------------------------------
 
     def _appeared(self, track: Track) -> TrackEvent:
@@ -152,7 +155,7 @@ class Tracker:
 
     def _quiet_crowd(self, events: list[TrackEvent]) -> list[TrackEvent]:
         """Drop people's own enter/leave events while more than ``crowd`` people are in view."""
-        people = sum(1 for track in self.tracks if track.confirmed and track.label == "person")
+        people = self.people_in_view()
         left = sum(1 for event in events if event.kind == "left")
         if max(people, people + left, self.people) <= self.crowd:
             return events
@@ -162,7 +165,7 @@ class Tracker:
         """The interval of the previous number of people, once a new number has held for
         ``count_stable_s`` (or the stream ended). A change is dated when the people who came
         were first seen, or when those who left were last seen."""
-        people = sum(1 for track in self.tracks if track.confirmed and track.label == "person")
+        people = self.people_in_view()
         came = [e.t0 for e in changes if e.label == "person" and e.kind == "appeared"]
         left = [e.ts for e in changes if e.label == "person" and e.kind == "left"]
         if people == self.people and not final:
