@@ -2,7 +2,9 @@
 scene on keyframes; motion.
 
 Objects (``perception.objects``: COCO classes with positions and colours) run on frames sampled
-at ``objects_fps``, keyframes included (~0.1 s a frame on one core).
+at ``objects_fps``, keyframes included (~0.1 s a frame on one core). On those of them where a
+person was found, the pose estimator (``perception.pose``: MoveNet keypoints, ~10 ms a person)
+adds pose words to the people's detections: standing or sitting, an arm raised, what they hold.
 
 Faces: dlib's HOG detector, 5-point landmarks and ResNet descriptors (128-d, from the
 ``face-recognition-models`` package); a ``PersonRegistry`` matches each descriptor to the
@@ -23,6 +25,7 @@ import cv2
 import numpy as np
 
 from omnistream.perception.objects import ObjectDetector, ObjectSighting, package_dir
+from omnistream.perception.pose import PoseEstimator
 
 log = logging.getLogger("omnistream.perception")
 
@@ -196,7 +199,7 @@ class Detections:
 
 class DetectorWorker:
     """Runs the enabled detectors in a background thread, newest frame first: objects on every
-    frame submitted, faces and text on keyframes.
+    frame submitted (and poses of the people among them), faces and text on keyframes.
 
     ``submit`` never blocks: a frame offered while one is waiting replaces it (``submit``
     returns the replaced frame's tag); the newer frame inherits the replaced one's keyframe duty.
@@ -205,11 +208,16 @@ class DetectorWorker:
     """
 
     def __init__(
-        self, faces: FaceDetector | None, reader: TextReader | None, objects: ObjectDetector | None = None
+        self,
+        faces: FaceDetector | None,
+        reader: TextReader | None,
+        objects: ObjectDetector | None = None,
+        pose: PoseEstimator | None = None,
     ):
         self.faces = faces
         self.reader = reader
         self.objects = objects
+        self.pose = pose  # runs only on frames where the object detector found a person
         self._cond = threading.Condition()
         self._waiting: tuple[np.ndarray, float, str, object, bool] | None = None
         self._busy = False
@@ -253,6 +261,8 @@ class DetectorWorker:
             try:
                 if self.objects is not None:
                     found.objects = self.objects.detect(image)
+                    if self.pose is not None and any(s.label == "person" for s in found.objects):
+                        found.objects = self._annotate(image, found.objects)
                 if keyframe and self.faces is not None:
                     found.faces = self.faces.detect(image, ts)
                 if keyframe and self.reader is not None:
@@ -265,6 +275,16 @@ class DetectorWorker:
                 self._done.append(found)
                 self._busy = False
                 self._cond.notify_all()
+
+    def _annotate(self, image: np.ndarray, objects: list[ObjectSighting]) -> list[ObjectSighting]:
+        """The people's pose words; a pose failure keeps the frame's detections as they were."""
+        assert self.pose is not None
+        try:
+            return self.pose.annotate(image, objects)
+        except Exception:
+            log.exception("pose estimation failed", extra={"stage": "perception"})
+            self.failures += 1
+            return objects
 
     def wait_idle(self, timeout_s: float) -> bool:
         with self._cond:

@@ -105,7 +105,7 @@ def position_words(box: tuple[int, int, int, int], width: int, height: int) -> s
 @dataclass(frozen=True)
 class ObjectSighting:
     """One detection: COCO ``label``, ``score``, ``box`` (x1, y1, x2, y2 pixels), the frame size,
-    position words and a colour name."""
+    position words, a colour name and, for a person, pose words."""
 
     label: str
     score: float
@@ -113,16 +113,19 @@ class ObjectSighting:
     frame_size: tuple[int, int]  # width, height
     position: str
     colour: str
+    pose: tuple[str, ...] = ()  # a person's pose words (perception.pose): "standing", "holding a cup"
+
+    def name(self) -> str:
+        """ "red cup", "person in a blue shirt"."""
+        if self.label == "person":
+            return f"person in a {self.colour} shirt" if self.colour else "person"
+        if self.colour and self.colour.split()[0] not in self.label.split():  # not "orange orange"
+            return f"{self.colour} {spoken(self.label)}"
+        return spoken(self.label)
 
     def describe(self) -> str:
-        """ "red cup (left)", "person in a blue shirt (centre, near)"."""
-        if self.label == "person":
-            what = f"person in a {self.colour} shirt" if self.colour else "person"
-        elif self.colour and self.colour.split()[0] not in self.label.split():  # not "orange orange"
-            what = f"{self.colour} {spoken(self.label)}"
-        else:
-            what = spoken(self.label)
-        return f"{what} ({self.position})"
+        """ "red cup (left)", "person in a blue shirt (centre, near, standing, holding a red cup)"."""
+        return f"{self.name()} ({', '.join((self.position, *self.pose))})"
 
 
 def package_dir(name: str, pip_name: str, purpose: str) -> Path:

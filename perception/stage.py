@@ -8,8 +8,9 @@ so a slow encoder drops frames and never queues them. The encoder runs as fast a
 ``max_fps`` (wall clock), or at a fixed ``sample_fps`` (stream time).
 
 Detectors run in a background thread: objects on frames sampled at ``objects_fps`` (COCO
-classes with positions and colours, tracked into ``Sighting`` events: who entered, what appeared,
-what was last seen where, how many people were present), faces and text on keyframes (the first
+classes with positions and colours, people with their poses when ``pose`` is on, tracked into
+``Sighting`` events: who entered, what appeared, what was last seen where, how many people were
+present), faces and text on keyframes (the first
 frame of a scene, then every ``keyframe_every_s``); a closed clip waits for its frames' results
 (objects, people, text seen) before it is published. Counts of frames received, encoded and
 dropped go out in ``Stats``; source trouble goes out as ``Error`` (``source_ended``,
@@ -42,6 +43,7 @@ from omnistream.perception.detectors import (
 from omnistream.perception.encoder import FrameEncoder, load_encoder
 from omnistream.perception.live import LiveSource, open_source
 from omnistream.perception.objects import ObjectDetector
+from omnistream.perception.pose import PoseEstimator
 from omnistream.perception.receiver import MediaReceiver
 from omnistream.perception.sampling import FrameSlot, RateLimiter, SampledFrame
 from omnistream.perception.sources import AUDIO_RATE
@@ -437,7 +439,7 @@ def build_detectors(config: PerceptionConfig) -> DetectorWorker | None:
     if not (config.faces or config.ocr or config.objects_fps > 0):
         return None
     faces = FaceDetector(PersonRegistry(config.face_match_distance)) if config.faces else None
-    reader = objects = None
+    reader = objects = pose = None
     if config.ocr:
         try:
             reader = TextReader()
@@ -448,9 +450,14 @@ def build_detectors(config: PerceptionConfig) -> DetectorWorker | None:
             objects = ObjectDetector(min_score=config.object_min_score, threads=config.threads)
         except (ModuleNotFoundError, FileNotFoundError) as exc:  # labels only, as before
             log.warning("perception.objects_fps > 0 but objects cannot be detected: %s", exc)
+    if objects is not None and config.pose:
+        try:
+            pose = PoseEstimator(threads=config.threads)
+        except (ModuleNotFoundError, FileNotFoundError) as exc:  # objects without poses
+            log.warning("perception.pose is on but poses cannot be estimated: %s", exc)
     if faces is None and reader is None and objects is None:
         return None
-    return DetectorWorker(faces, reader, objects)
+    return DetectorWorker(faces, reader, objects, pose)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,6 +74,10 @@ class PerceptionConfig(_Section):
     objects_fps: float = 2.0
     object_min_score: float = 0.5
     track_missed_s: float = 3.0  # a track ends after this long unseen (a missed frame keeps it)
+    # People's poses (MoveNet keypoints) on the object frames where a person was found: standing
+    # or sitting, an arm raised, an object held, added to the person's description. Skipped, with
+    # a warning, when ai-edge-litert is missing.
+    pose: bool = True
 
 
 class SpeechConfig(_Section):
