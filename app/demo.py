@@ -3,32 +3,43 @@
 A Gradio 6 page that streams the browser's camera (unmirrored RGB frames, 2 per second) and
 microphone (one-second chunks) to the gateway, or replays a recording instead; shows answers as
 they stream with their stream-time citations highlighted and plays the spoken answer as it is
-synthesised (stopped on barge-in); takes standing "watch" requests and shows their alerts; and
-shows live stage stats and a memory timeline (click a row to read the record). Every browser tab
-gets its own omnistream session (``DemoSession``).
+synthesised (stopped on barge-in); takes standing "watch" requests and shows their alerts; shows
+what perception saw next to the camera (a small copy of the frame it analysed last, with the
+boxes and labels of the objects detected on it, updated at the detection rate) and the object
+tracker's events (who entered, what appeared or is gone, newest first); and shows live stage
+stats and a memory timeline (click a row to read the record). Every browser tab gets its own
+omnistream session (``DemoSession``).
 """
 
 from __future__ import annotations
 
+import html
 import re
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
 from omnistream.app.client import ClientError
-from omnistream.app.demo_session import MAX_TURNS_SHOWN, DemoSession, Turn, clock, safe, wav_bytes
+from omnistream.app.demo_session import MAX_TURNS_SHOWN, DemoSession, Seen, Turn, clock, safe, wav_bytes
+from omnistream.app.preview import box_caption, draw_detections, jpeg_data_uri
 from omnistream.app.replay import DEFAULT_SAMPLE
+from omnistream.protocol.messages import Sighting
 
 FRAME_EVERY_S = 0.5
+PREVIEW_EVERY_S = 0.5  # how often the page looks for a newer analysed frame or tracker event
 AUDIO_EVERY_S = 1.0
 ANSWER_TIMEOUT_S = 300.0
 NO_AUDIO_GRACE_S = 8.0  # after AnswerDone, how long to wait for speech that may never come
 CITATION = re.compile(r"\b(\d{1,2}:\d{2})\b")
 STATS_COLUMNS = ["stage", "state", "rates /s", "counters"]
 TIMELINE_COLUMNS = ["when", "kind", "text"]
+EVENT_COLUMNS = ["when", "event", "what"]
+EVENT_WORDS = {"appeared": "appeared", "left": "left", "gone": "gone", "count": "people present"}
+NOTHING_SEEN = "<p><em>waiting for perception to see a frame…</em></p>"
 
 
 def highlight_citations(text: str) -> str:
@@ -153,13 +164,59 @@ def on_tick(link: DemoSession):
     return summary(link), conversation or "*no questions yet*", heard, render_alerts(link), stats_rows(link)
 
 
+def event_rows(sightings: Iterable[Sighting]) -> list[list[str]]:
+    """The tracker's events as the page's rows [when, event, what], in the order given (the
+    session keeps them newest first). "when" is when it happened: first seen for an appearance,
+    last seen for a departure, the interval for a count of people."""
+    rows = []
+    for s in sightings:
+        if s.event == "count":
+            when = f"{clock(s.t0)}–{clock(s.ts)}"
+        else:
+            when = clock(s.t0 if s.event == "appeared" else s.ts)
+        event = "entered" if s.event == "appeared" and s.label == "person" else EVENT_WORDS[s.event]
+        rows.append([when, event, s.text])
+    return rows or [["", "", "nothing has appeared yet"]]
+
+
+def render_preview(seen: Seen | None) -> str:
+    """The preview panel: the analysed frame with its boxes (inline JPEG) and what was found."""
+    if seen is None:
+        return NOTHING_SEEN
+    image = draw_detections(seen.frame, seen.boxes)
+    found = ", ".join(box_caption(box) for box in seen.boxes) or "no objects detected"
+    return (
+        f'<figure style="margin:0"><img src="{jpeg_data_uri(image)}" width="{image.shape[1]}" '
+        f'height="{image.shape[0]}" alt="what perception saw at {clock(seen.ts)}"/>'
+        f"<figcaption><small>perception at <b>{clock(seen.ts)}</b>: {html.escape(found)}"
+        "</small></figcaption></figure>"
+    )
+
+
+def on_live_view(link: DemoSession):
+    """Refresh the preview and the tracker's events, each only when it changed since the last call
+    for this tab (``link.live_view_shown``): a skipped output is not sent to the browser."""
+    with link.changed:
+        seen, version, received = link.seen, link.seen_version, link.sightings_received
+        sightings = list(link.sightings)
+    last_version, last_received = link.live_view_shown
+    link.live_view_shown = (version, received)
+    preview = render_preview(seen) if version != last_version else gr.skip()
+    events = event_rows(sightings) if received != last_received else gr.skip()
+    return preview, events
+
+
 def on_timeline(link: DemoSession) -> list[list[str]]:
     history = safe(link.history)
     if history is None:
         return [["", "", "memory is not answering"]]
     link.timeline = history.items
     return [
-        [f"{clock(i.t0)}–{clock(i.t1)}", i.kind if i.kind == "clip" else f"speech ({i.speaker})", i.text[:90]]
+        [
+            f"{clock(i.t0)}–{clock(i.t1)}",
+            f"speech ({i.speaker})" if i.kind == "transcript" else i.kind,
+            i.text[:90],
+        ]
         for i in history.items
     ] or [["", "", "nothing remembered yet"]]
 
@@ -193,13 +250,26 @@ def build_page(run_dir: Path) -> gr.Blocks:
         status = gr.Markdown(elem_id="summary")
         with gr.Row():
             with gr.Column(scale=1):
-                camera = gr.Image(
-                    sources=["webcam"],
-                    streaming=True,
-                    type="numpy",
-                    label="Camera",
-                    webcam_options=gr.WebcamOptions(mirror=False),
-                    elem_id="camera",
+                with gr.Row():
+                    camera = gr.Image(
+                        sources=["webcam"],
+                        streaming=True,
+                        type="numpy",
+                        label="Camera",
+                        webcam_options=gr.WebcamOptions(mirror=False),
+                        elem_id="camera",
+                        scale=1,
+                    )
+                    with gr.Column(scale=1, min_width=200):
+                        gr.Markdown("**What perception saw**")
+                        preview = gr.HTML(NOTHING_SEEN, elem_id="preview")
+                events = gr.Dataframe(
+                    value=event_rows([]),
+                    headers=EVENT_COLUMNS,
+                    label="In view: what appeared and left (newest first)",
+                    elem_id="events",
+                    interactive=False,
+                    max_height=260,
                 )
                 mic = gr.Audio(
                     sources=["microphone"], streaming=True, type="numpy", label="Microphone", elem_id="mic"
@@ -264,6 +334,7 @@ def build_page(run_dir: Path) -> gr.Blocks:
             on_tick, [link], [status, conversation, heard, alerts, stats], show_progress="hidden"
         )
         gr.Timer(5.0).tick(on_timeline, [link], [timeline], show_progress="hidden")
+        gr.Timer(PREVIEW_EVERY_S).tick(on_live_view, [link], [preview, events], show_progress="hidden")
         timeline.select(on_timeline_select, [link], [detail])
     return page
 

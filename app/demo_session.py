@@ -5,6 +5,11 @@ lock, and one reader thread per session owns the event socket: it files answers,
 transcripts, alerts and stage stats of this session where the page's timer can render them.
 Stream time (``ts``) is seconds since the session started, for camera, microphone and a replayed
 recording alike.
+
+What perception saw: the session keeps a small copy of the last frames it sent; a ``Percept``
+names the stream time of the frame its object boxes were detected on (``boxes_ts``, or its own
+``ts`` when objects are not detected), and that frame with those boxes becomes ``seen`` (the page's
+preview). The tracker's ``Sighting`` events (appeared, left, people present) are kept newest first.
 """
 
 from __future__ import annotations
@@ -22,15 +27,19 @@ import numpy as np
 import soundfile
 
 from omnistream.app.client import Client, ClientError
+from omnistream.app.preview import scaled
 from omnistream.protocol.messages import (
     Alert,
     AnswerDelta,
     AnswerDone,
     AudioOut,
+    Box,
     Error,
     History,
     MemoryItem,
     Message,
+    Percept,
+    Sighting,
     Stats,
     Transcript,
 )
@@ -38,6 +47,9 @@ from omnistream.protocol.messages import (
 log = logging.getLogger("omnistream.demo")
 
 MAX_TURNS_SHOWN = 20
+MAX_SIGHTINGS_KEPT = 50
+FRAMES_KEPT = 40  # sent frames kept (small copies) to pair with percepts: 20 s of camera at 2 fps
+SAME_FRAME_S = 1e-3  # a percept's stream time and the sent frame's are the same float
 
 
 @dataclass
@@ -54,6 +66,16 @@ class Turn:
     audio_rate: int = 24000
     audio_final: bool = False
     flushed: bool = False
+
+
+@dataclass
+class Seen:
+    """A frame of this session that perception analysed (the session's small copy) and the object
+    boxes detected on it (normalised to the frame; empty: none found, or objects are off)."""
+
+    ts: float
+    frame: np.ndarray
+    boxes: list[Box]
 
 
 def wav_bytes(pcm: np.ndarray, sample_rate: int) -> bytes:
@@ -79,6 +101,12 @@ class DemoSession:
         self.stats: dict[str, Stats] = {}
         self.errors: deque[str] = deque(maxlen=5)
         self.timeline: list[MemoryItem] = []  # the records shown in the page's timeline, in order
+        self.sent_frames: deque[tuple[float, np.ndarray]] = deque(maxlen=FRAMES_KEPT)  # (ts, small copy)
+        self.seen: Seen | None = None  # the newest analysed frame with its boxes
+        self.seen_version = 0  # bumped whenever ``seen`` changes
+        self.sightings: deque[Sighting] = deque(maxlen=MAX_SIGHTINGS_KEPT)  # newest first
+        self.sightings_received = 0
+        self.live_view_shown = (0, 0)  # (seen_version, sightings_received) the page last rendered
         self.frames_sent = 0
         self.audio_sent_s = 0.0
         self.recording: threading.Thread | None = None
@@ -136,6 +164,11 @@ class DemoSession:
                     turn.audio_rate = event.sample_rate
                 turn.flushed = turn.flushed or event.flush
                 turn.audio_final = turn.audio_final or event.final or event.flush
+        elif isinstance(event, Percept):
+            self._pair(event)
+        elif isinstance(event, Sighting):
+            self.sightings.appendleft(event)
+            self.sightings_received += 1
         elif isinstance(event, Transcript) and event.final:
             self.heard.append(event)
         elif isinstance(event, Error):
@@ -144,13 +177,37 @@ class DemoSession:
             name = self.watches.get(event.watch_id, "watch")
             self.alerts.appendleft(f"{clock(event.ts)} **{name}**: {event.text}")
 
+    def _pair(self, percept: Percept) -> None:
+        """Make the frame the percept's boxes were detected on (or the percept's own frame when
+        it has no detections) with those boxes what was ``seen``, if this session still has it."""
+        detected = percept.boxes_ts is not None
+        ts = percept.boxes_ts if detected else percept.ts
+        if self.seen is not None and abs(self.seen.ts - ts) <= SAME_FRAME_S:
+            return  # percepts repeat the newest detections until the next one
+        frame = self.sent_frame(ts)
+        if frame is not None:
+            self.seen = Seen(ts, frame, list(percept.boxes) if detected else [])
+            self.seen_version += 1
+
+    def sent_frame(self, ts: float) -> np.ndarray | None:
+        """The small copy of the frame this session sent at stream time ``ts``, if still kept."""
+        with self.changed:
+            for sent_ts, frame in reversed(self.sent_frames):
+                if abs(sent_ts - ts) <= SAME_FRAME_S:
+                    return frame
+        return None
+
     # -- requests -------------------------------------------------------------------------------
 
     def push_frame(self, rgb: np.ndarray, ts: float | None = None) -> None:
         """Send an RGB uint8 (H, W, 3) frame at stream time ``ts`` (default: now)."""
         image = np.ascontiguousarray(rgb, np.uint8)
+        small = scaled(image)
         with self.lock:
-            if self.client.push_frame(image, ts=self.now() if ts is None else ts, index=self.frames_sent):
+            ts = self.now() if ts is None else ts
+            with self.changed:  # kept before it is sent: its percept may come back at once
+                self.sent_frames.append((ts, small))
+            if self.client.push_frame(image, ts=ts, index=self.frames_sent):
                 self.frames_sent += 1
 
     def push_audio(

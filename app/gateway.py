@@ -2,11 +2,11 @@
 
 Clients send requests to a ROUTER (``Ask``, ``VideoFrame``, ``AudioChunk``, ``Interrupt``,
 ``Watch``, ``StatusRequest``, ``HistoryRequest``) and subscribe to a PUB that re-publishes what
-they need from the bus (answers, audio, transcripts, clips, alerts, stats, errors). ``Ask`` and
-``Watch`` are acknowledged with an ``Ack``; a ``HistoryRequest`` is forwarded to memory's ROUTER
-and its ``History`` relayed back (an ``Error`` with code ``unavailable`` if memory does not answer
-in time). A malformed request is answered with an ``Error`` naming the problem and the gateway
-keeps serving.
+they need from the bus (answers, audio, transcripts, percepts, clips, sightings, alerts, stats,
+errors). ``Ask`` and ``Watch`` are acknowledged with an ``Ack``; a ``HistoryRequest`` is forwarded
+to memory's ROUTER and its ``History`` relayed back (an ``Error`` with code ``unavailable`` if
+memory does not answer in time). A malformed request is answered with an ``Error`` naming the
+problem and the gateway keeps serving.
 
 Reliability: every accepted ``Ask`` is tracked until its ``AnswerDone``. When the reasoning
 process restarts (a new pid in its ``Stats``), questions it had not started are sent again to the
@@ -51,6 +51,7 @@ from omnistream.protocol.messages import (
     HistoryRequest,
     Interrupt,
     Message,
+    Percept,
     Sighting,
     Stats,
     Status,
@@ -78,6 +79,7 @@ FORWARDED_TO_CLIENTS = (
     AudioOut,
     Alert,
     Transcript,
+    Percept,
     Clip,
     Sighting,
     Stats,

@@ -42,7 +42,7 @@ from omnistream.perception.detectors import (
 )
 from omnistream.perception.encoder import FrameEncoder, load_encoder
 from omnistream.perception.live import LiveSource, open_source
-from omnistream.perception.objects import ObjectDetector
+from omnistream.perception.objects import ObjectDetector, ObjectSighting
 from omnistream.perception.pose import PoseEstimator
 from omnistream.perception.receiver import MediaReceiver
 from omnistream.perception.sampling import FrameSlot, RateLimiter, SampledFrame
@@ -51,6 +51,7 @@ from omnistream.perception.tracks import Tracker, TrackEvent
 from omnistream.protocol.config import PerceptionConfig
 from omnistream.protocol.messages import (
     AudioChunk,
+    Box,
     Clip,
     Error,
     Message,
@@ -74,6 +75,13 @@ def clock(seconds: float) -> str:
     return f"{minutes:02d}:{secs:02d}"
 
 
+def to_box(sighting: ObjectSighting) -> Box:
+    """A detection as a ``Box`` normalised to its frame (what a ``Percept`` carries)."""
+    (x0, y0, x1, y1), (width, height) = sighting.box, sighting.frame_size
+    w, h = max(width, 1), max(height, 1)
+    return Box(sighting.label, x0 / w, y0 / h, x1 / w, y1 / h, sighting.score, sighting.colour)
+
+
 @dataclass
 class _SessionState:
     segmenter: ClipSegmenter
@@ -83,6 +91,8 @@ class _SessionState:
     last_ts: float = 0.0  # stream time of the latest frame encoded
     tracker: Tracker = field(default_factory=Tracker)
     objects_now: list[str] = field(default_factory=list)
+    boxes_now: list[Box] = field(default_factory=list)  # the newest detections as boxes,
+    boxes_ts: float | None = None  # made on the frame at this stream time
     thumbnail: np.ndarray | None = None
     stream_limiter: RateLimiter | None = None
     faces_now: list[str] = field(default_factory=list)  # latest detections, carried by percepts
@@ -264,6 +274,8 @@ class PerceptionStage:
                     text_seen=list(state.text_now),
                     faces=list(state.faces_now),
                     objects=list(state.objects_now),
+                    boxes=list(state.boxes_now),
+                    boxes_ts=state.boxes_ts,
                     clip_id=clip_id,
                     frame_index=frame.index,
                     latency_s=round(time.monotonic() - frame.arrived, 4),
@@ -300,6 +312,8 @@ class PerceptionStage:
                     self._publish_sighting(found.session, event)
                 if found.ts >= state.scene_start:
                     state.objects_now = [sighting.describe() for sighting in found.objects]
+                if state.boxes_ts is None or found.ts >= state.boxes_ts:
+                    state.boxes_ts, state.boxes_now = found.ts, [to_box(s) for s in found.objects]
                 self.counters["objects_seen"] += len(found.objects)
             if found.keyframe and found.ts >= state.scene_start:
                 state.faces_now = [face.label() for face in found.faces]

@@ -79,6 +79,20 @@ class Label(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     category: str = ""
 
 
+class Box(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """One detected object: COCO ``label`` and its box normalised to the frame, (x0, y0) the top
+    left and (x1, y1) the bottom right corner as fractions (0..1) of its width and height;
+    ``colour`` is the colour name perception gave it ("red", "blue and white", "")."""
+
+    label: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float = 0.0
+    colour: str = ""
+
+
 class Percept(Message):
     """What perception saw in one encoded frame. ``features``: float32 (D,), L2-normalised."""
 
@@ -90,6 +104,11 @@ class Percept(Message):
     clip_id: int = 0
     frame_index: int = 0
     latency_s: float = 0.0
+    # The newest object detections (made at ``perception.objects_fps``, so usually of an earlier
+    # frame than this one) and the stream time of the frame they were made on (None: none yet):
+    # what a client draws on its own copy of that frame.
+    boxes: list[Box] = []
+    boxes_ts: float | None = None
 
 
 class Clip(Message):

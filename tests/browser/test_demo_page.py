@@ -133,6 +133,9 @@ def test_page_streams_the_camera_and_answers_typed_and_spoken_questions_aloud(pa
         assert time.monotonic() < deadline, "no frames from the page reached perception"
         time.sleep(1)
     time.sleep(4)  # let perception see the butterfly for a few seconds
+    # next to the camera: the frame perception analysed (with the boxes of any objects detected)
+    page.wait_for_selector("#preview img[src^='data:image/jpeg;base64,']", timeout=60_000)
+    assert "perception at" in page.locator("#preview").inner_text()
 
     # typed question: the answer streams into the page and names what the camera shows
     page.locator("#question textarea").fill("What animal is on the screen?")

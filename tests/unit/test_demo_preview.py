@@ -1,0 +1,291 @@
+"""What perception saw, on the demo page: object boxes drawn on the analysed frame (``app.preview``),
+the percepts that carry the boxes (perception stage, real encoder and detector), the gateway relaying
+them to a demo session that pairs them with the frame it sent, and the tracker's events as the
+page's timeline."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import msgspec
+import numpy as np
+import pytest
+import zmq
+
+from omnistream.app.demo import event_rows, on_live_view, render_preview
+from omnistream.app.demo_session import DemoSession
+from omnistream.app.launcher import Launcher
+from omnistream.app.preview import (
+    FONT,
+    FONT_SCALE,
+    PREVIEW_WIDTH,
+    box_caption,
+    box_colour,
+    draw_detections,
+    jpeg_data_uri,
+)
+from omnistream.perception.encoder import load_encoder
+from omnistream.perception.objects import ObjectSighting
+from omnistream.perception.stage import PerceptionStage, build_detectors
+from omnistream.perception.tracks import Tracker
+from omnistream.protocol.codec import decode, encode
+from omnistream.protocol.config import PerceptionConfig
+from omnistream.protocol.messages import Box, Percept, Sighting, VideoFrame
+from omnistream.protocol.sockets import make_socket, send
+
+from ..conftest import make_config
+
+GREY = (128, 128, 128)
+ORANGE_JPG = Path("/usr/share/doc/opencv-doc/examples/data/orange.jpg")
+
+
+def grey_frame(width: int = 640, height: int = 480) -> np.ndarray:
+    return np.full((height, width, 3), GREY, np.uint8)
+
+
+def white_pixels(region: np.ndarray) -> np.ndarray:
+    """(row, column) of the near-white pixels (caption text) of an RGB region."""
+    return np.argwhere((region > 200).all(axis=2))
+
+
+# -- drawing ------------------------------------------------------------------------------------------
+
+
+def test_boxes_are_outlined_in_their_class_colour_with_the_caption_above() -> None:
+    frame = grey_frame()
+    cup = Box("cup", 0.25, 0.5, 0.75, 0.9, 0.87, "red")
+    image = draw_detections(frame, [cup])
+    assert image.shape == (240, PREVIEW_WIDTH, 3) and image.dtype == np.uint8
+    assert (frame == GREY).all(), "the caller's frame was drawn on"
+    colour = box_colour("cup")
+    x0, y0, x1, y1 = round(0.25 * 319), round(0.5 * 239), round(0.75 * 319), round(0.9 * 239)
+    # the outline: all four edges in the class colour
+    for x, y in [(x0, 170), (x1, 170), (160, y0), (160, y1)]:
+        assert tuple(image[y, x]) == colour, (x, y, image[y, x])
+    # inside and outside the box the frame is untouched
+    for x, y in [(160, 170), (x0 + 5, y1 - 5), (x0 - 5, 170), (x1 + 5, 170), (160, y1 + 5), (5, 5)]:
+        assert tuple(image[y, x]) == GREY, (x, y, image[y, x])
+    # the caption: white text on a tab of the box colour just above the box, as wide as the text
+    caption = box_caption(cup)
+    assert caption == "cup, red 0.87"
+    (text_w, text_h), baseline = cv2.getTextSize(caption, FONT, FONT_SCALE, 1)
+    tab = image[y0 - text_h - baseline - 2 : y0, x0 : x0 + text_w + 3]
+    assert (tab == colour).all(axis=2).mean() > 0.5
+    text = white_pixels(tab)
+    assert len(text) > 30
+    assert text[:, 1].max() - text[:, 1].min() >= text_w - 6  # spans the whole caption
+    assert len(white_pixels(image)) == len(text), "caption pixels outside the tab"
+
+
+def test_a_longer_caption_draws_more_text_and_a_box_at_the_top_keeps_it_inside() -> None:
+    short = draw_detections(grey_frame(), [Box("cup", 0.25, 0.5, 0.75, 0.9)])
+    long = draw_detections(grey_frame(), [Box("cup", 0.25, 0.5, 0.75, 0.9, 0.87, "blue and white")])
+    assert len(white_pixels(long)) > 1.5 * len(white_pixels(short)) > 0
+    top = draw_detections(grey_frame(), [Box("person", 0.1, 0.0, 0.4, 0.6, 0.9)])
+    text = white_pixels(top)
+    assert len(text) > 20 and text[:, 0].min() >= 0 and text[:, 0].max() < 20  # the tab at the top
+    assert tuple(top[100, round(0.1 * 319)]) == box_colour("person")
+
+
+def test_no_boxes_is_the_scaled_frame_and_boxes_are_clipped_to_it() -> None:
+    frame = np.zeros((480, 640, 3), np.uint8)
+    frame[:, 320:] = 255
+    plain = draw_detections(frame, [])
+    assert plain.shape == (240, 320, 3) and plain[:, :150].max() == 0 and plain[:, 170:].min() == 255
+    small = np.full((60, 80, 3), GREY, np.uint8)  # never enlarged
+    beyond = draw_detections(small, [Box("tv", -0.5, -0.5, 1.5, 1.5)])
+    assert beyond.shape == (60, 80, 3)
+    assert tuple(beyond[30, 79]) == box_colour("tv") and tuple(beyond[59, 40]) == box_colour("tv")
+
+
+def test_the_preview_is_an_inline_jpeg_of_the_drawn_frame() -> None:
+    image = draw_detections(grey_frame(), [Box("cup", 0.25, 0.5, 0.75, 0.9)])
+    uri = jpeg_data_uri(image)
+    assert uri.startswith("data:image/jpeg;base64,")
+    decoded = cv2.imdecode(np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+    decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    assert decoded.shape == image.shape
+    assert np.abs(decoded.astype(int) - image.astype(int)).mean() < 4
+    assert render_preview(None).startswith("<p>")
+
+
+# -- the tracker's events as the page's timeline ---------------------------------------------------------
+
+
+def sightings_of_a_visit() -> list[Sighting]:
+    """A person walks in at 00:40 and a cup appears at 00:41 (its colour named "red"); the person
+    leaves at 01:05, the cup stays; perception's tracker makes the events, as the stage publishes
+    them."""
+    tracker = Tracker(min_hits=2, max_missed_s=2.0, count_stable_s=1.0)
+    person = ObjectSighting("person", 0.9, (10, 40, 200, 470), (640, 480), "left, near", "blue")
+    cup = ObjectSighting("cup", 0.8, (400, 300, 460, 380), (640, 480), "right", "red")
+    events = []
+    for step in range(0, 61):
+        ts = 40.0 + step * 0.5
+        seen = ([person] if ts <= 65.0 else []) + ([cup] if ts >= 41.0 else [])
+        events += tracker.update(ts, seen)
+    return [
+        Sighting(
+            ts=e.ts, t0=e.t0, label=e.label, event=e.kind, text=e.text, track_id=e.track_id, count=e.count
+        )  # type: ignore[arg-type]
+        for e in events
+    ]
+
+
+def test_timeline_rows_say_when_what_happened_newest_first() -> None:
+    sightings = sightings_of_a_visit()
+    assert [s.event for s in sightings] == ["appeared", "appeared", "left", "count"]
+    rows = event_rows(reversed(sightings))  # the session keeps them newest first
+    assert rows == [
+        ["00:40–01:05", "people present", "1 person present 00:40-01:05"],
+        ["01:05", "left", rows[1][2]],
+        ["00:41", "appeared", rows[2][2]],
+        ["00:40", "entered", rows[3][2]],
+    ]
+    assert rows[1][2].startswith("person 1 (in a blue shirt) last seen at 01:05, on the left")
+    assert rows[2][2].startswith("red cup 1 appeared at 00:41, on the right")
+    assert rows[3][2].startswith("person 1 (in a blue shirt) entered at 00:40, on the left")
+    assert event_rows([]) == [["", "", "nothing has appeared yet"]]
+
+
+# -- perception: percepts carry the boxes of the newest detection ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder("efficientnet-lite0")
+
+
+def test_percepts_carry_the_newest_detections_and_the_frame_they_were_made_on(encoder) -> None:
+    out: list = []
+    config = PerceptionConfig(max_fps=0.0, faces=False, ocr=False, objects_fps=2.0)
+    stage = PerceptionStage(
+        config, encoder, out.append, defaultdict(float), detectors=build_detectors(config)
+    )
+    orange = cv2.cvtColor(cv2.imread(str(ORANGE_JPG)), cv2.COLOR_BGR2RGB)
+    try:
+        stage.handle(VideoFrame(ts=0.0, image=orange, index=0))
+        stage.tick()
+        deadline = time.monotonic() + 60
+        while not stage.counters["detections"]:
+            assert time.monotonic() < deadline, "the detector did not finish"
+            time.sleep(0.05)
+            stage.tick()
+        stage.handle(VideoFrame(ts=0.1, image=orange, index=1))  # not due for objects (2 per s)
+        stage.tick()
+    finally:
+        stage.detectors.close()
+    first, second = (m for m in out if isinstance(m, Percept))
+    assert (first.boxes, first.boxes_ts) == ([], None)  # published before its detection came
+    assert second.ts == 0.1 and second.boxes_ts == 0.0  # the detection was made on frame 0
+    (box,) = second.boxes
+    assert box.label == "orange" and box.score >= 0.5 and box.colour.startswith("orange")
+    assert 0.0 <= box.x0 < 0.5 < box.x1 <= 1.0 and 0.0 <= box.y0 < 0.5 < box.y1 <= 1.0
+    assert (box.x1 - box.x0) * (box.y1 - box.y0) > 0.3  # "near": it fills the picture
+    assert second.objects == ["orange (centre, near)"]
+
+
+def test_percept_boxes_survive_the_wire_and_old_percepts_still_decode() -> None:
+    percept = Percept(
+        ts=2.0,
+        features=np.ones(4, np.float32),
+        boxes=[Box("cup", 0.25, 0.5, 0.75, 0.9, 0.87, "red")],
+        boxes_ts=1.5,
+    )
+    again = decode(encode(percept))
+    assert again.boxes == percept.boxes and again.boxes_ts == 1.5
+    header = msgspec.msgpack.decode(encode(percept)[1])
+    assert header["boxes"] == [["cup", 0.25, 0.5, 0.75, 0.9, 0.87, "red"]]  # array-encoded, like Label
+    old = decode(encode(Percept(ts=2.0, features=np.ones(4, np.float32))))
+    assert old.boxes == [] and old.boxes_ts is None
+    assert "boxes" not in msgspec.msgpack.decode(encode(Percept(features=np.ones(4, np.float32)))[1])
+
+
+# -- the demo session: percepts and sightings relayed by the gateway ---------------------------------------
+
+
+@pytest.fixture
+def gateway_only(short_tmp: Path):
+    launcher = Launcher(make_config(short_tmp, ("gateway",)), short_tmp / "run")
+    launcher.start()
+    yield launcher
+    launcher.shutdown()
+
+
+def solid(rgb: tuple[int, int, int]) -> np.ndarray:
+    return np.full((480, 640, 3), rgb, np.uint8)
+
+
+def test_the_session_shows_the_analysed_frame_with_its_boxes_and_the_tracker_events(gateway_only) -> None:
+    session = DemoSession(gateway_only.run_dir)
+    bus = make_socket(zmq.Context.instance(), zmq.PUB)
+    bus.connect(gateway_only.addresses.bus_in)
+    red, green, blue = (200, 30, 30), (30, 200, 30), (30, 30, 200)
+    try:
+        for ts, colour in [(1.0, red), (1.5, green), (2.0, blue)]:
+            session.push_frame(solid(colour), ts=ts)
+        assert session.frames_sent == 3
+        cup = Box("cup", 0.25, 0.5, 0.75, 0.9, 0.87, "red")
+        features = np.ones(4, np.float32) / 2
+        mine = Percept(session=session.session, ts=2.0, features=features, boxes=[cup], boxes_ts=1.5)
+        others = Percept(session="someone-else", ts=2.0, features=features, boxes=[], boxes_ts=1.0)
+        sightings = [msgspec.structs.replace(s, session=session.session) for s in sightings_of_a_visit()]
+        assert on_live_view(session) == ({"__type__": "update"}, {"__type__": "update"})  # nothing yet
+        deadline = time.monotonic() + 20
+        while session.seen is None:
+            assert time.monotonic() < deadline, "the gateway did not relay the percept"
+            send(bus, others)  # (re-sent until the bus subscription has reached this publisher)
+            send(bus, mine)
+            session.wait_for_change(0.3)
+        for sighting in sightings:
+            send(bus, sighting)
+        while session.sightings_received < len(sightings):
+            assert time.monotonic() < deadline, "the gateway did not relay the sightings"
+            session.wait_for_change(0.3)
+        send(bus, mine)  # a repeat (the next percept before a new detection) changes nothing
+        time.sleep(0.3)
+        seen = session.seen
+        assert seen.ts == 1.5 and seen.boxes == [cup] and session.seen_version == 1
+        assert seen.frame.shape == (240, 320, 3) and tuple(seen.frame[120, 160]) == green
+        assert [s.event for s in session.sightings] == [
+            "count",
+            "left",
+            "appeared",
+            "appeared",
+        ]  # newest first
+
+        preview, rows = on_live_view(session)
+        assert "perception at <b>00:01</b>: cup, red 0.87" in preview
+        uri = preview.split('src="', 1)[1].split('"', 1)[0]
+        image = cv2.imdecode(
+            np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR
+        )
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB).astype(int)
+        assert np.abs(image[170, 160] - green).max() < 12  # the green frame (1.5 s), not the newest
+        assert np.abs(image - draw_detections(solid(green), [cup])).mean() < 4  # with its box
+        assert [row[:2] for row in rows] == [
+            ["00:40–01:05", "people present"],
+            ["01:05", "left"],
+            ["00:41", "appeared"],
+            ["00:40", "entered"],
+        ]
+        assert on_live_view(session) == ({"__type__": "update"}, {"__type__": "update"})  # unchanged
+
+        # objects off: a percept without detections shows its own frame, with no boxes
+        plain = Percept(session=session.session, ts=2.0, features=features)
+        deadline = time.monotonic() + 10
+        while session.seen.ts != 2.0:
+            assert time.monotonic() < deadline, "the plain percept was not relayed"
+            send(bus, plain)
+            session.wait_for_change(0.3)
+        assert session.seen.boxes == [] and tuple(session.seen.frame[0, 0]) == blue
+        preview, rows = on_live_view(session)
+        assert "perception at <b>00:02</b>: no objects detected" in preview
+        assert rows == {"__type__": "update"}
+    finally:
+        bus.close(linger=0)
+        session.close()
