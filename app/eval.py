@@ -6,6 +6,14 @@ An episode directory holds ``episode.json`` (``video``, ``questions`` with ``id`
 normal client path, once per mode (the full system and the baselines, all in the same run on the
 same models), as multiple choice; the full system is also asked open-ended and scored by
 keywords. Results: accuracy by mode and question kind, "past" questions apart, latency p50/p95.
+
+Evidence recall: each answer says which stream-time spans of memory it was given from
+(``AnswerDone.context``); with the question's ``evidence_s`` windows and memory's records (read
+back after the replay) every answer is classed as "answered" (right), "not perceived" (no
+record overlapping the evidence says it: none names a keyword or the right choice's words;
+for counting and order questions any overlapping record counts), "not retrieved" (such a record
+exists but its span was not in the answer's context) or "not reasoned" (it was, and the answer
+is still wrong). Open answers that only restate the question are counted too.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import numpy as np
 
 from omnistream.app.client import Client
 from omnistream.app.replay import Answer, Replayer, ScheduledAsk
+from omnistream.protocol.messages import MemoryItem
+from omnistream.protocol.text import content_words
 
 MODES = ("full", "reprefill", "recent", "no_memory")
 MODE_NAMES = {
@@ -35,6 +45,10 @@ PAST_KINDS = frozenset({"visual-past", "speech-past", "temporal-order", "countin
 NOW_KINDS = frozenset({"visual-now", "text-in-scene"})
 PAST_AFTER_S = 30.0
 OPEN_ENDED = "open"
+EVIDENCE_SLACK_S = 2.0  # a record this close to an evidence window counts as overlapping it
+SPAN_KINDS = frozenset({"counting", "temporal-order"})  # evidence = any record in the windows
+EVIDENCE_CLASSES = ("answered", "not perceived", "not retrieved", "not reasoned")
+RECORD_KINDS = ["clip", "transcript", "sighting"]
 
 
 class EpisodeError(ValueError):
@@ -50,6 +64,12 @@ class Question(msgspec.Struct, forbid_unknown_fields=False):
     answer: str
     keywords: list[str] = []
     evidence_s: list[float] = []
+
+    @property
+    def windows(self) -> list[tuple[float, float]]:
+        """``evidence_s`` as (t0, t1) windows: [t0, t1, t0', t1', ...]."""
+        flat = list(self.evidence_s)
+        return [(flat[i], flat[i + 1]) for i in range(0, len(flat) - 1, 2)]
 
     @property
     def past(self) -> bool:
@@ -89,6 +109,9 @@ class Scored:
     error: str
     first_token_s: float
     total_s: float
+    context: list[list[float]]
+    evidence: str = ""  # one of EVIDENCE_CLASSES ("" when the question has no evidence_s)
+    restates: bool = False  # an open answer that only restates the question
 
 
 def keyword_hit(text: str, keywords: list[str]) -> bool:
@@ -96,20 +119,74 @@ def keyword_hit(text: str, keywords: list[str]) -> bool:
     return any(keyword.lower() in lowered for keyword in keywords)
 
 
-def score(question: Question, mode: str, answer: Answer) -> Scored:
+def _overlaps(a0: float, a1: float, b0: float, b1: float, slack: float = 0.0) -> bool:
+    return a0 <= b1 + slack and b0 <= a1 + slack
+
+
+def evidence_records(question: Question, records: list[MemoryItem]) -> list[MemoryItem]:
+    """The records that hold the question's evidence: overlapping an evidence window and naming
+    a keyword or the right choice's words (any overlapping record for counting and order)."""
+    near = [
+        r
+        for r in records
+        if any(_overlaps(r.t0, r.t1, t0, t1, EVIDENCE_SLACK_S) for t0, t1 in question.windows)
+    ]
+    if question.kind in SPAN_KINDS:
+        return near
+    right = next((c for c in question.choices if c[:1] == question.answer), "")
+    right_words = set(content_words(right[1:]))
+    return [
+        r
+        for r in near
+        if keyword_hit(r.text, question.keywords)
+        or (right_words and right_words <= set(content_words(r.text)))
+    ]
+
+
+def classify_evidence(
+    question: Question, correct: bool, context: list[list[float]], records: list[MemoryItem]
+) -> str:
+    """Why an answer was wrong, from where its evidence was (see the module docstring)."""
+    if not question.windows:
+        return ""
+    if correct:
+        return "answered"
+    held = evidence_records(question, records)
+    if not held:
+        return "not perceived"
+    if not any(_overlaps(r.t0, r.t1, t0, t1) for r in held for t0, t1 in context):
+        return "not retrieved"
+    return "not reasoned"
+
+
+def restates(question: str, answer: str) -> bool:
+    """An answer that echoes the question: (nearly) all its words are the question's, and it
+    repeats most of them (picking one of the things a question lists is an answer)."""
+    said = [w for w in content_words(answer) if not w.isdigit()]
+    asked = set(content_words(question))
+    echoed = {w for w in said if w in asked}
+    return bool(said) and len(echoed) >= 0.8 * len(set(said)) and len(echoed) >= 0.5 * len(asked)
+
+
+def score(question: Question, mode: str, answer: Answer, records: list[MemoryItem] | None = None) -> Scored:
     done = answer.done
     text = done.text if done else answer.text
     choice = done.choice if done else ""
     correct = keyword_hit(text, question.keywords) if mode == OPEN_ENDED else choice == question.answer
+    correct = bool(correct and done and not done.error)
+    context = done.context if done else []
     return Scored(
         question=question,
         mode=mode,
         answer_text=text,
         choice=choice,
-        correct=bool(correct and done and not done.error),
+        correct=correct,
         error=done.error if done else "no answer",
         first_token_s=done.first_token_s if done else float("nan"),
         total_s=done.total_s if done else float("nan"),
+        context=context,
+        evidence=classify_evidence(question, correct, context, records or []),
+        restates=mode == OPEN_ENDED and not correct and restates(question.question, text),
     )
 
 
@@ -138,6 +215,8 @@ def summarize(rows: list[Scored]) -> dict:
             "total_p95_s": _percentile([r.total_s for r in mine], 95),
             "errors": sum(bool(r.error) for r in mine),
             "n": len(mine),
+            "evidence": {c: sum(r.evidence == c for r in mine) for c in EVIDENCE_CLASSES},
+            "restated": sum(r.restates for r in mine),
         }
     return summary
 
@@ -161,11 +240,12 @@ def run_eval(
             asks.append(ScheduledAsk(q.ask_at_s, q.question, mode="full", tag=f"{q.id}:{OPEN_ENDED}"))
     replayer = Replayer(client, speak=False)
     answers = replayer.run(video, asks, speed=speed, answer_timeout_s=900, progress=progress)
+    records = client.history(kinds=RECORD_KINDS, limit=5000).items
     by_id = {q.id: q for q in episode.questions}
     rows = []
     for answer in answers:
         question_id, mode = answer.ask.tag.split(":")
-        rows.append(score(by_id[question_id], mode, answer))
+        rows.append(score(by_id[question_id], mode, answer, records))
     return {
         "episode": str(directory),
         "title": episode.title,
@@ -183,6 +263,9 @@ def run_eval(
                 "error": r.error,
                 "first_token_s": r.first_token_s,
                 "total_s": r.total_s,
+                "evidence": r.evidence,
+                "restates": r.restates,
+                "context": r.context,
             }
             for r in rows
         ],
@@ -192,7 +275,17 @@ def run_eval(
 def markdown(report: dict) -> str:
     summary = report["summary"]
     kinds = sorted({kind for s in summary.values() for kind in s["by_kind"]})
-    head = ["mode", "accuracy %", "past %", *kinds, "first token p50/p95 s", "total p50/p95 s", "errors"]
+    head = [
+        "mode",
+        "accuracy %",
+        "past %",
+        *kinds,
+        "first token p50/p95 s",
+        "total p50/p95 s",
+        "errors",
+        "not perceived / retrieved / reasoned",
+        "restated",
+    ]
     lines = [
         f"Episode: {report['title'] or report['episode']} (replayed at {report['speed']}x)",
         "",
@@ -208,8 +301,18 @@ def markdown(report: dict) -> str:
             f"{s['first_token_p50_s']} / {s['first_token_p95_s']}",
             f"{s['total_p50_s']} / {s['total_p95_s']}",
             s["errors"],
+            " / ".join(str(s["evidence"][c]) for c in EVIDENCE_CLASSES[1:]),
+            s["restated"],
         ]
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    misses = [q for q in report["questions"] if q["mode"] in ("full", OPEN_ENDED) and not q["correct"]]
+    if misses:
+        lines += ["", "Wrong answers of the full system:", "", "| question | kind | mode | why | answer |"]
+        lines.append("|---|---|---|---|---|")
+        for q in misses:
+            answer = " ".join(q["answer"].split())[:100].replace("|", "/")
+            why = q["evidence"] + (" (restates the question)" if q["restates"] else "")
+            lines.append(f"| {q['id']} | {q['kind']} | {q['mode']} | {why} | {answer} |")
     return "\n".join(lines) + "\n"
 
 

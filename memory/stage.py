@@ -53,6 +53,7 @@ from omnistream.protocol.messages import (
 )
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.sockets import make_socket, recv, send
+from omnistream.protocol.text import clock, content_words
 
 log = logging.getLogger("omnistream.memory")
 
@@ -60,12 +61,42 @@ MAX_QUERY_CHARS = 2000
 MAX_SNAPSHOTS = 256
 
 
-def clock(seconds: float) -> str:
-    """Stream time as mm:ss (h:mm:ss past an hour)."""
-    total = int(round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+# Words of a question that name no thing to look up in the scenes (content_words forms).
+_NOT_THINGS = """time separate appeared appear first last many much earlier before after photo
+photograph show see saw right now left kind word printed thing colour color minute second ago far
+voice said say sentence spoke mentioned heard hear happened seen immediately start end later again
+moment current"""
+TIMELINE_IGNORE = frozenset(_NOT_THINGS.split())
+TIMELINE_TERMS = 4  # things of a question looked up in the scenes
+TIMELINE_CLIPS = 2000  # the newest clips a scene timeline reads
+TIMELINE_LABELS = 3  # a clip names what its best 3 classifier labels, objects and text name
+TIMELINE_LISTED = 4  # appearances listed one by one; beyond, the first and the last
+
+
+def scene_words(description: str) -> set[str]:
+    """What a clip's description names: its best classifier labels, the objects and people
+    found, the text read (content words), not its motion."""
+    named: list[str] = []
+    for part in description.split("; "):
+        if part.startswith("seen: "):
+            named += part.removeprefix("seen: ").split(", ")[:TIMELINE_LABELS]
+        elif ":" in part:  # objects: ..., people: ..., text: "..."
+            named.append(part.split(":", 1)[1])
+    return set(content_words(" ".join(named)))
+
+
+def appearances(clips: list, term: str) -> list[list[float]]:
+    """[t0, t1] of each run of consecutive clips (time order) whose description names ``term``."""
+    runs: list[list[float]] = []
+    previous = False
+    for clip in clips:
+        named = term in scene_words(clip.meta.get("base", clip.text))
+        if named and previous:
+            runs[-1][1] = clip.t1
+        elif named:
+            runs.append([clip.t0, clip.t1])
+        previous = named
+    return runs
 
 
 def ordinal(n: int) -> str:
@@ -215,8 +246,11 @@ class MemoryStage:
     def timeline(self, session: str, query: str, until_ts: float, in_view: list[str]) -> list[str]:
         """For each thing the question names (COCO classes, by everyday words too): how many
         separate times it appeared, when first, and where it was last seen or that it is in view
-        now; for people, the most present at once. Computed here, not left to the model."""
-        facts = []
+        now; for people, the most present at once; then the other things it names that scenes
+        named (classifier labels, text read: ``scene_timeline``), and the order in which they
+        all first appeared. Computed here, not left to the model."""
+        facts, firsts = [], []
+        known: set[str] = set()  # words of the classes the tracker's timeline told of
         for label in classes_in(query)[:3]:
             rows = self.store.sightings(session, label, until_ts)
             if not rows:
@@ -245,7 +279,48 @@ class MemoryStage:
                 if most[0]:
                     fact += f"; at most {most[0]} at once ({'-'.join(filter(None, most[1:]))})"
             facts.append(fact)
+            if appeared:
+                firsts.append((appeared[0].t0, name))
+            known.update(content_words(label))
+        scene_facts, scene_firsts = self.scene_timeline(session, query, until_ts, known)
+        facts += scene_facts
+        firsts += scene_firsts
+        if len(firsts) > 1:
+            order = ", ".join(f"{name} ({clock(t0)})" for t0, name in sorted(firsts, key=lambda f: f[0]))
+            facts.append(f"in order of first appearance: {order}")
         return facts
+
+    def scene_timeline(
+        self, session: str, query: str, until_ts: float, skip: set[str]
+    ) -> tuple[list[str], list[tuple[float, str]]]:
+        """The things ``query`` names that clip descriptions name too (classifier labels, objects,
+        text read on screen): each one's separate appearances (runs of consecutive clips) with
+        their times; and (first time, thing) for the order of appearance."""
+        terms = [
+            w
+            for w in dict.fromkeys(content_words(query))
+            if len(w) > 2 and not w.isdigit() and w not in TIMELINE_IGNORE and w not in skip
+        ]
+        if not terms:
+            return [], []
+        clips = self.store.between(session, float("-inf"), until_ts, ("clip",), TIMELINE_CLIPS, newest=True)
+        clips.sort(key=lambda clip: (clip.t0, clip.id))
+        found: dict[tuple, list[str]] = {}  # words of the question named by the same clips: one thing
+        for term in terms:
+            runs = appearances(clips, term)
+            if runs and (tuple(map(tuple, runs)) in found or len(found) < TIMELINE_TERMS):
+                found.setdefault(tuple(map(tuple, runs)), []).append(term)
+        facts, firsts = [], []
+        for key, names in found.items():
+            runs, name = [list(run) for run in key], " ".join(names)
+            spans = [f"{clock(t0)}-{clock(t1)}" for t0, t1 in runs]
+            if len(spans) > TIMELINE_LISTED:
+                spans = [f"first {spans[0]}", f"last {spans[-1]}"]
+            times = "time" if len(runs) == 1 else "separate times"
+            now = "; on screen now" if runs[-1][1] >= clips[-1].t1 else ""
+            facts.append(f"{name} on screen {len(runs)} {times} ({', '.join(spans)}){now}")
+            firsts.append((runs[0][0], name))
+        return facts, firsts
 
     def on_synopsis(self, synopsis: Synopsis) -> None:
         """Store the session's new synopsis (L3) and acknowledge it; a repeat is acknowledged again."""

@@ -140,9 +140,11 @@ class ReasoningConfig(_Section):
     retrieved_tokens: int = 2048  # evicted blocks put back per question
     kv_ram_mb: int = 64  # evicted KV blocks kept in RAM; older ones spill to data_dir/kv
     system_prompt: str = ""  # instructions for the assistant; empty: the built-in ones (prompt.SYSTEM_PROMPT)
-    # Multiple choice: "text" scores each choice's words as the reply (mean log-probability per
-    # token); "letter" scores the choice letters with the choices listed (see Answerer.choose).
-    choice_scoring: str = "text"
+    # Multiple choice: "answer" picks the choice the model's own short open answer names (else
+    # the likeliest choice after that answer); "text" scores each choice's words as the reply
+    # (mean log-probability per token); "letter" scores the choice letters with the choices
+    # listed (see Answerer.choose).
+    choice_scoring: str = "answer"
 
 
 class KernelsConfig(_Section):

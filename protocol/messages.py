@@ -204,6 +204,11 @@ class AnswerDone(Message):
     error: str = ""
     first_token_s: float = 0.0
     total_s: float = 0.0
+    # The stream-time spans [t0, t1] (merged, oldest first) of the remembered records the answer
+    # was given from: clips, transcripts and sightings in the model's context, and what was on
+    # screen when asked. The running synopsis is not listed (it spans the whole stream). For
+    # citations, and for the eval's evidence recall (was the evidence in context?).
+    context: list[list[float]] = []
 
 
 class Interrupt(Message):

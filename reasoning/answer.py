@@ -6,8 +6,9 @@ time, the question and its choices, the start of the assistant's reply). In "ful
 record lines come from the session's streamed KV cache and only the suffix is prefilled; the
 baselines re-read records as text.
 
-Multiple choice is answered by the likelihood of each choice's letter, averaged over rotations
-of the choice order (a small model favours some letters; rotating cancels that).
+Multiple choice is answered from the model's own short open answer to the question (the choice
+that answer names; see ``Answerer.choose`` for the other scorings), so the pick agrees with what
+the assistant says when asked openly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from omnistream.kernels import ops
 from omnistream.protocol.messages import Ask, Draft, MemoryItem
 from omnistream.protocol.text import words
 from omnistream.reasoning.cache import BufferedCache, cache_from
-from omnistream.reasoning.engine import LLMEngine
+from omnistream.reasoning.choices import NOT_SEEN, supported_choice
+from omnistream.reasoning.engine import LLMEngine, TextStream
 from omnistream.reasoning.kvcache import BlockStore, StreamingKV
 from omnistream.reasoning.prompt import CHOICE_LETTERS, SYSTEM_PROMPT, clock, format_item
 
@@ -40,7 +42,10 @@ DRAFT_MEMORY_S = 15.0  # ... and its memory, assembled at the first draft, is re
 # names (the "now" record's facts); streaming each of them cost every question behind the backlog
 # (first token p95 3.9 -> 36.9 s on docs/episodes/objects at 2x, BENCHMARKS.md).
 STREAMED_KINDS = ("clip", "transcript")
-CHOICE_SCORING = ("text", "letter")  # how a multiple-choice question is answered (Answerer.choose)
+# How a multiple-choice question is answered (Answerer.choose).
+CHOICE_SCORING = ("answer", "text", "letter")
+OPEN_FIRST_TOKENS = 40  # the short open answer a multiple-choice pick is made from
+SHORTLY = "\nIn short: "  # after that answer, what each choice's words are scored as following
 
 
 def session_dir_name(session: str) -> str:
@@ -100,6 +105,17 @@ def split_choice(choice: str) -> str:
     return CHOICE_PREFIX.sub("", choice, count=1).strip()
 
 
+def merge_spans(spans: list[tuple[float, float]], gap_s: float = 0.5) -> list[list[float]]:
+    """Stream-time spans sorted and merged where they overlap or nearly touch."""
+    merged: list[list[float]] = []
+    for t0, t1 in sorted(spans):
+        if merged and t0 <= merged[-1][1] + gap_s:
+            merged[-1][1] = max(merged[-1][1], t1)
+        else:
+            merged.append([t0, t1])
+    return merged
+
+
 def common_prefix(a: list, b: list) -> int:
     """Length of the longest common prefix of two sequences."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
@@ -117,6 +133,7 @@ class Prepared:
     question_ids: list[int]
     at: float  # time.monotonic() of the last draft
     made: float = field(default_factory=time.monotonic)  # when its memory was assembled
+    context: list[list[float]] = field(default_factory=list)  # spans of the records in ``cache``
 
 
 def _fresh(prepared: Prepared | None) -> bool:
@@ -147,13 +164,15 @@ class Answerer:
         spill_root: Path | None = None,
         internal_retrieval: bool = True,
         system_prompt: str = "",
-        choice_scoring: str = "text",
+        choice_scoring: str = "answer",
     ):
         if choice_scoring not in CHOICE_SCORING:
             raise ValueError(f"choice scoring must be one of {CHOICE_SCORING}, got {choice_scoring!r}")
         self.choice_scoring = choice_scoring
         self.internal_retrieval = internal_retrieval
         self.last_blocks: list[int] = []  # the evicted blocks the last KV question used
+        self.last_context: list[list[float]] = []  # spans of the records the last answer read
+        self.last_open_answer = ""  # the open answer the last multiple-choice pick was made from
         self.engine = engine
         self.block_ram_bytes = block_ram_bytes
         self.spill_root = spill_root
@@ -297,6 +316,8 @@ class Answerer:
                 budget -= block.n_tokens
         later = sum(b.n_tokens for b in memory.kv.window if b.block_id > asked_at)
         self.last_blocks = [b.block_id for b in blocks]
+        in_context = blocks + [b for b in memory.kv.window if b.block_id <= asked_at]
+        self.last_context = merge_spans([(b.t0, b.t1) for b in in_context])
         return memory.kv.assemble(blocks, drop_newest_tokens=later)
 
     def memory_for(self, ask: Ask, items: list[MemoryItem]) -> tuple[object, MemoryItem | None]:
@@ -311,28 +332,80 @@ class Answerer:
             if synopsis:  # always in context: after the memory, before the question
                 line = self.engine.ids(format_item(synopsis[0]) + "\n")
                 self.engine.forward(line, cache, cache.get_seq_length())
-            return cache, now
-        if ask.mode == "reprefill":
-            return self.text_cache(synopsis + records), now
-        if ask.mode == "recent":
-            return self.text_cache([r for r in perceived if r.t1 >= ask.ts - RECENT_WINDOW_S]), now
-        last_speech = [r for r in perceived if r.kind == "transcript"][-1:]
-        return self.text_cache(last_speech), now
+            shown: list[MemoryItem] = []
+        elif ask.mode == "reprefill":
+            shown = records
+        elif ask.mode == "recent":
+            shown = [r for r in perceived if r.t1 >= ask.ts - RECENT_WINDOW_S]
+        else:
+            shown = [r for r in perceived if r.kind == "transcript"][-1:]
+        if ask.mode != "full":
+            cache = self.text_cache(synopsis + shown if ask.mode == "reprefill" else shown)
+            self.last_context = []
+        spans = [tuple(span) for span in self.last_context] + [(r.t0, r.t1) for r in shown]
+        self.last_context = merge_spans(spans + ([(now.t0, now.t1)] if now is not None else []))
+        return cache, now
 
     # -- answering -----------------------------------------------------------------------------
+
+    def open_answer_tokens(
+        self, cache, prompt: torch.Tensor, should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[int]:
+        """The greedy short answer to ``prompt``, token by token, up to its first line break (at
+        most OPEN_FIRST_TOKENS); the cache is cropped back to what it held before at the end."""
+        base = cache.get_seq_length()
+        newline = set(self.engine.ids("\n")[0].tolist())
+        try:
+            for n, token in enumerate(self.engine.greedy(prompt, OPEN_FIRST_TOKENS, cache)):
+                if token in newline and n:
+                    return
+                yield token
+                if should_stop():
+                    return
+        finally:
+            cache.crop(base - cache.get_seq_length())
+
+    def open_answer(self, cache, prompt: torch.Tensor) -> list[int]:
+        return list(self.open_answer_tokens(cache, prompt))
+
+    def choose_after(
+        self, ask: Ask, cache, prompt: torch.Tensor, answer_ids: list[int]
+    ) -> tuple[str, list[float]]:
+        """ "answer" scoring once the open answer (``answer_ids``, after ``prompt``) is known."""
+        texts = [split_choice(c) for c in ask.choices[: len(CHOICE_LETTERS)]]
+        said = self.engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        self.last_open_answer = said
+        picked = supported_choice(said, texts)
+        if picked is not None:
+            return CHOICE_LETTERS[picked], [float(i == picked) for i in range(len(texts))]
+        continuations = [self.engine.ids(text) for text in texts]
+        if said and not NOT_SEEN.search(said):  # score the choices after the answer
+            tail = self.engine.ids(SHORTLY)
+            prompt = torch.cat([prompt, torch.tensor([answer_ids], dtype=prompt.dtype), tail], dim=1)
+            continuations = [self.engine.ids(" " + text.strip()) for text in texts]
+        means = [float(lp.mean()) for lp in self.engine.continuation_logprobs(cache, prompt, continuations)]
+        return CHOICE_LETTERS[max(range(len(means)), key=means.__getitem__)], means
 
     def choose(self, ask: Ask, cache, now: MemoryItem | None) -> tuple[str, list[float]]:
         """The choice to answer with; returns (letter, one score per choice, higher is better).
 
-        "text" scoring (the default): the question is asked without the choices and each
+        "answer" scoring (the default): the question is first answered openly, as a user asking
+        it without choices would be answered (``open_answer``); the choice that answer names is
+        picked (``choices.supported_choice``), else the choice whose words are most likely
+        after the answer and "In short:", so the pick agrees with the assistant's own answer.
+        An answer that says it did not see or hear falls back to "text" scoring.
+        "text": the question is asked without the choices and each
         choice's own words are scored as the start of the reply, by their mean log-probability
         per token: a small model copies well from what it has in context (a quote heard, a word
         read on screen), while picking a letter out of a list is close to chance for it.
         "letter": the likelihood of each choice's letter with the choices listed, averaged over
         rotations of their order (a small model favours some letters; rotating cancels that)."""
         texts = [split_choice(c) for c in ask.choices[: len(CHOICE_LETTERS)]]
-        if self.choice_scoring == "text":
+        self.last_open_answer = ""
+        if self.choice_scoring in ("answer", "text"):
             prompt = self.engine.ids(self.suffix_text(ask, now, []))
+            if self.choice_scoring == "answer":
+                return self.choose_after(ask, cache, prompt, self.open_answer(cache, prompt))
             continuations = [self.engine.ids(text) for text in texts]
             logprobs = self.engine.continuation_logprobs(cache, prompt, continuations)
             means = [float(lp.mean()) for lp in logprobs]
@@ -365,7 +438,9 @@ class Answerer:
             ask = Ask(ts=draft.ts, session=draft.session, turn="", question=draft.question)
             cache, now = self.memory_for(ask, items or [])
             self.engine.forward(self.engine.ids(self.suffix_head(ask, now)), cache, cache.get_seq_length())
-            prepared = Prepared(draft.question, cache, cache.get_seq_length(), [], time.monotonic())
+            prepared = Prepared(
+                draft.question, cache, cache.get_seq_length(), [], time.monotonic(), context=self.last_context
+            )
             self.prepared[draft.session] = prepared
         unread = self._unread(prepared, draft.question)
         if unread:
@@ -421,8 +496,12 @@ class Answerer:
         if prepared is not None:  # its last words and the turn's end in one pass
             unread = self._unread(prepared, ask.question) + self.engine.ids(self.suffix_end)[0].tolist()
             cache, suffix = prepared.cache, torch.tensor([unread])
+            self.last_context = prepared.context
         else:
             cache, now = self.memory_for(ask, items)
+            if ask.choices and self.choice_scoring == "answer":
+                yield from self._answer_then_choose(ask, cache, now, should_stop)
+                return
             if ask.choices:
                 letter, _ = self.choose(ask, cache, now)
                 chosen = split_choice(ask.choices[CHOICE_LETTERS.index(letter)])
@@ -431,3 +510,23 @@ class Answerer:
             suffix = self.engine.ids(self.suffix_text(ask, now, []))
         for piece in self.engine.stream(suffix, max_new_tokens, should_stop, cache=cache):
             yield piece, ""
+
+    def _answer_then_choose(
+        self, ask: Ask, cache, now: MemoryItem | None, should_stop: Callable[[], bool]
+    ) -> Iterator[tuple[str, str]]:
+        """A multiple-choice question with "answer" scoring: the open answer streams as it is
+        decoded (the user sees the assistant's own words at once), then the choice it supports
+        comes as the last piece, "(B. two)"; an interrupted answer picks nothing."""
+        prompt = self.engine.ids(self.suffix_text(ask, now, []))
+        text, answer_ids = TextStream(self.engine.tokenizer), []
+        for token in self.open_answer_tokens(cache, prompt, should_stop):
+            answer_ids.append(token)
+            piece = text.push(token)
+            if piece:
+                yield piece, ""
+        if should_stop():
+            return
+        rest = text.rest()
+        letter, _ = self.choose_after(ask, cache, prompt, answer_ids)
+        chosen = split_choice(ask.choices[CHOICE_LETTERS.index(letter)])
+        yield f"{rest} ({letter}. {chosen})", letter

@@ -342,3 +342,10 @@ class TextStream:
             return ""
         self.context, self.shown = self.shown, len(self.ids)
         return text[len(before) :]
+
+    def rest(self) -> str:
+        """The text of the pushed ids not returned yet (a piece held back at the end)."""
+        before = self.tokenizer.decode(self.ids[self.context : self.shown], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.context :], skip_special_tokens=True)
+        self.context, self.shown = self.shown, len(self.ids)
+        return text[len(before) :] if text.startswith(before) else ""

@@ -7,10 +7,14 @@ from omnistream.protocol.text import clock
 
 SYSTEM_PROMPT = (
     "You are omnistream, an assistant that watches a live video stream and listens to its sound. "
-    "Below is your memory of the stream: one line per scene you saw (labels from an image "
-    "classifier, best guess first) and per sentence you heard, with stream times. "
-    "Answer the user's question in one or two short sentences, using only this memory. "
-    "Say when something happened by citing its stream time, for example 'at 02:14'. "
+    "Below is your memory of the stream, with stream times: one line per scene you saw (objects "
+    "and people a detector found, with colour and position, labels from an image classifier, "
+    "best guess first, and text read on screen), per sentence you heard, and a timeline of when "
+    "things appeared and left. "
+    "Answer the user's question in one short sentence that gives what was asked: the thing, the "
+    "name, the number, or the exact words heard or read, in quotes. "
+    "Give a stream time, for example 'at 02:14', only when the question asks when. "
+    "Never repeat the question. "
     "If the memory does not tell, say you did not see or hear it."
 )
 

@@ -315,6 +315,7 @@ class ReasoningStage:
                 AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq)
             )
         done.text = "".join(pieces).strip()
+        done.context = self.answerer.last_context
         if stop():
             done.error = "interrupted"
         done.total_s = time.monotonic() - start

@@ -245,6 +245,145 @@ def test_text_scoring_picks_the_choice_the_model_finds_likeliest(tiny_engine) ->
         Answerer(tiny_engine, choice_scoring="vibes")
 
 
+def test_answer_scoring_picks_the_choice_the_open_answer_names(tiny_engine) -> None:
+    """The multiple-choice pick agrees with the open answer the same question gets: a choice
+    made of the words the model answers openly is picked over the others; the cache is left as
+    it was."""
+    from omnistream.reasoning.answer import Answerer
+
+    answerer = Answerer(tiny_engine, 256, 64)
+    assert answerer.choice_scoring == "answer"  # the default
+    ask = Ask(ts=5, session="s", turn="t", question="which?")
+    cache, now = answerer.memory_for(ask, [])
+    held = cache.get_seq_length()
+    open_text = "".join(
+        tiny_engine.stream(tiny_engine.ids(answerer.suffix_text(ask, now, [])), 40, cache=cache)
+    )
+    cache.crop(held - cache.get_seq_length())
+    said = open_text.split("\n")[0].strip()
+    assert said, "the tiny model answered nothing"
+    choices = ["A zebra crossing", f"B {said}", "C quiet harbour", "D violet umbrella"]
+    ask = Ask(ts=5, session="s", turn="t", question="which?", choices=choices)
+    letter, scores = answerer.choose(ask, cache, now)
+    assert answerer.last_open_answer == said
+    assert letter == "B" and scores[1] == max(scores)
+    assert cache.get_seq_length() == held
+
+
+def test_a_multiple_choice_answer_streams_the_open_answer_then_its_choice(tiny_engine) -> None:
+    from omnistream.reasoning.answer import Answerer
+
+    answerer = Answerer(tiny_engine, 256, 64)
+    texts = ("zebra crossing", "quiet harbour", "violet umbrella")
+    ask = Ask(
+        ts=5,
+        session="s",
+        turn="t",
+        question="which?",
+        choices=[f"{c} {t}" for c, t in zip("ABC", texts, strict=True)],
+    )
+    pieces = list(answerer.answer(ask, [], 64, lambda: False))
+    *said, (last, letter) = pieces
+    assert letter in "ABC" and all(not choice for _, choice in said)
+    assert last.endswith(f"({letter}. {texts['ABC'.index(letter)]})")
+    open_text = "".join(piece for piece, _ in said) + last[: last.rindex(" (")]
+    assert open_text.strip() == answerer.last_open_answer
+    # Interrupted while answering: no choice is made.
+    stopped = list(answerer.answer(ask, [], 64, lambda: True))
+    assert len(stopped) <= 1 and all(not choice for _, choice in stopped)
+
+
+def test_answer_scoring_scores_the_choices_after_an_answer_that_names_none(tiny_engine) -> None:
+    from omnistream.reasoning.answer import SHORTLY, Answerer
+
+    answerer = Answerer(tiny_engine, 256, 64, choice_scoring="answer")
+    texts = ("zebra crossing", "quiet harbour", "violet umbrella")
+    ask = Ask(
+        ts=5,
+        session="s",
+        turn="t",
+        question="which?",
+        choices=[f"{c} {t}" for c, t in zip("ABC", texts, strict=True)],
+    )
+    cache, now = answerer.memory_for(ask, [])
+    letter, scores = answerer.choose(ask, cache, now)
+    said = answerer.last_open_answer
+    assert not any(t in said for t in texts)  # the tiny model's babble names none of them
+    prompt = tiny_engine.ids(answerer.suffix_text(ask, now, []))
+    answer_ids = answerer.open_answer(cache, prompt)
+    assert tiny_engine.tokenizer.decode(answer_ids, skip_special_tokens=True).strip() == said
+    after = torch.cat([prompt, torch.tensor([answer_ids]), tiny_engine.ids(SHORTLY)], dim=1)
+    expected = [
+        float(lp.mean())
+        for lp in tiny_engine.continuation_logprobs(cache, after, [tiny_engine.ids(" " + t) for t in texts])
+    ]
+    assert scores == pytest.approx(expected)
+    assert letter == "ABC"[max(range(3), key=expected.__getitem__)]
+
+
+def test_an_answer_reports_the_spans_of_the_records_it_read(tiny_engine) -> None:
+    from omnistream.reasoning.answer import Answerer
+
+    answerer = Answerer(tiny_engine, 256, 64)
+    records = [
+        MemoryItem(kind="clip", t0=0, t1=4, text="seen: butterfly", item_id=1),
+        MemoryItem(kind="transcript", t0=4.2, t1=6, text="fail better", item_id=2),
+        MemoryItem(kind="clip", t0=40, t1=44, text="seen: orange", item_id=3),
+    ]
+    now = MemoryItem(kind="now", t0=58, t1=60, text="seen: sudoku")
+    ask = Ask(ts=60, session="s", turn="t", question="what?", mode="full")
+    answerer.memory_for(ask, [*records, now])
+    assert answerer.last_context == [[0, 6], [40, 44], [58, 60]]
+    recent = Ask(ts=60, session="s2", turn="t", question="what?", mode="recent")
+    answerer.memory_for(recent, [*records, now])
+    assert answerer.last_context == [[40, 44], [58, 60]]  # the 30 s window and what is on screen
+
+
+def test_the_timeline_counts_appearances_and_orders_what_scenes_named(tmp_path: Path) -> None:
+    """Order and counts come from the clips' labels and text, computed by memory: each thing a
+    question names gets its separate appearances (runs of consecutive clips) and the order of
+    first appearance; a label below a clip's best three does not count."""
+    from omnistream.memory.stage import scene_words
+
+    stage = memory_stage(tmp_path)
+    scenes = [
+        (0, 14, 'seen: monarch (butterfly), admiral, ringlet; text: "MONARCH"'),
+        (14, 30, "seen: suit, bow tie, car mirror, minivan, orange"),  # orange: 5th label, noise
+        (30, 44, 'seen: crossword puzzle, envelope; text: "SUDOKU"'),
+        (44, 58, "seen: orange, lemon, banana"),
+        (58, 70, "seen: monarch (butterfly), admiral"),
+        (70, 80, "seen: monarch (butterfly), ringlet"),  # the same appearance, cut in two clips
+        (80, 90, "seen: minivan, cab"),
+        (90, 100, "seen: admiral, monarch (butterfly)"),
+    ]
+    for i, (t0, t1, text) in enumerate(scenes):
+        stage.handle(clip(i + 1, t0, t1, text, vec(i % 4 + 1, 1, dim=26)))
+    assert scene_words('seen: fig, kiwi, cab, orange; text: "SUDOKU"; still') == {
+        "fig",
+        "kiwi",
+        "cab",
+        "sudoku",
+    }
+    percept = Percept(ts=75, features=np.ones(4, np.float32) / 2, labels=[Label("admiral", 0.6)])
+    stage.handle(percept)
+    count = stage.now_item("default", 75, "How many separate times has the butterfly photo appeared so far?")
+    assert count.facts == ["butterfly on screen 2 separate times (00:00-00:14, 00:58-01:20); on screen now"]
+    stage.handle(msgspec.structs.replace(percept, ts=100))
+    order = stage.now_item(
+        "default", 100, "Which appeared first: the sudoku puzzle, the orange or the butterfly?"
+    )
+    assert order.facts == [
+        "sudoku puzzle on screen 1 time (00:30-00:44)",
+        "orange on screen 1 time (00:44-00:58)",
+        "butterfly on screen 3 separate times (00:00-00:14, 00:58-01:20, 01:30-01:40); on screen now",
+        "in order of first appearance: butterfly (00:00), sudoku puzzle (00:30), orange (00:44)",
+    ]
+    assert stage.now_item("default", 100, "What colour was the cab?").facts == [
+        "cab on screen 1 time (01:20-01:30)"
+    ]
+    assert stage.now_item("default", 100, "What did the voice say at the start?").facts == []
+
+
 def test_memory_snapshots_at_question_time_and_announces_records(tmp_path: Path) -> None:
     published = []
     stage = MemoryStage(
