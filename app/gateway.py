@@ -87,6 +87,11 @@ FORWARDED_TO_CLIENTS = (
     UserSpeech,
     Interrupt,
 )
+# Percepts go to clients (the demo's preview of what perception saw) once per object detection,
+# or at most once a second when nothing is detected, without their feature vectors: not every
+# encoded frame (up to 20/s, ~5 KB each).
+CLIENT_PERCEPT_S = 1.0
+MAX_RELAYED_SESSIONS = 1024
 MAX_QUESTION_CHARS = 2000
 MAX_CHOICES, MAX_CHOICE_CHARS = 26, 500
 MAX_ID_CHARS = 128  # session, turn, watch_id, request_id
@@ -176,6 +181,22 @@ def check_request(message: Message, max_frame_side: int) -> str | None:
     return None
 
 
+def client_percept(
+    relayed: OrderedDict[str, tuple[float | None, float]], percept: Percept, now: float
+) -> Percept | None:
+    """The percept as clients get it (no features), or None when its session's last relayed
+    percept (``relayed``: session -> (boxes_ts, when), updated here) had the same detection and
+    is under CLIENT_PERCEPT_S old."""
+    last = relayed.get(percept.session)
+    if last is not None and last[0] == percept.boxes_ts and now - last[1] < CLIENT_PERCEPT_S:
+        return None
+    relayed[percept.session] = (percept.boxes_ts, now)
+    relayed.move_to_end(percept.session)
+    while len(relayed) > MAX_RELAYED_SESSIONS:
+        relayed.popitem(last=False)
+    return msgspec.structs.replace(percept, features=np.zeros(0, np.float32))
+
+
 @dataclass
 class PendingAsk:
     ask: Ask
@@ -221,6 +242,7 @@ class GatewayStage:
         self.failed: OrderedDict[str, str] = OrderedDict()  # turns this gateway ended with an error
         self.last_progress = time.monotonic()
         self.reasoning_pid = 0
+        self.percepts_relayed: OrderedDict[str, tuple[float | None, float]] = OrderedDict()
         self.resend_at: float | None = None
         self.audio_buckets: OrderedDict[tuple[str, str], AudioBucket] = OrderedDict()
         self.stats: dict[str, Stats] = {}
@@ -247,6 +269,10 @@ class GatewayStage:
             self.last_progress = time.monotonic()
             if self.failed.get(message.turn) == message.error:
                 return  # our own failure notice coming back over the bus: clients have it
+        elif isinstance(message, Percept):
+            message = client_percept(self.percepts_relayed, message, time.monotonic())
+            if message is None:
+                return
         try:
             send(self.client_pub, message, flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -289,3 +289,25 @@ def test_the_session_shows_the_analysed_frame_with_its_boxes_and_the_tracker_eve
     finally:
         bus.close(linger=0)
         session.close()
+
+
+def test_the_gateway_relays_one_percept_per_detection_without_features() -> None:
+    from collections import OrderedDict
+
+    from omnistream.app.gateway import CLIENT_PERCEPT_S, client_percept
+
+    relayed: OrderedDict = OrderedDict()
+    features = np.ones(1280, np.float32)
+    first = client_percept(relayed, Percept(ts=1.0, features=features, boxes_ts=0.5), now=10.0)
+    assert first is not None and first.features.size == 0 and first.boxes_ts == 0.5
+    # The same detection repeated on the next encoded frames: not relayed again for a while.
+    assert client_percept(relayed, Percept(ts=1.05, features=features, boxes_ts=0.5), now=10.05) is None
+    again = client_percept(
+        relayed, Percept(ts=2.0, features=features, boxes_ts=0.5), now=10.0 + CLIENT_PERCEPT_S
+    )
+    assert again is not None and again.ts == 2.0
+    # A new detection goes out at once; another session has its own pace.
+    assert client_percept(relayed, Percept(ts=2.1, features=features, boxes_ts=1.0), now=11.1) is not None
+    other = Percept(session="other", ts=2.1, features=features)
+    assert client_percept(relayed, other, now=11.1) is not None
+    assert client_percept(relayed, other, now=11.2) is None
