@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,39 +24,24 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from omnistream.app.client import (
+from omnistream.app.client import _close_sockets, client_sockets
+from omnistream.app.client_core import (
     LOST_AFTER_S,
-    RESEND_EVERY_S,
+    AnswerTurn,
+    ClientCore,
     ClientError,
-    _close_sockets,
-    client_sockets,
-    default_run_dir,
-    history_request,
-    refusal,
+    Request,
+    gateway_addresses,
+    reply_owner,
 )
 from omnistream.protocol.codec import ProtocolError, decode, encode
-from omnistream.protocol.messages import (
-    Ack,
-    AnswerDelta,
-    AnswerDone,
-    Ask,
-    AudioChunk,
-    Error,
-    History,
-    Interrupt,
-    Message,
-    Stats,
-    Status,
-    StatusRequest,
-    VideoFrame,
-    Watch,
-)
+from omnistream.protocol.messages import History, Message, Stats, Status
 from omnistream.protocol.sockets import Addresses
 
 LISTENER_QUEUE = 10_000
 
 
-class AsyncClient:
+class AsyncClient(ClientCore):
     """Awaitable client; create it inside a running event loop (``await AsyncClient.connect()``)."""
 
     def __init__(
@@ -68,9 +52,7 @@ class AsyncClient:
         keys_dir: Path | None = None,
         key_name: str = "client",
     ):
-        self.addresses = addresses
-        self.session = session
-        self.timeout_s = timeout_s
+        super().__init__(addresses, session, timeout_s)
         self.ctx = zmq.asyncio.Context.instance()
         self.dealer, self.sub = client_sockets(self.ctx, addresses, keys_dir, key_name)
         self._finalizer = weakref.finalize(self, _close_sockets, self.dealer, self.sub)
@@ -80,18 +62,6 @@ class AsyncClient:
             asyncio.get_running_loop().create_task(self._read_events()),
             asyncio.get_running_loop().create_task(self._read_replies()),
         ]
-        self.frames_dropped = 0
-        self.audio_dropped = 0
-        self.last_done: AnswerDone | None = None
-        self.gateway_pid = 0  # from the gateway's Stats; a change means it restarted
-        self.gateway_restarted_at = 0.0
-
-    def _note_gateway_pid(self, stats: Stats | None) -> None:
-        if stats is None or stats.state != "running" or not stats.pid:
-            return
-        if self.gateway_pid and stats.pid != self.gateway_pid:
-            self.gateway_restarted_at = time.monotonic()
-        self.gateway_pid = stats.pid
 
     @classmethod
     async def connect(
@@ -104,11 +74,7 @@ class AsyncClient:
         keys_dir: Path | None = None,
         key_name: str = "client",
     ) -> AsyncClient:
-        addresses = (
-            Addresses.remote(endpoint, curve=keys_dir is not None or None)
-            if endpoint
-            else Addresses.load(run_dir or default_run_dir())
-        )
+        addresses = gateway_addresses(run_dir, endpoint, keys_dir)
         client = cls(addresses, session=session, timeout_s=timeout_s, keys_dir=keys_dir, key_name=key_name)
         try:
             await client.wait_connected()
@@ -139,8 +105,7 @@ class AsyncClient:
                 event = await self._recv(self.sub)
             except ProtocolError:
                 continue
-            if isinstance(event, Stats) and event.stage == "gateway":
-                self._note_gateway_pid(event)
+            self._note_event(event)
             for queue in self._listeners:
                 if queue.full():  # a listener that stopped reading loses its oldest event
                     queue.get_nowait()
@@ -152,10 +117,8 @@ class AsyncClient:
                 reply = await self._recv(self.dealer)
             except ProtocolError:
                 continue
-            request_id = getattr(reply, "request_id", "")
-            future = self._waiting.get(request_id)
-            if future is None and isinstance(reply, Error) and not request_id and len(self._waiting) == 1:
-                future = next(iter(self._waiting.values()))  # an error the gateway could not attribute
+            owner = reply_owner(reply, self._waiting)
+            future = None if owner is None else self._waiting[owner]
             if future is not None and not future.done():
                 future.set_result(reply)
 
@@ -172,36 +135,24 @@ class AsyncClient:
                 return
             except zmq.Again:
                 if time.monotonic() >= deadline:
-                    raise ClientError(
-                        f"gateway at {self.addresses.gateway} unreachable for {self.timeout_s:.0f} s"
-                    ) from None
+                    raise self._unreachable() from None
                 await asyncio.sleep(0.05)
 
-    async def _request(
-        self, message: Message, expect: type[Message], request_id: str, resend: bool
-    ) -> Message:
-        deadline = time.monotonic() + self.timeout_s
+    async def _request(self, request: Request) -> Message:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
+        self._waiting[request.request_id] = future
         try:
-            await self._send_until(message, deadline)
+            await self._send_until(request.message, request.deadline)
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ClientError(f"no reply from the gateway within {self.timeout_s:.0f} s")
-                wait = min(remaining, RESEND_EVERY_S) if resend else remaining
-                done, _ = await asyncio.wait({future}, timeout=wait)
+                if request.remaining() <= 0:
+                    raise request.no_reply()
+                done, _ = await asyncio.wait({future}, timeout=request.next_wait())
                 if done:
                     break
-                await self._send_until(message, deadline)
+                await self._send_until(request.message, request.deadline)
         finally:
-            self._waiting.pop(request_id, None)
-        reply = future.result()
-        if isinstance(reply, Error):
-            raise refusal(message, reply)
-        if not isinstance(reply, expect):
-            raise ClientError(f"expected {expect.__name__}, gateway sent {type(reply).__name__}")
-        return reply
+            self._waiting.pop(request.request_id, None)
+        return request.result(future.result())
 
     def _send_now(self, message: Message) -> None:
         """Send without waiting; raises ``zmq.Again`` when there is no live connection. (The asyncio
@@ -256,11 +207,7 @@ class AsyncClient:
     # -- API ---------------------------------------------------------------------------------------
 
     async def status(self) -> Status:
-        request_id = uuid.uuid4().hex
-        reply = await self._request(StatusRequest(request_id=request_id), Status, request_id, resend=True)
-        assert isinstance(reply, Status)
-        self._note_gateway_pid(reply.stages.get("gateway"))
-        return reply
+        return self._status_reply(await self._request(self._status_request()))
 
     async def history(
         self,
@@ -272,15 +219,14 @@ class AsyncClient:
     ) -> History:
         """What memory recorded in this session over stream times [t0, t1] (clips and transcripts
         unless ``kinds`` says otherwise): the first ``limit`` records, or the last with ``newest``."""
-        request = history_request(self.session, t0, t1, kinds, limit, newest)
-        reply = await self._request(request, History, request.request_id, resend=True)
+        reply = await self._request(self._history_request(t0, t1, kinds, limit, newest))
         assert isinstance(reply, History)
         return reply
 
     def push_frame(self, image: np.ndarray, ts: float, index: int = 0) -> bool:
         """Send one RGB uint8 (H, W, 3) frame without waiting; False if dropped."""
         try:
-            self._send_now(VideoFrame(ts=ts, session=self.session, image=image, index=index))
+            self._send_now(self._frame(image, ts, index))
             return True
         except zmq.Again:
             self.frames_dropped += 1
@@ -288,9 +234,8 @@ class AsyncClient:
 
     def push_audio(self, pcm: np.ndarray, sample_rate: int, ts: float, channel: str = "user") -> bool:
         """Send mono PCM (float32 or int16 (N,)) without waiting; False if dropped."""
-        chunk = AudioChunk(ts=ts, session=self.session, pcm=pcm, sample_rate=sample_rate, channel=channel)  # type: ignore[arg-type]
         try:
-            self._send_now(chunk)
+            self._send_now(self._audio(pcm, sample_rate, ts, channel))
             return True
         except zmq.Again:
             self.audio_dropped += 1
@@ -299,23 +244,18 @@ class AsyncClient:
     async def send_ask(
         self, question: str, ts: float, choices: list[str] | None = None, speak: bool = True
     ) -> str:
-        turn = uuid.uuid4().hex
-        ask = Ask(
-            ts=ts, session=self.session, turn=turn, question=question, choices=choices or [], speak=speak
-        )
-        await self._request(ask, Ack, turn, resend=False)
-        return turn
+        request = self._ask_request(question, ts, choices, speak)
+        await self._request(request)
+        return request.request_id
 
     async def watch(self, condition: str, ts: float = 0.0) -> str:
         """Register a standing question; its ``Alert``s (same watch id) arrive as events."""
-        watch_id = uuid.uuid4().hex
-        watch = Watch(ts=ts, session=self.session, watch_id=watch_id, condition=condition)
-        await self._request(watch, Ack, watch_id, resend=False)
-        return watch_id
+        request = self._watch_request(condition, ts)
+        await self._request(request)
+        return request.request_id
 
     async def interrupt(self, turn: str = "", ts: float = 0.0) -> None:
-        interrupt = Interrupt(ts=ts, session=self.session, turn=turn, reason="client")
-        await self._send_until(interrupt, time.monotonic() + self.timeout_s)
+        await self._send_until(self._interrupt(turn, ts), time.monotonic() + self.timeout_s)
 
     async def ask(
         self,
@@ -329,32 +269,19 @@ class AsyncClient:
         queue = self._listen()  # listen before asking: the first delta may come at once
         try:
             turn = await self.send_ask(question, ts, choices, speak)
-            deadline = time.monotonic() + timeout_s
-            restarts_seen = self.gateway_restarted_at
-            heard = time.monotonic()
+            answer = AnswerTurn(self, turn, timeout_s, LOST_AFTER_S)
             while True:
-                if self.gateway_restarted_at != restarts_seen and (
-                    time.monotonic() - max(heard, self.gateway_restarted_at) > LOST_AFTER_S
-                ):
-                    raise ClientError(
-                        f"the gateway restarted while answering and nothing more came for {LOST_AFTER_S:.0f} s; ask again"
-                    )
+                answer.check_lost()
                 try:
-                    event = await asyncio.wait_for(
-                        queue.get(), max(min(deadline - time.monotonic(), 1.0), 0.0)
-                    )
+                    event = await asyncio.wait_for(queue.get(), max(min(answer.remaining(), 1.0), 0.0))
                 except TimeoutError:
-                    if time.monotonic() < deadline:
+                    if answer.remaining() > 0:
                         continue
-                    raise ClientError(f"no complete answer within {timeout_s:.0f} s") from None
-                if isinstance(event, AnswerDelta | AnswerDone) and event.turn == turn:
-                    heard = time.monotonic()
-                if isinstance(event, AnswerDelta) and event.turn == turn:
-                    yield event.text
-                elif isinstance(event, AnswerDone) and event.turn == turn:
-                    self.last_done = event
-                    if event.error:
-                        raise ClientError(f"answer failed: {event.error}")
+                    raise answer.too_late() from None
+                text = answer.take(event)
+                if answer.finished:
                     return
+                if text is not None:
+                    yield text
         finally:
             self._listeners.discard(queue)

@@ -330,7 +330,7 @@ def _emit_report(args: argparse.Namespace, report: dict, write_report, markdown)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from omnistream.app.bench import available_suites, markdown, run_suites, write_report
+    from omnistream.bench import available_suites, markdown, run_suites, write_report
 
     names = args.suites or available_suites()
     try:

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
+from omnistream.bench.llm import corpus
 from omnistream.protocol.config import load_config
-from omnistream.reasoning.bench import corpus
 from omnistream.reasoning.cache import BufferedCache
 from omnistream.reasoning.engine import LLMEngine
 from omnistream.reasoning.prepare import prepare_llm

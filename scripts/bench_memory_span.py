@@ -8,8 +8,8 @@ import sys
 import time
 
 from omnistream.app.models import prepare_llm_cache
+from omnistream.bench import memory as mb
 from omnistream.protocol.config import load_config
-from omnistream.reasoning import memory_bench as mb
 from omnistream.reasoning.answer import Answerer
 from omnistream.reasoning.engine import LLMEngine
 

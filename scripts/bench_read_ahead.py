@@ -18,12 +18,12 @@ import time
 
 def main(model: str) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from omnistream.bench.speech import librivox
     from omnistream.protocol.config import load_config
     from omnistream.protocol.messages import Ask, Draft
     from omnistream.reasoning.answer import Answerer
     from omnistream.reasoning.engine import LLMEngine
     from omnistream.reasoning.prepare import prepare_llm
-    from omnistream.speech.bench import librivox
     from omnistream.speech.speak import PhraseSplitter
 
     config = load_config()

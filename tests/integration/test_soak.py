@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from omnistream.app.bench import available_suites, markdown, run_suites, write_report
+from omnistream.bench import available_suites, markdown, run_suites, write_report
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from omnistream.kernels import bench, cases, gpu_check, reference
+from omnistream.bench import gpu_check
+from omnistream.bench import kernels as bench
+from omnistream.kernels import cases, reference
 from omnistream.kernels.rope import Rope
 
 

@@ -146,7 +146,7 @@ def test_cache_edits_between_steps_are_kept(model) -> None:
     assert not static.layers[0].uses_buffers(decoder.k_bufs[0], decoder.v_bufs[0])
     steps(3)  # copied in again, into buffers grown to the next bucket
     assert decoder.capacity == 64 and static.layers[0].uses_buffers(decoder.k_bufs[0], decoder.v_bufs[0])
-    with torch.inference_mode():  # a layer's storage reassigned (memory_bench re-rotates so)
+    with torch.inference_mode():  # a layer's storage reassigned (bench/memory.py re-rotates so)
         for cache in (static, reference):
             layer = cache.layers[1]
             layer.keys, layer.values = layer.keys.clone() * 0.9, layer.values.clone()

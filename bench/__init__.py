@@ -2,8 +2,8 @@
 
 A suite is a module with ``run(quick: bool, progress: Callable[[str], None]) -> list[dict]``; each
 row is one measurement with at least ``name`` (what was measured), ``value``, ``unit`` and, where
-one exists, ``baseline`` and ``baseline_name`` measured in the same run. Suites live next to the
-code they measure.
+one exists, ``baseline`` and ``baseline_name`` measured in the same run. Each suite is a module of
+this package (``SUITES``); no stage imports them, so stages stay independent of each other.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 SUITES = {
-    "kernels": "omnistream.kernels.bench",
-    "perception": "omnistream.perception.bench",
-    "speech": "omnistream.speech.bench",
-    "llm": "omnistream.reasoning.bench",
-    "memory": "omnistream.reasoning.memory_bench",
-    "soak": "omnistream.app.soak",
+    "kernels": "omnistream.bench.kernels",
+    "perception": "omnistream.bench.perception",
+    "speech": "omnistream.bench.speech",
+    "llm": "omnistream.bench.llm",
+    "memory": "omnistream.bench.memory",
+    "soak": "omnistream.bench.soak",
 }
 DEFAULT_SUITES = ("kernels", "perception", "speech", "llm", "memory")  # soak runs only when named (an hour)
 

@@ -1,12 +1,12 @@
 """Check the Triton kernels on a CUDA GPU: parity with the references, then speed. Prints tables.
 
-    python -m omnistream.kernels.gpu_check [--quick]
+    python -m omnistream.bench.gpu_check [--quick]
 
 Parity runs the compiled kernels (not the interpreter) on the same odd shapes and dtypes as the
 CPU tests, plus the native bf16 dot the interpreter cannot run and a 100k-block case; speed is the
 ``omnistream bench kernels`` suite (frames 1-32 x 640x480, 1k-1M blocks, 16-256 gathered blocks).
 Exit status 1 when a parity case fails or the Triton retrieval is not faster than the torch
-reference at 100k blocks or more. The script itself ran in 10 s on an H100 (plus start-up).
+reference at 100k blocks or more (results: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from omnistream.kernels import bench, cases, ops, reference
+from omnistream.bench import kernels as kernel_bench
+from omnistream.kernels import cases, ops, reference
 from omnistream.kernels.rope import Rope
 
 Case = tuple[str, Callable[[], tuple[torch.Tensor, torch.Tensor]], dict[str, float]]
@@ -40,7 +41,7 @@ def _frame_cases(device: torch.device) -> list[Case]:
         frames = cases.frames(3, height, width, device=device, seed=height)
 
         def pair(frames=frames, size=size, crop=crop, antialias=antialias, dtype=dtype):
-            args = (frames, size, bench.MEAN, bench.STD, crop, antialias, dtype)
+            args = (frames, size, kernel_bench.MEAN, kernel_bench.STD, crop, antialias, dtype)
             return triton_frames.frame_preprocess(*args).float(), reference.frame_preprocess(*args).float()
 
         found.append(
@@ -138,7 +139,7 @@ def parity(device: torch.device) -> bool:
 
 
 def speed(quick: bool) -> bool:
-    rows = bench.run(quick, lambda line: print(line, file=sys.stderr, flush=True))
+    rows = kernel_bench.run(quick, lambda line: print(line, file=sys.stderr, flush=True))
     print("\n| measurement | triton ms | torch reference ms | speedup |\n|---|---|---|---|")
     faster_at_scale = True
     for row in rows:

@@ -1,6 +1,6 @@
 """`omnistream bench speech`: ASR speed and accuracy, turn-taking and barge-in latencies.
 
-Rows (see ``app/bench.py`` for the format):
+Rows (see ``bench/__init__.py`` for the format):
 - ASR real-time factor and WER of faster-whisper on the LibriVox clips of Debian's
   pocketsphinx-testdata (baseline: the same clips fed through the streaming path, partials included);
 - end of the user's speech -> ``Ask`` (VAD silence + final ASR + grace), ``AnswerDelta`` of a first
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from omnistream.bench import speech_turns
 from omnistream.protocol.config import SpeechConfig
 from omnistream.protocol.messages import (
     AnswerDelta,
@@ -35,7 +36,6 @@ from omnistream.protocol.messages import (
     Message,
     UserSpeech,
 )
-from omnistream.speech import bench_turns
 from omnistream.speech.listen import (
     Recognizer,
     StreamingTranscriber,
@@ -87,7 +87,7 @@ class Driver:
         self.counters: dict[str, float] = defaultdict(float)
         self.stage = SpeechStage(config, recognizer, voice, self._publish, self.counters)
         self.mic_ts = 0.0
-        self.pump: Callable[[], None] = lambda: None  # feeds answer pieces (bench_turns)
+        self.pump: Callable[[], None] = lambda: None  # feeds answer pieces (speech_turns)
         self.sent_words: dict[str, int] = {}
         self.llm_done: set[str] = set()
 
@@ -284,7 +284,7 @@ def response_rows(
     voice: Voice,
     clips: list[tuple[np.ndarray, str]],
     trials: int,
-    llm: bench_turns.LLM | None,
+    llm: speech_turns.LLM | None,
     progress: Callable[[str], None],
 ) -> list[dict]:
     """End of the user's question -> first assistant audio, broken down, for the current
@@ -294,25 +294,25 @@ def response_rows(
     for label, responder in answerers:
         for settings, config, model in (
             ("now", SpeechConfig(), recognizer),
-            ("before", bench_turns.before_config(), full),
+            ("before", speech_turns.before_config(), full),
         ):
             progress(f"speech: end of question -> first audio, {label} answer, settings {settings}")
             driver = Driver(model, voice, config)
             try:
-                results[(label, settings)] = bench_turns.turn_trials(
+                results[(label, settings)] = speech_turns.turn_trials(
                     driver, clips, trials, voiced_span, captured_at, progress, responder
                 )
             finally:
                 driver.stage.stop()
-    rows = bench_turns.breakdown_rows(
+    rows = speech_turns.breakdown_rows(
         "scripted answer at 50 tokens/s",
         results[("scripted", "now")],
         results[("scripted", "before")],
-        bench_turns.SPEECH_SPANS,
+        speech_turns.SPEECH_SPANS,
     )
     if llm is not None:
-        rows += bench_turns.breakdown_rows(
-            f"LLM {llm.model}", results[("llm", "now")], results[("llm", "before")], bench_turns.LLM_SPANS
+        rows += speech_turns.breakdown_rows(
+            f"LLM {llm.model}", results[("llm", "now")], results[("llm", "before")], speech_turns.LLM_SPANS
         )
     return rows
 
@@ -325,7 +325,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
     llm = None
     if os.environ.get("OMNISTREAM_BENCH_SPEECH_LLM", "1") != "0":
         progress("speech: loading the LLM in its own process")
-        llm = bench_turns.LLM(progress)
+        llm = speech_turns.LLM(progress)
     progress("speech: loading whisper tiny.en, Silero VAD, hibari")
     recognizer = Recognizer("tiny.en")
     full = Recognizer("tiny.en", window="full")
@@ -336,7 +336,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
     finally:
         if llm is not None:
             llm.close()
-    rows += bench_turns.transport_rows()
+    rows += speech_turns.transport_rows()
     # Barge-in trials answer scripted turns only: the interrupting words do not become questions.
     driver = Driver(recognizer, voice, SpeechConfig(ask_on_user_speech=False))
     try:

@@ -172,7 +172,7 @@ def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
 
 
 def _run_worker(backend: str, model: str, fmt: str, threads: int, quick: bool) -> dict:
-    command = [sys.executable, "-m", "omnistream.reasoning.bench", backend, model, fmt, str(threads)]
+    command = [sys.executable, "-m", "omnistream.bench.llm", backend, model, fmt, str(threads)]
     if quick:
         command.append("--quick")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -250,9 +250,7 @@ def report_extra() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m omnistream.reasoning.bench", description="one bench worker"
-    )
+    parser = argparse.ArgumentParser(prog="python -m omnistream.bench.llm", description="one bench worker")
     parser.add_argument("backend", choices=("torch", "llama_cpp"))
     parser.add_argument("model")
     parser.add_argument("format")
