@@ -14,8 +14,16 @@ new one and questions it was answering end with an ``AnswerDone`` carrying an er
 answer makes progress for ``gateway.ask_timeout_s`` every waiting question ends the same way, so
 a client never waits forever. At most ``gateway.max_pending_asks`` questions wait at once; more
 are refused with ``Error`` ``busy`` (retry later). Audio beyond ``gateway.max_audio_speed`` x real
-time per session and channel is dropped (counted in ``audio_dropped``); frames go to the media bus,
-which drops what a slow perception cannot take.
+time per session and channel is dropped (counted in ``audio_dropped``); each client connection
+(beyond loopback: each client key) also has its own budget of audio seconds and frames per second
+(``gateway.client_*``), so new session names buy no more (``audio_dropped``,
+``frames_dropped_rate``); frames go to the media bus, which drops what a slow perception cannot take.
+
+Bounds: every string and list field of a client request has a limit (``check_request``; a chunk,
+a frame and the lists included), and a request beyond one is answered with an ``Error``
+``invalid`` naming the field and the limit. One receive step reads at most
+``bus.poll_max_messages`` requests; a request whose handling fails is answered with an ``Error``
+``stage_error`` and the gateway keeps serving.
 
 Security: beyond loopback (``gateway.host``) both client sockets are CURVE servers and a ZAP
 handler admits only the authorised client keys (``protocol.security``).
@@ -31,12 +39,14 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import numpy as np
 import zmq
 
 from omnistream.protocol.codec import ProtocolError, decode
+from omnistream.protocol.config import GatewayConfig
 from omnistream.protocol.messages import (
     Ack,
     Alert,
@@ -52,6 +62,7 @@ from omnistream.protocol.messages import (
     Interrupt,
     Message,
     Percept,
+    RecordKind,
     Sighting,
     Stats,
     Status,
@@ -96,12 +107,13 @@ MAX_QUESTION_CHARS = 2000
 MAX_CHOICES, MAX_CHOICE_CHARS = 26, 500
 MAX_ID_CHARS = 128  # session, turn, watch_id, request_id
 MAX_HISTORY_ITEMS = 5000
+RECORD_KINDS = get_args(RecordKind)  # HistoryRequest.kinds: each at most once
+MAX_SOURCE_CHARS = 128  # VideoFrame.source
 HISTORY_TIMEOUT_S = 10.0
 MIN_AUDIO_RATE, MAX_AUDIO_RATE = 4000, 192000
-MAX_AUDIO_CHUNK_S = 60.0
 RESEND_DELAY_S = 0.5  # after a new reasoning pid: its subscriptions reach the bus first
 ALLOWED_CONTROL = frozenset("\t\n\r")
-MAX_BUCKETS = 1000
+MAX_BUCKETS = 1000  # per (session, channel) and per client: the least recently used are forgotten
 
 
 def _odd_char(text: str) -> int:
@@ -124,8 +136,10 @@ def check_text(field: str, text: str, max_chars: int, allow_empty: bool = False)
     return None
 
 
-def check_request(message: Message, max_frame_side: int) -> str | None:
-    """Why a client request is out of bounds (sizes, rates, odd text), or None."""
+def check_request(message: Message, limits: GatewayConfig) -> str | None:
+    """Why a client request is out of bounds (sizes, lengths, odd text), or None. Every string
+    and list field of every client request is checked here (Literal fields are checked when
+    decoding)."""
     reason = check_text("session", message.session, MAX_ID_CHARS)
     if reason is None and (
         "/" in message.session or "\\" in message.session or not message.session.strip(".")
@@ -153,12 +167,17 @@ def check_request(message: Message, max_frame_side: int) -> str | None:
             "Watch.condition", message.condition, MAX_QUESTION_CHARS
         )
     if isinstance(message, VideoFrame):
-        image = message.image
+        image, side = message.image, limits.max_frame_side
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             return f"VideoFrame.image must be uint8 (H, W, 3), got {image.dtype} {tuple(image.shape)}"
-        if not (0 < image.shape[0] <= max_frame_side and 0 < image.shape[1] <= max_frame_side):
-            return f"VideoFrame.image sides must be 1..{max_frame_side} pixels, got {tuple(image.shape[:2])}"
-        return None
+        if not (0 < image.shape[0] <= side and 0 < image.shape[1] <= side):
+            return f"VideoFrame.image sides must be 1..{side} pixels, got {tuple(image.shape[:2])}"
+        if image.nbytes > limits.max_frame_bytes:
+            return (
+                f"VideoFrame.image must have at most {limits.max_frame_bytes} bytes "
+                f"(gateway.max_frame_bytes), got {image.nbytes}"
+            )
+        return check_text("VideoFrame.source", message.source, MAX_SOURCE_CHARS, allow_empty=True)
     if isinstance(message, AudioChunk):
         pcm = message.pcm
         if not MIN_AUDIO_RATE <= message.sample_rate <= MAX_AUDIO_RATE:
@@ -167,8 +186,16 @@ def check_request(message: Message, max_frame_side: int) -> str | None:
             return (
                 f"AudioChunk.pcm must be non-empty float32 or int16 (N,), got {pcm.dtype} {tuple(pcm.shape)}"
             )
-        if len(pcm) > MAX_AUDIO_CHUNK_S * message.sample_rate:
-            return f"AudioChunk.pcm holds {len(pcm) / message.sample_rate:.0f} s; at most {MAX_AUDIO_CHUNK_S:.0f} s per chunk"
+        if len(pcm) > limits.max_audio_chunk_s * message.sample_rate:
+            return (
+                f"AudioChunk.pcm holds {len(pcm) / message.sample_rate:.0f} s; at most "
+                f"{limits.max_audio_chunk_s:.0f} s per chunk (gateway.max_audio_chunk_s)"
+            )
+        if pcm.nbytes > limits.max_audio_chunk_bytes:
+            return (
+                f"AudioChunk.pcm must have at most {limits.max_audio_chunk_bytes} bytes per chunk "
+                f"(gateway.max_audio_chunk_bytes), got {pcm.nbytes}"
+            )
         if pcm.dtype == np.float32 and not np.isfinite(pcm).all():
             return "AudioChunk.pcm contains NaN or infinite samples"
         return None
@@ -177,7 +204,17 @@ def check_request(message: Message, max_frame_side: int) -> str | None:
             "Interrupt.reason", message.reason, MAX_QUESTION_CHARS, allow_empty=True
         )
     if isinstance(message, StatusRequest | HistoryRequest):
-        return check_text("request_id", message.request_id, MAX_ID_CHARS, allow_empty=True)
+        reason = check_text("request_id", message.request_id, MAX_ID_CHARS, allow_empty=True)
+        if reason is None and isinstance(message, HistoryRequest):
+            kinds = message.kinds
+            if len(kinds) > len(RECORD_KINDS):
+                reason = (
+                    f"HistoryRequest.kinds must have at most {len(RECORD_KINDS)} entries "
+                    f"(each of {', '.join(RECORD_KINDS)} once), got {len(kinds)}"
+                )
+            elif len(set(kinds)) < len(kinds) or not set(kinds) <= set(RECORD_KINDS):
+                reason = f"HistoryRequest.kinds must name each of {', '.join(RECORD_KINDS)} at most once, got {kinds}"
+        return reason
     return None
 
 
@@ -205,20 +242,42 @@ class PendingAsk:
 
 
 class AudioBucket:
-    """Token bucket in seconds of audio: refills at ``speed`` x wall time up to ``burst_s``."""
+    """Token bucket (seconds of audio, or frames): refills at ``speed`` per wall-clock second up
+    to ``burst_s``."""
 
     def __init__(self, speed: float, burst_s: float):
         self.speed, self.burst_s = speed, burst_s
         self.tokens, self.at = burst_s, time.monotonic()
 
-    def take(self, seconds: float) -> bool:
+    def take(self, amount: float) -> bool:
         now = time.monotonic()
         self.tokens = min(self.burst_s, self.tokens + (now - self.at) * self.speed)
         self.at = now
-        if seconds > self.tokens:
+        if amount > self.tokens:
             return False
-        self.tokens -= seconds
+        self.tokens -= amount
         return True
+
+
+def take_from(buckets: OrderedDict, key: object, speed: float, burst: float, amount: float) -> bool:
+    """Take ``amount`` from the bucket of ``key`` (a new one: full); at most MAX_BUCKETS kept."""
+    bucket = buckets.get(key)
+    if bucket is None:
+        bucket = buckets[key] = AudioBucket(speed, burst)
+        while len(buckets) > MAX_BUCKETS:
+            buckets.popitem(last=False)
+    buckets.move_to_end(key)
+    return bucket.take(amount)
+
+
+def client_key(identity: bytes, frame: zmq.Frame) -> tuple[str, bytes | str]:
+    """Whom a request's budget is charged to: the client's CURVE key when the gateway serves
+    beyond loopback (all its connections share it), else the connection's ROUTER identity."""
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:  # no ZAP handler: loopback
+        user = ""
+    return ("key", user) if user else ("connection", identity)
 
 
 class GatewayStage:
@@ -245,6 +304,8 @@ class GatewayStage:
         self.percepts_relayed: OrderedDict[str, tuple[float | None, float]] = OrderedDict()
         self.resend_at: float | None = None
         self.audio_buckets: OrderedDict[tuple[str, str], AudioBucket] = OrderedDict()
+        self.client_audio: OrderedDict[tuple, AudioBucket] = OrderedDict()  # per client_key
+        self.client_frames: OrderedDict[tuple, AudioBucket] = OrderedDict()
         self.stats: dict[str, Stats] = {}
         self.memory = make_socket(runtime.ctx, zmq.DEALER, hwm=1000, max_message_bytes=limit)
         self.memory.connect(runtime.addresses.memory)
@@ -279,35 +340,49 @@ class GatewayStage:
             self.runtime.counters["client_dropped"] += 1
 
     def on_client(self, sock: zmq.Socket) -> None:
-        counters = self.runtime.counters
-        while True:
+        """Serve at most ``bus.poll_max_messages`` requests (the rest wait in the socket)."""
+        for _ in range(max(self.runtime.config.bus.poll_max_messages, 1)):
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             identity = frames[0].bytes
+            message: Message | None = None
             try:
                 message = decode(frames[1:], max_message_bytes=self.runtime.config.bus.max_message_bytes)
+                if isinstance(message, HistoryRequest) and check_request(message, self.config) is None:
+                    reply = self.forward_history(identity, message)
+                else:
+                    reply = self.on_request(message, client_key(identity, frames[-1]))
             except ProtocolError as exc:
-                counters["rejected"] += 1
-                send(sock, exc.to_error(), prefix=[identity])
-                continue
-            if (
-                isinstance(message, HistoryRequest)
-                and check_request(message, self.config.max_frame_side) is None
-            ):
-                reply = self.forward_history(identity, message)
-            else:
-                reply = self.on_request(message)
+                self.runtime.counters["rejected"] += 1
+                reply = exc.to_error()
+            except Exception as exc:  # answer the client; the gateway keeps serving
+                what = type(message).__name__ if message is not None else "request"
+                self.runtime.handler_failed(what, exc)
+                request_id = next(
+                    (
+                        str(getattr(message, f))
+                        for f in ("request_id", "turn", "watch_id")
+                        if getattr(message, f, "")
+                    ),
+                    "",
+                )
+                reply = Error(
+                    code="stage_error",
+                    message=f"gateway: {what}: {type(exc).__name__}: {str(exc)[:500]}",
+                    request_id=request_id[:MAX_ID_CHARS],
+                )
             if reply is not None:
                 send(sock, reply, prefix=[identity])
 
-    def on_request(self, message: Message) -> Message | None:
+    def on_request(self, message: Message, client: tuple = ("connection", b"")) -> Message | None:
+        """Check and route one client request; ``client`` (``client_key``) pays for its media."""
         counters = self.runtime.counters
         if not isinstance(message, CLIENT_REQUESTS):
             counters["rejected"] += 1
             return Error(code="unsupported", message=f"clients may not send {type(message).__name__}")
-        reason = check_request(message, self.config.max_frame_side)
+        reason = check_request(message, self.config)
         if reason is not None:
             counters["rejected"] += 1
             request_id = getattr(message, "turn", "") or getattr(message, "watch_id", "")
@@ -331,9 +406,12 @@ class GatewayStage:
             if not self.pending:
                 self.last_progress = time.monotonic()
             self.pending[message.turn] = PendingAsk(message)
-        if isinstance(message, AudioChunk) and not self.audio_allowed(message):
+        if isinstance(message, AudioChunk) and not self.audio_allowed(message, client):
             counters["audio_dropped"] += 1
             counters["audio_dropped_s"] += len(message.pcm) / message.sample_rate
+            return None
+        if isinstance(message, VideoFrame) and not self.frame_allowed(client):
+            counters["frames_dropped_rate"] += 1
             return None
         counters[f"in_{type(message).__name__}"] += 1
         self.runtime.publish(message)
@@ -343,17 +421,22 @@ class GatewayStage:
             return Ack(ts=message.ts, session=message.session, request_id=message.watch_id)
         return None
 
-    def audio_allowed(self, chunk: AudioChunk) -> bool:
-        key = (chunk.session, chunk.channel)
-        bucket = self.audio_buckets.get(key)
-        if bucket is None:
-            bucket = self.audio_buckets[key] = AudioBucket(
-                self.config.max_audio_speed, self.config.audio_burst_s
-            )
-            while len(self.audio_buckets) > MAX_BUCKETS:
-                self.audio_buckets.popitem(last=False)
-        self.audio_buckets.move_to_end(key)
-        return bucket.take(len(chunk.pcm) / chunk.sample_rate)
+    def audio_allowed(self, chunk: AudioChunk, client: tuple) -> bool:
+        """Within the client's audio budget, then within its (session, channel)'s."""
+        seconds, config = len(chunk.pcm) / chunk.sample_rate, self.config
+        return take_from(
+            self.client_audio, client, config.client_audio_speed, config.client_audio_burst_s, seconds
+        ) and take_from(
+            self.audio_buckets,
+            (chunk.session, chunk.channel),
+            config.max_audio_speed,
+            config.audio_burst_s,
+            seconds,
+        )
+
+    def frame_allowed(self, client: tuple) -> bool:
+        config = self.config
+        return take_from(self.client_frames, client, config.client_max_fps, config.client_frame_burst, 1.0)
 
     # -- questions in flight -------------------------------------------------------------------
 

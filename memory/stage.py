@@ -449,13 +449,22 @@ class MemoryStage:
         return Retrieved(ts=request.ts, session=session, request_id=request.request_id, items=items)
 
     def history(self, request: HistoryRequest) -> History:
-        """Stored records of the session overlapping [t0, t1], oldest first (client history queries)."""
-        kinds = tuple(request.kinds) or LEAF_KINDS
+        """Stored records of the session overlapping [t0, t1], oldest first (client history queries).
+
+        The gateway bounds requests; here too, kinds are each taken once (one SQL variable each)
+        and must be record kinds, and ``limit`` is 1..5000."""
+        kinds = tuple(dict.fromkeys(request.kinds)) or LEAF_KINDS
+        unknown = [
+            kind for kind in kinds if kind not in ("clip", "transcript", "sighting", "event", "synopsis")
+        ]
+        if unknown:
+            raise ProtocolError("invalid", f"HistoryRequest.kinds: unknown record kinds {unknown[:5]}")
+        limit = min(max(request.limit, 1), 5000)
         items = self.store.between(
-            request.session, request.t0, request.t1, kinds, limit=request.limit + 1, newest=request.newest
+            request.session, request.t0, request.t1, kinds, limit=limit + 1, newest=request.newest
         )
         self.counters["history_requests"] += 1
-        kept = items[: request.limit]
+        kept = items[:limit]
         if request.newest:
             kept.sort(key=lambda item: (item.t0, item.id))
         return History(
@@ -463,7 +472,7 @@ class MemoryStage:
             session=request.session,
             request_id=request.request_id,
             items=[memory_item(item) for item in kept],
-            truncated=len(items) > request.limit,
+            truncated=len(items) > limit,
         )
 
     def on_router(self, sock: zmq.Socket) -> None:
@@ -476,15 +485,28 @@ class MemoryStage:
                 self.counters["rejected"] += 1
                 log.warning("rejected request: %s", exc)
                 continue
-            if isinstance(message, HistoryRequest):
-                reply: Message = self.history(message)
-            elif not isinstance(message, Retrieve):
-                reply = Error(code="unsupported", message=f"memory does not serve {type(message).__name__}")
-            else:
-                try:
+            request_id = getattr(message, "request_id", "")
+            try:
+                if isinstance(message, HistoryRequest):
+                    reply: Message = self.history(message)
+                elif not isinstance(message, Retrieve):
+                    reply = Error(
+                        code="unsupported", message=f"memory does not serve {type(message).__name__}"
+                    )
+                else:
                     reply = self.retrieve(message)
-                except ProtocolError as exc:
-                    reply = exc.to_error(request_id=message.request_id)
+            except ProtocolError as exc:
+                reply = exc.to_error(request_id=request_id)
+            except Exception as exc:  # a failed request is answered; memory keeps serving
+                log.exception(
+                    "request failed: %s", type(message).__name__, extra={"handling": type(message).__name__}
+                )
+                self.counters["handler_errors"] += 1
+                reply = Error(
+                    code="stage_error",
+                    message=f"memory: {type(message).__name__}: {type(exc).__name__}: {str(exc)[:500]}",
+                    request_id=request_id,
+                )
             send(sock, reply, prefix=identity)
 
 

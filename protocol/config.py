@@ -31,6 +31,10 @@ class BusConfig(_Section):
     base_port: int = 47100
     frame_hwm: int = 4
     max_message_bytes: int = 64 << 20
+    # Messages one receive step takes from each socket (the bus, the media bus, the gateway's
+    # and memory's ROUTERs); the rest stay queued in the socket (its high-water mark bounds
+    # them) until the next step, so a flood cannot grow an unbounded list in a stage.
+    poll_max_messages: int = 1000
 
 
 class GatewayConfig(_Section):
@@ -44,6 +48,17 @@ class GatewayConfig(_Section):
     max_audio_speed: float = 16.0  # audio per session and channel beyond this x real time is dropped
     audio_burst_s: float = 60.0  # ... after a burst of this many seconds of audio
     max_frame_side: int = 8192  # VideoFrame height and width limit (pixels)
+    max_frame_bytes: int = 25 << 20  # VideoFrame.image size limit (a 3840x2160 RGB frame is 24.9 MB)
+    max_audio_chunk_s: float = 60.0  # AudioChunk duration limit (clients send 0.02-0.1 s chunks)
+    max_audio_chunk_bytes: int = 4 << 20  # AudioChunk.pcm size limit (60 s of 16 kHz float32: 3.84 MB)
+    # Budgets per client connection (its ROUTER identity; beyond loopback its CURVE key, shared by
+    # all its connections) on top of the per-(session, channel) audio budget above, so new session
+    # names do not buy more: audio seconds at this x real time after client_audio_burst_s, and
+    # frames per second after a burst of client_frame_burst frames. Beyond: dropped and counted.
+    client_audio_speed: float = 32.0
+    client_audio_burst_s: float = 120.0
+    client_max_fps: float = 60.0
+    client_frame_burst: float = 120.0
 
 
 class PerceptionConfig(_Section):
@@ -95,7 +110,9 @@ class SpeechConfig(_Section):
     turn_grace_s: float = 0.3  # further wait after an utterance that does not read as finished
     continue_s: float = 1.5  # the user going on this soon after an Ask (answer unheard) extends it
     first_phrase_words: int = 4  # speak the first words this early (0: wait for a clause end)
-    read_ahead: bool = True  # send the words of a question heard so far (Draft): reasoning reads them before the turn ends
+    read_ahead: bool = (
+        True  # send the words of a question heard so far (Draft): reasoning reads them before the turn ends
+    )
     asr_window: str = "short"  # whisper encoder on the utterance's length, or "full" (30 s)
     ask_on_user_speech: bool = True
     wake_phrase: str = ""  # non-empty: only utterances containing it become questions

@@ -6,6 +6,12 @@ runtime owns the sockets and calls it from one thread. System messages (``Interr
 topics arrive on their own SUB socket with a small high-water mark and only the newest
 message per topic is kept, so a slow stage drops frames instead of growing a queue. An
 ``Ask`` still waiting when an ``Interrupt`` for its turn arrives is dropped.
+
+Bounds and failures: one ``poll`` takes at most ``bus.poll_max_messages`` messages from each
+socket (the rest stay queued in the socket for the next one). A handler that raises, whether
+``stage.handle`` or an extra socket's reader (a ROUTER serving requests), is logged with what it
+was handling, counted in ``handler_errors`` and answered with an ``Error`` ``stage_error`` on the
+bus; the stage keeps running.
 """
 
 from __future__ import annotations
@@ -130,7 +136,7 @@ class Runtime:
     def _drain(self, sock: zmq.Socket, latest_only: bool) -> list[Message]:
         got: dict[str, Message] = {}
         ordered: list[Message] = []
-        while True:
+        for _ in range(max(self.config.bus.poll_max_messages, 1)):  # the rest wait in the socket
             try:
                 _, message = recv(sock, flags=zmq.NOBLOCK)
             except zmq.Again:
@@ -157,7 +163,10 @@ class Runtime:
             messages += self._drain(self.media_sub, latest_only=True)
         for sock, on_readable in self.extra.items():
             if sock in events:
-                on_readable(sock)
+                try:
+                    on_readable(sock)
+                except Exception as exc:  # a bad request must not kill the stage
+                    self.handler_failed(getattr(on_readable, "__qualname__", "socket reader"), exc)
         interrupted = False
         for message in messages:
             if isinstance(message, Shutdown):
@@ -174,6 +183,26 @@ class Runtime:
             self.counters["asks_cancelled"] += len(self._pending) - len(kept)
             self._pending = kept
         return messages
+
+    def handler_failed(self, what: str, exc: Exception, session: str = "default") -> None:
+        """A handler raised while handling ``what`` (a message type or a socket reader): log it,
+        count it (``handler_errors``) and say so on the bus (``Error`` ``stage_error``)."""
+        log.error(
+            "handler failed on %s: %s: %s",
+            what,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+            extra={"stage": self.name, "handling": what},
+        )
+        self.counters["handler_errors"] += 1
+        self.publish(
+            Error(
+                code="stage_error",
+                message=f"{self.name}: {what}: {type(exc).__name__}: {str(exc)[:500]}",
+                session=session,
+            )
+        )
 
     def cancelled(self, message: Message) -> bool:
         """An ``Ask`` interrupted before it was handled (its client gave up, or the gateway ended
@@ -218,15 +247,7 @@ class Runtime:
                 except ProtocolError as exc:
                     self.publish(Error(code=exc.code, message=f"{self.name}: {exc}", session=message.session))
                 except Exception as exc:  # a bad message must not kill the stage
-                    log.exception("handler failed", extra={"stage": self.name})
-                    self.counters["errors"] += 1
-                    self.publish(
-                        Error(
-                            code="stage_error",
-                            message=f"{self.name}: {type(exc).__name__}: {exc}",
-                            session=message.session,
-                        )
-                    )
+                    self.handler_failed(type(message).__name__, exc, session=message.session)
             if tick is not None:
                 tick()
             self.maybe_publish_stats()

@@ -1,0 +1,445 @@
+"""Hardening against absurd requests and failing handlers (issue #18, items 3 and 4).
+
+Every string and list field of every client request is bounded at the gateway; memory takes a
+history request's kinds once each; a handler that raises (``stage.handle``, a ROUTER's reader)
+is logged, counted and answered, and the stage keeps running; a receive step takes a bounded
+number of messages; audio and frames are budgeted per client connection, not only per session;
+a chunk and a frame have a size limit. Real sockets and processes throughout.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+import zmq
+
+from omnistream.app.gateway import CLIENT_REQUESTS, GatewayStage, check_request
+from omnistream.app.launcher import Launcher
+from omnistream.memory.stage import MemoryStage
+from omnistream.memory.store import MemoryStore
+from omnistream.protocol.config import save_config
+from omnistream.protocol.messages import (
+    Ask,
+    AudioChunk,
+    Clip,
+    Error,
+    History,
+    HistoryRequest,
+    Interrupt,
+    Message,
+    Status,
+    StatusRequest,
+    Transcript,
+    VideoFrame,
+    Watch,
+)
+from omnistream.protocol.runtime import Runtime
+from omnistream.protocol.sockets import Addresses, make_socket, recv, send
+
+from ..conftest import make_config
+
+BIG = 100 << 20  # sockets in these tests take what the gateway may be sent
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def dealer(endpoint: str) -> zmq.Socket:
+    sock = make_socket(zmq.Context.instance(), zmq.DEALER, hwm=100_000, max_message_bytes=BIG)
+    sock.connect(endpoint)
+    return sock
+
+
+def request(sock: zmq.Socket, message: Message, request_id: str, timeout_s: float = 20.0) -> Message:
+    """Send ``message`` and return the reply carrying ``request_id`` (others are skipped)."""
+    send(sock, message)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            reply = recv(sock)[1]
+            if getattr(reply, "request_id", None) == request_id:
+                return reply
+    raise AssertionError(f"no reply to {type(message).__name__} {request_id!r}")
+
+
+@pytest.fixture
+def probe_runtime(short_tmp: Path, request) -> Iterator[Runtime]:
+    """A ``Runtime`` in this process, on a run directory with no bus: the test binds the bus
+    sockets it needs itself. The SIGTERM/SIGINT handlers it installs are restored afterwards."""
+    run_dir = short_tmp / "run"
+    run_dir.mkdir()
+    save_config(
+        make_config(short_tmp, ("gateway",), **getattr(request, "param", {})), run_dir / "config.json"
+    )
+    Addresses.for_run_dir(run_dir).save(run_dir)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    runtime = Runtime("probe", run_dir)
+    yield runtime
+    runtime.close()
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+# -- item 3: every request field bounded ---------------------------------------------------------
+
+
+BASE: dict[type, Message] = {
+    Ask: Ask(turn="t", question="what is on the table?"),
+    VideoFrame: VideoFrame(image=np.zeros((2, 2, 3), np.uint8)),
+    AudioChunk: AudioChunk(pcm=np.zeros(160, np.float32)),
+    Interrupt: Interrupt(turn="t"),
+    Watch: Watch(watch_id="w", condition="a person enters"),
+    StatusRequest: StatusRequest(request_id="s"),
+    HistoryRequest: HistoryRequest(request_id="h"),
+}
+
+
+def oversized(info: msgspec.inspect.Type) -> Any:
+    """A value of the field's type far beyond any sane bound, or None for fields whose values
+    the decoder already restricts (Literal strings, numbers, ndarrays: checked elsewhere)."""
+    if isinstance(info, msgspec.inspect.StrType):
+        return "x" * 100_000
+    if isinstance(info, msgspec.inspect.ListType):
+        item = info.item_type
+        if isinstance(item, msgspec.inspect.LiteralType):
+            return [item.values[0]] * 40_000
+        if isinstance(item, msgspec.inspect.StrType):
+            return ["x"] * 40_000
+        raise AssertionError(f"a client request has a list of {item}: bound it in check_request")
+    return None
+
+
+def test_every_string_and_list_field_of_every_client_request_is_bounded() -> None:
+    config = make_config(Path("/tmp/unused"), ("gateway",)).gateway
+    checked = []
+    assert set(BASE) == set(CLIENT_REQUESTS), "a new client request: add it to BASE"
+    for message_type, base in BASE.items():
+        assert check_request(base, config) is None, message_type
+        for field in msgspec.inspect.type_info(message_type).fields:
+            value = oversized(field.type)
+            if value is None:
+                continue
+            reason = check_request(msgspec.structs.replace(base, **{field.name: value}), config)
+            assert reason is not None and field.name in reason, (message_type.__name__, field.name, reason)
+            checked.append(f"{message_type.__name__}.{field.name}")
+    assert {"HistoryRequest.kinds", "VideoFrame.source", "Ask.choices", "Watch.condition"} <= set(checked)
+    # kinds: each known kind at most once
+    for kinds, ok in ((["clip", "event", "synopsis"], True), (["clip", "clip"], False)):
+        reason = check_request(HistoryRequest(request_id="h", kinds=kinds), config)
+        assert (reason is None) == ok, (kinds, reason)
+
+
+def test_a_chunk_and_a_frame_have_a_size_limit() -> None:
+    config = make_config(Path("/tmp/unused"), ("gateway",)).gateway
+    # 59 s at 192 kHz float32: 45 MB in one chunk, under the 60 s limit
+    chunk = AudioChunk(pcm=np.zeros(192_000 * 59, np.float32), sample_rate=192_000)
+    reason = check_request(chunk, config)
+    assert reason is not None and "AudioChunk.pcm" in reason and str(4 << 20) in reason, reason
+    assert check_request(AudioChunk(pcm=np.zeros(16_000 * 60, np.float32)), config) is None  # 3.84 MB
+    frame = VideoFrame(image=np.zeros((4000, 4000, 3), np.uint8))  # 48 MB, sides under 8192
+    reason = check_request(frame, config)
+    assert reason is not None and "VideoFrame.image" in reason and "max_frame_bytes" in reason, reason
+    assert check_request(VideoFrame(image=np.zeros((2160, 3840, 3), np.uint8)), config) is None
+
+
+@pytest.fixture
+def gateway_and_memory(short_tmp: Path) -> Iterator[Launcher]:
+    launcher = Launcher(make_config(short_tmp, ("gateway", "memory")), short_tmp / "run")
+    launcher.start()
+    yield launcher
+    launcher.shutdown()
+
+
+def test_history_request_with_40000_kinds_is_refused_and_memory_keeps_answering(
+    gateway_and_memory: Launcher,
+) -> None:
+    launcher = gateway_and_memory
+    bus = make_socket(zmq.Context.instance(), zmq.PUB)
+    bus.connect(launcher.addresses.bus_in)
+    client = dealer(launcher.addresses.gateway)
+    direct = dealer(launcher.addresses.memory)  # as the gateway talks to memory, bypassing its checks
+    try:
+        clip = Clip(session="k", ts=9.0, t0=0.0, clip_id=1, features=np.ones(64, np.float32) / 8.0)
+        clip = msgspec.structs.replace(clip, description="a red cup")
+        time.sleep(0.5)  # let the subscription reach the new publisher
+        send(bus, clip)
+        deadline = time.monotonic() + 30
+        while not request(client, HistoryRequest(session="k", request_id="first"), "first").items:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "memory did not store the clip"
+            time.sleep(0.2)
+        many = ["clip"] * 40_000
+        refused = request(client, HistoryRequest(session="k", request_id="many", kinds=many), "many")
+        assert isinstance(refused, Error) and refused.code == "invalid", refused
+        assert "kinds" in refused.message and "at most 5" in refused.message, refused.message
+        # A 45 MB chunk gets a clear Error too (and nothing of it reaches the bus).
+        chunk = AudioChunk(pcm=np.zeros(192_000 * 59, np.float32), sample_rate=192_000)
+        send(client, chunk)
+        status = request(client, StatusRequest(request_id="st"), "st")
+        assert isinstance(status, Status) and status.stages["gateway"].counters.get("in_AudioChunk", 0) == 0
+        # Memory itself takes each kind once and bounds the limit (one SQL variable per kind).
+        absurd = HistoryRequest(session="k", request_id="direct", kinds=many, limit=2**63 - 1)
+        answered = request(direct, absurd, "direct")
+        assert isinstance(answered, History) and answered.items, answered
+        assert all(i.text.startswith("a red cup") for i in answered.items)
+        again = request(client, HistoryRequest(session="k", request_id="after", kinds=["clip"]), "after")
+        assert isinstance(again, History) and [i.kind for i in again.items] == ["clip"]
+    finally:
+        for sock in (bus, client, direct):
+            sock.close(linger=0)
+    for name in ("gateway", "memory"):
+        child = launcher.children[name]
+        assert child.alive() and child.restarts == 0, name
+
+
+# -- item 3: no handler error kills a stage ----------------------------------------------------------
+
+
+class FaultyStore(MemoryStore):
+    """The real store, with one injected failure: the next ``between`` raises."""
+
+    fail_next = False
+
+    def between(self, *args, **kwargs):  # type: ignore[override]
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected disk failure")
+        return super().between(*args, **kwargs)
+
+
+class LetterEmbedder:
+    dim = 26
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), 26), np.float32)
+        for row, text in enumerate(texts):
+            for ch in text.lower():
+                if "a" <= ch <= "z":
+                    out[row, ord(ch) - 97] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
+
+
+def test_memory_router_answers_a_failed_request_and_serves_the_next(short_tmp: Path) -> None:
+    counters: dict[str, float] = defaultdict(float)
+    store = FaultyStore(short_tmp / "m.sqlite", LetterEmbedder.dim)
+    stage = MemoryStage(make_config(short_tmp, ("memory",)).memory, store, LetterEmbedder(), counters)  # type: ignore[arg-type]
+    stage.handle(
+        Clip(session="k", ts=5.0, t0=0.0, clip_id=1, features=np.ones(8, np.float32), description="cup")
+    )
+    ctx = zmq.Context.instance()
+    router = make_socket(ctx, zmq.ROUTER)
+    router.bind(f"ipc://{short_tmp}/memory")
+    client = dealer(f"ipc://{short_tmp}/memory")
+    try:
+        store.fail_next = True
+        send(client, HistoryRequest(session="k", request_id="one"))
+        send(client, HistoryRequest(session="k", request_id="two"))
+        replies: list[Message] = []
+        deadline = time.monotonic() + 10
+        while len(replies) < 2 and time.monotonic() < deadline:
+            if router.poll(100):
+                stage.on_router(router)  # raised out of the stage's loop before the fix
+            while client.poll(0):
+                replies.append(recv(client)[1])
+        assert [type(r).__name__ for r in replies] == ["Error", "History"], replies
+        failed, served = replies
+        assert failed.code == "stage_error" and failed.request_id == "one"  # type: ignore[union-attr]
+        assert "injected disk failure" in failed.message  # type: ignore[union-attr]
+        assert served.request_id == "two" and [i.text[:3] for i in served.items] == ["cup"]  # type: ignore[union-attr]
+        assert counters["handler_errors"] == 1
+    finally:
+        router.close(linger=0)
+        client.close(linger=0)
+        store.close()
+
+
+def test_runtime_keeps_running_after_a_handler_raises(probe_runtime: Runtime, short_tmp: Path) -> None:
+    """One message makes the stage's ``handle`` raise, one makes a ROUTER reader raise; the
+    runtime logs, counts and reports each and handles the messages after them."""
+    runtime = probe_runtime
+    ctx = zmq.Context.instance()
+    addresses = runtime.addresses
+    bus_out = make_socket(ctx, zmq.PUB)  # what the bus delivers to the stage
+    bus_out.bind(addresses.bus_out)
+    bus_in = make_socket(ctx, zmq.SUB)  # what the stage publishes
+    bus_in.bind(addresses.bus_in)
+    bus_in.setsockopt(zmq.SUBSCRIBE, b"Error")
+    router = make_socket(ctx, zmq.ROUTER)
+    router.bind(f"ipc://{short_tmp}/probe")
+    client = dealer(f"ipc://{short_tmp}/probe")
+    handled: list[str] = []
+
+    class Stage:
+        name = "probe"
+
+        def handle(self, message: Message) -> None:
+            if isinstance(message, Transcript) and message.text == "boom":
+                raise ValueError("injected handler failure")
+            handled.append(f"bus:{getattr(message, 'text', '')}")
+
+    def on_request(sock: zmq.Socket) -> None:
+        while True:
+            try:
+                _, message = recv(sock, prefix_frames=1, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if message.question == "boom":  # type: ignore[attr-defined]
+                raise RuntimeError("injected reader failure")
+            handled.append(f"router:{message.question}")  # type: ignore[attr-defined]
+
+    runtime.subscribe(Transcript)
+    runtime.add_socket(router, on_request)
+    deadline = time.monotonic() + 20
+    sent_bus = False
+
+    published: list[Message] = []
+
+    def tick() -> None:
+        nonlocal sent_bus
+        while bus_in.poll(0):
+            published.append(recv(bus_in)[1])
+        if not sent_bus and (not handled or not published):  # until both directions are through
+            send(bus_out, Transcript(t0=0.0, text="probe"))
+            runtime.publish(Error(code="probe", message="probe"))
+        elif not sent_bus:
+            sent_bus = True
+            for text in ("boom", "after"):
+                send(bus_out, Transcript(t0=0.0, text=text))
+            for question in ("first", "boom", "second"):
+                send(client, Ask(turn=question, question=question))
+        failures = [m for m in published if isinstance(m, Error) and m.code == "stage_error"]
+        done = {"bus:after", "router:second"} <= set(handled) and len(failures) >= 2
+        if done or time.monotonic() > deadline:
+            runtime.running = False
+
+    try:
+        runtime.run(Stage(), tick=tick, poll_s=0.02)
+        assert {"bus:after", "router:first", "router:second"} <= set(handled), handled
+        assert runtime.counters["handler_errors"] == 2
+        while bus_in.poll(500):
+            published.append(recv(bus_in)[1])
+        errors = [m for m in published if isinstance(m, Error) and m.code != "probe"]
+        assert all(e.code == "stage_error" for e in errors) and len(errors) == 2, errors
+        assert any("Transcript" in e.message and "injected handler failure" in e.message for e in errors)
+        assert any("injected reader failure" in e.message for e in errors)
+    finally:
+        for sock in (bus_out, bus_in, router, client):
+            sock.close(linger=0)
+
+
+def test_gateway_answers_a_request_whose_handling_fails_and_serves_the_next(probe_runtime: Runtime) -> None:
+    gateway = GatewayStage(probe_runtime)
+    served = gateway.on_request
+
+    def failing_once(message: Message, client: tuple = ("connection", b"")) -> Message | None:
+        if getattr(message, "request_id", "") == "boom":
+            raise KeyError("injected gateway failure")
+        return served(message, client)
+
+    gateway.on_request = failing_once  # type: ignore[method-assign]
+    client = dealer(probe_runtime.addresses.gateway)
+    try:
+        for request_id in ("boom", "after"):
+            send(client, StatusRequest(request_id=request_id))
+        replies: list[Message] = []
+        deadline = time.monotonic() + 10
+        while len(replies) < 2 and time.monotonic() < deadline:
+            probe_runtime.poll(0.05)
+            while client.poll(0):
+                replies.append(recv(client)[1])
+        assert [type(r).__name__ for r in replies] == ["Error", "Status"], replies
+        assert replies[0].code == "stage_error" and replies[0].request_id == "boom"  # type: ignore[union-attr]
+        assert "injected gateway failure" in replies[0].message  # type: ignore[union-attr]
+        assert replies[1].request_id == "after"  # type: ignore[union-attr]
+        assert probe_runtime.counters["handler_errors"] == 1
+    finally:
+        client.close(linger=0)
+        gateway.stop()
+
+
+# -- item 4: bounded receive, per-connection budgets ------------------------------------------------
+
+
+@pytest.mark.parametrize("probe_runtime", [{"bus.poll_max_messages": 100}], indirect=True)
+def test_poll_takes_a_bounded_batch_and_leaves_the_rest_queued(probe_runtime: Runtime) -> None:
+    runtime = probe_runtime
+    bus_out = make_socket(zmq.Context.instance(), zmq.PUB, hwm=10_000)
+    bus_out.bind(runtime.addresses.bus_out)
+    runtime.subscribe(Transcript)
+    try:
+        deadline = time.monotonic() + 10
+        while not runtime.poll(0.05):  # the subscription has reached the publisher
+            assert time.monotonic() < deadline
+            send(bus_out, Transcript(t0=0.0, text="probe"))
+        time.sleep(0.2)
+        runtime.poll(0.0)  # late probes
+        runtime.take_pending()
+        for i in range(250):
+            send(bus_out, Transcript(t0=float(i), text=f"t{i}"))
+        time.sleep(0.5)  # all 250 wait in the SUB socket
+        sizes = []
+        got: list[Message] = []
+        while len(got) < 250 and time.monotonic() < deadline + 10:
+            batch = runtime.poll(0.1)
+            sizes.append(len(batch))
+            got += batch
+        assert sizes[:3] == [100, 100, 50], sizes
+        assert [m.text for m in got] == [f"t{i}" for i in range(250)]  # type: ignore[attr-defined]
+    finally:
+        bus_out.close(linger=0)
+
+
+@pytest.fixture
+def budget_gateway(short_tmp: Path) -> Iterator[Launcher]:
+    overrides = {
+        "gateway.client_audio_speed": 2.0,
+        "gateway.client_audio_burst_s": 5.0,
+        "gateway.client_max_fps": 5.0,
+        "gateway.client_frame_burst": 5.0,
+    }
+    launcher = Launcher(make_config(short_tmp, ("gateway",), **overrides), short_tmp / "run")
+    launcher.start()
+    yield launcher
+    launcher.shutdown()
+
+
+def test_new_session_names_do_not_bypass_the_connections_budget(budget_gateway: Launcher) -> None:
+    """Each chunk and frame under a new session name (whose own budget is full): the
+    connection's budget still holds audio to 5 s + 2x and frames to 5 + 5/s."""
+    sock = dealer(budget_gateway.addresses.gateway)
+    try:
+        assert isinstance(request(sock, StatusRequest(request_id="before"), "before"), Status)
+        start = time.monotonic()
+        chunk = np.zeros(1600, np.float32)  # 0.1 s
+        frame = np.zeros((8, 8, 3), np.uint8)
+        for i in range(300):  # 30 s of audio and 300 frames in about 1.5 s
+            send(sock, AudioChunk(session=f"s{i}", pcm=chunk, ts=i * 0.1))
+            send(sock, VideoFrame(session=f"v{i}", image=frame, ts=i * 0.1))
+            time.sleep(0.005)
+        status = request(sock, StatusRequest(request_id="after"), "after")  # after all 600, in order
+        span = time.monotonic() - start
+        assert isinstance(status, Status)
+        counters = status.stages["gateway"].counters
+        accepted_s = counters.get("in_AudioChunk", 0) * 0.1
+        assert accepted_s + counters.get("audio_dropped_s", 0) == pytest.approx(30.0, abs=0.05)
+        assert accepted_s <= 5.0 + 2.0 * span + 0.11, (accepted_s, span)
+        frames = counters.get("in_VideoFrame", 0)
+        assert frames + counters.get("frames_dropped_rate", 0) == 300
+        assert frames <= 5 + 5.0 * span + 1, (frames, span)
+        # Another connection has its own budget.
+        other = dealer(budget_gateway.addresses.gateway)
+        try:
+            send(other, AudioChunk(session="fresh", pcm=chunk))
+            status = request(other, StatusRequest(request_id="other"), "other")
+            assert status.stages["gateway"].counters["in_AudioChunk"] == counters["in_AudioChunk"] + 1  # type: ignore[union-attr]
+        finally:
+            other.close(linger=0)
+    finally:
+        sock.close(linger=0)
