@@ -276,6 +276,7 @@ class ReasoningStage:
         if prepared is None:
             self.stream_records()
         self._load_history(ask.session)
+        records_at = time.monotonic()
         try:
             items = (
                 []
@@ -294,6 +295,7 @@ class ReasoningStage:
             done.error = str(exc)
             self.runtime.publish(done)
             return
+        retrieved_at = time.monotonic()
         if ask.mode != "full":
             items = fit_items(items, self.config.max_context_tokens, self.engine.count_tokens)
         pieces: list[str] = []
@@ -319,6 +321,17 @@ class ReasoningStage:
         if stop():
             done.error = "interrupted"
         done.total_s = time.monotonic() - start
+        log.debug(
+            "answered",
+            extra={
+                "turn": ask.turn,
+                "mode": ask.mode,
+                "records_s": round(records_at - start, 3),
+                "retrieve_s": round(retrieved_at - records_at, 3),
+                "first_token_s": round(done.first_token_s, 3),
+                "total_s": round(done.total_s, 3),
+            },
+        )
         release_freed_memory()  # the question's assembled cache (retrieved blocks + window)
         self.runtime.counters["answers"] += 1
         self.runtime.counters["answer_tokens"] += len(pieces)

@@ -100,4 +100,5 @@ def test_node_client_receives_a_streamed_answer_from_the_real_llm(short_tmp: Pat
     assert "".join(deltas).strip() == done["text"].strip()
     assert done["type"] == "AnswerDone" and not done.get("error")
     words = done["text"].lower()
-    assert all(word in words for word in ("one", "three", "five")), words
+    # The system prompt asks for the number: the model may write the words or the digits.
+    assert all(word in words for word in ("one", "three", "five")) or all(d in words for d in "135"), words
