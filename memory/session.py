@@ -59,6 +59,7 @@ class SessionMemory:
     pyramid: Pyramid
     scenes: Scenes
     sensory: deque[Percept] = field(default_factory=deque)
+    seen: deque[Percept] = field(default_factory=deque)  # light percepts, one a second (seen_history_s)
 
 
 def stored_entry(item: Item, embedding: np.ndarray, features: np.ndarray | None) -> Entry:

@@ -59,6 +59,8 @@ log = logging.getLogger("omnistream.memory")
 
 MAX_QUERY_CHARS = 2000
 MAX_SNAPSHOTS = 256
+KNOWN_SLACK_S = 1.0  # a record ending this soon after a question's time was known when it was asked
+SEEN_EVERY_S = 1.0  # the light percept history keeps one percept a second
 
 
 # Words of a question that name no thing to look up in the scenes (content_words forms).
@@ -71,6 +73,12 @@ TIMELINE_TERMS = 4  # things of a question looked up in the scenes
 TIMELINE_CLIPS = 2000  # the newest clips a scene timeline reads
 TIMELINE_LABELS = 3  # a clip names what its best 3 classifier labels, objects and text name
 TIMELINE_LISTED = 4  # appearances listed one by one; beyond, the first and the last
+
+
+def known(item, until_ts: float) -> bool:
+    """Whether a record (``t1``: its end) was complete when a question at ``until_ts`` was asked.
+    A question answered late (it waited behind others) must not see what came after it."""
+    return item.t1 <= until_ts + KNOWN_SLACK_S
 
 
 def scene_words(description: str) -> set[str]:
@@ -169,12 +177,17 @@ class MemoryStage:
         elif isinstance(message, Synopsis) and message.text.strip():
             self.on_synopsis(message)
         elif isinstance(message, Percept):
-            window = self.session(message.session).sensory
+            state = self.session(message.session)
+            window = state.sensory
             window.append(message)
             while window and (
                 window[0].ts < message.ts - self.config.sensory_s or len(window) > self.config.sensory_max
             ):
                 window.popleft()
+            if not state.seen or message.ts - state.seen[-1].ts >= SEEN_EVERY_S:
+                state.seen.append(msgspec.structs.replace(message, features=np.zeros(0, np.float32)))
+            while state.seen and state.seen[0].ts < message.ts - self.config.seen_history_s:
+                state.seen.popleft()
 
     def _store(
         self,
@@ -250,9 +263,9 @@ class MemoryStage:
         named (classifier labels, text read: ``scene_timeline``), and the order in which they
         all first appeared. Computed here, not left to the model."""
         facts, firsts = [], []
-        known: set[str] = set()  # words of the classes the tracker's timeline told of
+        told: set[str] = set()  # words of the classes the tracker's timeline told of
         for label in classes_in(query)[:3]:
-            rows = self.store.sightings(session, label, until_ts)
+            rows = [row for row in self.store.sightings(session, label, until_ts) if known(row, until_ts)]
             if not rows:
                 continue
             name = spoken(label)
@@ -281,8 +294,8 @@ class MemoryStage:
             facts.append(fact)
             if appeared:
                 firsts.append((appeared[0].t0, name))
-            known.update(content_words(label))
-        scene_facts, scene_firsts = self.scene_timeline(session, query, until_ts, known)
+            told.update(content_words(label))
+        scene_facts, scene_firsts = self.scene_timeline(session, query, until_ts, told)
         facts += scene_facts
         firsts += scene_firsts
         if len(firsts) > 1:
@@ -304,6 +317,9 @@ class MemoryStage:
         if not terms:
             return [], []
         clips = self.store.between(session, float("-inf"), until_ts, ("clip",), TIMELINE_CLIPS, newest=True)
+        clips = [clip for clip in clips if known(clip, until_ts)]
+        if not clips:
+            return [], []
         clips.sort(key=lambda clip: (clip.t0, clip.id))
         found: dict[tuple, list[str]] = {}  # words of the question named by the same clips: one thing
         for term in terms:
@@ -356,7 +372,10 @@ class MemoryStage:
         """What is on screen at ``until_ts``: labels of the latest percepts (sensory tier), with the
         objects, people and text the detectors last found in the scene, and the timeline facts of
         the things ``query`` names."""
-        window = [p for p in self.session(session).sensory if p.ts <= until_ts + 0.5]
+        state = self.session(session)
+        window = [p for p in state.sensory if p.ts <= until_ts + 0.5]
+        if not window:  # asked a while ago (answered late): what was on screen then
+            window = [p for p in state.seen if until_ts - self.config.sensory_s <= p.ts <= until_ts + 0.5]
         if not window:
             return None
         recent = window[-3:]
@@ -400,14 +419,16 @@ class MemoryStage:
         chosen = {
             entry.item_id: memory_item(entry, float(entry.embedding @ query))
             for entry in self.session(session).pyramid.entries()
-            if entry.t0 <= until
+            if known(entry, until)
         }
         for item in self.store.between(session, until - request.recent_s, until):
-            chosen.setdefault(item.id, memory_item(item))
+            if known(item, until):
+                chosen.setdefault(item.id, memory_item(item))
         covered = {member for item in chosen.values() for member in item.members}
         for item, score in self.store.search(session, query, request.top_k, until, archive_only=True):
             if (
-                item.id not in chosen
+                known(item, until)
+                and item.id not in chosen
                 and item.id not in covered
                 and not (item.members and set(item.members) <= covered)
             ):
@@ -434,7 +455,9 @@ class MemoryStage:
         session, until = request.session, request.ts
         if self.store.count(session) <= self.config.return_all_below:
             chosen = {
-                item.id: memory_item(item) for item in self.store.between(session, float("-inf"), until)
+                item.id: memory_item(item)
+                for item in self.store.between(session, float("-inf"), until)
+                if known(item, until)
             }
         else:
             chosen = self._tiered(request)

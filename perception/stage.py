@@ -98,6 +98,7 @@ class _SessionState:
     faces_now: list[str] = field(default_factory=list)  # latest detections, carried by percepts
     text_now: list[str] = field(default_factory=list)
     scene_start: float = 0.0  # stream time where the open clip starts
+    tracked_scene: float = 0.0  # the scene the tracker's tracks are in (its start)
     annotations: list[Detections] = field(default_factory=list)  # detector results not yet in a clip
     held: list[tuple[Clip, float]] = field(default_factory=list)  # closed clips, wall time closed
 
@@ -307,7 +308,13 @@ class PerceptionStage:
             # Kept by stream time: which clip a keyframe belongs to is only known once the
             # segmenter's hysteresis has decided whether its scene change was real.
             state.annotations.append(found)
-            if found.objects is not None:
+            if found.objects is not None and found.ts >= state.tracked_scene:
+                if state.scene_start > state.tracked_scene:
+                    # A new scene: the last one's tracks end at the cut (the same ball in another
+                    # picture is another sighting, not the same track moving).
+                    for event in state.tracker.flush(state.scene_start):
+                        self._publish_sighting(found.session, event)
+                    state.tracked_scene = state.scene_start
                 for event in state.tracker.update(found.ts, found.objects):
                     self._publish_sighting(found.session, event)
                 if found.ts >= state.scene_start:

@@ -131,6 +131,10 @@ class MemoryConfig(_Section):
     embedder: str = "all-MiniLM-L6-v2"
     sensory_s: float = 10.0  # L0: percepts of the last seconds, at full rate ...
     sensory_max: int = 256  # ... but at most this many per session
+    # What was on screen, one light percept (no features) a second, kept this long: a question
+    # answered late (asked while others were being answered) still gets what was on screen when
+    # it was asked.
+    seen_history_s: float = 600.0
     l1_items: int = 48  # L1: clips and transcripts; beyond, the most similar adjacent pair merges into L2
     l2_items: int = 16  # L2: events; beyond, a similar adjacent pair merges, or the oldest is archived
     event_max_chars: int = 600  # an L2 merge whose text would exceed this is not made

@@ -83,7 +83,10 @@ def test_memory_stage_marks_repeated_scenes_and_returns_time_ordered_items(tmp_p
     stage.handle(clip(2, 14, 30, "bow tie (tie)", vec(0, 1)))
     stage.handle(clip(3, 90, 104, "monarch (butterfly)", vec(1, 0.05)))
     stage.handle(Percept(ts=100, features=vec(1, 0), labels=[Label("monarch (butterfly)", 0.6)]))
-    reply = stage.retrieve(Retrieve(ts=101, request_id="r", query="butterfly?"))
+    # Asked at 01:41, answered late: the clip that closed at 01:44 was not known yet.
+    early = stage.retrieve(Retrieve(ts=101, request_id="e", query="butterfly?"))
+    assert [item.t1 for item in early.items if item.kind != "now"] == [14, 6, 30]
+    reply = stage.retrieve(Retrieve(ts=104, request_id="r", query="butterfly?"))
     texts = [item.text for item in reply.items]
     assert texts[:3] == ["seen: monarch (butterfly)", "Front left.", "seen: bow tie (tie)"]
     assert texts[3] == "seen: monarch (butterfly) (same scene as at 00:00; 2nd time)"
@@ -367,7 +370,8 @@ def test_the_timeline_counts_appearances_and_orders_what_scenes_named(tmp_path: 
     percept = Percept(ts=75, features=np.ones(4, np.float32) / 2, labels=[Label("admiral", 0.6)])
     stage.handle(percept)
     count = stage.now_item("default", 75, "How many separate times has the butterfly photo appeared so far?")
-    assert count.facts == ["butterfly on screen 2 separate times (00:00-00:14, 00:58-01:20); on screen now"]
+    # Asked at 01:15: the clip that closed at 01:20 was not known yet.
+    assert count.facts == ["butterfly on screen 2 separate times (00:00-00:14, 00:58-01:10); on screen now"]
     stage.handle(msgspec.structs.replace(percept, ts=100))
     order = stage.now_item(
         "default", 100, "Which appeared first: the sudoku puzzle, the orange or the butterfly?"
@@ -382,6 +386,23 @@ def test_the_timeline_counts_appearances_and_orders_what_scenes_named(tmp_path: 
         "cab on screen 1 time (01:20-01:30)"
     ]
     assert stage.now_item("default", 100, "What did the voice say at the start?").facts == []
+
+
+def test_a_question_answered_late_gets_what_was_on_screen_when_it_was_asked(tmp_path: Path) -> None:
+    stage = memory_stage(tmp_path)
+    for step in range(200):  # 10 percepts a second for 20 s: a dog, then a cat from 10 s on
+        ts = step / 10
+        name = "dog" if ts < 10 else "cat"
+        stage.handle(
+            Percept(ts=ts, features=vec(1, 0), labels=[Label(name, 0.9)], objects=[f"grey {name} (centre)"])
+        )
+    state = stage.session("default")
+    assert len(state.seen) == 20  # one light percept a second, without features
+    assert all(p.features.size == 0 for p in state.seen)
+    late = stage.now_item("default", 5.0)  # the sensory window (10 s) holds only the cat now
+    assert late is not None and "dog" in late.text and "cat" not in late.text and late.t1 <= 5.5
+    assert "cat" in stage.now_item("default", 19.9).text
+    assert stage.now_item("default", -30.0) is None
 
 
 def test_memory_snapshots_at_question_time_and_announces_records(tmp_path: Path) -> None:

@@ -274,7 +274,13 @@ def test_ram_is_bounded_by_the_budgets_while_disk_keeps_everything(tmp_path: Pat
             return v / np.linalg.norm(v, axis=1, keepdims=True)
 
     config = MemoryConfig(
-        l1_items=8, l2_items=4, event_max_chars=300, return_all_below=0, sensory_max=16, scene_prototypes=8
+        l1_items=8,
+        l2_items=4,
+        event_max_chars=300,
+        return_all_below=0,
+        sensory_max=16,
+        scene_prototypes=8,
+        seen_history_s=30,
     )
     stage = MemoryStage(config, MemoryStore(tmp_path / "m.sqlite", 32), RandomEmbedder(), defaultdict(float))
 
@@ -302,7 +308,7 @@ def test_ram_is_bounded_by_the_budgets_while_disk_keeps_everything(tmp_path: Pat
     state = stage.session("default")
     assert len(state.pyramid.l1) <= 8 and len(state.pyramid.l2) <= 4
     assert stage.store.working_set_size("default") == len(state.pyramid.l1) + len(state.pyramid.l2)
-    assert len(state.sensory) <= 16 and len(state.scenes.scenes) <= 8
+    assert len(state.sensory) <= 16 and len(state.scenes.scenes) <= 8 and len(state.seen) <= 31
     # Keeping as little as a clip's 64 features per record would add ~180 kB.
     assert grown < 150_000, f"Python heap grew {grown} bytes over 1000 records"
     assert stage.store.count("default") == 1200  # every clip and transcript is on disk

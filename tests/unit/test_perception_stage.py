@@ -218,6 +218,34 @@ def test_detectors_name_people_and_text_in_their_clips(encoder) -> None:
     harness.stage.detectors.close()
 
 
+def test_tracks_end_at_a_scene_cut(encoder) -> None:
+    """The same class in the next picture is a new sighting: the footballer photo's ball and
+    person are last seen at the cut, and the ball in the next footballer picture is another
+    track (not one ball seen from 00:00 to the end)."""
+    import cv2
+
+    from omnistream.protocol.messages import Sighting
+
+    harness = Harness(encoder, max_fps=0.0, faces=False, ocr=False, objects_fps=2.0)
+    messi = cv2.cvtColor(cv2.imread(str(OPENCV_DATA / "messi5.jpg")), cv2.COLOR_BGR2RGB)
+    fruit = cv2.cvtColor(cv2.imread(str(OPENCV_DATA / "fruits.jpg")), cv2.COLOR_BGR2RGB)
+    # 4 s of the footballer, 2 s of fruit (shorter than the tracker's 3 s of missed frames), 4 s again.
+    scenes = [messi] * 8 + [fruit] * 4 + [messi] * 8
+    for index, image in enumerate(scenes):
+        harness.stage.handle(VideoFrame(ts=index * 0.5, image=cv2.resize(image, (640, 480)), index=index))
+        harness.stage.tick()
+        harness.stage.detectors.wait_idle(30.0)
+        harness.stage.tick()
+    harness.stage.flush_all()
+    harness.stage.detectors.close()
+    balls = [s for s in harness.of(Sighting) if s.label == "sports ball"]
+    appeared = [s for s in balls if s.event == "appeared"]
+    ended = [s for s in balls if s.event in ("left", "gone")]
+    assert len(appeared) == 2 and len(ended) == 2, [s.text for s in balls]
+    assert appeared[0].track_id != appeared[1].track_id
+    assert ended[0].ts <= 4.0 and appeared[1].t0 >= 6.0  # the first ends at the cut to the fruit
+
+
 # -- sources ----------------------------------------------------------------------------------------
 
 
