@@ -19,6 +19,7 @@ is still wrong). Open answers that only restate the question are counted too.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,10 @@ def classify_evidence(
 def restates(question: str, answer: str) -> bool:
     """An answer that echoes the question: (nearly) all its words are the question's, and it
     repeats most of them (picking one of the things a question lists is an answer)."""
-    said = [w for w in content_words(answer) if not w.isdigit()]
+    times = re.compile(r"\b\d+:\d\d(?::\d\d)?\b")
+    if times.search(answer) and re.search(r"\b(when|what time|how long ago)\b", question, re.IGNORECASE):
+        return False  # a time answers a "when"
+    said = content_words(times.sub(" ", answer))  # a number is content; a time is not
     asked = set(content_words(question))
     echoed = {w for w in said if w in asked}
     return bool(said) and len(echoed) >= 0.8 * len(set(said)) and len(echoed) >= 0.5 * len(asked)

@@ -12,7 +12,7 @@ SYSTEM_PROMPT = (
     "best guess first, and text read on screen), per sentence you heard, and a timeline of when "
     "things appeared and left. "
     "Answer the user's question in one short sentence that gives what was asked: the thing, the "
-    "name, the number, or the exact words heard or read, in quotes. "
+    "name, the number (in words), or the exact words heard or read, in quotes. "
     "Give a stream time, for example 'at 02:14', only when the question asks when. "
     "Never repeat the question. "
     "If the memory does not tell, say you did not see or hear it."

@@ -108,3 +108,6 @@ def test_an_answer_made_of_the_question_s_words_restates_it() -> None:
     assert not restates("Who was mentioned?", "")
     order = "Of these three, which appeared first: the sudoku puzzle, the orange, or the butterfly?"
     assert not restates(order, "The orange appeared first in the stream.")  # wrong, but an answer
+    assert not restates("How many people are on screen now?", "There are 4 people on screen now.")
+    assert not restates("When was the ball last seen?", "The ball was last seen at 03:49.")
+    assert restates("Where was the ball last seen?", "The ball was last seen at 03:49.")
