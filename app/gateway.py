@@ -49,13 +49,10 @@ from omnistream.protocol.codec import ProtocolError, decode
 from omnistream.protocol.config import GatewayConfig
 from omnistream.protocol.messages import (
     Ack,
-    Alert,
     AnswerDelta,
     AnswerDone,
     Ask,
     AudioChunk,
-    AudioOut,
-    Clip,
     Error,
     History,
     HistoryRequest,
@@ -63,15 +60,13 @@ from omnistream.protocol.messages import (
     Message,
     Percept,
     RecordKind,
-    Sighting,
     Stats,
     Status,
     StatusRequest,
-    Transcript,
-    UserSpeech,
     VideoFrame,
     Watch,
 )
+from omnistream.protocol.routes import client_requests, relayed_to_clients
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.security import (
     SecurityError,
@@ -83,21 +78,8 @@ from omnistream.protocol.sockets import make_socket, recv, send
 
 log = logging.getLogger("omnistream.gateway")
 
-CLIENT_REQUESTS = (Ask, VideoFrame, AudioChunk, Interrupt, Watch, StatusRequest, HistoryRequest)
-FORWARDED_TO_CLIENTS = (
-    AnswerDelta,
-    AnswerDone,
-    AudioOut,
-    Alert,
-    Transcript,
-    Percept,
-    Clip,
-    Sighting,
-    Stats,
-    Error,
-    UserSpeech,
-    Interrupt,
-)
+CLIENT_REQUESTS = client_requests()  # protocol/routes.py
+FORWARDED_TO_CLIENTS = relayed_to_clients()
 # Percepts go to clients (the demo's preview of what perception saw) once per object detection,
 # or at most once a second when nothing is detected, without their feature vectors: not every
 # encoded frame (up to 20/s, ~5 KB each).

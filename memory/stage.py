@@ -51,6 +51,7 @@ from omnistream.protocol.messages import (
     Synopsis,
     Transcript,
 )
+from omnistream.protocol.routes import subscriptions
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.sockets import make_socket, recv, send
 from omnistream.protocol.text import clock, content_words
@@ -545,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     router = make_socket(runtime.ctx, zmq.ROUTER, max_message_bytes=1 << 20)
     router.bind(runtime.addresses.memory)
     runtime.add_socket(router, stage.on_router)
-    runtime.subscribe(Clip, Transcript, Sighting, Percept, Ask, Synopsis)
+    runtime.subscribe(*subscriptions("memory"))
     runtime.run(stage)
     store.close()
 

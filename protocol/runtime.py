@@ -40,11 +40,12 @@ from omnistream.protocol.messages import (
     Shutdown,
     Stats,
 )
+from omnistream.protocol.routes import media_topics
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 log = logging.getLogger("omnistream.runtime")
 
-MEDIA_TOPICS = (b"VideoFrame",)
+MEDIA_TOPICS = media_topics()
 MAX_CANCELLED = 1000
 
 

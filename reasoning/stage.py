@@ -37,6 +37,7 @@ from omnistream.protocol.messages import (
     Shutdown,
     Watch,
 )
+from omnistream.protocol.routes import subscriptions
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.sockets import make_socket, recv, send
 from omnistream.reasoning.answer import STREAMED_KINDS, Answerer, split_choice
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = prepare_llm(config.model, runtime.config.cache_dir)
     engine = LLMEngine(model_dir, config.dtype, config.threads)
     stage = ReasoningStage(config, engine, MemoryClient(runtime.ctx, runtime.addresses.memory), runtime)
-    runtime.subscribe(Ask, Draft, Interrupt, Record, Watch)
+    runtime.subscribe(*subscriptions("reasoning"))
     runtime.run(stage, tick=stage.tick)
 
 

@@ -45,6 +45,7 @@ from omnistream.protocol.messages import (
     Transcript,
     UserSpeech,
 )
+from omnistream.protocol.routes import subscriptions
 from omnistream.protocol.runtime import Runtime
 from omnistream.speech.duplex import PendingQuestion, Utterance, after_wake_phrase
 from omnistream.speech.listen import (
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     recognizer = Recognizer(config.asr_model, threads=config.threads, window=config.asr_window)
     voice = Voice(config.tts_voice, threads=config.threads) if config.tts_enabled else None
     stage = SpeechStage(config, recognizer, voice, runtime.publish, runtime.counters)
-    runtime.subscribe(AudioChunk, Ask, AnswerDelta, AnswerDone, Interrupt)
+    runtime.subscribe(*subscriptions("speech"))
     # A short poll keeps the paced audio on time (40 ms chunks) and barge-in within one pass.
     runtime.run(stage, tick=stage.tick, poll_s=0.01)
 
