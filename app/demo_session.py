@@ -43,6 +43,7 @@ from omnistream.protocol.messages import (
     Stats,
     Transcript,
 )
+from omnistream.protocol.text import clock
 
 log = logging.getLogger("omnistream.demo")
 
@@ -268,11 +269,6 @@ class DemoSession:
     def wait_for_change(self, timeout_s: float) -> None:
         with self.changed:
             self.changed.wait(timeout_s)
-
-
-def clock(seconds: float) -> str:
-    seconds = max(int(seconds), 0)
-    return f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
 def safe(call, default=None):

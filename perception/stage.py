@@ -61,6 +61,7 @@ from omnistream.protocol.messages import (
     VideoFrame,
 )
 from omnistream.protocol.runtime import Runtime
+from omnistream.protocol.text import clock
 
 log = logging.getLogger("omnistream.perception")
 
@@ -68,11 +69,6 @@ log = logging.getLogger("omnistream.perception")
 IDLE_CLOSE_S = 3.0
 # A closed clip waits at most this long (wall) for the detectors to finish its keyframes.
 MAX_CLIP_HOLD_S = 10.0
-
-
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes:02d}:{secs:02d}"
 
 
 def to_box(sighting: ObjectSighting) -> Box:

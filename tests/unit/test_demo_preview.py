@@ -259,7 +259,9 @@ def test_the_session_shows_the_analysed_frame_with_its_boxes_and_the_tracker_eve
         ]  # newest first
 
         preview, rows = on_live_view(session)
-        assert "perception at <b>00:01</b>: cup, red 0.87" in preview
+        assert (
+            "perception at <b>00:02</b>: cup, red 0.87" in preview
+        )  # 1.5 s, rounded as everywhere (protocol.text.clock)
         uri = preview.split('src="', 1)[1].split('"', 1)[0]
         image = cv2.imdecode(
             np.frombuffer(base64.b64decode(uri.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR
