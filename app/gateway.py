@@ -18,6 +18,9 @@ time per session and channel is dropped (counted in ``audio_dropped``); each cli
 (beyond loopback: each client key) also has its own budget of audio seconds and frames per second
 (``gateway.client_*``), so new session names buy no more (``audio_dropped``,
 ``frames_dropped_rate``); frames go to the media bus, which drops what a slow perception cannot take.
+A client may name at most ``gateway.sessions_per_client`` sessions (each counts until it is idle
+for ``gateway.client_session_idle_s``); a request naming one more is answered with ``Error``
+``too_many_sessions`` (every stage keeps state per session).
 
 Bounds: every string and list field of a client request has a limit (``check_request``; a chunk,
 a frame and the lists included), and a request beyond one is answered with an ``Error``
@@ -288,6 +291,8 @@ class GatewayStage:
         self.audio_buckets: OrderedDict[tuple[str, str], AudioBucket] = OrderedDict()
         self.client_audio: OrderedDict[tuple, AudioBucket] = OrderedDict()  # per client_key
         self.client_frames: OrderedDict[tuple, AudioBucket] = OrderedDict()
+        # per client_key: its session names -> when each was last named (oldest first)
+        self.client_sessions: OrderedDict[tuple, OrderedDict[str, float]] = OrderedDict()
         self.stats: dict[str, Stats] = {}
         self.memory = make_socket(runtime.ctx, zmq.DEALER, hwm=1000, max_message_bytes=limit)
         self.memory.connect(runtime.addresses.memory)
@@ -374,6 +379,10 @@ class GatewayStage:
         if isinstance(message, StatusRequest):
             self.stats["gateway"] = self.runtime.stats_message()
             return Status(request_id=message.request_id, stages=dict(self.stats))
+        refused = self.session_refused(message, client)
+        if refused is not None:
+            counters["sessions_refused"] += 1
+            return refused
         if isinstance(message, Ask):
             if message.turn in self.pending:
                 return Ack(ts=message.ts, session=message.session, request_id=message.turn)  # a re-send
@@ -401,6 +410,32 @@ class GatewayStage:
             return Ack(ts=message.ts, session=message.session, request_id=message.turn)
         if isinstance(message, Watch):
             return Ack(ts=message.ts, session=message.session, request_id=message.watch_id)
+        return None
+
+    def session_refused(self, message: Message, client: tuple) -> Error | None:
+        """An ``Error`` when ``message`` names a session beyond the client's
+        ``gateway.sessions_per_client`` (names it used within ``client_session_idle_s``), else
+        None (the name is recorded as in use now)."""
+        config, now = self.config, time.monotonic()
+        sessions = self.client_sessions.get(client)
+        if sessions is None:
+            sessions = self.client_sessions[client] = OrderedDict()
+            while len(self.client_sessions) > MAX_BUCKETS:
+                self.client_sessions.popitem(last=False)
+        self.client_sessions.move_to_end(client)
+        while sessions and now - next(iter(sessions.values())) > config.client_session_idle_s:
+            sessions.popitem(last=False)
+        if message.session not in sessions and len(sessions) >= max(config.sessions_per_client, 1):
+            request_id = getattr(message, "turn", "") or getattr(message, "watch_id", "")
+            return Error(
+                code="too_many_sessions",
+                message=f"this client already uses {len(sessions)} sessions (gateway.sessions_per_client "
+                f"= {config.sessions_per_client}); a session counts until it is idle for "
+                f"{config.client_session_idle_s:.0f} s (gateway.client_session_idle_s)",
+                request_id=request_id[:MAX_ID_CHARS],
+            )
+        sessions[message.session] = now
+        sessions.move_to_end(message.session)
         return None
 
     def audio_allowed(self, chunk: AudioChunk, client: tuple) -> bool:

@@ -12,7 +12,8 @@ acknowledged is lost when the process is killed; the tiers are reloaded from dis
 Bus in: ``Clip``, final ``Transcript``, ``Percept``, ``Synopsis``, ``Ask`` (snapshot). ROUTER in:
 ``Retrieve`` from reasoning, answered with ``Retrieved``: the synopsis first, then in time order
 the working set (L2 events, L1 records), the archive records closest to the question, the
-records of the recent window, and last what is on screen now; ``HistoryRequest`` from the
+records of the recent window, and last what is on screen now (or, with ``page_size``, a page of
+the session's history in id order: a reasoner rebuilding its KV); ``HistoryRequest`` from the
 gateway, answered with ``History``.
 """
 
@@ -62,6 +63,12 @@ MAX_QUERY_CHARS = 2000
 MAX_SNAPSHOTS = 256
 KNOWN_SLACK_S = 1.0  # a record ending this soon after a question's time was known when it was asked
 SEEN_EVERY_S = 1.0  # the light percept history keeps one percept a second
+# A history page (``Retrieve.page_size``): what a reasoner streams into its KV and seeds its
+# synopsis from, at most this many records and this many encoded bytes (decoders refuse
+# headers over 1 MiB: a whole long session in one reply would be refused).
+HISTORY_KINDS = ("clip", "transcript", "synopsis")
+MAX_HISTORY_PAGE = 2000
+HISTORY_PAGE_BYTES = 256 << 10
 
 
 # Words of a question that name no thing to look up in the scenes (content_words forms).
@@ -441,7 +448,33 @@ class MemoryStage:
             if not (item.members and all(member in chosen for member in item.members))
         }
 
+    def history_page(self, request: Retrieve) -> Retrieved:
+        """A page of the session's history (``Retrieve.page_size`` > 0): records of
+        HISTORY_KINDS with ids above ``after_id`` in id order, at most ``page_size`` (capped at
+        MAX_HISTORY_PAGE) and HISTORY_PAGE_BYTES encoded (always at least one); ``more`` when
+        records follow."""
+        limit = min(request.page_size, MAX_HISTORY_PAGE)
+        rows = self.store.after(request.session, request.after_id, HISTORY_KINDS, limit + 1)
+        items: list[MemoryItem] = []
+        size = 0
+        for row in rows[:limit]:
+            item = memory_item(row)
+            size += len(msgspec.msgpack.encode(item))
+            if items and size > HISTORY_PAGE_BYTES:
+                break
+            items.append(item)
+        self.counters["history_pages"] += 1
+        return Retrieved(
+            ts=request.ts,
+            session=request.session,
+            request_id=request.request_id,
+            items=items,
+            more=len(rows) > len(items),
+        )
+
     def retrieve(self, request: Retrieve) -> Retrieved:
+        if request.page_size > 0:
+            return self.history_page(request)
         snapshot = self.snapshots.pop(request.turn, None) if request.turn else None
         if snapshot is not None:
             return Retrieved(

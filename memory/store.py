@@ -304,6 +304,15 @@ class MemoryStore:
             (session, t_from, t_to, *kinds),
         )
 
+    def after(self, session: str, after_id: int, kinds: tuple[str, ...], limit: int) -> list[Item]:
+        """The first ``limit`` records of ``kinds`` with ids above ``after_id``, in id order (a
+        session's history page by page)."""
+        marks = ",".join("?" * len(kinds))
+        return self._items(
+            f"session = ? AND id > ? AND kind IN ({marks}) ORDER BY id LIMIT {int(limit)}",
+            (session, after_id, *kinds),
+        )
+
     def sightings(self, session: str, label: str, until_ts: float) -> list[Item]:
         """The tracker's records about COCO class ``label`` up to ``until_ts``, in time order."""
         return self._items(

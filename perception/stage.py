@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +124,8 @@ class PerceptionStage:
         self.slot = FrameSlot(capacity=1)
         self.batch_size = 1
         self.wall_limiter = RateLimiter(config.max_fps)
-        self.sessions: dict[str, _SessionState] = {}
+        # Least recently used first; beyond ``live_sessions`` the first is closed (``_evict``).
+        self.sessions: OrderedDict[str, _SessionState] = OrderedDict()
         self.source: LiveSource | None = None
         self._audio: deque[tuple[np.ndarray, float]] = deque()  # filled by the source thread
         self._errors: deque[Error] = deque()  # filled by the media receiver thread
@@ -197,7 +198,11 @@ class PerceptionStage:
         return True
 
     def _state(self, session: str) -> _SessionState:
-        if session not in self.sessions:
+        if session in self.sessions:
+            self.sessions.move_to_end(session)
+        else:
+            while len(self.sessions) >= max(self.config.live_sessions, 1):
+                self._evict(next(iter(self.sessions)))
             segmenter = ClipSegmenter(
                 classes=self.encoder.classes,
                 cut_distance=self.config.scene_cut_distance,
@@ -300,7 +305,10 @@ class PerceptionStage:
             return
         for found in self.detectors.results():
             self._pending_keyframes.discard(found.tag)
-            state = self._state(found.session)
+            state = self.sessions.get(found.session)
+            if state is None:  # the session was closed (``_evict``) while they ran
+                self.counters["detections_dropped"] += 1
+                continue
             # Kept by stream time: which clip a keyframe belongs to is only known once the
             # segmenter's hysteresis has decided whether its scene change was real.
             state.annotations.append(found)
@@ -407,6 +415,18 @@ class PerceptionStage:
             self._publish_sighting(session, event)
         state.objects_now = []
         state.last_frame_wall = 0.0
+
+    def _evict(self, session: str) -> None:
+        """Close the session (``perception.live_sessions`` reached): its open clip and the clips
+        waiting for detectors are published now (with what the detectors found so far), its
+        tracks end, and its state is forgotten. A frame of it later starts afresh."""
+        self._collect_detections()
+        self._flush(session, wait=False)
+        state = self.sessions.pop(session)
+        for clip, _ in state.held:
+            self._publish_clip(state, clip)
+        self._pending_keyframes = {tag for tag in self._pending_keyframes if tag[0] != session}
+        self.counters["sessions_closed"] += 1
 
     def start_receiver(self, ctx: zmq.Context, address: str, hwm: int, max_message_bytes: int) -> None:
         """Take pushed frames straight off the media bus, in a thread (see ``receiver``)."""

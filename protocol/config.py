@@ -59,6 +59,12 @@ class GatewayConfig(_Section):
     client_audio_burst_s: float = 120.0
     client_max_fps: float = 60.0
     client_frame_burst: float = 120.0
+    # Session names one client (as above: its connection, or its CURVE key) may have in use: a
+    # name counts from its first request until client_session_idle_s pass without one. A
+    # request naming one more is refused with Error "too_many_sessions" (every stage keeps
+    # state per session: reloading a tab, or a loop over new names, must not buy more).
+    sessions_per_client: int = 16
+    client_session_idle_s: float = 300.0
 
 
 class PerceptionConfig(_Section):
@@ -93,6 +99,9 @@ class PerceptionConfig(_Section):
     # or sitting, an arm raised, an object held, added to the person's description. Skipped, with
     # a warning, when ai-edge-litert is missing.
     pose: bool = True
+    # Sessions whose segmenter and tracker state is held (each pushing its own frames); the least
+    # recently used beyond is closed (its open clip published, its tracks ended) and forgotten.
+    live_sessions: int = 16
 
 
 class SpeechConfig(_Section):
@@ -122,6 +131,10 @@ class SpeechConfig(_Section):
     tts_voice: str = "heart"
     tts_enabled: bool = True
     threads: int = 1
+    # Sessions listened to at once (a Silero VAD per session and channel, ~ a few MB each); the
+    # least recently heard beyond is closed: an utterance in progress ends there (transcribed
+    # and, for the user, asked as usual) and its state is forgotten.
+    live_sessions: int = 16
 
 
 class MemoryConfig(_Section):
@@ -160,6 +173,10 @@ class ReasoningConfig(_Section):
     window_tokens: int = 4096  # streamed KV kept live; older record blocks are evicted
     retrieved_tokens: int = 2048  # evicted blocks put back per question
     kv_ram_mb: int = 64  # evicted KV blocks kept in RAM; older ones spill to data_dir/kv
+    # Sessions whose KV (live window + kv_ram_mb tier: ~165 MB with the 0.5B, ~300 MB with the
+    # 1.5B) is held; the least recently used beyond is dropped from RAM (its evicted blocks stay
+    # on disk) and its live window is streamed again from memory's history when it comes back.
+    sessions_in_ram: int = 4
     system_prompt: str = ""  # instructions for the assistant; empty: the built-in ones (prompt.SYSTEM_PROMPT)
     # Multiple choice: "answer" picks the choice the model's own short open answer names (else
     # the likeliest choice after that answer); "text" scores each choice's words as the reply

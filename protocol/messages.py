@@ -264,6 +264,12 @@ class Retrieve(Message):
     """Reasoning asks memory for what is relevant to ``query`` up to stream time ``ts``.
 
     With ``turn`` set, memory answers from the snapshot it took when that ``Ask`` arrived.
+
+    With ``page_size`` > 0 it is a page of the session's history instead (a reasoner streaming a
+    session's records into its KV): the stored clips, transcripts and synopses with ids above
+    ``after_id``, in id order, at most ``page_size`` of them and few enough for one reply
+    (``query``, ``top_k``, ``recent_s`` and ``turn`` are not used); ``Retrieved.more`` says that
+    more follow (ask again with ``after_id`` = the last item's id).
     """
 
     request_id: str
@@ -271,6 +277,8 @@ class Retrieve(Message):
     top_k: int = 8
     recent_s: float = 30.0
     turn: str = ""
+    after_id: int = 0
+    page_size: int = 0
 
 
 class Record(Message):
@@ -300,6 +308,7 @@ class Retrieved(Message):
     request_id: str
     items: list[MemoryItem] = []
     error: str = ""
+    more: bool = False  # a history page (``Retrieve.page_size``) with more records after it
 
 
 class HistoryRequest(Message):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,8 @@ class Answerer:
         internal_retrieval: bool = True,
         system_prompt: str = "",
         choice_scoring: str = "answer",
+        sessions_in_ram: int = 0,
+        on_unload: Callable[[str], None] = lambda session: None,
     ):
         if choice_scoring not in CHOICE_SCORING:
             raise ValueError(f"choice scoring must be one of {CHOICE_SCORING}, got {choice_scoring!r}")
@@ -184,13 +187,22 @@ class Answerer:
         # Spilled KV blocks are kept per model/format/dtype/device/prompt (kv_fingerprint).
         self.spill_dir = spill_root / kv_fingerprint(engine, self.prefix_ids) if spill_root else None
         self.letter_ids = [engine.tokenizer.convert_tokens_to_ids(letter) for letter in CHOICE_LETTERS]
-        self.sessions: dict[str, SessionMemory] = {}
+        # Least recently used first; beyond ``sessions_in_ram`` (0: no limit) the first is
+        # unloaded: its KV leaves RAM (evicted blocks stay on disk with ``spill_root``) and
+        # ``on_unload`` is told, so the caller streams its records again when it comes back.
+        self.sessions: OrderedDict[str, SessionMemory] = OrderedDict()
+        self.sessions_in_ram = sessions_in_ram
+        self.on_unload = on_unload
         self.prepared: dict[str, Prepared] = {}  # by session
 
     # -- memory ingestion ------------------------------------------------------------------------
 
     def session(self, name: str) -> SessionMemory:
-        if name not in self.sessions:
+        if name in self.sessions:
+            self.sessions.move_to_end(name)
+        else:
+            while self.sessions_in_ram > 0 and len(self.sessions) >= self.sessions_in_ram:
+                self.unload(next(iter(self.sessions)))
             spill_dir = self.spill_dir / session_dir_name(name) if self.spill_dir else None
             store = BlockStore(self.block_ram_bytes, spill_dir, persist=spill_dir is not None)
             kv = StreamingKV(self.engine.model, self.prefix_ids, self.window_tokens, store)
@@ -202,6 +214,13 @@ class Answerer:
                 memory.last_item_id = max(memory.last_item_id, block.item_id)
             self.sessions[name] = memory
         return self.sessions[name]
+
+    def unload(self, name: str) -> None:
+        """Drop the session's KV (live window, RAM tier) and any question read ahead for it.
+        Its spilled blocks stay on disk: ``session`` finds them again, as after a restart."""
+        if self.sessions.pop(name, None) is not None:
+            self.prepared.pop(name, None)
+            self.on_unload(name)
 
     def ingest(self, session: str, item: MemoryItem) -> bool:
         """Stream one record into the session's KV cache (once: records are keyed by id)."""

@@ -51,6 +51,7 @@ log = logging.getLogger("omnistream.reasoning")
 MAX_QUESTION_CHARS = 2000
 MEMORY_TIMEOUT_S = 10.0
 HISTORY_TS = 1e12  # "until the end of time": a history request returns every record
+HISTORY_PAGE_RECORDS = 500  # records per history page (memory also bounds a page's bytes)
 MAX_QUEUED_RECORDS = 64  # records waiting to be prefilled together; more are streamed at once
 
 
@@ -71,6 +72,9 @@ class MemoryClient:
         return sock
 
     def retrieve(self, request: Retrieve, attempts: int = 2) -> list[MemoryItem]:
+        return self.request(request, attempts).items
+
+    def request(self, request: Retrieve, attempts: int = 2) -> Retrieved:
         for _ in range(attempts):
             send(self.sock, request)
             deadline = time.monotonic() + MEMORY_TIMEOUT_S
@@ -82,7 +86,7 @@ class MemoryClient:
                 except ProtocolError as exc:
                     raise MemoryUnavailable(f"bad reply from memory: {exc}") from exc
                 if isinstance(reply, Retrieved) and reply.request_id == request.request_id:
-                    return reply.items
+                    return reply
                 if getattr(reply, "request_id", None) == request.request_id:
                     raise MemoryUnavailable(f"memory refused the request: {getattr(reply, 'message', reply)}")
             self.sock.close(linger=0)
@@ -108,7 +112,10 @@ class ReasoningStage:
             spill_root=runtime.config.data_dir / "kv",
             system_prompt=config.system_prompt,
             choice_scoring=config.choice_scoring,
+            sessions_in_ram=config.sessions_in_ram,
+            on_unload=self._session_unloaded,
         )
+        # Sessions whose history memory has streamed into their KV (since they were last loaded).
         self.loaded_sessions: set[str] = set()
         self.watches = WatchList(engine)
         self.synopsizer = Synopsizer(engine, runtime.config.memory)
@@ -154,8 +161,8 @@ class ReasoningStage:
             return
         items = None
         if not self.answerer.has_prepared(draft.session):
-            self._load_history(draft.session)
             self.stream_records()
+            self._load_history(draft.session)  # after the others: the most recently used session
             try:
                 items = self.memory.retrieve(
                     Retrieve(
@@ -171,6 +178,7 @@ class ReasoningStage:
         """Prefill the queued records into their sessions' KV memory; watches see each one."""
         queued, self.queued_records = self.queued_records, {}
         for session, items in queued.items():
+            self._load_history(session)  # again if the session was unloaded since its records came
             for item in self.answerer.ingest_many(session, sorted(items, key=lambda i: i.item_id)):
                 self.synopsizer.observe(session, item)
                 self.runtime.counters["records_streamed"] += 1
@@ -183,31 +191,50 @@ class ReasoningStage:
             release_freed_memory()
 
     def _load_history(self, session: str) -> None:
-        """On first contact with a session, stream what memory already holds (after a restart)."""
+        """On first contact with a session (after a restart, or after it was unloaded from RAM),
+        stream what memory already holds, page by page: the records after those its spilled KV
+        blocks hold go into the live window, and the synopsis is seeded."""
         if session in self.loaded_sessions:
             return
         self.loaded_sessions.add(session)
-        try:
-            items = self.memory.retrieve(
-                Retrieve(
-                    ts=HISTORY_TS,
-                    session=session,
-                    request_id=uuid.uuid4().hex,
-                    query="",
-                    top_k=0,
-                    recent_s=HISTORY_TS,
+        after_id = 0
+        while True:
+            try:
+                page = self.memory.request(
+                    Retrieve(
+                        ts=HISTORY_TS,
+                        session=session,
+                        request_id=uuid.uuid4().hex,
+                        query="",
+                        after_id=after_id,
+                        page_size=HISTORY_PAGE_RECORDS,
+                    )
                 )
-            )
-        except MemoryUnavailable as exc:
-            log.warning("could not load session history: %s", exc, extra={"session": session})
-            self.loaded_sessions.discard(session)
-            return
-        for item in items:
-            if item.kind == "synopsis":
-                self.synopsizer.seed(session, item)
-        streamed = sorted((i for i in items if i.kind in STREAMED_KINDS), key=lambda i: i.item_id)
-        for item in self.answerer.ingest_many(session, streamed):
-            self.synopsizer.observe(session, item)
+            except MemoryUnavailable as exc:
+                # The pages streamed so far stay; the next contact asks again from the start
+                # (records already held are skipped).
+                log.warning("could not load session history: %s", exc, extra={"session": session})
+                self.loaded_sessions.discard(session)
+                return
+            for item in page.items:
+                if item.kind == "synopsis":
+                    self.synopsizer.seed(session, item)
+            streamed = sorted((i for i in page.items if i.kind in STREAMED_KINDS), key=lambda i: i.item_id)
+            self.answerer.ingest_many(session, streamed)
+            for item in streamed:  # the digest skips what its synopsis covers or it has seen
+                self.synopsizer.observe(session, item)
+            self.runtime.counters["history_pages"] += 1
+            if not page.more or not page.items:
+                return
+            after_id = max(item.item_id for item in page.items)
+
+    def _session_unloaded(self, session: str) -> None:
+        """The answerer dropped the session's KV from RAM (``reasoning.sessions_in_ram``): its
+        history is streamed again when it comes back, and its synopsis digest re-seeded then."""
+        self.loaded_sessions.discard(session)
+        self.synopsizer.forget(session)
+        self.runtime.counters["sessions_unloaded"] += 1
+        release_freed_memory()
 
     # -- synopsis (L3): written when idle, never while a question waits ------------------------
 

@@ -116,6 +116,8 @@ class Synopsizer:
         digest = self.digest(session)
         if item.kind not in ("clip", "transcript", "sighting") or item.t1 <= digest.covered_ts:
             return
+        if item.item_id and item.item_id <= digest.last_item_id:
+            return  # already seen (a session's history streamed again)
         digest.t0 = item.t0 if digest.t0 is None else min(digest.t0, item.t0)
         digest.new.append(item)
         digest.new_count += 1
@@ -123,6 +125,11 @@ class Synopsizer:
         digest.last_item_id = max(digest.last_item_id, item.item_id)
         while sum(len(i.text) for i in digest.new) > self.config.synopsis_input_chars and len(digest.new) > 1:
             digest.new.pop(0)
+
+    def forget(self, session: str) -> None:
+        """Drop the session's digest (the reasoner unloaded it); ``seed`` and ``observe`` rebuild
+        it from memory's history when the session comes back."""
+        self.sessions.pop(session, None)
 
     def acknowledge(self, record: Record) -> None:
         digest = self.sessions.get(record.session)

@@ -28,7 +28,7 @@ import argparse
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,6 +96,9 @@ class SpeechStage:
         self.asr_final = Worker("speech-asr-final")
         self.speaker = Speaker(config, voice, publish, counters, clock, self._on_timeline)
         self.listeners: dict[tuple[str, str], Listener] = {}
+        # Sessions listened to, least recently heard first; beyond ``live_sessions`` the first
+        # is closed (``close_session``).
+        self.live: OrderedDict[str, None] = OrderedDict()
         self.utterances: dict[tuple[str, int], Utterance] = {}
         self.pending: dict[str, PendingQuestion] = {}  # questions waiting for the end of the turn
         self.asked: dict[str, PendingQuestion] = {}  # the last question asked, per session
@@ -178,22 +181,45 @@ class SpeechStage:
 
     def on_audio(self, chunk: AudioChunk) -> None:
         self.counters["audio_chunks"] += 1
+        self._touch(chunk.session)
         listener = self._listener(chunk.session, chunk.channel)
         if chunk.channel == "user":
             self.user_rate[chunk.session] = chunk.sample_rate
         events = listener.push(chunk.pcm, chunk.sample_rate, chunk.ts)
         stream_ts = self.speaker.stream_ts
         stream_ts[chunk.session] = max(stream_ts.get(chunk.session, 0.0), listener.stream_ts)
+        self._on_events(chunk.session, chunk.channel, events)
+
+    def _on_events(self, session: str, channel: str, events: list[ListenEvent]) -> None:
         for event in events:
-            if chunk.channel == "user":
-                self._on_user_event(chunk.session, event)
+            if channel == "user":
+                self._on_user_event(session, event)
             elif event.kind == "ended" and event.audio is not None:
                 audio = event.audio
                 self.asr.submit(
-                    ("scene", chunk.session, event.t0, event.t1),
+                    ("scene", session, event.t0, event.t1),
                     lambda a=audio: self.recognizer.transcribe(a),
                     SCENE,
                 )
+
+    def _touch(self, session: str) -> None:
+        """``session`` is heard now; the least recently heard beyond ``live_sessions`` closes."""
+        if session in self.live:
+            self.live.move_to_end(session)
+            return
+        while len(self.live) >= max(self.config.live_sessions, 1):
+            self.close_session(next(iter(self.live)))
+        self.live[session] = None
+
+    def close_session(self, session: str) -> None:
+        """Stop listening to ``session``: an utterance in progress on any of its channels ends
+        now (transcribed, and a user's asked, as at any end of speech) and its VAD state is
+        dropped. Audio of it later starts afresh."""
+        self.live.pop(session, None)
+        for key in [key for key in self.listeners if key[0] == session]:
+            self._on_events(session, key[1], self.listeners[key].flush())
+            del self.listeners[key]
+        self.counters["sessions_closed"] += 1
 
     def _on_user_event(self, session: str, event: ListenEvent) -> None:
         key = (session, event.utterance)
@@ -292,8 +318,9 @@ class SpeechStage:
                 utterance.early_text = text
                 # A turn that waits longer is read ahead. (One about to end gets its Ask within
                 # turn_end_s: a Draft just before it would cost reasoning one more pass.)
-                if not self._ends_soon(text):
-                    self._draft(key, self.listeners[(key[0], "user")].stream_ts, text)
+                listener = self.listeners.get((key[0], "user"))
+                if not self._ends_soon(text) and listener is not None:
+                    self._draft(key, listener.stream_ts, text)
 
     def _on_user_partial(self, key: tuple[str, int], t1: float, text: str) -> None:
         utterance = self.utterances.get(key)

@@ -403,6 +403,7 @@ def budget_gateway(short_tmp: Path) -> Iterator[Launcher]:
         "gateway.client_audio_burst_s": 5.0,
         "gateway.client_max_fps": 5.0,
         "gateway.client_frame_burst": 5.0,
+        "gateway.sessions_per_client": 1000,  # a new name per chunk here: the budgets are tested
     }
     launcher = Launcher(make_config(short_tmp, ("gateway",), **overrides), short_tmp / "run")
     launcher.start()
@@ -443,3 +444,37 @@ def test_new_session_names_do_not_bypass_the_connections_budget(budget_gateway: 
             other.close(linger=0)
     finally:
         sock.close(linger=0)
+
+
+# -- item 2: what one client may open ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "probe_runtime",
+    [{"gateway.sessions_per_client": 4, "gateway.client_session_idle_s": 0.5}],
+    indirect=True,
+)
+def test_a_client_may_name_a_bounded_number_of_sessions(probe_runtime: Runtime) -> None:
+    """A loop over new session names (a tab reloaded, a script) stops at the limit with an Error
+    naming it; names in use keep working, another client has its own, idle names are released."""
+    gateway = GatewayStage(probe_runtime)
+    chunk = np.zeros(160, np.float32)
+    one, other = ("connection", b"one"), ("connection", b"other")
+    try:
+        replies = [gateway.on_request(AudioChunk(session=f"s{i}", pcm=chunk), one) for i in range(50)]
+        assert replies[:4] == [None] * 4  # accepted (published, nothing to answer)
+        refused = replies[4:]
+        assert all(isinstance(r, Error) and r.code == "too_many_sessions" for r in refused), refused
+        assert "gateway.sessions_per_client = 4" in refused[0].message  # type: ignore[union-attr]
+        assert probe_runtime.counters["in_AudioChunk"] == 4
+        assert probe_runtime.counters["sessions_refused"] == 46
+        ask = gateway.on_request(Ask(session="s99", turn="q", question="what?"), one)
+        assert isinstance(ask, Error) and ask.code == "too_many_sessions" and ask.request_id == "q"
+        assert gateway.on_request(AudioChunk(session="s2", pcm=chunk), one) is None  # in use
+        assert gateway.on_request(AudioChunk(session="s7", pcm=chunk), other) is None
+        assert len(gateway.client_sessions[one]) == 4
+        time.sleep(0.6)  # every name of the first client idle: released
+        assert gateway.on_request(AudioChunk(session="s50", pcm=chunk), one) is None
+        assert list(gateway.client_sessions[one]) == ["s50"]
+    finally:
+        gateway.stop()

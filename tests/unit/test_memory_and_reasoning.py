@@ -612,3 +612,216 @@ def test_spilled_kv_is_kept_apart_per_model_format_and_prompt(tiny_engine, tiny_
     assert spill_dir(LLMEngine(tiny_llm_dir, dtype="bfloat16", threads=1)) != first
     restored = Answerer(tiny_engine, window_tokens=24, spill_root=tmp_path / "kv").session("s")
     assert len(restored.kv.evicted) > 0 and restored.last_item_id > 0
+
+
+# -- issue #18 items 2 and 12: sessions beyond RAM, history in pages --------------------------------
+
+
+HISTORY_WORDS = "the reader said that the monarch butterfly rested on a green leaf by the window "
+
+
+def long_history(store: MemoryStore, session: str, n: int) -> set[int]:
+    """``n`` clips and transcripts of ~250 characters (over 1 MiB together), one synopsis and a
+    sighting (not history: the reasoner streams clips and transcripts), and another session's
+    record; returns the ids a history must hold."""
+    vector = FakeEmbedder().embed([HISTORY_WORDS])[0]
+    ids = set()
+    store.db.execute("BEGIN")
+    for i in range(n):
+        kind = "clip" if i % 2 else "transcript"
+        ids.add(store.add(session, kind, 2.0 * i, 2.0 * i + 1.5, f"{i}: {HISTORY_WORDS * 3}", vector))
+        if i == n // 2:
+            ids.add(store.add(session, "synopsis", 0.0, 2.0 * i, "A long reading about butterflies.", vector))
+            store.add(session, "sighting", 2.0 * i, 2.0 * i + 1, "a cup appeared", vector)
+            store.add("other", "clip", 2.0 * i, 2.0 * i + 1, "another session's clip", vector)
+    store.db.execute("COMMIT")
+    return ids
+
+
+def test_a_long_sessions_history_comes_in_pages_under_the_header_cap(tmp_path: Path) -> None:
+    """Issue #18 item 12: 5000 records are ~1.4 MB, over the 1 MiB header cap a reply must fit,
+    so a history asked for in one reply never arrived and a restarted reasoner never rebuilt its
+    KV. Asked in pages (by item id), every page decodes and the pages hold every record once."""
+    from omnistream.protocol.codec import DEFAULT_MAX_HEADER_BYTES, decode, encode
+
+    stage = memory_stage(tmp_path)
+    expected = long_history(stage.store, "long", 5000)
+    for page_size in (500, 5000):  # the second: memory bounds a page's bytes on its own
+        seen: list[int] = []
+        after, pages, header_bytes = 0, 0, 0
+        while True:
+            reply = stage.retrieve(
+                Retrieve(
+                    ts=1e12,
+                    session="long",
+                    request_id=f"p{pages}",
+                    query="",
+                    after_id=after,
+                    page_size=page_size,
+                )
+            )
+            frames = [bytes(frame) for frame in encode(reply)]
+            assert len(frames[1]) < DEFAULT_MAX_HEADER_BYTES
+            header_bytes += len(frames[1])
+            page = decode(frames)  # what the reasoner's socket gets: within every limit
+            assert page.items and page.request_id == f"p{pages}"
+            seen += [item.item_id for item in page.items]
+            pages += 1
+            if not page.more:
+                break
+            after = page.items[-1].item_id
+        assert len(seen) == len(set(seen)) and set(seen) == expected, page_size
+        assert seen == sorted(seen) and pages >= 6
+        assert header_bytes > DEFAULT_MAX_HEADER_BYTES  # more than one reply could hold
+
+
+@pytest.fixture(scope="module")
+def word_engine(tiny_llm_dir):
+    """The tiny model read through its MiniLM vocabulary split into words (BERT's
+    pre-tokenizer): the stage's watch list needs " yes" and " no" as single tokens."""
+    from transformers import BertTokenizerFast
+
+    from omnistream.reasoning.engine import LLMEngine
+
+    engine = LLMEngine(tiny_llm_dir, dtype="float32", threads=1)
+    engine.tokenizer = BertTokenizerFast.from_pretrained(str(tiny_llm_dir))
+    return engine
+
+
+class ReasoningHarness:
+    """A ``ReasoningStage`` asking a real memory stage over a real ROUTER socket (served in a
+    thread: the memory process's reader), its published messages collected. Memory is filled
+    before the harness starts serving and not touched after."""
+
+    def __init__(self, engine, memory: MemoryStage, root: Path, **reasoning):
+        import threading
+        import uuid
+
+        import zmq
+
+        from omnistream.protocol.config import save_config
+        from omnistream.protocol.sockets import make_socket
+        from omnistream.reasoning.stage import MemoryClient, ReasoningStage
+
+        from ..conftest import make_config
+
+        overrides = {"memory.synopsis_every_records": 0, "memory.synopsis_every_s": 0}
+        overrides |= {f"reasoning.{key}": value for key, value in reasoning.items()}
+        self.config = make_config(root, ("memory", "reasoning"), **overrides)
+        save_config(self.config, root / "config.json")  # what the stages would read
+        self.counters: dict[str, float] = defaultdict(float)
+        self.out: list = []
+        self.running = True
+        ctx = zmq.Context.instance()
+        address = f"inproc://memory-{uuid.uuid4().hex}"
+        self.router = make_socket(ctx, zmq.ROUTER, max_message_bytes=1 << 20)
+        self.router.bind(address)
+        self.done = threading.Event()
+
+        def serve() -> None:
+            while not self.done.is_set():
+                if self.router.poll(20):
+                    memory.on_router(self.router)
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        self.client = MemoryClient(ctx, address)
+        self.stage = ReasoningStage(self.config.reasoning, engine, self.client, self)
+
+    # the parts of ``Runtime`` the stage uses
+    def publish(self, message) -> None:
+        self.out.append(message)
+
+    def poll(self, timeout_s: float = 0.0) -> list:
+        return []
+
+    def maybe_publish_stats(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self.router.close(linger=0)
+        self.client.sock.close(linger=0)
+
+
+def test_reasoning_holds_a_bounded_number_of_sessions_and_rebuilds_one_that_comes_back(
+    word_engine, short_tmp: Path
+) -> None:
+    """Issue #18 item 2: 50 sessions (a tab reloaded 50 times) keep at most
+    ``reasoning.sessions_in_ram`` KV caches in RAM; the least recently used is unloaded, and when
+    it is asked about again its KV comes back whole: the blocks it had evicted from disk, its
+    live window streamed again from memory's history."""
+    from omnistream.protocol.messages import AnswerDone, Record
+
+    published: list = []
+    memory = MemoryStage(
+        MemoryConfig(),
+        MemoryStore(short_tmp / "m.sqlite", 26),
+        FakeEmbedder(),
+        defaultdict(float),
+        published.append,
+    )
+    for i in range(50):
+        for j in range(6):  # ~20 tokens each: a 48-token window evicts the first ones
+            memory.handle(
+                Transcript(
+                    session=f"s{i}",
+                    t0=10.0 * j,
+                    ts=10.0 * j + 4,
+                    text=f"session {i} line {j} about a red kettle",
+                )
+            )
+    records = [m for m in published if isinstance(m, Record)]
+    harness = ReasoningHarness(
+        word_engine, memory, short_tmp, sessions_in_ram=3, window_tokens=48, max_new_tokens=2
+    )
+    stage = harness.stage
+    try:
+        for record in records:  # as they came over the bus
+            stage.handle(record)
+            stage.stream_records()
+            assert len(stage.answerer.sessions) <= 3 and len(stage.loaded_sessions) <= 3
+        assert list(stage.answerer.sessions) == ["s47", "s48", "s49"]
+        assert harness.counters["sessions_unloaded"] == 47
+        assert len(stage.synopsizer.sessions) <= 3
+        stage.handle(Ask(ts=60, session="s0", turn="t0", question="what about the kettle?", mode="full"))
+        done = [m for m in harness.out if isinstance(m, AnswerDone)]
+        assert len(done) == 1 and not done[0].error, done
+        kv = stage.answerer.sessions["s0"].kv
+        assert len(stage.answerer.sessions) == 3 and "s47" not in stage.answerer.sessions
+        evicted = [b.item_id for b in kv.evicted]  # read back from data_dir/kv
+        window = [b.item_id for b in kv.window]  # streamed again from memory
+        assert evicted and window
+        assert evicted + window == [r.item_id for r in records if r.session == "s0"]
+        assert done[0].context == [[10.0 * j, 10.0 * j + 4] for j in range(6)]  # all of s0's records
+    finally:
+        harness.close()
+
+
+def test_a_restarted_reasoner_streams_a_history_over_the_header_cap(word_engine, short_tmp: Path) -> None:
+    """Issue #18 item 12, end to end over memory's socket: 2000 records of 600 characters
+    (1.2 MB: one reply would be refused by the reasoner's socket) all reach the KV of a reasoner
+    meeting the session for the first time (as after a restart)."""
+    from omnistream.protocol.messages import Record
+
+    memory = memory_stage(short_tmp)
+    vector = FakeEmbedder().embed(["y"])[0]
+    memory.store.db.execute("BEGIN")
+    ids = [  # one long word: one token for the tiny model, 600 bytes on the wire
+        memory.store.add("long", "transcript", 2.0 * i, 2.0 * i + 1, f"{i} {'y' * 595}", vector)
+        for i in range(2000)
+    ]
+    memory.store.db.execute("COMMIT")
+    harness = ReasoningHarness(word_engine, memory, short_tmp, window_tokens=256)
+    stage = harness.stage
+    try:
+        stage.handle(
+            Record(session="long", ts=4001, t0=4000, item_id=ids[-1], kind="transcript", text="last")
+        )
+        assert "long" in stage.loaded_sessions
+        kv = stage.answerer.sessions["long"].kv
+        assert [b.item_id for b in kv.evicted] + [b.item_id for b in kv.window] == ids
+        assert harness.counters["history_pages"] >= 5
+    finally:
+        harness.close()

