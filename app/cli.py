@@ -60,11 +60,17 @@ def _stage_table(rows: list[dict], title: str) -> Table:
 
 @contextmanager
 def running_system(config: Config, run_dir: Path | None, quiet: bool = False) -> Iterator[Path]:
-    """Attach to the system running in ``run_dir``, or start one for the duration of the block."""
-    from omnistream.app.launcher import Launcher
+    """Attach to the system running in ``run_dir`` (without one: the system that holds
+    ``config``'s data directory, or the one in the default run directory), or start one for the
+    duration of the block. A system started here is supervised as ``omnistream up`` supervises
+    (restarts, heartbeats) by a thread, and stopped the same ordered way at the end."""
+    from omnistream.app.launcher import Launcher, live_run_dir
 
-    if run_dir is not None and (run_dir / "addresses.json").exists():
-        yield run_dir
+    attach = live_run_dir(config, run_dir)
+    if attach is not None:
+        if not quiet:
+            console.log(f"attached to the system running in {attach}")
+        yield attach
         return
     from omnistream.app.models import prepare_llm_cache
 
@@ -79,9 +85,14 @@ def running_system(config: Config, run_dir: Path | None, quiet: bool = False) ->
             else _nullcontext()
         ):
             launcher.start()
+    except BaseException:
+        launcher.shutdown()
+        raise
+    supervisor = launcher.supervise_in_thread()
+    try:
         yield owned
     finally:
-        launcher.shutdown()
+        supervisor.stop()
 
 
 @contextmanager
@@ -265,7 +276,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.ask and args.at is None:
         args.at = duration
     asks = [ScheduledAsk(args.at, args.ask)] if args.ask else []
+    # A named session resumes (its timeline goes on where its memory stops); without one, each
+    # replay is a session of its own, so two replays never share one timeline.
+    resume = bool(args.session)
+    if not resume:
+        args.session = f"replay-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
     config = _config(args)
+    # Without --run-dir: the running system (the one holding this data, or `omnistream up`'s),
+    # else one started for this replay.
     run_dir = Path(args.run_dir) if args.run_dir else None
     results = []
     with (
@@ -280,8 +298,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 print(text, end="", flush=True)
 
         replayer = Replayer(client, on_delta=on_delta, speak=not args.no_speech)
-        # A named session resumes: the recording continues its timeline where its memory stops.
-        start_ts = session_end(client) if args.session else 0.0
+        start_ts = session_end(client) if resume else 0.0
         if start_ts and not args.json:
             console.log(f"session {config.session}: continuing at stream time {start_ts:.1f} s")
         start = time.monotonic()
@@ -309,7 +326,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
             )
         elapsed = time.monotonic() - start
     if args.json:
-        print(json.dumps({"file": str(path), "elapsed_s": round(elapsed, 2), "answers": results}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "session": config.session,
+                    "start_ts": start_ts,
+                    "run_dir": str(live_dir),
+                    "elapsed_s": round(elapsed, 2),
+                    "answers": results,
+                },
+                indent=1,
+            )
+        )
     else:
         print()
         for result in results:
@@ -483,7 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     remote(p)
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("replay", help="stream a recording as if live (starts the system if none is running)")
+    p = sub.add_parser(
+        "replay",
+        help="stream a recording as if live, in a new session (attaches to the running system, "
+        "else starts one)",
+    )
     common(p)
     p.add_argument("file", nargs="?", help="video/audio file (default: the bundled 30 s sample)")
     p.add_argument("--speed", type=float, default=1.0, help="x real time; 0 = as fast as possible")
@@ -491,7 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", type=float, help="stream time to ask at (default: the end)")
     p.add_argument("--wav", default="answer.wav", help="where to write the spoken answer")
     p.add_argument("--no-speech", action="store_true", help="text answers only")
-    p.add_argument("--session")
+    p.add_argument(
+        "--session",
+        help="session to continue (its timeline goes on where it stopped; default: a new one per replay)",
+    )
     p.add_argument("--model", help="LLM to use")
     p.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for answers after the stream"
@@ -552,6 +588,11 @@ def main(argv: list[str] | None = None) -> None:
     except msgspec.ValidationError as exc:
         console.print(f"[red]bad configuration:[/red] {exc}")
         code = EXIT_USAGE
+    except RuntimeError as exc:  # LaunchError: a system could not be started (data in use, ...)
+        if type(exc).__name__ != "LaunchError":
+            raise
+        console.print(f"[red]{exc}[/red]")
+        code = EXIT_FAILURE
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

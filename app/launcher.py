@@ -1,13 +1,29 @@
-"""The launcher: one OS process per stage, READY handshakes, restarts with backoff, clean shutdown.
+"""The launcher: one OS process per stage, READY handshakes, restarts with backoff, heartbeats,
+an ordered shutdown.
 
 Each child runs ``python -m <module> --run-dir RUN`` with its stderr in ``RUN/logs/<stage>.log``
 and dies with the launcher (``PR_SET_PDEATHSIG``), so even a SIGKILLed launcher leaves no orphan.
 A child that exits while the system runs is restarted after a backoff that doubles per quick
 failure (reset once it has stayed up); every restart is logged and counted in ``Stats``.
+
+Heartbeat: every stage publishes ``Stats`` each ``launcher.stats_every_s`` (from its loop and
+from every poll, so a long answer beats too). A ready stage silent for
+``launcher.heartbeat_timeout_s`` whose main thread is stopped or used no CPU in that time is hung:
+it is killed and restarted like a crashed one. A stage busy computing (CPU moving) is left alone.
+
+Stopping (``shutdown``) follows the data: the gateway first (no new input), then perception and
+speech, memory, reasoning, the rest, the bus last. Each stage, on SIGTERM, handles what it has
+already received and flushes (protocol/runtime.py) before it exits, and the next one is stopped
+only then, so the open clip and memory's backlog are stored. ``launcher.stop_timeout_s`` bounds
+it all: whatever is still running when its share of that time is up is killed.
+
+``supervise`` is the one supervision loop: ``omnistream up`` runs it in the main thread,
+``running_system`` (replay, eval, demo) in a thread (``supervise_in_thread``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -16,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +42,7 @@ import zmq
 
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import Config, save_config
-from omnistream.protocol.messages import Ready, Shutdown, Stats
+from omnistream.protocol.messages import Ready, Stats
 from omnistream.protocol.security import SecurityError, load_server_keys
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
@@ -42,6 +59,8 @@ STAGE_MODULES = {
 STABLE_AFTER_S = 30.0
 STOP_GRACE_S = 8.0
 PR_SET_PDEATHSIG = 1
+# Stopped in this order (data flows this way); stages not named here after them, the bus last.
+STOP_ORDER = (("gateway",), ("perception", "speech"), ("memory",), ("reasoning",))
 
 
 BUDGETED_STAGES = ("memory", "reasoning")  # launcher.ram_budget_mb covers these two together
@@ -59,6 +78,16 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def main_thread_cpu(pid: int) -> tuple[str, int] | None:
+    """(state, utime + stime in clock ticks) of a process's main thread, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return None
+    return fields[0], int(fields[11]) + int(fields[12])
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: get SIGTERM when the launcher dies, whatever the cause."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -67,6 +96,51 @@ def _die_with_parent() -> None:
 
 class LaunchError(RuntimeError):
     pass
+
+
+OWNER_FILE = "launcher.json"  # in the data directory: the live system (pid, run dir) that holds it
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def running_in(run_dir: Path) -> bool:
+    """Is a system running in ``run_dir`` (its launcher alive, its addresses published)?"""
+    try:
+        pid = int((run_dir / "launcher.pid").read_text())
+    except (OSError, ValueError):
+        return False
+    return (run_dir / "addresses.json").exists() and pid_running(pid)
+
+
+def data_dir_owner(data_dir: Path) -> Path | None:
+    """The run directory of the live system that holds ``data_dir``, if one does."""
+    try:
+        owner = json.loads((Path(data_dir) / OWNER_FILE).read_text())
+        pid, run_dir = int(owner["pid"]), Path(owner["run_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return run_dir if pid_running(pid) and running_in(run_dir) else None
+
+
+def live_run_dir(config: Config, run_dir: Path | None) -> Path | None:
+    """The system a command should attach to: the one in ``run_dir`` when given; otherwise the
+    one holding ``config``'s data directory, or the one in the default run directory. None: no
+    system runs there (start one)."""
+    if run_dir is not None:
+        return run_dir if running_in(run_dir) else None
+    owner = data_dir_owner(config.data_dir)
+    if owner is not None:
+        return owner
+    from omnistream.app.client_core import default_run_dir
+
+    default = default_run_dir()
+    return default if running_in(default) else None
 
 
 @dataclass
@@ -80,6 +154,10 @@ class Child:
     backoff_s: float = 0.0
     restart_at: float | None = None
     history: list[str] = field(default_factory=list)
+    last_beat: float = 0.0  # monotonic time of its last Stats (or of READY)
+    cpu_ticks: int = -1  # its main thread's CPU time when last sampled
+    cpu_moved_at: float = 0.0  # monotonic time its main thread's CPU time last moved
+    hung_kills: int = 0
 
     @property
     def pid(self) -> int:
@@ -103,6 +181,7 @@ class Launcher:
         self.ctx = zmq.Context.instance()
         self.control: zmq.Socket | None = None
         self.pub: zmq.Socket | None = None
+        self.beats: zmq.Socket | None = None
         self.addresses: Addresses | None = None
         self._last_stats = 0.0
         self._over_budget = False
@@ -151,11 +230,20 @@ class Launcher:
                     raise LaunchError(
                         f"omnistream is already running in {self.run_dir} (launcher pid {other})"
                     )
+        owner = data_dir_owner(self.config.data_dir)
+        if owner is not None and owner.resolve() != self.run_dir.resolve():
+            raise LaunchError(
+                f"the data directory {self.config.data_dir} is in use by the system running in "
+                f"{owner}: attach to it (--run-dir {owner}) or stop it first"
+            )
         pid_file.write_text(str(os.getpid()))
         for stale in self.run_dir.iterdir():
             if stale.is_socket():
                 stale.unlink()
         self.config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.config.data_dir / OWNER_FILE).write_text(
+            json.dumps({"pid": os.getpid(), "run_dir": str(self.run_dir.resolve())})
+        )
         save_config(self.config, self.run_dir / "config.json")
         self.addresses = addresses
         self.addresses.save(self.run_dir)
@@ -170,6 +258,9 @@ class Launcher:
         self.wait_ready(["bus"], timeout_s=30.0)
         self.pub = make_socket(self.ctx, zmq.PUB)
         self.pub.connect(self.addresses.bus_in)
+        self.beats = make_socket(self.ctx, zmq.SUB, hwm=10000)
+        self.beats.connect(self.addresses.bus_out)
+        self.beats.setsockopt(zmq.SUBSCRIBE, b"Stats")
         for name in self.config.stages:
             self._spawn(name)
         self.wait_ready(list(self.config.stages), timeout_s=self.config.launcher.ready_timeout_s)
@@ -233,14 +324,67 @@ class Launcher:
                 child = self.children[message.stage]
                 if child.pid == message.pid:
                     child.ready, child.ready_at = True, time.monotonic()
+                    child.last_beat = child.cpu_moved_at = child.ready_at
+                    child.cpu_ticks = -1
                     self.on_event(f"{message.stage} ready (pid {message.pid})")
 
     # -- supervise ------------------------------------------------------------------------------
 
+    def _read_beats(self) -> None:
+        """Every stage's ``Stats`` seen on the bus: its heartbeat."""
+        if self.beats is None:
+            return
+        by_pid = {c.pid: c for c in self.children.values() if c.process is not None}
+        while True:
+            try:
+                _, message = recv(self.beats, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ProtocolError:
+                continue
+            child = by_pid.get(getattr(message, "pid", 0))
+            if isinstance(message, Stats) and child is not None and child.name == message.stage:
+                child.last_beat = time.monotonic()
+
+    def _check_heartbeats(self, now: float) -> None:
+        """Kill a ready stage that stopped beating while its main thread stands still (stopped,
+        blocked, deadlocked): the dead-child path below restarts it."""
+        timeout = self.config.launcher.heartbeat_timeout_s
+        if timeout <= 0:
+            return
+        for child in self.children.values():
+            if child.name == "bus" or not child.ready or not child.alive():
+                continue
+            sample = main_thread_cpu(child.pid)
+            if sample is None:
+                continue
+            state, ticks = sample
+            if ticks != child.cpu_ticks:
+                child.cpu_ticks, child.cpu_moved_at = ticks, now
+            silent = now - child.last_beat
+            if silent < timeout:
+                continue
+            if state not in ("T", "t") and now - child.cpu_moved_at < timeout:
+                continue  # busy computing: its main thread is using CPU
+            event = (
+                f"{child.name} hung: no Stats for {silent:.1f} s and its main thread "
+                f"{'stopped' if state in ('T', 't') else 'idle'}; killing it (pid {child.pid})"
+            )
+            child.history.append(event)
+            child.hung_kills += 1
+            log.warning("stage hung", extra={"stage": child.name, "silent_s": round(silent, 1)})
+            self.on_event(event)
+            child.process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(timeout=5)
+
     def step(self, timeout_ms: int = 200) -> None:
-        """One supervision step: READYs, dead children, scheduled restarts, stats."""
+        """One supervision step: READYs, heartbeats, dead children, scheduled restarts, stats."""
         self._read_control(timeout_ms)
+        self._read_beats()
         now = time.monotonic()
+        if not self.stopping:
+            self._check_heartbeats(now)
         for child in self.children.values():
             if self.stopping:
                 break
@@ -277,6 +421,7 @@ class Launcher:
             self._last_stats = now
             counters = {f"{c.name}.restarts": float(c.restarts) for c in self.children.values()}
             counters.update({f"{c.name}.ready": float(c.ready) for c in self.children.values()})
+            counters.update({f"{c.name}.hung_kills": float(c.hung_kills) for c in self.children.values()})
             rss = {c.name: rss_mb(c.pid) for c in self.children.values() if c.alive()}
             counters.update({f"{name}.rss_mb": value for name, value in rss.items()})
             self._check_budget(rss)
@@ -309,33 +454,82 @@ class Launcher:
 
     # -- stop -------------------------------------------------------------------------------------
 
+    def stop_groups(self) -> list[list[Child]]:
+        """The children in stopping order: ``STOP_ORDER``, then other stages, the bus last."""
+        named = [name for group in STOP_ORDER for name in group]
+        groups = [[self.children[n] for n in group if n in self.children] for group in STOP_ORDER]
+        groups.append([c for n, c in self.children.items() if n not in named and n != "bus"])
+        groups.append([c for n, c in self.children.items() if n == "bus"])
+        return [group for group in groups if group]
+
     def shutdown(self) -> None:
-        """SIGTERM every stage (then the bus), SIGKILL what outlives the grace period."""
+        """Stop the stages group by group in ``STOP_ORDER`` (SIGTERM; each drains and flushes,
+        and the next group is stopped once it has exited), then the bus. Everything is done
+        within ``launcher.stop_timeout_s``: a group still running when its share is up is killed
+        (each later group keeps at least a second)."""
         self.stopping = True
-        if self.pub is not None:
-            send(self.pub, Shutdown(reason="launcher stopping"))
-        stages = [c for n, c in self.children.items() if n != "bus"]
-        bus = [c for n, c in self.children.items() if n == "bus"]
-        for group in (stages, bus):
+        started = time.monotonic()
+        deadline = started + max(self.config.launcher.stop_timeout_s, 1.0)
+        groups = self.stop_groups()
+        for index, group in enumerate(groups):
+            left_after = len(groups) - index - 1
+            group_deadline = min(
+                deadline - left_after * 1.0,
+                time.monotonic() + self.config.launcher.drain_s + STOP_GRACE_S + 2.0,
+            )
+            group_started = time.monotonic()
             for child in group:
                 if child.alive():
                     child.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
             for child in group:
                 if child.process is None:
                     continue
                 try:
-                    child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                    child.process.wait(timeout=max(group_deadline - time.monotonic(), 0.1))
                 except subprocess.TimeoutExpired:
                     log.warning("stage did not stop in time; killing", extra={"stage": child.name})
+                    self.on_event(f"{child.name} did not stop in time; killed")
                     child.process.kill()
                     child.process.wait()
-        for sock in (self.pub, self.control):
+            log.info(
+                "stopped",
+                extra={
+                    "stages": [c.name for c in group],
+                    "seconds": round(time.monotonic() - group_started, 3),
+                },
+            )
+        for sock in (self.pub, self.control, self.beats):
             if sock is not None:
                 sock.close(linger=0)
         for name in ("addresses.json", "launcher.pid"):
             (self.run_dir / name).unlink(missing_ok=True)
-        self.on_event("all stages stopped")
+        self._release_data_dir()
+        self.pub = self.control = self.beats = None
+        self.on_event(f"all stages stopped in {time.monotonic() - started:.1f} s")
+
+    def _release_data_dir(self) -> None:
+        owner_file = self.config.data_dir / OWNER_FILE
+        try:
+            owner = json.loads(owner_file.read_text())
+        except (OSError, ValueError):
+            return
+        if owner.get("pid") == os.getpid() and owner.get("run_dir") == str(self.run_dir.resolve()):
+            owner_file.unlink(missing_ok=True)
+
+    def supervise(self, should_stop: Callable[[], bool], on_tick: Callable[[], None] | None = None) -> None:
+        """The supervision loop of every entry point: ``step`` until ``should_stop()``, then the
+        ordered ``shutdown`` (always, even when a step raised)."""
+        try:
+            while not should_stop():
+                try:
+                    self.step()
+                except zmq.ZMQError as exc:  # supervision must go on: log, pause, retry
+                    log.exception("supervision step failed: %s", exc)
+                    time.sleep(0.5)
+                if on_tick is not None:
+                    on_tick()
+        finally:
+            self.shutdown()
 
     def run_forever(self, on_tick: Callable[[], None] | None = None) -> None:
         """Supervise until SIGINT/SIGTERM, then shut down."""
@@ -346,13 +540,30 @@ class Launcher:
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
-        try:
-            while not stop["now"]:
-                self.step()
-                if on_tick is not None:
-                    on_tick()
-        finally:
-            self.shutdown()
+        self.supervise(lambda: stop["now"], on_tick)
+
+    def supervise_in_thread(self) -> Supervisor:
+        """``supervise`` in a thread (for a caller whose own thread is busy: replay, eval, demo).
+        Restarted stages are spawned by that thread, and a child's parent-death signal follows
+        the thread that spawned it, so the same thread also runs the shutdown: ``Supervisor.stop``."""
+        supervisor = Supervisor(self)
+        supervisor.thread.start()
+        return supervisor
+
+
+class Supervisor:
+    """``Launcher.supervise`` in a thread; ``stop()`` shuts the system down and waits for it."""
+
+    def __init__(self, launcher: Launcher):
+        self.launcher = launcher
+        self._stop = threading.Event()
+        self.thread = threading.Thread(
+            target=launcher.supervise, args=(self._stop.is_set,), name="omnistream-supervisor", daemon=True
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=self.launcher.config.launcher.stop_timeout_s + 30.0)
 
 
 def status_json(rows: list[dict]) -> str:

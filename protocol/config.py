@@ -195,6 +195,15 @@ class LauncherConfig(_Section):
     restart_backoff_max_s: float = 10.0
     stats_every_s: float = 1.0
     ram_budget_mb: int = 1536  # memory + reasoning processes together (RSS); over it, a warning; 0: off
+    # A ready stage whose Stats (published every stats_every_s from its loop, long answers and
+    # synopses included) stop for this long while its process lives is hung: killed and
+    # restarted. 0: off.
+    heartbeat_timeout_s: float = 120.0
+    # Stopping: a stage handles what it already received (until its sockets are quiet, at most
+    # drain_s), then exits; the launcher stops sources first (gateway), then perception and
+    # speech, memory, reasoning, the rest, the bus, all within stop_timeout_s.
+    drain_s: float = 5.0
+    stop_timeout_s: float = 30.0
 
 
 ALL_STAGES = ("gateway", "perception", "memory", "reasoning", "speech")

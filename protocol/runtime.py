@@ -7,6 +7,16 @@ topics arrive on their own SUB socket with a small high-water mark and only the 
 message per topic is kept, so a slow stage drops frames instead of growing a queue. An
 ``Ask`` still waiting when an ``Interrupt`` for its turn arrives is dropped.
 
+Stopping (SIGTERM or a ``Shutdown``) loses nothing already received: the stage stops taking
+requests on its extra sockets, goes on handling what the bus brought (every message of the batch
+in hand, then what is still queued, until the sockets have been quiet for ``DRAIN_QUIET_S`` or
+``launcher.drain_s`` passed), calls ``stop()`` (a final flush) and gives its last messages up to
+``FLUSH_LINGER_S`` to leave before the process exits. The launcher stops the stages in the order
+data flows through them, so each one drains what the previous one flushed.
+
+Heartbeat: ``Stats`` go out every ``launcher.stats_every_s`` from the loop, and from every
+``poll`` (a long answer polls for interrupts), which the launcher watches for hung stages.
+
 Bounds and failures: one ``poll`` takes at most ``bus.poll_max_messages`` messages from each
 socket (the rest stay queued in the socket for the next one). A handler that raises, whether
 ``stage.handle`` or an extra socket's reader (a ROUTER serving requests), is logged with what it
@@ -19,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
@@ -47,6 +58,8 @@ log = logging.getLogger("omnistream.runtime")
 
 MEDIA_TOPICS = media_topics()
 MAX_CANCELLED = 1000
+DRAIN_QUIET_S = 0.3  # stopping: this long without a message, and what was sent before is in
+FLUSH_LINGER_S = 2.0  # stopping: the most the last messages (a final clip) may take to leave
 
 
 class Stage(Protocol):
@@ -70,24 +83,28 @@ class Runtime:
 
             ops.set_backend(self.config.kernels.backend)
         self.ctx = zmq.Context.instance()
+        # What the stage sends goes through a context of its own, so that stopping can wait for
+        # its last messages (terminating that context) without touching anyone else's sockets.
+        self._out_ctx = zmq.Context()
         limit = self.config.bus.max_message_bytes
-        self.pub = make_socket(self.ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
+        self.pub = make_socket(self._out_ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
         self.pub.connect(self.addresses.bus_in)
         self.media_pub = make_socket(
-            self.ctx, zmq.PUB, hwm=self.config.bus.frame_hwm, max_message_bytes=limit
+            self._out_ctx, zmq.PUB, hwm=self.config.bus.frame_hwm, max_message_bytes=limit
         )
         self.media_pub.connect(self.addresses.media_in)
         self.sub = make_socket(self.ctx, zmq.SUB, hwm=10000, max_message_bytes=limit)
         self.sub.connect(self.addresses.bus_out)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"Shutdown")
         self.media_sub: zmq.Socket | None = None
-        self.control = make_socket(self.ctx, zmq.PUSH, hwm=100)
+        self.control = make_socket(self._out_ctx, zmq.PUSH, hwm=100)
         self.control.connect(self.addresses.control)
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)
         self.extra: dict[zmq.Socket, Callable[[zmq.Socket], None]] = {}
         self.counters: dict[str, float] = defaultdict(float)
         self.running = True
+        self.draining = False
         self._last_stats = 0.0
         self._last_counters: dict[str, float] = {}
         self._pending: list[Message] = []
@@ -163,7 +180,7 @@ class Runtime:
         if self.media_sub is not None and self.media_sub in events:
             messages += self._drain(self.media_sub, latest_only=True)
         for sock, on_readable in self.extra.items():
-            if sock in events:
+            if sock in events and not self.draining:
                 try:
                     on_readable(sock)
                 except Exception as exc:  # a bad request must not kill the stage
@@ -183,6 +200,7 @@ class Runtime:
             kept = [m for m in self._pending if not self.cancelled(m)]
             self.counters["asks_cancelled"] += len(self._pending) - len(kept)
             self._pending = kept
+        self.maybe_publish_stats()  # the heartbeat goes on while a long handler polls
         return messages
 
     def handler_failed(self, what: str, exc: Exception, session: str = "default") -> None:
@@ -231,42 +249,86 @@ class Runtime:
         if time.monotonic() - self._last_stats >= self.config.launcher.stats_every_s:
             self.publish(self.stats_message())
 
+    def _handle_pending(self, stage: Stage, deadline: float | None = None) -> None:
+        """Hand every message taken so far to ``stage.handle`` (all of them: a ``Shutdown`` in
+        the batch ends the loop after them, not before); with ``deadline``, what is left when it
+        passes is dropped and counted (``dropped_at_stop``)."""
+        pending = self.take_pending()
+        for index, message in enumerate(pending):
+            if deadline is not None and time.monotonic() > deadline:
+                self.counters["dropped_at_stop"] += len(pending) - index
+                log.warning("stopping: %d messages left unhandled", len(pending) - index)
+                return
+            if self.cancelled(message):  # interrupted while it waited in this batch
+                self.counters["asks_cancelled"] += 1
+                continue
+            try:
+                stage.handle(message)
+            except ProtocolError as exc:
+                self.publish(Error(code=exc.code, message=f"{self.name}: {exc}", session=message.session))
+            except Exception as exc:  # a bad message must not kill the stage
+                self.handler_failed(type(message).__name__, exc, session=message.session)
+
     def run(self, stage: Stage, tick: Callable[[], None] | None = None, poll_s: float = 0.05) -> None:
-        """Dispatch messages to ``stage.handle`` until SIGTERM or a ``Shutdown``; then call
-        ``stage.stop()`` (if it has one) while the sockets are still open."""
+        """Dispatch messages to ``stage.handle`` until SIGTERM or a ``Shutdown``; then drain
+        (``drain``), call ``stage.stop()`` (if it has one) while the sockets are still open, and
+        close them, leaving the last messages time to go out."""
         self.ready()
         while self.running:
             self.poll(poll_s)
-            for message in self.take_pending():
-                if not self.running:
-                    break
-                if self.cancelled(message):  # interrupted while it waited in this batch
-                    self.counters["asks_cancelled"] += 1
-                    continue
-                try:
-                    stage.handle(message)
-                except ProtocolError as exc:
-                    self.publish(Error(code=exc.code, message=f"{self.name}: {exc}", session=message.session))
-                except Exception as exc:  # a bad message must not kill the stage
-                    self.handler_failed(type(message).__name__, exc, session=message.session)
+            self._handle_pending(stage)
             if tick is not None:
                 tick()
             self.maybe_publish_stats()
+        self.drain(stage, tick, poll_s)
         stop = getattr(stage, "stop", None)
         if stop is not None:
             stop()
         self.publish(self.stats_message(state="stopped"))
-        self.close()
+        self.close(linger_s=FLUSH_LINGER_S)
 
-    def close(self) -> None:
-        sockets: Iterable[zmq.Socket | None] = (
-            self.pub,
-            self.media_pub,
-            self.sub,
-            self.media_sub,
-            self.control,
-            *self.extra,
+    def drain(self, stage: Stage, tick: Callable[[], None] | None = None, poll_s: float = 0.05) -> None:
+        """Stopping: no more requests from the extra sockets; handle what the bus brought (and
+        ``tick``, so queued work such as frames already taken gets done) until nothing arrived
+        for ``DRAIN_QUIET_S``, at most ``launcher.drain_s``."""
+        self.draining = True
+        for sock in self.extra:
+            self.poller.unregister(sock)
+        start = time.monotonic()
+        deadline = start + max(self.config.launcher.drain_s, 0.0)
+        quiet_since = start
+        while True:
+            self._handle_pending(stage, deadline)
+            if tick is not None:
+                try:
+                    tick()
+                except Exception as exc:  # the final flush still happens
+                    self.handler_failed("tick", exc)
+                    break
+            self.maybe_publish_stats()
+            now = time.monotonic()
+            if now >= deadline or now - quiet_since >= DRAIN_QUIET_S:
+                break
+            if self.poll(min(poll_s, DRAIN_QUIET_S / 3)):
+                quiet_since = time.monotonic()
+        log.info(
+            "drained",
+            extra={"stage": self.name, "drain_s": round(time.monotonic() - start, 3)},
         )
-        for sock in sockets:
+
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close every socket; with ``linger_s``, wait up to that long for what was published
+        last (the final flush, the stopped ``Stats``) to be delivered to the bus."""
+        outgoing: Iterable[zmq.Socket | None] = (self.pub, self.media_pub, self.control)
+        incoming: Iterable[zmq.Socket | None] = (self.sub, self.media_sub, *self.extra)
+        for sock in incoming:
             if sock is not None:
                 sock.close(linger=0)
+        for sock in outgoing:
+            if sock is not None:
+                sock.close(linger=int(linger_s * 1000))
+        # Terminating the outgoing context returns once what was sent is delivered (or the
+        # linger is up); bounded twice over, it runs aside.
+        flusher = threading.Thread(target=self._out_ctx.term, name="flush", daemon=True)
+        flusher.start()
+        flusher.join(linger_s + 0.5)
