@@ -161,8 +161,11 @@ class Replayer:
             if progress is not None:
                 progress(event.ts, reader.duration_s)
         deadline = time.monotonic() + answer_timeout_s
-        for scheduled in pending:  # asked after the end of the recording (or while it was busy)
-            scheduled = dataclasses.replace(scheduled, at_s=max(scheduled.at_s, last_ts))
+        # Asked after the end of the recording, or held back while the gateway was busy: each
+        # keeps its own stream time (a question about 02:21 is still about 02:21 when it gets
+        # through; memory answers it with what was known then), capped at the recording's end.
+        for scheduled in pending:
+            scheduled = dataclasses.replace(scheduled, at_s=min(scheduled.at_s, last_ts))
             while (answer := self.try_ask(scheduled, start_ts)) is None:
                 if time.monotonic() > deadline:
                     raise ClientError(
