@@ -348,7 +348,10 @@ class Answerer:
         self.ingest_many(ask.session, sorted(perceived, key=lambda r: r.item_id))
         if ask.mode == "full":
             cache = self.kv_cache(ask.session, records, ask.question)
-            if synopsis:  # always in context: after the memory, before the question
+            # The synopsis stands for what left the window: after the memory, before the
+            # question. While the window still holds the whole session it tells nothing the
+            # records do not, and re-reading it cost every question 1-3 s on 2 cores.
+            if synopsis and len(self.session(ask.session).kv.evicted):
                 line = self.engine.ids(format_item(synopsis[0]) + "\n")
                 self.engine.forward(line, cache, cache.get_seq_length())
             shown: list[MemoryItem] = []

@@ -463,6 +463,13 @@ def test_events_bring_back_their_members_blocks_and_the_synopsis_stays_in_contex
     )
     expected = tiny_engine.ids(answerer.prefix_text + format_item(RECORDS[-1]) + "\n").shape[1]
     assert recent.get_seq_length() == expected  # the baselines get neither synopsis nor events
+    # While the window holds the whole session the synopsis adds nothing: it is left out.
+    roomy = Answerer(tiny_engine, window_tokens=10_000, internal_retrieval=False)
+    for item in RECORDS:
+        roomy.ingest("s", item)
+    whole, _ = roomy.memory_for(ask, [synopsis, *RECORDS])
+    assert len(roomy.session("s").kv.evicted) == 0
+    assert whole.get_seq_length() == roomy.session("s").kv.cache.get_seq_length()
 
 
 def test_internal_retrieval_scores_blocks_by_the_questions_own_queries(tiny_engine) -> None:
