@@ -160,19 +160,32 @@ class Replayer:
             last_ts = event.ts
             if progress is not None:
                 progress(event.ts, reader.duration_s)
-        deadline = time.monotonic() + answer_timeout_s
         # Asked after the end of the recording, or held back while the gateway was busy: each
         # keeps its own stream time (a question about 02:21 is still about 02:21 when it gets
         # through; memory answers it with what was known then), capped at the recording's end.
+        # The system may take long over a backlog: it fails only after ``answer_timeout_s``
+        # without progress (no question accepted, no answer finished).
+        progress_at, done = time.monotonic(), sum(a.finished for a in answers)
+
+        def stalled() -> bool:
+            nonlocal progress_at, done
+            finished = sum(a.finished for a in answers)
+            if finished > done:
+                progress_at, done = time.monotonic(), finished
+            return time.monotonic() - progress_at > answer_timeout_s
+
         for scheduled in pending:
             scheduled = dataclasses.replace(scheduled, at_s=min(scheduled.at_s, last_ts))
             while (answer := self.try_ask(scheduled, start_ts)) is None:
-                if time.monotonic() > deadline:
+                if stalled():
                     raise ClientError(
-                        f"gateway stayed busy; {scheduled.question!r} was never accepted", "busy"
+                        f"gateway stayed busy for {answer_timeout_s:.0f} s with no answer finished; "
+                        f"{scheduled.question!r} was never accepted",
+                        "busy",
                     )
                 self._dispatch(self.client.poll_events(0.5))
             answers.append(answer)
-        while not all(a.finished for a in answers) and time.monotonic() < deadline:
+            progress_at = time.monotonic()
+        while not all(a.finished for a in answers) and not stalled():
             self._dispatch(self.client.poll_events(0.1))
         return answers

@@ -3,6 +3,8 @@ and one held back by a busy gateway keeps its own time."""
 
 from __future__ import annotations
 
+import time
+
 from omnistream.app.client import ClientError
 from omnistream.app.replay import DEFAULT_SAMPLE, Replayer, ScheduledAsk
 from omnistream.perception.sources import MediaReader
@@ -50,3 +52,30 @@ def test_a_question_held_back_by_a_busy_gateway_keeps_its_stream_time() -> None:
     times = dict(gateway.asked)
     assert times["early?"] == 2.0 and times["middle?"] == 10.0  # not moved to the end
     assert end - 1.0 <= times["after?"] <= end  # after the recording: its end
+
+
+class SlowGateway(BusyGateway):
+    """After the recording, accepts one question every 0.6 s (and answers it at once)."""
+
+    def __init__(self, end_ts: float):
+        super().__init__(end_ts)
+        self.accepted_at = 0.0
+
+    def send_ask(self, question, ts, choices=None, speak=True, mode="full") -> str:
+        if not self.waited or time.monotonic() - self.accepted_at < 0.6:
+            raise ClientError("too many questions are waiting", "busy")
+        self.accepted_at = time.monotonic()
+        return super().send_ask(question, ts, choices, speak, mode)
+
+
+def test_a_long_backlog_that_makes_progress_is_waited_for() -> None:
+    """Four questions that get through one by one over ~2.5 s, each well within the 1.5 s without
+    progress the replayer allows: all answered (a fixed deadline gave up on the backlog)."""
+    end = MediaReader(DEFAULT_SAMPLE, max_fps=2).duration_s
+    gateway = SlowGateway(end)
+    asks = [ScheduledAsk(2.0 + i, f"q{i}?") for i in range(4)]
+    answers = Replayer(gateway, speak=False).run(
+        DEFAULT_SAMPLE, asks, speed=0, max_fps=2, answer_timeout_s=1.5
+    )
+    assert [a.done is not None for a in answers] == [True] * 4
+    assert [q for q, _ in gateway.asked] == ["q0?", "q1?", "q2?", "q3?"]
