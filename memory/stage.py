@@ -101,12 +101,13 @@ def scene_words(description: str) -> set[str]:
     return set(content_words(" ".join(named)))
 
 
-def appearances(clips: list, term: str) -> list[list[float]]:
-    """[t0, t1] of each run of consecutive clips (time order) whose description names ``term``."""
+def appearances(clips: list, named_by: list[set[str]], term: str) -> list[list[float]]:
+    """[t0, t1] of each run of consecutive clips (time order) whose description names ``term``
+    (``named_by``: each clip's ``scene_words``)."""
     runs: list[list[float]] = []
     previous = False
-    for clip in clips:
-        named = term in scene_words(clip.meta.get("base", clip.text))
+    for clip, words in zip(clips, named_by, strict=True):
+        named = term in words
         if named and previous:
             runs[-1][1] = clip.t1
         elif named:
@@ -329,9 +330,10 @@ class MemoryStage:
         if not clips:
             return [], []
         clips.sort(key=lambda clip: (clip.t0, clip.id))
+        named_by = [scene_words(clip.meta.get("base", clip.text)) for clip in clips]  # once, not per term
         found: dict[tuple, list[str]] = {}  # words of the question named by the same clips: one thing
         for term in terms:
-            runs = appearances(clips, term)
+            runs = appearances(clips, named_by, term)
             if runs and (tuple(map(tuple, runs)) in found or len(found) < TIMELINE_TERMS):
                 found.setdefault(tuple(map(tuple, runs)), []).append(term)
         facts, firsts = [], []

@@ -45,6 +45,7 @@ from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config
+from .test_memory_and_reasoning import FakeEmbedder
 
 BIG = 100 << 20  # sockets in these tests take what the gateway may be sent
 
@@ -214,22 +215,10 @@ class FaultyStore(MemoryStore):
         return super().between(*args, **kwargs)
 
 
-class LetterEmbedder:
-    dim = 26
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), 26), np.float32)
-        for row, text in enumerate(texts):
-            for ch in text.lower():
-                if "a" <= ch <= "z":
-                    out[row, ord(ch) - 97] += 1
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
-
-
 def test_memory_router_answers_a_failed_request_and_serves_the_next(short_tmp: Path) -> None:
     counters: dict[str, float] = defaultdict(float)
-    store = FaultyStore(short_tmp / "m.sqlite", LetterEmbedder.dim)
-    stage = MemoryStage(make_config(short_tmp, ("memory",)).memory, store, LetterEmbedder(), counters)  # type: ignore[arg-type]
+    store = FaultyStore(short_tmp / "m.sqlite", FakeEmbedder.dim)
+    stage = MemoryStage(make_config(short_tmp, ("memory",)).memory, store, FakeEmbedder(), counters)  # type: ignore[arg-type]
     stage.handle(
         Clip(session="k", ts=5.0, t0=0.0, clip_id=1, features=np.ones(8, np.float32), description="cup")
     )

@@ -273,18 +273,21 @@ def test_answer_scoring_picks_the_choice_the_open_answer_names(tiny_engine) -> N
     assert cache.get_seq_length() == held
 
 
+CHOICE_TEXTS = ("zebra crossing", "quiet harbour", "violet umbrella")
+
+
+def choice_ask() -> Ask:
+    """A multiple-choice question whose choices the tiny model's babble names none of."""
+    choices = [f"{c} {t}" for c, t in zip("ABC", CHOICE_TEXTS, strict=True)]
+    return Ask(ts=5, session="s", turn="t", question="which?", choices=choices)
+
+
 def test_a_multiple_choice_answer_streams_the_open_answer_then_its_choice(tiny_engine) -> None:
     from omnistream.reasoning.answer import Answerer
 
     answerer = Answerer(tiny_engine, 256, 64)
-    texts = ("zebra crossing", "quiet harbour", "violet umbrella")
-    ask = Ask(
-        ts=5,
-        session="s",
-        turn="t",
-        question="which?",
-        choices=[f"{c} {t}" for c, t in zip("ABC", texts, strict=True)],
-    )
+    texts = CHOICE_TEXTS
+    ask = choice_ask()
     pieces = list(answerer.answer(ask, [], 64, lambda: False))
     *said, (last, letter) = pieces
     assert letter in "ABC" and all(not choice for _, choice in said)
@@ -300,14 +303,8 @@ def test_answer_scoring_scores_the_choices_after_an_answer_that_names_none(tiny_
     from omnistream.reasoning.answer import SHORTLY, Answerer
 
     answerer = Answerer(tiny_engine, 256, 64, choice_scoring="answer")
-    texts = ("zebra crossing", "quiet harbour", "violet umbrella")
-    ask = Ask(
-        ts=5,
-        session="s",
-        turn="t",
-        question="which?",
-        choices=[f"{c} {t}" for c, t in zip("ABC", texts, strict=True)],
-    )
+    texts = CHOICE_TEXTS
+    ask = choice_ask()
     cache, now = answerer.memory_for(ask, [])
     letter, scores = answerer.choose(ask, cache, now)
     said = answerer.last_open_answer
