@@ -119,6 +119,13 @@ def _check_tts(config: Config) -> str:
     return f"{len(voice.synthesize('Ready.')) / voice.sample_rate:.2f} s of audio for 'Ready.'"
 
 
+def _tts_name(voice: str) -> str:
+    """The configured voice only: the Piper one (an optional extra) is checked when it is chosen."""
+    if voice.startswith("piper:"):
+        return f"Piper {voice.removeprefix('piper:')} (optional extra, GPL phonemiser)"
+    return f"hibari ({voice})"
+
+
 def _check_llm(config: Config) -> str:
     from omnistream.reasoning.engine import LLMEngine
 
@@ -139,7 +146,7 @@ def check_models(config: Config, on_result: Callable[[ModelCheck], None] | None 
         ("text embedding", config.memory.embedder, _check_embedder),
         ("VAD", "silero-vad (ONNX)", _check_vad),
         ("ASR", f"faster-whisper {config.speech.asr_model}", _check_asr),
-        ("TTS", f"hibari ({config.speech.tts_voice})", _check_tts),
+        ("TTS", _tts_name(config.speech.tts_voice), _check_tts),
         ("LLM", config.reasoning.model, _check_llm),
     ]
     results = []

