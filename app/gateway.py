@@ -4,8 +4,10 @@ Clients send requests to a ROUTER (``Ask``, ``VideoFrame``, ``AudioChunk``, ``In
 ``Watch``, ``StatusRequest``, ``HistoryRequest``) and subscribe to a PUB that re-publishes what
 they need from the bus (answers, audio, transcripts, percepts, clips, sightings, alerts, stats,
 errors). ``Ask`` and ``Watch`` are acknowledged with an ``Ack``; a ``HistoryRequest`` is forwarded
-to memory's ROUTER and its ``History`` relayed back (an ``Error`` with code ``unavailable`` if
-memory does not answer in time). A malformed request is answered with an ``Error`` naming the
+to memory's ROUTER without blocking and its ``History`` relayed back to the client that asked
+(an ``Error`` with code ``unavailable`` if memory does not answer in time; at most
+``gateway.max_pending_history`` wait at once, more are refused with ``busy``). Requests read in
+one step are served round robin across clients, so one client's flood cannot starve another. A malformed request is answered with an ``Error`` naming the
 problem and the gateway keeps serving.
 
 Reliability: every accepted ``Ask`` is tracked until its ``AnswerDone``. When the reasoning
@@ -39,7 +41,7 @@ import logging
 import sys
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
@@ -327,41 +329,54 @@ class GatewayStage:
             self.runtime.counters["client_dropped"] += 1
 
     def on_client(self, sock: zmq.Socket) -> None:
-        """Serve at most ``bus.poll_max_messages`` requests (the rest wait in the socket)."""
+        """Serve at most ``bus.poll_max_messages`` requests (the rest wait in the socket), round
+        robin across clients: the requests read are served one per client in turn, so a client
+        with a thousand waiting requests delays another's by one request each, not a thousand."""
+        queues: OrderedDict[bytes, deque[list[zmq.Frame]]] = OrderedDict()
         for _ in range(max(self.runtime.config.bus.poll_max_messages, 1)):
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
-            identity = frames[0].bytes
-            message: Message | None = None
-            try:
-                message = decode(frames[1:], max_message_bytes=self.runtime.config.bus.max_message_bytes)
-                if isinstance(message, HistoryRequest) and check_request(message, self.config) is None:
-                    reply = self.forward_history(identity, message)
-                else:
-                    reply = self.on_request(message, client_key(identity, frames[-1]))
-            except ProtocolError as exc:
-                self.runtime.counters["rejected"] += 1
-                reply = exc.to_error()
-            except Exception as exc:  # answer the client; the gateway keeps serving
-                what = type(message).__name__ if message is not None else "request"
-                self.runtime.handler_failed(what, exc)
-                request_id = next(
-                    (
-                        str(getattr(message, f))
-                        for f in ("request_id", "turn", "watch_id")
-                        if getattr(message, f, "")
-                    ),
-                    "",
-                )
-                reply = Error(
-                    code="stage_error",
-                    message=f"gateway: {what}: {type(exc).__name__}: {str(exc)[:500]}",
-                    request_id=request_id[:MAX_ID_CHARS],
-                )
-            if reply is not None:
-                send(sock, reply, prefix=[identity])
+                break
+            queues.setdefault(frames[0].bytes, deque()).append(frames)
+        while queues:
+            for identity in list(queues):
+                waiting = queues[identity]
+                self.serve_client(sock, waiting.popleft())
+                if not waiting:
+                    del queues[identity]
+
+    def serve_client(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
+        """Answer one client request (``frames``: the ROUTER's identity, then the message)."""
+        identity = frames[0].bytes
+        message: Message | None = None
+        try:
+            message = decode(frames[1:], max_message_bytes=self.runtime.config.bus.max_message_bytes)
+            if isinstance(message, HistoryRequest) and check_request(message, self.config) is None:
+                reply = self.forward_history(identity, message)
+            else:
+                reply = self.on_request(message, client_key(identity, frames[-1]))
+        except ProtocolError as exc:
+            self.runtime.counters["rejected"] += 1
+            reply = exc.to_error()
+        except Exception as exc:  # answer the client; the gateway keeps serving
+            what = type(message).__name__ if message is not None else "request"
+            self.runtime.handler_failed(what, exc)
+            request_id = next(
+                (
+                    str(getattr(message, f))
+                    for f in ("request_id", "turn", "watch_id")
+                    if getattr(message, f, "")
+                ),
+                "",
+            )
+            reply = Error(
+                code="stage_error",
+                message=f"gateway: {what}: {type(exc).__name__}: {str(exc)[:500]}",
+                request_id=request_id[:MAX_ID_CHARS],
+            )
+        if reply is not None:
+            send(sock, reply, prefix=[identity])
 
     def on_request(self, message: Message, client: tuple = ("connection", b"")) -> Message | None:
         """Check and route one client request; ``client`` (``client_key``) pays for its media."""
@@ -504,7 +519,9 @@ class GatewayStage:
                 )
 
     def forward_history(self, identity: bytes, request: HistoryRequest) -> Message | None:
-        """Send ``request`` on to memory under a gateway-side id; the reply comes in ``on_memory``."""
+        """Send ``request`` on to memory under a gateway-side id, without blocking; the reply
+        comes in ``on_memory``. At most ``gateway.max_pending_history`` wait at once: beyond (or
+        when memory's queue is full) an ``Error`` ``busy``."""
         if not (request.t0 <= request.t1 and 0 < request.limit <= MAX_HISTORY_ITEMS):
             self.runtime.counters["rejected"] += 1
             return Error(
@@ -513,14 +530,31 @@ class GatewayStage:
                 f"got t0={request.t0}, t1={request.t1}, limit={request.limit}",
                 request_id=request.request_id,
             )
+        limit = self.config.max_pending_history
+        if len(self.history_pending) >= limit:
+            self.runtime.counters["history_busy"] += 1
+            return Error(
+                code="busy",
+                message=f"{len(self.history_pending)} history requests are waiting for memory "
+                f"(gateway.max_pending_history = {limit}); retry in a few seconds",
+                request_id=request.request_id,
+            )
         forward_id = uuid.uuid4().hex
+        try:  # never blocks: a memory that is away or stalled must not stop the gateway
+            send(self.memory, msgspec.structs.replace(request, request_id=forward_id), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.runtime.counters["history_busy"] += 1
+            return Error(
+                code="busy",
+                message="memory is not taking requests (its queue is full); retry in a few seconds",
+                request_id=request.request_id,
+            )
         self.history_pending[forward_id] = (
             identity,
             request.request_id,
             time.monotonic() + HISTORY_TIMEOUT_S,
         )
         self.runtime.counters["in_HistoryRequest"] += 1
-        send(self.memory, msgspec.structs.replace(request, request_id=forward_id))
         return None
 
     def on_memory(self, sock: zmq.Socket) -> None:

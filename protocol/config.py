@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import platformdirs
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -21,8 +22,12 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
 
 
 class PathsConfig(_Section):
-    cache_dir: str = ""  # model cache; default ~/.cache/omnistream
-    data_dir: str = ""  # sessions (SQLite, vectors); default ~/.local/share/omnistream
+    # Empty: the platform's folders (platformdirs; XDG_* variables honoured), see default_paths().
+    cache_dir: str = ""  # model cache; default $XDG_CACHE_HOME/omnistream (~/.cache/omnistream)
+    data_dir: str = ""  # sessions (SQLite, vectors); default $XDG_DATA_HOME/omnistream (~/.local/share/omnistream)
+    # Stage logs; default: the user log folder ($XDG_STATE_HOME/omnistream/log) for the system in
+    # the default run directory, RUN/logs for a system in any other run directory.
+    log_dir: str = ""
 
 
 class BusConfig(_Section):
@@ -35,6 +40,14 @@ class BusConfig(_Section):
     # and memory's ROUTERs); the rest stay queued in the socket (its high-water mark bounds
     # them) until the next step, so a flood cannot grow an unbounded list in a stage.
     poll_max_messages: int = 1000
+    # ... and at most this many bytes (always at least one message), so a batch of big messages
+    # (audio chunks of up to gateway.max_audio_chunk_bytes) is not taken into the stage at once.
+    poll_max_bytes: int = 32 << 20
+    # Queue depth of the main bus (everything but frames) per subscriber, and of each stage's own
+    # bus sockets. ZeroMQ counts messages: with poll_max_bytes the most a stage holds in hand is
+    # bounded in bytes; what waits in a socket is bounded by hwm messages of at most
+    # max_message_bytes each (the media bus: frame_hwm frames).
+    hwm: int = 10000
 
 
 class GatewayConfig(_Section):
@@ -44,6 +57,7 @@ class GatewayConfig(_Section):
     port: int = 0  # tcp port of the ROUTER (its PUB is port + 1); 0: bus.base_port + 5
     keys_dir: str = ""  # CURVE keys; default ~/.config/omnistream/keys
     max_pending_asks: int = 16  # questions accepted but not yet answered; beyond: Error "busy"
+    max_pending_history: int = 256  # history requests waiting for memory; beyond: Error "busy"
     ask_timeout_s: float = 90.0  # no answer progress for this long: the pending asks fail
     max_audio_speed: float = 16.0  # audio per session and channel beyond this x real time is dropped
     audio_burst_s: float = 60.0  # ... after a burst of this many seconds of audio
@@ -99,6 +113,10 @@ class PerceptionConfig(_Section):
     # or sitting, an arm raised, an object held, added to the person's description. Skipped, with
     # a warning, when ai-edge-litert is missing.
     pose: bool = True
+    # Hands (MediaPipe's palm and hand-landmark models, from the mediapipe 0.10 wheel, on LiteRT) on
+    # every object frame: an open hand, pointing, a thumbs up, a fist, a V sign, the object a hand
+    # holds; a hand with no person around it (a close-up) is a "hand" detection of its own.
+    hands: bool = True
     # Sessions whose segmenter and tracker state is held (each pushing its own frames); the least
     # recently used beyond is closed (its open clip published, its tracks ended) and forgotten.
     live_sessions: int = 16
@@ -207,6 +225,10 @@ class LauncherConfig(_Section):
     # speech, memory, reasoning, the rest, the bus, all within stop_timeout_s.
     drain_s: float = 5.0
     stop_timeout_s: float = 30.0
+    # Each stage's log (its JSON log lines and whatever it writes to stdout/stderr) is rotated
+    # when it reaches log_max_bytes (0: never): <stage>.log.1 ... .log.<log_backups> are kept (at least 1).
+    log_max_bytes: int = 10 << 20
+    log_backups: int = 3
 
 
 ALL_STAGES = ("gateway", "perception", "memory", "reasoning", "speech")
@@ -227,17 +249,95 @@ class Config(_Section):
 
     @property
     def cache_dir(self) -> Path:
-        return Path(self.paths.cache_dir or Path.home() / ".cache" / "omnistream").expanduser()
+        return Path(self.paths.cache_dir or default_cache_dir()).expanduser()
 
     @property
     def keys_dir(self) -> Path:
-        default = Path.home() / ".config" / "omnistream" / "keys"
-        return Path(self.gateway.keys_dir or default).expanduser()
+        return Path(self.gateway.keys_dir or default_keys_dir()).expanduser()
 
     @property
     def data_dir(self) -> Path:
-        default = Path.home() / ".local" / "share" / "omnistream"
-        return Path(self.paths.data_dir or default).expanduser()
+        return Path(self.paths.data_dir or default_data_dir()).expanduser()
+
+    def log_dir(self, run_dir: Path) -> Path:
+        """Where the stage logs of the system in ``run_dir`` go (see ``PathsConfig.log_dir``)."""
+        if self.paths.log_dir:
+            return Path(self.paths.log_dir).expanduser()
+        if Path(run_dir).absolute() == default_run_dir().absolute():
+            return default_log_dir()
+        return Path(run_dir) / "logs"
+
+
+# -- default folders ---------------------------------------------------------------------------------
+# From platformdirs, so XDG_DATA_HOME, XDG_CACHE_HOME, XDG_CONFIG_HOME, XDG_STATE_HOME and
+# XDG_RUNTIME_DIR are honoured (on Linux without them: ~/.local/share/omnistream, ~/.cache/omnistream,
+# ~/.config/omnistream, ~/.local/state/omnistream, as before). A folder of the earlier fixed
+# layout that holds data is kept while the platform's one does not exist yet (macOS, or XDG_*
+# set after data was written), so nothing already stored is lost from sight.
+
+APP_NAME = "omnistream"
+MAX_RUN_DIR_CHARS = 60  # ipc:// socket paths (run dir + socket name) must stay under ~100 characters
+
+
+def _platform_dir(kind: str, legacy: Path) -> Path:
+    path = Path(getattr(platformdirs, f"user_{kind}_dir")(APP_NAME, appauthor=False))
+    if path != legacy and not path.exists() and legacy.is_dir():
+        return legacy
+    return path
+
+
+def default_data_dir() -> Path:
+    return _platform_dir("data", Path.home() / ".local" / "share" / APP_NAME)
+
+
+def default_cache_dir() -> Path:
+    return _platform_dir("cache", Path.home() / ".cache" / APP_NAME)
+
+
+def default_config_dir() -> Path:
+    return _platform_dir("config", Path.home() / ".config" / APP_NAME)
+
+
+def default_config_file() -> Path:
+    """``$OMNISTREAM_CONFIG``, else ``config.toml`` in the config folder (read when it exists)."""
+    env = os.environ.get("OMNISTREAM_CONFIG")
+    return Path(env).expanduser() if env else default_config_dir() / "config.toml"
+
+
+def default_keys_dir() -> Path:
+    """The gateway's CURVE keys (a client also reads ``$OMNISTREAM_KEYS_DIR``: client_core.py)."""
+    return default_config_dir() / "keys"
+
+
+def default_log_dir() -> Path:
+    return Path(platformdirs.user_log_dir(APP_NAME, appauthor=False))
+
+
+def default_run_dir() -> Path:
+    """``$OMNISTREAM_RUN_DIR``; else ``$XDG_RUNTIME_DIR/omnistream`` (sockets belong there) when
+    that is set and short enough for ipc:// paths; else ``run`` in the data folder."""
+    env = os.environ.get("OMNISTREAM_RUN_DIR")
+    if env:
+        return Path(env).expanduser()
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        runtime = Path(platformdirs.user_runtime_dir(APP_NAME, appauthor=False))
+        if len(str(runtime)) <= MAX_RUN_DIR_CHARS:
+            return runtime
+    return default_data_dir() / "run"
+
+
+def default_paths(config: Config | None = None, run_dir: Path | None = None) -> dict[str, Path]:
+    """Every folder and file omnistream uses, as resolved now (``omnistream config show``)."""
+    config = config or Config()
+    run = run_dir or default_run_dir()
+    return {
+        "config file": default_config_file(),
+        "data": config.data_dir,
+        "cache": config.cache_dir,
+        "keys": config.keys_dir,
+        "run": run,
+        "logs": config.log_dir(run),
+    }
 
 
 ENV_PREFIX = "OMNISTREAM__"
@@ -258,16 +358,36 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Resolve the configuration; raises ``msgspec.ValidationError`` naming a bad key."""
-    tree: dict[str, Any] = {}
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def config_values(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, where it came from) for each value ``load_config`` merges over the
+    defaults, lowest precedence first: the file, ``$OMNISTREAM__...`` variables, overrides."""
+    values: list[tuple[str, Any, str]] = []
     if path:
-        tree = tomllib.loads(Path(path).read_text())
+        values += [(k, v, str(path)) for k, v in _flatten(tomllib.loads(Path(path).read_text()))]
     for key, value in os.environ.items():
         if key.startswith(ENV_PREFIX):
             dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
-            _set_dotted(tree, dotted, _parse_scalar(value))
-    for dotted, value in (overrides or {}).items():
+            values.append((dotted, _parse_scalar(value), f"${key}"))
+    values += [(dotted, value, "command line") for dotted, value in (overrides or {}).items()]
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Resolve the configuration; raises ``msgspec.ValidationError`` naming a bad key."""
+    tree: dict[str, Any] = {}
+    for dotted, value, _source in config_values(path, overrides):
         _set_dotted(tree, dotted, value)
     return msgspec.convert(tree, Config)
 
