@@ -1,8 +1,10 @@
 """The bus process: two XSUB/XPUB forwarders.
 
-The main bus carries control and data messages with deep queues (never dropped while the
-subscriber keeps up); the media bus carries frames with queues of ``frame_hwm`` messages, so a
-slow subscriber loses old frames instead of buffering them.
+The main bus carries control and data messages with queues of ``bus.hwm`` messages per
+subscriber (never dropped while the subscriber keeps up; a subscriber that stops reading loses
+what comes beyond them instead of the bus growing without bound); the media bus carries frames
+with queues of ``frame_hwm`` messages, so a slow subscriber loses old frames instead of buffering
+them. Every message is at most ``bus.max_message_bytes``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = zmq.Context()
     limit = config.bus.max_message_bytes
     pairs = [
-        _bind_pair(ctx, addresses.bus_in, addresses.bus_out, 100_000, limit),
+        _bind_pair(ctx, addresses.bus_in, addresses.bus_out, config.bus.hwm, limit),
         _bind_pair(ctx, addresses.media_in, addresses.media_out, config.bus.frame_hwm, limit),
     ]
     threads = [threading.Thread(target=_forward, args=pair, daemon=True) for pair in pairs]

@@ -17,8 +17,9 @@ data flows through them, so each one drains what the previous one flushed.
 Heartbeat: ``Stats`` go out every ``launcher.stats_every_s`` from the loop, and from every
 ``poll`` (a long answer polls for interrupts), which the launcher watches for hung stages.
 
-Bounds and failures: one ``poll`` takes at most ``bus.poll_max_messages`` messages from each
-socket (the rest stay queued in the socket for the next one). A handler that raises, whether
+Bounds and failures: one ``poll`` takes at most ``bus.poll_max_messages`` messages and
+``bus.poll_max_bytes`` bytes (at least one message) from each socket; the rest stay queued in the
+socket, ``bus.hwm`` messages deep (media: ``bus.frame_hwm``), for the next one. A handler that raises, whether
 ``stage.handle`` or an extra socket's reader (a ROUTER serving requests), is logged with what it
 was handling, counted in ``handler_errors`` and answered with an ``Error`` ``stage_error`` on the
 bus; the stage keeps running.
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from omnistream.protocol.codec import ProtocolError
+from omnistream.protocol.codec import ProtocolError, decode
 from omnistream.protocol.config import Config, read_config
 from omnistream.protocol.logs import setup_logging
 from omnistream.protocol.messages import (
@@ -52,7 +53,7 @@ from omnistream.protocol.messages import (
     Stats,
 )
 from omnistream.protocol.routes import media_topics
-from omnistream.protocol.sockets import Addresses, make_socket, recv, send
+from omnistream.protocol.sockets import Addresses, make_socket, send
 
 log = logging.getLogger("omnistream.runtime")
 
@@ -87,13 +88,13 @@ class Runtime:
         # its last messages (terminating that context) without touching anyone else's sockets.
         self._out_ctx = zmq.Context()
         limit = self.config.bus.max_message_bytes
-        self.pub = make_socket(self._out_ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
+        self.pub = make_socket(self._out_ctx, zmq.PUB, hwm=self.config.bus.hwm, max_message_bytes=limit)
         self.pub.connect(self.addresses.bus_in)
         self.media_pub = make_socket(
             self._out_ctx, zmq.PUB, hwm=self.config.bus.frame_hwm, max_message_bytes=limit
         )
         self.media_pub.connect(self.addresses.media_in)
-        self.sub = make_socket(self.ctx, zmq.SUB, hwm=10000, max_message_bytes=limit)
+        self.sub = make_socket(self.ctx, zmq.SUB, hwm=self.config.bus.hwm, max_message_bytes=limit)
         self.sub.connect(self.addresses.bus_out)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"Shutdown")
         self.media_sub: zmq.Socket | None = None
@@ -152,13 +153,22 @@ class Runtime:
     # -- receiving ---------------------------------------------------------------------------
 
     def _drain(self, sock: zmq.Socket, latest_only: bool) -> list[Message]:
+        """At most ``bus.poll_max_messages`` messages and ``bus.poll_max_bytes`` bytes (at least
+        one message) from ``sock``; the rest wait in the socket."""
         got: dict[str, Message] = {}
         ordered: list[Message] = []
-        for _ in range(max(self.config.bus.poll_max_messages, 1)):  # the rest wait in the socket
+        taken_bytes, max_bytes = 0, self.config.bus.poll_max_bytes
+        for _ in range(max(self.config.bus.poll_max_messages, 1)):
+            if taken_bytes and taken_bytes >= max_bytes:
+                self.counters["poll_byte_limit"] += 1
+                break
             try:
-                _, message = recv(sock, flags=zmq.NOBLOCK)
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            taken_bytes += sum(len(frame) for frame in frames)
+            try:
+                message = decode(frames)
             except ProtocolError as exc:
                 self.counters["rejected"] += 1
                 self.publish(Error(code=exc.code, message=f"{self.name}: {exc}"))
