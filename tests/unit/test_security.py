@@ -10,8 +10,10 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 import zmq.auth
@@ -19,11 +21,12 @@ import zmq.auth
 from omnistream.app.client import Client, ClientError
 from omnistream.app.demo import DemoSecurityError, demo_auth
 from omnistream.app.launcher import Launcher, LaunchError
-from omnistream.protocol.messages import Status, StatusRequest
+from omnistream.protocol.messages import AudioChunk, Status, StatusRequest
 from omnistream.protocol.security import generate_keys, is_loopback, load_server_keys, write_keypair
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config
+from .test_hardening import probe_runtime  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("protocol", "app", "memory", "reasoning", "speech", "perception", "kernels")
@@ -341,3 +344,72 @@ def test_demo_cli_refuses_to_serve_beyond_loopback_without_password(short_tmp: P
     )
     assert result.returncode == 2 and "--password" in result.stderr
     assert not (short_tmp / "r").exists()  # refused before starting anything
+
+
+# -- issue #18 item 4: the bus and a stage's receive step are bounded --------------------------------
+
+
+@pytest.mark.parametrize("probe_runtime", [{"bus.poll_max_bytes": 1 << 20}], indirect=True)
+def test_poll_takes_at_most_poll_max_bytes_and_leaves_the_rest_queued(probe_runtime) -> None:  # noqa: F811
+    """Ten 300 kB audio chunks wait in the SUB socket: one poll takes four (1.2 MB, the first
+    to pass 1 MB), the rest wait for the next polls, in order."""
+    runtime = probe_runtime
+    bus_out = make_socket(zmq.Context.instance(), zmq.PUB, hwm=10_000)
+    bus_out.bind(runtime.addresses.bus_out)
+    runtime.subscribe(AudioChunk)
+    chunk = np.zeros(75_000, np.float32)  # 300 kB
+    try:
+        deadline = time.monotonic() + 10
+        while not runtime.poll(0.05):  # the subscription has reached the publisher
+            assert time.monotonic() < deadline
+            send(bus_out, AudioChunk(pcm=np.zeros(16, np.float32), ts=-1.0))
+        time.sleep(0.2)
+        runtime.poll(0.0)
+        runtime.take_pending()
+        for i in range(10):
+            send(bus_out, AudioChunk(pcm=chunk, ts=float(i)))
+        time.sleep(0.5)
+        sizes, got = [], []
+        while len(got) < 10 and time.monotonic() < deadline + 10:
+            batch = runtime.poll(0.1)
+            sizes.append(len(batch))
+            got += batch
+        assert sizes[:3] == [4, 4, 2], sizes
+        assert [m.ts for m in got] == [float(i) for i in range(10)]
+        assert runtime.counters["poll_byte_limit"] >= 2
+    finally:
+        bus_out.close(linger=0)
+
+
+def test_the_bus_queues_at_most_hwm_messages_for_a_subscriber_that_stops_reading(short_tmp: Path) -> None:
+    """The real bus process with ``bus.hwm`` 500: 5000 messages of 8 kB published to a
+    subscriber that reads none; it finds at most its own and the bus's queue (2 x 500, plus what
+    the kernel's socket buffers hold), not all 5000 (the bus queued 100 000)."""
+    launcher = Launcher(make_config(short_tmp, ("gateway",), **{"bus.hwm": 500}), short_tmp / "run")
+    launcher.start()
+    ctx = zmq.Context.instance()
+    sub = make_socket(ctx, zmq.SUB, hwm=500)
+    pub = make_socket(ctx, zmq.PUB, hwm=100_000)
+    try:
+        sub.connect(launcher.addresses.bus_out)
+        sub.setsockopt(zmq.SUBSCRIBE, b"Flood")
+        pub.connect(launcher.addresses.bus_in)
+        deadline = time.monotonic() + 10
+        while not sub.poll(50):  # the subscription has reached the bus
+            assert time.monotonic() < deadline
+            pub.send_multipart([b"Flood", b"probe"])
+        while sub.poll(200):
+            sub.recv_multipart()
+        body = b"x" * 8192
+        for i in range(5000):
+            pub.send_multipart([b"Flood", str(i).encode(), body])
+        time.sleep(2.0)  # the bus forwarded what it could; the subscriber read nothing so far
+        received = 0
+        while sub.poll(500):
+            sub.recv_multipart()
+            received += 1
+        assert 400 <= received <= 1300, received
+    finally:
+        sub.close(linger=0)
+        pub.close(linger=0)
+        launcher.shutdown()
