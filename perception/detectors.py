@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from omnistream.perception import hands as hand_words
+from omnistream.perception.hands import HandReader
 from omnistream.perception.objects import ObjectDetector, ObjectSighting, package_dir
 from omnistream.perception.pose import PoseEstimator
 
@@ -219,11 +221,13 @@ class DetectorWorker:
         reader: TextReader | None,
         objects: ObjectDetector | None = None,
         pose: PoseEstimator | None = None,
+        hands: HandReader | None = None,
     ):
         self.faces = faces
         self.reader = reader
         self.objects = objects
         self.pose = pose  # runs only on frames where the object detector found a person
+        self.hands = hands  # on every object frame: hands in close-ups have no person around them
         self._cond = threading.Condition()
         self._waiting: tuple[np.ndarray, float, str, object, bool] | None = None
         self._busy = False
@@ -267,7 +271,9 @@ class DetectorWorker:
             try:
                 if self.objects is not None:
                     found.objects = self.objects.detect(image)
-                    if self.pose is not None and any(s.label == "person" for s in found.objects):
+                    if self.hands is not None or (
+                        self.pose is not None and any(s.label == "person" for s in found.objects)
+                    ):
                         found.objects = self._annotate(image, found.objects)
                 if keyframe and self.faces is not None:
                     found.faces = self.faces.detect(image, ts)
@@ -283,12 +289,16 @@ class DetectorWorker:
                 self._cond.notify_all()
 
     def _annotate(self, image: np.ndarray, objects: list[ObjectSighting]) -> list[ObjectSighting]:
-        """The people's pose words; a pose failure keeps the frame's detections as they were."""
-        assert self.pose is not None
+        """The people's pose words and the hands' gestures and holds; a failure of either keeps
+        the frame's detections as they were."""
         try:
-            return self.pose.annotate(image, objects)
+            poses = {}
+            if self.pose is not None and any(s.label == "person" for s in objects):
+                poses = self.pose.estimate(image, objects)
+            found = self.hands.find(image, list(poses.values())) if self.hands is not None else []
+            return hand_words.annotate(objects, poses, found, (image.shape[1], image.shape[0]))
         except Exception:
-            log.exception("pose estimation failed", extra={"stage": "perception"})
+            log.exception("pose or hand estimation failed", extra={"stage": "perception"})
             self.failures += 1
             return objects
 

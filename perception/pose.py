@@ -219,7 +219,7 @@ def held_objects(
     return sorted(found, key=lambda pair: pair[0])
 
 
-def _article(name: str) -> str:
+def article(name: str) -> str:
     return ("an " if name[:1].lower() in "aeiou" else "a ") + name
 
 
@@ -232,7 +232,7 @@ def pose_words(kp: Keypoints, held: Sequence[ObjectSighting] = ()) -> tuple[str,
     arms = raised_arms(kp)
     if arms:
         words.append("raising both arms" if arms > 1 else "raising an arm")
-    words += [f"holding {_article(thing.name())}" for thing in held[:2]]
+    words += [f"holding {article(thing.name())}" for thing in held[:2]]
     return tuple(words)
 
 
@@ -288,9 +288,9 @@ class PoseEstimator:
         raw = self._interpreter.get_tensor(self._output).reshape(17, 3)
         return from_normalised(raw, (x0, y0), side, self.min_score)
 
-    def annotate(self, image: np.ndarray, sightings: list[ObjectSighting]) -> list[ObjectSighting]:
-        """``sightings`` with pose words on the largest ``max_people`` people (at least
-        ``min_height`` pixels tall); each object held goes to the person whose hand is nearest."""
+    def estimate(self, image: np.ndarray, sightings: list[ObjectSighting]) -> dict[int, Keypoints]:
+        """The keypoints of the largest ``max_people`` people (at least ``min_height`` pixels
+        tall) among ``sightings``, by their index there."""
 
         def area(i: int) -> int:
             x1, y1, x2, y2 = sightings[i].box
@@ -302,22 +302,45 @@ class PoseEstimator:
             if s.label == "person" and s.box[3] - s.box[1] >= self.min_height
         ]
         people = sorted(tall, key=area, reverse=True)[: self.max_people]
-        if not people:
-            return sightings
-        others = [s for s in sightings if s.label != "person"]
-        poses = {i: self.keypoints(image, sightings[i].box) for i in people}
-        claims: dict[int, tuple[float, int]] = {}  # object index in others -> (distance, person)
-        for i, kp in poses.items():
-            for distance, thing in held_objects(kp, sightings[i].box, others):
-                j = next(k for k, o in enumerate(others) if o is thing)
-                if j not in claims or distance < claims[j][0]:
-                    claims[j] = (distance, i)
-        out = list(sightings)
-        for i, kp in poses.items():
-            held = [
-                others[j] for j, (_, person) in sorted(claims.items(), key=lambda c: c[1][0]) if person == i
-            ]
-            words = pose_words(kp, held)
-            if words:
-                out[i] = replace(sightings[i], pose=words)
-        return out
+        return {i: self.keypoints(image, sightings[i].box) for i in people}
+
+    def annotate(self, image: np.ndarray, sightings: list[ObjectSighting]) -> list[ObjectSighting]:
+        """``sightings`` with pose words on the people (see ``estimate``)."""
+        return describe_people(sightings, self.estimate(image, sightings))
+
+
+def describe_people(
+    sightings: list[ObjectSighting],
+    poses: dict[int, Keypoints],
+    held: dict[int, list[ObjectSighting]] | None = None,
+    extra: dict[int, list[str]] | None = None,
+) -> list[ObjectSighting]:
+    """``sightings`` with pose words on the people in ``poses``: posture, raised arms, and the
+    objects they hold. ``held`` (person index -> objects, from their hands' landmarks) is taken
+    first; each other object at a wrist goes to the person whose hand is nearest. ``extra`` adds
+    words (a hand's gesture) to a person, with or without keypoints."""
+    held = held or {}
+    extra = extra or {}
+    others = [s for s in sightings if s.label != "person"]
+    taken = {id(thing) for things in held.values() for thing in things}
+    claims: dict[int, tuple[float, int]] = {}  # object index in others -> (distance, person)
+    for i, kp in poses.items():
+        for distance, thing in held_objects(kp, sightings[i].box, others):
+            j = next(k for k, o in enumerate(others) if o is thing)
+            if id(thing) not in taken and (j not in claims or distance < claims[j][0]):
+                claims[j] = (distance, i)
+    out = list(sightings)
+    for i in sorted(set(poses) | set(extra) | set(held)):
+        at_wrist = [
+            others[j] for j, (_, person) in sorted(claims.items(), key=lambda c: c[1][0]) if person == i
+        ]
+        things = [*held.get(i, []), *at_wrist]
+        words = list(
+            pose_words(poses[i], things)
+            if i in poses
+            else [f"holding {article(t.name())}" for t in things[:2]]
+        )
+        words += [w for w in extra.get(i, []) if w not in words]
+        if words:
+            out[i] = replace(sightings[i], pose=tuple(words))
+    return out

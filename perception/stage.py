@@ -41,6 +41,7 @@ from omnistream.perception.detectors import (
     motion_thumbnail,
 )
 from omnistream.perception.encoder import FrameEncoder, load_encoder
+from omnistream.perception.hands import HandReader
 from omnistream.perception.live import LiveSource, open_source
 from omnistream.perception.objects import ObjectDetector, ObjectSighting
 from omnistream.perception.pose import PoseEstimator
@@ -476,7 +477,7 @@ def build_detectors(config: PerceptionConfig) -> DetectorWorker | None:
     if not (config.faces or config.ocr or config.objects_fps > 0):
         return None
     faces = FaceDetector(PersonRegistry(config.face_match_distance)) if config.faces else None
-    reader = objects = pose = None
+    reader = objects = pose = hands = None
     if config.ocr:
         try:
             reader = TextReader()
@@ -492,9 +493,14 @@ def build_detectors(config: PerceptionConfig) -> DetectorWorker | None:
             pose = PoseEstimator(threads=config.threads)
         except (ModuleNotFoundError, FileNotFoundError) as exc:  # objects without poses
             log.warning("perception.pose is on but poses cannot be estimated: %s", exc)
+    if objects is not None and config.hands:
+        try:
+            hands = HandReader(threads=config.threads)
+        except (ModuleNotFoundError, FileNotFoundError) as exc:  # objects without hands
+            log.warning("perception.hands is on but hands cannot be found: %s", exc)
     if faces is None and reader is None and objects is None:
         return None
-    return DetectorWorker(faces, reader, objects, pose)
+    return DetectorWorker(faces, reader, objects, pose, hands)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,14 +24,14 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
 class PathsConfig(_Section):
     # Empty: the platform's folders (platformdirs; XDG_* variables honoured), see default_paths().
     cache_dir: str = ""  # model cache; default $XDG_CACHE_HOME/omnistream (~/.cache/omnistream)
-    data_dir: str = ""  # sessions (SQLite, vectors); default $XDG_DATA_HOME/omnistream (~/.local/share/omnistream)
+    data_dir: str = ""  # sessions (SQLite, vectors); default $XDG_DATA_HOME/omnistream (~/.local/share/...)
     # Stage logs; default: the user log folder ($XDG_STATE_HOME/omnistream/log) for the system in
     # the default run directory, RUN/logs for a system in any other run directory.
     log_dir: str = ""
 
 
 class BusConfig(_Section):
-    transport: str = "ipc"  # "ipc" (under the run dir) or "tcp"
+    transport: str = "ipc"  # owner-only sockets in the run dir; "tcp" is refused (loopback ports: no auth)
     host: str = "127.0.0.1"
     base_port: int = 47100
     frame_hwm: int = 4
@@ -231,6 +231,24 @@ class LauncherConfig(_Section):
     log_backups: int = 3
 
 
+class RssLimitsConfig(_Section):
+    """Resident memory (MB) each process should stay within, on a laptop with the default models
+    (the 1.5B LLM), under load and under a flood of requests (tests/integration/test_flood.py
+    checks the peaks). Over it, the launcher logs a warning once per crossing and counts it in
+    its Stats (``<stage>.over_rss``). 0: unchecked."""
+
+    bus: int = 256
+    gateway: int = 512
+    perception: int = 1536
+    speech: int = 1536
+    memory: int = 1024
+    reasoning: int = 3072
+
+
+class LimitsConfig(_Section):
+    rss_mb: RssLimitsConfig = RssLimitsConfig()
+
+
 ALL_STAGES = ("gateway", "perception", "memory", "reasoning", "speech")
 
 
@@ -246,6 +264,7 @@ class Config(_Section):
     reasoning: ReasoningConfig = ReasoningConfig()
     launcher: LauncherConfig = LauncherConfig()
     kernels: KernelsConfig = KernelsConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @property
     def cache_dir(self) -> Path:

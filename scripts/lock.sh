@@ -27,7 +27,9 @@ OUT=requirements/lock.txt
   # rapidocr-onnxruntime requires the GUI opencv-python, which shares cv2/ with the headless build we
   # use: it goes in without its dependencies (its small ones are in the detectors extra).
   echo "# without its dependencies (see above)"
-  echo "rapidocr-onnxruntime>=1.4" | "$UV" pip compile -q --no-deps "${COMMON[@]}" -
+  # mediapipe: only its hand models (mediapipe/modules/*.tflite, run by LiteRT; perception/hands.py) are
+  # used, never the package itself, whose 0.10 releases pin numpy<2 and the GUI OpenCV (1.x ship no models).
+  printf 'rapidocr-onnxruntime>=1.4\nmediapipe==0.10.21\n' | "$UV" pip compile -q --no-deps "${COMMON[@]}" -
 } > "$OUT.new"
 mv "$OUT.new" "$OUT"
 # The optional Piper voice (GPL-3.0 phonemizer, see pyproject.toml's piper extra): the packages the
