@@ -22,6 +22,9 @@ COCO_LABELS = (
     "hair drier", "toothbrush",
 )
 
+# Things perception detects beyond COCO's classes: a hand with no person around it (perception/hands.py).
+OTHER_LABELS = ("hand",)
+
 UNUSED = {"street sign", "hat", "shoe", "eye glasses", "plate", "mirror", "window", "desk", "door", "blender"}
 
 # Plain names people use for some COCO classes, and the class each everyday word points to.
@@ -43,7 +46,7 @@ SYNONYMS = {
 def classes_in(text: str, labels: list[str] | None = None) -> list[str]:
     """COCO classes a question or text mentions, by name, plural or everyday word (longer names
     first: "wine glass" before "glass")."""
-    names = [name for name in (labels or COCO_LABELS[1:]) if name not in UNUSED]
+    names = [name for name in (labels or (*COCO_LABELS[1:], *OTHER_LABELS)) if name not in UNUSED]
     lowered = " " + " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split()) + " "
     found: list[str] = []
     for name in sorted(names, key=len, reverse=True):

@@ -93,6 +93,7 @@ def test_classes_a_question_mentions() -> None:
     assert classes_in("How many people came in?") == ["person"]
     assert set(classes_in("What colour was the cup next to the laptop?")) == {"cup", "laptop"}
     assert classes_in("What did she say about the budget?") == []
+    assert classes_in("What is in my hand?") == ["hand"]  # perception/hands.py's close-up hands
 
 
 def sighting(label: str, x: int, y: int = 100, size: int = 60) -> ObjectSighting:
