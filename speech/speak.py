@@ -132,14 +132,16 @@ class PhraseSplitter:
 
 class Voice:
     """``voice``: "heart" (hibari, the default) or "piper:joe" (the optional Piper voice, 22.05 kHz;
-    its phonemiser piper-tts is GPL-3.0-or-later and comes only with ``omnistream[piper]``)."""
+    its phonemiser piper-tts is GPL-3.0-or-later and comes only with ``omnistream[piper]``), or
+    "piper:joe:hibari" (the same voice, phonemes from hibari's G2P: nothing GPL)."""
 
     def __init__(self, voice: str = "heart", threads: int = 1):
         from omnistream.speech import piper_voice
 
         self.name = voice
         if piper_voice.is_piper(voice):
-            self.tts = piper_voice.PiperTTS(voice.removeprefix(piper_voice.PREFIX), threads=threads)
+            name, phonemiser = piper_voice.parse(voice)
+            self.tts = piper_voice.PiperTTS(name, threads=threads, phonemiser=phonemiser)
             self.sample_rate = self.tts.sample_rate
         else:
             from hibari import SAMPLE_RATE, Hibari
