@@ -27,7 +27,24 @@ EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
 console = Console(stderr=True)
 
 
+def _config_file(args: argparse.Namespace) -> str | None:
+    """``--config``, else the default config file when it exists (``config.toml`` in the config
+    folder, or ``$OMNISTREAM_CONFIG``)."""
+    from omnistream.protocol.config import default_config_file
+
+    named = getattr(args, "config", None) or os.environ.get("OMNISTREAM_CONFIG")
+    if named and not Path(named).expanduser().is_file():
+        console.print(f"[red]no configuration file {named}[/red]")
+        raise SystemExit(EXIT_USAGE)
+    default = Path(named).expanduser() if named else default_config_file()
+    return str(default) if default.is_file() else None
+
+
 def _config(args: argparse.Namespace) -> Config:
+    return load_config(_config_file(args), _overrides(args))
+
+
+def _overrides(args: argparse.Namespace) -> dict:
     overrides = {}
     for item in getattr(args, "set", None) or []:
         key, _, value = item.partition("=")
@@ -40,7 +57,7 @@ def _config(args: argparse.Namespace) -> Config:
         overrides["reasoning.model"] = args.model
     if getattr(args, "source", None):
         overrides["perception.source"] = args.source
-    return load_config(getattr(args, "config", None), overrides)
+    return overrides
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -262,6 +279,128 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Register a standing question with the running system and print its alerts as they fire,
+    until Ctrl-C or ``--for`` seconds. The watch id is derived from the session and the condition,
+    so running the same watch again replaces it (the protocol has no way to remove one)."""
+    import hashlib
+
+    from omnistream.app.client import Client, ClientError
+    from omnistream.app.client_core import Request
+    from omnistream.app.launcher import live_run_dir
+    from omnistream.protocol.messages import Ack, Alert, Error, Stats, Watch
+
+    session = args.session or "default"
+    condition = args.condition.strip()
+    run_dir = None
+    if not args.endpoint:
+        run_dir = Path(args.run_dir) if args.run_dir else live_run_dir(_config(args), None) or _run_dir(args)
+    try:
+        client = Client.connect(run_dir, session=session, timeout_s=args.timeout, **_remote(args))
+    except FileNotFoundError:
+        console.print(
+            f"[red]no omnistream system is running in {run_dir}: start one with `omnistream up` "
+            "(or name its run directory with --run-dir)[/red]"
+        )
+        return EXIT_NOT_RUNNING
+    except (ClientError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_NOT_RUNNING
+    watch_id = "cli-" + hashlib.sha256(f"{session}\n{condition}".encode()).hexdigest()[:24]
+
+    def register() -> None:
+        watch = Watch(ts=0.0, session=session, watch_id=watch_id, condition=condition)
+        client._request(Request(watch, Ack, watch_id, False, client.timeout_s))  # noqa: SLF001
+
+    with client:
+        try:
+            register()
+        except ClientError as exc:
+            console.print(f"[red]watch refused: {exc}[/red]")
+            return EXIT_FAILURE
+        if not args.json:
+            console.print(
+                f"watching session {session!r} for: {condition} "
+                f"({'Ctrl-C stops' if args.for_s is None else f'for {args.for_s:g} s'})"
+            )
+        reasoning_pid = 0
+        try:
+            for event in client.subscribe(Alert, Error, Stats, timeout_s=args.for_s):
+                if isinstance(event, Stats):
+                    # Watches live in the reasoning stage: after a restart, register again.
+                    if event.stage == "reasoning" and event.pid != reasoning_pid:
+                        if reasoning_pid:
+                            console.log("reasoning restarted: registering the watch again")
+                            register()
+                        reasoning_pid = event.pid
+                elif isinstance(event, Error) and event.request_id == watch_id:
+                    console.print(f"[red]watch refused: [{event.code}] {event.message}[/red]")
+                    return EXIT_FAILURE
+                elif isinstance(event, Alert) and event.watch_id == watch_id:
+                    evidence = event.text.removeprefix(f"{condition}: ").replace("\n", " ")
+                    if args.json:
+                        print(
+                            json.dumps(
+                                {
+                                    "ts": event.ts,
+                                    "session": event.session,
+                                    "watch": condition,
+                                    "evidence": evidence,
+                                }
+                            ),
+                            flush=True,
+                        )
+                    else:
+                        print(f"[{event.ts:8.1f} s] {condition} | {evidence}", flush=True)
+        except KeyboardInterrupt:
+            pass
+        except ClientError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return EXIT_FAILURE
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from omnistream.app import config_view
+
+    config_file, overrides = _config_file(args), _overrides(args)
+    config = load_config(config_file, overrides)
+    origin = config_view.sources(config_file, overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.json:
+        print(json.dumps(config_view.as_json(config, origin, run_dir), indent=1))
+    else:
+        print(config_view.render(config, Path(config_file) if config_file else None, origin, run_dir), end="")
+    return 0
+
+
+def cmd_config_path(args: argparse.Namespace) -> int:
+    from omnistream.protocol.config import default_config_file, default_paths
+
+    named = args.config or os.environ.get("OMNISTREAM_CONFIG")
+    path = Path(named).expanduser() if named else default_config_file()
+    if args.json:
+        paths = {name: str(p) for name, p in default_paths(_config(args)).items()}
+        print(json.dumps({**paths, "config file": str(path), "exists": path.is_file()}, indent=1))
+    else:
+        print(path)
+    return 0
+
+
+def version_line() -> str:
+    """``omnistream X (Python Y, torch Z)`` from the installed packages' metadata (no imports)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"omnistream {of('omnistream')} (Python {platform.python_version()}, torch {of('torch')})"
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from omnistream.app.client import Client
     from omnistream.app.replay import DEFAULT_SAMPLE, Replayer, ScheduledAsk, session_end
@@ -445,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnistream", description="Local real-time video and audio assistant."
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
@@ -459,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
         if run_dir:
             p.add_argument(
                 "--run-dir",
-                help="run directory of the system (default: $OMNISTREAM_RUN_DIR or ~/.local/share/omnistream/run)",
+                help="run directory of the system (default: $OMNISTREAM_RUN_DIR, $XDG_RUNTIME_DIR/omnistream "
+                "or ~/.local/share/omnistream/run)",
             )
 
     p = sub.add_parser("up", help="start every stage and supervise them until Ctrl-C")
@@ -511,6 +652,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0)
     remote(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser(
+        "watch", help="register a standing question with the running system; its alerts stream to stdout"
+    )
+    common(p)
+    p.add_argument("condition", help='what to be told about, e.g. "tell me when someone enters"')
+    p.add_argument("--session", help="session whose stream is watched (default: default)")
+    p.add_argument("--for", dest="for_s", type=float, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the gateway")
+    remote(p)
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("config", help="the configuration in effect, and where it is read from")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    c = config_sub.add_parser(
+        "show", help="print the configuration in effect as TOML (secrets redacted), with its sources"
+    )
+    common(c)
+    c.set_defaults(func=cmd_config_show)
+    c = config_sub.add_parser("path", help="print the configuration file's location (--json: every folder)")
+    common(c, run_dir=False)
+    c.set_defaults(func=cmd_config_path)
 
     p = sub.add_parser(
         "replay",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omnistream.protocol import config as config_paths
 from omnistream.protocol.messages import (
     Ack,
     AnswerDelta,
@@ -46,13 +47,13 @@ class ClientError(RuntimeError):
 
 
 def default_run_dir() -> Path:
-    env = os.environ.get("OMNISTREAM_RUN_DIR")
-    return Path(env) if env else Path.home() / ".local" / "share" / "omnistream" / "run"
+    """``$OMNISTREAM_RUN_DIR``, ``$XDG_RUNTIME_DIR/omnistream``, else ``run`` in the data folder."""
+    return config_paths.default_run_dir()
 
 
 def default_keys_dir() -> Path:
     env = os.environ.get("OMNISTREAM_KEYS_DIR")
-    return Path(env) if env else Path.home() / ".config" / "omnistream" / "keys"
+    return Path(env) if env else config_paths.default_keys_dir()
 
 
 def gateway_addresses(run_dir: Path | None, endpoint: str | None, keys_dir: Path | None) -> Addresses:

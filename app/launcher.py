@@ -1,8 +1,11 @@
 """The launcher: one OS process per stage, READY handshakes, restarts with backoff, heartbeats,
 an ordered shutdown.
 
-Each child runs ``python -m <module> --run-dir RUN`` with its stderr in ``RUN/logs/<stage>.log``
-and dies with the launcher (``PR_SET_PDEATHSIG``), so even a SIGKILLed launcher leaves no orphan.
+Each child runs ``python -m <module> --run-dir RUN`` with its stdout and stderr in
+``<log dir>/<stage>.log`` (``Config.log_dir``: RUN/logs, or the user log folder for the system in
+the default run directory), rotated by size (``launcher.log_max_bytes``, ``launcher.log_backups``:
+the stage rotates it as it logs, the launcher before it starts one), and dies with the launcher
+(``PR_SET_PDEATHSIG``), so even a SIGKILLed launcher leaves no orphan.
 A child that exits while the system runs is restarted after a backoff that doubles per quick
 failure (reset once it has stayed up); every restart is logged and counted in ``Stats``.
 
@@ -42,6 +45,7 @@ import zmq
 
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import Config, save_config
+from omnistream.protocol.logs import rotate_if_full
 from omnistream.protocol.messages import Ready, Stats
 from omnistream.protocol.security import SecurityError, load_server_keys
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
@@ -175,6 +179,7 @@ class Launcher:
             raise LaunchError(f"unknown stage {unknown[0]!r} (known: {known})")
         self.config = config
         self.run_dir = Path(run_dir)
+        self.log_dir = config.log_dir(self.run_dir)
         self.on_event = on_event or (lambda text: None)
         self.children: dict[str, Child] = {}
         self.stopping = False
@@ -217,7 +222,7 @@ class Launcher:
         addresses = self.check_security()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.run_dir, 0o700)
-        (self.run_dir / "logs").mkdir(exist_ok=True, mode=0o700)
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         pid_file = self.run_dir / "launcher.pid"
         if pid_file.exists():
             try:
@@ -252,6 +257,7 @@ class Launcher:
         """Start the bus and every stage; return once all are READY (or raise LaunchError)."""
         self.prepare_run_dir()
         assert self.addresses is not None
+        self.on_event(f"stage logs in {self.log_dir}")
         self.control = make_socket(self.ctx, zmq.PULL)
         self.control.bind(self.addresses.control)
         self._spawn("bus")
@@ -267,8 +273,15 @@ class Launcher:
 
     def _spawn(self, name: str) -> None:
         child = self.children.setdefault(name, Child(name))
-        log_file = open(self.run_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        log_path = self.log_dir / f"{name}.log"
+        limits = self.config.launcher
+        rotate_if_full(log_path, limits.log_max_bytes, limits.log_backups)
+        log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child
         env = dict(os.environ)
+        # The stage logs to the same file through a handler that rotates it (protocol/logs.py).
+        env["OMNISTREAM_LOG_FILE"] = str(log_path)
+        env["OMNISTREAM_LOG_MAX_BYTES"] = str(limits.log_max_bytes)
+        env["OMNISTREAM_LOG_BACKUPS"] = str(limits.log_backups)
         env.setdefault("OMNISTREAM_LOG_LEVEL", "INFO")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         # numpy's BLAS: one thread per stage. The stages share the cores already (torch has its
@@ -301,7 +314,7 @@ class Launcher:
                 if not child.alive():
                     code = child.process.returncode if child.process else None
                     raise LaunchError(
-                        f"{name} exited with code {code} before READY; see {self.run_dir / 'logs' / (name + '.log')}"
+                        f"{name} exited with code {code} before READY; see {self.log_dir / (name + '.log')}"
                     )
             if time.monotonic() > deadline:
                 missing = [n for n in names if not self.children[n].ready]

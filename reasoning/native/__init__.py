@@ -2,7 +2,7 @@
 share, and whatever other kernels sit beside them), built into one library on first use.
 
 The C sources are compiled once per machine into
-``~/.cache/omnistream/native/omnistream-<sha of sources + compiler + flags>.so`` (under a lock, with
+``$XDG_CACHE_HOME/omnistream/native/omnistream-<sha of sources + compiler + flags>.so`` (under a lock, with
 an atomic rename, so processes starting together build it once) and loaded with ctypes. Without
 a C compiler, without AVX2/FMA/F16C, or when the build fails, one warning is logged and
 ``available()`` is False: callers fall back to fbgemm. ``OMNISTREAM_NATIVE=0`` forces that
@@ -39,7 +39,9 @@ _threads: int | None = None  # None: torch.get_num_threads() at each call
 
 
 def _cache_dir() -> Path:
-    return Path.home() / ".cache" / "omnistream" / "native"
+    from omnistream.protocol.config import default_cache_dir
+
+    return default_cache_dir() / "native"
 
 
 def _compiler() -> str | None:
