@@ -705,18 +705,24 @@ async def event_stream(
     queue = client._listen()
     try:
         yield b": connected\n\n"
+        quiet_since = time.monotonic()
         while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-            except TimeoutError:
+            quiet_for = time.monotonic() - quiet_since
+            if quiet_for >= KEEPALIVE_S:
+                quiet_since, quiet_for = time.monotonic(), 0.0
                 yield b": keep-alive\n\n"
+            try:
+                event = await asyncio.wait_for(queue.get(), KEEPALIVE_S - quiet_for)
+            except TimeoutError:
                 continue
             if type(event) not in types or event.session != session:
                 continue
             if isinstance(event, Transcript) and not event.final and not partials:
                 continue
-            payload = msgspec.to_builtins(event)
+            # every field, defaults too (the wire format leaves them out)
+            payload = {"type": type(event).__name__, **msgspec.to_builtins(msgspec.structs.asdict(event))}
             payload["at"] = clock(event.ts)
+            quiet_since = time.monotonic()
             yield sse(payload, names[type(event)])
     finally:
         client._listeners.discard(queue)
@@ -730,7 +736,14 @@ def server(app: FastAPI, host: str, port: int):
     import uvicorn
 
     config = uvicorn.Config(
-        app, host=host, port=port, loop="asyncio", log_level="warning", access_log=False, lifespan="on"
+        app,
+        host=host,
+        port=port,
+        loop="asyncio",
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,  # open event streams never end by themselves
     )
     return uvicorn.Server(config)
 

@@ -237,3 +237,33 @@ def test_hanging_up_mid_stream_interrupts_the_question(system: Launcher) -> None
         api.stop()
     assert interrupts and interrupts[0].reason == "client", turn
     assert not api.thread.is_alive()
+
+
+def test_events_stream_a_sessions_answers_alerts_and_transcripts(system: Launcher) -> None:
+    """/v1/events with types=answer: the gateway's own AnswerDone for a question that failed
+    (nothing answers here), with all its fields and its stream time as cited; other sessions'
+    events are not sent."""
+    port = free_port()
+    api = ApiThread(create_app(system.run_dir), "127.0.0.1", port)
+    api.start()
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        with httpx.stream(
+            "GET", f"{url}/events", params={"session": "watched", "types": "answer,alert"}, timeout=30
+        ) as events:
+            assert events.headers["content-type"].startswith("text/event-stream")
+            lines = events.iter_lines()
+            assert next(lines) == ": connected"
+            for session in ("other", "watched"):
+                question = {"messages": [{"role": "user", "content": "Anyone?"}], "user": session}
+                failed = httpx.post(f"{url}/chat/completions", json=question, timeout=30)
+                assert failed.status_code == 502
+            message = failed.json()["error"]["message"]
+            received = [line for _, line in zip(range(2), filter(None, lines), strict=False)]
+    finally:
+        api.stop()
+    assert received[0] == "event: answer", received
+    done = json.loads(received[1].removeprefix("data: "))
+    assert done["type"] == "AnswerDone" and done["session"] == "watched", done
+    assert done["error"].startswith("no answer progress within 3 s") and done["error"] in message
+    assert done["choice"] == "" and done["context"] == [] and done["at"] == "00:00"
