@@ -265,7 +265,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return EXIT_NOT_RUNNING
     with client:
         try:
-            for delta in client.ask(args.question, ts=args.at or 0.0, choices=args.choice or [], speak=False):
+            answer = client.ask(
+                args.question,
+                ts=args.at or 0.0,
+                choices=args.choice or [],
+                speak=False,
+                timeout_s=args.timeout,
+            )
+            for delta in answer:  # --timeout bounds the whole answer, not only the request
                 if not args.json:
                     print(delta, end="", flush=True)
         except ClientError as exc:
@@ -559,11 +566,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(f"[red]the demo page needs gradio: .venv/bin/pip install -e '.[demo]' ({exc})[/red]")
         return EXIT_USAGE
     from omnistream.app.client import default_run_dir
-    from omnistream.app.demo import DemoSecurityError, demo_auth
+    from omnistream.app.demo import DemoSecurityError, demo_auth, demo_password
 
     config = _config(args)
-    password = args.password or os.environ.get("OMNISTREAM_DEMO_PASSWORD", "")
+    if args.password is not None:
+        console.print(
+            "[red]--password would show the password to every user in the process list: put it in a "
+            "file only you can read and pass --password-file FILE, or set $OMNISTREAM_DEMO_PASSWORD[/red]"
+        )
+        return EXIT_USAGE
     try:
+        password = demo_password(args.password_file)
         auth = demo_auth(args.host, password, args.share, user=args.user)
     except DemoSecurityError as exc:
         console.print(f"[red]{exc}[/red]")
@@ -715,13 +728,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p)
     p.add_argument(
-        "--host", default="127.0.0.1", help="address to serve the page on (not loopback: --password needed)"
+        "--host", default="127.0.0.1", help="address to serve the page on (not loopback: a password needed)"
     )
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--password", help="require this password (or $OMNISTREAM_DEMO_PASSWORD) to open the page")
-    p.add_argument("--user", default="omnistream", help="login name with --password (default: omnistream)")
     p.add_argument(
-        "--share", action="store_true", help="also publish a public gradio.live link (needs --password)"
+        "--password-file",
+        help="require the password in this file (or $OMNISTREAM_DEMO_PASSWORD) to open the page",
+    )
+    p.add_argument("--password", help=argparse.SUPPRESS)  # refused: visible in the process list
+    p.add_argument("--user", default="omnistream", help="login name with a password (default: omnistream)")
+    p.add_argument(
+        "--share", action="store_true", help="also publish a public gradio.live link (needs a password)"
     )
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.add_argument("--session", help="session name for the system started here")

@@ -6,6 +6,7 @@ read, and what the gateway's own ``Stats`` say about its restarts. ``client.py``
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -34,6 +35,12 @@ from omnistream.protocol.messages import (
 from omnistream.protocol.sockets import Addresses
 
 RESEND_EVERY_S = 2.0
+# The gateway's frame limits (gateway.max_frame_side and gateway.max_frame_bytes, by default): it
+# refuses a bigger frame, and one over its socket's message cap (bus.max_message_bytes) would cut
+# the client's connection, so ``push_frame`` refuses it here with a clear error; replay and the
+# demo downscale theirs (``fit_frame``).
+MAX_FRAME_SIDE = 8192
+MAX_FRAME_BYTES = 25 << 20
 LOST_AFTER_S = 30.0  # after a gateway restart, silence on a turn for this long means it was lost
 
 
@@ -44,6 +51,21 @@ class ClientError(RuntimeError):
     def __init__(self, message: str, code: str = ""):
         super().__init__(message)
         self.code = code
+
+
+def fit_frame(
+    image: np.ndarray, max_bytes: int = MAX_FRAME_BYTES, max_side: int = MAX_FRAME_SIDE
+) -> np.ndarray:
+    """``image`` (H, W, C) itself when within the gateway's frame limits, else a copy scaled down
+    (same aspect) to fit them."""
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width, 1), math.sqrt(max_bytes / max(image.nbytes, 1)))
+    if scale >= 1.0:
+        return image
+    import cv2
+
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    return cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
 
 
 def default_run_dir() -> Path:
@@ -254,6 +276,14 @@ class ClientCore:
         return Interrupt(ts=ts, session=self.session, turn=turn, reason="client")
 
     def _frame(self, image: np.ndarray, ts: float, index: int) -> VideoFrame:
+        height, width = image.shape[:2]
+        if max(height, width) > MAX_FRAME_SIDE or image.nbytes > MAX_FRAME_BYTES:
+            raise ClientError(
+                f"a {width}x{height} frame ({image.nbytes / 1e6:.1f} MB) is over the gateway's limits "
+                f"({MAX_FRAME_SIDE} px a side, {MAX_FRAME_BYTES / 1e6:.1f} MB): scale it down first "
+                "(omnistream.app.client_core.fit_frame)",
+                code="too_large",
+            )
         return VideoFrame(ts=ts, session=self.session, image=image, index=index)
 
     def _audio(self, pcm: np.ndarray, sample_rate: int, ts: float, channel: str) -> AudioChunk:

@@ -14,6 +14,7 @@ omnistream session (``DemoSession``).
 from __future__ import annotations
 
 import html
+import os
 import re
 import signal
 import time
@@ -347,6 +348,22 @@ class DemoSecurityError(ValueError):
     pass
 
 
+def demo_password(path: str | None) -> str:
+    """The demo page's password: the first line of ``path`` (``--password-file``), else
+    ``$OMNISTREAM_DEMO_PASSWORD``, else "" (none). Never a command-line argument: every user sees
+    those in the process list. A file that others can read is refused."""
+    if not path:
+        return os.environ.get("OMNISTREAM_DEMO_PASSWORD", "")
+    file = Path(path).expanduser()
+    try:
+        if file.stat().st_mode & 0o077:
+            raise DemoSecurityError(f"{file} can be read by other users: chmod 600 it")
+        lines = file.read_text().splitlines()
+    except OSError as exc:
+        raise DemoSecurityError(f"cannot read the password file {file}: {exc.strerror}") from None
+    return lines[0].strip() if lines else ""
+
+
 def demo_auth(host: str, password: str, share: bool, user: str = "omnistream") -> tuple[str, str] | None:
     """The page's login: none on loopback without a password; a password is required to serve
     beyond loopback or to share publicly (raises ``DemoSecurityError`` otherwise)."""
@@ -357,10 +374,10 @@ def demo_auth(host: str, password: str, share: bool, user: str = "omnistream") -
             raise DemoSecurityError("the demo password must have at least 8 characters")
         return (user, password)
     if share:
-        raise DemoSecurityError("--share publishes the page on the internet: set --password too")
+        raise DemoSecurityError("--share publishes the page on the internet: set --password-file too")
     if not is_loopback(host):
         raise DemoSecurityError(
-            f"--host {host} serves the page beyond this machine: set --password (or $OMNISTREAM_DEMO_PASSWORD)"
+            f"--host {host} serves the page beyond this machine: set --password-file (or $OMNISTREAM_DEMO_PASSWORD)"
         )
     return None
 

@@ -27,6 +27,7 @@ import numpy as np
 import soundfile
 
 from omnistream.app.client import Client, ClientError
+from omnistream.app.client_core import fit_frame
 from omnistream.app.preview import scaled
 from omnistream.protocol.messages import (
     Alert,
@@ -202,7 +203,7 @@ class DemoSession:
 
     def push_frame(self, rgb: np.ndarray, ts: float | None = None) -> None:
         """Send an RGB uint8 (H, W, 3) frame at stream time ``ts`` (default: now)."""
-        image = np.ascontiguousarray(rgb, np.uint8)
+        image = fit_frame(np.ascontiguousarray(rgb, np.uint8))  # a camera over the gateway's limits
         small = scaled(image)
         with self.lock:
             ts = self.now() if ts is None else ts

@@ -80,6 +80,7 @@ from omnistream.protocol.security import (
     start_authenticator,
 )
 from omnistream.protocol.sockets import make_socket, recv, send
+from omnistream.speech.rates import sample_rate_problem
 
 log = logging.getLogger("omnistream.gateway")
 
@@ -169,6 +170,9 @@ def check_request(message: Message, limits: GatewayConfig) -> str | None:
         pcm = message.pcm
         if not MIN_AUDIO_RATE <= message.sample_rate <= MAX_AUDIO_RATE:
             return f"AudioChunk.sample_rate must be {MIN_AUDIO_RATE}..{MAX_AUDIO_RATE} Hz, got {message.sample_rate}"
+        problem = sample_rate_problem(message.sample_rate)  # a prime rate: a huge resampling filter
+        if problem:
+            return f"AudioChunk.{problem}"
         if pcm.ndim != 1 or pcm.dtype not in (np.float32, np.int16) or not len(pcm):
             return (
                 f"AudioChunk.pcm must be non-empty float32 or int16 (N,), got {pcm.dtype} {tuple(pcm.shape)}"
@@ -329,15 +333,21 @@ class GatewayStage:
             self.runtime.counters["client_dropped"] += 1
 
     def on_client(self, sock: zmq.Socket) -> None:
-        """Serve at most ``bus.poll_max_messages`` requests (the rest wait in the socket), round
-        robin across clients: the requests read are served one per client in turn, so a client
-        with a thousand waiting requests delays another's by one request each, not a thousand."""
+        """Serve at most ``bus.poll_max_messages`` requests and ``bus.poll_max_bytes`` bytes (the
+        rest wait in the socket), round robin across clients: the requests read are served one
+        per client in turn, so a client with a thousand waiting requests delays another's by one
+        request each, not a thousand."""
         queues: OrderedDict[bytes, deque[list[zmq.Frame]]] = OrderedDict()
+        taken, max_bytes = 0, self.runtime.config.bus.poll_max_bytes
         for _ in range(max(self.runtime.config.bus.poll_max_messages, 1)):
+            if taken >= max_bytes:  # and bus.poll_max_bytes: a flood of frames is not all taken at once
+                self.runtime.counters["poll_byte_limit"] += 1
+                break
             try:
                 frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            taken += sum(len(frame) for frame in frames)
             queues.setdefault(frames[0].bytes, deque()).append(frames)
         while queues:
             for identity in list(queues):

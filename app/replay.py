@@ -20,6 +20,7 @@ import numpy as np
 import soundfile
 
 from omnistream.app.client import Client, ClientError
+from omnistream.app.client_core import fit_frame
 from omnistream.perception.sources import AUDIO_RATE, MediaReader
 from omnistream.protocol.messages import AnswerDelta, AnswerDone, AudioOut, Message
 
@@ -154,7 +155,8 @@ class Replayer:
             else:
                 self._dispatch(self.client.poll_events(0))
             if event.kind == "video":
-                self.client.push_frame(event.data, start_ts + event.ts)
+                # A frame over the gateway's limits (an 8K recording) is scaled down to fit them.
+                self.client.push_frame(fit_frame(event.data), start_ts + event.ts)
             else:
                 self.client.push_audio(event.data, AUDIO_RATE, start_ts + event.ts, channel="scene")
             last_ts = event.ts

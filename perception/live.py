@@ -7,10 +7,15 @@ is reported as ``SourceEvent``s, never raised: it opened, ended, failed (a corru
 file: everything decoded before the damage was delivered), reconnected, stalled (``watch``: no
 frame for ``stall_s``) or resumed. A URL or camera that fails or ends is reopened every
 ``reconnect_s``; a file ends (or restarts with ``loop``).
+
+A URL's credentials (``rtsp://user:password@host``, ``?token=...``) never leave the process: the
+source's ``name`` (in events, ``Error`` messages to every client, logs, frames' ``source``) and
+every event's detail have them replaced by ``***`` (``redact``).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +30,22 @@ from omnistream.perception.sources import AUDIO_CHUNK_S, AUDIO_RATE
 
 FrameSink = Callable[[np.ndarray, float], bool]  # (uint8 (H, W, 3) RGB, stream s) -> accepted
 AudioSink = Callable[[np.ndarray, float], None]  # (float32 (N,) 16 kHz mono, stream s of 1st sample)
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+_SECRET_PARAM = re.compile(
+    r"(?P<key>[?&;](?:[A-Za-z0-9_.-]*(?:token|key|secret|passw(?:or)?d|pass|pwd|auth|sig(?:nature)?|credential)"
+    r"[A-Za-z0-9_.-]*)=)[^&;#\s]*",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced by ``***``: the user info
+    (``rtsp://user:pass@cam`` -> ``rtsp://***@cam``) and query parameters named like secrets
+    (``token``, ``api_key``, ``password``, ``sig``, ...)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
+    return _SECRET_PARAM.sub(lambda m: f"{m['key']}***", text)
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,7 @@ class LiveSource:
         stall_s: float = 5.0,
     ):
         self.spec = spec
+        self.name = redact(spec)  # what may be shown: events, logs, frames' source
         self.on_frame = on_frame
         self.on_audio = on_audio
         self.reconnect_s = reconnect_s
@@ -60,7 +82,7 @@ class LiveSource:
         self._events: list[SourceEvent] = []
         self._lock = threading.Lock()
         self._stalled = False
-        self._thread = threading.Thread(target=self._run, name=f"source {spec}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"source {self.name}", daemon=True)
 
     def start(self) -> LiveSource:
         self.started_wall = time.monotonic()
@@ -81,7 +103,7 @@ class LiveSource:
 
     def _report(self, kind: str, detail: str = "") -> None:
         with self._lock:
-            self._events.append(SourceEvent(kind, self.spec, detail))
+            self._events.append(SourceEvent(kind, self.name, redact(detail)))
 
     def _deliver(self, image: np.ndarray, ts: float) -> bool:
         accepted = self.on_frame(image, ts)
@@ -112,7 +134,7 @@ class LiveSource:
             except (ValueError, OSError) as exc:  # ours and PyAV's/OpenCV's name the source already
                 self._report("error", str(exc))
             except Exception as exc:  # reported, never fatal: the stage keeps running
-                self._report("error", f"{self.spec}: {type(exc).__name__}: {exc}")
+                self._report("error", f"{self.name}: {type(exc).__name__}: {exc}")
             attempt += 1
             if not self.reconnects or self._stop.wait(self.reconnect_s):
                 break

@@ -164,7 +164,7 @@ class PerceptionStage:
             ts,
             index=self._from_source,
             session=self.session,
-            source=self.source.spec if self.source else "",
+            source=self.source.name if self.source else "",  # its credentials redacted
         )
         while not self.slot.put(frame, timeout_s=0.5):
             if self.slot.closed or (self.source is not None and self.source.stopping):

@@ -1,8 +1,10 @@
 """Addresses and socket helpers shared by the launcher, the stages and the clients.
 
-Every address derives from a run directory (``ipc://`` sockets inside it) or, with the ``tcp``
-transport, from a base port on loopback. The launcher writes ``addresses.json`` into the run
-directory so a client only needs the directory.
+Every internal address is an ``ipc://`` socket inside the run directory (owner-only, like the
+directory): tcp ports on loopback would let every local user onto the bus with no
+authentication, so ``bus.transport = "tcp"`` is refused. Only the gateway is served over tcp,
+beyond loopback, with CURVE keys. The launcher writes ``addresses.json`` into the run directory
+so a client only needs the directory.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Addresses:
         gateway_host: str = "127.0.0.1",
         gateway_port: int = 0,
     ) -> Addresses:
-        """Internal endpoints always on loopback (``ipc`` paths or ``tcp://127.0.0.1``); the
+        """Internal endpoints are ``ipc`` paths in ``run_dir`` (``tcp`` is refused); the
         gateway's on ``gateway_host`` over tcp (and CURVE) when that is not loopback."""
         from omnistream.protocol.security import is_loopback
 
@@ -52,12 +54,16 @@ class Addresses:
                 f"bus.host {host!r} is not loopback: stages talk over loopback only; "
                 "serve clients on another interface with gateway.host (CURVE keys required)"
             )
-        if transport == "ipc":
-            names = {name: f"ipc://{run_dir / name}" for name in ENDPOINTS}
-        elif transport == "tcp":
-            names = {name: f"tcp://{host}:{base_port + i}" for i, name in enumerate(ENDPOINTS)}
-        else:
-            raise ValueError(f"unknown transport {transport!r} (expected 'ipc' or 'tcp')")
+        if transport == "tcp":
+            raise ValueError(
+                "bus.transport 'tcp' would put the internal sockets (bus, memory, control) on "
+                "loopback ports that every local user can reach, with no authentication: use 'ipc' "
+                "(owner-only sockets in the run directory); to serve clients on another machine set "
+                "gateway.host (CURVE keys)"
+            )
+        if transport != "ipc":
+            raise ValueError(f"unknown transport {transport!r} (expected 'ipc')")
+        names = {name: f"ipc://{run_dir / name}" for name in ENDPOINTS}
         if is_loopback(gateway_host):
             return cls(**names)
         port = gateway_port or base_port + ENDPOINTS.index("gateway")

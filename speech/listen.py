@@ -23,6 +23,7 @@ import numpy as np
 from scipy.signal import resample_poly
 
 from omnistream.protocol.text import words
+from omnistream.speech.rates import sample_rate_problem
 
 SAMPLE_RATE = 16000
 VAD_WINDOW = 512  # samples at 16 kHz (32 ms), what Silero VAD expects
@@ -45,6 +46,9 @@ def to_mono_float(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
     """Validate and mix down: PCM (N,) or (N, C), int16 or float -> float32 (N,) in [-1, 1]."""
     if not MIN_RATE <= sample_rate <= MAX_RATE:
         raise ValueError(f"AudioChunk.sample_rate {sample_rate} Hz outside {MIN_RATE}..{MAX_RATE} Hz")
+    problem = sample_rate_problem(sample_rate)
+    if problem:
+        raise ValueError(f"AudioChunk.{problem}")
     audio = np.asarray(pcm)
     if audio.ndim not in (1, 2):
         raise ValueError(f"AudioChunk.pcm must be (N,) or (N, channels), got shape {audio.shape}")

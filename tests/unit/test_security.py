@@ -57,8 +57,8 @@ def test_loopback_rule() -> None:
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("myhost")
     default = make_config(Path("/tmp/x"), ("gateway",))
     assert default.gateway.host == "127.0.0.1" and default.bus.host == "127.0.0.1"
-    addresses = Addresses.for_run_dir(Path("/tmp/r"), "tcp")
-    assert all(getattr(addresses, n).startswith("tcp://127.0.0.1:") for n in ("gateway", "bus_in", "memory"))
+    addresses = Addresses.for_run_dir(Path("/tmp/r"))  # internal sockets: owner-only ipc paths
+    assert all(getattr(addresses, n).startswith("ipc:///tmp/r/") for n in ("gateway", "bus_in", "memory"))
     assert not addresses.curve
     with pytest.raises(ValueError, match="bus.host '0.0.0.0' is not loopback"):
         Addresses.for_run_dir(Path("/tmp/r"), "tcp", host="0.0.0.0")
@@ -413,3 +413,150 @@ def test_the_bus_queues_at_most_hwm_messages_for_a_subscriber_that_stops_reading
         sub.close(linger=0)
         pub.close(linger=0)
         launcher.shutdown()
+
+
+# -- issue #18, low-severity items -----------------------------------------------------------------
+
+
+def test_bus_transport_tcp_is_refused(short_tmp: Path) -> None:
+    """tcp ports on loopback would open the bus, memory and control sockets to every local
+    user, unauthenticated: refused before anything starts."""
+    config = make_config(short_tmp, ("gateway",), **{"bus.transport": "tcp"})
+    with pytest.raises(LaunchError, match=r"bus.transport 'tcp'.*every local user.*use 'ipc'"):
+        Launcher(config, short_tmp / "run").start()
+    assert not (short_tmp / "run" / "addresses.json").exists()
+    with pytest.raises(ValueError, match="bus.transport 'tcp'"):
+        Addresses.for_run_dir(short_tmp, "tcp")
+
+
+def test_demo_password_comes_from_a_file_or_the_environment_never_the_command_line(
+    short_tmp: Path, monkeypatch
+) -> None:
+    from omnistream.app.demo import demo_password
+
+    env = {k: v for k, v in os.environ.items() if k != "OMNISTREAM_DEMO_PASSWORD"}
+    result = subprocess.run(
+        [sys.executable, "-m", "omnistream.app.cli", "demo", "--password", "hunter2hunter2"]
+        + ["--host", "0.0.0.0", "--run-dir", str(short_tmp / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 2 and "--password-file" in result.stdout + result.stderr, result
+    assert "hunter2hunter2" not in result.stdout + result.stderr
+    assert not (short_tmp / "r").exists()  # refused before starting anything
+    secret = short_tmp / "pw"
+    secret.write_text("correct horse battery\n")
+    secret.chmod(0o600)
+    assert demo_password(str(secret)) == "correct horse battery"
+    secret.chmod(0o640)
+    with pytest.raises(DemoSecurityError, match="other users.*chmod 600"):
+        demo_password(str(secret))
+    with pytest.raises(DemoSecurityError, match="cannot read"):
+        demo_password(str(short_tmp / "missing"))
+    monkeypatch.setenv("OMNISTREAM_DEMO_PASSWORD", "from the environment")
+    assert demo_password(None) == "from the environment"
+
+
+def test_a_prime_sample_rate_is_refused_before_it_builds_a_huge_filter() -> None:
+    from omnistream.app.gateway import check_request
+    from omnistream.protocol.config import GatewayConfig
+    from omnistream.protocol.messages import AudioChunk
+    from omnistream.speech.listen import to_mono_float
+    from omnistream.speech.rates import sample_rate_problem
+
+    chunk = AudioChunk(pcm=np.zeros(441, np.float32), sample_rate=44101)
+    problem = check_request(chunk, GatewayConfig())
+    assert problem and "44101 Hz" in problem and "882020-tap" in problem, problem
+    for usual in (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 96000, 192000):
+        assert sample_rate_problem(usual) is None
+        assert (
+            check_request(AudioChunk(pcm=np.zeros(160, np.float32), sample_rate=usual), GatewayConfig())
+            is None
+        )
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="tap resampling filter"):
+        to_mono_float(np.zeros(441, np.float32), 44101)  # what the speech stage's listener does first
+    assert time.monotonic() - start < 1.0
+
+
+def test_ask_timeout_bounds_the_wait_for_the_answer(short_tmp: Path) -> None:
+    """A gateway with no reasoning accepts the question and nothing answers it: `omnistream ask
+    --timeout 3` gives up after about 3 s (it waited 300 s, whatever --timeout said)."""
+    config = make_config(short_tmp, ("gateway",), **{"gateway.ask_timeout_s": 600.0})
+    launcher = Launcher(config, short_tmp / "run")
+    launcher.start()
+    try:
+        start = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "omnistream.app.cli", "ask", "what is on screen?"]
+            + ["--run-dir", str(launcher.run_dir), "--timeout", "3"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        took = time.monotonic() - start
+    finally:
+        launcher.shutdown()
+    assert result.returncode != 0 and "no complete answer within 3 s" in result.stdout + result.stderr, result
+    assert took < 30, took
+
+
+def test_a_frame_over_the_gateways_limits_is_refused_by_the_client_or_scaled_down(short_tmp: Path) -> None:
+    """A 5000 x 5000 frame (75 MB) is over the gateway's socket cap: sent, it cut the client's
+    connection. The client refuses it with a clear error, ``fit_frame`` (replay, demo) scales it
+    to fit, and the scaled frame goes through on the same connection."""
+    from omnistream.app.client_core import MAX_FRAME_BYTES, MAX_FRAME_SIDE, fit_frame
+    from omnistream.protocol.config import GatewayConfig
+
+    assert (
+        GatewayConfig().max_frame_side,
+        GatewayConfig().max_frame_bytes,
+    ) == (MAX_FRAME_SIDE, MAX_FRAME_BYTES)
+    launcher = Launcher(make_config(short_tmp, ("gateway",)), short_tmp / "run")
+    launcher.start()
+    try:
+        with Client.connect(launcher.run_dir, timeout_s=10) as client:
+            huge = np.zeros((5000, 5000, 3), np.uint8)
+            with pytest.raises(ClientError, match=r"5000x5000 frame \(75.0 MB\).*scale it down"):
+                client.push_frame(huge, ts=0.0)
+            fitted = fit_frame(huge)
+            assert fitted.nbytes <= MAX_FRAME_BYTES and fitted.shape[0] == fitted.shape[1] >= 2800
+            assert fit_frame(fitted) is fitted  # within the limits: unchanged
+            assert fit_frame(np.zeros((10, 9000, 3), np.uint8)).shape[1] == MAX_FRAME_SIDE
+            assert client.push_frame(fitted, ts=0.0)
+            time.sleep(0.5)
+            status = client.status()
+            assert status.stages["gateway"].counters.get("frames_in", 1) >= 1
+            assert not [e for e in client.poll_events(0.2) if type(e).__name__ == "Error"]
+    finally:
+        launcher.shutdown()
+    assert launcher.children["gateway"].restarts == 0
+
+
+def test_source_credentials_never_reach_errors_or_logs() -> None:
+    from omnistream.perception.live import open_source, redact
+
+    assert redact("rtsp://admin:hunter2@10.0.0.5:554/s") == "rtsp://***@10.0.0.5:554/s"
+    assert (
+        redact("https://cam/live.m3u8?token=abc&x=1&api_key=k")
+        == "https://cam/live.m3u8?token=***&x=1&api_key=***"
+    )
+    assert redact("/home/me/clip.mp4") == "/home/me/clip.mp4"
+    # A URL that fails to open: the event (sent to every client as an Error, and logged) names
+    # the source without its password or token.
+    spec = "http://admin:hunter2@127.0.0.1:9/stream.ts?token=s3cret"
+    source = open_source(spec, lambda image, ts: True, None, reconnect_s=60.0, stall_s=60.0).start()
+    try:
+        deadline = time.monotonic() + 20
+        events = []
+        while not any(e.kind == "error" for e in events):
+            assert time.monotonic() < deadline, events
+            events += source.events()
+            time.sleep(0.1)
+    finally:
+        source.stop()
+    text = " ".join(f"{e.source} {e.detail}" for e in events) + source.name
+    assert "hunter2" not in text and "s3cret" not in text, text
+    assert "127.0.0.1:9" in text
