@@ -127,6 +127,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = _config(args)
     if "reasoning" in config.stages:
         prepare_llm_cache(config, progress=not args.json)
+    api = None
+    if args.api:  # checked before anything starts: a host beyond loopback needs a token
+        from omnistream.app.openai_api import ApiSecurityError, api_endpoint
+
+        try:
+            api_host, api_port, api_token = api_endpoint(config)
+        except ApiSecurityError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return EXIT_USAGE
     try:
         launcher = Launcher(config, _run_dir(args), on_event=lambda text: console.log(text))
     except LaunchError as exc:
@@ -138,12 +147,29 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print(f"[red]start failed:[/red] {exc}")
         launcher.shutdown()
         return EXIT_FAILURE
-    if args.json:
-        print(json.dumps(launcher.status_rows()), flush=True)
-        launcher.run_forever()
+    if args.api:
+        from omnistream.app.openai_api import ApiThread, create_app
+
+        api = ApiThread(
+            create_app(launcher.run_dir, token=api_token, session=config.session), api_host, api_port
+        )
+        try:
+            api.start()
+        except RuntimeError as exc:
+            console.print(f"[red]{exc} (api.port = {api_port})[/red]")
+            launcher.shutdown()
+            return EXIT_FAILURE
+        console.log(f"OpenAI-compatible API on http://{api_host}:{api_port}/v1")
+    try:
+        if args.json:
+            print(json.dumps(launcher.status_rows()), flush=True)
+            launcher.run_forever()
+            return 0
+        _supervise_with_live_table(launcher)
         return 0
-    _supervise_with_live_table(launcher)
-    return 0
+    finally:
+        if api is not None:
+            api.stop()
 
 
 def _supervise_with_live_table(launcher) -> None:
@@ -593,6 +619,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_api(args: argparse.Namespace) -> int:
+    from omnistream.app.client import Client, ClientError
+    from omnistream.app.openai_api import ApiSecurityError, api_endpoint, create_app, serve
+
+    config = _config(args)
+    try:
+        host, port, token = api_endpoint(config, args.host, args.port, args.token_file)
+    except ApiSecurityError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_USAGE
+    remote = _remote(args)
+    try:  # the system must be running, as for `omnistream ask`
+        Client.connect(_run_dir(args), session=config.session, timeout_s=args.timeout, **remote).close()
+    except (FileNotFoundError, ClientError, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_NOT_RUNNING
+    app = create_app(
+        None if remote["endpoint"] else _run_dir(args),
+        token=token,
+        session=config.session,
+        llm=config.reasoning.model if remote["endpoint"] else "",
+        **remote,
+    )
+    url = f"http://{host}:{port}/v1"
+    if args.json:
+        print(json.dumps({"url": url, "session": config.session, "token": token is not None}), flush=True)
+    else:
+        guard = "bearer token required" if token else "no token: this machine only"
+        console.print(
+            f"OpenAI-compatible API: [bold]{url}[/bold] (session {config.session}; {guard}; Ctrl-C stops)"
+        )
+    serve(app, host, port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnistream", description="Local real-time video and audio assistant."
@@ -626,6 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         help="video the perception process reads itself: camera:0 (webcam), a file or a URL (rtsp://...); "
         "default: frames pushed by clients",
+    )
+    p.add_argument(
+        "--api",
+        action="store_true",
+        help="also serve the OpenAI-compatible HTTP API (config api.host, api.port, api.token_file)",
     )
     p.set_defaults(func=cmd_up)
 
@@ -744,6 +810,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", help="session name for the system started here")
     p.add_argument("--model", help="LLM to use if the system is started here")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "serve-api",
+        help="OpenAI-compatible HTTP API for the running system: /v1/chat/completions, /v1/models, /v1/events",
+    )
+    common(p)
+    p.add_argument(
+        "--host", help="address to serve on (default api.host: 127.0.0.1; beyond it a token is needed)"
+    )
+    p.add_argument("--port", type=int, help="port (default api.port: 8000)")
+    p.add_argument(
+        "--token-file",
+        help="file holding the bearer token clients must send (owner-only; default api.token_file, "
+        "else $OMNISTREAM_API_TOKEN)",
+    )
+    p.add_argument("--session", help="session asked about when a request names none (default: default)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the system's gateway")
+    remote(p)
+    p.set_defaults(func=cmd_serve_api)
 
     p = sub.add_parser(
         "bench", help="run benchmark suites (kernels, perception, speech, llm, ...); JSON + markdown"

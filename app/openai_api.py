@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnistream.app.async_client import AsyncClient
 from omnistream.app.client_core import LOST_AFTER_S, AnswerTurn, ClientError
+from omnistream.protocol.config import Config
 from omnistream.protocol.messages import Alert, AnswerDone, Message, Sighting, Transcript
 from omnistream.protocol.security import is_loopback
 from omnistream.protocol.text import clock
@@ -134,6 +135,17 @@ def check_bind(host: str, token: str | None) -> None:
             f"--host {host} serves the API beyond this machine: give it a token "
             f"(--token-file FILE or ${TOKEN_ENV}); clients send it as 'Authorization: Bearer TOKEN'"
         )
+
+
+def api_endpoint(
+    config: Config, host: str | None = None, port: int | None = None, token_file: str | None = None
+) -> tuple[str, int, str | None]:
+    """Where to serve and with which token: the arguments, else ``config.api``; raises
+    ``ApiSecurityError`` for a host beyond loopback without a token, or an unusable token."""
+    host = host or config.api.host
+    token = read_token(token_file or config.api.token_file or None)
+    check_bind(host, token)
+    return host, config.api.port if port is None else port, token
 
 
 def authorised(header: str | None, token: str) -> bool:

@@ -81,6 +81,14 @@ class GatewayConfig(_Section):
     client_session_idle_s: float = 300.0
 
 
+class ApiConfig(_Section):
+    # The OpenAI-compatible HTTP API (`omnistream serve-api`, `omnistream up --api`). Any host
+    # but loopback needs a bearer token: token_file (owner-only), else $OMNISTREAM_API_TOKEN.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token_file: str = ""
+
+
 class PerceptionConfig(_Section):
     encoder: str = "efficientnet-lite0"  # or a local CLIP/SigLIP (vision) model directory
     device: str = "cpu"
@@ -259,6 +267,7 @@ class Config(_Section):
     paths: PathsConfig = PathsConfig()
     bus: BusConfig = BusConfig()
     gateway: GatewayConfig = GatewayConfig()
+    api: ApiConfig = ApiConfig()
     perception: PerceptionConfig = PerceptionConfig()
     speech: SpeechConfig = SpeechConfig()
     memory: MemoryConfig = MemoryConfig()

@@ -12,8 +12,12 @@ curl) are in tests/integration/test_openai_api.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -267,3 +271,48 @@ def test_events_stream_a_sessions_answers_alerts_and_transcripts(system: Launche
     assert done["type"] == "AnswerDone" and done["session"] == "watched", done
     assert done["error"].startswith("no answer progress within 3 s") and done["error"] in message
     assert done["choice"] == "" and done["context"] == [] and done["at"] == "00:00"
+
+
+def test_serve_api_attaches_to_the_running_system_and_refuses_to_serve_beyond_loopback_without_a_token(
+    system: Launcher, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from omnistream.app.cli import main
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(SystemExit) as refused:
+        main(["serve-api", "--host", "0.0.0.0", "--run-dir", str(system.run_dir)])
+    assert refused.value.code == 2
+    assert "serves the API beyond this machine" in capsys.readouterr().err.replace("\n", " ")
+    with pytest.raises(SystemExit) as missing:
+        main(["serve-api", "--run-dir", str(tmp_path)])
+    assert missing.value.code == 3 and "no omnistream running" in capsys.readouterr().err
+
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("omnistream")), "serve-api", "--json"]
+    command += ["--run-dir", str(system.run_dir), "--port", str(port), "--session", "from-cli"]
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, TOKEN_ENV: TOKEN},  # the token from the environment, never argv
+    )
+    try:
+        announced = json.loads(server.stdout.readline())
+        assert announced == {"url": f"http://127.0.0.1:{port}/v1", "session": "from-cli", "token": True}
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                models = httpx.get(f"{announced['url']}/models", headers={"Authorization": f"Bearer {TOKEN}"})
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()
+                time.sleep(0.2)
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == "omnistream"
+        assert httpx.get(f"{announced['url']}/models").status_code == 401
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    # uvicorn shuts down cleanly, then re-raises the signal it caught
+    errors = server.stderr.read()
+    assert server.returncode == -signal.SIGTERM and "Traceback" not in errors, errors
