@@ -71,11 +71,26 @@ export { defaultKeysDir, loadCertificate, loadClientKeys } from "./lib/keys.mjs"
 const RESEND_EVERY_MS = 2000; // status and history requests are sent again (harmless to repeat)
 const LOST_AFTER_MS = 30000; // after a gateway restart, silence on a turn for this long means it was lost
 const LISTENER_QUEUE = 10000;
+// The gateway's frame limits (gateway.max_frame_side, gateway.max_frame_bytes, by default): it
+// refuses a bigger frame, and one over its socket's message cap would cut the connection.
+const MAX_FRAME_SIDE = 8192;
+const MAX_FRAME_BYTES = 25 * 1024 * 1024;
 
-/** `$OMNISTREAM_RUN_DIR`, or `~/.local/share/omnistream/run` (where `omnistream up` runs).
- * @returns {string} */
+const MAX_RUN_DIR_CHARS = 60; // ipc:// socket paths must stay under ~100 characters
+
+/**
+ * Where `omnistream up` runs, as protocol/config.py finds it: `$OMNISTREAM_RUN_DIR`; else
+ * `$XDG_RUNTIME_DIR/omnistream` when that is set and short enough; else `run` in the data folder
+ * (`$XDG_DATA_HOME/omnistream`, default `~/.local/share/omnistream`).
+ * @returns {string}
+ */
 export function defaultRunDir() {
-  return process.env.OMNISTREAM_RUN_DIR || join(homedir(), ".local", "share", "omnistream", "run");
+  if (process.env.OMNISTREAM_RUN_DIR) return process.env.OMNISTREAM_RUN_DIR;
+  if (process.env.XDG_RUNTIME_DIR) {
+    const runtime = join(process.env.XDG_RUNTIME_DIR, "omnistream");
+    if (runtime.length <= MAX_RUN_DIR_CHARS) return runtime;
+  }
+  return join(process.env.XDG_DATA_HOME || join(homedir(), ".local", "share"), "omnistream", "run");
 }
 
 /**
@@ -418,6 +433,13 @@ export class Client {
    * @returns {Promise<boolean>}
    */
   async pushFrame(rgb, width, height, ts, { index = 0, source = "client" } = {}) {
+    if (Math.max(width, height) > MAX_FRAME_SIDE || rgb.byteLength > MAX_FRAME_BYTES) {
+      throw new OmnistreamError(
+        "too_large",
+        `a ${width}x${height} frame (${(rgb.byteLength / 1e6).toFixed(1)} MB) is over the gateway's limits ` +
+          `(${MAX_FRAME_SIDE} px a side, ${(MAX_FRAME_BYTES / 1e6).toFixed(1)} MB): scale it down first`,
+      );
+    }
     const image = ndarray(rgb, [height, width, 3], "|u1");
     const sent = await this.#sendNow(encodeMessage("VideoFrame", { session: this.session, ts, image, index, source }));
     if (!sent) this.framesDropped++;

@@ -20,10 +20,12 @@ import { OmnistreamError } from "./codec.mjs";
  * @property {string} serverPublicKey  the gateway's public key
  */
 
-/** `$OMNISTREAM_KEYS_DIR`, or `~/.config/omnistream/keys` (where `omnistream keys` writes).
+/** `$OMNISTREAM_KEYS_DIR`, or `keys` in the config folder (`$XDG_CONFIG_HOME/omnistream`, default
+ * `~/.config/omnistream`): where `omnistream keys` writes.
  * @returns {string} */
 export function defaultKeysDir() {
-  return process.env.OMNISTREAM_KEYS_DIR || join(homedir(), ".config", "omnistream", "keys");
+  if (process.env.OMNISTREAM_KEYS_DIR) return process.env.OMNISTREAM_KEYS_DIR;
+  return join(process.env.XDG_CONFIG_HOME || join(homedir(), ".config"), "omnistream", "keys");
 }
 
 const Z85_KEY = /^[0-9a-zA-Z.\-:+=^!/*?&<>()[\]{}@%$#]{40}$/;

@@ -136,6 +136,18 @@ export const STRUCTS = {
   "Watch": {"tag": "Watch", "arrayLike": false, "omitDefaults": true, "fields": [
       {"name": "watch_id", "type": "str"},
       {"name": "condition", "type": "str"},
+      {"name": "cancel", "type": "bool", "default": false},
+      {"name": "ts", "type": "float", "default": 0.0},
+      {"name": "session", "type": "str", "default": "default"},
+    ]},
+  "WatchesRequest": {"tag": "WatchesRequest", "arrayLike": false, "omitDefaults": true, "fields": [
+      {"name": "request_id", "type": "str"},
+      {"name": "ts", "type": "float", "default": 0.0},
+      {"name": "session", "type": "str", "default": "default"},
+    ]},
+  "Watches": {"tag": "Watches", "arrayLike": false, "omitDefaults": true, "fields": [
+      {"name": "request_id", "type": "str"},
+      {"name": "watches", "type": {"list": {"struct": "Watch"}}, "default": []},
       {"name": "ts", "type": "float", "default": 0.0},
       {"name": "session", "type": "str", "default": "default"},
     ]},
