@@ -3,11 +3,13 @@
 Clients send requests to a ROUTER (``Ask``, ``VideoFrame``, ``AudioChunk``, ``Interrupt``,
 ``Watch``, ``StatusRequest``, ``HistoryRequest``) and subscribe to a PUB that re-publishes what
 they need from the bus (answers, audio, transcripts, percepts, clips, sightings, alerts, stats,
-errors). ``Ask`` and ``Watch`` are acknowledged with an ``Ack``; a ``HistoryRequest`` is forwarded
-to memory's ROUTER without blocking and its ``History`` relayed back to the client that asked
-(an ``Error`` with code ``unavailable`` if memory does not answer in time; at most
-``gateway.max_pending_history`` wait at once, more are refused with ``busy``). Requests read in
-one step are served round robin across clients, so one client's flood cannot starve another. A malformed request is answered with an ``Error`` naming the
+errors). An ``Ask`` is acknowledged with an ``Ack``; a ``Watch`` is passed to memory, which
+checks and stores it and answers the ``Ack`` (or an ``Error`` naming why not) that is relayed.
+A ``HistoryRequest`` is forwarded to memory's ROUTER without blocking and its ``History``
+relayed back to the client that asked (an ``Error`` with code ``unavailable`` if memory does not
+answer in time; at most ``gateway.max_pending_history`` wait at once, more are refused with
+``busy``). Requests read in one step are served round robin across clients, so one client's
+flood cannot starve another. A malformed request is answered with an ``Error`` naming the
 problem and the gateway keeps serving.
 
 Reliability: every accepted ``Ask`` is tracked until its ``AnswerDone``. When the reasoning
@@ -53,6 +55,7 @@ import zmq
 from omnistream.protocol.codec import ProtocolError, decode
 from omnistream.protocol.config import GatewayConfig
 from omnistream.protocol.messages import (
+    WATCH_CONDITION_CHARS,
     Ack,
     AnswerDelta,
     AnswerDone,
@@ -97,7 +100,8 @@ MAX_ID_CHARS = 128  # session, turn, watch_id, request_id
 MAX_HISTORY_ITEMS = 5000
 RECORD_KINDS = get_args(RecordKind)  # HistoryRequest.kinds: each at most once
 MAX_SOURCE_CHARS = 128  # VideoFrame.source
-HISTORY_TIMEOUT_S = 10.0
+HISTORY_TIMEOUT_S = 10.0  # history requests and watches memory has not answered by then fail
+MAX_PENDING_WATCHES = 256
 MIN_AUDIO_RATE, MAX_AUDIO_RATE = 4000, 192000
 RESEND_DELAY_S = 0.5  # after a new reasoning pid: its subscriptions reach the bus first
 ALLOWED_CONTROL = frozenset("\t\n\r")
@@ -152,7 +156,7 @@ def check_request(message: Message, limits: GatewayConfig) -> str | None:
         return reason
     if isinstance(message, Watch):
         return check_text("Watch.watch_id", message.watch_id, MAX_ID_CHARS) or check_text(
-            "Watch.condition", message.condition, MAX_QUESTION_CHARS
+            "Watch.condition", message.condition, WATCH_CONDITION_CHARS, allow_empty=message.cancel
         )
     if isinstance(message, VideoFrame):
         image, side = message.image, limits.max_frame_side
@@ -304,6 +308,8 @@ class GatewayStage:
         self.memory.connect(runtime.addresses.memory)
         # gateway-side id -> (client identity, client's request_id, deadline)
         self.history_pending: dict[str, tuple[bytes, str, float]] = {}
+        # (session, watch_id) -> (client identity, deadline): watches memory has not stored yet
+        self.watch_pending: dict[tuple[str, str], tuple[bytes, float]] = {}
         runtime.add_socket(self.router, self.on_client)
         runtime.add_socket(self.memory, self.on_memory)
         runtime.subscribe(*FORWARDED_TO_CLIENTS)
@@ -366,6 +372,8 @@ class GatewayStage:
                 reply = self.forward_history(identity, message)
             else:
                 reply = self.on_request(message, client_key(identity, frames[-1]))
+                if isinstance(message, Watch) and isinstance(reply, Ack):  # checked here: to memory
+                    reply = self.forward_watch(identity, message)
         except ProtocolError as exc:
             self.runtime.counters["rejected"] += 1
             reply = exc.to_error()
@@ -430,11 +438,11 @@ class GatewayStage:
             counters["frames_dropped_rate"] += 1
             return None
         counters[f"in_{type(message).__name__}"] += 1
+        if isinstance(message, Watch):  # memory stores it and acknowledges it (forward_watch)
+            return Ack(ts=message.ts, session=message.session, request_id=message.watch_id)
         self.runtime.publish(message)
         if isinstance(message, Ask):
             return Ack(ts=message.ts, session=message.session, request_id=message.turn)
-        if isinstance(message, Watch):
-            return Ack(ts=message.ts, session=message.session, request_id=message.watch_id)
         return None
 
     def session_refused(self, message: Message, client: tuple) -> Error | None:
@@ -567,6 +575,29 @@ class GatewayStage:
         self.runtime.counters["in_HistoryRequest"] += 1
         return None
 
+    def forward_watch(self, identity: bytes, watch: Watch) -> Message | None:
+        """Pass a checked ``Watch`` to memory, which stores it (it outlives restarts), hands it
+        to reasoning and acknowledges it; its ``Ack`` or ``Error`` is relayed in ``on_memory``."""
+        key = (watch.session, watch.watch_id)
+        if len(self.watch_pending) >= MAX_PENDING_WATCHES and key not in self.watch_pending:
+            self.runtime.counters["watch_busy"] += 1
+            return Error(
+                code="busy",
+                message=f"{len(self.watch_pending)} watches are waiting for memory; retry in a few seconds",
+                request_id=watch.watch_id,
+            )
+        try:
+            send(self.memory, watch, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.runtime.counters["watch_busy"] += 1
+            return Error(
+                code="busy",
+                message="memory is not taking requests (its queue is full); retry in a few seconds",
+                request_id=watch.watch_id,
+            )
+        self.watch_pending[key] = (identity, time.monotonic() + HISTORY_TIMEOUT_S)
+        return None
+
     def on_memory(self, sock: zmq.Socket) -> None:
         while True:
             try:
@@ -576,9 +607,13 @@ class GatewayStage:
             except ProtocolError as exc:
                 log.warning("bad reply from memory: %s", exc)
                 continue
-            if not isinstance(reply, History | Error):
+            if not isinstance(reply, History | Error | Ack):
                 continue
-            pending = self.history_pending.pop(reply.request_id, None)
+            watch = self.watch_pending.pop((reply.session, reply.request_id), None)
+            if watch is not None and isinstance(reply, Ack | Error):
+                send(self.router, reply, prefix=[watch[0]])
+                continue
+            pending = self.history_pending.pop(reply.request_id, None) if not isinstance(reply, Ack) else None
             if pending is None:  # answered after its deadline
                 continue
             identity, client_request_id, _ = pending
@@ -596,6 +631,17 @@ class GatewayStage:
                     code="unavailable",
                     message=f"memory did not answer the history request within {HISTORY_TIMEOUT_S:.0f} s",
                     request_id=client_request_id,
+                )
+                send(self.router, error, prefix=[identity])
+        for (session, watch_id), (identity, deadline) in list(self.watch_pending.items()):
+            if now >= deadline:
+                del self.watch_pending[(session, watch_id)]
+                error = Error(
+                    code="unavailable",
+                    message=f"memory did not store the watch within {HISTORY_TIMEOUT_S:.0f} s; it is "
+                    "not registered, send it again",
+                    request_id=watch_id,
+                    session=session,
                 )
                 send(self.router, error, prefix=[identity])
 

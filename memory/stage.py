@@ -14,7 +14,9 @@ Bus in: ``Clip``, final ``Transcript``, ``Percept``, ``Synopsis``, ``Ask`` (snap
 the working set (L2 events, L1 records), the archive records closest to the question, the
 records of the recent window, and last what is on screen now (or, with ``page_size``, a page of
 the session's history in id order: a reasoner rebuilding its KV); ``HistoryRequest`` from the
-gateway, answered with ``History``.
+gateway, answered with ``History``; ``Watch`` from the gateway, checked and stored (table
+``watches``) before its ``Ack``, then passed to reasoning on the bus; ``WatchesRequest`` from
+reasoning (a session's stored watches, after a restart), answered with ``Watches``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import MemoryConfig
 from omnistream.protocol.labels import classes_in, spoken
 from omnistream.protocol.messages import (
+    WATCH_CONDITION_CHARS,
+    WATCHES_PER_SESSION,
+    Ack,
     Ask,
     Clip,
     Error,
@@ -51,6 +56,9 @@ from omnistream.protocol.messages import (
     Sighting,
     Synopsis,
     Transcript,
+    Watch,
+    Watches,
+    WatchesRequest,
 )
 from omnistream.protocol.routes import subscriptions
 from omnistream.protocol.runtime import Runtime
@@ -534,6 +542,43 @@ class MemoryStage:
             truncated=len(items) > limit,
         )
 
+    def on_watch(self, watch: Watch) -> Message:
+        """Check a watch and store it (or remove it: ``cancel``), then pass it to reasoning on the
+        bus: an ``Ack`` once it is stored, an ``Error`` ``invalid`` naming why it was refused."""
+        condition = watch.condition.strip()
+        session, watch_id = watch.session, watch.watch_id
+        if watch.cancel:
+            removed = self.store.delete_watch(session, watch_id)
+            self.counters["watches_cancelled"] += removed
+            self.publish(watch)
+            return Ack(ts=watch.ts, session=session, request_id=watch_id)
+        reason = None
+        if not watch_id.strip():
+            reason = "Watch.watch_id must not be empty"
+        elif not 0 < len(condition) <= WATCH_CONDITION_CHARS:
+            reason = f"Watch.condition must have 1..{WATCH_CONDITION_CHARS} characters, got {len(condition)}"
+        else:
+            stored = [row[0] for row in self.store.watches(session)]
+            if watch_id not in stored and len(stored) >= WATCHES_PER_SESSION:
+                reason = (
+                    f"session {session!r} already has {len(stored)} watches (at most "
+                    f"{WATCHES_PER_SESSION}); cancel one first"
+                )
+        if reason is not None:
+            self.counters["watches_refused"] += 1
+            return Error(code="invalid", message=reason, request_id=watch_id, session=session)
+        self.store.save_watch(session, watch_id, condition, watch.ts)
+        self.counters["watches_stored"] += 1
+        self.publish(msgspec.structs.replace(watch, condition=condition))
+        return Ack(ts=watch.ts, session=session, request_id=watch_id)
+
+    def stored_watches(self, request: WatchesRequest) -> Watches:
+        watches = [
+            Watch(ts=ts, session=request.session, watch_id=watch_id, condition=condition)
+            for watch_id, condition, ts in self.store.watches(request.session)
+        ]
+        return Watches(session=request.session, request_id=request.request_id, watches=watches)
+
     def on_router(self, sock: zmq.Socket) -> None:
         while True:
             try:
@@ -544,10 +589,14 @@ class MemoryStage:
                 self.counters["rejected"] += 1
                 log.warning("rejected request: %s", exc)
                 continue
-            request_id = getattr(message, "request_id", "")
+            request_id = getattr(message, "request_id", "") or getattr(message, "watch_id", "")
             try:
                 if isinstance(message, HistoryRequest):
                     reply: Message = self.history(message)
+                elif isinstance(message, Watch):
+                    reply = self.on_watch(message)
+                elif isinstance(message, WatchesRequest):
+                    reply = self.stored_watches(message)
                 elif not isinstance(message, Retrieve):
                     reply = Error(
                         code="unsupported", message=f"memory does not serve {type(message).__name__}"
@@ -565,6 +614,7 @@ class MemoryStage:
                     code="stage_error",
                     message=f"memory: {type(message).__name__}: {type(exc).__name__}: {str(exc)[:500]}",
                     request_id=request_id,
+                    session=getattr(message, "session", "default"),
                 )
             send(sock, reply, prefix=identity)
 

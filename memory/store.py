@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,14 @@ CREATE TABLE IF NOT EXISTS items (
     meta TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS items_session_time ON items(session, t1);
+CREATE TABLE IF NOT EXISTS watches (
+    session TEXT NOT NULL,
+    watch_id TEXT NOT NULL,
+    condition TEXT NOT NULL,
+    ts REAL NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (session, watch_id)
+);
 """
 # Columns added after the first release: older databases are migrated in place.
 ADDED_COLUMNS = {
@@ -391,6 +400,30 @@ class MemoryStore:
         )
         for t0, blob in cursor:
             yield t0, np.frombuffer(blob, dtype=np.float32)
+
+    # -- watches (standing questions; reasoning loads a session's on first contact) ---------------
+
+    def save_watch(self, session: str, watch_id: str, condition: str, ts: float) -> None:
+        """Store (or replace) a watch durably."""
+        self.db.execute(
+            "INSERT INTO watches (session, watch_id, condition, ts, created) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (session, watch_id) DO UPDATE SET condition = excluded.condition, ts = excluded.ts",
+            (session, watch_id, condition, float(ts), time.time()),
+        )
+
+    def delete_watch(self, session: str, watch_id: str) -> bool:
+        cursor = self.db.execute(
+            "DELETE FROM watches WHERE session = ? AND watch_id = ?", (session, watch_id)
+        )
+        return cursor.rowcount > 0
+
+    def watches(self, session: str) -> list[tuple[str, str, float]]:
+        """(watch_id, condition, ts) of the session's watches, oldest first."""
+        rows = self.db.execute(
+            "SELECT watch_id, condition, ts FROM watches WHERE session = ? ORDER BY created, rowid",
+            (session,),
+        )
+        return [(r[0], r[1], float(r[2])) for r in rows]
 
     def sessions(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT session FROM items").fetchall()]

@@ -218,11 +218,34 @@ class Interrupt(Message):
     reason: str = ""
 
 
+WATCH_CONDITION_CHARS = 500  # Watch.condition: 1..500 characters (it is put to the LLM per record)
+WATCHES_PER_SESSION = 16
+
+
 class Watch(Message):
-    """A standing question: raise an ``Alert`` whenever it becomes true."""
+    """A standing question: raise an ``Alert`` whenever it becomes true.
+
+    Memory checks it (``condition`` 1..WATCH_CONDITION_CHARS characters, at most
+    WATCHES_PER_SESSION per session) and stores it before it is acknowledged, so it outlives a
+    restart of reasoning or memory; ``cancel=True`` removes the watch of that id (``condition``
+    is not used)."""
 
     watch_id: str
     condition: str
+    cancel: bool = False
+
+
+class WatchesRequest(Message):
+    """Reasoning asks memory for the stored watches of ``session`` (on first contact with it)."""
+
+    request_id: str
+
+
+class Watches(Message):
+    """Memory's reply to ``WatchesRequest``: the session's stored watches, oldest first."""
+
+    request_id: str
+    watches: list[Watch] = []
 
 
 class Alert(Message):
@@ -407,6 +430,8 @@ AnyMessage = Union[  # noqa: UP007 - a runtime Union: msgspec decodes into it
     AnswerDone,
     Interrupt,
     Watch,
+    WatchesRequest,
+    Watches,
     Alert,
     Retrieve,
     Retrieved,

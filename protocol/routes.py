@@ -53,6 +53,8 @@ from omnistream.protocol.messages import (
     UserSpeech,
     VideoFrame,
     Watch,
+    Watches,
+    WatchesRequest,
 )
 
 CHANNELS = ("bus", "media", "gateway", "memory", "control", "none")
@@ -89,7 +91,10 @@ ROUTES: tuple[Route, ...] = (
     _r(Interrupt, "client", "gateway", "gateway", "stop answering"),
     _r(Interrupt, "gateway speech", "reasoning speech gateway", "bus", "barge-in or a client's stop"),
     _r(Watch, "client", "gateway", "gateway", "a standing question"),
-    _r(Watch, "gateway", "reasoning", "bus", "a standing question"),
+    _r(Watch, "gateway", "memory", "memory", "a standing question to check and store"),
+    _r(Watch, "memory", "reasoning", "bus", "a stored (or cancelled) standing question"),
+    _r(WatchesRequest, "reasoning", "memory", "memory", "a session's stored watches"),
+    _r(Watches, "memory", "reasoning", "memory", "reply to WatchesRequest"),
     _r(StatusRequest, "client", "gateway", "gateway", "which stages run"),
     _r(Status, "gateway", "client", "gateway", "reply to StatusRequest"),
     _r(HistoryRequest, "client", "gateway", "gateway", "what memory recorded"),
@@ -97,6 +102,7 @@ ROUTES: tuple[Route, ...] = (
     _r(History, "memory", "gateway", "memory", "reply to HistoryRequest"),
     _r(History, "gateway", "client", "gateway", "reply to HistoryRequest"),
     _r(Ack, "gateway", "client", "gateway", "a request accepted"),
+    _r(Ack, "memory", "gateway", "memory", "a watch stored"),
     _r(Percept, "perception", "memory gateway", "bus", "what one analysed frame shows"),
     _r(Clip, "perception", "memory gateway", "bus", "a closed scene"),
     _r(Sighting, "perception", "memory gateway", "bus", "an object or person appearing or leaving"),

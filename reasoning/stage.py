@@ -36,6 +36,8 @@ from omnistream.protocol.messages import (
     Retrieved,
     Shutdown,
     Watch,
+    Watches,
+    WatchesRequest,
 )
 from omnistream.protocol.routes import subscriptions
 from omnistream.protocol.runtime import Runtime
@@ -75,6 +77,19 @@ class MemoryClient:
         return self.request(request, attempts).items
 
     def request(self, request: Retrieve, attempts: int = 2) -> Retrieved:
+        reply = self.exchange(request, Retrieved, attempts)
+        assert isinstance(reply, Retrieved)
+        return reply
+
+    def watches(self, session: str, attempts: int = 2) -> list[Watch]:
+        """The watches memory stores for ``session``."""
+        reply = self.exchange(WatchesRequest(session=session, request_id=uuid.uuid4().hex), Watches, attempts)
+        assert isinstance(reply, Watches)
+        return reply.watches
+
+    def exchange(
+        self, request: Retrieve | WatchesRequest, reply_type: type[Message], attempts: int = 2
+    ) -> Message:
         for _ in range(attempts):
             send(self.sock, request)
             deadline = time.monotonic() + MEMORY_TIMEOUT_S
@@ -85,7 +100,7 @@ class MemoryClient:
                     _, reply = recv(self.sock)
                 except ProtocolError as exc:
                     raise MemoryUnavailable(f"bad reply from memory: {exc}") from exc
-                if isinstance(reply, Retrieved) and reply.request_id == request.request_id:
+                if isinstance(reply, reply_type) and getattr(reply, "request_id", None) == request.request_id:
                     return reply
                 if getattr(reply, "request_id", None) == request.request_id:
                     raise MemoryUnavailable(f"memory refused the request: {getattr(reply, 'message', reply)}")
@@ -126,7 +141,6 @@ class ReasoningStage:
         if isinstance(message, Record) and message.kind == "synopsis":
             self.synopsizer.acknowledge(message)
         elif isinstance(message, Record):
-            self._load_history(message.session)
             item = MemoryItem(
                 kind=message.kind,
                 t0=message.t0,
@@ -138,6 +152,7 @@ class ReasoningStage:
             # Queued: records that arrived together are prefilled together (one pass over the
             # weights), when the stage is idle or before a question needs them.
             self.queued_records.setdefault(message.session, []).append(item)
+            self._load_history(message.session)  # leaves the queued record to stream_records
             if sum(len(items) for items in self.queued_records.values()) >= MAX_QUEUED_RECORDS:
                 self.stream_records()
         elif isinstance(message, Draft):
@@ -145,6 +160,10 @@ class ReasoningStage:
         elif isinstance(message, Ask):
             self.answer(message)
         elif isinstance(message, Watch):
+            if message.cancel:
+                self.watches.remove(message.session, message.watch_id)
+                return
+            self._load_history(message.session)  # the session's stored watches, this one among them
             try:
                 self.watches.add(message)
             except ValueError as exc:
@@ -197,6 +216,21 @@ class ReasoningStage:
         if session in self.loaded_sessions:
             return
         self.loaded_sessions.add(session)
+        try:  # its standing questions, stored by memory (they outlive this process)
+            stored = self.memory.watches(session)
+        except MemoryUnavailable as exc:
+            log.warning("could not load session watches: %s", exc, extra={"session": session})
+            self.loaded_sessions.discard(session)
+            return
+        for watch in stored:
+            try:
+                self.watches.add(watch)
+            except ValueError as exc:  # stored by an older, laxer memory
+                log.warning("stored watch refused: %s", exc, extra={"session": session})
+        self.runtime.counters["watches_loaded"] += len(stored)
+        # Records waiting in the queue (and any stored after them: their Records follow) are
+        # streamed by stream_records, which checks them against the watches.
+        cut = min((item.item_id for item in self.queued_records.get(session, [])), default=float("inf"))
         after_id = 0
         while True:
             try:
@@ -219,7 +253,10 @@ class ReasoningStage:
             for item in page.items:
                 if item.kind == "synopsis":
                     self.synopsizer.seed(session, item)
-            streamed = sorted((i for i in page.items if i.kind in STREAMED_KINDS), key=lambda i: i.item_id)
+            streamed = sorted(
+                (i for i in page.items if i.kind in STREAMED_KINDS and i.item_id < cut),
+                key=lambda i: i.item_id,
+            )
             self.answerer.ingest_many(session, streamed)
             for item in streamed:  # the digest skips what its synopsis covers or it has seen
                 self.synopsizer.observe(session, item)
@@ -233,6 +270,7 @@ class ReasoningStage:
         history is streamed again when it comes back, and its synopsis digest re-seeded then."""
         self.loaded_sessions.discard(session)
         self.synopsizer.forget(session)
+        self.watches.forget(session)
         self.runtime.counters["sessions_unloaded"] += 1
         release_freed_memory()
 

@@ -5,6 +5,10 @@ its session's watch conditions as a yes/no question; the answer is the likelier 
 tokens, so no text is parsed. A small model leans towards "yes", so each watch is calibrated
 when it is registered: its yes-minus-no margin on a few neutral observations sets the bar a
 record must clear by ``MARGIN_OVER_NEUTRAL``. A watch fires once per record that satisfies it.
+
+Watches are stored by memory (checked there before they are acknowledged); reasoning loads a
+session's watches on its first contact with the session (after a restart too) and drops them
+from RAM when it unloads the session.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omnistream.protocol.messages import Alert, MemoryItem, Watch
+from omnistream.protocol.messages import WATCH_CONDITION_CHARS, WATCHES_PER_SESSION, Alert, MemoryItem, Watch
 from omnistream.reasoning.cache import BufferedCache
 from omnistream.reasoning.engine import LLMEngine
 from omnistream.reasoning.prompt import format_item
@@ -23,14 +27,14 @@ WATCH_SYSTEM = (
     "stream and a condition the user asked to be told about. Answer yes if the observation "
     "shows that the condition is met, otherwise no. Answer with one word: yes or no."
 )
-MAX_WATCHES_PER_SESSION = 16
+MAX_WATCHES_PER_SESSION = WATCHES_PER_SESSION  # memory checks both before it stores a watch
 MARGIN_OVER_NEUTRAL = 0.4
 NEUTRAL_OBSERVATIONS = (
     MemoryItem(kind="clip", t0=0, t1=5, text="seen: wall (structure), window (framework), door"),
     MemoryItem(kind="clip", t0=0, t1=5, text="seen: jersey (shirt), analog clock (clock)"),
     MemoryItem(kind="transcript", t0=0, t1=5, text="Okay, let us continue.", speaker="scene"),
 )
-MAX_CONDITION_CHARS = 500
+MAX_CONDITION_CHARS = WATCH_CONDITION_CHARS
 
 
 @dataclass
@@ -61,10 +65,24 @@ class WatchList:
                 f"Watch.condition must have 1..{MAX_CONDITION_CHARS} characters, got {len(condition)}"
             )
         session = self.watches.setdefault(watch.session, {})
+        known = session.get(watch.watch_id)
+        if known is not None and known.watch.condition == condition:
+            return  # already registered (loaded from memory, then announced): calibrated once
         if watch.watch_id not in session and len(session) >= MAX_WATCHES_PER_SESSION:
             raise ValueError(f"session {watch.session!r} already has {MAX_WATCHES_PER_SESSION} watches")
         neutral = max(self.margin(condition, item) for item in NEUTRAL_OBSERVATIONS)
         session[watch.watch_id] = StandingWatch(watch, threshold=max(neutral, 0.0) + MARGIN_OVER_NEUTRAL)
+
+    def remove(self, session: str, watch_id: str) -> None:
+        watches = self.watches.get(session, {})
+        watches.pop(watch_id, None)
+        if not watches:
+            self.watches.pop(session, None)
+
+    def forget(self, session: str) -> None:
+        """Drop the session's watches from RAM (they stay in memory's store and are loaded again
+        on the next contact with the session)."""
+        self.watches.pop(session, None)
 
     @torch.inference_mode()
     def margin(self, condition: str, item: MemoryItem) -> float:

@@ -44,8 +44,10 @@ class Supervised:
 
 
 @pytest.fixture
-def system(short_tmp: Path):
-    launcher = Launcher(make_config(short_tmp, ("gateway",)), short_tmp / "run")
+def system(short_tmp: Path, request):
+    # memory too: it stores a watch before the gateway acknowledges it
+    stages = getattr(request, "param", ("gateway", "memory"))
+    launcher = Launcher(make_config(short_tmp, stages), short_tmp / "run")
     launcher.start()
     supervised = Supervised(launcher)
     supervised.thread.start()
@@ -67,6 +69,7 @@ def test_status_watch_and_events(system: Supervised) -> None:
     assert {s.stage for s in stats} >= {"gateway", "launcher"}
 
 
+@pytest.mark.parametrize("system", [("gateway",)], indirect=True)
 def test_bad_requests_are_refused_with_the_reason(system: Supervised) -> None:
     from omnistream.app.gateway import HISTORY_TIMEOUT_S
 

@@ -20,7 +20,8 @@ from ..conftest import make_config
 
 @pytest.fixture
 def gateway_only(short_tmp: Path):
-    launcher = Launcher(make_config(short_tmp, ("gateway",)), short_tmp / "run")
+    # memory too: it stores a watch before the gateway acknowledges it
+    launcher = Launcher(make_config(short_tmp, ("gateway", "memory")), short_tmp / "run")
     launcher.start()
     yield launcher
     launcher.shutdown()

@@ -824,6 +824,7 @@ def test_a_restarted_reasoner_streams_a_history_over_the_header_cap(word_engine,
             Record(session="long", ts=4001, t0=4000, item_id=ids[-1], kind="transcript", text="last")
         )
         assert "long" in stage.loaded_sessions
+        stage.stream_records()  # the record that came is streamed from the queue (watches see it)
         kv = stage.answerer.sessions["long"].kv
         assert [b.item_id for b in kv.evicted] + [b.item_id for b in kv.window] == ids
         assert harness.counters["history_pages"] >= 5
