@@ -190,6 +190,7 @@ class Launcher:
         self.addresses: Addresses | None = None
         self._last_stats = 0.0
         self._over_budget = False
+        self._over_rss: set[str] = set()  # stages over limits.rss_mb
 
     # -- start -------------------------------------------------------------------------------
 
@@ -438,10 +439,12 @@ class Launcher:
             rss = {c.name: rss_mb(c.pid) for c in self.children.values() if c.alive()}
             counters.update({f"{name}.rss_mb": value for name, value in rss.items()})
             self._check_budget(rss)
+            counters.update({f"{name}.over_rss": float(name in self._over_rss) for name in rss})
             send(self.pub, Stats(stage="launcher", pid=os.getpid(), counters=counters))
 
     def _check_budget(self, rss: dict[str, float]) -> None:
-        """Warn (once per crossing) when memory + reasoning hold more than ``ram_budget_mb``."""
+        """Warn (once per crossing) when memory + reasoning hold more than ``ram_budget_mb``, or a
+        stage more than its ``limits.rss_mb``."""
         used = sum(rss.get(name, 0.0) for name in BUDGETED_STAGES if math.isfinite(rss.get(name, 0.0)))
         over = used > self.config.launcher.ram_budget_mb > 0
         if over and not self._over_budget:
@@ -450,6 +453,17 @@ class Launcher:
                 extra={"rss_mb": round(used), "budget_mb": self.config.launcher.ram_budget_mb},
             )
         self._over_budget = over
+        limits = self.config.limits.rss_mb
+        for name, value in rss.items():
+            limit = getattr(limits, name, 0)
+            over = bool(limit) and math.isfinite(value) and value > limit
+            if over and name not in self._over_rss:
+                log.warning(
+                    "stage over its RSS limit",
+                    extra={"stage": name, "rss_mb": round(value), "limit_mb": limit},
+                )
+                self.on_event(f"{name} uses {value:.0f} MB, over limits.rss_mb.{name} = {limit} MB")
+            (self._over_rss.add if over else self._over_rss.discard)(name)
 
     def status_rows(self) -> list[dict]:
         now = time.monotonic()

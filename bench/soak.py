@@ -200,8 +200,10 @@ def soak(
         launcher.shutdown()
         shutil.rmtree(root, ignore_errors=True)
     counters = {name: dict(s.counters) for name, s in status.stages.items()}
+    limits = config.limits.rss_mb  # each process's RSS bound (checked by tests/integration/test_soak.py)
     return {
         "ram_budget_mb": config.launcher.ram_budget_mb,
+        "rss_limits_mb": {name: getattr(limits, name) for name in limits.__struct_fields__},
         "model": model,
         "minutes": minutes,
         "speed": speed,
@@ -260,6 +262,19 @@ def summarise(result: dict) -> list[dict]:
                 "budget_mb": budget,
             }
         )
+    for name, limit in result.get("rss_limits_mb", {}).items():
+        series = [s["rss_mb"].get(name, float("nan")) for s in samples]
+        stage_peak = max((v for v in series if np.isfinite(v)), default=float("nan"))
+        if limit:
+            rows.append(
+                {
+                    "name": f"peak RSS {name} within limits.rss_mb.{name}",
+                    "value": "yes" if stage_peak <= limit else "no",
+                    "unit": "",
+                    "peak_mb": stage_peak,
+                    "limit_mb": limit,
+                }
+            )
     rows.append(
         {
             "name": "session data on disk at the end",
@@ -343,7 +358,13 @@ def run(quick: bool, progress: Callable[[str], None], minutes: float | None = No
     speed = float(os.environ.get("OMNISTREAM_SOAK_SPEED", DEFAULT_SPEED))
     result = soak(minutes, speed=speed, progress=progress)
     _last.clear()
-    _last.update(curve=result["samples"], questions=result["questions"], markdown=curve_markdown(result))
+    _last.update(
+        curve=result["samples"],
+        questions=result["questions"],
+        counters=result["counters"],
+        rss_limits_mb=result["rss_limits_mb"],
+        markdown=curve_markdown(result),
+    )
     return summarise(result)
 
 
