@@ -316,3 +316,33 @@ def test_serve_api_attaches_to_the_running_system_and_refuses_to_serve_beyond_lo
     # uvicorn shuts down cleanly, then re-raises the signal it caught
     errors = server.stderr.read()
     assert server.returncode == -signal.SIGTERM and "Traceback" not in errors, errors
+
+
+def test_up_with_api_serves_it_alongside_the_system(short_tmp: Path) -> None:
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("omnistream")), "up", "--api", "--json"]
+    command += ["--run-dir", str(short_tmp / "run"), "--set", 'stages=["gateway"]']
+    command += ["--set", f"paths.data_dir={short_tmp / 'data'}", "--set", f"api.port={port}"]
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    up = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        rows = json.loads(up.stdout.readline())  # printed once the stages and the API are up
+        assert [row["stage"] for row in rows] == ["bus", "gateway"]
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == "omnistream"
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=60)
+    assert up.returncode in (0, 130), up.stderr.read()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    refused = subprocess.run(
+        [*command[:2], "--api", "--set", "api.host=0.0.0.0", "--run-dir", str(short_tmp / "run2")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 2 and "beyond this machine" in refused.stderr.replace("\n", " ")
+    assert not (short_tmp / "run2" / "launcher.pid").exists()  # refused before anything started
