@@ -375,15 +375,18 @@ class Turn:
         connection alive or notice a hang-up). Ends at the ``AnswerDone`` (``self.done``);
         raises ``ClientError`` for a failed or overdue answer."""
         answer = AnswerTurn(self.client, self.turn, self.timeout_s, LOST_AFTER_S)
+        heard = time.monotonic()  # when this turn last yielded (other events do not count)
         try:
             while True:
                 answer.check_lost()
                 if answer.remaining() <= 0:
                     raise answer.too_late()
+                if time.monotonic() - heard >= idle_s:
+                    heard = time.monotonic()
+                    yield None
                 try:
                     event = await asyncio.wait_for(self.queue.get(), min(idle_s, answer.remaining()))
                 except TimeoutError:
-                    yield None
                     continue
                 if isinstance(event, AnswerDone) and event.turn == self.turn:
                     self.done = event
@@ -394,6 +397,7 @@ class Turn:
                     if self.first_delta_s is None:
                         self.first_delta_s = time.monotonic() - self.started
                     self.deltas += 1
+                    heard = time.monotonic()
                     yield text
         finally:
             self.close()
@@ -409,6 +413,8 @@ class Turn:
             "context": done.context if done else [],
             "first_token_s": round(done.first_token_s, 3) if done else None,
             "total_s": round(done.total_s, 3) if done else None,
+            # from the request to the first delta here (the API's own latency included)
+            "api_first_token_s": None if self.first_delta_s is None else round(self.first_delta_s, 3),
         }
 
 
