@@ -303,6 +303,7 @@ class GatewayStage:
         self.client_frames: OrderedDict[tuple, AudioBucket] = OrderedDict()
         # per client_key: its session names -> when each was last named (oldest first)
         self.client_sessions: OrderedDict[tuple, OrderedDict[str, float]] = OrderedDict()
+        self.session_owners: OrderedDict[str, tuple] = OrderedDict()  # session -> CURVE key (not_owner)
         self.stats: dict[str, Stats] = {}
         self.memory = make_socket(runtime.ctx, zmq.DEALER, hwm=1000, max_message_bytes=limit)
         self.memory.connect(runtime.addresses.memory)
@@ -369,7 +370,8 @@ class GatewayStage:
         try:
             message = decode(frames[1:], max_message_bytes=self.runtime.config.bus.max_message_bytes)
             if isinstance(message, HistoryRequest) and check_request(message, self.config) is None:
-                reply = self.forward_history(identity, message)
+                refused = self.not_owner(message, client_key(identity, frames[-1]))
+                reply = refused or self.forward_history(identity, message)
             else:
                 reply = self.on_request(message, client_key(identity, frames[-1]))
                 if isinstance(message, Watch) and isinstance(reply, Ack):  # checked here: to memory
@@ -449,6 +451,9 @@ class GatewayStage:
         """An ``Error`` when ``message`` names a session beyond the client's
         ``gateway.sessions_per_client`` (names it used within ``client_session_idle_s``), else
         None (the name is recorded as in use now)."""
+        not_owner = self.not_owner(message, client)
+        if not_owner is not None:
+            return not_owner
         config, now = self.config, time.monotonic()
         sessions = self.client_sessions.get(client)
         if sessions is None:
@@ -470,6 +475,28 @@ class GatewayStage:
         sessions[message.session] = now
         sessions.move_to_end(message.session)
         return None
+
+    def not_owner(self, message: Message, client: tuple) -> Error | None:
+        """Beyond loopback a session belongs to the client key that named it first: a request
+        from another key naming it (to read its history, ask, interrupt or feed it) is refused
+        with ``not_your_session``. Loopback clients are trusted: they are this machine's user,
+        who owns the run directory and the data. The most recent ``MAX_BUCKETS`` sessions are
+        remembered."""
+        if client[0] != "key":
+            return None
+        owner = self.session_owners.setdefault(message.session, client)
+        self.session_owners.move_to_end(message.session)
+        while len(self.session_owners) > MAX_BUCKETS:
+            self.session_owners.popitem(last=False)
+        if owner == client:
+            return None
+        self.runtime.counters["not_owner"] += 1
+        request_id = getattr(message, "turn", "") or getattr(message, "watch_id", "")
+        return Error(
+            code="not_your_session",
+            message=f"session {message.session!r} was opened by another client key; use a session of your own",
+            request_id=(getattr(message, "request_id", "") or request_id)[:MAX_ID_CHARS],
+        )
 
     def audio_allowed(self, chunk: AudioChunk, client: tuple) -> bool:
         """Within the client's audio budget, then within its (session, channel)'s."""

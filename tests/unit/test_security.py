@@ -560,3 +560,42 @@ def test_source_credentials_never_reach_errors_or_logs() -> None:
     text = " ".join(f"{e.source} {e.detail}" for e in events) + source.name
     assert "hunter2" not in text and "s3cret" not in text, text
     assert "127.0.0.1:9" in text
+
+
+def test_a_session_belongs_to_the_client_key_that_opened_it(short_tmp: Path) -> None:
+    """Beyond loopback, two authorised keys: bob cannot ask in, interrupt or read the history
+    of alice's session (he could: every client could use every session); his own works."""
+    keys_dir = short_tmp / "keys"
+    generate_keys(keys_dir, client="alice")
+    generate_keys(keys_dir, client="bob")
+    port = free_port_pair()
+    config = make_config(
+        short_tmp,
+        ("gateway",),
+        **{"gateway.host": "0.0.0.0", "gateway.port": port, "gateway.keys_dir": str(keys_dir)},
+    )
+    launcher = Launcher(config, short_tmp / "run")
+    launcher.start()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        with (
+            Client.connect(
+                endpoint=endpoint, keys_dir=keys_dir, key_name="alice", session="trip", timeout_s=20
+            ) as alice,
+            Client.connect(
+                endpoint=endpoint, keys_dir=keys_dir, key_name="bob", session="trip", timeout_s=20
+            ) as bob,
+        ):
+            assert alice.send_ask("what is on screen?", ts=0.0)
+            with pytest.raises(ClientError) as refused:
+                bob.send_ask("what did alice see?", ts=0.0)
+            assert refused.value.code == "not_your_session" and "another client key" in str(refused.value)
+            with pytest.raises(ClientError) as refused:
+                bob.history()
+            assert refused.value.code == "not_your_session"
+            bob.session = "bobs-own"
+            assert bob.send_ask("and in my session?", ts=0.0)
+            status = alice.status()
+        assert status.stages["gateway"].counters["not_owner"] >= 2
+    finally:
+        launcher.shutdown()
