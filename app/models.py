@@ -122,7 +122,10 @@ def _check_tts(config: Config) -> str:
 def _tts_name(voice: str) -> str:
     """The configured voice only: the Piper one (an optional extra) is checked when it is chosen."""
     if voice.startswith("piper:"):
-        return f"Piper {voice.removeprefix('piper:')} (optional extra, GPL phonemiser)"
+        name, _, phonemiser = voice.removeprefix("piper:").partition(":")
+        if phonemiser == "hibari":
+            return f"Piper {name} (optional voice, hibari's G2P)"
+        return f"Piper {name} (optional extra, GPL espeak-ng phonemiser)"
     return f"hibari ({voice})"
 
 
