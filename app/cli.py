@@ -654,6 +654,95 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delete_live_session(run_dir: Path, session: str, force: bool) -> tuple[bool, str]:
+    """Ask the running system's memory to delete ``session``: (deleted, what memory said)."""
+    import uuid
+
+    import zmq
+
+    from omnistream.protocol.messages import Ack, DeleteSession
+    from omnistream.protocol.sockets import Addresses, make_socket, recv, send
+
+    request = DeleteSession(session=session, request_id=uuid.uuid4().hex, force=force)
+    sock = make_socket(zmq.Context.instance(), zmq.DEALER)
+    try:
+        sock.connect(Addresses.load(run_dir).memory)
+        send(sock, request)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if sock.poll(100):
+                reply = recv(sock)[1]
+                if getattr(reply, "request_id", None) == request.request_id:
+                    return isinstance(reply, Ack), getattr(reply, "message", "deleted")
+        return False, f"the memory stage of the system in {run_dir} did not answer within 30 s"
+    finally:
+        sock.close(linger=0)
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    """List the stored sessions with their sizes, or delete one (through the running system's
+    memory when one runs, else directly in the data directory)."""
+    from dataclasses import asdict
+
+    from omnistream.app.launcher import live_run_dir
+    from omnistream.memory.retention import delete_session, kv_dirs, usage
+    from omnistream.memory.store import MemoryStore
+    from omnistream.protocol.text import clock
+
+    config = _config(args)
+    db = config.data_dir / "memory.sqlite"
+    run_dir = live_run_dir(config, Path(args.run_dir) if args.run_dir else None)
+    if args.action == "delete":
+        if not args.name:
+            console.print("[red]omnistream sessions delete NAME: name the session to delete[/red]")
+            return EXIT_USAGE
+        if run_dir is not None:
+            deleted, said = _delete_live_session(run_dir, args.name, args.force)
+            if not deleted:
+                console.print(f"[red]not deleted: {said}[/red]")
+                return EXIT_FAILURE
+        else:
+            if not db.exists() and not kv_dirs(config.data_dir, args.name):
+                console.print(f"[red]nothing stored in {config.data_dir}[/red]")
+                return EXIT_FAILURE
+            store = MemoryStore(db, 0)
+            try:
+                found = delete_session(store, config.data_dir, args.name)
+            finally:
+                store.close()
+            if not found:
+                console.print(f"[yellow]no records of session {args.name!r} in {config.data_dir}[/yellow]")
+        if args.json:
+            print(json.dumps({"deleted": args.name}))
+        else:
+            console.print(f"session {args.name!r} deleted (records, watches, spilled KV)")
+        return 0
+    if not db.exists():
+        rows = []
+    else:
+        store = MemoryStore(db, 0)
+        try:
+            rows = usage(store, config.data_dir)
+        finally:
+            store.close()
+    if args.json:
+        print(json.dumps([{**asdict(u), "bytes": u.bytes} for u in rows], indent=1))
+        return 0
+    table = Table(title=f"sessions in {config.data_dir}")
+    for column in ("session", "stream time", "records", "on disk", "last record"):
+        table.add_column(column)
+    for u in sorted(rows, key=lambda u: -u.last_active):
+        table.add_row(
+            u.session,
+            f"{clock(u.first_ts)}-{clock(u.last_ts)}",
+            str(u.records),
+            f"{u.bytes / 1e6:.1f} MB",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(u.last_active)) if u.last_active else "-",
+        )
+    Console().print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnistream", description="Local real-time video and audio assistant."
@@ -841,6 +930,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="bench-results", help="directory for bench.json and bench.md")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "sessions", help="list the stored sessions with their sizes, or delete one (records, watches, KV)"
+    )
+    common(p)
+    p.add_argument("action", nargs="?", choices=("list", "delete"), default="list")
+    p.add_argument("name", nargs="?", help="the session to delete")
+    p.add_argument("--force", action="store_true", help="delete a session that is live (streaming now)")
+    p.set_defaults(func=cmd_sessions)
     return parser
 
 

@@ -16,13 +16,21 @@ records of the recent window, and last what is on screen now (or, with ``page_si
 the session's history in id order: a reasoner rebuilding its KV); ``HistoryRequest`` from the
 gateway, answered with ``History``; ``Watch`` from the gateway, checked and stored (table
 ``watches``) before its ``Ack``, then passed to reasoning on the bus; ``WatchesRequest`` from
-reasoning (a session's stored watches, after a restart), answered with ``Watches``.
+reasoning (a session's stored watches, after a restart), answered with ``Watches``;
+``DeleteSession`` (``omnistream sessions delete``), answered with ``Ack`` or ``Error``.
+
+Retention (``retention.*``, ``memory.retention``): every ``retention.every_s`` whole sessions
+past their age or beyond the byte budget are deleted (records, watches, spilled KV), and
+reasoning is told (``DeleteSession`` on the bus). A write to a full database or disk raises
+``StoreFull`` (naming the file and the free space; reported as an ``Error``): nothing stored
+before is lost and the stage goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -32,11 +40,12 @@ import numpy as np
 import zmq
 
 from omnistream.memory.embedder import TextEmbedder
+from omnistream.memory.retention import apply_retention, delete_session
 from omnistream.memory.session import Scenes, SessionMemory, memory_item, stored_entry
-from omnistream.memory.store import LEAF_KINDS, MemoryStore
+from omnistream.memory.store import LEAF_KINDS, MemoryStore, StoreFull
 from omnistream.memory.tiers import Entry, Pyramid, leaf
 from omnistream.protocol.codec import ProtocolError
-from omnistream.protocol.config import MemoryConfig
+from omnistream.protocol.config import MemoryConfig, RetentionConfig
 from omnistream.protocol.labels import classes_in, spoken
 from omnistream.protocol.messages import (
     WATCH_CONDITION_CHARS,
@@ -44,6 +53,7 @@ from omnistream.protocol.messages import (
     Ack,
     Ask,
     Clip,
+    DeleteSession,
     Error,
     History,
     HistoryRequest,
@@ -68,6 +78,8 @@ from omnistream.protocol.text import clock, content_words
 log = logging.getLogger("omnistream.memory")
 
 MAX_QUERY_CHARS = 2000
+LIVE_S = 600.0  # a session with a message this recently is live: `omnistream sessions delete` refuses it
+MAX_ACTIVE = 10_000  # sessions whose last activity is remembered (retention keeps recent ones)
 MAX_SNAPSHOTS = 256
 KNOWN_SLACK_S = 1.0  # a record ending this soon after a question's time was known when it was asked
 SEEN_EVERY_S = 1.0  # the light percept history keeps one percept a second
@@ -139,6 +151,8 @@ class MemoryStage:
         embedder: TextEmbedder,
         counters: dict[str, float],
         publish: Callable[[Message], None] = lambda message: None,
+        data_dir: Path | None = None,
+        retention: RetentionConfig | None = None,
     ):
         self.config = config
         self.store = store
@@ -148,6 +162,11 @@ class MemoryStage:
         # Retrieval results taken when each question arrived (the moment the user asked).
         self.snapshots: OrderedDict[str, Retrieved] = OrderedDict()
         self.sessions: OrderedDict[str, SessionMemory] = OrderedDict()
+        # Retention (memory/retention.py): what is kept on disk under data_dir, applied in tick.
+        self.data_dir = data_dir if data_dir is not None else store.path.parent
+        self.retention = retention or RetentionConfig()
+        self.active: OrderedDict[str, float] = OrderedDict()  # session -> wall time of its last message
+        self.retention_at = 0.0  # monotonic time retention was last applied
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -183,6 +202,20 @@ class MemoryStage:
     # -- bus messages ----------------------------------------------------------------------------
 
     def handle(self, message: Message) -> None:
+        self.touch(message.session)
+        try:
+            self._handle(message)
+        except StoreFull:
+            self.counters["store_full"] += 1
+            raise  # logged and reported (Error stage_error) by the runtime; the stage goes on
+
+    def touch(self, session: str) -> None:
+        self.active[session] = time.time()
+        self.active.move_to_end(session)
+        while len(self.active) > MAX_ACTIVE:
+            self.active.popitem(last=False)
+
+    def _handle(self, message: Message) -> None:
         if isinstance(message, Ask):
             self.snapshot(message)
         elif isinstance(message, Clip):
@@ -579,6 +612,52 @@ class MemoryStage:
         ]
         return Watches(session=request.session, request_id=request.request_id, watches=watches)
 
+    # -- retention and deletion --------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Apply the retention policy every ``retention.every_s`` (and at start)."""
+        now = time.monotonic()
+        if self.retention_at and now - self.retention_at < self.retention.every_s:
+            return
+        self.retention_at = now
+        try:
+            deleted, over = apply_retention(self.store, self.data_dir, self.retention, dict(self.active))
+        except Exception as exc:  # a disk error here must not stop the stage; tried again later
+            log.error("retention failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self.counters["retention_errors"] += 1
+            return
+        for session in deleted:
+            self.forget(session)
+        self.counters["sessions_deleted"] += len(deleted)
+        self.counters["retention_over_budget"] += over
+
+    def forget(self, session: str) -> None:
+        """A session was deleted from disk: drop what memory holds of it, tell reasoning."""
+        self.sessions.pop(session, None)
+        self.active.pop(session, None)
+        for turn in [t for t, snapshot in self.snapshots.items() if snapshot.session == session]:
+            del self.snapshots[turn]
+        self.publish(DeleteSession(session=session))
+
+    def delete(self, request: DeleteSession) -> Message:
+        """``omnistream sessions delete``: refused for a live session (a message within LIVE_S)
+        unless ``force``."""
+        session = request.session
+        idle = time.time() - self.active.get(session, 0.0)
+        if idle < LIVE_S and not request.force:
+            return Error(
+                code="live",
+                message=f"session {session!r} is live (its last message came {idle:.0f} s ago); "
+                "stop its stream first, or force the deletion",
+                request_id=request.request_id,
+                session=session,
+            )
+        records = delete_session(self.store, self.data_dir, session)
+        self.forget(session)
+        self.counters["sessions_deleted"] += 1
+        log.info("session deleted", extra={"session": session, "records": records})
+        return Ack(ts=request.ts, session=session, request_id=request.request_id)
+
     def on_router(self, sock: zmq.Socket) -> None:
         while True:
             try:
@@ -597,6 +676,8 @@ class MemoryStage:
                     reply = self.on_watch(message)
                 elif isinstance(message, WatchesRequest):
                     reply = self.stored_watches(message)
+                elif isinstance(message, DeleteSession):
+                    reply = self.delete(message)
                 elif not isinstance(message, Retrieve):
                     reply = Error(
                         code="unsupported", message=f"memory does not serve {type(message).__name__}"
@@ -627,12 +708,20 @@ def main(argv: list[str] | None = None) -> None:
     config = runtime.config
     embedder = TextEmbedder(threads=1)
     store = MemoryStore(config.data_dir / "memory.sqlite", embedder.dim)
-    stage = MemoryStage(config.memory, store, embedder, runtime.counters, runtime.publish)
+    stage = MemoryStage(
+        config.memory,
+        store,
+        embedder,
+        runtime.counters,
+        runtime.publish,
+        data_dir=config.data_dir,
+        retention=config.retention,
+    )
     router = make_socket(runtime.ctx, zmq.ROUTER, max_message_bytes=1 << 20)
     router.bind(runtime.addresses.memory)
     runtime.add_socket(router, stage.on_router)
     runtime.subscribe(*subscriptions("memory"))
-    runtime.run(stage)
+    runtime.run(stage, tick=stage.tick)
     store.close()
 
 

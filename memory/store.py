@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -87,6 +88,9 @@ CREATE TABLE IF NOT EXISTS watches (
 ADDED_COLUMNS = {
     "tier": "TEXT NOT NULL DEFAULT 'L1'",
     "parent": "INTEGER NOT NULL DEFAULT 0",
+    # wall-clock time (time.time()) the row was stored: retention's age of a session (rows of
+    # databases older than the column count from the migration)
+    "wall": "REAL NOT NULL DEFAULT 0",
 }
 LEAF_KINDS = ("clip", "transcript", "sighting")
 WORKING_TIERS = ("L1", "L2")
@@ -136,6 +140,28 @@ class SessionSink:
         self.store.archive(self.session, item_id)
 
 
+class StoreFull(RuntimeError):
+    """A write failed because the database or its disk is full. Nothing stored before is lost
+    (the failed write's transaction is rolled back); the message names the file and free space."""
+
+
+def full_error(path: Path, exc: sqlite3.OperationalError) -> StoreFull | None:
+    """A ``StoreFull`` naming ``path`` and its free space for a 'database or disk is full' (or
+    ENOSPC) failure, else None."""
+    text = str(exc).lower()
+    if "full" not in text and "no space" not in text:
+        return None
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    return StoreFull(
+        f"memory store {path} is full ({exc}; {free / 1e6:.1f} MB free on its disk): the new record "
+        "was not stored, everything stored before is kept. Free disk space, or lower "
+        "retention.max_bytes / retention.max_age_days (omnistream sessions lists what is kept)"
+    )
+
+
 class MemoryStore:
     def __init__(self, path: Path, dim: int):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -150,6 +176,8 @@ class MemoryStore:
         for name, declaration in ADDED_COLUMNS.items():
             if name not in present:
                 self.db.execute(f"ALTER TABLE items ADD COLUMN {name} {declaration}")
+                if name == "wall":  # rows stored before: their age counts from now
+                    self.db.execute("UPDATE items SET wall = ?", (time.time(),))
         self.db.execute("CREATE INDEX IF NOT EXISTS items_session_tier ON items(session, tier)")
         self.indexes: dict[str, VectorIndex] = {}
 
@@ -178,6 +206,17 @@ class MemoryStore:
 
     # -- writing -----------------------------------------------------------------------------------
 
+    def write(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        """Execute a write; a full database or disk raises ``StoreFull`` (a clear message naming
+        the file and the free space) instead of sqlite's bare error."""
+        try:
+            return self.db.execute(sql, params)
+        except sqlite3.OperationalError as exc:
+            full = full_error(self.path, exc)
+            if full is None:
+                raise
+            raise full from exc
+
     def _insert(
         self,
         session: str,
@@ -191,9 +230,9 @@ class MemoryStore:
         meta: dict | None,
         tier: str,
     ) -> int:
-        cursor = self.db.execute(
-            "INSERT INTO items (session, kind, t0, t1, text, speaker, embedding, features, meta, tier)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+        cursor = self.write(
+            "INSERT INTO items (session, kind, t0, t1, text, speaker, embedding, features, meta, tier, wall)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 session,
                 kind,
@@ -205,6 +244,7 @@ class MemoryStore:
                 _blob(features),
                 json.dumps(meta or {}),
                 tier,
+                time.time(),
             ),
         )
         assert cursor.lastrowid is not None  # an INSERT always sets it
@@ -254,12 +294,13 @@ class MemoryStore:
                 session, "event", event.t0, event.t1, event.text, vector, "", event.features, meta, "L2"
             )
             marks = ",".join("?" * len(sources))
-            self.db.execute(
+            self.write(
                 f"UPDATE items SET tier = 'archive', parent = ? WHERE id IN ({marks})", (item_id, *sources)
             )
-            self.db.execute("COMMIT")
+            self.write("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
         if session in self.indexes:
             index = self.indexes[session]
@@ -269,7 +310,7 @@ class MemoryStore:
 
     def archive(self, session: str, item_id: int) -> None:
         """Move one record out of the working set (it stays on disk and searchable)."""
-        self.db.execute("UPDATE items SET tier = 'archive' WHERE id = ?", (item_id,))
+        self.write("UPDATE items SET tier = 'archive' WHERE id = ?", (item_id,))
         if session in self.indexes:
             self.indexes[session].remove_ids(np.array([item_id], dtype=np.int64))
 
@@ -405,7 +446,7 @@ class MemoryStore:
 
     def save_watch(self, session: str, watch_id: str, condition: str, ts: float) -> None:
         """Store (or replace) a watch durably."""
-        self.db.execute(
+        self.write(
             "INSERT INTO watches (session, watch_id, condition, ts, created) VALUES (?,?,?,?,?)"
             " ON CONFLICT (session, watch_id) DO UPDATE SET condition = excluded.condition, ts = excluded.ts",
             (session, watch_id, condition, float(ts), time.time()),
@@ -427,6 +468,40 @@ class MemoryStore:
 
     def sessions(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT DISTINCT session FROM items").fetchall()]
+
+    # -- retention (memory/retention.py) -------------------------------------------------------------
+
+    def session_stats(self) -> list[tuple[str, float, float, int, int, float]]:
+        """(session, first t0, last t1, records, bytes of their rows, wall time of the newest)
+        for every session with records."""
+        rows = self.db.execute(
+            "SELECT session, MIN(t0), MAX(t1), COUNT(*), SUM(length(text) + length(embedding)"
+            " + IFNULL(length(features), 0) + length(meta) + length(speaker) + 64), MAX(wall)"
+            " FROM items GROUP BY session"
+        ).fetchall()
+        return [(r[0], float(r[1]), float(r[2]), int(r[3]), int(r[4]), float(r[5])) for r in rows]
+
+    def delete_session(self, session: str) -> int:
+        """Delete every record and watch of ``session`` in one transaction; the rows deleted."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = self.db.execute("DELETE FROM items WHERE session = ?", (session,)).rowcount
+            self.db.execute("DELETE FROM watches WHERE session = ?", (session,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.unload(session)
+        return deleted
+
+    def used_bytes(self) -> int:
+        """Bytes of the database's pages in use (deleted rows' pages are free and reused, so the
+        file does not shrink, but it does not grow until they are used up)."""
+        page_size = self.db.execute("PRAGMA page_size").fetchone()[0]
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * page_size)
 
     def close(self) -> None:
         self.db.close()

@@ -215,6 +215,16 @@ class ReasoningConfig(_Section):
     choice_scoring: str = "answer"
 
 
+class RetentionConfig(_Section):
+    """What is kept on disk (memory's records and reasoning's spilled KV, per session): applied by
+    memory every ``every_s``, whole sessions at a time, the least recently active first."""
+
+    max_age_days: float = 30.0  # a session with no new record for this long is deleted; 0: no limit
+    max_bytes: int = 20 << 30  # records + spilled KV together; beyond, idle sessions are deleted; 0: no limit
+    keep_recent_s: float = 3600.0  # a session active this recently is never deleted by retention
+    every_s: float = 600.0
+
+
 class KernelsConfig(_Section):
     backend: str = "auto"  # auto (Triton with CUDA + triton, else the torch reference), reference, triton
 
@@ -274,6 +284,7 @@ class Config(_Section):
     reasoning: ReasoningConfig = ReasoningConfig()
     launcher: LauncherConfig = LauncherConfig()
     kernels: KernelsConfig = KernelsConfig()
+    retention: RetentionConfig = RetentionConfig()
     limits: LimitsConfig = LimitsConfig()
 
     @property

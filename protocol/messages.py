@@ -334,6 +334,18 @@ class Retrieved(Message):
     more: bool = False  # a history page (``Retrieve.page_size``) with more records after it
 
 
+class DeleteSession(Message):
+    """Delete everything stored for ``session``: its records, watches and spilled KV.
+
+    ``omnistream sessions delete`` sends it to memory's ROUTER (a session that is live, with
+    messages in the last few minutes, is refused unless ``force``); memory answers ``Ack`` (or
+    ``Error``) and, as for a session its retention policy deletes, publishes it on the bus so
+    reasoning drops the session's KV from RAM."""
+
+    request_id: str = ""
+    force: bool = False
+
+
 class HistoryRequest(Message):
     """A client asks what memory recorded in ``session`` over stream times [t0, t1].
 
@@ -439,6 +451,7 @@ AnyMessage = Union[  # noqa: UP007 - a runtime Union: msgspec decodes into it
     Synopsis,
     HistoryRequest,
     History,
+    DeleteSession,
     KVBlock,
     Stats,
     StatusRequest,

@@ -26,6 +26,7 @@ from omnistream.protocol.messages import (
     AnswerDelta,
     AnswerDone,
     Ask,
+    DeleteSession,
     Draft,
     Error,
     Interrupt,
@@ -159,6 +160,14 @@ class ReasoningStage:
             self.read_ahead(message)
         elif isinstance(message, Ask):
             self.answer(message)
+        elif isinstance(message, DeleteSession):
+            # Deleted from disk by memory (retention, or `omnistream sessions delete`): its KV,
+            # records waiting, watches and synopsis go from RAM too.
+            self.queued_records.pop(message.session, None)
+            if message.session in self.answerer.sessions:
+                self.answerer.unload(message.session)  # calls _session_unloaded
+            else:
+                self._session_unloaded(message.session)
         elif isinstance(message, Watch):
             if message.cancel:
                 self.watches.remove(message.session, message.watch_id)

@@ -41,6 +41,7 @@ def test_the_gateway_and_the_runtime_are_wired_from_the_table() -> None:
     assert runtime.MEDIA_TOPICS == (b"VideoFrame",)
     assert set(routes.subscriptions("reasoning")) == {
         messages.Ask,
+        messages.DeleteSession,
         messages.Draft,
         messages.Interrupt,
         messages.Record,
