@@ -728,6 +728,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{**asdict(u), "bytes": u.bytes} for u in rows], indent=1))
         return 0
+    if not rows:
+        console.print(f"no sessions stored in {config.data_dir}")
+        return 0
     table = Table(title=f"sessions in {config.data_dir}")
     for column in ("session", "stream time", "records", "on disk", "last record"):
         table.add_column(column)
