@@ -207,6 +207,7 @@ class MemoryStage:
             self._handle(message)
         except StoreFull:
             self.counters["store_full"] += 1
+            self.retention_at = 0.0  # apply retention at the next idle moment: it may free room
             raise  # logged and reported (Error stage_error) by the runtime; the stage goes on
 
     def touch(self, session: str) -> None:
