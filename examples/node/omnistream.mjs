@@ -567,6 +567,17 @@ export class Client {
   }
 
   /**
+   * Remove the watch `watchId` (memory forgets it, reasoning stops checking it); resolves once
+   * memory acknowledged it.
+   * @param {string} watchId
+   * @param {{ts?: number}} [options]
+   * @returns {Promise<void>}
+   */
+  async cancelWatch(watchId, { ts = 0 } = {}) {
+    await this.request("Watch", { watch_id: watchId, condition: "", cancel: true, ts }, watchId);
+  }
+
+  /**
    * The Alerts of `watchId` (of every watch if not given) as they arrive: `{watch_id, text, ts}`.
    * @param {string} [watchId]
    * @param {SubscribeOptions} [options]
