@@ -105,6 +105,7 @@ MAX_PENDING_WATCHES = 256
 MIN_AUDIO_RATE, MAX_AUDIO_RATE = 4000, 192000
 RESEND_DELAY_S = 0.5  # after a new reasoning pid: its subscriptions reach the bus first
 ALLOWED_CONTROL = frozenset("\t\n\r")
+CLIENT_QUEUE = 32  # requests waiting in the gateway per client connection (see GatewayStage)
 MAX_BUCKETS = 1000  # per (session, channel) and per client: the least recently used are forgotten
 
 
@@ -282,7 +283,12 @@ class GatewayStage:
         self.runtime = runtime
         self.config = runtime.config.gateway
         limit = runtime.config.bus.max_message_bytes
-        self.router = make_socket(runtime.ctx, zmq.ROUTER, hwm=1000, max_message_bytes=limit)
+        # Requests queued per client connection: few, so a flood waits in the client's socket
+        # (and its kernel buffers), not in the gateway's memory (1000 x 192 kB audio chunks was
+        # 190 MB; a frame is up to gateway.max_frame_bytes). Replies keep deep queues.
+        self.router = make_socket(
+            runtime.ctx, zmq.ROUTER, hwm=1000, max_message_bytes=limit, RCVHWM=CLIENT_QUEUE
+        )
         self.client_pub = make_socket(runtime.ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
         self.authenticator = None
         if runtime.addresses.curve:

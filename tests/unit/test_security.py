@@ -599,3 +599,41 @@ def test_a_session_belongs_to_the_client_key_that_opened_it(short_tmp: Path) -> 
         assert status.stages["gateway"].counters["not_owner"] >= 2
     finally:
         launcher.shutdown()
+
+
+def test_a_flood_of_big_requests_waits_in_the_client_not_in_the_gateway(short_tmp: Path) -> None:
+    """One connection pushes 1 s chunks of 48 kHz audio (192 kB) as fast as its socket takes
+    them for 6 s: the gateway queues at most CLIENT_QUEUE of them per connection (it queued 1000,
+    ~190 MB), so its RSS stays within 100 MB of where it started."""
+    import psutil
+
+    from omnistream.app.gateway import CLIENT_QUEUE
+
+    assert CLIENT_QUEUE <= 64
+    launcher = Launcher(make_config(short_tmp, ("gateway",)), short_tmp / "run")
+    launcher.start()
+    gateway = psutil.Process(launcher.children["gateway"].pid)
+    dealer = make_socket(zmq.Context.instance(), zmq.DEALER, hwm=16)
+    try:
+        dealer.connect(launcher.addresses.gateway)
+        assert isinstance(_raw_status(launcher.addresses.gateway, wait_ms=10_000), Status)
+        start_mb = peak_mb = gateway.memory_info().rss / (1 << 20)
+        chunk = AudioChunk(pcm=np.full(48_000, 0.01, np.float32), sample_rate=48_000)
+        sent, end, next_sample = 0, time.monotonic() + 6.0, 0.0
+        while time.monotonic() < end:
+            try:
+                send(dealer, chunk, flags=zmq.NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                time.sleep(0.0005)
+            while dealer.poll(0):
+                dealer.recv_multipart()
+            if time.monotonic() >= next_sample:
+                peak_mb = max(peak_mb, gateway.memory_info().rss / (1 << 20))
+                next_sample = time.monotonic() + 0.05
+        assert sent > 200, sent
+        assert peak_mb - start_mb < 100, (start_mb, peak_mb, sent)
+        assert isinstance(_raw_status(launcher.addresses.gateway, wait_ms=10_000), Status)
+    finally:
+        dealer.close(linger=0)
+        launcher.shutdown()
