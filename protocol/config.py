@@ -256,8 +256,8 @@ class RssLimitsConfig(_Section):
     checks the peaks). Over it, the launcher logs a warning once per crossing and counts it in
     its Stats (``<stage>.over_rss``). 0: unchecked."""
 
-    bus: int = 256
-    gateway: int = 512
+    bus: int = 512  # frames and audio in flight (measured under flood: 220-235)
+    gateway: int = 768  # thousands of client connections (measured under flood: 400-600)
     perception: int = 1536
     speech: int = 1536
     memory: int = 1024
