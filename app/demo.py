@@ -1,23 +1,33 @@
 """The live demo page (``omnistream demo``): webcam, microphone, typed questions, spoken answers.
 
 A Gradio 6 page that streams the browser's camera (unmirrored RGB frames, 2 per second) and
-microphone (one-second chunks) to the gateway, or replays a recording instead; shows answers as
-they stream with their stream-time citations highlighted and plays the spoken answer as it is
-synthesised (stopped on barge-in); takes standing "watch" requests and shows their alerts; shows
+microphone (0.1 s chunks) to the gateway, or replays a recording instead; shows answers as
+they stream with their stream-time citations highlighted; takes standing "watch" requests and shows their alerts; shows
 what perception saw next to the camera (a small copy of the frame it analysed last, with the
 boxes and labels of the objects detected on it, updated at the detection rate) and the object
 tracker's events (who entered, what appeared or is gone, newest first); and shows live stage
 stats and a memory timeline (click a row to read the record). Every browser tab gets its own
 omnistream session (``DemoSession``).
+
+Spoken answers, to typed and spoken questions alike, play in the page through Web Audio
+(``assets/speaker.js``): from page load a feed (``on_speech``) sends every ``AudioOut`` chunk of
+the tab's session as it arrives through a hidden textbox, whose change event hands it to the
+player; the chunks are scheduled back to back, a barge-in flush drops what is queued at once.
+The player's audio context is unlocked by the page's first click or key press (the Record
+button, for a user who only talks), as browsers' autoplay policies require.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 import os
 import re
 import signal
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,16 +35,24 @@ import gradio as gr
 import numpy as np
 
 from omnistream.app.client import ClientError
-from omnistream.app.demo_session import MAX_TURNS_SHOWN, DemoSession, Seen, Turn, clock, safe, wav_bytes
+from omnistream.app.demo_session import MAX_TURNS_SHOWN, DemoSession, Seen, SpeechItem, Turn, clock, safe
 from omnistream.app.preview import box_caption, draw_detections, jpeg_data_uri
 from omnistream.app.replay import DEFAULT_SAMPLE
 from omnistream.protocol.messages import Sighting
 
 FRAME_EVERY_S = 0.5
 PREVIEW_EVERY_S = 0.5  # how often the page looks for a newer analysed frame or tracker event
-AUDIO_EVERY_S = 1.0
+# Microphone chunk: the speech stage hears the end of a question only when the chunk holding the
+# silence after it arrives (1 s chunks: `omnistream bench browser` measured them, BENCHMARKS.md).
+AUDIO_EVERY_S = 0.1
 ANSWER_TIMEOUT_S = 300.0
-NO_AUDIO_GRACE_S = 8.0  # after AnswerDone, how long to wait for speech that may never come
+CUT_GRACE_S = 5.0  # after a barge-in cut an answer's speech, how long to wait for its AnswerDone
+SPEECH_WAIT_S = 1.0
+SPEECH_RESENT = 16  # chunks (about 40 ms each) repeated in every value of the player feed  # the player feed re-checks that its tab is still open this often
+SPEAKER_JS = Path(__file__).resolve().parent / "assets" / "speaker.js"
+SPEAKER_IDLE = (
+    '<div class="omni-speaker-status">🔈 spoken answers play here (click anywhere to allow sound)</div>'
+)
 CITATION = re.compile(r"\b(\d{1,2}:\d{2})\b")
 STATS_COLUMNS = ["stage", "state", "rates /s", "counters"]
 TIMELINE_COLUMNS = ["when", "kind", "text"]
@@ -52,7 +70,7 @@ def render_turn(turn: Turn, streaming: bool = False) -> str:
     source = "🎤" if turn.spoken_question else "⌨"
     lines = [f"{source} **{clock(turn.asked_ts)}** {turn.question}", ""]
     body = highlight_citations(turn.text) if turn.text else "…"
-    lines.append(body + (" ▌" if streaming and turn.done is None else ""))
+    lines.append(body + (" ▌" if streaming and turn.done is None and not turn.flushed else ""))
     if turn.done is not None:
         if turn.done.error == "interrupted":
             lines.append("\n*(interrupted)*")
@@ -86,34 +104,75 @@ def on_frame(frame: np.ndarray | None, link: DemoSession) -> None:
 def on_audio(chunk: tuple[int, np.ndarray] | None, link: DemoSession) -> None:
     if chunk is not None and link is not None:
         sample_rate, pcm = chunk
-        link.push_audio(to_mono_float(pcm), int(sample_rate), channel="user")
+        audio = to_mono_float(pcm)
+        # stamped with the stream time of its first sample: the chunk ends about when it arrives
+        ts = max(link.now() - len(audio) / int(sample_rate), 0.0)
+        link.push_audio(audio, int(sample_rate), channel="user", ts=ts)
 
 
 def on_ask(question: str, link: DemoSession):
-    """Send a typed question; stream its answer text and spoken audio into the page."""
+    """Send a typed question; stream its answer text into the page (its speech comes through
+    the player feed, ``on_speech``, as every answer's does)."""
     if not question or not question.strip():
         raise gr.Error("Type a question first.")
     try:
         turn = link.ask(question.strip())
     except ClientError as exc:
         raise gr.Error(str(exc)) from None
-    sent = 0
     deadline = time.monotonic() + ANSWER_TIMEOUT_S
-    done_at = 0.0
+    cut_at = 0.0
     while time.monotonic() < deadline:
         link.wait_for_change(0.2)
-        chunk = gr.skip()  # no new audio: leave the player alone (a None would restart its stream)
-        if len(turn.audio) > sent and not turn.flushed:
-            pending = turn.audio[sent:]
-            sent += len(pending)
-            chunk = wav_bytes(np.concatenate(pending), turn.audio_rate)
-        yield render_turn(turn, streaming=True), chunk
         if turn.done is not None:
-            done_at = done_at or time.monotonic()
-            speech_over = turn.audio_final or turn.flushed or bool(turn.done.error)
-            if speech_over or (not turn.audio and time.monotonic() - done_at > NO_AUDIO_GRACE_S):
-                return
-    yield render_turn(turn) + "\n\n*no complete answer in time*", gr.skip()
+            break
+        if turn.flushed:  # a barge-in cut its speech: reasoning was told to stop as well
+            cut_at = cut_at or time.monotonic()
+            if time.monotonic() - cut_at > CUT_GRACE_S:
+                break
+        yield render_turn(turn, streaming=True)
+    # The last render never has the streaming cursor: done (answered, failed or interrupted),
+    # cut by a barge-in, or out of time.
+    late = ""
+    if turn.done is None:
+        late = "\n\n*(interrupted)*" if turn.flushed else "\n\n*no complete answer in time*"
+    yield render_turn(turn) + late
+
+
+def speech_item(item: SpeechItem) -> dict:
+    """One spoken-answer chunk as the player reads it: {"turn", "rate", "pcm": base64 16-bit
+    little-endian mono ("" for none), "flush", "final"}."""
+    pcm = ""
+    if item.pcm is not None and len(item.pcm):
+        samples = np.clip(np.asarray(item.pcm, np.float32), -1.0, 1.0) * 32767.0
+        pcm = base64.b64encode(samples.astype("<i2").tobytes()).decode("ascii")
+    return {"turn": item.turn, "rate": item.sample_rate, "pcm": pcm, "flush": item.flush, "final": item.final}
+
+
+def speech_payload(items: list[dict], first: int, seq: int) -> str:
+    """The player feed's value (``assets/speaker.js``): JSON {"seq": n, "first": i, "items": [...]},
+    ``items`` being the chunks numbered ``first``, ``first`` + 1, ... (``speech_item``)."""
+    return json.dumps({"seq": seq, "first": first, "items": items}, separators=(",", ":"))
+
+
+def on_speech(link: DemoSession):
+    """The tab's player feed, from page load until the tab goes: the session's spoken-answer
+    chunks as soon as they arrive (for spoken questions too: no click needed).
+
+    The page hands each new value of the feed to the player on the textbox's change event, and
+    the browser may apply several values before that event runs (they came in one read): only
+    the last is seen. So each value repeats the last ``SPEECH_RESENT`` chunks already sent, and
+    the player skips the chunk numbers it has played."""
+    if link is None:
+        return
+    seen, seq = link.speech_count, 0
+    recent: deque[dict] = deque(maxlen=SPEECH_RESENT)
+    while link.running:
+        count, items = link.wait_for_speech(seen, SPEECH_WAIT_S)
+        seen = count
+        if items:
+            recent.extend(speech_item(item) for item in items)
+            seq += 1
+            yield speech_payload(list(recent), count - len(recent), seq)
 
 
 def on_watch(condition: str, link: DemoSession) -> str:
@@ -150,7 +209,7 @@ def summary(link: DemoSession) -> str:
     latency = f"{done[-1].first_token_s:.1f} s" if done else "–"
     return (
         f"session `{link.session}` · stream time **{clock(link.now())}** · frames sent "
-        f"{link.frames_sent} (dropped {link.client.frames_dropped}) · audio sent {link.audio_sent_s:.0f} s · "
+        f"{link.frames_sent} (dropped {link.client.frames_dropped}) · audio sent {link.audio_sent_s:.0f} s in {link.audio_chunks} chunks · "
         f"memory: {stored.get('clips_stored', 0):g} clips, {stored.get('transcripts_stored', 0):g} transcripts · "
         f"last first-token latency {latency}"
     )
@@ -243,10 +302,74 @@ def on_recording(path: str | None, link: DemoSession) -> str:
 # -- page ---------------------------------------------------------------------------------------------
 
 
-def build_page(run_dir: Path) -> gr.Blocks:
-    """The page, talking to the system whose run directory is ``run_dir``."""
+class Tabs:
+    """One ``DemoSession`` per browser tab (Gradio session), made under a lock. A page's first
+    events (load, timers, camera and microphone streams) arrive together: a ``gr.State`` factory
+    raced, made a session per racing event and kept one, so the spoken-answer feed started at
+    load could watch a session that the microphone never streamed into (and the others leaked)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.lock = threading.Lock()
+        self.links: dict[str, DemoSession] = {}
+
+    def __call__(self, request: gr.Request) -> DemoSession:
+        key = request.session_hash or ""
+        with self.lock:
+            link = self.links.get(key)
+            if link is None or not link.running:
+                link = self.links[key] = DemoSession(self.run_dir)
+            return link
+
+    def close(self, request: gr.Request) -> None:
+        with self.lock:
+            link = self.links.pop(request.session_hash or "", None)
+        if link is not None:
+            link.close()
+
+
+def build_page(
+    run_dir: Path, audio_every_s: float = AUDIO_EVERY_S, frame_every_s: float = FRAME_EVERY_S
+) -> gr.Blocks:
+    """The page, talking to the system whose run directory is ``run_dir``; the browser sends a
+    microphone chunk every ``audio_every_s`` and a camera frame every ``frame_every_s``."""
+    tabs = Tabs(run_dir)
+
+    # Gradio hands each handler the tab's request (annotated gr.Request): its session comes from it.
+    def frame_in(frame: np.ndarray | None, request: gr.Request) -> None:
+        on_frame(frame, tabs(request))
+
+    def audio_in(chunk: tuple[int, np.ndarray] | None, request: gr.Request) -> None:
+        on_audio(chunk, tabs(request))
+
+    def ask_in(question: str, request: gr.Request):
+        yield from on_ask(question, tabs(request))
+
+    def speech_out(request: gr.Request):
+        yield from on_speech(tabs(request))
+
+    def stop_in(request: gr.Request) -> None:
+        tabs(request).interrupt()
+
+    def watch_in(condition: str, request: gr.Request) -> str:
+        return on_watch(condition, tabs(request))
+
+    def recording_in(path: str | None, request: gr.Request) -> str:
+        return on_recording(path, tabs(request))
+
+    def tick(request: gr.Request):
+        return on_tick(tabs(request))
+
+    def timeline_tick(request: gr.Request) -> list[list[str]]:
+        return on_timeline(tabs(request))
+
+    def live_view_tick(request: gr.Request):
+        return on_live_view(tabs(request))
+
+    def timeline_row(event: gr.SelectData, request: gr.Request) -> str:
+        return on_timeline_select(tabs(request), event)
+
     with gr.Blocks(title="omnistream") as page:
-        link = gr.State(lambda: DemoSession(run_dir), delete_callback=lambda s: s.close())
         gr.Markdown("# omnistream — live")
         status = gr.Markdown(elem_id="summary")
         with gr.Row():
@@ -287,7 +410,8 @@ def build_page(run_dir: Path) -> gr.Blocks:
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     stop = gr.Button("Stop answer", elem_id="stop")
                 answer = gr.Markdown(elem_id="answer")
-                speaker = gr.Audio(streaming=True, autoplay=True, label="Spoken answer", elem_id="speaker")
+                gr.HTML(SPEAKER_IDLE, elem_id="speaker", label="Spoken answer")
+                feed = gr.Textbox(visible="hidden", elem_id="speech-feed")
                 heard = gr.Markdown(elem_id="heard")
                 with gr.Row():
                     watch_text = gr.Textbox(
@@ -309,34 +433,34 @@ def build_page(run_dir: Path) -> gr.Blocks:
             detail = gr.Markdown(elem_id="detail")
 
         camera.stream(
-            on_frame,
-            [camera, link],
+            frame_in,
+            [camera],
             None,
-            stream_every=FRAME_EVERY_S,
+            stream_every=frame_every_s,
             concurrency_limit=None,
             show_progress="hidden",
         )
         mic.stream(
-            on_audio,
-            [mic, link],
+            audio_in,
+            [mic],
             None,
-            stream_every=AUDIO_EVERY_S,
+            stream_every=audio_every_s,
             concurrency_limit=None,
             show_progress="hidden",
         )
         for trigger in (ask.click, question.submit):
-            trigger(
-                on_ask, [question, link], [answer, speaker], concurrency_limit=None, show_progress="hidden"
-            )
-        stop.click(lambda s: s.interrupt(), [link], None)
-        watch.click(on_watch, [watch_text, link], [alerts])
-        play.click(on_recording, [upload, link], [playing])
-        gr.Timer(1.0).tick(
-            on_tick, [link], [status, conversation, heard, alerts, stats], show_progress="hidden"
-        )
-        gr.Timer(5.0).tick(on_timeline, [link], [timeline], show_progress="hidden")
-        gr.Timer(PREVIEW_EVERY_S).tick(on_live_view, [link], [preview, events], show_progress="hidden")
-        timeline.select(on_timeline_select, [link], [detail])
+            trigger(ask_in, [question], [answer], concurrency_limit=None, show_progress="hidden")
+        page.load(speech_out, None, [feed], concurrency_limit=None, show_progress="hidden")
+        feed.change(None, [feed], None, js="(value) => { window.omniSpeaker?.feed(value); }")
+        page.unload(tabs.close)
+        stop.click(stop_in, None, None)
+        watch.click(watch_in, [watch_text], [alerts])
+        play.click(recording_in, [upload], [playing])
+        gr.Timer(1.0).tick(tick, None, [status, conversation, heard, alerts, stats], show_progress="hidden")
+        gr.Timer(5.0).tick(timeline_tick, None, [timeline], show_progress="hidden")
+        gr.Timer(PREVIEW_EVERY_S).tick(live_view_tick, None, [preview, events], show_progress="hidden")
+        timeline.select(timeline_row, None, [detail])
+    page.tabs = tabs  # the page's sessions (tests, and a clean exit)
     return page
 
 
@@ -389,12 +513,15 @@ def serve(
     open_browser: bool = False,
     auth: tuple[str, str] | None = None,
     share: bool = False,
+    audio_every_s: float = AUDIO_EVERY_S,
+    frame_every_s: float = FRAME_EVERY_S,
 ) -> None:
     """Serve the page until Ctrl-C or SIGTERM (both end in a clean shutdown). Never shared
     publicly unless ``share``; behind a login when ``auth`` is (user, password)."""
     signal.signal(signal.SIGTERM, _stop)
-    page = build_page(run_dir)
+    page = build_page(run_dir, audio_every_s, frame_every_s)
     page.queue(default_concurrency_limit=None).launch(
+        head=f"<script>{SPEAKER_JS.read_text()}</script>",
         server_name=host,
         server_port=port,
         inbrowser=open_browser,

@@ -10,6 +10,10 @@ What perception saw: the session keeps a small copy of the last frames it sent; 
 names the stream time of the frame its object boxes were detected on (``boxes_ts``, or its own
 ``ts`` when objects are not detected), and that frame with those boxes becomes ``seen`` (the page's
 preview). The tracker's ``Sighting`` events (appeared, left, people present) are kept newest first.
+
+Spoken answers: every ``AudioOut`` of the session (typed and spoken questions alike) is also
+filed, in order, as a ``SpeechItem`` (``speech``, counted by ``speech_count``); the page's player
+feed (``demo.on_speech``) waits on ``wait_for_speech`` and sends them to the browser as they come.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ MAX_TURNS_SHOWN = 20
 MAX_SIGHTINGS_KEPT = 50
 FRAMES_KEPT = 40  # sent frames kept (small copies) to pair with percepts: 20 s of camera at 2 fps
 SAME_FRAME_S = 1e-3  # a percept's stream time and the sent frame's are the same float
+SPEECH_KEPT = 4096  # AudioOut chunks (about 40 ms each) kept for a player that fell behind
 
 
 @dataclass
@@ -67,7 +72,19 @@ class Turn:
     audio: list[np.ndarray] = field(default_factory=list)
     audio_rate: int = 24000
     audio_final: bool = False
-    flushed: bool = False
+    flushed: bool = False  # its speech was cut (barge-in): what was queued was dropped
+
+
+@dataclass
+class SpeechItem:
+    """One ``AudioOut`` of the session, for the page's player: a chunk to play (``pcm``), and/or
+    ``flush`` (drop what is queued of ``turn``) and ``final`` (the turn's speech is over)."""
+
+    turn: str
+    pcm: np.ndarray | None
+    sample_rate: int
+    flush: bool
+    final: bool
 
 
 @dataclass
@@ -108,9 +125,12 @@ class DemoSession:
         self.seen_version = 0  # bumped whenever ``seen`` changes
         self.sightings: deque[Sighting] = deque(maxlen=MAX_SIGHTINGS_KEPT)  # newest first
         self.sightings_received = 0
+        self.speech: deque[SpeechItem] = deque(maxlen=SPEECH_KEPT)
+        self.speech_count = 0  # SpeechItems filed so far (the deque keeps the newest)
         self.live_view_shown = (0, 0)  # (seen_version, sightings_received) the page last rendered
         self.frames_sent = 0
         self.audio_sent_s = 0.0
+        self.audio_chunks = 0
         self.recording: threading.Thread | None = None
         self.stop_recording = threading.Event()
         self.running = True
@@ -161,11 +181,16 @@ class DemoSession:
             elif isinstance(event, AnswerDone):
                 turn.done = event
             else:
+                pcm = None
                 if event.pcm is not None and len(event.pcm):
-                    turn.audio.append(np.asarray(event.pcm, np.float32))
+                    pcm = np.asarray(event.pcm, np.float32)
+                    turn.audio.append(pcm)
                     turn.audio_rate = event.sample_rate
-                turn.flushed = turn.flushed or event.flush
-                turn.audio_final = turn.audio_final or event.final or event.flush
+                # a flush without final is a pause (the user may only have coughed): more may come
+                turn.flushed = turn.flushed or (event.flush and event.final)
+                turn.audio_final = turn.audio_final or event.final
+                self.speech.append(SpeechItem(event.turn, pcm, event.sample_rate, event.flush, event.final))
+                self.speech_count += 1
         elif isinstance(event, Percept):
             self._pair(event)
         elif isinstance(event, Sighting):
@@ -219,6 +244,7 @@ class DemoSession:
         with self.lock:
             if self.client.push_audio(pcm, sample_rate, ts=self.now() if ts is None else ts, channel=channel):
                 self.audio_sent_s += len(pcm) / sample_rate
+                self.audio_chunks += 1
 
     def ask(self, question: str) -> Turn:
         """Send a typed question; raises ``ClientError`` with the gateway's reason if refused."""
@@ -270,6 +296,15 @@ class DemoSession:
     def wait_for_change(self, timeout_s: float) -> None:
         with self.changed:
             self.changed.wait(timeout_s)
+
+    def wait_for_speech(self, seen: int, timeout_s: float) -> tuple[int, list[SpeechItem]]:
+        """The speech items filed after the first ``seen`` (waiting up to ``timeout_s`` for one):
+        (the new count, the items still kept of those)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.speech_count > seen or not self.running, timeout_s)
+            count = self.speech_count
+            new = min(count - seen, len(self.speech))
+            return count, list(self.speech)[len(self.speech) - new :] if new > 0 else []
 
 
 def safe(call, default=None):

@@ -24,6 +24,7 @@ SUITES = {
     "llm": "omnistream.bench.llm",
     "memory": "omnistream.bench.memory",
     "soak": "omnistream.bench.soak",
+    "browser": "omnistream.bench.browser",  # the demo page's round trip in headless Chromium (when named)
     "voice": "omnistream.bench.voice",  # the TTS voices side by side (runs when named)
 }
 DEFAULT_SUITES = ("kernels", "perception", "speech", "llm", "memory")  # soak runs only when named (an hour)

@@ -21,13 +21,13 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from omnistream.app.client import Client
 from omnistream.app.launcher import Launcher
+from omnistream.bench.browser import launch_chromium
 
 from ..conftest import make_config
 from .media import fake_camera, fake_microphone
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("OMNISTREAM_ARTIFACTS", Path(__file__).resolve().parents[2] / "artifacts"))
 SPOKEN_QUESTION = "What animal is on the screen?"
 ANSWER_TIMEOUT_MS = 300_000
@@ -86,22 +86,8 @@ def browser(page_url):
     _, _, root = page_url
     camera = fake_camera(root / "camera.y4m")
     microphone = fake_microphone(root / "microphone.wav", SPOKEN_QUESTION)
-    args = [
-        "--no-sandbox",
-        "--headless",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-video-capture={camera}",
-        f"--use-file-for-fake-audio-capture={microphone}",
-        "--autoplay-policy=no-user-gesture-required",
-    ]
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        chromium = launch_chromium(playwright, camera, microphone)  # default autoplay policy
         yield chromium
         chromium.close()
 
@@ -146,11 +132,10 @@ def test_page_streams_the_camera_and_answers_typed_and_spoken_questions_aloud(pa
     typed = page.locator("#answer").inner_text().lower()
     assert "butterfly" in typed, typed
 
-    # the spoken answer plays in the page
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('#speaker audio')].some(a => a.currentTime > 0.3)",
-        timeout=60_000,
-    )
+    # the spoken answer plays in the page (the Ask click unlocked its sound): an analyser on
+    # the player's output heard it
+    page.wait_for_function("() => Object.keys(window.omniSpeaker.heard).length > 0", timeout=60_000)
+    assert page.evaluate("() => window.omniSpeaker.ctx.state") == "running"
 
     # spoken question through the microphone: transcribed, asked and answered on the page
     page.locator("#mic button.record-button").click()
