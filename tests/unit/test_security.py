@@ -637,3 +637,20 @@ def test_a_flood_of_big_requests_waits_in_the_client_not_in_the_gateway(short_tm
     finally:
         dealer.close(linger=0)
         launcher.shutdown()
+
+
+def test_the_launcher_warns_once_when_a_process_exceeds_its_rss_limit(short_tmp: Path) -> None:
+    events: list[str] = []
+    config = make_config(
+        short_tmp, ("gateway",), **{"limits.rss_mb.gateway": 1, "launcher.stats_every_s": 0.1}
+    )
+    launcher = Launcher(config, short_tmp / "run", on_event=events.append)
+    launcher.start()
+    try:
+        for _ in range(10):
+            launcher.step(timeout_ms=100)
+    finally:
+        launcher.shutdown()
+    over = [e for e in events if "over limits.rss_mb.gateway = 1 MB" in e]
+    assert len(over) == 1, events  # once per crossing, not every step
+    assert not [e for e in events if "limits.rss_mb.bus" in e]  # the bus is within its 512 MB
