@@ -306,6 +306,7 @@ class GatewayStage:
         self.resend_at: float | None = None
         self.audio_buckets: OrderedDict[tuple[str, str], AudioBucket] = OrderedDict()
         self.client_audio: OrderedDict[tuple, AudioBucket] = OrderedDict()  # per client_key
+        self.total_audio = AudioBucket(self.config.total_audio_speed, self.config.total_audio_burst_s)
         self.client_frames: OrderedDict[tuple, AudioBucket] = OrderedDict()
         # per client_key: its session names -> when each was last named (oldest first)
         self.client_sessions: OrderedDict[tuple, OrderedDict[str, float]] = OrderedDict()
@@ -505,16 +506,22 @@ class GatewayStage:
         )
 
     def audio_allowed(self, chunk: AudioChunk, client: tuple) -> bool:
-        """Within the client's audio budget, then within its (session, channel)'s."""
+        """Within the client's audio budget, then within its (session, channel)'s, then within
+        all clients' together (``gateway.total_audio_speed``: new connections each bring a budget
+        of their own, and whatever is accepted waits on the bus until speech has heard it)."""
         seconds, config = len(chunk.pcm) / chunk.sample_rate, self.config
-        return take_from(
-            self.client_audio, client, config.client_audio_speed, config.client_audio_burst_s, seconds
-        ) and take_from(
-            self.audio_buckets,
-            (chunk.session, chunk.channel),
-            config.max_audio_speed,
-            config.audio_burst_s,
-            seconds,
+        return (
+            take_from(
+                self.client_audio, client, config.client_audio_speed, config.client_audio_burst_s, seconds
+            )
+            and take_from(
+                self.audio_buckets,
+                (chunk.session, chunk.channel),
+                config.max_audio_speed,
+                config.audio_burst_s,
+                seconds,
+            )
+            and self.total_audio.take(seconds)
         )
 
     def frame_allowed(self, client: tuple) -> bool:

@@ -73,6 +73,11 @@ class GatewayConfig(_Section):
     client_audio_burst_s: float = 120.0
     client_max_fps: float = 60.0
     client_frame_burst: float = 120.0
+    # All clients together (each new connection brings budgets of its own): audio seconds at this
+    # x real time after total_audio_burst_s; beyond, dropped and counted. What is accepted waits
+    # on the bus until speech has heard it, so this bounds that queue's growth.
+    total_audio_speed: float = 64.0
+    total_audio_burst_s: float = 240.0
     # Session names one client (as above: its connection, or its CURVE key) may have in use: a
     # name counts from its first request until client_session_idle_s pass without one. A
     # request naming one more is refused with Error "too_many_sessions" (every stage keeps

@@ -654,3 +654,28 @@ def test_the_launcher_warns_once_when_a_process_exceeds_its_rss_limit(short_tmp:
     over = [e for e in events if "over limits.rss_mb.gateway = 1 MB" in e]
     assert len(over) == 1, events  # once per crossing, not every step
     assert not [e for e in events if "limits.rss_mb.bus" in e]  # the bus is within its 512 MB
+
+
+@pytest.mark.parametrize(
+    "probe_runtime",
+    [{"gateway.total_audio_speed": 2.0, "gateway.total_audio_burst_s": 5.0}],
+    indirect=True,
+)
+def test_new_connections_do_not_buy_more_audio_than_the_gateways_total_budget(probe_runtime) -> None:  # noqa: F811
+    """100 connections, each within its own budgets, send 1 s of audio each: the gateway passes
+    on at most its total budget (5 s of burst, then 2x real time), the rest is dropped and
+    counted (it passed on all 100 s: a loop over new connections filled speech's queue)."""
+    from omnistream.app.gateway import GatewayStage
+
+    gateway = GatewayStage(probe_runtime)
+    second = np.zeros(16_000, np.float32)
+    try:
+        start = time.monotonic()
+        for i in range(100):
+            gateway.on_request(AudioChunk(session=f"s{i}", pcm=second), ("connection", f"c{i}".encode()))
+        span = time.monotonic() - start
+        accepted = probe_runtime.counters["in_AudioChunk"]
+        assert 5 <= accepted <= 5 + 2.0 * span + 1, (accepted, span)
+        assert probe_runtime.counters["audio_dropped_s"] == pytest.approx(100 - accepted)
+    finally:
+        gateway.stop()
