@@ -175,8 +175,11 @@ def test_node_client_reaches_a_curve_gateway_with_the_keys_python_wrote(short_tm
         endpoint = f"tcp://127.0.0.1:{port}"
         args = (str(launcher.run_dir), str(keys_dir), endpoint, str(stranger))
         result = node("--input-type=module", "-e", CURVE_SESSION, *args, timeout_s=90)
+        curve_args = ("--endpoint", endpoint, "--keys-dir", str(keys_dir), "--key-name", "node")
+        refused = node("ask.mjs", "   ", *curve_args, timeout_s=60)  # reached over CURVE, then refused
     finally:
         launcher.shutdown()
+    assert refused.returncode == 2 and "[invalid] Ask.question must have" in refused.stderr, refused.stderr
     assert result.returncode == 0, result.stderr
     first, frame, remote, stranger_refused, no_keys = [
         json.loads(line) for line in result.stdout.splitlines()
