@@ -19,6 +19,7 @@ is stopped) end of speech -> first ``AudioOut`` sent inside the speech stage, wi
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -163,44 +164,91 @@ def open_voice_page(browser, url: str, console: list[str] | None = None, camera_
     return page
 
 
-def round_trips(page) -> tuple[list[float], int]:
-    """(seconds from each end of a question in the microphone to the first sound of the answer
-    that followed it, questions that ended with no answer heard before the next one began)."""
-    mic, heard = page.evaluate("() => [window.omniMic, Object.values(window.omniSpeaker.heard)]")
+def answered(page) -> tuple[list[tuple[float, float]], int]:
+    """([(end of a question in the microphone, first sound of the answer that followed it)] as
+    wall-clock seconds (``time.time()``'s clock), questions that ended with no answer heard
+    before the next one began)."""
+    mic, heard, origin = page.evaluate(
+        "() => [window.omniMic, Object.values(window.omniSpeaker.heard), performance.timeOrigin]"
+    )
     ends, starts, heard = mic["ends"], mic["starts"], sorted(heard)
-    trips, missed = [], 0
+    pairs, missed = [], 0
     for end in ends:
         following = [s for s in starts if s > end]
         until = following[0] if following else float("inf")
         answer = next((h for h in heard if end < h < until), None)
         if answer is not None:
-            trips.append((answer - end) / 1000.0)
+            pairs.append(((origin + end) / 1000.0, (origin + answer) / 1000.0))
         elif following:
             missed += 1
-    return trips, missed
+    return pairs, missed
+
+
+def round_trips(page) -> tuple[list[float], int]:
+    """(seconds from each end of a question in the microphone to the first sound of its answer,
+    questions with no answer heard)."""
+    pairs, missed = answered(page)
+    return [heard - end for end, heard in pairs], missed
 
 
 def measure(
     browser, url: str, trials: int, progress: Callable[[str], None], timeout_s: float
-) -> tuple[list[float], int, str]:
-    """``trials`` round trips on a fresh tab (the first question of the tab is left out: the
-    page's stream is still starting); returns (seconds, missed answers, the page's summary)."""
+) -> tuple[list[tuple[float, float]], int, str]:
+    """``trials`` questions answered on a fresh tab (the tab's first is left out: the page's
+    stream is still starting); returns ((end, heard) pairs, missed answers, the page's summary)."""
     page = open_voice_page(browser, url)
     try:
         deadline = time.monotonic() + timeout_s
         shown = 0
         while True:
-            trips, missed = round_trips(page)
-            if len(trips) != shown:
-                shown = len(trips)
-                progress(f"browser: round trip {shown}: {trips[-1] * 1000:.0f} ms")
-            if len(trips) >= trials + 1 or time.monotonic() > deadline:
+            pairs, missed = answered(page)
+            if len(pairs) != shown:
+                shown = len(pairs)
+                progress(f"browser: round trip {shown}: {(pairs[-1][1] - pairs[-1][0]) * 1000:.0f} ms")
+            if len(pairs) >= trials + 1 or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
         summary = page.locator("#summary").inner_text()
-        return trips[1:], missed, summary
+        return pairs[1:], missed, summary
     finally:
         page.close()
+
+
+STAGE_SPAN = "last speech window -> first AudioOut sent (speech stage + LLM)"
+LLM_WAIT = "Ask -> first AnswerDelta (LLM first token)"
+
+
+def stage_turns(speech_log: Path) -> list[tuple[float, dict]]:
+    """The speech stage's logged turn latencies: (wall time of the first AudioOut, spans in ms)."""
+    turns = []
+    for line in speech_log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("msg") == "turn latency (ms)" and STAGE_SPAN in record.get("spans", {}):
+            turns.append((float(record["ts"]), record["spans"]))
+    return turns
+
+
+def breakdown(pairs: list[tuple[float, float]], turns: list[tuple[float, dict]]) -> dict[str, list[float]]:
+    """Each round trip split at the speech stage's own marks (its log, same machine clock):
+    before (microphone -> page -> gateway -> the stage's last speech window: chunking, upload,
+    VAD lag), inside (last speech window -> first AudioOut sent; of which the wait for the LLM's
+    first token) and after (AudioOut sent -> gateway -> page -> playing)."""
+    parts: dict[str, list[float]] = {"round trip": [], "before": [], "stage": [], "llm": [], "after": []}
+    for end, heard in pairs:
+        parts["round trip"].append(heard - end)
+        turn = next(((ts, spans) for ts, spans in turns if end < ts < heard), None)
+        if turn is None:
+            continue
+        ts, spans = turn
+        stage = spans[STAGE_SPAN] / 1000.0
+        parts["before"].append(ts - stage - end)
+        parts["stage"].append(stage)
+        parts["llm"].append(spans.get(LLM_WAIT, 0.0) / 1000.0)
+        parts["after"].append(heard - ts)
+    return parts
 
 
 def percentiles(name: str, values: list[float], **extra) -> list[dict]:
@@ -219,8 +267,9 @@ def percentiles(name: str, values: list[float], **extra) -> list[dict]:
     ]
 
 
-def speech_baseline(trials: int, progress: Callable[[str], None]) -> list[float]:
-    """``bench speech``'s end of speech -> first AudioOut sent with the configured LLM."""
+def speech_baseline(trials: int, progress: Callable[[str], None]) -> dict[str, list[float]]:
+    """``bench speech``'s end of speech -> first AudioOut sent with the configured LLM ("total"),
+    and its first part, end of speech -> the VAD's last speech window ("vad")."""
     from omnistream.bench import speech, speech_turns
     from omnistream.protocol.config import SpeechConfig
     from omnistream.speech.listen import Recognizer
@@ -238,7 +287,10 @@ def speech_baseline(trials: int, progress: Callable[[str], None]) -> list[float]
             driver.stage.stop()
     finally:
         llm.close()
-    return [r["end of user speech -> first AudioOut sent"] for r in results]
+    return {
+        "total": [r["end of user speech -> first AudioOut sent"] for r in results],
+        "vad": [r["end of user speech -> VAD's last speech window (VAD lag)"] for r in results],
+    }
 
 
 def fake_camera(
@@ -285,6 +337,7 @@ def fake_microphone(path: Path, question: str, silence_after_s: float = 400.0, r
 def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
     """The page's microphone chunk and the 1 s one before it, one after the other on one running
     system (each with its own page process and browser), then the speech-stage baseline."""
+    import soundfile
     from playwright.sync_api import sync_playwright
 
     from omnistream.app import demo
@@ -295,19 +348,18 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
     chunks = [demo.AUDIO_EVERY_S, 1.0]
     load_before = os.getloadavg()[0]
     rows: list[dict] = []
-    measured: dict[float, list[float]] = {}
+    parts: dict[float, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="omni-browser-") as tmp:
         root = Path(tmp)
         progress("browser: making the fake camera and microphone")
         camera = fake_camera(root / "camera.y4m")
-        microphone = fake_microphone(root / "microphone.wav", QUESTION, silence_after_s=1.0)
-        import soundfile
-
+        microphone = fake_microphone(root / "microphone.wav", QUESTION, silence_after_s=0.0)
         spoken_s = soundfile.info(str(microphone)).duration
         microphone = fake_microphone(root / "microphone.wav", QUESTION, silence_after_s=PERIOD_S - spoken_s)
         config = load_config(None, {"paths.data_dir": str(root / "data")})
+        model = config.reasoning.model
         launcher = Launcher(config, Path("/tmp") / f"os-bb-{os.getpid()}")
-        progress(f"browser: starting the system (LLM {config.reasoning.model})")
+        progress(f"browser: starting the system (LLM {model})")
         launcher.start()
         try:
             with sync_playwright() as playwright:
@@ -317,7 +369,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
                     browser = launch_chromium(playwright, camera, microphone)
                     try:
                         progress(f"browser: {trials} questions, microphone chunks of {chunk} s")
-                        trips, missed, summary = measure(
+                        pairs, missed, summary = measure(
                             browser,
                             f"http://127.0.0.1:{port}",
                             trials,
@@ -327,7 +379,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
                     finally:
                         browser.close()
                         stop_page(page_process)
-                    measured[chunk] = trips
+                    parts[chunk] = breakdown(pairs, stage_turns(launcher.log_dir / "speech.log"))
                     progress(f"browser: chunks of {chunk} s: {summary}")
                     if missed:
                         rows.append(
@@ -340,24 +392,44 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
         finally:
             launcher.shutdown()
     page_chunk, before = chunks
-    name = f"browser: end of the spoken question in the microphone -> first answer audio playing, LLM {config.reasoning.model}"
-    base = np.asarray(measured[before]) * 1000.0 if measured[before] else None
-    for row in percentiles(f"{name}, microphone chunks of {page_chunk} s", measured[page_chunk]):
-        if base is not None and row["value"] is not None:
-            row["baseline_name"] = f"microphone chunks of {before} s (the page before)"
-            row["baseline"] = float(np.percentile(base, int(row["name"][-2:])))
-        rows.append(row)
+    names = {
+        "round trip": f"browser: end of the spoken question in the microphone -> first answer audio playing, LLM {model}",
+        "before": "... of which microphone -> page -> gateway -> speech stage's last speech window (chunks, upload, VAD lag)",
+        "stage": "... of which speech stage's last speech window -> first AudioOut sent (ASR, LLM, TTS)",
+        "llm": "...... of which Ask -> first AnswerDelta (the LLM's queue and first token)",
+        "after": "... of which first AudioOut sent -> gateway -> page -> playing",
+    }
+    for part, name in names.items():
+        base = np.asarray(parts[before][part]) * 1000.0
+        for row in percentiles(f"{name}, microphone chunks of {page_chunk} s", parts[page_chunk][part]):
+            if len(base) and row["value"] is not None:
+                row["baseline_name"] = f"microphone chunks of {before} s (the page before)"
+                row["baseline"] = float(np.percentile(base, int(row["name"][-2:])))
+            rows.append(row)
     progress("browser: bench speech's end of speech -> first AudioOut, same LLM (system stopped)")
     speech = speech_baseline(5 if quick else 10, progress)
     rows += percentiles(
-        f"bench speech: end of user speech -> first AudioOut sent (inside the speech stage), LLM {config.reasoning.model}",
-        speech,
+        f"bench speech: end of user speech -> first AudioOut sent (inside the speech stage), LLM {model}",
+        speech["total"],
     )
-    if measured[page_chunk] and speech:
+    rows += percentiles(
+        "bench speech: ... of which end of user speech -> VAD's last speech window", speech["vad"]
+    )
+    now = parts[page_chunk]
+    if now["round trip"] and speech["total"]:
         rows.append(
             {
-                "name": "browser round trip p50 minus bench speech p50",
-                "value": float(np.median(measured[page_chunk]) - np.median(speech)) * 1000.0,
+                "name": "browser round trip p50 minus bench speech end of speech -> first AudioOut p50",
+                "value": float(np.median(now["round trip"]) - np.median(speech["total"])) * 1000.0,
+                "unit": "ms",
+            }
+        )
+    if now["before"] and speech["vad"]:
+        own = np.median(now["before"]) + np.median(now["after"]) - np.median(speech["vad"])
+        rows.append(
+            {
+                "name": "the page's own share p50: (microphone -> speech stage) + (AudioOut -> playing) minus bench speech's VAD lag",
+                "value": float(own) * 1000.0,
                 "unit": "ms",
             }
         )
