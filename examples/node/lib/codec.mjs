@@ -5,8 +5,9 @@
 // and with the types of protocol/messages.py (lib/messages.mjs, generated from it), fields equal
 // to their default left out, every float field as a float64 (as msgspec writes a Python float),
 // and each ndarray field as {nd, dtype, shape} referring to a trailing frame of raw bytes.
-// Decoding checks the topic, the types, unknown and missing fields and every buffer's length,
-// fills in the defaults and returns plain objects; a violation throws OmnistreamError naming it.
+// Decoding checks the topic, the types, missing fields and every buffer's length, fills in the
+// defaults and returns plain objects; a violation throws OmnistreamError naming it. Fields and
+// message types the schema does not know (a newer server) are passed through as they came.
 
 import { endianness } from "node:os";
 import { decode as decodeMsgpack } from "@msgpack/msgpack";
@@ -430,16 +431,14 @@ function readStruct(name, value, buffers, where) {
     if (value.type !== schema.tag) throw invalid(`${where}: expected type ${schema.tag}, got ${JSON.stringify(value.type)}`);
     result.type = schema.tag;
   }
-  for (const key of Object.keys(value)) {
-    if (key !== "type" && !schema.fields.some((f) => f.name === key)) {
-      throw invalid(`${where}: object contains unknown field ${JSON.stringify(key)}`);
-    }
-  }
   for (const field of schema.fields) {
     if (field.name in value) result[field.name] = readValue(field.type, value[field.name], buffers, `${where}.${field.name}`);
     else if ("default" in field) result[field.name] = structuredClone(field.default);
     else throw invalid(`${where}: object missing required field ${JSON.stringify(field.name)}`);
   }
+  // A field this schema does not know (a newer server) is kept as it came, not refused: the
+  // event still reaches the client.
+  for (const [key, item] of Object.entries(value)) if (!(key in result)) result[key] = item;
   return result;
 }
 
@@ -460,9 +459,13 @@ export function decodeMessage(frames) {
   } catch (err) {
     throw new OmnistreamError("malformed", `${topic}: header is not valid msgpack: ${err.message}`);
   }
-  const type = value && typeof value === "object" ? value.type : undefined;
-  const schema = STRUCTS[type];
-  if (!schema || schema.tag !== type) throw invalid(`${topic}: unknown message type ${JSON.stringify(type)}`);
+  if (!value || typeof value !== "object" || Array.isArray(value) || typeof value.type !== "string") {
+    throw new OmnistreamError("malformed", `${topic}: header is not a map with a "type"`);
+  }
+  const type = value.type;
   if (type !== topic) throw new OmnistreamError("topic_mismatch", `topic ${JSON.stringify(topic)} does not match message type ${JSON.stringify(type)}`);
+  const schema = STRUCTS[type];
+  // A type this schema does not know (a newer server): its header as it came, arrays unresolved.
+  if (!schema || schema.tag !== type) return /** @type {Message} */ (value);
   return /** @type {Message} */ (readStruct(type, value, buffers, type));
 }

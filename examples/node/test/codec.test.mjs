@@ -85,10 +85,19 @@ test("bad messages are refused with the code and a message naming the problem", 
   refused(() => decodeMessage([ask[0], Buffer.from([0xc1])]), "malformed", /not valid msgpack/);
   refused(() => decodeMessage([frame[0], frame[1], frame[2].subarray(1)]), "invalid", /needs 12 bytes, buffer has 11/);
   refused(() => decodeMessage([frame[0], frame[1]]), "invalid", /index 0 out of range/);
+  refused(() => decodeMessage([Buffer.from("Alert"), Buffer.from([0x81, 0xa4, 0x74, 0x79, 0x70, 0x65, 0xa5, 0x41, 0x6c, 0x65, 0x72, 0x74])]), "invalid", /missing required field "watch_id"/);
   refused(() => encodeMessage("Ask", { turn: "t", question: "q", colour: "red" }), "invalid", /no field "colour"/);
   refused(() => encodeMessage("Ask", { question: "q" }), "invalid", /Ask.turn is required/);
   refused(() => encodeMessage("Ask", { turn: "t", question: "q", mode: "fast" }), "invalid", /Ask.mode must be "full"/);
   refused(() => encodeMessage("AudioChunk", { pcm: new Float32Array(4), sample_rate: 16000.5 }), "invalid", /sample_rate must be int/);
   refused(() => encodeMessage("Teleport", {}), "invalid", /unknown message type/);
   refused(() => encodeMessage("VideoFrame", { image: ndarray(new Uint8Array(5), [1, 2, 3]) }), "invalid", /needs 6 bytes/);
+});
+
+test("fields and types a newer server sends are passed through, not refused", async () => {
+  const { encode } = await import("@msgpack/msgpack");
+  const alert = decodeMessage([Buffer.from("Alert"), Buffer.from(encode({ type: "Alert", watch_id: "w", text: "t", evidence: [1, 2] }))]);
+  assert.deepEqual(alert, { type: "Alert", watch_id: "w", text: "t", ts: 0, session: "default", evidence: [1, 2] });
+  const future = decodeMessage([Buffer.from("Hologram"), Buffer.from(encode({ type: "Hologram", depth: 3 }))]);
+  assert.deepEqual(future, { type: "Hologram", depth: 3 });
 });
