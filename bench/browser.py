@@ -7,8 +7,9 @@ Record clicked, nothing else. Measured in the page, on one clock (``performance.
 
 - end of the question: an analyser on the same microphone stream (``MIC_TAP_JS``, wrapped
   around ``getUserMedia``) notes the last loud 5 ms window before 0.4 s of quiet;
-- first answer audio playing: the page's player (``app/assets/speaker.js``) notes when an
-  analyser on its output first sees the answer's sound.
+- first answer audio playing: the page's player (``app/assets/speaker.js``) notes when the
+  answer's first chunk starts to play (and, reported too, when an analyser on its output first
+  hears it: the voice opens each answer with about 0.3 s of silence).
 
 The system runs with every stage and the configured models (``reasoning.model``; default 1.5B).
 Rows: end of question -> first answer audio playing, p50 / p95, for the page's microphone chunk
@@ -164,19 +165,21 @@ def open_voice_page(browser, url: str, console: list[str] | None = None, camera_
     return page
 
 
-def answered(page) -> tuple[list[tuple[float, float]], int]:
-    """([(end of a question in the microphone, first sound of the answer that followed it)] as
-    wall-clock seconds (``time.time()``'s clock), questions that ended with no answer heard
-    before the next one began)."""
-    mic, heard, origin = page.evaluate(
-        "() => [window.omniMic, Object.values(window.omniSpeaker.heard), performance.timeOrigin]"
+def answered(page, sound: bool = False) -> tuple[list[tuple[float, float]], int]:
+    """([(end of a question in the microphone, start of the answer that followed it)] as
+    wall-clock seconds (``time.time()``'s clock), questions that ended with no answer before the
+    next one began). The start is when the answer's first chunk begins to play; with ``sound``,
+    when the player's output analyser first hears it (the voice opens with ~0.3 s of silence)."""
+    mic, starts_at, origin = page.evaluate(
+        f"() => [window.omniMic, Object.values(window.omniSpeaker.{'heard' if sound else 'scheduled'}),"
+        " performance.timeOrigin]"
     )
-    ends, starts, heard = mic["ends"], mic["starts"], sorted(heard)
+    ends, starts, answers = mic["ends"], mic["starts"], sorted(starts_at)
     pairs, missed = [], 0
     for end in ends:
         following = [s for s in starts if s > end]
         until = following[0] if following else float("inf")
-        answer = next((h for h in heard if end < h < until), None)
+        answer = next((h for h in answers if end < h < until), None)
         if answer is not None:
             pairs.append(((origin + end) / 1000.0, (origin + answer) / 1000.0))
         elif following:
@@ -187,15 +190,16 @@ def answered(page) -> tuple[list[tuple[float, float]], int]:
 def round_trips(page) -> tuple[list[float], int]:
     """(seconds from each end of a question in the microphone to the first sound of its answer,
     questions with no answer heard)."""
-    pairs, missed = answered(page)
+    pairs, missed = answered(page, sound=True)
     return [heard - end for end, heard in pairs], missed
 
 
 def measure(
     browser, url: str, trials: int, progress: Callable[[str], None], timeout_s: float
-) -> tuple[list[tuple[float, float]], int, str]:
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]], int, str]:
     """``trials`` questions answered on a fresh tab (the tab's first is left out: the page's
-    stream is still starting); returns ((end, heard) pairs, missed answers, the page's summary)."""
+    stream is still starting); returns ((end, first chunk playing) pairs, (end, first sound)
+    pairs, missed answers, the page's summary)."""
     page = open_voice_page(browser, url)
     try:
         deadline = time.monotonic() + timeout_s
@@ -209,7 +213,8 @@ def measure(
                 break
             time.sleep(1.0)
         summary = page.locator("#summary").inner_text()
-        return pairs[1:], missed, summary
+        heard, _ = answered(page, sound=True)
+        return pairs[1:], heard[1:], missed, summary
     finally:
         page.close()
 
@@ -369,7 +374,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
                     browser = launch_chromium(playwright, camera, microphone)
                     try:
                         progress(f"browser: {trials} questions, microphone chunks of {chunk} s")
-                        pairs, missed, summary = measure(
+                        pairs, heard, missed, summary = measure(
                             browser,
                             f"http://127.0.0.1:{port}",
                             trials,
@@ -380,6 +385,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
                         browser.close()
                         stop_page(page_process)
                     parts[chunk] = breakdown(pairs, stage_turns(launcher.log_dir / "speech.log"))
+                    parts[chunk]["sound"] = [h - e for e, h in heard]
                     progress(f"browser: chunks of {chunk} s: {summary}")
                     if missed:
                         rows.append(
@@ -398,6 +404,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
         "stage": "... of which speech stage's last speech window -> first AudioOut sent (ASR, LLM, TTS)",
         "llm": "...... of which Ask -> first AnswerDelta (the LLM's queue and first token)",
         "after": "... of which first AudioOut sent -> gateway -> page -> playing",
+        "sound": "end of the spoken question -> first answer sound heard in the page (the voice's leading silence on top)",
     }
     for part, name in names.items():
         base = np.asarray(parts[before][part]) * 1000.0
