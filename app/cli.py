@@ -314,9 +314,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """Register a standing question with the running system and print its alerts as they fire,
-    until Ctrl-C or ``--for`` seconds. The watch id is derived from the session and the condition,
-    so running the same watch again replaces it (the protocol has no way to remove one)."""
+    until Ctrl-C or ``--for`` seconds, then cancel it (``--keep``: it stays stored and keeps firing
+    for other clients). The watch id is derived from the session and the condition, so running the
+    same watch again replaces it rather than adding one."""
     import hashlib
+
+    from rich.markup import escape
 
     from omnistream.app.client import Client, ClientError
     from omnistream.app.client_core import Request
@@ -337,23 +340,23 @@ def cmd_watch(args: argparse.Namespace) -> int:
         )
         return EXIT_NOT_RUNNING
     except (ClientError, ValueError) as exc:
-        console.print(f"[red]{exc}[/red]")
+        console.print(f"[red]{escape(str(exc))}[/red]")
         return EXIT_NOT_RUNNING
     watch_id = "cli-" + hashlib.sha256(f"{session}\n{condition}".encode()).hexdigest()[:24]
 
-    def register() -> None:
-        watch = Watch(ts=0.0, session=session, watch_id=watch_id, condition=condition)
+    def register(cancel: bool = False) -> None:
+        watch = Watch(ts=0.0, session=session, watch_id=watch_id, condition=condition, cancel=cancel)
         client._request(Request(watch, Ack, watch_id, False, client.timeout_s))  # noqa: SLF001
 
     with client:
         try:
             register()
         except ClientError as exc:
-            console.print(f"[red]watch refused: {exc}[/red]")
+            console.print(f"[red]watch refused: {escape(str(exc))}[/red]")
             return EXIT_FAILURE
         if not args.json:
             console.print(
-                f"watching session {session!r} for: {condition} "
+                f"watching session {escape(repr(session))} for: {escape(condition)} "
                 f"({'Ctrl-C stops' if args.for_s is None else f'for {args.for_s:g} s'})"
             )
         reasoning_pid = 0
@@ -367,7 +370,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                             register()
                         reasoning_pid = event.pid
                 elif isinstance(event, Error) and event.request_id == watch_id:
-                    console.print(f"[red]watch refused: [{event.code}] {event.message}[/red]")
+                    reason = escape(f"[{event.code}] {event.message}")
+                    console.print(f"[red]watch refused: {reason}[/red]")
                     return EXIT_FAILURE
                 elif isinstance(event, Alert) and event.watch_id == watch_id:
                     evidence = event.text.removeprefix(f"{condition}: ").replace("\n", " ")
@@ -388,8 +392,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         except ClientError as exc:
-            console.print(f"[red]{exc}[/red]")
+            console.print(f"[red]{escape(str(exc))}[/red]")
             return EXIT_FAILURE
+        if not args.keep:
+            try:
+                register(cancel=True)
+            except (ClientError, KeyboardInterrupt) as exc:
+                console.print(f"[yellow]the watch may still be registered: {escape(str(exc))}[/yellow]")
     return 0
 
 
@@ -831,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("condition", help='what to be told about, e.g. "tell me when someone enters"')
     p.add_argument("--session", help="session whose stream is watched (default: default)")
     p.add_argument("--for", dest="for_s", type=float, help="stop after this many seconds (default: Ctrl-C)")
+    p.add_argument("--keep", action="store_true", help="leave the watch registered when this command ends")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the gateway")
     remote(p)
     p.set_defaults(func=cmd_watch)
