@@ -220,6 +220,12 @@ export const STRUCTS = {
       {"name": "ts", "type": "float", "default": 0.0},
       {"name": "session", "type": "str", "default": "default"},
     ]},
+  "DeleteSession": {"tag": "DeleteSession", "arrayLike": false, "omitDefaults": true, "fields": [
+      {"name": "request_id", "type": "str", "default": ""},
+      {"name": "force", "type": "bool", "default": false},
+      {"name": "ts", "type": "float", "default": 0.0},
+      {"name": "session", "type": "str", "default": "default"},
+    ]},
   "KVBlock": {"tag": "KVBlock", "arrayLike": false, "omitDefaults": true, "fields": [
       {"name": "block_id", "type": "int"},
       {"name": "t0", "type": "float"},
