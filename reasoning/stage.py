@@ -51,6 +51,10 @@ from omnistream.reasoning.watch import WatchList
 
 log = logging.getLogger("omnistream.reasoning")
 
+# Records checked against standing questions: what was seen and heard, and the tracked events
+# ("person 2 entered at 00:41").
+WATCHED_KINDS = (*STREAMED_KINDS, "sighting")
+
 MAX_QUESTION_CHARS = 2000
 MEMORY_TIMEOUT_S = 10.0
 HISTORY_TS = 1e12  # "until the end of time": a history request returns every record
@@ -137,6 +141,8 @@ class ReasoningStage:
         self.synopsizer = Synopsizer(engine, runtime.config.memory)
         self._ask_waiting = False
         self.queued_records: dict[str, list[MemoryItem]] = {}
+        # The last record id of each session checked against its watches (each record once).
+        self.watched_upto: dict[str, int] = {}
 
     def handle(self, message: Message) -> None:
         if isinstance(message, Record) and message.kind == "synopsis":
@@ -203,16 +209,24 @@ class ReasoningStage:
         self.runtime.counters["drafts_read"] += 1
 
     def stream_records(self) -> None:
-        """Prefill the queued records into their sessions' KV memory; watches see each one."""
+        """Prefill the queued records into their sessions' KV memory; watches see each record
+        once as it arrives, whether or not a question's retrieval prefilled it first."""
         queued, self.queued_records = self.queued_records, {}
         for session, items in queued.items():
             self._load_history(session)  # again if the session was unloaded since its records came
-            for item in self.answerer.ingest_many(session, sorted(items, key=lambda i: i.item_id)):
+            items = sorted(items, key=lambda i: i.item_id)
+            for item in self.answerer.ingest_many(session, items):
                 self.synopsizer.observe(session, item)
                 self.runtime.counters["records_streamed"] += 1
+            checked = self.watched_upto.get(session, 0)
+            for item in items:
+                if item.kind not in WATCHED_KINDS or item.item_id <= checked:
+                    continue
+                checked = item.item_id
                 for alert in self.watches.check(session, item):
                     self.runtime.counters["alerts"] += 1
                     self.runtime.publish(alert)
+            self.watched_upto[session] = checked
         if queued:
             # Prefill passes of different lengths leave freed buffers scattered over glibc's heap,
             # which it keeps: without this the process grew by ~1 GB over a 60-minute soak.
@@ -278,6 +292,7 @@ class ReasoningStage:
         """The answerer dropped the session's KV from RAM (``reasoning.sessions_in_ram``): its
         history is streamed again when it comes back, and its synopsis digest re-seeded then."""
         self.loaded_sessions.discard(session)
+        self.watched_upto.pop(session, None)
         self.synopsizer.forget(session)
         self.watches.forget(session)
         self.runtime.counters["sessions_unloaded"] += 1

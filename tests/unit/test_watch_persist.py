@@ -148,3 +148,43 @@ def test_the_gateway_acknowledges_a_watch_only_once_memory_stored_it(
         assert store.watches("kitchen") == [(watch_id, CONDITION, 0.0)]
     finally:
         store.close()
+
+
+def test_a_record_a_question_prefilled_first_is_still_checked_against_the_watches(
+    word_engine,  # noqa: F811
+    short_tmp: Path,
+    monkeypatch,
+) -> None:
+    """A question's retrieval prefills the records memory returns (``Answerer.memory_for``)
+    before the queued copies are streamed; the watches used to see only records new to the KV
+    there, so an answer asked right after a scene hid it from every watch. Tracked events
+    (sightings) are checked too."""
+    monkeypatch.setattr(watch_module, "MARGIN_OVER_NEUTRAL", -1.0)  # every record meets it
+    published: list[Message] = []
+    memory = MemoryStage(
+        MemoryConfig(),
+        MemoryStore(short_tmp / "m.sqlite", FakeEmbedder.dim),
+        FakeEmbedder(),  # type: ignore[arg-type]
+        defaultdict(float),
+        published.append,
+    )
+    harness = ReasoningHarness(word_engine, memory, short_tmp)
+    try:
+        harness.stage.handle(Watch(session="k", watch_id="w1", condition=CONDITION))
+        memory.handle(Transcript(session="k", t0=0.0, ts=4.0, text=FIRING))
+        [record] = [m for m in published if isinstance(m, Record)]
+        harness.stage.handle(record)
+        item = harness.stage.queued_records["k"][0]
+        assert harness.stage.answerer.ingest_many("k", [item])  # a question got there first
+        harness.stage.stream_records()
+        harness.stage.handle(
+            Record(session="k", kind="sighting", t0=5.0, ts=5.0, text="person 1 entered at 00:05", item_id=99)
+        )
+        harness.stage.stream_records()
+        harness.stage.stream_records()  # each record once
+        alerts = [m for m in harness.out if isinstance(m, Alert)]
+        assert [FIRING in a.text for a in alerts] == [True, False], alerts
+        assert "person 1 entered" in alerts[1].text
+    finally:
+        harness.close()
+        memory.store.close()
