@@ -445,7 +445,9 @@ def build_page(
             [mic],
             None,
             stream_every=audio_every_s,
-            concurrency_limit=None,
+            # One chunk at a time, in order: handled in parallel, 0.1 s chunks overtook each
+            # other and whisper heard "what animdominal is on the screen".
+            concurrency_limit=1,
             show_progress="hidden",
         )
         for trigger in (ask.click, question.submit):
