@@ -130,7 +130,7 @@ def test_page_streams_the_camera_and_answers_typed_and_spoken_questions_aloud(pa
         "() => document.querySelector('#answer').innerText.includes('first token')", timeout=ANSWER_TIMEOUT_MS
     )
     typed = page.locator("#answer").inner_text().lower()
-    assert "butterfly" in typed, typed
+    assert "butterfly" in typed or "monarch" in typed, typed  # ImageNet's "monarch" is the butterfly
 
     # the spoken answer plays in the page (the Ask click unlocked its sound): an analyser on
     # the player's output heard it
