@@ -252,3 +252,16 @@ def test_the_launcher_rotates_a_full_log_and_gives_the_stage_its_limits(short_tm
     for name, content in logs.items():  # the earlier run's full log was moved aside, not appended to
         assert content.startswith(b"old\n") == (content == b"old\n" * 200), name
         assert len(content) <= 800 or content == b"old\n" * 200, (name, len(content))
+
+
+def test_the_readmes_configuration_example_is_a_valid_config_file(tmp_path: Path) -> None:
+    """Every key of README's example is where the config has it (two launcher keys once sat
+    under [bus], and a config file copied from it failed to load)."""
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not beside the tests (installed package)")
+    [example] = re.findall(r"```toml\n(.*?)```", readme.read_text(), re.S)
+    path = tmp_path / "config.toml"
+    path.write_text(example)
+    config = load_config(path, {})
+    assert config.launcher.stop_timeout_s == 30.0 and config.launcher.heartbeat_timeout_s == 120.0
