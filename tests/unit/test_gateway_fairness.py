@@ -102,14 +102,6 @@ def test_a_flood_of_history_requests_does_not_freeze_the_gateway(gateway_only: L
     assert gateway_only.children["gateway"].alive() and gateway_only.children["gateway"].restarts == 0
 
 
-@pytest.fixture
-def gateway_and_memory(short_tmp: Path) -> Iterator[Launcher]:
-    launcher = Launcher(make_config(short_tmp, ("gateway", "memory")), short_tmp / "run")
-    launcher.start()
-    yield launcher
-    launcher.shutdown()
-
-
 def test_history_replies_go_to_the_client_that_asked_and_a_stalled_memory_blocks_nothing(
     gateway_and_memory: Launcher,
 ) -> None:

@@ -151,14 +151,6 @@ def test_a_chunk_and_a_frame_have_a_size_limit() -> None:
     assert check_request(VideoFrame(image=np.zeros((2160, 3840, 3), np.uint8)), config) is None
 
 
-@pytest.fixture
-def gateway_and_memory(short_tmp: Path) -> Iterator[Launcher]:
-    launcher = Launcher(make_config(short_tmp, ("gateway", "memory")), short_tmp / "run")
-    launcher.start()
-    yield launcher
-    launcher.shutdown()
-
-
 def test_history_request_with_40000_kinds_is_refused_and_memory_keeps_answering(
     gateway_and_memory: Launcher,
 ) -> None:

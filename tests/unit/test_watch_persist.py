@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,11 +33,16 @@ from omnistream.protocol.messages import (
 from omnistream.protocol.sockets import make_socket, recv, send
 from omnistream.reasoning import watch as watch_module
 
-from ..conftest import make_config
 from .test_memory_and_reasoning import FakeEmbedder, ReasoningHarness, word_engine  # noqa: F401
 
 CONDITION = "tell me when the kettle boils"
 FIRING = "the kettle boils and whistles"
+
+
+def memory_stage(root: Path, published: list[Message]) -> MemoryStage:
+    """Memory in-process (a real SQLite store, the fake embedder), publishing into ``published``."""
+    store = MemoryStore(root / "m.sqlite", FakeEmbedder.dim)
+    return MemoryStage(MemoryConfig(), store, FakeEmbedder(), defaultdict(float), published.append)  # type: ignore[arg-type]
 
 
 def as_the_gateway(memory: MemoryStage, watch: Watch, address: str) -> Message:
@@ -66,13 +70,7 @@ def test_a_watch_survives_a_reasoning_restart_and_a_bad_one_is_refused_before_it
     # alert is exactly "the watch is registered".
     monkeypatch.setattr(watch_module, "MARGIN_OVER_NEUTRAL", -1.0)
     published: list[Message] = []
-    memory = MemoryStage(
-        MemoryConfig(),
-        MemoryStore(short_tmp / "m.sqlite", FakeEmbedder.dim),
-        FakeEmbedder(),  # type: ignore[arg-type]
-        defaultdict(float),
-        published.append,
-    )
+    memory = memory_stage(short_tmp, published)
     memory.handle(Transcript(session="k", t0=0.0, ts=4.0, text="the kitchen is quiet"))
     first = ReasoningHarness(word_engine, memory, short_tmp)
     address = first.router.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -126,14 +124,6 @@ def test_a_watch_survives_a_reasoning_restart_and_a_bad_one_is_refused_before_it
         memory.store.close()
 
 
-@pytest.fixture
-def gateway_and_memory(short_tmp: Path) -> Iterator[Launcher]:
-    launcher = Launcher(make_config(short_tmp, ("gateway", "memory")), short_tmp / "run")
-    launcher.start()
-    yield launcher
-    launcher.shutdown()
-
-
 def test_the_gateway_acknowledges_a_watch_only_once_memory_stored_it(
     gateway_and_memory: Launcher, short_tmp: Path
 ) -> None:
@@ -161,13 +151,7 @@ def test_a_record_a_question_prefilled_first_is_still_checked_against_the_watche
     (sightings) are checked too."""
     monkeypatch.setattr(watch_module, "MARGIN_OVER_NEUTRAL", -1.0)  # every record meets it
     published: list[Message] = []
-    memory = MemoryStage(
-        MemoryConfig(),
-        MemoryStore(short_tmp / "m.sqlite", FakeEmbedder.dim),
-        FakeEmbedder(),  # type: ignore[arg-type]
-        defaultdict(float),
-        published.append,
-    )
+    memory = memory_stage(short_tmp, published)
     harness = ReasoningHarness(word_engine, memory, short_tmp)
     try:
         harness.stage.handle(Watch(session="k", watch_id="w1", condition=CONDITION))
