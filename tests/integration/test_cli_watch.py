@@ -22,7 +22,8 @@ from omnistream.app.replay import DEFAULT_SAMPLE, Replayer
 
 from ..conftest import make_config, pid_alive
 
-pytestmark = pytest.mark.slow
+# Slow and long: in the extended set (bash scripts/test.sh --extended), not the default suite.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 CONDITION = "a butterfly appears on screen"
 SESSION = "watch-cli"

@@ -30,7 +30,8 @@ from omnistream.protocol.security import generate_keys
 from ..conftest import make_config
 from ..unit.test_security import free_port_pair
 
-pytestmark = pytest.mark.slow
+# Slow and long: in the extended set (bash scripts/test.sh --extended), not the default suite.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "examples" / "node"
 FPS = 5.0

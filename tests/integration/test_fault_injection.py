@@ -33,7 +33,8 @@ from omnistream.protocol.sockets import make_socket, recv
 
 from ..conftest import make_config, pid_alive
 
-pytestmark = pytest.mark.slow
+# Slow and long: in the extended set (bash scripts/test.sh --extended), not the default suite.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 KILLED = ("perception", "speech", "memory", "reasoning", "gateway")
 BEFORE_KILL_S = 6.0  # records flow this long before each kill

@@ -30,7 +30,8 @@ from omnistream.protocol.sockets import make_socket, recv, send
 from ..conftest import make_config, pid_alive
 from .test_fault_injection import Replay, Supervisor
 
-pytestmark = pytest.mark.slow
+# Slow and long: in the extended set (bash scripts/test.sh --extended), not the default suite.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 FLOOD_S = float(os.environ.get("OMNISTREAM_FLOOD_S", "25"))
 SAMPLE_S = 0.25

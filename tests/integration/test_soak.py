@@ -17,7 +17,8 @@ import pytest
 from omnistream.bench import available_suites, markdown, run_suites, write_report
 from omnistream.protocol.config import load_config
 
-pytestmark = pytest.mark.slow
+# Slow and long: in the extended set (bash scripts/test.sh --extended), not the default suite.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 STAGES = {"bus", "gateway", "perception", "memory", "reasoning", "speech"}
 
