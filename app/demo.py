@@ -43,8 +43,10 @@ from omnistream.protocol.messages import Sighting
 FRAME_EVERY_S = 0.5
 PREVIEW_EVERY_S = 0.5  # how often the page looks for a newer analysed frame or tracker event
 # Microphone chunk: the speech stage hears the end of a question only when the chunk holding the
-# silence after it arrives (1 s chunks: `omnistream bench browser` measured them, BENCHMARKS.md).
-AUDIO_EVERY_S = 0.1
+# silence after it arrives (`omnistream bench browser`, BENCHMARKS.md: 0.1 s chunks took 0.43 s off
+# the way in against 1 s). 0.5 s: on a busy 2-core machine the page's 0.1 s chunks came through
+# Gradio garbled ("what amelon is a little in the scribe"), 0.5 s ones did not.
+AUDIO_EVERY_S = 0.5
 ANSWER_TIMEOUT_S = 300.0
 CUT_GRACE_S = 5.0  # after a barge-in cut an answer's speech, how long to wait for its AnswerDone
 SPEECH_WAIT_S = 1.0
@@ -445,9 +447,11 @@ def build_page(
             [mic],
             None,
             stream_every=audio_every_s,
-            # One chunk at a time, in order: handled in parallel, 0.1 s chunks overtook each
-            # other and whisper heard "what animdominal is on the screen".
+            # Every chunk, one at a time, in order: handled in parallel, 0.1 s chunks overtook
+            # each other (whisper heard "what animdominal is on the screen"); with Gradio's
+            # default trigger mode ("once") a chunk arriving while one is handled was dropped.
             concurrency_limit=1,
+            trigger_mode="multiple",
             show_progress="hidden",
         )
         for trigger in (ask.click, question.submit):
