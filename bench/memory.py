@@ -33,10 +33,10 @@ INGEST_BATCH = 8  # records prefilled per pass while streaming the memory
 
 def episode_records(episode_dir: Path, speed: float, progress: Callable[[str], None]):
     """(records, episode) from replaying the episode through perception, speech and memory."""
-    from omnistream.app.cli import running_system
     from omnistream.app.client import Client
     from omnistream.app.eval import load_episode
     from omnistream.app.replay import Replayer
+    from omnistream.app.system import running_system
     from omnistream.protocol.config import load_config
 
     episode, video = load_episode(episode_dir)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from omnistream.app.cli import running_system
 from omnistream.app.client import Client, ClientError
 from omnistream.app.launcher import Launcher, LaunchError, live_run_dir, main_thread_cpu
+from omnistream.app.system import running_system
 
 from ..conftest import make_config, pid_alive
 
