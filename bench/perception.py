@@ -5,9 +5,10 @@ other stages idle, i.e. not started); a client pushes frames of the dev episode 
 sample), resized to 640x480, through the gateway at 30 frames/s of wall clock, and a subscriber
 on the bus receives the ``Percept``s. Frame-to-percept latency is measured from the moment the
 client sends a frame to the moment its percept arrives (same process, same clock). Runs with
-the detectors off, with COCO objects at ``objects_fps``, and with objects plus faces + OCR on
-keyframes. Baselines: the encoder alone (batch 1 and 4, 224x224), the object detector alone,
-same machine, same run.
+the detectors off, with COCO objects at ``objects_fps`` without and with poses and hands, and
+with objects plus faces + OCR on keyframes. Baselines: the encoder alone (batch 1 and 4,
+224x224), the object detector alone, and the whole detector frame (objects + pose + hands) alone
+on opencv-doc's hand close-up and two-person photos, same machine, same run.
 """
 
 from __future__ import annotations
@@ -71,7 +72,18 @@ def encoder_alone(batch: int, seconds: float) -> tuple[float, float]:
 
 MODES = {  # tag -> config overrides
     "detectors off": {"perception.faces": False, "perception.ocr": False, "perception.objects_fps": 0.0},
-    "objects at 2 fps": {"perception.faces": False, "perception.ocr": False, "perception.objects_fps": 2.0},
+    "objects at 2 fps, no pose or hands": {
+        "perception.faces": False,
+        "perception.ocr": False,
+        "perception.objects_fps": 2.0,
+        "perception.pose": False,
+        "perception.hands": False,
+    },
+    "objects + pose + hands at 2 fps": {
+        "perception.faces": False,
+        "perception.ocr": False,
+        "perception.objects_fps": 2.0,
+    },
     "objects at 2 fps + faces+OCR on keyframes": {
         "perception.faces": True,
         "perception.ocr": True,
@@ -90,6 +102,36 @@ def detector_alone(frames: list[np.ndarray], count: int) -> float:
     for image in frames[:count]:
         detector.detect(image)
     return (time.process_time() - start) / max(min(count, len(frames)), 1) * 1000
+
+
+def detectors_alone(image: np.ndarray, count: int) -> tuple[float, float]:
+    """(CPU ms, wall ms) per frame of the whole detector frame as the stage runs it (objects,
+    the people's poses, hands: palms, landmarks, gestures, holds; 1 thread) on ``image``."""
+    from omnistream.perception.detectors import DetectorWorker
+    from omnistream.perception.hands import HandReader
+    from omnistream.perception.objects import ObjectDetector
+    from omnistream.perception.pose import PoseEstimator
+
+    worker = DetectorWorker(
+        None, None, ObjectDetector(threads=1), PoseEstimator(threads=1), HandReader(threads=1)
+    )
+    try:
+        worker.submit(image, 0.0, "bench")  # warm up
+        worker.wait_idle(30)
+        worker.results()
+        cpu, wall = time.process_time(), time.monotonic()
+        for index in range(count):
+            worker.submit(image, float(index), "bench")
+            worker.wait_idle(30)
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        assert len(worker.results()) == count
+    finally:
+        worker.close()
+    return cpu / count * 1000, wall / count * 1000
+
+
+HAND_PHOTO = Path("/usr/share/doc/opencv-doc/opencv4/html/handSrc.jpg")  # opencv-doc: an open hand
+PEOPLE_PHOTO = Path("/usr/share/doc/opencv-doc/examples/data/basketball1.png")  # two men, a ball
 
 
 def run_live(frames: list[np.ndarray], overrides: dict, tag: str, progress: Callable[[str], None]) -> dict:
@@ -205,6 +247,31 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
                 "unit": "ms",
                 "baseline_name": "EfficientNet-Lite0 alone, batch 1, CPU per frame",
                 "baseline": round(alone1_cpu_ms, 1),
+            }
+        )
+    for what, path in (("an open hand close-up", HAND_PHOTO), ("two people", PEOPLE_PHOTO)):
+        if detector_ms is None or not path.exists():
+            continue
+        try:
+            image = cv2.resize(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), INPUT_SIZE)
+            cpu_ms, wall_ms = detectors_alone(image, 5 if quick else 15)
+        except (ModuleNotFoundError, FileNotFoundError) as exc:
+            progress(f"bench perception: no pose or hand models ({exc})")
+            break
+        rows.append(
+            {
+                "name": f"objects + pose + hands alone, 640x480 ({what}), CPU per frame",
+                "value": round(cpu_ms, 1),
+                "unit": "ms",
+                "baseline_name": "SSD-MobileNet-v2 COCO alone, CPU per frame",
+                "baseline": round(detector_ms, 1),
+            }
+        )
+        rows.append(
+            {
+                "name": f"objects + pose + hands alone, 640x480 ({what}), wall per frame",
+                "value": round(wall_ms, 1),
+                "unit": "ms",
             }
         )
     for tag, overrides in MODES.items():
