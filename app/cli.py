@@ -54,7 +54,12 @@ def _overrides(args: argparse.Namespace) -> dict:
     if getattr(args, "model", None):
         overrides["reasoning.model"] = args.model
     if getattr(args, "source", None):
-        overrides["perception.source"] = args.source
+        sources = [args.source] if isinstance(args.source, str) else list(args.source)
+        if len(sources) == 1:  # one: perception.source, the session as named
+            overrides["perception.source"] = sources[0]
+        else:  # several (--source repeated): each its own session (Config.source_sessions)
+            overrides["perception.source"] = ""
+            overrides["perception.sources"] = sources
     return overrides
 
 
@@ -81,6 +86,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     from omnistream.app.models import prepare_llm_cache
 
     config = _config(args)
+    try:
+        streams = config.source_sessions()
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return EXIT_USAGE
+    if len(streams) > 1:
+        from omnistream.perception.live import redact
+
+        console.log("streams: " + ", ".join(f"{session} <- {redact(spec)}" for session, spec in streams))
     if "reasoning" in config.stages:
         prepare_llm_cache(config, progress=not args.json)
     api = None
@@ -742,7 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--source",
+        action="append",
         help="video the perception process reads itself: camera:0 (webcam), a file or a URL (rtsp://...); "
+        "repeat it for several streams, each its own session (SESSION-1, -2, ...; NAME=SPEC names one); "
         "default: frames pushed by clients",
     )
     p.add_argument(

@@ -108,3 +108,110 @@ class RateLimiter:
         base = self._next_due if now - self._next_due < self.period else now
         self._next_due = base + self.period
         return True
+
+
+class FairSlot:
+    """One ``FrameSlot`` per session, taken round-robin: several streams share one encoder fairly.
+
+    Each stream (a source the stage reads, or a session whose frames clients push) has its own
+    slot, so a fast stream never overwrites a slow one's frame, and ``take`` deals frames out one
+    per waiting stream in turn, starting after the stream served first last time: with N streams
+    waiting and a batch of B, each gets B / N frames of the batch (a batch encodes several
+    streams at once). A registered stream (``add``) keeps its slot's mode (``block``: a file read
+    as fast as possible loses nothing); any other session gets a latest-wins slot of one frame,
+    dropped once empty (pushed sessions come and go).
+    """
+
+    def __init__(self, capacity: int = 1):
+        self.default_capacity = capacity  # an unregistered session's slot: latest wins
+        self._slots: dict[str, FrameSlot] = {}
+        self._registered: set[str] = set()
+        self._order: deque[str] = deque()  # next session to serve first
+        self._lock = threading.RLock()
+        self._gone_dropped = 0  # frames dropped by slots of sessions since forgotten
+        self._wake = threading.Condition(self._lock)
+        self.closed = False
+
+    def add(self, session: str, capacity: int = 1, block: bool = False) -> FrameSlot:
+        """Register a stream with its own slot mode (before its first frame)."""
+        with self._lock:
+            slot = self._slots[session] = FrameSlot(capacity, block)
+            self._registered.add(session)
+            if session not in self._order:
+                self._order.append(session)
+            return slot
+
+    def put(self, frame: SampledFrame, timeout_s: float | None = None) -> bool:
+        """Offer a frame to its session's slot (see ``FrameSlot.put``)."""
+        with self._wake:
+            if self.closed:
+                return False
+            slot = self._slots.get(frame.session)
+            if slot is None:
+                slot = self._slots[frame.session] = FrameSlot(self.default_capacity)
+                self._order.append(frame.session)
+            if not slot.block:  # under the lock: ``take`` may forget an empty unregistered slot
+                accepted = slot.put(frame)
+                self._wake.notify_all()
+                return accepted
+        accepted = slot.put(frame, timeout_s)  # a registered blocking slot (never forgotten)
+        if accepted:
+            with self._wake:
+                self._wake.notify_all()
+        return accepted
+
+    def take(self, max_frames: int = 1) -> list[SampledFrame]:
+        """Up to ``max_frames`` frames, one per waiting stream in turn (each stream's oldest
+        first); the stream served first this time is served last next time. Never waits."""
+        taken: list[SampledFrame] = []
+        with self._lock:
+            order = list(self._order)
+            first_served = None
+            while len(taken) < max_frames:
+                progressed = False
+                for session in order:
+                    if len(taken) >= max_frames:
+                        break
+                    got = self._slots[session].take(1)
+                    if got:
+                        taken += got
+                        progressed = True
+                        first_served = first_served or session
+                if not progressed:
+                    break
+            if first_served is not None:
+                self._order.remove(first_served)
+                self._order.append(first_served)  # served first now: last next time
+            for session in [s for s in self._slots if s not in self._registered]:
+                slot = self._slots[session]
+                if not len(slot):  # a pushed session's empty slot: forgotten until its next frame
+                    self._gone_dropped += slot.dropped
+                    del self._slots[session]
+                    self._order.remove(session)
+        return taken
+
+    def wait(self, timeout_s: float) -> bool:
+        with self._wake:
+            return self._wake.wait_for(lambda: self.closed or len(self) > 0, timeout_s)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(slot) for slot in self._slots.values())
+
+    @property
+    def dropped(self) -> int:
+        with self._lock:
+            return self._gone_dropped + sum(slot.dropped for slot in self._slots.values())
+
+    @property
+    def sessions(self) -> list[str]:
+        with self._lock:
+            return list(self._slots)
+
+    def close(self) -> None:
+        with self._wake:
+            self.closed = True
+            slots = list(self._slots.values())
+            self._wake.notify_all()
+        for slot in slots:
+            slot.close()

@@ -2,9 +2,11 @@
 
 Frames come from clients through the gateway (``VideoFrame`` on the media bus, drained by a
 ``MediaReceiver`` thread so no stale frame waits in a queue) or from a source the process reads itself (``perception.source``: a
-webcam, a file or a URL; its sound track is published as scene ``AudioChunk``s for speech).
-Either way they land in a ``FrameSlot``: a newer frame replaces one the encoder has not taken,
-so a slow encoder drops frames and never queues them. The encoder runs as fast as it can up to
+webcam, a file or a URL; its sound track is published as scene ``AudioChunk``s for speech;
+``perception.sources``: several, each its own session). Either way they land in a ``FairSlot``:
+one slot per stream, taken round-robin (a batch spans the streams waiting); in a stream's slot a
+newer frame replaces one the encoder has not taken, so a slow encoder drops frames and never
+queues them. The encoder runs as fast as it can up to
 ``max_fps`` (wall clock), or at a fixed ``sample_fps`` (stream time).
 
 Detectors run in a background thread: objects on frames sampled at ``objects_fps`` (COCO
@@ -46,7 +48,7 @@ from omnistream.perception.live import LiveSource, open_source
 from omnistream.perception.objects import ObjectDetector, ObjectSighting
 from omnistream.perception.pose import PoseEstimator
 from omnistream.perception.receiver import MediaReceiver
-from omnistream.perception.sampling import FrameSlot, RateLimiter, SampledFrame
+from omnistream.perception.sampling import FairSlot, RateLimiter, SampledFrame
 from omnistream.perception.sources import AUDIO_RATE
 from omnistream.perception.tracks import Tracker, TrackEvent
 from omnistream.protocol.config import PerceptionConfig
@@ -122,13 +124,16 @@ class PerceptionStage:
         self.counters = counters
         self.session = session
         self.detectors = detectors
-        self.slot = FrameSlot(capacity=1)
-        self.batch_size = 1
+        # A slot per stream, taken round-robin; a batch spans the streams waiting (one live
+        # stream: batches of one, its newest frame).
+        self.slot = FairSlot(capacity=1)
+        self.batch_size = max(config.batch_size, 1)
         self.wall_limiter = RateLimiter(config.max_fps)
         # Least recently used first; beyond ``live_sessions`` the first is closed (``_evict``).
         self.sessions: OrderedDict[str, _SessionState] = OrderedDict()
-        self.source: LiveSource | None = None
-        self._audio: deque[tuple[np.ndarray, float]] = deque()  # filled by the source thread
+        self.source: LiveSource | None = None  # the first of ``sources``
+        self.sources: dict[str, LiveSource] = {}  # session -> the source read for it
+        self._audio: deque[tuple[np.ndarray, float, str]] = deque()  # filled by the source threads
         self._errors: deque[Error] = deque()  # filled by the media receiver thread
         self.receiver: MediaReceiver | None = None
         self._pending_keyframes: set[tuple[str, float]] = set()  # (session, ts) at the detectors
@@ -137,37 +142,46 @@ class PerceptionStage:
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def start_source(self, spec: str) -> LiveSource:
-        """Read ``spec`` (camera:N, a file or a URL) in this process, in a thread."""
+    def start_source(self, spec: str, session: str | None = None) -> LiveSource:
+        """Read ``spec`` (camera:N, a file or a URL) in this process, in a thread, as ``session``
+        (default: the stage's); several sources are sampled in turn (``FairSlot``)."""
         config = self.config
+        session = session or self.session
+        if session in self.sources:
+            raise ValueError(f"perception already reads a source for session {session!r}")
         is_file = not spec.startswith("camera:") and "://" not in spec
         if is_file and not config.source_realtime:  # lossless: the reader waits for the encoder
-            self.slot = FrameSlot(capacity=max(config.batch_size, 1), block=True)
-            self.batch_size = max(config.batch_size, 1)
+            self.slot.add(session, capacity=max(config.batch_size, 1), block=True)
             self.wall_limiter = RateLimiter(0.0)
-        self.source = open_source(
+        else:
+            self.slot.add(session)
+        source = open_source(
             spec,
-            self._offer_from_source,
-            lambda pcm, ts: self._audio.append((pcm, ts)),
+            lambda image, ts: self._offer_from_source(image, ts, session),
+            lambda pcm, ts: self._audio.append((pcm, ts, session)),
             realtime=config.source_realtime,
             loop=config.source_loop,
             sample_fps=config.sample_fps or (0.0 if config.source_realtime else config.max_fps),
             reconnect_s=config.reconnect_s,
             stall_s=config.stall_s,
-        ).start()
-        return self.source
+        )
+        self.sources[session] = source
+        self.source = self.source or source
+        source.start()
+        return source
 
-    def _offer_from_source(self, image: np.ndarray, ts: float) -> bool:
-        self._from_source += 1  # only the source thread writes it
+    def _offer_from_source(self, image: np.ndarray, ts: float, session: str) -> bool:
+        source = self.sources[session]
+        self._from_source += 1  # each source thread adds here: a count, a lost increment is harmless
         frame = SampledFrame(
             image,
             ts,
-            index=self._from_source,
-            session=self.session,
-            source=self.source.name if self.source else "",  # its credentials redacted
+            index=source.frames + 1,
+            session=session,
+            source=source.name,  # its credentials redacted
         )
         while not self.slot.put(frame, timeout_s=0.5):
-            if self.slot.closed or (self.source is not None and self.source.stopping):
+            if self.slot.closed or source.stopping:
                 return False
         return True
 
@@ -381,13 +395,13 @@ class PerceptionStage:
 
     def _publish_source_output(self) -> None:
         while self._audio:
-            pcm, ts = self._audio.popleft()
-            self.publish(
-                AudioChunk(ts=ts, session=self.session, pcm=pcm, sample_rate=AUDIO_RATE, channel="scene")
-            )
-        if self.source is None:
-            return
-        for event in self.source.events():
+            pcm, ts, session = self._audio.popleft()
+            self.publish(AudioChunk(ts=ts, session=session, pcm=pcm, sample_rate=AUDIO_RATE, channel="scene"))
+        for session, source in self.sources.items():
+            self._publish_source_events(session, source)
+
+    def _publish_source_events(self, session: str, source: LiveSource) -> None:
+        for event in source.events():
             self.counters[f"source_{event.kind}"] += 1
             log.info(
                 "source %s",
@@ -398,7 +412,7 @@ class PerceptionStage:
                 message = f"perception source {event.source}: {event.kind}" + (
                     f" ({event.detail})" if event.detail else ""
                 )
-                self.publish(Error(code=f"source_{event.kind}", message=message, session=self.session))
+                self.publish(Error(code=f"source_{event.kind}", message=message, session=session))
 
     def _flush(self, session: str, wait: bool = True) -> None:
         """Close the session's open clip. ``wait``: block until the detectors are done (at the
@@ -438,9 +452,10 @@ class PerceptionStage:
     def stop(self) -> None:
         if self.receiver is not None:
             self.receiver.stop()
-        if self.source is not None:
+        if self.sources:
             self.slot.close()
-            self.source.stop()
+            for source in self.sources.values():
+                source.stop()
         self.flush_all()
         if self.detectors is not None:
             self.detectors.close()
@@ -515,8 +530,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     bus = runtime.config.bus
     stage.start_receiver(runtime.ctx, runtime.addresses.media_out, bus.frame_hwm, bus.max_message_bytes)
-    if config.source:
-        stage.start_source(config.source)
+    for session, spec in runtime.config.source_sessions():  # perception.source and .sources
+        stage.start_source(spec, session)
     # A short poll: frames from an in-process source wake nothing, the tick must come round.
     runtime.run(stage, tick=stage.tick, poll_s=0.005)
 

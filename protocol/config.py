@@ -9,6 +9,7 @@ and every stage reads that file, so all processes agree.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,10 @@ class PerceptionConfig(_Section):
     device: str = "cpu"
     # "" = frames pushed by clients; "camera:0" (OpenCV webcam); a file path or a URL (rtsp://, http://)
     source: str = ""
+    # Several streams at once, each its own session (``source`` too, first): "camera:0", a file, a
+    # URL, or "NAME=spec" to name the session; unnamed, one source is ``session``, several are
+    # ``session``-1, -2, ... in order (``Config.source_sessions``).
+    sources: tuple[str, ...] = ()
     source_realtime: bool = True  # pace a file at real time; False: as fast as the encoder takes it
     source_loop: bool = False  # restart a file at its end
     reconnect_s: float = 2.0  # wait before reopening a URL or camera that failed or ended
@@ -273,6 +278,8 @@ class LimitsConfig(_Section):
     rss_mb: RssLimitsConfig = RssLimitsConfig()
 
 
+_SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # "NAME=spec" in perception.sources
+
 ALL_STAGES = ("gateway", "perception", "memory", "reasoning", "speech")
 
 
@@ -291,6 +298,23 @@ class Config(_Section):
     kernels: KernelsConfig = KernelsConfig()
     retention: RetentionConfig = RetentionConfig()
     limits: LimitsConfig = LimitsConfig()
+
+    def source_sessions(self) -> list[tuple[str, str]]:
+        """(session, spec) of each source perception reads (``perception.source`` then
+        ``perception.sources``); raises ValueError on a session named twice."""
+        specs = ([self.perception.source] if self.perception.source else []) + list(self.perception.sources)
+        out: list[tuple[str, str]] = []
+        for index, spec in enumerate(specs, 1):
+            name, sep, rest = spec.partition("=")
+            if sep and _SESSION_NAME.fullmatch(name) and rest:
+                out.append((name, rest))
+            else:
+                out.append((self.session if len(specs) == 1 else f"{self.session}-{index}", spec))
+        seen = [session for session, _ in out]
+        twice = sorted({s for s in seen if seen.count(s) > 1})
+        if twice:
+            raise ValueError(f"perception sources name the session {twice[0]!r} twice")
+        return out
 
     @property
     def cache_dir(self) -> Path:
