@@ -27,11 +27,14 @@ INPUT_SIZE = 300
 
 # --- colour ----------------------------------------------------------------------------------
 
-# Hue bins (degrees) of the chromatic colours; red wraps round 0.
+# Hue bins (degrees) of the chromatic colours; red wraps round 0. "orange-red" is the warm red of
+# a red thing under warm light (opencv-doc's apple.jpg: hue 20-26), named so that neither "red"
+# nor "orange" alone is a lie.
 HUES = (
-    ("red", 0, 12),
-    ("orange", 12, 40),
-    ("yellow", 40, 70),
+    ("red", 0, 15),
+    ("orange-red", 15, 25),
+    ("orange", 25, 42),
+    ("yellow", 42, 70),
     ("green", 70, 165),
     ("cyan", 165, 195),
     ("blue", 195, 255),
@@ -39,6 +42,9 @@ HUES = (
     ("pink", 315, 340),
     ("red", 340, 360),
 )
+ACHROMATIC = frozenset({"black", "grey", "white"})
+# Neighbouring hues are one colour's shading, not two colours ("orange-red and orange").
+NEIGHBOURS = frozenset({frozenset({"red", "orange-red"}), frozenset({"orange-red", "orange"})})
 
 
 def _pixel_names(hsv: np.ndarray) -> np.ndarray:
@@ -49,7 +55,7 @@ def _pixel_names(hsv: np.ndarray) -> np.ndarray:
         names[(h >= lo) & (h < hi)] = name
     chromatic = (s >= 0.28) & (v >= 0.2)
     # Dark oranges and reds are brown; light, weakly saturated reds are pink.
-    brown = chromatic & (v < 0.6) & np.isin(names, ["orange", "red"]) & (h >= 8) & (h < 45)
+    brown = chromatic & (v < 0.6) & np.isin(names, ["orange", "orange-red", "red"]) & (h >= 8) & (h < 45)
     names[brown] = "brown"
     pale_red = chromatic & (names == "red") & (s < 0.5) & (v > 0.7)
     names[pale_red] = "pink"
@@ -60,9 +66,11 @@ def _pixel_names(hsv: np.ndarray) -> np.ndarray:
     return names
 
 
-def colour_name(rgb: np.ndarray, second_share: float = 0.3) -> str:
+def colour_name(rgb: np.ndarray, second_share: float = 0.3, second_chromatic_share: float = 0.2) -> str:
     """The dominant colour of a uint8 (H, W, 3) RGB region: "red", or "red and white" when a
-    second colour covers at least ``second_share`` of it. "" for an empty region."""
+    second colour covers at least ``second_share`` of it, or ``second_chromatic_share`` when both
+    are chromatic (stripes: "blue and red"; shading and background are mostly black, grey or
+    white). Neighbouring hues are not named twice. "" for an empty region."""
     if rgb.size == 0:
         return ""
     small = cv2.resize(rgb, (min(rgb.shape[1], 48), min(rgb.shape[0], 48)), interpolation=cv2.INTER_AREA)
@@ -70,9 +78,21 @@ def colour_name(rgb: np.ndarray, second_share: float = 0.3) -> str:
     names, counts = np.unique(_pixel_names(hsv), return_counts=True)
     order = np.argsort(-counts)
     first = str(names[order[0]])
-    if len(order) > 1 and counts[order[1]] >= second_share * counts.sum():
-        return f"{first} and {names[order[1]]}"
+    for index in order[1:]:  # the largest other colour that covers its share
+        second, share = str(names[index]), counts[index] / counts.sum()
+        if share < min(second_share, second_chromatic_share):
+            break
+        chromatic = first not in ACHROMATIC and second not in ACHROMATIC
+        if frozenset({first, second}) not in NEIGHBOURS and (
+            share >= second_share or (chromatic and share >= second_chromatic_share)
+        ):
+            return f"{first} and {second}"
     return first
+
+
+def article(word: str) -> str:
+    """ "an" before a vowel sound ("an orange shirt"), else "a"."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def colour_region(image: np.ndarray, box: tuple[int, int, int, int], label: str) -> np.ndarray:
@@ -118,7 +138,7 @@ class ObjectSighting:
     def name(self) -> str:
         """ "red cup", "person in a blue shirt"."""
         if self.label == "person":
-            return f"person in a {self.colour} shirt" if self.colour else "person"
+            return f"person in {article(self.colour)} {self.colour} shirt" if self.colour else "person"
         if self.colour and self.colour.split()[0] not in self.label.split():  # not "orange orange"
             return f"{self.colour} {spoken(self.label)}"
         return spoken(self.label)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omnistream.perception.objects import ObjectSighting, relation, spoken
+from omnistream.perception.objects import ObjectSighting, article, relation, spoken
 from omnistream.protocol.text import clock
 
 
@@ -192,7 +192,9 @@ def _people(n: int) -> str:
 def _described(track: Track) -> str:
     s = track.sighting
     if track.label == "person":
-        return f"person {track.track_id}" + (f" (in a {s.colour} shirt)" if s.colour else "")
+        return f"person {track.track_id}" + (
+            f" (in {article(s.colour)} {s.colour} shirt)" if s.colour else ""
+        )
     if s.colour and s.colour.split()[0] not in track.label.split():
         return f"{s.colour} {track.name}"
     return track.name

@@ -18,6 +18,7 @@ from omnistream.perception.tracks import Tracker
 from omnistream.protocol.labels import classes_in
 
 SAMPLES = Path("/usr/share/doc/opencv-doc/examples/data")
+EPISODE = Path(__file__).resolve().parents[2] / "docs" / "episodes" / "objects" / "episode.mp4"
 
 
 def rgb(name: str) -> np.ndarray:
@@ -79,6 +80,58 @@ def test_colour_names_of_mixed_colours() -> None:
     patch[:, 34:] = (20, 40, 220)
     assert colour_name(patch) == "red"  # 85 % red, 15 % blue: one colour
     assert colour_name(np.zeros((0, 0, 3), np.uint8)) == ""
+
+
+def test_two_chromatic_colours_are_both_named_from_a_fifth() -> None:
+    """Stripes: a shirt of blue and red stripes over a dark background names both; a fifth of
+    white or black beside a colour is shading or background, not a second colour."""
+    patch = np.full((40, 40, 3), 15, np.uint8)  # black 28 %
+    patch[:, :18] = (20, 40, 220)  # blue 45 %
+    patch[:, 18:29] = (220, 20, 30)  # red 27 %
+    assert colour_name(patch) == "blue and red"
+    patch[:, 18:29] = (250, 250, 250)  # white 27 %: not named
+    assert colour_name(patch) == "blue"
+
+
+def test_warm_lit_red_is_orange_red_and_shading_is_one_colour() -> None:
+    """A red thing under warm light (hue ~22) is "orange-red": neither plain "red" nor "orange";
+    a patch shaded from orange-red into orange is one colour, not "orange-red and orange"."""
+    patch = np.full((40, 40, 3), (200, 85, 30), np.uint8)  # hue 21
+    assert colour_name(patch) == "orange-red"
+    patch[:, 26:] = (230, 130, 30)  # hue 31: orange, 35 %
+    assert colour_name(patch) == "orange-red"
+
+
+def test_opencv_samples_colours(detector: ObjectDetector) -> None:
+    """Real photos (opencv-doc): the apple is orange-red, the orange wedge orange, the mandrill's
+    nose red; the footballer's striped shirt blue and red, his ball yellow (the detector's boxes)."""
+    apple, fruits, baboon = (rgb(name) for name in ("apple.jpg", "fruits.jpg", "baboon.jpg"))
+    assert colour_name(apple[170:340, 170:340]) == "orange-red"
+    assert colour_name(fruits[160:320, 170:340]).startswith("orange")
+    assert colour_name(baboon[250:330, 200:310]) == "red"
+    person, ball = detector.detect(rgb("messi5.jpg"))[:2]
+    assert person.colour.startswith("blue") and ball.colour == "yellow" and ball.name() == "yellow ball"
+
+
+def test_a_striped_shirt_in_a_stream_is_two_colours(detector: ObjectDetector) -> None:
+    """The footballer as the objects episode's H.264 stream shows him (640x360, at 5 s): his
+    shirt of blue and red stripes is named by both colours."""
+    capture = cv2.VideoCapture(str(EPISODE))
+    capture.set(cv2.CAP_PROP_POS_MSEC, 5000)
+    ok, frame = capture.read()
+    capture.release()
+    assert ok, f"{EPISODE} unreadable"
+    person = detector.detect(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))[0]
+    assert person.label == "person" and person.name() == "person in a blue and red shirt", person
+
+
+def test_person_names_take_their_article() -> None:
+    person = ObjectSighting("person", 0.9, (0, 0, 50, 100), (640, 480), "left", "orange and brown")
+    assert person.name() == "person in an orange and brown shirt"
+    assert (
+        ObjectSighting("person", 0.9, (0, 0, 50, 100), (640, 480), "left", "red").name()
+        == "person in a red shirt"
+    )
 
 
 def test_position_words() -> None:
