@@ -100,13 +100,13 @@ def _check_embedder(_config: Config) -> str:
 
 
 def _check_vad(_config: Config) -> str:
-    from omnistream.speech.listen import VoiceActivity
+    from omnistream.speech.vad import VoiceActivity
 
     return f"p(speech | silence) = {VoiceActivity().probability(np.zeros(512, np.float32)):.2f}"
 
 
 def _check_asr(config: Config) -> str:
-    from omnistream.speech.listen import Recognizer
+    from omnistream.speech.asr import Recognizer
 
     Recognizer(config.speech.asr_model)
     return "loaded"

@@ -277,7 +277,7 @@ def speech_baseline(trials: int, progress: Callable[[str], None]) -> dict[str, l
     and its first part, end of speech -> the VAD's last speech window ("vad")."""
     from omnistream.bench import speech, speech_turns
     from omnistream.protocol.config import SpeechConfig
-    from omnistream.speech.listen import Recognizer
+    from omnistream.speech.asr import Recognizer
     from omnistream.speech.speak import Voice
 
     clips = speech.librivox()

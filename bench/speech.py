@@ -36,13 +36,11 @@ from omnistream.protocol.messages import (
     Message,
     UserSpeech,
 )
-from omnistream.speech.listen import (
-    Recognizer,
-    StreamingTranscriber,
-    word_error_rate,
-)
+from omnistream.speech.asr import Recognizer
+from omnistream.speech.hypothesis import StreamingTranscriber
 from omnistream.speech.speak import Voice
 from omnistream.speech.stage import SpeechStage
+from omnistream.speech.wer import word_error_rate
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 # Scripted answer; shares no content words with the LibriVox clips that talk over it (a clip that
@@ -219,7 +217,7 @@ def barge_in_rows(
         speech = audio[max(onset - RATE // 10, 0) :]  # 100 ms before the onset, then the words
         walls = driver.mic(speech[: int(1.5 * RATE)])
         onset_wall = captured_at(walls, min(onset, RATE // 10))
-        driver.silence_until(lambda t=turn: driver.finished(t) and not driver.stage.utterances)
+        driver.silence_until(lambda t=turn: driver.finished(t) and not driver.stage.hearing())
         vad = driver.first(UserSpeech, onset_wall - 0.2, lambda m: m.started)
         stop = driver.first(AudioOut, onset_wall - 0.2, lambda m, t=turn: m.turn == t and m.flush)
         interrupt = driver.first(Interrupt, onset_wall - 0.2, lambda m, t=turn: m.turn == t)
@@ -260,7 +258,7 @@ def false_interruption_rows(driver: Driver, clips: list[tuple[np.ndarray, str]],
         audio, _ = clips[trial % len(clips)]
         onset, _ = voiced_span(audio)
         driver.mic(audio[onset : onset + int(0.15 * RATE)])
-        driver.silence_until(lambda t=turn: driver.finished(t) and not driver.stage.utterances)
+        driver.silence_until(lambda t=turn: driver.finished(t) and not driver.stage.hearing())
         paused = driver.counters["barge_in_pauses"] - before.get("barge_in_pauses", 0)
         resumes = driver.counters["false_interruptions"] - before.get("false_interruptions", 0)
         spoken = any(

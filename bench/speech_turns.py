@@ -203,7 +203,7 @@ def turn_trials(
 
 def idle(driver, llm: LLM | None, turn: str) -> bool:
     """Nothing spoken or heard, and the LLM done with ``turn``."""
-    return not driver.stage.turns and not driver.stage.utterances and (llm is None or turn in driver.llm_done)
+    return not driver.stage.turns and not driver.stage.hearing() and (llm is None or turn in driver.llm_done)
 
 
 def breakdown_rows(label: str, now: list[dict], before: list[dict], names: list[str]) -> list[dict]:

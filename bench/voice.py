@@ -22,8 +22,9 @@ from collections.abc import Callable
 import numpy as np
 
 from omnistream.protocol.config import SpeechConfig
-from omnistream.speech.listen import Recognizer, word_error_rate
+from omnistream.speech.asr import Recognizer
 from omnistream.speech.speak import PhraseSplitter, Voice
+from omnistream.speech.wer import word_error_rate
 
 RATE = 16000
 FIRST_WORDS = SpeechConfig().first_phrase_words

@@ -16,7 +16,8 @@ from difflib import SequenceMatcher
 import numpy as np
 
 from omnistream.protocol.messages import Ask
-from omnistream.speech.listen import StreamingTranscriber, words
+from omnistream.protocol.text import words
+from omnistream.speech.hypothesis import StreamingTranscriber
 from omnistream.speech.speak import PhraseSplitter
 from omnistream.speech.turns import Timeline
 
@@ -175,4 +176,5 @@ class PendingQuestion:
     t1: float
     deadline: float  # monotonic seconds
     timeline: Timeline = field(default_factory=lambda: Timeline(""))
+    turn: str = ""  # the Ask's turn, once asked
     turn: str = ""  # once asked

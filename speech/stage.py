@@ -18,6 +18,9 @@ user, the assistant's audio stops and the client is told to drop what it queued;
 finds words that are not the assistant's own voice, ``Interrupt`` stops reasoning and the answer
 ends, remembered as far as it was heard. No words (a cough) or an echo of the answer resumes it.
 
+What the stage keeps per session (VAD per channel, the user's utterances being transcribed, the
+question waiting for the end of the turn, the last one asked) is one ``SessionState``.
+
 Every spoken answer to a user's question leaves a ``turns.Timeline`` of latency marks, logged and
 kept in ``timelines`` (``omnistream bench speech`` reports them).
 """
@@ -30,6 +33,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omnistream.protocol.config import SpeechConfig
@@ -47,18 +51,14 @@ from omnistream.protocol.messages import (
 )
 from omnistream.protocol.routes import subscriptions
 from omnistream.protocol.runtime import Runtime
+from omnistream.protocol.text import words
+from omnistream.speech.asr import Recognizer
 from omnistream.speech.duplex import PendingQuestion, Utterance, after_wake_phrase
-from omnistream.speech.listen import (
-    Listener,
-    ListenEvent,
-    Recognizer,
-    StreamingTranscriber,
-    VoiceActivity,
-    words,
-)
+from omnistream.speech.hypothesis import StreamingTranscriber
 from omnistream.speech.speak import Voice
 from omnistream.speech.speaking import Speaker
 from omnistream.speech.turns import Timeline, reads_finished
+from omnistream.speech.vad import Listener, ListenEvent, VoiceActivity
 from omnistream.speech.workers import Worker
 
 log = logging.getLogger("omnistream.speech")
@@ -68,9 +68,24 @@ USER_PARTIAL, SCENE = 1, 2  # ASR priorities on the shared worker
 UNHEARD_S = 0.5  # an answer played for less than this has not been heard: the user may go on
 
 
+Key = tuple[str, int]  # a user utterance: (session, the listener's utterance number)
+
+
 def timed(run: Callable[[], str]) -> tuple[str, float]:
     start = time.perf_counter()
     return run(), time.perf_counter() - start
+
+
+@dataclass
+class SessionState:
+    """Everything the stage keeps about one session's turn taking."""
+
+    listeners: dict[str, Listener] = field(default_factory=dict)  # by channel; none: not listened to
+    utterances: dict[int, Utterance] = field(default_factory=dict)  # the user's, until final
+    pending: PendingQuestion | None = None  # a question waiting for the end of the turn
+    asked: PendingQuestion | None = None  # the last question asked: the user may go on with it
+    ask_timeline: Timeline | None = None  # the asked question's marks, until its Ask comes back
+    user_rate: int = 0  # the microphone's sample rate, what the answer is spoken at
 
 
 class SpeechStage:
@@ -95,26 +110,48 @@ class SpeechStage:
         # queues behind a partial already running (whisper passes cannot be stopped midway).
         self.asr_final = Worker("speech-asr-final")
         self.speaker = Speaker(config, voice, publish, counters, clock, self._on_timeline)
-        self.listeners: dict[tuple[str, str], Listener] = {}
-        # Sessions listened to, least recently heard first; beyond ``live_sessions`` the first
-        # is closed (``close_session``).
-        self.live: OrderedDict[str, None] = OrderedDict()
-        self.utterances: dict[tuple[str, int], Utterance] = {}
-        self.pending: dict[str, PendingQuestion] = {}  # questions waiting for the end of the turn
-        self.asked: dict[str, PendingQuestion] = {}  # the last question asked, per session
-        self.timeline_of: dict[str, Timeline] = {}  # by turn, until its Ask comes back
+        # Least recently heard first; beyond ``live_sessions`` sessions listened to, the first of
+        # them is closed (``close_session``).
+        self.sessions: OrderedDict[str, SessionState] = OrderedDict()
         self.timelines: deque[Timeline] = deque(maxlen=256)
-        self.user_rate: dict[str, int] = {}
 
     @property
     def turns(self):
         return self.speaker.turns
 
+    @property
+    def live(self) -> list[str]:
+        """Sessions listened to, least recently heard first."""
+        return [session for session, state in self.sessions.items() if state.listeners]
+
+    def hearing(self) -> bool:
+        """A user utterance is still heard or transcribed (its final transcript not handled)."""
+        return any(state.utterances for state in self.sessions.values())
+
+    def waiting(self) -> bool:
+        """A question waits for the end of its turn to be asked."""
+        return any(state.pending is not None for state in self.sessions.values())
+
+    def _utterance(self, key: Key) -> Utterance | None:
+        state = self.sessions.get(key[0])
+        return None if state is None else state.utterances.get(key[1])
+
+    def _user_listener(self, session: str) -> Listener | None:
+        state = self.sessions.get(session)
+        return None if state is None else state.listeners.get("user")
+
     def handle(self, message: Message) -> None:
         if isinstance(message, AudioChunk):
             self.on_audio(message)
         elif isinstance(message, Ask):
-            self.speaker.start(message, self.timeline_of.pop(message.turn, None))
+            state, timeline = self.sessions.get(message.session), None
+            if (
+                state is not None
+                and state.ask_timeline is not None
+                and state.ask_timeline.turn == message.turn
+            ):
+                timeline, state.ask_timeline = state.ask_timeline, None
+            self.speaker.start(message, timeline)
         elif isinstance(message, AnswerDelta):
             self.speaker.delta(message)
         elif isinstance(message, AnswerDone):
@@ -128,29 +165,27 @@ class SpeechStage:
         for tag, result, error in self.asr_final.results() + self.asr.results():
             self._on_asr(tag, result, error)
         self.speaker.tick(now)
-        for key, utterance in list(self.utterances.items()):
-            if self._turn_over_early(key, utterance):
-                for event in self.listeners[(key[0], "user")].cut():
-                    self._on_user_event(key[0], event)
+        for session, state in list(self.sessions.items()):
+            for number, utterance in list(state.utterances.items()):
+                if self._turn_over_early((session, number), utterance):
+                    for event in state.listeners["user"].cut():
+                        self._on_user_event(session, event)
         now = self.clock()  # a question that became due in this pass goes out in this pass
-        for session, pending in list(self.pending.items()):
-            if now >= pending.deadline and not self._user_busy(session):
-                del self.pending[session]
+        for session, state in list(self.sessions.items()):
+            pending = state.pending
+            if pending is not None and now >= pending.deadline and not self._user_busy(session):
+                state.pending = None
                 pending.turn, pending.deadline = uuid.uuid4().hex, now
                 pending.timeline.turn = pending.turn
                 pending.timeline.mark("ask", now)
-                self.timeline_of[pending.turn] = pending.timeline
-                for stale in list(self.timeline_of)[:-32]:  # Asks that never came back
-                    del self.timeline_of[stale]
-                self.asked[session] = pending
-                rate = self.user_rate.get(session, 0)
+                state.asked, state.ask_timeline = pending, pending.timeline
                 self.publish(
                     Ask(
                         ts=pending.t1,
                         session=session,
                         turn=pending.turn,
                         question=pending.text,
-                        audio_rate=rate,
+                        audio_rate=state.user_rate,
                     )
                 )
                 self.counters["asks"] += 1
@@ -164,11 +199,10 @@ class SpeechStage:
 
     # -- listening ---------------------------------------------------------------------------
 
-    def _listener(self, session: str, channel: str) -> Listener:
-        key = (session, channel)
-        if key not in self.listeners:
+    def _listener(self, state: SessionState, channel: str) -> Listener:
+        if channel not in state.listeners:
             user = channel == "user"
-            self.listeners[key] = Listener(
+            state.listeners[channel] = Listener(
                 vad=VoiceActivity(),
                 threshold=self.config.vad_threshold,
                 min_silence_s=self.config.min_silence_s,
@@ -177,14 +211,14 @@ class SpeechStage:
                 first_partial_s=self.config.first_partial_s if user else 0.0,
                 partial_every_s=self.config.partial_every_s,
             )
-        return self.listeners[key]
+        return state.listeners[channel]
 
     def on_audio(self, chunk: AudioChunk) -> None:
         self.counters["audio_chunks"] += 1
-        self._touch(chunk.session)
-        listener = self._listener(chunk.session, chunk.channel)
+        state = self._touch(chunk.session)
+        listener = self._listener(state, chunk.channel)
         if chunk.channel == "user":
-            self.user_rate[chunk.session] = chunk.sample_rate
+            state.user_rate = chunk.sample_rate
         events = listener.push(chunk.pcm, chunk.sample_rate, chunk.ts)
         stream_ts = self.speaker.stream_ts
         stream_ts[chunk.session] = max(stream_ts.get(chunk.session, 0.0), listener.stream_ts)
@@ -202,40 +236,45 @@ class SpeechStage:
                     SCENE,
                 )
 
-    def _touch(self, session: str) -> None:
+    def _touch(self, session: str) -> SessionState:
         """``session`` is heard now; the least recently heard beyond ``live_sessions`` closes."""
-        if session in self.live:
-            self.live.move_to_end(session)
-            return
-        while len(self.live) >= max(self.config.live_sessions, 1):
-            self.close_session(next(iter(self.live)))
-        self.live[session] = None
+        state = self.sessions.get(session)
+        if state is None or not state.listeners:
+            live = self.live
+            while len(live) >= max(self.config.live_sessions, 1):
+                self.close_session(live.pop(0))
+            state = self.sessions.setdefault(session, SessionState())
+        self.sessions.move_to_end(session)
+        return state
 
     def close_session(self, session: str) -> None:
         """Stop listening to ``session``: an utterance in progress on any of its channels ends
         now (transcribed, and a user's asked, as at any end of speech) and its VAD state is
-        dropped. Audio of it later starts afresh."""
-        self.live.pop(session, None)
-        for key in [key for key in self.listeners if key[0] == session]:
-            self._on_events(session, key[1], self.listeners[key].flush())
-            del self.listeners[key]
+        dropped; with nothing left in flight the session is forgotten. Audio of it later starts
+        afresh."""
+        state = self.sessions.get(session)
+        for channel in list(state.listeners) if state is not None else []:
+            self._on_events(session, channel, state.listeners[channel].flush())
+            del state.listeners[channel]
+        if state is not None and not state.utterances and state.pending is None:
+            del self.sessions[session]
         self.counters["sessions_closed"] += 1
 
     def _on_user_event(self, session: str, event: ListenEvent) -> None:
-        key = (session, event.utterance)
+        key, state = (session, event.utterance), self.sessions[session]
         now = self.clock()
         if event.kind == "started":
             self.publish(UserSpeech(ts=event.t0, session=session, started=True))
             utterance = Utterance(event.t0, StreamingTranscriber(self.recognizer))
-            self.utterances[key] = utterance
-            asked = self.asked.get(session)
+            state.utterances[event.utterance] = utterance
+            asked = state.asked
             if asked is not None and now - asked.deadline <= self.config.continue_s:
                 turn = self.speaker.turns.get(asked.turn)
                 if turn is None or turn.playout.played(now) < UNHEARD_S * turn.playout.rate:
                     utterance.continues = asked  # the user is going on with that question
             self.speaker.hear(key)
             return
-        utterance = self.utterances.get(key)
+        utterance = state.utterances.get(event.utterance)
         if utterance is None:
             return
         if event.kind == "partial":
@@ -245,7 +284,7 @@ class SpeechStage:
                 transcriber.insert_audio(audio[len(transcriber.audio) :])
                 return transcriber.process_iter()
 
-            listener = self.listeners[(session, "user")]
+            listener = state.listeners["user"]
             # A partial still queued when the user has paused is stale: the final comes first.
             skip = lambda: utterance.ended or listener.silence_s >= listener.pause_s  # noqa: E731
             self.asr.submit(("partial", key, event.t1), partial, USER_PARTIAL, skip=skip)
@@ -255,7 +294,7 @@ class SpeechStage:
         timeline = utterance.timeline
         if event.kind == "pause":  # transcribe now what the final will be if the user is done
             utterance.early_samples, utterance.early_text = samples, None
-            timeline.marks["speech_end"] = now - self.listeners[(session, "user")].pause_s
+            timeline.marks["speech_end"] = now - state.listeners["user"].pause_s
             self._submit_final(key, event.audio, skip=lambda: utterance.early_samples != samples)
             return
         utterance.ended, utterance.end_ts, utterance.final_samples = True, event.t1, samples
@@ -270,12 +309,12 @@ class SpeechStage:
             self._on_user_final(key, event.t1, utterance.early_text)
         # else: the speculative pass is running on exactly this audio; its result is the final
 
-    def _turn_over_early(self, key: tuple[str, int], utterance: Utterance) -> bool:
+    def _turn_over_early(self, key: Key, utterance: Utterance) -> bool:
         """The transcript at the pause reads as a finished turn and the silence (stream time) has
         lasted ``turn_end_s``, with no speech since."""
         if utterance.ended or not self._ends_soon(utterance.early_text or ""):
             return False
-        listener = self.listeners.get((key[0], "user"))
+        listener = self._user_listener(key[0])
         if listener is None or listener.utterance != key[1]:
             return False
         return listener.silence_s >= max(self.config.turn_end_s, listener.pause_s)
@@ -289,7 +328,7 @@ class SpeechStage:
         then waits ``min_silence_s`` + ``turn_grace_s`` (the behaviour before it existed)."""
         return self.config.turn_end_s < self.config.min_silence_s
 
-    def _submit_final(self, key: tuple[str, int], audio, skip=lambda: False) -> None:
+    def _submit_final(self, key: Key, audio, skip=lambda: False) -> None:
         run = lambda: timed(lambda: self.recognizer.transcribe(audio))  # noqa: E731
         self.asr_final.submit(("final", key, len(audio)), run, 0, skip)
 
@@ -307,7 +346,7 @@ class SpeechStage:
             self._on_user_partial(tag[1], tag[2], " ".join(part for part in result if part))
         else:
             _, key, samples = tag
-            utterance = self.utterances.get(key)
+            utterance = self._utterance(key)
             if utterance is None:
                 return
             text, utterance.timeline.asr_s = result
@@ -318,12 +357,12 @@ class SpeechStage:
                 utterance.early_text = text
                 # A turn that waits longer is read ahead. (One about to end gets its Ask within
                 # turn_end_s: a Draft just before it would cost reasoning one more pass.)
-                listener = self.listeners.get((key[0], "user"))
+                listener = self._user_listener(key[0])
                 if not self._ends_soon(text) and listener is not None:
                     self._draft(key, listener.stream_ts, text)
 
-    def _on_user_partial(self, key: tuple[str, int], t1: float, text: str) -> None:
-        utterance = self.utterances.get(key)
+    def _on_user_partial(self, key: Key, t1: float, text: str) -> None:
+        utterance = self._utterance(key)
         if utterance is None or utterance.echo or not text:
             return
         if self.speaker.is_echo(key[0], text):
@@ -338,10 +377,10 @@ class SpeechStage:
         self.speaker.cut(key)
         self._draft(key, t1, text)
 
-    def _draft(self, key: tuple[str, int], t1: float, text: str) -> None:
+    def _draft(self, key: Key, t1: float, text: str) -> None:
         """Send what the question will be if the user stops now (as ``_on_user_final`` would
         ask it) to reasoning, to be read ahead."""
-        utterance = self.utterances.get(key)
+        utterance = self._utterance(key)
         if not (self.config.read_ahead and self.config.ask_on_user_speech and text) or utterance is None:
             return
         session = key[0]
@@ -353,10 +392,10 @@ class SpeechStage:
             self.publish(Draft(ts=t1, session=session, question=question))
             self.counters["drafts"] += 1
 
-    def _on_user_final(self, key: tuple[str, int], t1: float, text: str) -> None:
-        session = key[0]
-        utterance = self.utterances.pop(key, None)
-        if utterance is None:
+    def _on_user_final(self, key: Key, t1: float, text: str) -> None:
+        session, state = key[0], self.sessions.get(key[0])
+        utterance = None if state is None else state.utterances.pop(key[1], None)
+        if state is None or utterance is None:
             return
         now = self.clock()
         utterance.timeline.mark("final", now)
@@ -377,27 +416,31 @@ class SpeechStage:
             return
         deadline = now if self._ends_soon(text) else now + self.config.turn_grace_s
         question = self._question(session, utterance, text)
-        pending = self.pending.get(session)
+        pending = state.pending
         if pending is not None:  # the user went on before the question was asked: one question
             pending.text, pending.t1, pending.deadline = question, t1, deadline
             return
         t0 = utterance.t0
         if gone_on is not None:  # the turn was judged over too early: ask the whole question
             self.counters["questions_continued"] += 1
-            del self.asked[session]
+            state.asked = None
             t0 = gone_on.t0
         if question:
-            self.pending[session] = PendingQuestion(question, t0, t1, deadline, utterance.timeline)
+            state.pending = PendingQuestion(question, t0, t1, deadline, utterance.timeline)
 
     def _gone_on(self, session: str, utterance: Utterance) -> PendingQuestion | None:
         """The question just asked that ``utterance`` goes on with, if any."""
-        return utterance.continues if self.asked.get(session) is utterance.continues else None
+        state = self.sessions.get(session)
+        asked = None if state is None else state.asked
+        return utterance.continues if asked is utterance.continues else None
 
     def _question(self, session: str, utterance: Utterance, text: str) -> str:
         """The question ``text`` (a transcript of ``utterance``) makes if the turn ends now: joined
         to the session's question not yet asked, or to the one it goes on with, else what follows
         the wake phrase ("" without it), else ``text``."""
-        pending, gone_on = self.pending.get(session), self._gone_on(session, utterance)
+        state = self.sessions.get(session)
+        pending = None if state is None else state.pending
+        gone_on = self._gone_on(session, utterance)
         if pending is not None:
             return f"{pending.text} {text}"
         if gone_on is not None:
@@ -407,19 +450,20 @@ class SpeechStage:
         return text
 
     def _user_busy(self, session: str) -> bool:
-        listener = self.listeners.get((session, "user"))
-        return (listener is not None and listener.in_speech) or any(k[0] == session for k in self.utterances)
+        listener, state = self._user_listener(session), self.sessions.get(session)
+        return (listener is not None and listener.in_speech) or bool(state and state.utterances)
 
-    def _on_echo(self, key: tuple[str, int], utterance: Utterance) -> None:
+    def _on_echo(self, key: Key, utterance: Utterance) -> None:
         utterance.echo = True
         self.counters["echo_ignored"] += 1
         self.speaker.resume(key, echo=True)
 
     def stop(self) -> None:
-        for (session, channel), listener in self.listeners.items():
-            for event in listener.flush():
-                if channel == "user":
-                    self._on_user_event(session, event)
+        for session, state in list(self.sessions.items()):
+            for channel, listener in list(state.listeners.items()):
+                for event in listener.flush():
+                    if channel == "user":
+                        self._on_user_event(session, event)
         self.asr.stop()
         self.asr_final.stop()
         self.speaker.stop()

@@ -29,7 +29,7 @@ from omnistream.protocol.messages import (
     Stats,
     Transcript,
 )
-from omnistream.speech.listen import words
+from omnistream.protocol.text import words
 from omnistream.speech.speak import Voice
 
 from ..conftest import make_config, pid_alive

@@ -463,8 +463,8 @@ def test_a_prime_sample_rate_is_refused_before_it_builds_a_huge_filter() -> None
     from omnistream.app.gateway import check_request
     from omnistream.protocol.config import GatewayConfig
     from omnistream.protocol.messages import AudioChunk
-    from omnistream.speech.listen import to_mono_float
     from omnistream.speech.rates import sample_rate_problem
+    from omnistream.speech.resample import to_mono_float
 
     chunk = AudioChunk(pcm=np.zeros(441, np.float32), sample_rate=44101)
     problem = check_request(chunk, GatewayConfig())

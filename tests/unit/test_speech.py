@@ -12,18 +12,13 @@ from scipy.signal import resample_poly
 
 from omnistream.app.replay import DEFAULT_SAMPLE
 from omnistream.perception.sources import MediaReader
-from omnistream.speech.listen import (
-    Listener,
-    Recognizer,
-    StreamingTranscriber,
-    StreamResampler,
-    VoiceActivity,
-    looped,
-    to_mono_16k,
-    word_error_rate,
-    words,
-)
+from omnistream.protocol.text import words
+from omnistream.speech.asr import Recognizer, looped
+from omnistream.speech.hypothesis import StreamingTranscriber
+from omnistream.speech.resample import StreamResampler, to_mono_16k
 from omnistream.speech.speak import PhraseSplitter, Voice
+from omnistream.speech.vad import Listener, VoiceActivity
+from omnistream.speech.wer import word_error_rate
 
 
 @pytest.fixture(scope="module")
@@ -341,14 +336,15 @@ def test_live_sessions_are_bounded_and_a_closed_ones_utterance_is_finished(
                 AudioChunk(session="talk", ts=start / 16000, pcm=speech[start : start + 1600], channel="user")
             )
             stage.tick()
-        assert stage.listeners[("talk", "user")].in_speech
+        assert stage.sessions["talk"].listeners["user"].in_speech
         silence = np.zeros(1600, np.float32)
         for i in range(50):
             for channel in ("user", "scene"):
                 for k in range(3):
                     stage.handle(AudioChunk(session=f"s{i}", ts=k * 0.1, pcm=silence, channel=channel))
                     stage.tick()
-            assert len(stage.live) <= 3 and len({s for s, _ in stage.listeners}) <= 3
+            # Three listened to, and "talk" (no longer listened to) until its question goes out.
+            assert len(stage.live) <= 3 and len(stage.sessions) <= 4
         assert list(stage.live) == ["s47", "s48", "s49"] and counters["sessions_closed"] == 48
         deadline = time.monotonic() + 60
         while not any(isinstance(m, Ask) for m in out) and time.monotonic() < deadline:
@@ -358,6 +354,6 @@ def test_live_sessions_are_bounded_and_a_closed_ones_utterance_is_finished(
         [ask] = [m for m in out if isinstance(m, Ask)]
         assert "might" in said.text.lower() and said.t0 > 1.5 and said.ts == pytest.approx(5.0, abs=0.1)
         assert ask.session == "talk" and ask.question == said.text
-        assert "talk" not in stage.live and not [key for key in stage.listeners if key[0] == "talk"]
+        assert "talk" not in stage.live and not stage.sessions["talk"].listeners
     finally:
         stage.stop()

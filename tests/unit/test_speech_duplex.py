@@ -25,9 +25,11 @@ from omnistream.protocol.messages import (
     Transcript,
     UserSpeech,
 )
-from omnistream.speech.listen import Recognizer, word_error_rate, words
+from omnistream.protocol.text import words
+from omnistream.speech.asr import Recognizer
 from omnistream.speech.speak import PhraseSplitter, Voice
 from omnistream.speech.stage import SpeechStage
+from omnistream.speech.wer import word_error_rate
 
 from .test_speech import librivox_clips
 
@@ -249,7 +251,7 @@ def test_a_pause_mid_sentence_does_not_cut_the_question_short(
         )
     )
     h.mic(audio[cut:])
-    h.run_until(lambda: h.of(Ask) and not h.stage.pending and not h.stage.utterances, timeout_s=20)
+    h.run_until(lambda: h.of(Ask) and not h.stage.waiting() and not h.stage.hearing(), timeout_s=20)
     h.mic(np.zeros(MIC_RATE, np.float32))  # nothing more comes
     asks = h.of(Ask)
     assert word_error_rate(librivox_clips()[clip][1], asks[-1].question) <= 0.25, [a.question for a in asks]

