@@ -332,6 +332,15 @@ class MemoryStage:
                 fact += "; in view now"
             elif ended:
                 fact += f"; {ended[-1].text}"
+            looks: dict[str, list[str]] = {}  # each way it looked (colour, shirt), with its times
+            for row in appeared:
+                named = row.text.split(" appeared at ")[0].split(" entered at ")[0].split()
+                looks.setdefault(" ".join(w for w in named if not w.isdigit()), []).append(clock(row.t0))
+            if len(looks) > 1:
+                fact += "; seen as " + ", ".join(
+                    f"{look} ({', '.join(times[:TIMELINE_LISTED])}{', ...' if len(times) > TIMELINE_LISTED else ''})"
+                    for look, times in list(looks.items())[:TIMELINE_LISTED]
+                )
             if label == "person":  # the most at once: the tracker's closed intervals, or now
                 spans = [
                     (int(r.meta.get("count", 0)), clock(r.t0), clock(r.t1))

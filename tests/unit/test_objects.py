@@ -270,3 +270,38 @@ def test_memory_stores_sightings_and_answers_last_seen_from_the_timeline(tmp_pat
         fact.startswith("person: appeared 2 separate times, first at 00:08")
         and "at most 2 at once (00:10-00:16)" in fact
     )
+
+
+def test_the_timeline_tells_each_look_of_a_thing_with_its_times(tmp_path: Path) -> None:
+    """A ball seen yellow in one scene and white in another: the timeline fact lists both looks
+    with their times (the last-seen record alone named only the white one)."""
+    from dataclasses import replace
+
+    from omnistream.protocol.messages import Percept, Retrieve, Sighting
+
+    from .test_memory_and_reasoning import memory_stage
+
+    stage = memory_stage(tmp_path)
+    stage.publish = lambda message: None
+    tracker = Tracker(min_hits=2, max_missed_s=2.0)
+    events = []
+    for step in range(60):
+        ts = step / 2
+        if ts < 8 or 20 <= ts < 24:
+            events += tracker.update(ts, [replace(sighting("sports ball", 300), colour="yellow")])
+        elif 12 <= ts < 16:
+            events += tracker.update(ts, [replace(sighting("sports ball", 100), colour="white")])
+        else:
+            events += tracker.update(ts, [])
+    for event in events + tracker.flush(30.0):
+        stage.handle(
+            Sighting(
+                ts=event.ts, t0=event.t0, label=event.label, event=event.kind, text=event.text,
+                track_id=event.track_id, count=event.count,
+            )
+        )  # fmt: skip
+    stage.handle(Percept(ts=30, features=np.ones(4, np.float32) / 2, objects=[]))
+    reply = stage.retrieve(Retrieve(ts=30, request_id="b", query="What colour was the ball?"))
+    [fact] = reply.items[-1].facts
+    assert fact.startswith("ball: appeared 3 separate times"), fact
+    assert fact.endswith("; seen as yellow ball (00:00, 00:20), white ball (00:12)"), fact
