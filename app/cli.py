@@ -97,6 +97,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.log("streams: " + ", ".join(f"{session} <- {redact(spec)}" for session, spec in streams))
     if "reasoning" in config.stages:
         prepare_llm_cache(config, progress=not args.json)
+    if getattr(args, "ray", None):  # stages placed by Ray across machines (app/cluster.py)
+        from omnistream.app.cluster import cmd_up_ray
+
+        return cmd_up_ray(args, config, _run_dir(args), console, _stage_table)
     api = None
     if args.api:  # checked before anything starts: a host beyond loopback needs a token
         from omnistream.app.openai_api import ApiSecurityError, api_endpoint
@@ -765,6 +769,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api",
         action="store_true",
         help="also serve the OpenAI-compatible HTTP API (config api.host, api.port, api.token_file)",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="place the stages across a Ray cluster (HOST:PORT of its head, or auto): each a Ray actor, "
+        "restarted by Ray (pip extra omnistream[cluster]; docs/scaling.md)",
     )
     p.set_defaults(func=cmd_up)
 

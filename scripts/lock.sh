@@ -42,4 +42,15 @@ mv "$OUT.new" "$OUT"
   cat "$OUT.piper"
 } > requirements/lock-piper.txt
 rm -f "$OUT.piper"
-echo "wrote $OUT ($(grep -c '==' "$OUT") packages) and requirements/lock-piper.txt ($(grep -c '==' requirements/lock-piper.txt)), releases up to $CUTOFF"
+# The optional cluster placement (ray, `omnistream up --ray`): the same way, requirements/lock-cluster.txt,
+# added by scripts/install.sh --cluster.
+"$UV" pip compile -q pyproject.toml --extra llm --extra dev --extra detectors --extra demo --extra cluster \
+  "${COMMON[@]}" | grep '==' | grep -vxFf <(grep '==' "$OUT") > "$OUT.cluster" || true
+{
+  echo "# The optional cluster placement's packages (ray) beyond requirements/lock.txt (resolved with it by"
+  echo "# scripts/lock.sh on $(date -u +%Y-%m-%d), releases out by ${CUTOFF}). Installed with --no-deps by"
+  echo "# scripts/install.sh --cluster."
+  cat "$OUT.cluster"
+} > requirements/lock-cluster.txt
+rm -f "$OUT.cluster"
+echo "wrote $OUT ($(grep -c '==' "$OUT") packages), requirements/lock-piper.txt ($(grep -c '==' requirements/lock-piper.txt)) and requirements/lock-cluster.txt ($(grep -c '==' requirements/lock-cluster.txt)), releases up to $CUTOFF"
