@@ -14,8 +14,17 @@ in hand, then what is still queued, until the sockets have been quiet for ``DRAI
 ``FLUSH_LINGER_S`` to leave before the process exits. The launcher stops the stages in the order
 data flows through them, so each one drains what the previous one flushed.
 
-Heartbeat: ``Stats`` go out every ``launcher.stats_every_s`` from the loop, and from every
-``poll`` (a long answer polls for interrupts), which the launcher watches for hung stages.
+The stage contract: a stage is a class built from its configuration and an ``emit`` callable
+(``emit(message, to=BUS)``: the bus, memory's ROUTER, the gateway's clients), with
+``handle(message)``, ``tick()`` and ``close()``, and no sockets. Long work (a prefill over a
+backlog, an answer's decode) is a state machine the stage advances one bounded step per
+``tick``, which returns True while more work is ready: the loop then polls without waiting and
+hands the stage what arrived before its next step, never from inside a handler. A request to
+memory is emitted ``to=MEMORY`` (``connect_memory``); its reply comes back to ``handle`` as a
+``MemoryReply``, like any message. tests/harness.py drives any stage the same way in-process.
+
+Heartbeat: ``Stats`` go out every ``launcher.stats_every_s`` from the loop and from every
+``poll``, which the launcher watches for hung stages.
 
 Bounds and failures: one ``poll`` takes at most ``bus.poll_max_messages`` messages and
 ``bus.poll_max_bytes`` bytes (at least one message) from each socket; the rest stay queued in the
@@ -34,6 +43,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,6 +71,39 @@ MEDIA_TOPICS = media_topics()
 MAX_CANCELLED = 1000
 DRAIN_QUIET_S = 0.3  # stopping: this long without a message, and what was sent before is in
 FLUSH_LINGER_S = 2.0  # stopping: the most the last messages (a final clip) may take to leave
+
+
+@dataclass(frozen=True)
+class To:
+    """Where an emitted message goes: ``BUS`` (the bus, or the media bus for media topics),
+    ``MEMORY`` (memory's ROUTER: a request whose reply comes back as a ``MemoryReply``),
+    ``CLIENTS`` (the gateway's PUB to every client) or ``client(identity)`` (one client's
+    DEALER, through the gateway's ROUTER)."""
+
+    channel: str
+    identity: bytes = b""
+
+
+BUS, MEMORY, CLIENTS = To("bus"), To("memory"), To("clients")
+
+
+def client(identity: bytes) -> To:
+    return To("client", identity)
+
+
+@dataclass(frozen=True)
+class MemoryReply:
+    """A reply from memory's ROUTER to a request the stage emitted ``to=MEMORY`` (kept apart
+    from the bus's messages of the same types)."""
+
+    message: Message
+
+    @property
+    def session(self) -> str:
+        return getattr(self.message, "session", "default")
+
+
+Emit = Callable[..., bool]  # emit(message, to=BUS) -> whether it was handed to its socket
 
 
 class Stage(Protocol):
@@ -103,6 +146,9 @@ class Runtime:
         self.poller = zmq.Poller()
         self.poller.register(self.sub, zmq.POLLIN)
         self.extra: dict[zmq.Socket, Callable[[zmq.Socket], None]] = {}
+        self.memory: zmq.Socket | None = None  # connect_memory
+        # Channels beyond the bus and memory (the gateway's client sockets): channel -> sender
+        self.outlets: dict[str, Callable[[Message, To], bool]] = {}
         self.counters: dict[str, float] = defaultdict(float)
         self.running = True
         self.draining = False
@@ -146,6 +192,36 @@ class Runtime:
         except zmq.Again:
             self.counters["dropped_out"] += 1
 
+    def connect_memory(self) -> None:
+        """A DEALER to memory's ROUTER: what the stage emits ``to=MEMORY`` goes there, and the
+        replies come back to the stage as ``MemoryReply`` (handled like any message)."""
+        self.memory = make_socket(
+            self.ctx, zmq.DEALER, hwm=1000, max_message_bytes=self.config.bus.max_message_bytes
+        )
+        self.memory.connect(self.addresses.memory)
+        self.poller.register(self.memory, zmq.POLLIN)
+
+    def emit(self, message: Message, to: To = BUS) -> bool:
+        """Send what a stage emits where ``to`` says; False when it could not be handed to its
+        socket (a full queue: counted in ``dropped_out``)."""
+        if to.channel == "bus":
+            before = self.counters.get("dropped_out", 0.0)
+            self.publish(message)
+            return self.counters.get("dropped_out", 0.0) == before
+        if to.channel == "memory":
+            if self.memory is None:
+                raise RuntimeError(f"{self.name}: emit to memory without connect_memory()")
+            try:
+                send(self.memory, message, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.counters["memory_busy"] += 1
+                return False
+            return True
+        outlet = self.outlets.get(to.channel)
+        if outlet is None:
+            raise RuntimeError(f"{self.name}: nothing sends on channel {to.channel!r}")
+        return outlet(message, to)
+
     def ready(self) -> None:
         send(self.control, Ready(stage=self.name, pid=os.getpid()))
         log.info("ready", extra={"stage": self.name})
@@ -181,7 +257,7 @@ class Runtime:
                 ordered.append(message)
         return ordered + list(got.values())
 
-    def poll(self, timeout_s: float = 0.0) -> list[Message]:
+    def poll(self, timeout_s: float = 0.0) -> list[Message | MemoryReply]:
         """Receive what is waiting (system messages first). Runs extra sockets' handlers."""
         events = dict(self.poller.poll(int(timeout_s * 1000)))
         messages: list[Message] = []
@@ -189,6 +265,9 @@ class Runtime:
             messages += self._drain(self.sub, latest_only=False)
         if self.media_sub is not None and self.media_sub in events:
             messages += self._drain(self.media_sub, latest_only=True)
+        replies: list[MemoryReply] = []
+        if self.memory is not None and self.memory in events:
+            replies = [MemoryReply(m) for m in self._drain(self.memory, latest_only=False)]
         for sock, on_readable in self.extra.items():
             if sock in events and not self.draining:
                 try:
@@ -206,12 +285,13 @@ class Runtime:
                     self._cancelled.popitem(last=False)
         messages.sort(key=lambda m: not isinstance(m, SYSTEM_TYPES))
         self._pending += messages
+        self._pending += replies
         if interrupted:
             kept = [m for m in self._pending if not self.cancelled(m)]
             self.counters["asks_cancelled"] += len(self._pending) - len(kept)
             self._pending = kept
-        self.maybe_publish_stats()  # the heartbeat goes on while a long handler polls
-        return messages
+        self.maybe_publish_stats()
+        return [*messages, *replies]
 
     def handler_failed(self, what: str, exc: Exception, session: str = "default") -> None:
         """A handler raised while handling ``what`` (a message type or a socket reader): log it,
@@ -241,6 +321,13 @@ class Runtime:
     def take_pending(self) -> list[Message]:
         pending, self._pending = self._pending, []
         return pending
+
+    def waiting(self, *types: type[Message]) -> bool:
+        """Whether a message of ``types`` (or a shutdown) has arrived and waits to be handled:
+        what is waiting is received into the queue, no handler runs. For work a stage cannot
+        cut into steps (a synopsis), to give way to a question."""
+        self.poll(0)
+        return not self.running or any(isinstance(m, types) for m in self._pending)
 
     # -- stats and loop ----------------------------------------------------------------------
 
@@ -279,25 +366,28 @@ class Runtime:
             except Exception as exc:  # a bad message must not kill the stage
                 self.handler_failed(type(message).__name__, exc, session=message.session)
 
-    def run(self, stage: Stage, tick: Callable[[], None] | None = None, poll_s: float = 0.05) -> None:
-        """Dispatch messages to ``stage.handle`` until SIGTERM or a ``Shutdown``; then drain
-        (``drain``), call ``stage.stop()`` (if it has one) while the sockets are still open, and
-        close them, leaving the last messages time to go out."""
+    def run(self, stage: Stage, tick: Callable[[], bool | None] | None = None, poll_s: float = 0.05) -> None:
+        """Dispatch messages to ``stage.handle`` until SIGTERM or a ``Shutdown``, calling ``tick``
+        after each batch (while it returns True, more work is ready: the next poll does not
+        wait); then drain (``drain``), call ``stage.close()`` (or ``stop()``) while the sockets
+        are still open, and close them, leaving the last messages time to go out."""
         self.ready()
+        busy = False
         while self.running:
-            self.poll(poll_s)
+            self.poll(0 if busy else poll_s)
             self._handle_pending(stage)
-            if tick is not None:
-                tick()
+            busy = bool(tick()) if tick is not None else False
             self.maybe_publish_stats()
         self.drain(stage, tick, poll_s)
-        stop = getattr(stage, "stop", None)
+        stop = getattr(stage, "close", None) or getattr(stage, "stop", None)
         if stop is not None:
             stop()
         self.publish(self.stats_message(state="stopped"))
         self.close(linger_s=FLUSH_LINGER_S)
 
-    def drain(self, stage: Stage, tick: Callable[[], None] | None = None, poll_s: float = 0.05) -> None:
+    def drain(
+        self, stage: Stage, tick: Callable[[], bool | None] | None = None, poll_s: float = 0.05
+    ) -> None:
         """Stopping: no more requests from the extra sockets; handle what the bus brought (and
         ``tick``, so queued work such as frames already taken gets done) until nothing arrived
         for ``DRAIN_QUIET_S``, at most ``launcher.drain_s``."""
@@ -330,7 +420,7 @@ class Runtime:
         """Close every socket; with ``linger_s``, wait up to that long for what was published
         last (the final flush, the stopped ``Stats``) to be delivered to the bus."""
         outgoing: Iterable[zmq.Socket | None] = (self.pub, self.media_pub, self.control)
-        incoming: Iterable[zmq.Socket | None] = (self.sub, self.media_sub, *self.extra)
+        incoming: Iterable[zmq.Socket | None] = (self.sub, self.media_sub, self.memory, *self.extra)
         for sock in incoming:
             if sock is not None:
                 sock.close(linger=0)

@@ -1,13 +1,23 @@
 """Reasoning process: on ``Ask``, retrieve from memory, stream the LLM's answer, obey ``Interrupt``.
 
+The stage is a state machine the runtime's loop advances (``tick``: one bounded step each time),
+never a handler that blocks: records from memory are prefilled into the session's KV a few at a
+time (``PREFILL_STEP_TOKENS``), an answer is decoded one piece per step, and the loop hands the
+stage what arrived between steps. So a question that arrives while a backlog of records is being
+prefilled is answered first: only the records of its session that ended before it was asked are
+prefilled before it (while memory retrieves for it); the rest wait until after the answer. An
+``Interrupt`` is seen between two decode steps.
+
+Questions, drafts and a session's first contact are jobs (generators): each yields between
+steps, and a request to memory (``Retrieve``, ``WatchesRequest``) is emitted ``to=MEMORY`` and
+its job waits for the reply, which comes to ``handle`` as a ``MemoryReply`` like any message
+(``MEMORY_TIMEOUT_S``, sent twice, then the job fails: an answer ends with an ``AnswerDone``
+carrying the error). A memory restart delays an answer instead of losing it.
+
 A ``Draft`` (the words of a spoken question heard so far, from the speech stage) is read ahead:
 memory is retrieved and assembled for it and its tokens prefilled while the user is still
 speaking, so the ``Ask`` at the end of the turn has only its last words to read before the first
 token (see ``Answerer.prepare``).
-
-Memory is asked over a DEALER socket (request/reply with a timeout, retried once), so a memory
-restart delays an answer instead of losing it. Answers stream as ``AnswerDelta`` and end with
-``AnswerDone`` (carrying an ``error`` when the answer could not be produced).
 """
 
 from __future__ import annotations
@@ -16,12 +26,12 @@ import argparse
 import logging
 import time
 import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import zmq
-
-from omnistream.protocol.codec import ProtocolError
-from omnistream.protocol.config import ReasoningConfig
+from omnistream.protocol.config import MemoryConfig, ReasoningConfig
 from omnistream.protocol.messages import (
     AnswerDelta,
     AnswerDone,
@@ -41,8 +51,7 @@ from omnistream.protocol.messages import (
     WatchesRequest,
 )
 from omnistream.protocol.routes import subscriptions
-from omnistream.protocol.runtime import Runtime
-from omnistream.protocol.sockets import make_socket, recv, send
+from omnistream.protocol.runtime import MEMORY, Emit, MemoryReply, Runtime
 from omnistream.reasoning.answer import STREAMED_KINDS, Answerer, split_choice
 from omnistream.reasoning.engine import LLMEngine, release_freed_memory
 from omnistream.reasoning.prompt import fit_items
@@ -57,95 +66,109 @@ WATCHED_KINDS = (*STREAMED_KINDS, "sighting")
 
 MAX_QUESTION_CHARS = 2000
 MEMORY_TIMEOUT_S = 10.0
+MEMORY_ATTEMPTS = 2  # a request memory did not answer in MEMORY_TIMEOUT_S is sent once more
 HISTORY_TS = 1e12  # "until the end of time": a history request returns every record
 HISTORY_PAGE_RECORDS = 500  # records per history page (memory also bounds a page's bytes)
-MAX_QUEUED_RECORDS = 64  # records waiting to be prefilled together; more are streamed at once
+# One prefill step: queued records up to about this many tokens (at least one record) go through
+# the model in one pass (kvcache.APPEND_TOKENS), then the loop takes what arrived.
+PREFILL_STEP_TOKENS = 128
+CHARS_PER_TOKEN = 4  # a record line's size in tokens, estimated before it is tokenized
+
+WAIT = object()  # yielded by a job that waits for a memory reply (not runnable until it comes)
 
 
 class MemoryUnavailable(RuntimeError):
     pass
 
 
-class MemoryClient:
-    """Request/reply to the memory ROUTER; reconnects (new socket) after a timeout."""
+class Stopped(Exception):
+    """An answer's turn was interrupted while it waited."""
 
-    def __init__(self, ctx: zmq.Context, address: str):
-        self.ctx, self.address = ctx, address
-        self.sock = self._connect()
 
-    def _connect(self) -> zmq.Socket:
-        sock = make_socket(self.ctx, zmq.DEALER)
-        sock.connect(self.address)
-        return sock
+@dataclass
+class Job:
+    """A question, a draft or a session's first contact, advanced one step per ``tick``."""
 
-    def retrieve(self, request: Retrieve, attempts: int = 2) -> list[MemoryItem]:
-        return self.request(request, attempts).items
+    kind: str  # "answer", "draft", "load", "watch"
+    session: str
+    steps: Generator | None = None
+    ask: Ask | None = None
+    runnable: bool = True
+    stopped: bool = False  # an Interrupt came for it
+    started: bool = False
+    replies: dict[str, Message] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
 
-    def request(self, request: Retrieve, attempts: int = 2) -> Retrieved:
-        reply = self.exchange(request, Retrieved, attempts)
-        assert isinstance(reply, Retrieved)
-        return reply
 
-    def watches(self, session: str, attempts: int = 2) -> list[Watch]:
-        """The watches memory stores for ``session``."""
-        reply = self.exchange(WatchesRequest(session=session, request_id=uuid.uuid4().hex), Watches, attempts)
-        assert isinstance(reply, Watches)
-        return reply.watches
+@dataclass
+class Request:
+    job: Job
+    message: Retrieve | WatchesRequest
+    deadline: float
+    attempts: int = 1
 
-    def exchange(
-        self, request: Retrieve | WatchesRequest, reply_type: type[Message], attempts: int = 2
-    ) -> Message:
-        for _ in range(attempts):
-            send(self.sock, request)
-            deadline = time.monotonic() + MEMORY_TIMEOUT_S
-            while time.monotonic() < deadline:
-                if not self.sock.poll(100):
-                    continue
-                try:
-                    _, reply = recv(self.sock)
-                except ProtocolError as exc:
-                    raise MemoryUnavailable(f"bad reply from memory: {exc}") from exc
-                if isinstance(reply, reply_type) and getattr(reply, "request_id", None) == request.request_id:
-                    return reply
-                if getattr(reply, "request_id", None) == request.request_id:
-                    raise MemoryUnavailable(f"memory refused the request: {getattr(reply, 'message', reply)}")
-            self.sock.close(linger=0)
-            self.sock = self._connect()
-        raise MemoryUnavailable(
-            f"memory did not answer within {MEMORY_TIMEOUT_S:.0f} s ({attempts} attempts)"
-        )
+
+def estimate_tokens(item: MemoryItem) -> int:
+    return max(1, len(item.text) // CHARS_PER_TOKEN + 8)  # + the line's times and kind
 
 
 class ReasoningStage:
+    """The stage contract (protocol/runtime.py): built from its configuration, the engine and an
+    ``emit`` callable; ``handle`` takes a message, ``tick`` does one step of work (True while
+    more is ready), ``close`` ends what is in progress. No sockets."""
+
     name = "reasoning"
 
-    def __init__(self, config: ReasoningConfig, engine: LLMEngine, memory: MemoryClient, runtime: Runtime):
+    def __init__(
+        self,
+        config: ReasoningConfig,
+        engine: LLMEngine,
+        emit: Emit,
+        counters: dict[str, float] | None = None,
+        *,
+        memory_config: MemoryConfig | None = None,
+        spill_root: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        waiting: Callable[[], bool] = lambda: False,
+    ):
         self.config = config
         self.engine = engine
-        self.memory = memory
-        self.runtime = runtime
+        self.emit = emit
+        self.counters: dict[str, float] = counters if counters is not None else defaultdict(float)
+        self.clock = clock
+        # "A question (or a shutdown) waits": for the one piece of work not cut into steps, the
+        # synopsis, which gives way to it (Runtime.waiting).
+        self.waiting = waiting
         self.answerer = Answerer(
             engine,
             config.window_tokens,
             config.retrieved_tokens,
             block_ram_bytes=config.kv_ram_mb << 20,
-            spill_root=runtime.config.data_dir / "kv",
+            spill_root=spill_root,
             system_prompt=config.system_prompt,
             choice_scoring=config.choice_scoring,
             sessions_in_ram=config.sessions_in_ram,
             on_unload=self._session_unloaded,
         )
-        # Sessions whose history memory has streamed into their KV (since they were last loaded).
+        # Sessions whose history memory has streamed into their KV (since they were last loaded),
+        # and those being loaded now (by a job).
         self.loaded_sessions: set[str] = set()
+        self.loading: set[str] = set()
         self.watches = WatchList(engine)
-        self.synopsizer = Synopsizer(engine, runtime.config.memory)
-        self._ask_waiting = False
+        self.synopsizer = Synopsizer(engine, memory_config or MemoryConfig())
         self.queued_records: dict[str, list[MemoryItem]] = {}
         # The last record id of each session checked against its watches (each record once).
         self.watched_upto: dict[str, int] = {}
+        self.jobs: deque[Job] = deque()
+        self.requests: dict[str, Request] = {}  # request_id -> the job waiting for its reply
+        self._prefilled_since_release = False
 
-    def handle(self, message: Message) -> None:
-        if isinstance(message, Record) and message.kind == "synopsis":
+    # -- messages ------------------------------------------------------------------------------
+
+    def handle(self, message: Message | MemoryReply) -> None:
+        if isinstance(message, MemoryReply):
+            self.on_memory_reply(message.message)
+        elif isinstance(message, Record) and message.kind == "synopsis":
             self.synopsizer.acknowledge(message)
         elif isinstance(message, Record):
             item = MemoryItem(
@@ -156,16 +179,18 @@ class ReasoningStage:
                 speaker=message.speaker,
                 item_id=message.item_id,
             )
-            # Queued: records that arrived together are prefilled together (one pass over the
-            # weights), when the stage is idle or before a question needs them.
+            # Queued: prefilled a few at a time between messages (tick), or before a question
+            # that needs them.
             self.queued_records.setdefault(message.session, []).append(item)
-            self._load_history(message.session)  # leaves the queued record to stream_records
-            if sum(len(items) for items in self.queued_records.values()) >= MAX_QUEUED_RECORDS:
-                self.stream_records()
+            self.load_session(message.session)
         elif isinstance(message, Draft):
-            self.read_ahead(message)
+            if message.question.strip() and len(message.question) <= MAX_QUESTION_CHARS:
+                job = Job("draft", message.session)
+                self.start(job, self._read_ahead(job, message))
         elif isinstance(message, Ask):
-            self.answer(message)
+            self.ask(message)
+        elif isinstance(message, Interrupt):
+            self.interrupt(message)
         elif isinstance(message, DeleteSession):
             # Deleted from disk by memory (retention, or `omnistream sessions delete`): its KV,
             # records waiting, watches and synopsis go from RAM too.
@@ -178,113 +203,322 @@ class ReasoningStage:
             if message.cancel:
                 self.watches.remove(message.session, message.watch_id)
                 return
-            self._load_history(message.session)  # the session's stored watches, this one among them
-            try:
-                self.watches.add(message)
-            except ValueError as exc:
-                self.runtime.publish(
-                    Error(
-                        code="invalid", message=str(exc), request_id=message.watch_id, session=message.session
-                    )
-                )
+            job = Job("watch", message.session)
+            self.start(job, self._add_watch(job, message))
 
-    def read_ahead(self, draft: Draft) -> None:
-        """Prepare the spoken question in ``draft``; the first draft of a question retrieves its
-        memory. A draft that fails (memory away, bad text) is dropped: the Ask will do the work."""
-        if not draft.question.strip() or len(draft.question) > MAX_QUESTION_CHARS:
+    def ask(self, ask: Ask) -> None:
+        """Answer ``ask`` (as a job): deltas, then exactly one ``AnswerDone`` (with ``error`` set
+        when the question is invalid or answering it failed)."""
+        done = AnswerDone(ts=ask.ts, session=ask.session, turn=ask.turn, text="")
+        empty = [i for i, choice in enumerate(ask.choices) if not split_choice(choice)]
+        if not ask.question.strip() or len(ask.question) > MAX_QUESTION_CHARS:
+            done.error = f"Ask.question must be 1..{MAX_QUESTION_CHARS} characters, got {len(ask.question)}"
+        elif empty:
+            done.error = f"Ask.choices[{empty[0]}] has no text after its letter: {ask.choices[empty[0]]!r}"
+        if done.error:
+            self.emit(done)
             return
-        items = None
-        if not self.answerer.has_prepared(draft.session):
-            self.stream_records()
-            self._load_history(draft.session)  # after the others: the most recently used session
-            try:
-                items = self.memory.retrieve(
-                    Retrieve(
-                        ts=draft.ts, session=draft.session, request_id=uuid.uuid4().hex, query=draft.question
-                    )
+        job = Job("answer", ask.session, ask=ask)
+        self.start(job, self._answer(job, done))
+
+    def interrupt(self, message: Interrupt) -> None:
+        """Stop the answer of the interrupted turn (every answer of the session for a turn-less
+        interrupt): one in progress ends at its next step with error "interrupted"; one not
+        started yet is dropped (the runtime drops a waiting Ask the same way)."""
+        for job in list(self.jobs):
+            if (
+                job.kind == "answer"
+                and job.ask is not None
+                and job.session == message.session
+                and message.turn in ("", job.ask.turn)
+            ):
+                if job.started:
+                    job.stopped = True
+                    job.runnable = True
+                else:
+                    self.jobs.remove(job)
+                    self._forget_requests(job)
+                    self.counters["asks_cancelled"] += 1
+
+    # -- jobs and memory requests --------------------------------------------------------------
+
+    def start(self, job: Job, steps: Generator) -> None:
+        job.steps = steps
+        if job.kind == "answer":  # questions before drafts and loads; in the order they came
+            at = next((i for i, j in enumerate(self.jobs) if j.kind != "answer"), len(self.jobs))
+            self.jobs.insert(at, job)
+        else:
+            self.jobs.append(job)
+
+    def request(self, job: Job, message: Retrieve | WatchesRequest) -> str:
+        """Send ``message`` to memory for ``job``; its reply (or failure) is kept in the job."""
+        self.requests[message.request_id] = Request(job, message, self.clock() + MEMORY_TIMEOUT_S)
+        self.emit(message, MEMORY)
+        return message.request_id
+
+    def on_memory_reply(self, reply: Message) -> None:
+        request_id = getattr(reply, "request_id", "")
+        pending = self.requests.pop(request_id, None)
+        if pending is None:  # answered after it was given up (or another's)
+            return
+        job = pending.job
+        if isinstance(reply, Retrieved | Watches):
+            job.replies[request_id] = reply
+        else:
+            job.failed[request_id] = f"memory refused the request: {getattr(reply, 'message', reply)}"
+        job.runnable = True
+
+    def check_requests(self) -> None:
+        """Send again what memory has not answered in MEMORY_TIMEOUT_S; fail it after
+        MEMORY_ATTEMPTS."""
+        now = self.clock()
+        for request_id, pending in list(self.requests.items()):
+            if now < pending.deadline:
+                continue
+            if pending.attempts < MEMORY_ATTEMPTS:
+                pending.attempts += 1
+                pending.deadline = now + MEMORY_TIMEOUT_S
+                self.counters["memory_resent"] += 1
+                self.emit(pending.message, MEMORY)
+                continue
+            del self.requests[request_id]
+            pending.job.failed[request_id] = (
+                f"memory did not answer within {MEMORY_TIMEOUT_S:.0f} s ({pending.attempts} attempts)"
+            )
+            pending.job.runnable = True
+
+    def _forget_requests(self, job: Job) -> None:
+        for request_id in [r for r, p in self.requests.items() if p.job is job]:
+            del self.requests[request_id]
+
+    def _await(self, job: Job, request_id: str) -> Generator:
+        """(in a job) The reply to ``request_id``; raises MemoryUnavailable if it failed (and
+        Stopped when the job's answer was interrupted meanwhile)."""
+        while True:
+            if job.stopped:
+                self.requests.pop(request_id, None)
+                raise Stopped
+            if request_id in job.replies:
+                return job.replies.pop(request_id)
+            if request_id in job.failed:
+                raise MemoryUnavailable(job.failed.pop(request_id))
+            yield WAIT
+
+    def _advance(self, job: Job) -> None:
+        try:
+            job.started = True
+            if next(job.steps) is WAIT:  # type: ignore[arg-type]
+                job.runnable = False
+        except StopIteration:
+            self.jobs.remove(job)
+        except Exception as exc:  # a job failed: it is logged, the stage goes on
+            self.jobs.remove(job)
+            self._forget_requests(job)
+            log.exception("%s failed", job.kind, extra={"session": job.session})
+            self.counters["handler_errors"] += 1
+            self.emit(
+                Error(
+                    code="stage_error",
+                    message=f"reasoning: {job.kind}: {type(exc).__name__}: {str(exc)[:500]}",
+                    session=job.session,
                 )
-            except MemoryUnavailable:
-                return
-        self.answerer.prepare(draft, items)
-        self.runtime.counters["drafts_read"] += 1
+            )
+
+    # -- the loop's steps ----------------------------------------------------------------------
+
+    def next_job(self) -> Job | None:
+        """The job to advance now: the first question (one at a time, in the order they came),
+        else, while it waits for memory, the first runnable draft or session load."""
+        answering = False
+        for job in self.jobs:
+            if job.kind == "answer" and answering:
+                continue
+            if job.runnable:
+                return job
+            answering = answering or job.kind == "answer"
+        return None
+
+    def tick(self) -> bool:
+        """One bounded step: the next job's step (questions first), else a few queued records
+        prefilled (not while a question waits for memory: its own records are prefilled by
+        its job), else (idle) a synopsis. True while more work is ready."""
+        self.check_requests()
+        job = self.next_job()
+        if job is not None:
+            self._advance(job)
+            return True
+        if any(j.kind == "answer" for j in self.jobs):
+            return False
+        if self.prefill_step():
+            return True
+        if self._prefilled_since_release:
+            # Prefill passes of different lengths leave freed buffers scattered over glibc's
+            # heap, which it keeps: without this the process grew by ~1 GB over a 60-minute soak.
+            release_freed_memory()
+            self._prefilled_since_release = False
+        if self.jobs:  # waiting for memory
+            return False
+        if self.answerer.drop_stale_drafts():
+            release_freed_memory()  # the dropped drafts' assembled caches
+        for synopsis in self.synopsizer.unacknowledged(self.clock()):
+            self.emit(synopsis)
+        for session in self.synopsizer.due():
+            synopsis = self.synopsizer.write(session, self.waiting)
+            if synopsis is None:
+                self.counters["synopses_deferred"] += 1
+                return False
+            release_freed_memory()  # the synopsis prompt's cache
+            self.counters["synopses"] += 1
+            self.emit(synopsis)
+        return False
+
+    def prefill_step(self, session: str | None = None, upto: int | None = None) -> int:
+        """Prefill the first queued records (of ``session``, else of the first session whose
+        history is loaded), about ``PREFILL_STEP_TOKENS``, at least one; with ``upto`` only
+        records up to that index of its queue. Returns how many (0: nothing to do)."""
+        if session is None:
+            session = next(
+                (s for s, items in self.queued_records.items() if items and s in self.loaded_sessions),
+                None,
+            )
+            if session is None:
+                return 0
+        queue = self.queued_records.get(session, [])
+        limit = len(queue) if upto is None else min(upto, len(queue))
+        if not limit:
+            return 0
+        count, tokens = 0, 0
+        while count < limit and (count == 0 or tokens + estimate_tokens(queue[count]) <= PREFILL_STEP_TOKENS):
+            tokens += estimate_tokens(queue[count])
+            count += 1
+        items = queue[:count]
+        del queue[:count]
+        if not queue:
+            self.queued_records.pop(session, None)
+        self._stream(session, items)
+        return count
+
+    def _stream(self, session: str, items: list[MemoryItem]) -> None:
+        """Prefill ``items`` into the session's KV memory; watches see each record once as it
+        arrives, whether or not a question's retrieval prefilled it first."""
+        items = sorted(items, key=lambda i: i.item_id)
+        for item in self.answerer.ingest_many(session, items):
+            self.synopsizer.observe(session, item)
+            self.counters["records_streamed"] += 1
+        checked = self.watched_upto.get(session, 0)
+        for item in items:
+            if item.kind not in WATCHED_KINDS or item.item_id <= checked:
+                continue
+            checked = item.item_id
+            for alert in self.watches.check(session, item):
+                self.counters["alerts"] += 1
+                self.emit(alert)
+        self.watched_upto[session] = checked
+        self._prefilled_since_release = True
 
     def stream_records(self) -> None:
-        """Prefill the queued records into their sessions' KV memory; watches see each record
-        once as it arrives, whether or not a question's retrieval prefilled it first."""
-        queued, self.queued_records = self.queued_records, {}
-        for session, items in queued.items():
-            self._load_history(session)  # again if the session was unloaded since its records came
-            items = sorted(items, key=lambda i: i.item_id)
-            for item in self.answerer.ingest_many(session, items):
-                self.synopsizer.observe(session, item)
-                self.runtime.counters["records_streamed"] += 1
-            checked = self.watched_upto.get(session, 0)
-            for item in items:
-                if item.kind not in WATCHED_KINDS or item.item_id <= checked:
-                    continue
-                checked = item.item_id
-                for alert in self.watches.check(session, item):
-                    self.runtime.counters["alerts"] += 1
-                    self.runtime.publish(alert)
-            self.watched_upto[session] = checked
-        if queued:
-            # Prefill passes of different lengths leave freed buffers scattered over glibc's heap,
-            # which it keeps: without this the process grew by ~1 GB over a 60-minute soak.
-            release_freed_memory()
+        """Prefill every queued record of the sessions whose history is loaded, now."""
+        while self.prefill_step():
+            pass
 
-    def _load_history(self, session: str) -> None:
-        """On first contact with a session (after a restart, or after it was unloaded from RAM),
-        stream what memory already holds, page by page: the records after those its spilled KV
-        blocks hold go into the live window, and the synopsis is seeded."""
+    def _prefill_before(self, session: str, ts: float | None = None, item_id: int | None = None) -> Generator:
+        """(in a job) Prefill the session's queued records that a question needs: those that
+        ended by ``ts`` (every one when ``ts`` <= 0: "now") and those up to ``item_id``, with
+        everything queued before them (the KV holds records in order); a step at a time."""
+        while True:
+            queue = self.queued_records.get(session, [])
+            needed = 0
+            for index, item in enumerate(queue):
+                if (ts is not None and (ts <= 0 or item.t1 <= ts)) or (
+                    item_id is not None and item.item_id <= item_id
+                ):
+                    needed = index + 1
+            if not needed:
+                return
+            self.counters["records_before_answer"] += self.prefill_step(session, upto=needed)
+            yield
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def load_session(self, session: str) -> None:
+        """On first contact with a session, a job streams what memory holds (``_load_history``)."""
+        if (
+            session not in self.loaded_sessions
+            and session not in self.loading
+            and not any(j.kind == "load" and j.session == session for j in self.jobs)
+        ):
+            job = Job("load", session)
+            self.start(job, self._load_history(job, session))
+
+    def _load_history(self, job: Job, session: str) -> Generator:
+        """(in a job) On first contact with a session (after a restart, or after it was unloaded
+        from RAM), stream what memory already holds, page by page: the records after those its
+        spilled KV blocks hold go into the live window, and the synopsis is seeded. Another job
+        loading it is waited for."""
+        while session in self.loading:
+            yield WAIT  # woken when that load ends
         if session in self.loaded_sessions:
             return
-        self.loaded_sessions.add(session)
+        self.loading.add(session)
+        try:
+            yield from self._load_pages(job, session)
+        finally:
+            self.loading.discard(session)
+            for other in self.jobs:
+                other.runnable = True
+
+    def _load_pages(self, job: Job, session: str) -> Generator:
         try:  # its standing questions, stored by memory (they outlive this process)
-            stored = self.memory.watches(session)
+            reply = yield from self._await(
+                job, self.request(job, WatchesRequest(session=session, request_id=uuid.uuid4().hex))
+            )
         except MemoryUnavailable as exc:
             log.warning("could not load session watches: %s", exc, extra={"session": session})
-            self.loaded_sessions.discard(session)
             return
+        stored = reply.watches
         for watch in stored:
             try:
                 self.watches.add(watch)
             except ValueError as exc:  # stored by an older, laxer memory
                 log.warning("stored watch refused: %s", exc, extra={"session": session})
-        self.runtime.counters["watches_loaded"] += len(stored)
-        # Records waiting in the queue (and any stored after them: their Records follow) are
-        # streamed by stream_records, which checks them against the watches.
-        cut = min((item.item_id for item in self.queued_records.get(session, [])), default=float("inf"))
+        self.counters["watches_loaded"] += len(stored)
         after_id = 0
         while True:
+            request = Retrieve(
+                ts=HISTORY_TS,
+                session=session,
+                request_id=uuid.uuid4().hex,
+                query="",
+                after_id=after_id,
+                page_size=HISTORY_PAGE_RECORDS,
+            )
             try:
-                page = self.memory.request(
-                    Retrieve(
-                        ts=HISTORY_TS,
-                        session=session,
-                        request_id=uuid.uuid4().hex,
-                        query="",
-                        after_id=after_id,
-                        page_size=HISTORY_PAGE_RECORDS,
-                    )
-                )
+                page = yield from self._await(job, self.request(job, request))
             except MemoryUnavailable as exc:
                 # The pages streamed so far stay; the next contact asks again from the start
                 # (records already held are skipped).
                 log.warning("could not load session history: %s", exc, extra={"session": session})
-                self.loaded_sessions.discard(session)
                 return
             for item in page.items:
                 if item.kind == "synopsis":
                     self.synopsizer.seed(session, item)
+            # Records waiting in the queue (and any stored after them: their Records follow)
+            # are streamed from there, where the watches see them.
+            cut = min((item.item_id for item in self.queued_records.get(session, [])), default=float("inf"))
             streamed = sorted(
                 (i for i in page.items if i.kind in STREAMED_KINDS and i.item_id < cut),
                 key=lambda i: i.item_id,
             )
-            self.answerer.ingest_many(session, streamed)
-            for item in streamed:  # the digest skips what its synopsis covers or it has seen
-                self.synopsizer.observe(session, item)
-            self.runtime.counters["history_pages"] += 1
+            for start in range(0, len(streamed), 16):  # a step at a time
+                chunk = streamed[start : start + 16]
+                self.answerer.ingest_many(session, chunk)
+                for item in chunk:  # the digest skips what its synopsis covers or it has seen
+                    self.synopsizer.observe(session, item)
+                self._prefilled_since_release = True
+                yield
+            self.counters["history_pages"] += 1
             if not page.more or not page.items:
+                self.loaded_sessions.add(session)
                 return
             after_id = max(item.item_id for item in page.items)
 
@@ -295,127 +529,124 @@ class ReasoningStage:
         self.watched_upto.pop(session, None)
         self.synopsizer.forget(session)
         self.watches.forget(session)
-        self.runtime.counters["sessions_unloaded"] += 1
+        self.counters["sessions_unloaded"] += 1
         release_freed_memory()
 
-    # -- synopsis (L3): written when idle, never while a question waits ------------------------
+    # -- jobs' steps ----------------------------------------------------------------------------
 
-    def _question_waiting(self) -> bool:
-        """Polls the bus; True once an ``Ask`` (or a shutdown) arrived. The messages stay queued
-        for the main loop, which answers the question next."""
-        for message in self.runtime.poll(0):
-            if isinstance(message, Ask | Draft | Shutdown):
-                self._ask_waiting = True
-        self.runtime.maybe_publish_stats()  # a long synopsis must not look like a hung stage
-        return self._ask_waiting or not self.runtime.running
-
-    def tick(self) -> None:
-        """Called by the runtime loop when every queued message is handled (idle)."""
-        if self.answerer.drop_stale_drafts():
-            release_freed_memory()  # the dropped drafts' assembled caches
-        self.stream_records()
-        for synopsis in self.synopsizer.unacknowledged(time.monotonic()):
-            self.runtime.publish(synopsis)
-        self._ask_waiting = False
-        for session in self.synopsizer.due():
-            synopsis = self.synopsizer.write(session, self._question_waiting)
-            if synopsis is None:
-                self.runtime.counters["synopses_deferred"] += 1
-                return
-            release_freed_memory()  # the synopsis prompt's cache
-            self.runtime.counters["synopses"] += 1
-            self.runtime.publish(synopsis)
-
-    def _interrupted(self, ask: Ask) -> bool:
-        for message in self.runtime.poll(0):
-            if isinstance(message, Shutdown):
-                return True
-            if (
-                isinstance(message, Interrupt)
-                and message.session == ask.session
-                and message.turn in ("", ask.turn)
-            ):
-                return True
-        return not self.runtime.running
-
-    def answer(self, ask: Ask) -> None:
-        """Answer ``ask``: deltas, then exactly one ``AnswerDone`` (with ``error`` set when the
-        question is invalid or answering it failed)."""
-        done = AnswerDone(ts=ask.ts, session=ask.session, turn=ask.turn, text="")
-        empty = [i for i, choice in enumerate(ask.choices) if not split_choice(choice)]
-        if not ask.question.strip() or len(ask.question) > MAX_QUESTION_CHARS:
-            done.error = f"Ask.question must be 1..{MAX_QUESTION_CHARS} characters, got {len(ask.question)}"
-        elif empty:
-            done.error = f"Ask.choices[{empty[0]}] has no text after its letter: {ask.choices[empty[0]]!r}"
-        if done.error:
-            self.runtime.publish(done)
-            return
+    def _add_watch(self, job: Job, watch: Watch) -> Generator:
+        yield from self._load_history(job, watch.session)  # its stored watches, this one among them
         try:
-            self._answer(ask, done)
+            self.watches.add(watch)
+        except ValueError as exc:
+            self.emit(
+                Error(code="invalid", message=str(exc), request_id=watch.watch_id, session=watch.session)
+            )
+
+    def _read_ahead(self, job: Job, draft: Draft) -> Generator:
+        """Prepare the spoken question in ``draft``; the first draft of a question retrieves its
+        memory. A draft that fails (memory away) is dropped: the Ask will do the work."""
+        items = None
+        if not self.answerer.has_prepared(draft.session):
+            yield from self._load_history(job, draft.session)
+            request = Retrieve(
+                ts=draft.ts, session=draft.session, request_id=uuid.uuid4().hex, query=draft.question
+            )
+            request_id = self.request(job, request)
+            yield from self._prefill_before(draft.session, ts=draft.ts)
+            try:
+                items = (yield from self._await(job, request_id)).items
+            except MemoryUnavailable:
+                return
+            yield from self._prefill_before(draft.session, item_id=self._newest(items))
+        self.answerer.prepare(draft, items)
+        self.counters["drafts_read"] += 1
+
+    @staticmethod
+    def _newest(items: list[MemoryItem]) -> int:
+        return max((i.item_id for i in items if i.kind in STREAMED_KINDS), default=0)
+
+    def _answer(self, job: Job, done: AnswerDone) -> Generator:
+        ask = job.ask
+        assert ask is not None
+        try:
+            yield from self._answer_steps(job, ask, done)
+        except Stopped:
+            done.error = "interrupted"
+            self.emit(done)
         except Exception as exc:  # one question failed: say so, keep the stage and the slot
             log.exception("answer failed", extra={"turn": ask.turn})
-            self.runtime.counters["answer_errors"] += 1
+            self.counters["answer_errors"] += 1
             done.error = f"answer failed: {type(exc).__name__}: {exc}"
-            self.runtime.publish(done)
+            self.emit(done)
 
-    def _answer(self, ask: Ask, done: AnswerDone) -> None:
-        start = time.monotonic()
+    def _answer_steps(self, job: Job, ask: Ask, done: AnswerDone) -> Generator:
+        start, before = self.clock(), self.counters["records_before_answer"]
         # Read ahead (Draft): memory was retrieved and assembled for the question's first words,
         # so records that arrived since can wait until after the answer.
         prepared = self.answerer.take_prepared(ask)
+        yield from self._load_history(job, ask.session)
+        items: list[MemoryItem] = []
         if prepared is None:
-            self.stream_records()
-        self._load_history(ask.session)
-        records_at = time.monotonic()
-        try:
-            items = (
-                []
-                if prepared is not None
-                else self.memory.retrieve(
-                    Retrieve(
-                        ts=ask.ts,
-                        session=ask.session,
-                        request_id=uuid.uuid4().hex,
-                        query=ask.question,
-                        turn=ask.turn,
-                    )
-                )
+            request_id = self.request(
+                job,
+                Retrieve(
+                    ts=ask.ts,
+                    session=ask.session,
+                    request_id=uuid.uuid4().hex,
+                    query=ask.question,
+                    turn=ask.turn,
+                ),
             )
-        except MemoryUnavailable as exc:
-            done.error = str(exc)
-            self.runtime.publish(done)
-            return
-        retrieved_at = time.monotonic()
+            # While memory retrieves: the records of this session that ended before the question
+            # (the rest of the backlog waits until after the answer).
+            yield from self._prefill_before(ask.session, ts=ask.ts)
+            records_at = self.clock()
+            try:
+                items = (yield from self._await(job, request_id)).items
+            except MemoryUnavailable as exc:
+                done.error = str(exc)
+                self.emit(done)
+                return
+            # Retrieved records still queued go in first, in order (the KV holds them in order).
+            yield from self._prefill_before(ask.session, item_id=self._newest(items))
+        else:
+            records_at = self.clock()
+        retrieved_at = self.clock()
+        if job.stopped:
+            raise Stopped
         if ask.mode != "full":
             items = fit_items(items, self.config.max_context_tokens, self.engine.count_tokens)
         pieces: list[str] = []
-        stopped = False
 
-        def stop() -> bool:  # remembers: the Interrupt is consumed by the poll that sees it
-            nonlocal stopped
-            stopped = stopped or self._interrupted(ask)
-            return stopped
+        def stop() -> bool:
+            return job.stopped
 
+        context: list[list[float]] | None = None
         for seq, (piece, choice) in enumerate(
             self.answerer.answer(ask, items, self.config.max_new_tokens, stop, prepared)
         ):
             if not pieces:
-                done.first_token_s = time.monotonic() - start
+                done.first_token_s = self.clock() - start
+                context = self.answerer.last_context  # its memory is assembled by now
             pieces.append(piece)
             done.choice = choice or done.choice
-            self.runtime.publish(
-                AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq)
-            )
+            self.emit(AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq))
+            yield  # the loop takes what arrived (an Interrupt) before the next piece
+            if job.stopped:
+                break
         done.text = "".join(pieces).strip()
-        done.context = self.answerer.last_context
-        if stop():
+        done.context = self.answerer.last_context if context is None else context
+        if job.stopped:
             done.error = "interrupted"
-        done.total_s = time.monotonic() - start
-        log.debug(
+        done.total_s = self.clock() - start
+        log.info(
             "answered",
             extra={
                 "turn": ask.turn,
                 "mode": ask.mode,
+                "records_before": int(self.counters["records_before_answer"] - before),
+                "queued_after": sum(len(q) for q in self.queued_records.values()),
                 "records_s": round(records_at - start, 3),
                 "retrieve_s": round(retrieved_at - records_at, 3),
                 "first_token_s": round(done.first_token_s, 3),
@@ -423,9 +654,30 @@ class ReasoningStage:
             },
         )
         release_freed_memory()  # the question's assembled cache (retrieved blocks + window)
-        self.runtime.counters["answers"] += 1
-        self.runtime.counters["answer_tokens"] += len(pieces)
-        self.runtime.publish(done)
+        self.counters["answers"] += 1
+        self.counters["answer_tokens"] += len(pieces)
+        self.emit(done)
+
+    def close(self) -> None:
+        """Stopping: a question being answered ends with an ``AnswerDone`` saying so (one not
+        started is left to the gateway, which sends it to the next reasoning); records still
+        queued stay in memory's store (streamed again on restart)."""
+        for job in list(self.jobs):
+            if job.kind == "answer" and job.ask is not None and job.started:
+                ask = job.ask
+                self.emit(
+                    AnswerDone(
+                        ts=ask.ts,
+                        session=ask.session,
+                        turn=ask.turn,
+                        text="",
+                        error="interrupted: reasoning stopped",
+                    )
+                )
+            if job.steps is not None:
+                job.steps.close()
+        self.jobs.clear()
+        self.requests.clear()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -438,7 +690,16 @@ def main(argv: list[str] | None = None) -> None:
     config = runtime.config.reasoning
     model_dir = prepare_llm(config.model, runtime.config.cache_dir)
     engine = LLMEngine(model_dir, config.dtype, config.threads)
-    stage = ReasoningStage(config, engine, MemoryClient(runtime.ctx, runtime.addresses.memory), runtime)
+    runtime.connect_memory()
+    stage = ReasoningStage(
+        config,
+        engine,
+        runtime.emit,
+        runtime.counters,
+        memory_config=runtime.config.memory,
+        spill_root=runtime.config.data_dir / "kv",
+        waiting=lambda: runtime.waiting(Ask, Draft, Shutdown),
+    )
     runtime.subscribe(*subscriptions("reasoning"))
     runtime.run(stage, tick=stage.tick)
 

@@ -694,8 +694,9 @@ def word_engine(tiny_llm_dir):
 
 class ReasoningHarness:
     """A ``ReasoningStage`` asking a real memory stage over a real ROUTER socket (served in a
-    thread: the memory process's reader), its published messages collected. Memory is filled
-    before the harness starts serving and not touched after."""
+    thread: the memory process's reader), driven by tests/harness.py's ``run_stage`` (``handle``:
+    one message, then the loop until the stage is idle), its published messages collected.
+    Memory is filled before the harness starts serving and not touched after."""
 
     def __init__(self, engine, memory: MemoryStage, root: Path, **reasoning):
         import threading
@@ -705,7 +706,7 @@ class ReasoningHarness:
 
         from omnistream.protocol.config import save_config
         from omnistream.protocol.sockets import make_socket
-        from omnistream.reasoning.stage import MemoryClient, ReasoningStage
+        from omnistream.reasoning.stage import ReasoningStage
 
         from ..conftest import make_config
 
@@ -729,24 +730,48 @@ class ReasoningHarness:
 
         self.thread = threading.Thread(target=serve, daemon=True)
         self.thread.start()
-        self.client = MemoryClient(ctx, address)
-        self.stage = ReasoningStage(self.config.reasoning, engine, self.client, self)
+        self.dealer = make_socket(ctx, zmq.DEALER)  # as the reasoning process's (Runtime.connect_memory)
+        self.dealer.connect(address)
+        self.stage = ReasoningStage(
+            self.config.reasoning,
+            engine,
+            self.emit,
+            self.counters,
+            memory_config=self.config.memory,
+            spill_root=self.config.data_dir / "kv",
+        )
 
-    # the parts of ``Runtime`` the stage uses
-    def publish(self, message) -> None:
+    def emit(self, message, to=None) -> bool:
         self.out.append(message)
+        return True
 
-    def poll(self, timeout_s: float = 0.0) -> list:
+    def respond(self, request) -> list:
+        """Memory's reply to ``request``, over the socket."""
+        import time
+
+        from omnistream.protocol.sockets import recv, send
+
+        send(self.dealer, request)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.dealer.poll(50):
+                _, reply = recv(self.dealer)
+                if getattr(reply, "request_id", None) == request.request_id:
+                    return [reply]
         return []
 
-    def maybe_publish_stats(self) -> None:
-        pass
+    def handle(self, message) -> None:
+        """``message`` to the stage, then its loop until it is idle (memory answering)."""
+        from ..harness import run_stage
+
+        run = run_stage(self.stage, [message], respond=self.respond, settle_s=0.2)
+        self.out += [sent.message for sent in run.sent if sent.to.channel == "bus"]
 
     def close(self) -> None:
         self.done.set()
         self.thread.join()
         self.router.close(linger=0)
-        self.client.sock.close(linger=0)
+        self.dealer.close(linger=0)
 
 
 def test_reasoning_holds_a_bounded_number_of_sessions_and_rebuilds_one_that_comes_back(
@@ -783,13 +808,13 @@ def test_reasoning_holds_a_bounded_number_of_sessions_and_rebuilds_one_that_come
     stage = harness.stage
     try:
         for record in records:  # as they came over the bus
-            stage.handle(record)
+            harness.handle(record)
             stage.stream_records()
             assert len(stage.answerer.sessions) <= 3 and len(stage.loaded_sessions) <= 3
         assert list(stage.answerer.sessions) == ["s47", "s48", "s49"]
         assert harness.counters["sessions_unloaded"] == 47
         assert len(stage.synopsizer.sessions) <= 3
-        stage.handle(Ask(ts=60, session="s0", turn="t0", question="what about the kettle?", mode="full"))
+        harness.handle(Ask(ts=60, session="s0", turn="t0", question="what about the kettle?", mode="full"))
         done = [m for m in harness.out if isinstance(m, AnswerDone)]
         assert len(done) == 1 and not done[0].error, done
         kv = stage.answerer.sessions["s0"].kv
@@ -820,7 +845,7 @@ def test_a_restarted_reasoner_streams_a_history_over_the_header_cap(word_engine,
     harness = ReasoningHarness(word_engine, memory, short_tmp, window_tokens=256)
     stage = harness.stage
     try:
-        stage.handle(
+        harness.handle(
             Record(session="long", ts=4001, t0=4000, item_id=ids[-1], kind="transcript", text="last")
         )
         assert "long" in stage.loaded_sessions

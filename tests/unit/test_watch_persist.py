@@ -79,7 +79,7 @@ def test_a_watch_survives_a_reasoning_restart_and_a_bad_one_is_refused_before_it
         assert isinstance(reply, Ack) and reply.request_id == "w1", reply
         watches = [m for m in published if isinstance(m, Watch)]
         assert [w.watch_id for w in watches] == ["w1"]  # stored, then passed to reasoning
-        first.stage.handle(watches[0])
+        first.handle(watches[0])
         # Refused with the reason, before any Ack: too long, then one watch too many.
         refused = as_the_gateway(memory, Watch(session="k", watch_id="long", condition="x" * 600), address)
         assert isinstance(refused, Error) and refused.code == "invalid" and refused.request_id == "long"
@@ -107,7 +107,7 @@ def test_a_watch_survives_a_reasoning_restart_and_a_bad_one_is_refused_before_it
         memory.handle(Transcript(session="k", t0=10.0, ts=14.0, text=FIRING))
         records = [m for m in published if isinstance(m, Record)]
         assert len(records) == 1
-        second.stage.handle(records[0])  # the first contact with the session after the restart
+        second.handle(records[0])  # the first contact with the session after the restart
         second.stage.stream_records()
         alerts = [m for m in second.out if isinstance(m, Alert)]
         assert [(a.watch_id, a.session) for a in alerts] == [("w1", "k")], second.out
@@ -117,7 +117,7 @@ def test_a_watch_survives_a_reasoning_restart_and_a_bad_one_is_refused_before_it
         # Cancelled: gone from the store and from the running reasoner.
         cancel = Watch(session="k", watch_id="w1", condition="", cancel=True)
         assert isinstance(memory.on_watch(cancel), Ack)
-        second.stage.handle(cancel)
+        second.handle(cancel)
         assert memory.store.watches("k") == [] and not second.stage.watches.watches.get("k")
     finally:
         second.close()
@@ -154,7 +154,7 @@ def test_a_record_a_question_prefilled_first_is_still_checked_against_the_watche
     memory = memory_stage(short_tmp, published)
     harness = ReasoningHarness(word_engine, memory, short_tmp)
     try:
-        harness.stage.handle(Watch(session="k", watch_id="w1", condition=CONDITION))
+        harness.handle(Watch(session="k", watch_id="w1", condition=CONDITION))
         memory.handle(Transcript(session="k", t0=0.0, ts=4.0, text=FIRING))
         [record] = [m for m in published if isinstance(m, Record)]
         harness.stage.handle(record)
