@@ -136,7 +136,14 @@ def shard_filter(index: int, replicas: int) -> None:
         self.counters["not_my_shard"] += len(messages) - len(kept)
         return kept
 
+    init = runtime.Runtime.__init__
+
+    def named_replica(self, name, *args, **kwargs) -> None:
+        init(self, name, *args, **kwargs)
+        self.name = f"{name}-{index}"  # its Stats say which replica: the gateway knows whose sessions
+
     runtime.Runtime._drain = owned_only
+    runtime.Runtime.__init__ = named_replica
 
 
 def stage_main(argv: list[str]) -> None:

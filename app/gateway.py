@@ -34,6 +34,13 @@ a frame and the lists included), and a request beyond one is answered with an ``
 
 Security: beyond loopback (``gateway.host``) both client sockets are CURVE servers and a ZAP
 handler admits only the authorised client keys (``protocol.security``).
+
+Layout (the stage contract, protocol/runtime.py): ``GatewayStage`` holds every rule above and no
+socket: a client's request comes to its ``handle`` as a ``ClientRequest`` (the connection's
+identity, whom it is charged to, its frames), memory's replies as ``MemoryReply``, and what it
+sends goes through ``emit`` (``to=client(identity)``, ``CLIENTS``, ``MEMORY`` or the bus).
+``GatewaySockets`` is the thin socket side: the ROUTER and PUB clients connect to (read round
+robin), CURVE, and the channels it lends the runtime's ``emit``.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ import logging
 import sys
 import time
 import uuid
-from collections import OrderedDict, deque
-from dataclasses import dataclass
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
 
@@ -52,8 +60,9 @@ import msgspec
 import numpy as np
 import zmq
 
+from omnistream.app.cluster import owner
 from omnistream.protocol.codec import ProtocolError, decode
-from omnistream.protocol.config import GatewayConfig
+from omnistream.protocol.config import Config, GatewayConfig
 from omnistream.protocol.messages import (
     WATCH_CONDITION_CHARS,
     Ack,
@@ -75,14 +84,14 @@ from omnistream.protocol.messages import (
     Watch,
 )
 from omnistream.protocol.routes import client_requests, relayed_to_clients
-from omnistream.protocol.runtime import Runtime
+from omnistream.protocol.runtime import BUS, CLIENTS, MEMORY, Emit, MemoryReply, Runtime, To, client
 from omnistream.protocol.security import (
     SecurityError,
     load_server_keys,
     make_curve_server,
     start_authenticator,
 )
-from omnistream.protocol.sockets import make_socket, recv, send
+from omnistream.protocol.sockets import make_socket, send
 from omnistream.speech.rates import sample_rate_problem
 
 log = logging.getLogger("omnistream.gateway")
@@ -266,6 +275,18 @@ def take_from(buckets: OrderedDict, key: object, speed: float, burst: float, amo
     return bucket.take(amount)
 
 
+@dataclass
+class ClientRequest:
+    """A client's request as the gateway's ROUTER read it: the connection's ``identity`` (where
+    the reply goes), ``client`` (``client_key``: whom its budgets are charged to) and the
+    message's ``frames`` (decoded and checked by the stage)."""
+
+    identity: bytes
+    client: tuple
+    frames: list = field(default_factory=list)
+    session: str = "default"
+
+
 def client_key(identity: bytes, frame: zmq.Frame) -> tuple[str, bytes | str]:
     """Whom a request's budget is charged to: the client's CURVE key when the gateway serves
     beyond loopback (all its connections share it), else the connection's ROUTER identity."""
@@ -277,31 +298,30 @@ def client_key(identity: bytes, frame: zmq.Frame) -> tuple[str, bytes | str]:
 
 
 class GatewayStage:
+    """The gateway's rules (checks, budgets, sessions, questions in flight, history and watch
+    forwarding), without sockets: built from the configuration and an ``emit`` callable."""
+
     name = "gateway"
 
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-        self.config = runtime.config.gateway
-        limit = runtime.config.bus.max_message_bytes
-        # Requests queued per client connection: few, so a flood waits in the client's socket
-        # (and its kernel buffers), not in the gateway's memory (1000 x 192 kB audio chunks was
-        # 190 MB; a frame is up to gateway.max_frame_bytes). Replies keep deep queues.
-        self.router = make_socket(
-            runtime.ctx, zmq.ROUTER, hwm=1000, max_message_bytes=limit, RCVHWM=CLIENT_QUEUE
-        )
-        self.client_pub = make_socket(runtime.ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
-        self.authenticator = None
-        if runtime.addresses.curve:
-            keys = load_server_keys(runtime.config.keys_dir)  # SecurityError: refuse to serve
-            self.authenticator = start_authenticator(runtime.ctx, keys)
-            make_curve_server(self.router, keys)
-            make_curve_server(self.client_pub, keys)
-        self.router.bind(runtime.addresses.gateway)
-        self.client_pub.bind(runtime.addresses.gateway_pub)
+    def __init__(
+        self,
+        config: Config,
+        emit: Emit,
+        counters: dict[str, float] | None = None,
+        *,
+        own_stats: Callable[[], Stats] | None = None,
+    ):
+        self.emit = emit
+        self.counters: dict[str, float] = counters if counters is not None else defaultdict(float)
+        self.config = config.gateway
+        self.bus = config.bus
+        self.replicas = config.cluster.reasoning_replicas
+        self.own_stats = own_stats or (lambda: Stats(stage="gateway", counters=dict(self.counters)))
         self.pending: OrderedDict[str, PendingAsk] = OrderedDict()
         self.failed: OrderedDict[str, str] = OrderedDict()  # turns this gateway ended with an error
         self.last_progress = time.monotonic()
         self.reasoning_pid = 0
+        self.replica_pids: dict[str, int] = {}  # a Ray cluster's reasoning replicas (app/cluster.py)
         self.percepts_relayed: OrderedDict[str, tuple[float | None, float]] = OrderedDict()
         self.resend_at: float | None = None
         self.audio_buckets: OrderedDict[tuple[str, str], AudioBucket] = OrderedDict()
@@ -312,21 +332,29 @@ class GatewayStage:
         self.client_sessions: OrderedDict[tuple, OrderedDict[str, float]] = OrderedDict()
         self.session_owners: OrderedDict[str, tuple] = OrderedDict()  # session -> CURVE key (not_owner)
         self.stats: dict[str, Stats] = {}
-        self.memory = make_socket(runtime.ctx, zmq.DEALER, hwm=1000, max_message_bytes=limit)
-        self.memory.connect(runtime.addresses.memory)
         # gateway-side id -> (client identity, client's request_id, deadline)
         self.history_pending: dict[str, tuple[bytes, str, float]] = {}
         # (session, watch_id) -> (client identity, deadline): watches memory has not stored yet
         self.watch_pending: dict[tuple[str, str], tuple[bytes, float]] = {}
-        runtime.add_socket(self.router, self.on_client)
-        runtime.add_socket(self.memory, self.on_memory)
-        runtime.subscribe(*FORWARDED_TO_CLIENTS)
 
-    def handle(self, message: Message) -> None:
+    def relay(self, message: Message) -> None:
+        """To every client's SUB (counted in ``client_dropped`` when its queue is full)."""
+        if not self.emit(message, CLIENTS):
+            self.counters["client_dropped"] += 1
+
+    def handle(self, message: Message | ClientRequest | MemoryReply) -> None:
+        if isinstance(message, ClientRequest):
+            self.serve_client(message.identity, message.client, message.frames)
+            return
+        if isinstance(message, MemoryReply):
+            self.on_memory(message.message)
+            return
         if isinstance(message, Stats):
             self.stats[message.stage] = message
             if message.stage == "reasoning" and message.state == "running":
                 self.on_reasoning_pid(message.pid)
+            elif message.stage.startswith("reasoning-") and message.state == "running":
+                self.on_reasoning_pid(message.pid, replica=message.stage)
         elif isinstance(message, AnswerDelta):
             pending = self.pending.get(message.turn)
             if pending is not None:
@@ -341,54 +369,30 @@ class GatewayStage:
             message = client_percept(self.percepts_relayed, message, time.monotonic())
             if message is None:
                 return
-        try:
-            send(self.client_pub, message, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.runtime.counters["client_dropped"] += 1
+        self.relay(message)
 
-    def on_client(self, sock: zmq.Socket) -> None:
-        """Serve at most ``bus.poll_max_messages`` requests and ``bus.poll_max_bytes`` bytes (the
-        rest wait in the socket), round robin across clients: the requests read are served one
-        per client in turn, so a client with a thousand waiting requests delays another's by one
-        request each, not a thousand."""
-        queues: OrderedDict[bytes, deque[list[zmq.Frame]]] = OrderedDict()
-        taken, max_bytes = 0, self.runtime.config.bus.poll_max_bytes
-        for _ in range(max(self.runtime.config.bus.poll_max_messages, 1)):
-            if taken >= max_bytes:  # and bus.poll_max_bytes: a flood of frames is not all taken at once
-                self.runtime.counters["poll_byte_limit"] += 1
-                break
-            try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            taken += sum(len(frame) for frame in frames)
-            queues.setdefault(frames[0].bytes, deque()).append(frames)
-        while queues:
-            for identity in list(queues):
-                waiting = queues[identity]
-                self.serve_client(sock, waiting.popleft())
-                if not waiting:
-                    del queues[identity]
-
-    def serve_client(self, sock: zmq.Socket, frames: list[zmq.Frame]) -> None:
-        """Answer one client request (``frames``: the ROUTER's identity, then the message)."""
-        identity = frames[0].bytes
+    def serve_client(self, identity: bytes, key: tuple, frames: list) -> None:
+        """Answer one client request (``frames``: the message; ``key``: ``client_key``)."""
         message: Message | None = None
         try:
-            message = decode(frames[1:], max_message_bytes=self.runtime.config.bus.max_message_bytes)
+            message = decode(frames, max_message_bytes=self.bus.max_message_bytes)
             if isinstance(message, HistoryRequest) and check_request(message, self.config) is None:
-                refused = self.not_owner(message, client_key(identity, frames[-1]))
+                refused = self.not_owner(message, key)
                 reply = refused or self.forward_history(identity, message)
             else:
-                reply = self.on_request(message, client_key(identity, frames[-1]))
+                reply = self.on_request(message, key)
                 if isinstance(message, Watch) and isinstance(reply, Ack):  # checked here: to memory
                     reply = self.forward_watch(identity, message)
         except ProtocolError as exc:
-            self.runtime.counters["rejected"] += 1
+            self.counters["rejected"] += 1
             reply = exc.to_error()
         except Exception as exc:  # answer the client; the gateway keeps serving
             what = type(message).__name__ if message is not None else "request"
-            self.runtime.handler_failed(what, exc)
+            log.error("handler failed on %s: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
+            self.counters["handler_errors"] += 1
+            self.emit(
+                Error(code="stage_error", message=f"gateway: {what}: {type(exc).__name__}: {str(exc)[:500]}")
+            )
             request_id = next(
                 (
                     str(getattr(message, f))
@@ -403,11 +407,11 @@ class GatewayStage:
                 request_id=request_id[:MAX_ID_CHARS],
             )
         if reply is not None:
-            send(sock, reply, prefix=[identity])
+            self.emit(reply, client(identity))
 
     def on_request(self, message: Message, client: tuple = ("connection", b"")) -> Message | None:
         """Check and route one client request; ``client`` (``client_key``) pays for its media."""
-        counters = self.runtime.counters
+        counters = self.counters
         if not isinstance(message, CLIENT_REQUESTS):
             counters["rejected"] += 1
             return Error(code="unsupported", message=f"clients may not send {type(message).__name__}")
@@ -419,7 +423,7 @@ class GatewayStage:
                 request_id = message.request_id[:MAX_ID_CHARS]
             return Error(code="invalid", message=reason, request_id=request_id[:MAX_ID_CHARS])
         if isinstance(message, StatusRequest):
-            self.stats["gateway"] = self.runtime.stats_message()
+            self.stats["gateway"] = self.own_stats()
             return Status(request_id=message.request_id, stages=dict(self.stats))
         refused = self.session_refused(message, client)
         if refused is not None:
@@ -449,7 +453,7 @@ class GatewayStage:
         counters[f"in_{type(message).__name__}"] += 1
         if isinstance(message, Watch):  # memory stores it and acknowledges it (forward_watch)
             return Ack(ts=message.ts, session=message.session, request_id=message.watch_id)
-        self.runtime.publish(message)
+        self.emit(message, BUS)
         if isinstance(message, Ask):
             return Ack(ts=message.ts, session=message.session, request_id=message.turn)
         return None
@@ -497,7 +501,7 @@ class GatewayStage:
             self.session_owners.popitem(last=False)
         if owner == client:
             return None
-        self.runtime.counters["not_owner"] += 1
+        self.counters["not_owner"] += 1
         request_id = getattr(message, "turn", "") or getattr(message, "watch_id", "")
         return Error(
             code="not_your_session",
@@ -530,13 +534,21 @@ class GatewayStage:
 
     # -- questions in flight -------------------------------------------------------------------
 
-    def on_reasoning_pid(self, pid: int) -> None:
-        """A new reasoning process: re-send what the old one had not started, fail the rest."""
-        previous, self.reasoning_pid = self.reasoning_pid, pid
+    def on_reasoning_pid(self, pid: int, replica: str = "") -> None:
+        """A new reasoning process: re-send what the old one had not started, fail the rest.
+        ``replica`` ("reasoning-I", a cluster's): only the questions of the sessions it owns."""
+        if replica:
+            previous = self.replica_pids.get(replica, 0)
+            self.replica_pids[replica] = pid
+        else:
+            previous, self.reasoning_pid = self.reasoning_pid, pid
         if not previous or previous == pid:
             return
-        self.runtime.counters["reasoning_restarts_seen"] += 1
+        self.counters["reasoning_restarts_seen"] += 1
+        replicas = self.replicas
         for pending in list(self.pending.values()):
+            if replica and replica != f"reasoning-{owner(pending.ask.session, replicas)}":
+                continue  # another replica's session: its answer goes on
             if pending.started or pending.resent:
                 self.fail(pending, "reasoning restarted while answering this question; ask again")
             else:
@@ -550,15 +562,12 @@ class GatewayStage:
         self.failed[ask.turn] = error
         while len(self.failed) > 1000:
             self.failed.popitem(last=False)
-        self.runtime.counters["asks_failed"] += 1
+        self.counters["asks_failed"] += 1
         done = AnswerDone(ts=ask.ts, session=ask.session, turn=ask.turn, text="", error=error)
-        try:
-            send(self.client_pub, done, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.runtime.counters["client_dropped"] += 1
-        self.runtime.publish(done)  # speech stops speaking it
+        self.relay(done)
+        self.emit(done)  # speech stops speaking it
         # ... and reasoning stops working on it if it still is (its client was told it failed)
-        self.runtime.publish(Interrupt(ts=ask.ts, session=ask.session, turn=ask.turn, reason=error))
+        self.emit(Interrupt(ts=ask.ts, session=ask.session, turn=ask.turn, reason=error))
 
     def check_pending(self) -> None:
         now = time.monotonic()
@@ -566,8 +575,8 @@ class GatewayStage:
             self.resend_at = None
             for pending in self.pending.values():
                 if pending.resent and not pending.started:
-                    self.runtime.counters["asks_resent"] += 1
-                    self.runtime.publish(pending.ask)
+                    self.counters["asks_resent"] += 1
+                    self.emit(pending.ask)
         timeout = self.config.ask_timeout_s
         if self.pending and now - self.last_progress > timeout:
             for pending in list(self.pending.values()):
@@ -581,7 +590,7 @@ class GatewayStage:
         comes in ``on_memory``. At most ``gateway.max_pending_history`` wait at once: beyond (or
         when memory's queue is full) an ``Error`` ``busy``."""
         if not (request.t0 <= request.t1 and 0 < request.limit <= MAX_HISTORY_ITEMS):
-            self.runtime.counters["rejected"] += 1
+            self.counters["rejected"] += 1
             return Error(
                 code="invalid",
                 message=f"HistoryRequest needs t0 <= t1 and 1 <= limit <= {MAX_HISTORY_ITEMS}, "
@@ -590,7 +599,7 @@ class GatewayStage:
             )
         limit = self.config.max_pending_history
         if len(self.history_pending) >= limit:
-            self.runtime.counters["history_busy"] += 1
+            self.counters["history_busy"] += 1
             return Error(
                 code="busy",
                 message=f"{len(self.history_pending)} history requests are waiting for memory "
@@ -598,10 +607,9 @@ class GatewayStage:
                 request_id=request.request_id,
             )
         forward_id = uuid.uuid4().hex
-        try:  # never blocks: a memory that is away or stalled must not stop the gateway
-            send(self.memory, msgspec.structs.replace(request, request_id=forward_id), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.runtime.counters["history_busy"] += 1
+        # never blocks: a memory that is away or stalled must not stop the gateway
+        if not self.emit(msgspec.structs.replace(request, request_id=forward_id), MEMORY):
+            self.counters["history_busy"] += 1
             return Error(
                 code="busy",
                 message="memory is not taking requests (its queue is full); retry in a few seconds",
@@ -612,7 +620,7 @@ class GatewayStage:
             request.request_id,
             time.monotonic() + HISTORY_TIMEOUT_S,
         )
-        self.runtime.counters["in_HistoryRequest"] += 1
+        self.counters["in_HistoryRequest"] += 1
         return None
 
     def forward_watch(self, identity: bytes, watch: Watch) -> Message | None:
@@ -620,16 +628,14 @@ class GatewayStage:
         to reasoning and acknowledges it; its ``Ack`` or ``Error`` is relayed in ``on_memory``."""
         key = (watch.session, watch.watch_id)
         if len(self.watch_pending) >= MAX_PENDING_WATCHES and key not in self.watch_pending:
-            self.runtime.counters["watch_busy"] += 1
+            self.counters["watch_busy"] += 1
             return Error(
                 code="busy",
                 message=f"{len(self.watch_pending)} watches are waiting for memory; retry in a few seconds",
                 request_id=watch.watch_id,
             )
-        try:
-            send(self.memory, watch, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.runtime.counters["watch_busy"] += 1
+        if not self.emit(watch, MEMORY):
+            self.counters["watch_busy"] += 1
             return Error(
                 code="busy",
                 message="memory is not taking requests (its queue is full); retry in a few seconds",
@@ -638,26 +644,19 @@ class GatewayStage:
         self.watch_pending[key] = (identity, time.monotonic() + HISTORY_TIMEOUT_S)
         return None
 
-    def on_memory(self, sock: zmq.Socket) -> None:
-        while True:
-            try:
-                _, reply = recv(sock, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ProtocolError as exc:
-                log.warning("bad reply from memory: %s", exc)
-                continue
-            if not isinstance(reply, History | Error | Ack):
-                continue
-            watch = self.watch_pending.pop((reply.session, reply.request_id), None)
-            if watch is not None and isinstance(reply, Ack | Error):
-                send(self.router, reply, prefix=[watch[0]])
-                continue
-            pending = self.history_pending.pop(reply.request_id, None) if not isinstance(reply, Ack) else None
-            if pending is None:  # answered after its deadline
-                continue
-            identity, client_request_id, _ = pending
-            send(self.router, msgspec.structs.replace(reply, request_id=client_request_id), prefix=[identity])
+    def on_memory(self, reply: Message) -> None:
+        """Memory's reply to a forwarded history request or watch: to the client that sent it."""
+        if not isinstance(reply, History | Error | Ack):
+            return
+        watch = self.watch_pending.pop((reply.session, reply.request_id), None)
+        if watch is not None and isinstance(reply, Ack | Error):
+            self.emit(reply, client(watch[0]))
+            return
+        pending = self.history_pending.pop(reply.request_id, None) if not isinstance(reply, Ack) else None
+        if pending is None:  # answered after its deadline
+            return
+        identity, client_request_id, _ = pending
+        self.emit(msgspec.structs.replace(reply, request_id=client_request_id), client(identity))
 
     def tick(self) -> None:
         """Tell clients whose history request memory left unanswered (memory down or restarting),
@@ -672,7 +671,7 @@ class GatewayStage:
                     message=f"memory did not answer the history request within {HISTORY_TIMEOUT_S:.0f} s",
                     request_id=client_request_id,
                 )
-                send(self.router, error, prefix=[identity])
+                self.emit(error, client(identity))
         for (session, watch_id), (identity, deadline) in list(self.watch_pending.items()):
             if now >= deadline:
                 del self.watch_pending[(session, watch_id)]
@@ -683,14 +682,96 @@ class GatewayStage:
                     request_id=watch_id,
                     session=session,
                 )
-                send(self.router, error, prefix=[identity])
+                self.emit(error, client(identity))
 
-    def stop(self) -> None:
+    def close(self) -> None:
+        pass
+
+
+class GatewaySockets:
+    """The gateway's sockets around a ``GatewayStage``: the ROUTER clients send requests to
+    (read round robin, handed to the stage as ``ClientRequest``), the PUB they subscribe to, the
+    DEALER to memory (``Runtime.connect_memory``), CURVE beyond loopback. Passed to
+    ``Runtime.run`` in the stage's place: it hands on ``handle`` and ``tick`` and closes the
+    sockets at the end."""
+
+    name = "gateway"
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        ctx, limit = runtime.ctx, runtime.config.bus.max_message_bytes
+        # Requests queued per client connection: few, so a flood waits in the client's socket
+        # (and its kernel buffers), not in the gateway's memory (1000 x 192 kB audio chunks was
+        # 190 MB; a frame is up to gateway.max_frame_bytes). Replies keep deep queues.
+        self.router = make_socket(ctx, zmq.ROUTER, hwm=1000, max_message_bytes=limit, RCVHWM=CLIENT_QUEUE)
+        self.client_pub = make_socket(ctx, zmq.PUB, hwm=10000, max_message_bytes=limit)
+        self.authenticator = None
+        if runtime.addresses.curve:
+            keys = load_server_keys(runtime.config.keys_dir)  # SecurityError: refuse to serve
+            self.authenticator = start_authenticator(ctx, keys)
+            make_curve_server(self.router, keys)
+            make_curve_server(self.client_pub, keys)
+        self.router.bind(runtime.addresses.gateway)
+        self.client_pub.bind(runtime.addresses.gateway_pub)
+        runtime.connect_memory()
+        runtime.outlets["clients"] = self.to_clients
+        runtime.outlets["client"] = self.to_client
+        self.stage = GatewayStage(
+            runtime.config, runtime.emit, runtime.counters, own_stats=runtime.stats_message
+        )
+        runtime.add_socket(self.router, self.on_client)
+        runtime.subscribe(*FORWARDED_TO_CLIENTS)
+
+    def to_clients(self, message: Message, _to: To) -> bool:
+        try:
+            send(self.client_pub, message, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def to_client(self, message: Message, to: To) -> bool:
+        send(self.router, message, prefix=[to.identity])
+        return True
+
+    def on_client(self, sock: zmq.Socket) -> None:
+        """Serve at most ``bus.poll_max_messages`` requests and ``bus.poll_max_bytes`` bytes (the
+        rest wait in the socket), round robin across clients: the requests read are served one
+        per client in turn, so a client with a thousand waiting requests delays another's by one
+        request each, not a thousand."""
+        queues: OrderedDict[bytes, deque[list[zmq.Frame]]] = OrderedDict()
+        taken, max_bytes = 0, self.runtime.config.bus.poll_max_bytes
+        for _ in range(max(self.runtime.config.bus.poll_max_messages, 1)):
+            if taken >= max_bytes:  # and bus.poll_max_bytes: a flood of frames is not all taken at once
+                self.runtime.counters["poll_byte_limit"] += 1
+                break
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            taken += sum(len(frame) for frame in frames)
+            queues.setdefault(frames[0].bytes, deque()).append(frames)
+        while queues:
+            for identity in list(queues):
+                waiting = queues[identity]
+                frames = waiting.popleft()
+                self.stage.handle(ClientRequest(identity, client_key(identity, frames[-1]), frames[1:]))
+                if not waiting:
+                    del queues[identity]
+
+    def handle(self, message: Message) -> None:
+        self.stage.handle(message)
+
+    def tick(self) -> None:
+        self.stage.tick()
+
+    def close(self) -> None:
+        self.stage.close()
         if self.authenticator is not None:
             self.authenticator.stop()
         self.router.close(linger=0)
         self.client_pub.close(linger=0)
-        self.memory.close(linger=0)
+
+    stop = close
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -699,13 +780,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runtime = Runtime("gateway", args.run_dir)
     try:
-        stage = GatewayStage(runtime)
+        gateway = GatewaySockets(runtime)
     except SecurityError as exc:
         log.error("refusing to serve clients beyond loopback without CURVE keys: %s", exc)
         print(f"gateway: refusing to start: {exc}", file=sys.stderr)
         runtime.close()
         sys.exit(2)
-    runtime.run(stage, tick=stage.tick)
+    runtime.run(gateway, tick=gateway.tick)
 
 
 if __name__ == "__main__":
