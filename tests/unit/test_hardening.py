@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import zmq
 
-from omnistream.app.gateway import CLIENT_REQUESTS, GatewayStage, check_request
+from omnistream.app.gateway import CLIENT_REQUESTS, GatewaySockets, GatewayStage, check_request
 from omnistream.app.launcher import Launcher
 from omnistream.memory.stage import MemoryStage
 from omnistream.memory.store import MemoryStore
@@ -316,7 +316,8 @@ def test_runtime_keeps_running_after_a_handler_raises(probe_runtime: Runtime, sh
 
 
 def test_gateway_answers_a_request_whose_handling_fails_and_serves_the_next(probe_runtime: Runtime) -> None:
-    gateway = GatewayStage(probe_runtime)
+    sockets = GatewaySockets(probe_runtime)
+    gateway = sockets.stage
     served = gateway.on_request
 
     def failing_once(message: Message, client: tuple = ("connection", b"")) -> Message | None:
@@ -342,7 +343,7 @@ def test_gateway_answers_a_request_whose_handling_fails_and_serves_the_next(prob
         assert probe_runtime.counters["handler_errors"] == 1
     finally:
         client.close(linger=0)
-        gateway.stop()
+        sockets.close()
 
 
 # -- item 4: bounded receive, per-connection budgets ------------------------------------------------
@@ -438,7 +439,7 @@ def test_new_session_names_do_not_bypass_the_connections_budget(budget_gateway: 
 def test_a_client_may_name_a_bounded_number_of_sessions(probe_runtime: Runtime) -> None:
     """A loop over new session names (a tab reloaded, a script) stops at the limit with an Error
     naming it; names in use keep working, another client has its own, idle names are released."""
-    gateway = GatewayStage(probe_runtime)
+    gateway = GatewayStage(probe_runtime.config, probe_runtime.emit, probe_runtime.counters)
     chunk = np.zeros(160, np.float32)
     one, other = ("connection", b"one"), ("connection", b"other")
     try:
@@ -458,4 +459,4 @@ def test_a_client_may_name_a_bounded_number_of_sessions(probe_runtime: Runtime) 
         assert gateway.on_request(AudioChunk(session="s50", pcm=chunk), one) is None
         assert list(gateway.client_sessions[one]) == ["s50"]
     finally:
-        gateway.stop()
+        gateway.close()

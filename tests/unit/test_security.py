@@ -667,7 +667,7 @@ def test_new_connections_do_not_buy_more_audio_than_the_gateways_total_budget(pr
     counted (it passed on all 100 s: a loop over new connections filled speech's queue)."""
     from omnistream.app.gateway import GatewayStage
 
-    gateway = GatewayStage(probe_runtime)
+    gateway = GatewayStage(probe_runtime.config, probe_runtime.emit, probe_runtime.counters)
     second = np.zeros(16_000, np.float32)
     try:
         start = time.monotonic()
@@ -678,4 +678,4 @@ def test_new_connections_do_not_buy_more_audio_than_the_gateways_total_budget(pr
         assert 5 <= accepted <= 5 + 2.0 * span + 1, (accepted, span)
         assert probe_runtime.counters["audio_dropped_s"] == pytest.approx(100 - accepted)
     finally:
-        gateway.stop()
+        gateway.close()
