@@ -241,8 +241,11 @@ class PerceptionStage:
             self.counters["rejected"] += 1
         if len(self.slot) and self.wall_limiter.admit(time.monotonic()):
             frames = [frame for frame in self.slot.take(self.batch_size) if self._due(frame)]
-            if frames:
-                self.encode(frames)
+            shapes: dict[tuple[int, ...], list[SampledFrame]] = {}
+            for frame in frames:  # a batch is one shape: streams of other sizes go in their own
+                shapes.setdefault(frame.image.shape, []).append(frame)
+            for batch in shapes.values():
+                self.encode(batch)
         self._collect_detections()
         self._release_clips()
         now = time.monotonic()

@@ -15,7 +15,7 @@ from omnistream.perception.encoder import load_encoder
 from omnistream.perception.sampling import FairSlot, SampledFrame
 from omnistream.perception.stage import PerceptionStage
 from omnistream.protocol.config import Config, load_config
-from omnistream.protocol.messages import AudioChunk, Percept
+from omnistream.protocol.messages import AudioChunk, Percept, VideoFrame
 
 
 def frame(session: str, index: int) -> SampledFrame:
@@ -158,3 +158,18 @@ def test_two_files_read_at_once_are_encoded_in_turn_each_as_its_own_session() ->
     assert sound == {"left", "right"}  # each file's sound track goes out as its own session's
     with pytest.raises(ValueError, match="already reads a source for session 'left'"):
         stage.start_source(str(DEFAULT_SAMPLE), "left")
+
+
+def test_pushed_streams_of_different_sizes_are_each_encoded() -> None:
+    out: list = []
+    config = load_config(None, {"perception.objects_fps": 0.0, "perception.ocr": False})
+    stage = PerceptionStage(
+        config.perception, load_encoder("efficientnet-lite0"), out.append, defaultdict(float)
+    )
+    rng = np.random.default_rng(0)
+    for index, (session, shape) in enumerate([("a", (48, 64, 3)), ("b", (60, 80, 3)), ("c", (48, 64, 3))]):
+        image = rng.integers(0, 255, shape, dtype=np.uint8)
+        stage.handle(VideoFrame(ts=1.0, image=image, index=index, session=session))
+    stage.tick()  # one batch taken from the three streams, encoded as two (one per frame size)
+    assert sorted(m.session for m in out if isinstance(m, Percept)) == ["a", "b", "c"]
+    stage.stop()
