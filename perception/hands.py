@@ -420,8 +420,10 @@ def annotate(
             loose.append((hand, things))
             continue
         held.setdefault(owner, []).extend(things)
-        if hand.gesture:
-            extra.setdefault(owner, []).append(GESTURE_WORDS[hand.gesture])
+        if hand.gesture:  # where the hand is, as the viewer sees it: "showing an open hand on the right"
+            side = position_words(hand.box, *frame_size).split(",")[0]
+            where = "in the centre" if side == "centre" else f"on the {side}"
+            extra.setdefault(owner, []).append(f"{GESTURE_WORDS[hand.gesture]} {where}")
     out = describe_people(sightings, poses, held, extra)
     width, height = frame_size
     for hand, things in loose:

@@ -43,8 +43,12 @@ HUES = (
     ("red", 340, 360),
 )
 ACHROMATIC = frozenset({"black", "grey", "white"})
-# Neighbouring hues are one colour's shading, not two colours ("orange-red and orange").
-NEIGHBOURS = frozenset({frozenset({"red", "orange-red"}), frozenset({"orange-red", "orange"})})
+# Neighbouring hues are one colour's shading, not two colours ("orange-red and orange"); brown is
+# the dark shade of the warm hues ("orange-red and brown" was an apple's shadow side).
+NEIGHBOURS = frozenset(
+    {frozenset({"red", "orange-red"}), frozenset({"orange-red", "orange"})}
+    | {frozenset({"brown", warm}) for warm in ("red", "orange-red", "orange")}
+)
 
 
 def _pixel_names(hsv: np.ndarray) -> np.ndarray:
@@ -90,9 +94,9 @@ def colour_name(rgb: np.ndarray, second_share: float = 0.3, second_chromatic_sha
     return first
 
 
-def article(word: str) -> str:
-    """ "an" before a vowel sound ("an orange shirt"), else "a"."""
-    return "an" if word[:1].lower() in "aeiou" else "a"
+def article(name: str) -> str:
+    """ "an orange shirt", "a red cup"."""
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
 
 
 def colour_region(image: np.ndarray, box: tuple[int, int, int, int], label: str) -> np.ndarray:
@@ -138,7 +142,7 @@ class ObjectSighting:
     def name(self) -> str:
         """ "red cup", "person in a blue shirt"."""
         if self.label == "person":
-            return f"person in {article(self.colour)} {self.colour} shirt" if self.colour else "person"
+            return f"person in {article(self.colour)} shirt" if self.colour else "person"
         if self.colour and self.colour.split()[0] not in self.label.split():  # not "orange orange"
             return f"{self.colour} {spoken(self.label)}"
         return spoken(self.label)

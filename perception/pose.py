@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from omnistream.perception.objects import ObjectSighting, package_dir
+from omnistream.perception.objects import ObjectSighting, article, package_dir
 
 log = logging.getLogger("omnistream.perception")
 
@@ -218,10 +218,6 @@ def held_objects(
             distance = min(float(np.linalg.norm(p - centre)) for p in inside) / max(scale, 1.0)
             found.append((distance, sighting))
     return sorted(found, key=lambda pair: pair[0])
-
-
-def article(name: str) -> str:
-    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
 
 
 def pose_words(kp: Keypoints, held: Sequence[ObjectSighting] = ()) -> tuple[str, ...]:

@@ -192,9 +192,7 @@ def _people(n: int) -> str:
 def _described(track: Track) -> str:
     s = track.sighting
     if track.label == "person":
-        return f"person {track.track_id}" + (
-            f" (in {article(s.colour)} {s.colour} shirt)" if s.colour else ""
-        )
+        return f"person {track.track_id}" + (f" (in {article(s.colour)} shirt)" if s.colour else "")
     if s.colour and s.colour.split()[0] not in track.label.split():
         return f"{s.colour} {track.name}"
     return track.name

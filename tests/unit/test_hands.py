@@ -162,7 +162,10 @@ def test_hands_join_their_person_or_stand_alone() -> None:
     phone = sighting("cell phone", (520, 300, 560, 360), "black")
     hands = [hand_at((100, 100, 160, 170), "a thumbs up"), hand_at((500, 280, 560, 350), "pointing")]
     out = annotate([person, cup, phone], {}, hands, (640, 480))
-    assert out[0].describe() == "person in a blue shirt (centre, holding a red cup, giving a thumbs up)"
+    assert (
+        out[0].describe()
+        == "person in a blue shirt (centre, holding a red cup, giving a thumbs up on the left)"
+    )
     loose = [s for s in out if s.label == "hand"]
     assert len(loose) == 1 and loose[0].pose == ("pointing", "holding a black phone")
     assert loose[0].position.startswith("right")

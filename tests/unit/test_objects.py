@@ -100,6 +100,8 @@ def test_warm_lit_red_is_orange_red_and_shading_is_one_colour() -> None:
     assert colour_name(patch) == "orange-red"
     patch[:, 26:] = (230, 130, 30)  # hue 31: orange, 35 %
     assert colour_name(patch) == "orange-red"
+    patch[:, 26:] = (110, 45, 15)  # the same hue in shadow: brown, 35 %
+    assert colour_name(patch) == "orange-red"
 
 
 def test_opencv_samples_colours(detector: ObjectDetector) -> None:
