@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from omnistream.protocol.text import content_words, number
+from omnistream.protocol.text import content_words, number, words
 
 NOT_SEEN = re.compile(
     r"\b(did not|didn't|do not|don't|cannot|can't|could not|couldn't|no record|not sure|unclear|"
@@ -23,6 +23,7 @@ NOT_SEEN = re.compile(
 BETWEEN = re.compile(r"\bbetween (\w+) and (\w+)\b")
 SUPPORT_MIN = 0.5  # share of a choice's (weighted) words the answer must name
 SUPPORT_MARGIN = 0.2  # ... and by how much it must beat the next choice
+SUPPORT_ALONE = 0.3  # ... or this much, when the answer names nothing of any other choice
 
 
 def _ranges(text: str) -> list[tuple[int, int]]:
@@ -52,9 +53,29 @@ def support(answer: str, choices: list[str]) -> list[float]:
     return scores
 
 
+def _head_of_compound(answer: str, choices: list[str], tied: list[int]) -> int | None:
+    """Of choices the answer supports equally, the one named by the last word of a compound
+    ("a fox squirrel": a squirrel, not a fox; "a soccer ball": a ball), when each is named by
+    one word and those words stand side by side in the answer; else None."""
+    said = [content_words(word) for word in words(answer)]  # by position, stop words empty
+    positions = []
+    for index in tied:
+        mine = set(content_words(choices[index]))
+        at = [i for i, forms in enumerate(said) if forms and forms[0] in mine]
+        if len(mine) != 1 or len(at) != 1:
+            return None
+        positions.append((at[0], index))
+    positions.sort()
+    if any(b[0] - a[0] != 1 for a, b in zip(positions, positions[1:], strict=False)):
+        return None
+    return positions[-1][1]
+
+
 def supported_choice(answer: str, choices: list[str]) -> int | None:
     """The index of the one choice ``answer`` clearly supports, or None (no such choice, a tie,
-    or an answer that says it did not see or hear)."""
+    or an answer that says it did not see or hear). A choice only partly named (one word of
+    "red and blue stripes") is picked when the answer names nothing of any other choice; of
+    choices named in one compound ("fox squirrel") the last word's is picked."""
     if not answer.strip() or NOT_SEEN.search(answer) or not choices:
         return None
     scores = support(answer, choices)
@@ -63,4 +84,9 @@ def supported_choice(answer: str, choices: list[str]) -> int | None:
     runner_up = scores[order[1]] if len(order) > 1 else 0.0
     if scores[best] >= SUPPORT_MIN and scores[best] - runner_up >= SUPPORT_MARGIN:
         return best
+    if scores[best] >= SUPPORT_ALONE and runner_up == 0.0:
+        return best
+    tied = [i for i in order if scores[i] >= SUPPORT_MIN and scores[best] - scores[i] < SUPPORT_MARGIN]
+    if len(tied) > 1:
+        return _head_of_compound(answer, choices, tied)
     return None

@@ -30,6 +30,11 @@ def test_content_words_normalise_numbers_plurals_and_drop_stop_words() -> None:
         ("A red apple.", ["green", "yellow", "purple", "red"], 3),
         ("I see three people walking.", COUNT, 2),  # 3 lies between two and ten
         ("A cab and a limousine.", ["aeroplanes", "bicycles", "a cab and a limousine", "boats"], 2),
+        # A compound names its last word: a fox squirrel is a squirrel, a soccer ball a ball.
+        ("A fox squirrel is on screen right now.", ["a rabbit", "a cat", "a fox", "a squirrel"], 3),
+        ("A soccer ball.", ["soccer", "a ball", "a dog", "a cup"], 1),
+        # Part of one choice, nothing of the others: that choice.
+        ("The shirt was blue.", ["all white", "red and blue stripes", "green and yellow", "black"], 1),
     ],
 )
 def test_the_choice_the_answer_names_is_picked(answer: str, choices: list[str], expected: int) -> None:
@@ -43,6 +48,8 @@ def test_the_choice_the_answer_names_is_picked(answer: str, choices: list[str], 
         ("I didn't hear anyone say it.", ["yes", "no", "twice", "never"]),
         ("Something on a table.", ["a pencil", "a coin", "a ball", "a phone"]),  # names none
         ("A ball.", ["a red ball", "a blue ball", "a cup", "a phone"]),  # a tie: red or blue?
+        ("A fox or a squirrel.", ["a rabbit", "a cat", "a fox", "a squirrel"]),  # not one compound
+        ("Red, not green.", ["green", "yellow", "purple", "red"]),
         ("", ["a", "b"]),
     ],
 )
