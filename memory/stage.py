@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -101,6 +102,12 @@ TIMELINE_TERMS = 4  # things of a question looked up in the scenes
 TIMELINE_CLIPS = 2000  # the newest clips a scene timeline reads
 TIMELINE_LABELS = 3  # a clip names what its best 3 classifier labels, objects and text name
 TIMELINE_LISTED = 4  # appearances listed one by one; beyond, the first and the last
+# "on screen" names no TV: phrases about the picture itself are cut before looking for things.
+ON_SCREEN = re.compile(r"\b(?:on|off|onto) (?:the )?screen\b", re.IGNORECASE)
+# A question about what came last wants the order of last appearances too.
+LATEST = re.compile(r"\b(?:most recent(?:ly)?|latest|last)\b", re.IGNORECASE)
+WHERE = re.compile(r"\bwhere\b", re.IGNORECASE)
+SCENE_SUMMARY_CHARS = 120
 
 
 def known(item, until_ts: float) -> bool:
@@ -119,6 +126,16 @@ def scene_words(description: str) -> set[str]:
         elif ":" in part:  # objects: ..., people: ..., text: "..."
             named.append(part.split(":", 1)[1])
     return set(content_words(" ".join(named)))
+
+
+def scene_summary(description: str) -> str:
+    """A clip's description cut short to say which scene it was: its best two classifier labels
+    and the start of what the detectors found."""
+    parts = description.split("; ")
+    labels = parts[0].removeprefix("seen: ").split(", ")[:2] if parts[0].startswith("seen: ") else []
+    found = [part for part in parts[1:] if ":" in part][:1]
+    text = "; ".join([", ".join(labels), *found]) if labels else "; ".join(found)
+    return text if len(text) <= SCENE_SUMMARY_CHARS else text[: SCENE_SUMMARY_CHARS - 3] + "..."
 
 
 def appearances(clips: list, named_by: list[set[str]], term: str) -> list[list[float]]:
@@ -313,7 +330,8 @@ class MemoryStage:
         now; for people, the most present at once; then the other things it names that scenes
         named (classifier labels, text read: ``scene_timeline``), and the order in which they
         all first appeared. Computed here, not left to the model."""
-        facts, firsts = [], []
+        query = ON_SCREEN.sub(" ", query)
+        facts, firsts, lasts = [], [], []
         told: set[str] = set()  # words of the classes the tracker's timeline told of
         for label in classes_in(query)[:3]:
             rows = [row for row in self.store.sightings(session, label, until_ts) if known(row, until_ts)]
@@ -341,6 +359,10 @@ class MemoryStage:
                     f"{look} ({', '.join(times[:TIMELINE_LISTED])}{', ...' if len(times) > TIMELINE_LISTED else ''})"
                     for look, times in list(looks.items())[:TIMELINE_LISTED]
                 )
+            if appeared and not now and WHERE.search(query):  # where: in which scene
+                scene = self.store.between(session, appeared[-1].t0, appeared[-1].t0, ("clip",), 1)
+                if scene:
+                    fact += f"; the scene it was last in: {scene_summary(scene[0].meta.get('base', scene[0].text))}"
             if label == "person":  # the most at once: the tracker's closed intervals, or now
                 spans = [
                     (int(r.meta.get("count", 0)), clock(r.t0), clock(r.t1))
@@ -354,32 +376,38 @@ class MemoryStage:
             facts.append(fact)
             if appeared:
                 firsts.append((appeared[0].t0, name))
+                lasts.append((appeared[-1].t0, name))
             told.update(content_words(label))
-        scene_facts, scene_firsts = self.scene_timeline(session, query, until_ts, told)
+        scene_facts, scene_firsts, scene_lasts = self.scene_timeline(session, query, until_ts, told)
         facts += scene_facts
         firsts += scene_firsts
+        lasts += scene_lasts
         if len(firsts) > 1:
             order = ", ".join(f"{name} ({clock(t0)})" for t0, name in sorted(firsts, key=lambda f: f[0]))
             facts.append(f"in order of first appearance: {order}")
+        if len(lasts) > 1 and LATEST.search(query):
+            order = ", ".join(f"{name} ({clock(t0)})" for t0, name in sorted(lasts, key=lambda f: f[0]))
+            facts.append(f"in order of last appearance, the most recent last: {order}")
         return facts
 
     def scene_timeline(
         self, session: str, query: str, until_ts: float, skip: set[str]
-    ) -> tuple[list[str], list[tuple[float, str]]]:
+    ) -> tuple[list[str], list[tuple[float, str]], list[tuple[float, str]]]:
         """The things ``query`` names that clip descriptions name too (classifier labels, objects,
         text read on screen): each one's separate appearances (runs of consecutive clips) with
-        their times; and (first time, thing) for the order of appearance."""
+        their times; and (first time, thing), (start of the last appearance, thing) for the order
+        of appearance."""
         terms = [
             w
             for w in dict.fromkeys(content_words(query))
             if len(w) > 2 and not w.isdigit() and w not in TIMELINE_IGNORE and w not in skip
         ]
         if not terms:
-            return [], []
+            return [], [], []
         clips = self.store.between(session, float("-inf"), until_ts, ("clip",), TIMELINE_CLIPS, newest=True)
         clips = [clip for clip in clips if known(clip, until_ts)]
         if not clips:
-            return [], []
+            return [], [], []
         clips.sort(key=lambda clip: (clip.t0, clip.id))
         named_by = [scene_words(clip.meta.get("base", clip.text)) for clip in clips]  # once, not per term
         found: dict[tuple, list[str]] = {}  # words of the question named by the same clips: one thing
@@ -387,7 +415,7 @@ class MemoryStage:
             runs = appearances(clips, named_by, term)
             if runs and (tuple(map(tuple, runs)) in found or len(found) < TIMELINE_TERMS):
                 found.setdefault(tuple(map(tuple, runs)), []).append(term)
-        facts, firsts = [], []
+        facts, firsts, lasts = [], [], []
         for key, names in found.items():
             runs, name = [list(run) for run in key], " ".join(names)
             spans = [f"{clock(t0)}-{clock(t1)}" for t0, t1 in runs]
@@ -397,7 +425,8 @@ class MemoryStage:
             now = "; on screen now" if runs[-1][1] >= clips[-1].t1 else ""
             facts.append(f"{name} on screen {len(runs)} {times} ({', '.join(spans)}){now}")
             firsts.append((runs[0][0], name))
-        return facts, firsts
+            lasts.append((runs[-1][0], name))
+        return facts, firsts, lasts
 
     def on_synopsis(self, synopsis: Synopsis) -> None:
         """Store the session's new synopsis (L3) and acknowledge it; a repeat is acknowledged again."""
@@ -541,11 +570,12 @@ class MemoryStage:
             request = msgspec.structs.replace(request, ts=self.stream_now(request.session))
         session, until = request.session, request.ts
         if self.store.count(session) <= self.config.return_all_below:
-            chosen = {
-                item.id: memory_item(item)
-                for item in self.store.between(session, float("-inf"), until)
-                if known(item, until)
-            }
+            rows = [item for item in self.store.between(session, float("-inf"), until) if known(item, until)]
+            # Each with its text similarity to the question: the reasoner puts the closest
+            # next to the question (reasoning.prompt.related_records).
+            query = self.embedder.embed([request.query])[0]
+            scores = self.store.similarities(session, query, [item.id for item in rows])
+            chosen = {item.id: memory_item(item, scores.get(item.id, 0.0)) for item in rows}
         else:
             chosen = self._tiered(request)
         items = sorted(chosen.values(), key=lambda item: (item.t0, item.item_id))

@@ -432,6 +432,21 @@ class MemoryStore:
         ranked = sorted(items, key=lambda item: (-found[item.id], item.id))[:top_k]
         return [(item, found[item.id]) for item in ranked]
 
+    def similarities(self, session: str, query: np.ndarray, ids: list[int]) -> dict[int, float]:
+        """The text similarity (dot product of unit embeddings) of ``query`` (float32 (dim,)) with
+        each of the session's records ``ids``."""
+        scores: dict[int, float] = {}
+        vector = np.ascontiguousarray(query, np.float32).reshape(-1)
+        for start in range(0, len(ids), ARCHIVE_CHUNK_ROWS):
+            chunk = ids[start : start + ARCHIVE_CHUNK_ROWS]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"SELECT id, embedding FROM items WHERE session = ? AND id IN ({marks})", (session, *chunk)
+            ).fetchall()
+            for item_id, blob in rows:
+                scores[int(item_id)] = float(np.frombuffer(blob, dtype=np.float32) @ vector)
+        return scores
+
     def features(self, session: str, kind: str = "clip") -> Iterator[tuple[float, np.ndarray]]:
         """(t0, features float32 (D,)) of every record of ``kind`` that has features, in time order
         (streamed from disk)."""

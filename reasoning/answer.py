@@ -26,11 +26,18 @@ import torch
 from omnistream.kernels import ops
 from omnistream.protocol.messages import Ask, Draft, MemoryItem
 from omnistream.protocol.text import words
-from omnistream.reasoning.cache import BufferedCache, cache_from
 from omnistream.reasoning.choices import NOT_SEEN, supported_choice
-from omnistream.reasoning.engine import LLMEngine, TextStream
 from omnistream.reasoning.kvcache import BlockStore, StreamingKV
-from omnistream.reasoning.prompt import CHOICE_LETTERS, SYSTEM_PROMPT, clock, format_item
+from omnistream.reasoning.cache import BufferedCache, cache_from
+from omnistream.reasoning.engine import LLMEngine, TextStream
+from omnistream.reasoning.prompt import (
+    CHOICE_LETTERS,
+    SYSTEM_PROMPT,
+    clock,
+    format_item,
+    related_lines,
+    related_records,
+)
 
 CHOICE_PREFIX = re.compile(r"^\s*([A-F])[\s.):]+")
 NO_MEMORY_TEXT = "(nothing remembered: answer only from what is on screen now)"
@@ -47,6 +54,7 @@ STREAMED_KINDS = ("clip", "transcript")
 CHOICE_SCORING = ("answer", "text", "letter")
 OPEN_FIRST_TOKENS = 40  # the short open answer a multiple-choice pick is made from
 SHORTLY = "\nIn short: "  # after that answer, what each choice's words are scored as following
+RELATED_HEADER = "Memory lines about this question:"
 
 
 def session_dir_name(session: str) -> str:
@@ -176,6 +184,7 @@ class Answerer:
         self.last_blocks: list[int] = []  # the evicted blocks the last KV question used
         self.last_context: list[list[float]] = []  # spans of the records the last answer read
         self.last_open_answer = ""  # the open answer the last multiple-choice pick was made from
+        self.related: list[str] = []  # memory lines repeated before the question (memory_for)
         self.engine = engine
         self.block_ram_bytes = block_ram_bytes
         self.spill_root = spill_root
@@ -255,6 +264,8 @@ class Answerer:
         parts = [""]
         if now is not None:
             parts.append(format_item(now))
+        if self.related:  # repeated next to the question: a small model copies from here
+            parts.append(RELATED_HEADER + "\n" + "\n".join(self.related))
         parts.append(f"Current stream time: {clock(ask.ts)}.")
         parts.append("\nQuestion:")
         return "\n".join(parts)
@@ -364,6 +375,12 @@ class Answerer:
         if ask.mode != "full":
             cache = self.text_cache(synopsis + shown if ask.mode == "reprefill" else shown)
             self.last_context = []
+        # The records the question names, from what this mode reads (a baseline gets none of
+        # what it does not hold), repeated next to the question.
+        pool = records if ask.mode == "full" else shown
+        related = related_records(ask.question, pool, ask.ts)
+        self.related = related_lines(related, pool)
+        shown = shown + related
         spans = [tuple(span) for span in self.last_context] + [(r.t0, r.t1) for r in shown]
         self.last_context = merge_spans(spans + ([(now.t0, now.t1)] if now is not None else []))
         return cache, now

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import re
+
+from omnistream.protocol.labels import SYNONYMS
 from omnistream.protocol.messages import MemoryItem
-from omnistream.protocol.text import clock
+from omnistream.protocol.text import clock, content_words, number, words
 
 SYSTEM_PROMPT = (
     "You are omnistream, an assistant that watches a live video stream and listens to its sound. "
@@ -58,3 +62,213 @@ def fit_items(items: list[MemoryItem], budget_tokens: int, count_tokens) -> list
         victim = min(droppable, key=lambda i: (kept[i].score, kept[i].t0))
         kept.pop(victim)
     return kept
+
+
+# -- the records a question is about ----------------------------------------------------------
+# A small model answers from a line next to the question far better than from one 2000 tokens
+# back in its context (it restated the question instead: "A voice named a playing card while the
+# monkey was on screen."). The suffix repeats the few records most related to the question
+# (``related_records``): by the words they share with it (rare words weigh more; label synonyms
+# and longer forms count: "footballer" finds a "soccer ball"), by what memory's text embedding
+# scored (``MemoryItem.score``), by kind (a question about what a voice said wants what was
+# heard), and by the time the question names ("about forty seconds ago", "at the start",
+# "while the sweets were on screen").
+
+_HEARD = """voice voices said say says saying heard hear reader read spoke speak speaker spoken named
+name mentioned announced sentence told tell called words word narrator sang"""
+_SEEN = """shown show shows seen see saw screen photo picture image appeared appear video painting
+scene looked look visible colour color wearing holding"""
+SPEECH_CUES = frozenset(_HEARD.split())
+VISUAL_CUES = frozenset(_SEEN.split())
+# Words that ask about time or the stream, not about a thing to look for.
+NOT_CONTENT = frozenset(
+    content_words(
+        """ago minute minutes second seconds hour earlier later before after first last start
+        beginning end very near far right now about roughly more less much many kind thing things
+        happen happened time times so far again moment while current currently recently most
+        separate which what where when who how voice said say says heard hear reader read spoke
+        named mentioned sentence word words shown show photo picture image video"""
+    )
+)
+_SPAN = r"(a couple of|a few|an?|\d+(?:\.\d+)?|[a-z]+(?:[- ][a-z]+)?)"
+AGO = re.compile(
+    r"\b(?:(about|around|roughly|some|nearly|almost|over|more than|less than|under|within)\s+)?"
+    + _SPAN
+    + r"\s+(second|minute|hour)s?(\s+and a half)?\s+ago\b"
+)
+ABOUT_NOW = re.compile(
+    r"\b(?:right now|on screen now|currently|at the moment|at this moment|now on screen)\b"
+)
+AT_START = re.compile(r"\b(?:at|near|from|in|since) the (?:very )?(?:start|beginning)\b")
+WHILE = re.compile(r"\bwhile\b([^,.?]+)")
+UNIT_S = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+RELATED_LINES = 3  # records repeated next to the question
+RELATED_MIN = 0.35  # ... each at least this related (see ``relatedness``)
+RELATED_BASE_MIN = 0.2  # words (and embedding) a record must share with the question
+EMBEDDING_WEIGHT = 1.5  # memory's text similarity above the median, next to the shared words
+RELATED_LINE_CHARS = 240
+
+
+def _amount(span: str) -> float | None:
+    span = span.strip()
+    if span in ("a", "an"):
+        return 1.0
+    if span == "a couple of":
+        return 2.0
+    if span == "a few":
+        return 3.0
+    try:
+        return float(span)
+    except ValueError:
+        pass
+    total = 0
+    for part in re.split(r"[- ]", span):
+        value = number(part)
+        if value is None:
+            return None
+        total += value
+    return float(total)
+
+
+def time_window(question: str, now: float) -> tuple[float, float] | None:
+    """The stream-time window a question points at, if it names one: "about forty seconds ago"
+    (around now - 40 s), "more than two minutes ago" (before now - 120 s), "at the start"."""
+    lowered = question.lower()
+    match = AGO.search(lowered)
+    if match:
+        qualifier, span, unit, half = match.groups()
+        amount = _amount(span)
+        if amount is not None:
+            back = (amount + (0.5 if half else 0.0)) * UNIT_S[unit]
+            at = now - back
+            if qualifier in ("over", "more than"):
+                return (0.0, at + 10.0)
+            if qualifier in ("less than", "under", "within"):
+                return (at, now)
+            slack = max(15.0, 0.4 * back)
+            return (max(at - slack, 0.0), min(at + slack, now))
+    if AT_START.search(lowered):
+        return (0.0, max(30.0, 0.1 * now))
+    return None
+
+
+def _alternates(term: str) -> list[tuple[str, float]]:
+    """A question's word and the label words it stands for (``labels.SYNONYMS``, a longer form
+    too: "a footballer" is near a "ball"), the stand-ins at half credit."""
+    found = [(term, 1.0)]
+    for word, label in SYNONYMS.items():
+        if term == word or (len(word) >= 5 and term.startswith(word)):
+            found += [(extra, 0.5) for extra in content_words(label) if extra != term]
+    return found
+
+
+def _names(term: str, said: set[str]) -> bool:
+    """A record's words name ``term``: the same word, or a longer form of it ("football" in
+    "footballer", at least 5 letters shared)."""
+    if term in said:
+        return True
+    return len(term) >= 5 and any(len(w) >= 5 and (w.startswith(term) or term.startswith(w)) for w in said)
+
+
+def relatedness(question: str, items: list[MemoryItem], now: float) -> list[float]:
+    """How related each record is to ``question`` (about 0..2; see the comment above)."""
+    if not items:
+        return []
+    asked = words(question)
+    wants_speech = any(w in SPEECH_CUES for w in asked)
+    wants_sight = any(w in VISUAL_CUES for w in asked)
+    plain = AT_START.sub(" ", AGO.sub(" ", question.lower()))  # "ten seconds ago" names no "10"
+    # Numbers count things in the question ("which of these three") more often than they name one.
+    terms = {
+        w: _alternates(w)
+        for w in dict.fromkeys(content_words(plain))
+        if w not in NOT_CONTENT and not w.isdigit()
+    }
+    said = [set(content_words(item.text)) for item in items]
+    # Rarer words weigh more: a word every record has tells nothing.
+    idf = {t: math.log(1.0 + len(items) / (1 + sum(_names(t, s) for s in said))) for t in terms}
+    total = sum(idf.values()) or 1.0
+    window = time_window(question, now)
+    lexical = [
+        sum(idf[t] * max((c for w, c in terms[t] if _names(w, s)), default=0.0) for t in terms) / total
+        for s in said
+    ]
+    # "while the sweets were on screen": records at the time of the scenes that name them.
+    during: list[tuple[float, float]] = []
+    match = WHILE.search(question.lower())
+    if match:
+        scene = set(content_words(match.group(1))) - NOT_CONTENT
+        during = [
+            (item.t0, item.t1)
+            for item, s in zip(items, said, strict=True)
+            if item.kind in ("clip", "event") and scene and any(_names(t, s) for t in scene)
+        ]
+    # Memory's text similarity, above what a record typically scores for this question (every
+    # record shares the question's style: MiniLM gives them all 0.2-0.4).
+    typical = sorted(item.score for item in items)[len(items) // 2]
+    scores: list[float] = []
+    kept: list[int] = []  # indices of the records that qualified
+    timed_only: list[bool] = []  # ... only by being heard at the time the question names
+    for item, lex in zip(items, lexical, strict=True):
+        base = lex + EMBEDDING_WEIGHT * max(item.score - typical, 0.0)
+        heard = item.kind == "transcript"
+        inside = window is not None and item.t1 >= window[0] and item.t0 <= window[1]
+        said_then = during and heard and any(item.t1 >= t0 and item.t0 <= t1 for t0, t1 in during)
+        # A record must share something with the question, or be what a voice said at the
+        # time it names (only while no record shares anything): the bonuses only order them.
+        outside = window is not None and not inside  # the time it names is generous already
+        # A question about what was said wants a scene only when it names it clearly.
+        needed = RELATED_BASE_MIN * (2 if wants_speech and not wants_sight and not heard else 1)
+        matched = base >= needed or bool(said_then)
+        if outside or not (matched or (wants_speech and heard and inside)):
+            scores.append(0.0)
+            continue
+        score = base
+        if (wants_speech and heard) or (wants_sight and not wants_speech and not heard):
+            score += 0.25
+        if inside:
+            score += 0.35
+        if said_then:
+            score += 0.5
+        scores.append(score)
+        timed_only.append(not matched)
+        kept.append(len(scores) - 1)
+    if any(not only for only in timed_only):
+        for index, only in zip(kept, timed_only, strict=True):
+            if only:
+                scores[index] = 0.0
+    return scores
+
+
+def related_records(
+    question: str, items: list[MemoryItem], now: float, limit: int = RELATED_LINES
+) -> list[MemoryItem]:
+    """The records (clips, transcripts, events) most related to ``question``, in time order:
+    at most ``limit``, each scoring at least RELATED_MIN and at least half the best."""
+    if ABOUT_NOW.search(question.lower()) and time_window(question, now) is None:
+        return []  # what is on screen now is in the "now" record; past scenes would mislead
+    candidates = [item for item in items if item.kind in ("clip", "transcript", "event")]
+    scores = relatedness(question, candidates, now)
+    ranked = sorted(range(len(candidates)), key=lambda i: -scores[i])
+    if not ranked or scores[ranked[0]] < RELATED_MIN:
+        return []
+    best = scores[ranked[0]]
+    kept = [i for i in ranked[:limit] if scores[i] >= max(RELATED_MIN, 0.5 * best)]
+    return [candidates[i] for i in sorted(kept, key=lambda i: (candidates[i].t0, candidates[i].item_id))]
+
+
+def related_lines(related: list[MemoryItem], items: list[MemoryItem]) -> list[str]:
+    """``related_records`` as memory lines, a transcript with what was on screen as it was said
+    (the clip of ``items`` it falls in)."""
+    clips = [item for item in items if item.kind == "clip"]
+    lines = []
+    for item in related:
+        line = format_item(item)
+        if item.kind == "transcript":
+            middle = (item.t0 + item.t1) / 2
+            scene = next((c for c in clips if c.t0 - 0.5 <= middle <= c.t1 + 0.5), None)
+            if scene is not None:
+                shown = scene.text.removeprefix("seen: ").split(";")[0]
+                line += f" (on screen then: {shown})"
+        lines.append(line if len(line) <= RELATED_LINE_CHARS else line[: RELATED_LINE_CHARS - 3] + "...")
+    return lines
