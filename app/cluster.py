@@ -77,6 +77,22 @@ def _free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
+def _wait_port_free(host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"port {port} on {host} still in use after {timeout_s:.0f} s"
+                    ) from None
+        time.sleep(0.2)
+
+
 # -- inside the stage process ------------------------------------------------------------------------
 
 
@@ -266,6 +282,8 @@ def make_actor_class(ray):  # noqa: ANN001 - ray is imported by the caller (an o
                 before = kv_get(self.system, base) or {}
                 same_node = all(before.get(k, "").startswith(f"tcp://{self.ip}:") for k in keys)
                 mine = before if same_node else {k: f"tcp://{self.ip}:{_free_port(self.ip)}" for k in keys}
+                for endpoint in mine.values():  # a killed incarnation's stage may still hold it (flushing)
+                    _wait_port_free(self.ip, int(endpoint.rsplit(":", 1)[1]), 60.0)
                 kv_put(self.system, base, mine)
             if base == "gateway":  # clients on this node reach it here (gateway.host: over tcp)
                 mine = {
@@ -399,15 +417,17 @@ class ClusterSystem:
         self.ray.get([actor.info.remote() for _, actor in actors], timeout=timeout)
 
     def _write_run_dir(self, gateway: dict | None) -> None:
+        """A local run directory whose addresses reach the gateway (``--run-dir`` for clients)."""
+        from ray.experimental import internal_kv
+
         from omnistream.protocol.sockets import Addresses
 
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         names = dict.fromkeys(("bus_in", "bus_out", "media_in", "media_out", "control", "memory"), "")
-        if gateway is not None:
-            base = Path(tempfile.gettempdir()) / f"os-ray-{self.system[:8]}" / "gateway"
-            names.update(gateway=f"ipc://{base / 'gateway'}", gateway_pub=f"ipc://{base / 'gateway_pub'}")
-        else:
-            names.update(gateway="", gateway_pub="")
+        names.update(gateway="", gateway_pub="")
+        if gateway is not None:  # the gateway published its client endpoints in the cluster
+            raw = internal_kv._internal_kv_get(_kv(self.system, "gateway"), namespace=NAMESPACE)
+            names.update(json.loads(raw))
         Addresses(**names).save(self.run_dir)
         (self.run_dir / "launcher.pid").write_text(str(os.getpid()))
         save_config(self.config, self.run_dir / "config.json")
