@@ -67,12 +67,15 @@ def describe(
     text_seen: Sequence[str] = (),
     motion: float | None = None,
     objects: Sequence[str] = (),
+    colours: str = "",
 ) -> str:
     """'seen: monarch (butterfly), ...; objects: 2 people: person in a blue shirt (left), red cup
-    (right); people: person 1 (new); text: "SUDOKU"; still'."""
+    (right); mostly green in the middle; people: person 1 (new); text: "SUDOKU"; still'."""
     parts = ["seen: " + ", ".join(label.name for label in labels)] if labels else []
     if objects:
         parts.append("objects: " + ", ".join(objects))
+    if colours:  # no colon: memory's scene timeline looks up things, not colours (scene_words)
+        parts.append(f"mostly {colours} in the middle")
     if people:
         parts.append("people: " + ", ".join(people))
     if text_seen:

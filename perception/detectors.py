@@ -26,7 +26,7 @@ import numpy as np
 
 from omnistream.perception import hands as hand_words
 from omnistream.perception.hands import HandReader
-from omnistream.perception.objects import ObjectDetector, ObjectSighting, package_dir
+from omnistream.perception.objects import ObjectDetector, ObjectSighting, middle_colours, package_dir
 from omnistream.perception.pose import PoseEstimator
 
 log = logging.getLogger("omnistream.perception")
@@ -201,6 +201,7 @@ class Detections:
     faces: list[FaceSighting] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     objects: list[ObjectSighting] | None = None
+    colours: str = ""  # the middle of the picture's colour (objects.middle_colours), with the objects
     seconds: float = 0.0  # compute time
     tag: object = None  # what the submitter passed along
 
@@ -271,6 +272,7 @@ class DetectorWorker:
             try:
                 if self.objects is not None:
                     found.objects = self.objects.detect(image)
+                    found.colours = middle_colours(image)
                     if self.hands is not None or (
                         self.pose is not None and any(s.label == "person" for s in found.objects)
                     ):

@@ -70,16 +70,27 @@ def _pixel_names(hsv: np.ndarray) -> np.ndarray:
     return names
 
 
-def colour_name(rgb: np.ndarray, second_share: float = 0.3, second_chromatic_share: float = 0.2) -> str:
+def colour_name(
+    rgb: np.ndarray,
+    second_share: float = 0.3,
+    second_chromatic_share: float = 0.2,
+    chromatic_from: float = 1.0,
+) -> str:
     """The dominant colour of a uint8 (H, W, 3) RGB region: "red", or "red and white" when a
     second colour covers at least ``second_share`` of it, or ``second_chromatic_share`` when both
     are chromatic (stripes: "blue and red"; shading and background are mostly black, grey or
-    white). Neighbouring hues are not named twice. "" for an empty region."""
+    white). Neighbouring hues are not named twice. With ``chromatic_from`` < 1, the colours
+    alone (black, grey and white left out) are named when they cover that share. "" for an
+    empty region."""
     if rgb.size == 0:
         return ""
     small = cv2.resize(rgb, (min(rgb.shape[1], 48), min(rgb.shape[0], 48)), interpolation=cv2.INTER_AREA)
     hsv = cv2.cvtColor(small.astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV).reshape(-1, 3)
-    names, counts = np.unique(_pixel_names(hsv), return_counts=True)
+    pixels = _pixel_names(hsv)
+    chromatic = ~np.isin(pixels, list(ACHROMATIC))
+    if chromatic.mean() >= chromatic_from:
+        pixels = pixels[chromatic]
+    names, counts = np.unique(pixels, return_counts=True)
     order = np.argsort(-counts)
     first = str(names[order[0]])
     for index in order[1:]:  # the largest other colour that covers its share
@@ -92,6 +103,15 @@ def colour_name(rgb: np.ndarray, second_share: float = 0.3, second_chromatic_sha
         ):
             return f"{first} and {second}"
     return first
+
+
+def middle_colours(image: np.ndarray) -> str:
+    """The colours of the middle of the picture (its central half in each direction): what
+    things the detector has no class for (a toy, a painting, an animal's face) look like. The
+    colours alone when they cover a third of it (grey there is mostly shading and background)."""
+    height, width = image.shape[:2]
+    middle = image[height // 4 : height - height // 4, width // 4 : width - width // 4]
+    return colour_name(middle, chromatic_from=1 / 3)
 
 
 def article(name: str) -> str:

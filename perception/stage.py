@@ -377,7 +377,9 @@ class PerceptionStage:
             f"person {pid} ({note})" if note else f"person {pid}" for pid, note in sorted(people.items())
         ]
         clip.objects = clip_objects([f for f in mine if f.ts >= clip.t0 and f.objects is not None])
-        clip.description = describe(clip.labels, notes, clip.text_seen, clip.motion, clip.objects)
+        colours = [f.colours for f in mine if f.ts >= clip.t0 and f.colours]
+        colour = max(set(colours), key=colours.count) if colours else ""  # the most frequent
+        clip.description = describe(clip.labels, notes, clip.text_seen, clip.motion, clip.objects, colour)
         self.publish(clip)
         self.counters["clips"] += 1
 

@@ -12,6 +12,7 @@ from omnistream.perception.objects import (
     ObjectDetector,
     ObjectSighting,
     colour_name,
+    middle_colours,
     position_words,
 )
 from omnistream.perception.tracks import Tracker
@@ -125,6 +126,22 @@ def test_a_striped_shirt_in_a_stream_is_two_colours(detector: ObjectDetector) ->
     assert ok, f"{EPISODE} unreadable"
     person = detector.detect(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))[0]
     assert person.label == "person" and person.name() == "person in a blue and red shirt", person
+
+
+def test_the_middle_of_a_picture_is_named_by_its_colours() -> None:
+    """What the detector has no class for still has a colour: the mandrill's face is blue and
+    red, the Starry Night blue; a grey frame stays grey (no colour to name)."""
+    assert middle_colours(rgb("baboon.jpg")) == "blue and red"
+    assert middle_colours(rgb("starry_night.jpg")) == "blue"
+    assert middle_colours(rgb("fruits.jpg")) == "orange"
+    assert middle_colours(np.full((120, 160, 3), 128, np.uint8)) == "grey"
+
+
+def test_a_clip_description_says_its_colours_without_naming_a_thing() -> None:
+    from omnistream.perception.clips import describe
+
+    text = describe([], objects=["yellow ball (centre)"], colours="blue and red", motion=0.0)
+    assert text == "objects: yellow ball (centre); mostly blue and red in the middle; still"
 
 
 def test_person_names_take_their_article() -> None:

@@ -131,8 +131,11 @@ def test_a_paused_stream_closes_its_clip_without_blocking(encoder) -> None:
         harness.stage.tick()  # closes the clip, then publishes it once its keyframe is read
     (clip,) = harness.of(Clip)
     assert (clip.t0, clip.ts, clip.n_frames, clip.faces) == (0.0, 0.2, 3, [])
-    # The object detector (on by default) sees it too, with where it is in the picture.
-    assert clip.description == "seen: orange (fruit); objects: orange (centre, near); still"
+    # The object detector (on by default) sees it too, with where it is in the picture, and
+    # the middle of the picture's colours.
+    assert clip.description == (
+        "seen: orange (fruit); objects: orange (centre, near); mostly orange and yellow in the middle; still"
+    )
     assert harness.counters["detections"] == 1
     harness.stage.detectors.close()
 
