@@ -52,9 +52,8 @@ def prepare_llm_cache(config: Config, progress: bool = True, every_packaged: boo
     """Prepare the configured LLM (and with ``every_packaged`` the fast one too): reassemble,
     convert, and build the native kernels, plus the int8 cache of each model the engine will
     run as int8 ("gguf", the 1.5B's default on a CPU, runs the reassembled GGUF as it is)."""
-    from omnistream.reasoning.engine import int8_dir, resolve_format
-    from omnistream.reasoning.prepare import PACKAGED_MODELS, prepare_llm
-    from omnistream.reasoning.quant import prepare_int8
+    from omnistream.reasoning.llm import formats
+    from omnistream.reasoning.llm.prepare import PACKAGED_MODELS, prepare_llm
 
     names = [config.reasoning.model, *(PACKAGED_MODELS if every_packaged else ())]
     bars = ProgressBars(progress)
@@ -62,17 +61,17 @@ def prepare_llm_cache(config: Config, progress: bool = True, every_packaged: boo
         dirs = [prepare_llm(name, config.cache_dir, progress=bars) for name in dict.fromkeys(names)]
     finally:
         bars.close()
-    formats = {model_dir: resolve_format(config.reasoning.dtype, model_dir) for model_dir in dirs}
-    if any(fmt in ("gguf", "int8") for fmt in formats.values()):
-        from omnistream.reasoning import native
+    chosen = {model_dir: formats.choose(config.reasoning.dtype, model_dir).format for model_dir in dirs}
+    if any(fmt in ("gguf", "int8") for fmt in chosen.values()):
+        from omnistream.kernels import cpu
 
-        native.build()  # the kernels, compiled once (int8 falls back to fbgemm where they cannot)
-    for model_dir, fmt in formats.items():
+        cpu.build()  # the kernels, compiled once (int8 falls back to fbgemm where they cannot)
+    for model_dir, fmt in chosen.items():
         if fmt != "int8":  # "gguf" runs the reassembled GGUF's blocks as they are: no cache
             continue
-        if progress and not (int8_dir(model_dir) / "int8.json").exists():
+        if progress and not (formats.int8_cache(model_dir) / "int8.json").exists():
             print(f"quantizing {model_dir.name} to int8 (once)", flush=True)
-        prepare_int8(model_dir, int8_dir(model_dir))
+        formats.prepare_int8(model_dir)
     return dirs[0]
 
 
@@ -130,7 +129,7 @@ def _tts_name(voice: str) -> str:
 
 
 def _check_llm(config: Config) -> str:
-    from omnistream.reasoning.engine import LLMEngine
+    from omnistream.reasoning.llm.engine import LLMEngine
 
     engine = LLMEngine(
         prepare_llm_cache(config, progress=False), config.reasoning.dtype, config.reasoning.threads

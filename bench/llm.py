@@ -9,8 +9,8 @@ is llama-cpp-python on the same GGUF file, same prompts, same threads, in the sa
 installed only for this benchmark and skipped with a message when missing. Both compute the
 last position's logits on every call (llama.cpp's ``eval`` does it internally).
 
-The gguf format runs the GGUF's own quantized blocks on the native kernel (reasoning/native/
-kquant.c). The int8 format runs on the native kernel where it builds (reasoning/native); the same run then
+The gguf format runs the GGUF's own quantized blocks on the native kernel (kernels/cpu/
+kquant.c). The int8 format runs on the native kernel where it builds (kernels/cpu); the same run then
 also measures fbgemm's path (``OMNISTREAM_NATIVE=0``, format name ``int8-fbgemm``), and the rows
 are labelled "int8 (native)" and "int8 (fbgemm)".
 
@@ -61,9 +61,9 @@ def measure_torch(model: str, fmt: str, threads: int, quick: bool) -> dict:
     import torch
 
     from omnistream.protocol.config import load_config
-    from omnistream.reasoning.cache import BufferedCache
-    from omnistream.reasoning.engine import LLMEngine, peak_rss_mb
-    from omnistream.reasoning.prepare import prepare_llm
+    from omnistream.reasoning.llm.cache import BufferedCache
+    from omnistream.reasoning.llm.engine import LLMEngine, peak_rss_mb
+    from omnistream.reasoning.llm.prepare import prepare_llm
 
     if fmt == "int8-fbgemm":
         os.environ["OMNISTREAM_NATIVE"] = "0"
@@ -73,8 +73,8 @@ def measure_torch(model: str, fmt: str, threads: int, quick: bool) -> dict:
     start = time.perf_counter()
     engine = LLMEngine(model_dir, fmt, threads)
     load_s = time.perf_counter() - start
-    from omnistream.reasoning import native
-    from omnistream.reasoning.quant import Int8Linear
+    from omnistream.kernels import cpu as native
+    from omnistream.reasoning.llm.int8 import Int8Linear
 
     uses_native = any(isinstance(m, Int8Linear) and m._native is not None for m in engine.model.modules())
     ids = engine.ids(corpus())[:, : CONTEXT_TOKENS + DECODE_TOKENS + QUESTION_TOKENS]
@@ -122,7 +122,7 @@ def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
     from llama_cpp import Llama
 
     from omnistream.protocol.config import load_config
-    from omnistream.reasoning.prepare import PACKAGED_MODELS, assemble_gguf
+    from omnistream.reasoning.llm.prepare import PACKAGED_MODELS, assemble_gguf
 
     config = load_config()
     gguf = assemble_gguf(PACKAGED_MODELS[model], config.cache_dir / "gguf")

@@ -129,11 +129,12 @@ def ask_both(answerer, session: str, question, now_ts: float, search: TextSearch
 def perplexities(engine, tokens: int, window: int, sinks: int, chunk: int = 32) -> dict[str, float]:
     """Perplexity over ``tokens`` of real text, fed ``chunk`` tokens at a time, with the full
     cache, the last ``window`` tokens only, and ``sinks`` first tokens + the last window."""
-    from omnistream.reasoning.cache import BufferedCache
-    from omnistream.reasoning.kvcache import rotary_for
+    from omnistream.kernels.ops import rope_rotate
+    from omnistream.reasoning.kvcache import inv_freq_for
+    from omnistream.reasoning.llm.cache import BufferedCache
 
     ids = engine.ids(TEXT.read_text())[:, :tokens]
-    rotary = rotary_for(engine.model)
+    inv_freq = inv_freq_for(engine.model)
     result = {}
     for name, keep_sinks, limit in (
         ("full", 0, None),
@@ -158,7 +159,9 @@ def perplexities(engine, tokens: int, window: int, sinks: int, chunk: int = 32) 
                 for layer in cache.layers:
                     rest = layer.keys[:, :, keep_sinks + excess :]
                     shift = torch.full((rest.shape[2],), -float(excess))
-                    layer.keys = torch.cat([layer.keys[:, :, :keep_sinks], rotary.rotate(rest, shift)], dim=2)
+                    layer.keys = torch.cat(
+                        [layer.keys[:, :, :keep_sinks], rope_rotate(rest, shift, inv_freq)], dim=2
+                    )
                     layer.values = torch.cat(
                         [layer.values[:, :, :keep_sinks], layer.values[:, :, keep_sinks + excess :]], dim=2
                     )
@@ -170,7 +173,7 @@ def run(quick: bool = False, progress: Callable[[str], None] = print) -> list[di
     from omnistream.app.models import prepare_llm_cache
     from omnistream.protocol.config import load_config
     from omnistream.reasoning.answer import Answerer
-    from omnistream.reasoning.engine import LLMEngine
+    from omnistream.reasoning.llm.engine import LLMEngine
 
     config = load_config()
     records, episode = episode_records(EPISODE, speed=8.0, progress=progress)

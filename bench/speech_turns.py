@@ -55,8 +55,8 @@ def _llm_process(conn) -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from omnistream.reasoning.answer import Answerer
-    from omnistream.reasoning.engine import LLMEngine
-    from omnistream.reasoning.prepare import prepare_llm
+    from omnistream.reasoning.llm.engine import LLMEngine
+    from omnistream.reasoning.llm.prepare import prepare_llm
 
     config = load_config()
     engine = LLMEngine(

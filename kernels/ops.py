@@ -52,6 +52,7 @@ __all__ = [
     "gather_rerotate",
     "rope_rotate",
     "set_backend",
+    "topk_blocks",
 ]
 
 BACKENDS = ("reference", "triton")
@@ -142,7 +143,12 @@ def block_scores_topk(
     ``allowed`` (blocks,) bool excludes blocks (e.g. those still in the live window); see
     ``reference.block_scores`` for the scoring and ``reference.topk_blocks`` for the selection.
     """
-    scores = block_scores(queries, pooled_keys, metric, head_reduce, token_reduce)
+    return topk_blocks(block_scores(queries, pooled_keys, metric, head_reduce, token_reduce), k, allowed)
+
+
+def topk_blocks(scores: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> BlockTopK:
+    """Top ``min(k, blocks)`` of float32 (layers, blocks) scores, best first, ``allowed`` (blocks,)
+    bool masking ids; see ``reference.topk_blocks`` (``torch.topk`` on every device)."""
     return reference.topk_blocks(scores, k, allowed)
 
 

@@ -1,8 +1,10 @@
-"""Torch reference implementations (float32 math) of the ops the Triton kernels accelerate.
+"""Torch reference implementations of the kernels: the ops the Triton kernels accelerate
+(float32 math), and what each native CPU kernel (kernels/cpu) computes.
 
-Each function documents its shapes; the Triton path must match these within tolerance. They are
-also the production path wherever Triton does not run (CPU). Callers go through
-``omnistream.kernels.ops``, never here directly.
+Each function documents its shapes; the Triton and native paths must match these within
+tolerance (tests/kernels). The retrieval and frame references are also the production path
+wherever Triton does not run (CPU); callers go through ``omnistream.kernels.ops``, never here
+directly. The CPU-kernel references are for the parity tests only.
 """
 
 from __future__ import annotations
@@ -296,3 +298,93 @@ def gather_rerotate(
     out[0][:, :, dst_start : dst_start + layout.total] = compact(rotated)
     out[1][:, :, dst_start : dst_start + layout.total] = compact(picked_v)
     return out
+
+
+# -- the CPU kernels (kernels/cpu): what each native call computes, in torch ------------------------
+
+
+def int8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cpu.quantize_rows``: per row (token), asymmetric over [min, max] (0 included), 256
+    levels, round half to even -> (u8 values as float, scale per row, zero point per row)."""
+    x = x.float()
+    low = x.amin(dim=1).clamp(max=0)
+    high = x.amax(dim=1).clamp(min=0)
+    span = high - low
+    inv = torch.where(span > 0, torch.tensor(255.0) / span, torch.zeros_like(span))
+    zero = torch.round(-low * inv)
+    u = (torch.round(x * inv[:, None]) + zero[:, None]).clamp(0, 255)
+    return u, span / 255.0, zero
+
+
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``cpu.int8_linear`` / ``PreparedWeight.linear`` for x (M, K): its activation quantization
+    (``int8_quantize_rows``), then exact integer dot products with the int8 rows, scaled."""
+    u, x_scale, zero = int8_quantize_rows(x)
+    acc = (u - zero[:, None]).double() @ qweight.double().T  # exact: integers far below 2**53
+    y = acc * x_scale.double()[:, None] * scales.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``cpu.ops.rmsnorm`` (without its in-place residual add): ``weight * x / sqrt(mean(x^2) + eps)``."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_heads(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int
+) -> torch.Tensor:
+    """``cpu.ops.rope_`` as a new tensor: rotate-half RoPE on the first ``heads`` head vectors of
+    every row of ``x`` (rows, >= heads * head_dim), row m with ``cos[m]``/``sin[m]`` (rows, head_dim)."""
+    rows, half = x.shape[0], head_dim // 2
+    out = x.clone()
+    part = x[:, : heads * head_dim].reshape(rows, heads, head_dim)
+    turned = torch.cat([-part[..., half:], part[..., :half]], dim=-1)
+    out[:, : heads * head_dim] = (part * cos[:, None] + turned * sin[:, None]).reshape(rows, -1)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``cpu.ops.silu_mul``: ``silu(gate) * up`` for rows ``[gate | up]`` (..., 2 * I)."""
+    inner = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :inner]) * gate_up[..., inner:]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``cpu.ops.attention``: q (n, heads * D) against k, v (1, kv_heads, past + n, D); position
+    i sees keys [0, past + i]; grouped-query (query head h uses kv head h // (heads / kv_heads))."""
+    n, total = q.shape[0], k.shape[2]
+    heads, dim = q.shape[1] // k.shape[3], k.shape[3]
+    qh = q.reshape(1, n, heads, dim).transpose(1, 2)
+    mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=total - n)
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2).reshape(n, heads * dim)
+
+
+def kquant_activations(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cpu.kquant.quantize_activations``' values and scales: symmetric int8 per ``block``
+    values (absmax / 127; an all-zero block has scale 0), as float (M, K) and (M, K / block)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, -1, block)
+    amax = blocks.abs().amax(dim=2)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inv[:, :, None]).reshape(m, k), amax / 127
+
+
+def kquant_linear(
+    x_values: torch.Tensor, x_scales: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cpu.kquant.KQuantLinear`` in float64: quantized activations (values (M, K) and scales
+    (M, K / block), as ``kquant_activations`` gives them) times the dequantized GGUF weight (N, K)
+    -> (result, bound of the sum of |terms| for the tolerance)."""
+    m, k = x_values.shape
+    block = k // x_scales.shape[1]
+    xa = (x_values.double().reshape(m, -1, block) * x_scales.double()[:, :, None]).reshape(m, k)
+    wd = weight.double()
+    y = xa @ wd.T
+    if bias is not None:
+        y = y + bias.double()
+    return y, xa.abs() @ wd.abs().T

@@ -26,10 +26,10 @@ import torch
 from omnistream.kernels import ops
 from omnistream.protocol.messages import Ask, Draft, MemoryItem
 from omnistream.protocol.text import words
-from omnistream.reasoning.cache import BufferedCache, cache_from
 from omnistream.reasoning.choices import NOT_SEEN, supported_choice
-from omnistream.reasoning.engine import LLMEngine, TextStream
 from omnistream.reasoning.kvcache import BlockStore, StreamingKV
+from omnistream.reasoning.llm.cache import BufferedCache, cache_from
+from omnistream.reasoning.llm.engine import LLMEngine, TextStream
 from omnistream.reasoning.prompt import (
     CHOICE_LETTERS,
     SYSTEM_PROMPT,

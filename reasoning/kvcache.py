@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnistream.reasoning.cache import BufferedCache, cache_from
+from omnistream.kernels import ops
+from omnistream.kernels.rope import Rope
+from omnistream.reasoning.llm.cache import BufferedCache, cache_over
 
 log = logging.getLogger("omnistream.reasoning")
 
@@ -38,8 +40,10 @@ class Block:
     t1: float
     text: str
     n_tokens: int
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
+    # Evicted: (layers, 1, kv_heads, tokens, head_dim), a one-block store for kernels.ops; [] while
+    # the block's tensors are only on disk.
+    keys: torch.Tensor | list = field(default_factory=list)
+    values: torch.Tensor | list = field(default_factory=list)
     pooled: torch.Tensor | None = None
     item_id: int = -1  # the memory record this block holds
 
@@ -97,6 +101,19 @@ class BlockStore:
         if self._pooled is None:
             return [], torch.empty(0)
         return self._pooled_ids, self._pooled
+
+    def rank(self, queries: torch.Tensor, candidates: set[int]) -> list[int]:
+        """Block ids among ``candidates`` by how strongly the question's ``queries`` (layers,
+        q_heads, tokens, head_dim; before RoPE, like the stored keys) attend to their pooled keys,
+        averaged over layers (ReKV's internal retrieval), best first: ``kernels.ops.block_scores``
+        and ``topk_blocks``."""
+        ids, pooled = self.pooled_keys()
+        allowed = torch.tensor([block_id in candidates for block_id in ids], dtype=torch.bool)
+        count = int(allowed.sum())
+        if not count:
+            return []
+        scores = ops.block_scores(queries, pooled).mean(dim=0, keepdim=True)
+        return [ids[i] for i in ops.topk_blocks(scores, count, allowed).ids[0].tolist()]
 
     def _write(self, block: Block) -> None:
         path = self._path(block.block_id)
@@ -172,8 +189,8 @@ class BlockStore:
             tensors = load_file(str(self._path(block_id)))
             tensors.pop("pooled", None)
             layers = len(tensors) // 2
-            block.keys = [tensors[f"k{i}"] for i in range(layers)]
-            block.values = [tensors[f"v{i}"] for i in range(layers)]
+            block.keys = torch.stack([tensors[f"k{i}"] for i in range(layers)])
+            block.values = torch.stack([tensors[f"v{i}"] for i in range(layers)])
         self._resident[block_id] = None
         self._resident.move_to_end(block_id)
         self._enforce_budget(keep=block_id)
@@ -199,35 +216,12 @@ APPEND_TOKENS = 128  # at most this many tokens of queued entries are prefilled 
 RESERVE_SLACK = 512  # window buffers hold this many tokens beyond the budget (a pass, or one long entry)
 
 
-class RotaryTable:
-    """RoPE of the model: inv_freq (head_dim/2,) from theta and linear scaling."""
-
-    def __init__(self, head_dim: int, theta: float, scaling_factor: float = 1.0):
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.inv_freq = (self.inv_freq / scaling_factor).to(torch.float32)
-
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Rotate keys (..., tokens, head_dim) by ``delta`` (tokens,) positions (rotate_half RoPE).
-
-        Rotations compose additively, so moving a key from position p to q is ``delta = q - p``
-        and ``delta = -p`` removes its rotation. Computed in float32, returned in the keys' dtype.
-        """
-        angles = delta.to(keys.device, torch.float32)[:, None] * self.inv_freq.to(keys.device)[None, :]
-        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
-        sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
-        x = keys.float()
-        half = x.shape[-1] // 2
-        rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return (x * cos + rotated_half * sin).to(keys.dtype)
+ASSEMBLY_SLACK = 256  # an assembled cache has room for this many more tokens (the question, the answer)
 
 
-def rotary_for(model) -> RotaryTable:
-    config = model.config
-    params = getattr(config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    factor = float(params.get("factor", 1.0)) if params.get("rope_type") == "linear" else 1.0
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return RotaryTable(head_dim, theta, factor)
+def inv_freq_for(model) -> torch.Tensor:
+    """The model's RoPE frequencies (``kernels.rope.Rope``, as the model itself rotates)."""
+    return Rope.from_hf_config(model.config).inv_freq()
 
 
 class StreamingKV:
@@ -235,7 +229,7 @@ class StreamingKV:
 
     def __init__(self, model, sink_ids: torch.Tensor, window_tokens: int, store: BlockStore | None = None):
         self.model = model
-        self.rotary = rotary_for(model)
+        self.inv_freq = inv_freq_for(model)
         self.window_tokens = window_tokens
         self.cache = BufferedCache()
         self._forward(sink_ids, start=0)
@@ -289,24 +283,32 @@ class StreamingKV:
     def _evict_oldest(self) -> None:
         block = self.window.pop(0)
         lo, hi = self.n_sink, self.n_sink + block.n_tokens
-        unrotate = -torch.arange(lo, hi, dtype=torch.float32)
-        shift_back = torch.full((self.length - hi,), -float(block.n_tokens))
-        for layer in self._layers():
+        unrotate = -torch.arange(lo, hi)
+        shift_back = torch.full((self.length - hi,), -block.n_tokens)
+        layers = self._layers()
+        first = layers[0].keys
+        # The block as a one-block store (layers, 1, kv_heads, tokens, head_dim): keys unrotated.
+        shape = (len(layers), 1, first.shape[1], block.n_tokens, first.shape[3])
+        block.keys, block.values = first.new_empty(shape), first.new_empty(shape)
+        for index, layer in enumerate(layers):
             keys, values = layer.keys, layer.values
-            block.keys.append(self.rotary.rotate(keys[:, :, lo:hi], unrotate).clone())
-            block.values.append(values[:, :, lo:hi].clone())
+            block.keys[index] = ops.rope_rotate(keys[:, :, lo:hi], unrotate, self.inv_freq)
+            block.values[index] = values[:, :, lo:hi]
             # The rest of the window moves down in place (its buffer keeps its size: no
             # reallocation per eviction, no doubling beyond the window).
-            rest = self.rotary.rotate(keys[:, :, hi:], shift_back)
+            rest = ops.rope_rotate(keys[:, :, hi:], shift_back, self.inv_freq)
             keys[:, :, lo : lo + rest.shape[2]] = rest
             values[:, :, lo : lo + rest.shape[2]] = values[:, :, hi:].clone()
             layer.crop(-block.n_tokens)
-        block.pooled = torch.stack([k[0].float().mean(dim=1) for k in block.keys])
+        block.pooled = block.keys[:, 0].float().mean(dim=2)
         self.evicted.add(block)
 
     def assemble(self, blocks: list[Block], drop_newest_tokens: int = 0) -> BufferedCache:
         """A new cache ``[sinks | blocks (time order) | window]`` with contiguous positions,
-        leaving out the newest ``drop_newest_tokens`` of the window.
+        leaving out the newest ``drop_newest_tokens`` of the window: each block gathered from the
+        store with its keys rotated to its new place (``kernels.ops.gather_rerotate``), the
+        window's keys rotated by the blocks' length, all written into one buffer per layer with
+        ``ASSEMBLY_SLACK`` tokens of room after them.
 
         The live cache is not modified. With no blocks it is a copy of the live cache.
         """
@@ -314,28 +316,32 @@ class StreamingKV:
         loaded = []
         for block in sorted(blocks, key=lambda b: b.block_id):
             block = self.evicted.load(block.block_id)
-            loaded.append((block.n_tokens, list(block.keys), list(block.values)))
+            loaded.append((block.n_tokens, block.keys, block.values))
         inserted = sum(n for n, _, _ in loaded)
-        keys, values = [], []
-        for index, layer in enumerate(self._layers()):
-            k_parts, v_parts = [layer.keys[:, :, : self.n_sink]], [layer.values[:, :, : self.n_sink]]
-            position = self.n_sink
-            for n_tokens, block_keys, block_values in loaded:
-                where = torch.arange(position, position + n_tokens, dtype=torch.float32)
-                k_parts.append(self.rotary.rotate(block_keys[index], where))
-                v_parts.append(block_values[index])
-                position += n_tokens
-            window_end = layer.keys.shape[2] - drop_newest_tokens
-            window_keys = layer.keys[:, :, self.n_sink : window_end]
-            if inserted:
-                window_keys = self.rotary.rotate(
-                    window_keys, torch.full((window_keys.shape[2],), float(inserted))
-                )
-            k_parts.append(window_keys)
-            v_parts.append(layer.values[:, :, self.n_sink : window_end])
-            keys.append(torch.cat(k_parts, dim=2))
-            values.append(torch.cat(v_parts, dim=2))
-        return cache_from(keys, values)
+        layers = self._layers()
+        first = layers[0].keys
+        window_end = first.shape[2] - drop_newest_tokens
+        total = inserted + window_end
+        shape = (len(layers), first.shape[1], total + ASSEMBLY_SLACK, first.shape[3])
+        keys, values = first.new_empty(shape), first.new_empty(shape)
+        start = self.n_sink + inserted
+        shift = torch.full((window_end - self.n_sink,), inserted)
+        for index, layer in enumerate(layers):
+            keys[index, :, : self.n_sink] = layer.keys[0, :, : self.n_sink]
+            values[index, :, : self.n_sink] = layer.values[0, :, : self.n_sink]
+            window = layer.keys[0, :, self.n_sink : window_end]
+            keys[index, :, start:total] = (
+                ops.rope_rotate(window, shift, self.inv_freq) if inserted else window
+            )
+            values[index, :, start:total] = layer.values[0, :, self.n_sink : window_end]
+        first_block = torch.zeros(1, dtype=torch.int64)
+        position = self.n_sink
+        for n_tokens, block_keys, block_values in loaded:
+            ops.gather_rerotate(
+                block_keys, block_values, first_block, self.inv_freq, position, out=(keys, values)
+            )
+            position += n_tokens
+        return cache_over(keys, values, total)
 
     def window_bytes(self) -> int:
         """Bytes the live cache's buffers hold (reserved, not only filled)."""

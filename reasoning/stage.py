@@ -53,7 +53,7 @@ from omnistream.protocol.messages import (
 from omnistream.protocol.routes import subscriptions
 from omnistream.protocol.runtime import MEMORY, Emit, MemoryReply, Runtime
 from omnistream.reasoning.answer import STREAMED_KINDS, Answerer, split_choice
-from omnistream.reasoning.engine import LLMEngine, release_freed_memory
+from omnistream.reasoning.llm.engine import LLMEngine, release_freed_memory
 from omnistream.reasoning.prompt import fit_items
 from omnistream.reasoning.synopsis import Synopsizer
 from omnistream.reasoning.watch import WatchList
@@ -681,7 +681,7 @@ class ReasoningStage:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from omnistream.reasoning.prepare import prepare_llm
+    from omnistream.reasoning.llm.prepare import prepare_llm
 
     parser = argparse.ArgumentParser(prog="omnistream-reasoning")
     parser.add_argument("--run-dir", type=Path, required=True)

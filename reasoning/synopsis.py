@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from omnistream.protocol.config import MemoryConfig
 from omnistream.protocol.messages import MemoryItem, Record, Synopsis
-from omnistream.reasoning.engine import LLMEngine
+from omnistream.reasoning.llm.engine import LLMEngine
 from omnistream.reasoning.prompt import clock, format_item
 
 log = logging.getLogger("omnistream.reasoning.synopsis")

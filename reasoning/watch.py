@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from omnistream.protocol.messages import WATCH_CONDITION_CHARS, WATCHES_PER_SESSION, Alert, MemoryItem, Watch
-from omnistream.reasoning.cache import BufferedCache
-from omnistream.reasoning.engine import LLMEngine
+from omnistream.reasoning.llm.cache import BufferedCache
+from omnistream.reasoning.llm.engine import LLMEngine
 from omnistream.reasoning.prompt import format_item
 
 WATCH_SYSTEM = (

@@ -11,9 +11,9 @@ import torch
 
 from omnistream.bench.llm import corpus
 from omnistream.protocol.config import load_config
-from omnistream.reasoning.cache import BufferedCache
-from omnistream.reasoning.engine import LLMEngine
-from omnistream.reasoning.prepare import prepare_llm
+from omnistream.reasoning.llm.cache import BufferedCache
+from omnistream.reasoning.llm.engine import LLMEngine
+from omnistream.reasoning.llm.prepare import prepare_llm
 
 model = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-coder-0.5b"
 tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 512

@@ -11,7 +11,7 @@ from omnistream.app.models import prepare_llm_cache
 from omnistream.bench import memory as mb
 from omnistream.protocol.config import load_config
 from omnistream.reasoning.answer import Answerer
-from omnistream.reasoning.engine import LLMEngine
+from omnistream.reasoning.llm.engine import LLMEngine
 
 config = load_config(overrides={"reasoning.model": "qwen2.5-coder-0.5b"})
 records, episode = mb.episode_records(mb.EPISODE, speed=8.0, progress=print)

@@ -22,8 +22,8 @@ def main(model: str) -> None:
     from omnistream.protocol.config import load_config
     from omnistream.protocol.messages import Ask, Draft
     from omnistream.reasoning.answer import Answerer
-    from omnistream.reasoning.engine import LLMEngine
-    from omnistream.reasoning.prepare import prepare_llm
+    from omnistream.reasoning.llm.engine import LLMEngine
+    from omnistream.reasoning.llm.prepare import prepare_llm
     from omnistream.speech.speak import PhraseSplitter
 
     config = load_config()

@@ -5,10 +5,10 @@
 Each CONFIG_DIR holds a packaged model's config.json and tokenizer files (no weights: a GPU
 machine here cannot reach the model packages). The weights are random, drawn by transformers'
 own initialisation and saved as safetensors, which is all speed depends on; correctness compares
-our Qwen2 forward (reasoning/qwen2.py, loaded through ``LLMEngine`` as on a CPU) with
+our Qwen2 forward (reasoning/llm/model.py, loaded through ``LLMEngine`` as on a CPU) with
 transformers' Qwen2 on the same weights. For each model, in bfloat16: prefill tokens/s at
 32/256/1024; decode tokens/s after a 256-token prompt and 8 untimed warm-up tokens, with our
-CUDA-graph decode (reasoning/static_decode.py through ``LLMEngine.next_token``, 128 tokens),
+CUDA-graph decode (reasoning/llm/cuda_graphs.py through ``LLMEngine.next_token``, 128 tokens),
 with it off (the eager forward, as ``OMNISTREAM_CUDA_GRAPHS=0``, 64 tokens; again with cuDNN's
 SDPA off, to see whether per-length attention plans are what makes eager decode slow) and
 transformers' (64 tokens); first token for a 20-token question on a 1024-token cache, repeated
@@ -140,7 +140,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def graph_vs_eager(engine, vocab: int) -> dict:
     """Our static (CUDA graph) decode against our eager forward, both through ``engine.forward``."""
-    from omnistream.reasoning.cache import BufferedCache
+    from omnistream.reasoning.llm.cache import BufferedCache
 
     decoder = engine.decoder
     gen = torch.Generator().manual_seed(3)
@@ -174,7 +174,7 @@ def graph_vs_eager(engine, vocab: int) -> dict:
         eager_free.append(token)
     # The same static maths run without graphs (the same kernels launched one by one), fed the
     # same tokens: the replays must give the same numbers (the graph mechanics, apart from kernels).
-    from omnistream.reasoning.static_decode import StaticDecoder
+    from omnistream.reasoning.llm.cuda_graphs import StaticDecoder
 
     plain = StaticDecoder(engine.model, graphs=False)
     engine.decoder = plain
@@ -248,7 +248,7 @@ def sync_counts(engine, vocab: int) -> dict:
     """Synchronizing CUDA calls per decode step (torch.cuda.set_sync_debug_mode), static and eager."""
     import warnings
 
-    from omnistream.reasoning.cache import BufferedCache
+    from omnistream.reasoning.llm.cache import BufferedCache
 
     counts = {}
     for name, enabled in (("static", True), ("eager", False)):
@@ -279,8 +279,8 @@ def sync_counts(engine, vocab: int) -> dict:
 def check(config_dir: Path, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from omnistream.reasoning.cache import BufferedCache
-    from omnistream.reasoning.engine import LLMEngine
+    from omnistream.reasoning.llm.cache import BufferedCache
+    from omnistream.reasoning.llm.engine import LLMEngine
 
     model_dir = random_model_dir(config_dir, work / config_dir.name)
     _log(f"{config_dir.name}: random weights saved")
@@ -291,7 +291,7 @@ def check(config_dir: Path, work: Path) -> dict:
     _sync()
     ours = {"load_s": time.perf_counter() - start, "format": engine.format, "device": str(engine.device)}
     if DEVICE == "cpu":  # dry run: the static decode maths without graphs (small buckets: they grow)
-        from omnistream.reasoning.static_decode import StaticDecoder
+        from omnistream.reasoning.llm.cuda_graphs import StaticDecoder
 
         engine.decoder = StaticDecoder(engine.model, graphs=False, min_capacity=16)
     if engine.decoder is None:

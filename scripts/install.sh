@@ -30,7 +30,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 # cannot be installed is named with what stops working, and the install goes on.
 #   what is missing          Debian package(s)       what it is for
 DEB_ITEMS=(
-  "gcc|gcc libc6-dev|the reasoner's native CPU kernels (reasoning/native; without them the LLM runs slower)"
+  "gcc|gcc libc6-dev|the reasoner's native CPU kernels (kernels/cpu; without them the LLM runs slower)"
   "ffmpeg|ffmpeg|the ffmpeg command line, for users who convert recordings"
   "librivox|pocketsphinx-testdata|LibriVox clips with reference text that the speech tests transcribe"
   "node|nodejs npm|Node.js for the example client in another language (examples/node) and its tests"

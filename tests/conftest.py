@@ -51,10 +51,11 @@ def pid_alive(pid: int) -> bool:
 def tiny_llm_dir(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer Qwen2 saved from a config, with the packaged MiniLM
     tokenizer and a minimal chat template: the LLM unit tests' model (no download, seconds)."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
     from omnistream.memory.embedder import packaged_minilm_dir
+
+    from .tiny import save_qwen2
 
     path = tmp_path_factory.mktemp("tiny-llm") / "tiny-bfloat16"  # named as prepared models are
     tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_dir()))
@@ -63,15 +64,4 @@ def tiny_llm_dir(tmp_path_factory) -> Path:
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
     tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
+    return save_qwen2(path, "tiny", seed=0, vocab_size=len(tokenizer))

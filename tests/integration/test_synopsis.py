@@ -20,8 +20,8 @@ from omnistream.memory.store import MemoryStore
 from omnistream.protocol.config import MemoryConfig, load_config
 from omnistream.protocol.messages import Ask, Clip, Label, MemoryItem, Record, Retrieve, Transcript
 from omnistream.reasoning.answer import Answerer
-from omnistream.reasoning.engine import LLMEngine
-from omnistream.reasoning.prepare import prepare_llm
+from omnistream.reasoning.llm.engine import LLMEngine
+from omnistream.reasoning.llm.prepare import prepare_llm
 from omnistream.reasoning.prompt import memory_log
 from omnistream.reasoning.synopsis import Synopsizer
 

@@ -6,8 +6,8 @@ import pytest
 
 from omnistream.protocol.config import load_config
 from omnistream.protocol.messages import MemoryItem, Watch
-from omnistream.reasoning.engine import LLMEngine
-from omnistream.reasoning.prepare import prepare_llm
+from omnistream.reasoning.llm.engine import LLMEngine
+from omnistream.reasoning.llm.prepare import prepare_llm
 from omnistream.reasoning.watch import WatchList
 
 pytestmark = pytest.mark.slow

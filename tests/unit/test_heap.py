@@ -7,7 +7,7 @@ import pytest
 
 PROBE = """
 import sys, torch
-from omnistream.reasoning.engine import map_large_buffers
+from omnistream.reasoning.llm.engine import map_large_buffers
 if sys.argv[1] == "mapped":
     map_large_buffers()
 

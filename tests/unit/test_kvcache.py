@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from omnistream.reasoning.kvcache import BlockStore, StreamingKV, rotary_for
+from omnistream.kernels.ops import rope_rotate
+from omnistream.reasoning.kvcache import BlockStore, StreamingKV, inv_freq_for
 
-VOCAB = 97
+from ..tiny import SHAPES, qwen2_model
+
+VOCAB = SHAPES["stream"]["vocab_size"]
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return qwen2_model("stream", seed=0)
 
 
 def ids(*tokens: int) -> torch.Tensor:
@@ -59,14 +50,14 @@ def layer0_keys(model, sequence: torch.Tensor, offset: int = 0) -> torch.Tensor:
 
 
 def test_rerotating_a_cached_key_equals_computing_it_at_the_new_position(model) -> None:
-    rotary = rotary_for(model)
+    inv_freq = inv_freq_for(model)
     at_5 = layer0_keys(model, ENTRIES[1], offset=5)
     at_1005 = layer0_keys(model, ENTRIES[1], offset=1005)
-    moved = rotary.rotate(at_5, torch.full((ENTRIES[1].shape[1],), 1000.0))
+    moved = rope_rotate(at_5, torch.full((ENTRIES[1].shape[1],), 1000.0), inv_freq)
     torch.testing.assert_close(moved, at_1005, atol=2e-5, rtol=1e-4)
     # Removing the rotation gives the same position-free key wherever it was computed.
-    free_5 = rotary.rotate(at_5, -torch.arange(5, 10, dtype=torch.float32))
-    free_1005 = rotary.rotate(at_1005, -torch.arange(1005, 1010, dtype=torch.float32))
+    free_5 = rope_rotate(at_5, -torch.arange(5, 10, dtype=torch.float32), inv_freq)
+    free_1005 = rope_rotate(at_1005, -torch.arange(1005, 1010, dtype=torch.float32), inv_freq)
     torch.testing.assert_close(free_5, free_1005, atol=2e-5, rtol=1e-4)
 
 
@@ -204,6 +195,25 @@ def test_pooled_key_stack_follows_the_store(model) -> None:
     assert block_ids == [0, 1, 2]
     for column, block_id in enumerate(block_ids):
         torch.testing.assert_close(pooled[:, column], stream.evicted.blocks[block_id].pooled)
+
+
+def test_blocks_are_ranked_by_the_question_queries_among_the_candidates(model) -> None:
+    stream = StreamingKV(model, SINK, window_tokens=4)
+    for i, entry in enumerate(ENTRIES):
+        stream.append(entry, t0=i, t1=i + 1, text=f"entry {i}")
+    block_ids, pooled = stream.evicted.pooled_keys()
+    assert len(block_ids) >= 3
+    queries = torch.randn(2, 4, 3, 16, generator=torch.Generator().manual_seed(7))
+    # By hand: the layers' mean of each block's best head's score with the mean query.
+    per_head = torch.einsum(
+        "lhd,lbkd->lbhk", queries.mean(dim=2), pooled.repeat_interleave(2, dim=2)[:, :, :4]
+    )
+    scores = per_head.diagonal(dim1=2, dim2=3).amax(-1).mean(0)
+    expected = [block_ids[i] for i in torch.argsort(scores, descending=True).tolist()]
+    assert stream.evicted.rank(queries, set(block_ids)) == expected
+    candidates = set(block_ids[1:])
+    assert stream.evicted.rank(queries, candidates) == [b for b in expected if b in candidates]
+    assert stream.evicted.rank(queries, set()) == []
 
 
 def test_appending_many_entries_in_one_pass_equals_appending_them_one_by_one(model, monkeypatch) -> None:

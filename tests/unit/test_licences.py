@@ -7,7 +7,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from omnistream.reasoning.prepare import PACKAGED_MODELS
+from omnistream.reasoning.llm.prepare import PACKAGED_MODELS
 
 ROOT = Path(__file__).resolve().parents[2]
 PINNED = re.compile(r"`([A-Za-z0-9][A-Za-z0-9._-]*)==([^`\s]+)`")

@@ -8,9 +8,11 @@ import pytest
 import torch
 from transformers import DynamicCache, Qwen2ForCausalLM
 
-from omnistream.reasoning.cache import BufferedCache
-from omnistream.reasoning.engine import LLMEngine, int8_dir, resolve_format
-from omnistream.reasoning.quant import WEIGHT_MAX, Int8Linear, load_int8, prepare_int8
+from omnistream.reasoning.llm import load
+from omnistream.reasoning.llm.cache import BufferedCache
+from omnistream.reasoning.llm.engine import LLMEngine
+from omnistream.reasoning.llm.formats import choose, int8_cache, prepare_int8, resolve_format
+from omnistream.reasoning.llm.int8 import WEIGHT_MAX, Int8Linear
 
 
 def test_buffered_cache_equals_dynamic_cache_through_appends_crops_and_assignments() -> None:
@@ -85,17 +87,30 @@ def tiny_model_dir(tiny_llm_dir: Path) -> Path:
     return tiny_llm_dir
 
 
-def test_int8_cache_loads_the_same_model_it_saved(tiny_model_dir: Path) -> None:
-    from omnistream.reasoning.quant import quantize_model
+def _quantized_in_memory(model_dir: Path, embedding: torch.nn.Module):
+    """The float model with every linear layer quantized in memory (no cache file)."""
+    model = load.from_float_dir(model_dir)
+    for layer in model.model.layers:
+        for parent, name in (
+            (layer.self_attn, "qkv_proj"),
+            (layer.self_attn, "o_proj"),
+            (layer.mlp, "gate_up_proj"),
+            (layer.mlp, "down_proj"),
+        ):
+            setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
+    model.lm_head = Int8Linear.from_linear(model.lm_head)
+    model.model.embed_tokens = embedding
+    return model
 
-    out = prepare_int8(tiny_model_dir, int8_dir(tiny_model_dir))
-    assert out.name == "tiny-int8" and (out / "int8.safetensors").exists()
-    loaded = load_int8(out)
+
+def test_int8_cache_loads_the_same_model_it_saved(tiny_model_dir: Path) -> None:
+    out = prepare_int8(tiny_model_dir)
+    assert out == int8_cache(tiny_model_dir) and out.parent == tiny_model_dir.parent
+    assert out.name.startswith("int8-") and (out / "int8.safetensors").exists()
+    loaded = load.from_int8_dir(out)
     reference = Qwen2ForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    in_memory = quantize_model(
-        Qwen2ForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-    )
-    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 2 * 7 + 1  # lm_head included
+    in_memory = _quantized_in_memory(tiny_model_dir, loaded.model.embed_tokens)
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 2 * 4 + 1  # fused; lm_head included
     ids = torch.tensor([[5, 17, 99, 300, 42, 7, 1000, 3]])
     with torch.inference_mode():
         from_disk, fresh, exact = (m(input_ids=ids).logits for m in (loaded, in_memory, reference))
@@ -126,7 +141,7 @@ def test_engine_runs_int8_and_decodes_the_greedy_sequence(tiny_model_dir: Path) 
 def test_text_stream_pieces_add_up_to_one_decode(tiny_model_dir: Path, text: str) -> None:
     from transformers import AutoTokenizer
 
-    from omnistream.reasoning.engine import TextStream
+    from omnistream.reasoning.llm.engine import TextStream
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -139,18 +154,18 @@ def test_text_stream_pieces_add_up_to_one_decode(tiny_model_dir: Path, text: str
 def test_format_names_are_checked() -> None:
     assert resolve_format("float32") == "float32"
     assert resolve_format("auto") in ("int8", "bfloat16")
+    assert choose("int8").dtype == torch.float32 and choose("int8").device == "cpu"
     with pytest.raises(ValueError, match="reasoning.dtype"):
         resolve_format("int4")
 
 
-def test_two_local_models_sharing_a_name_prefix_get_their_own_int8_caches(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    """A second local model must never load the first one's int8 weights: different directory
-    names get different caches, and a cache made from other weights is rebuilt."""
+def test_two_local_models_get_their_own_int8_caches(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A second local model must never load the first one's int8 weights: caches are named by
+    the weights' fingerprint (names sharing a prefix, or the same name in two folders, do not
+    matter), and a cache directory made from other weights is rebuilt."""
     import shutil
 
-    first, second = tmp_path / "qwen-1b", tmp_path / "qwen-7b"
+    first, second, same_name = tmp_path / "qwen-1b", tmp_path / "qwen-7b", tmp_path / "other" / "qwen-1b"
     shutil.copytree(tiny_model_dir, first)
     model = Qwen2ForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     torch.manual_seed(1)
@@ -158,14 +173,25 @@ def test_two_local_models_sharing_a_name_prefix_get_their_own_int8_caches(
         parameter.data.normal_(0, 0.05)
     shutil.copytree(tiny_model_dir, second)
     model.save_pretrained(second)
-    assert int8_dir(first) != int8_dir(second)
-    assert int8_dir(tiny_model_dir).name == "tiny-int8"  # a prepared <name>-<dtype> keeps its name
+    shutil.copytree(second, same_name)
+    assert int8_cache(first) != int8_cache(second)
+    assert int8_cache(first).name != int8_cache(same_name).name  # same directory name, other weights
+    assert int8_cache(second).name == int8_cache(same_name).name  # same weights: same fingerprint
     ids = torch.tensor([[5, 17, 99, 300]])
     with torch.inference_mode():
-        a = load_int8(prepare_int8(first, int8_dir(first)))(ids).logits
-        b = load_int8(prepare_int8(second, int8_dir(second)))(ids).logits
+        a = load.from_int8_dir(prepare_int8(first))(ids).logits
+        b = load.from_int8_dir(prepare_int8(second))(ids).logits
         assert not torch.allclose(a, b)
+        assert torch.equal(load.from_int8_dir(prepare_int8(same_name))(ids).logits, b)
         # The same cache directory reused for other weights (a model replaced in place) is rebuilt.
         shared = tmp_path / "shared-int8"
-        assert torch.equal(load_int8(prepare_int8(first, shared))(ids).logits, a)
-        assert torch.equal(load_int8(prepare_int8(second, shared))(ids).logits, b)
+        assert torch.equal(load.from_int8_dir(prepare_int8(first, shared))(ids).logits, a)
+        assert torch.equal(load.from_int8_dir(prepare_int8(second, shared))(ids).logits, b)
+
+
+def test_the_engine_runs_qwen2_only(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2}'
+    )
+    with pytest.raises(ValueError, match="Qwen2"):
+        LLMEngine(tmp_path, "float32", 1)

@@ -159,7 +159,7 @@ def test_config_overrides_and_unknown_keys(monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_llm_dir):
-    from omnistream.reasoning.engine import LLMEngine
+    from omnistream.reasoning.llm.engine import LLMEngine
 
     return LLMEngine(tiny_llm_dir, dtype="float32", threads=1)
 
@@ -205,7 +205,7 @@ def test_choice_logprobs_match_full_forward_and_leave_the_cache_as_it_was(tiny_e
 
 
 def test_continuation_logprobs_match_full_forward_and_leave_the_cache_as_it_was(tiny_engine) -> None:
-    from omnistream.reasoning.cache import BufferedCache
+    from omnistream.reasoning.llm.cache import BufferedCache
 
     prefix = tiny_engine.tokenizer("memory of the stream", return_tensors="pt").input_ids
     prompt = tiny_engine.ids(" question: which one?")
@@ -474,7 +474,7 @@ def test_internal_retrieval_scores_blocks_by_the_questions_own_queries(tiny_engi
     must equal a direct computation from the model's hidden states."""
     from omnistream.kernels import reference
     from omnistream.reasoning.answer import Answerer
-    from omnistream.reasoning.cache import cache_from
+    from omnistream.reasoning.llm.cache import cache_from
 
     answerer = Answerer(tiny_engine, window_tokens=24)
     for item in RECORDS:
@@ -595,7 +595,7 @@ def test_spilled_kv_is_kept_apart_per_model_format_and_prompt(tiny_engine, tiny_
     dtype, or the system prompt changes, a session never reads the old blocks (wrong shapes or
     silently wrong answers); the same setup finds its own blocks again."""
     from omnistream.reasoning.answer import Answerer
-    from omnistream.reasoning.engine import LLMEngine
+    from omnistream.reasoning.llm.engine import LLMEngine
 
     def spill_dir(engine, **kwargs) -> Path:
         answerer = Answerer(engine, window_tokens=24, spill_root=tmp_path / "kv", **kwargs)
@@ -685,7 +685,7 @@ def word_engine(tiny_llm_dir):
     pre-tokenizer): the stage's watch list needs " yes" and " no" as single tokens."""
     from transformers import BertTokenizerFast
 
-    from omnistream.reasoning.engine import LLMEngine
+    from omnistream.reasoning.llm.engine import LLMEngine
 
     engine = LLMEngine(tiny_llm_dir, dtype="float32", threads=1)
     engine.tokenizer = BertTokenizerFast.from_pretrained(str(tiny_llm_dir))

@@ -7,29 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnistream.reasoning import qwen2
-from omnistream.reasoning.cache import BufferedCache
+from omnistream.reasoning.llm import load
+from omnistream.reasoning.llm import model as qwen2
+from omnistream.reasoning.llm.cache import BufferedCache
+from omnistream.reasoning.llm.int8 import Int8Embedding, Int8Linear
+
+from ..tiny import save_qwen2
 
 
 @pytest.fixture(scope="module")
 def tied_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 with a tied output projection and linear RoPE scaling."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("tied")
-    config = Qwen2Config(
-        vocab_size=300,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
+    return save_qwen2(tmp_path_factory.mktemp("tied"), "tied", seed=1)
 
 
 def _hf(path: Path):
@@ -49,7 +38,7 @@ def _run(model, ids: torch.Tensor, cache, start: int, **kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("which", ["tiny", "tied"])
 def test_logits_and_cache_match_transformers(which: str, tiny_llm_dir: Path, tied_dir: Path) -> None:
     path = tiny_llm_dir if which == "tiny" else tied_dir
-    ours, theirs = qwen2.from_float_dir(path), _hf(path)
+    ours, theirs = load.from_float_dir(path), _hf(path)
     vocab = ours.config.vocab_size
     torch.manual_seed(2)
     ids = torch.randint(0, vocab, (1, 30))
@@ -70,7 +59,7 @@ def test_logits_and_cache_match_transformers(which: str, tiny_llm_dir: Path, tie
 
 
 def test_on_query_sees_the_q_projection(tiny_llm_dir: Path) -> None:
-    ours, theirs = qwen2.from_float_dir(tiny_llm_dir), _hf(tiny_llm_dir)
+    ours, theirs = load.from_float_dir(tiny_llm_dir), _hf(tiny_llm_dir)
     ids = torch.randint(0, ours.config.vocab_size, (1, 9))
     seen: list[torch.Tensor] = []
     ours.model.layers[1].self_attn.on_query.append(seen.append)
@@ -85,16 +74,34 @@ def test_on_query_sees_the_q_projection(tiny_llm_dir: Path) -> None:
     torch.testing.assert_close(seen[0], expected[0], atol=1e-5, rtol=1e-4)
 
 
+def _transformers_with_int8_layers(float_dir: Path, int8_dir: Path):
+    """transformers' Qwen2 with each linear layer replaced by the Int8Linear of the int8 cache."""
+    from safetensors.torch import load_file
+
+    theirs = _hf(float_dir)
+    tensors = load_file(str(int8_dir / "int8.safetensors"))
+    if theirs.config.tie_word_embeddings:
+        theirs.lm_head = torch.nn.Linear(1, 1)  # untied: the cache holds the output projection's own rows
+    for name, module in list(theirs.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            parent, _, child = name.rpartition(".")
+            layer = Int8Linear(
+                tensors[f"{name}.qweight"], tensors[f"{name}.scales"], tensors.get(f"{name}.bias")
+            )
+            setattr(theirs.get_submodule(parent) if parent else theirs, child, layer)
+    return theirs
+
+
 def test_int8_model_matches_transformers_with_the_same_int8_layers(
     tiny_llm_dir: Path, tmp_path: Path
 ) -> None:
-    from omnistream.reasoning.quant import load_int8, prepare_int8
+    from omnistream.reasoning.llm.formats import prepare_int8
 
     int8_dir = prepare_int8(tiny_llm_dir, tmp_path / "tiny-int8")
-    ours, theirs = qwen2.from_int8_dir(int8_dir), load_int8(int8_dir)
+    ours, theirs = load.from_int8_dir(int8_dir), _transformers_with_int8_layers(tiny_llm_dir, int8_dir)
     # The torch layers, as transformers': the fused native ops sum in another order, and one
     # last-bit difference before a per-row activation quantization moves a value by a rounding
-    # step (test_native_ops compares the native path with this one at that noise level).
+    # step (test_llm_cpu compares the native path with this one at that noise level).
     ours.native_ops = False
     theirs.set_input_embeddings(ours.model.embed_tokens)  # ours keeps the table as int8 rows
     ids = torch.randint(0, ours.config.vocab_size, (1, 25))
@@ -116,7 +123,7 @@ def test_int8_embedding_rows_are_within_half_a_step() -> None:
     torch.manual_seed(3)
     table = torch.randn(1000, 64) * torch.linspace(0.01, 5, 1000)[:, None]
     table[7] = 0.0  # an all-zero row stays zero
-    embedding = qwen2.Int8Embedding(table.to(torch.bfloat16))
+    embedding = Int8Embedding(table.to(torch.bfloat16))
     ids = torch.tensor([[0, 7, 500, 999, 7]])
     rows = embedding(ids)[0]
     exact = table.to(torch.bfloat16).float()[ids[0]]

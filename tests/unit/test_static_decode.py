@@ -1,4 +1,4 @@
-"""Static-shape decode steps (reasoning/static_decode.py) against the model's own forward.
+"""Static-shape decode steps (reasoning/llm/cuda_graphs.py) against the model's own forward.
 
 On the CPU the static maths run eagerly (``graphs=False``): KV written at a slot given as a
 tensor, attention over the capacity bucket with a mask built from it, RoPE from a position
@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnistream.reasoning import qwen2, static_decode
-from omnistream.reasoning.cache import BufferedCache
-from omnistream.reasoning.static_decode import StaticDecoder, bucket
+from omnistream.reasoning.llm import cuda_graphs as static_decode
+from omnistream.reasoning.llm import load
+from omnistream.reasoning.llm import model as qwen2
+from omnistream.reasoning.llm.cache import BufferedCache
+from omnistream.reasoning.llm.cuda_graphs import StaticDecoder, bucket
+
+from ..tiny import save_qwen2
 
 ATOL, RTOL = 2e-5, 1e-4
 
@@ -23,26 +27,12 @@ ATOL, RTOL = 2e-5, 1e-4
 @pytest.fixture(scope="module")
 def grouped_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 with 3 query heads per kv head and linear RoPE scaling."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(5)
-    path = tmp_path_factory.mktemp("grouped")
-    config = Qwen2Config(
-        vocab_size=211,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
+    return save_qwen2(tmp_path_factory.mktemp("grouped"), "grouped", seed=5)
 
 
 @pytest.fixture(scope="module", params=["tiny", "grouped"])
 def model(request, tiny_llm_dir: Path, grouped_dir: Path) -> qwen2.Qwen2:
-    return qwen2.from_float_dir(tiny_llm_dir if request.param == "tiny" else grouped_dir)
+    return load.from_float_dir(tiny_llm_dir if request.param == "tiny" else grouped_dir)
 
 
 def eager(model, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
@@ -216,7 +206,7 @@ def test_steps_that_do_not_fit_fall_back(model) -> None:
 
 
 def test_engine_decodes_the_same_greedy_tokens_with_the_static_decoder(tiny_llm_dir: Path) -> None:
-    from omnistream.reasoning.engine import LLMEngine
+    from omnistream.reasoning.llm.engine import LLMEngine
 
     engine = LLMEngine(tiny_llm_dir, dtype="float32", threads=1)
     assert engine.decoder is None  # CUDA only; the CPU keeps its native path
@@ -236,7 +226,7 @@ def test_engine_decodes_the_same_greedy_tokens_with_the_static_decoder(tiny_llm_
 
 
 def test_the_engine_takes_the_static_path_only_on_cuda(tiny_llm_dir: Path, monkeypatch) -> None:
-    model = qwen2.from_float_dir(tiny_llm_dir)
+    model = load.from_float_dir(tiny_llm_dir)
     assert static_decode.for_model(model) is None  # a CPU model
     monkeypatch.setenv("OMNISTREAM_CUDA_GRAPHS", "0")
     assert not static_decode.enabled_by_env()
@@ -250,7 +240,7 @@ def test_the_engine_takes_the_static_path_only_on_cuda(tiny_llm_dir: Path, monke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_steps_match_eager_steps(tiny_llm_dir: Path) -> None:
     """bf16 on the GPU: graph replays (one capture per bucket) against the model's eager forward."""
-    model = qwen2.from_float_dir(tiny_llm_dir, torch.bfloat16, "cuda")
+    model = load.from_float_dir(tiny_llm_dir, torch.bfloat16, "cuda")
     decoder = StaticDecoder(model, graphs=True, min_capacity=16)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, 60))

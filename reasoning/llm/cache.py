@@ -83,7 +83,7 @@ class BufferedLayer(DynamicLayer):
         self._k = self._k_buf[..., :end, :]
         self._v = self._v_buf[..., :end, :]
 
-    # -- shared storage (reasoning/static_decode.py: a CUDA graph's static KV buffers) ----------
+    # -- shared storage (llm/cuda_graphs.py: a CUDA graph's static KV buffers) ----------
 
     def uses_buffers(self, k_buf: torch.Tensor, v_buf: torch.Tensor) -> bool:
         """Whether ``k_buf``/``v_buf`` are this layer's storage (``move_to``)."""
@@ -133,4 +133,18 @@ def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Buffered
     cache = BufferedCache()
     for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
         cache.update(k, v, layer)
+    return cache
+
+
+def cache_over(keys: torch.Tensor, values: torch.Tensor, length: int) -> BufferedCache:
+    """A cache whose layer i keeps its keys/values in ``keys[i:i+1]``/``values[i:i+1]`` (buffers
+    (layers, kv_heads, capacity, head_dim)), filled up to ``length``: no copy, and room for
+    ``capacity - length`` more tokens before a layer reallocates."""
+    cache = BufferedCache()
+    for index in range(keys.shape[0]):
+        k, v = keys[index : index + 1], values[index : index + 1]
+        cache.update(k[:, :, :0], v[:, :, :0], index)  # creates the layer
+        layer = cache.layers[index]
+        layer._k_buf, layer._v_buf = k, v
+        layer.set_length(length)
     return cache

@@ -2,7 +2,8 @@
 
 All take float32 CPU tensors whose last dimension is contiguous and return (or fill) float32
 tensors; ``usable()`` says whether the library is there (and ``OMNISTREAM_NATIVE`` allows it).
-The Qwen2 fast path (reasoning/qwen2.py) calls them; tests compare each with torch.
+The CPU forward (reasoning/llm/cpu.py) calls them; tests/kernels/test_cpu_ops.py compares each
+with its torch reference (kernels/reference.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from omnistream.reasoning import native
+from omnistream.kernels import cpu
 
 ABI_VERSION = 2
 # Pause instructions the pool's helpers spin for the next call during a forward (pool.c's default,
@@ -26,7 +27,7 @@ _checked = False
 
 
 class LinearSpec(ctypes.Structure):
-    """ops.c's lin_t: an int8 layer as ``native.PreparedWeight`` holds it (which must outlive it)."""
+    """ops.c's lin_t: an int8 layer as ``cpu.PreparedWeight`` holds it (which must outlive it)."""
 
     _fields_ = [
         ("w", ctypes.c_void_p),
@@ -38,7 +39,7 @@ class LinearSpec(ctypes.Structure):
     ]
 
     @classmethod
-    def of(cls, prepared: native.PreparedWeight) -> LinearSpec:
+    def of(cls, prepared: cpu.PreparedWeight) -> LinearSpec:
         w, s, r, b = prepared._pointers
         return cls(w, s, r, b, prepared.out_features, prepared.in_features)
 
@@ -48,11 +49,13 @@ def _load() -> ctypes.CDLL | None:
     if _checked:
         return _lib
     _checked = True
-    lib = native._load()
+    lib = cpu._load()
     if lib is None or not hasattr(lib, "ops_abi_version") or lib.ops_abi_version() != ABI_VERSION:
         return None
     p, i, long_, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    lib.ops_rmsnorm.restype = lib.ops_rope.restype = lib.ops_silu_mul.restype = lib.ops_attention.restype = None
+    lib.ops_rmsnorm.restype = lib.ops_rope.restype = lib.ops_silu_mul.restype = lib.ops_attention.restype = (
+        None
+    )
     lib.ops_rmsnorm.argtypes = [p, p, p, p, i, i, f, i]
     lib.ops_rope.argtypes = [p, i, long_, i, i, p, p, i]
     lib.ops_silu_mul.argtypes = [p, i, i, p, i]
@@ -61,18 +64,42 @@ def _load() -> ctypes.CDLL | None:
     lib.ops_layer_in.restype = lib.ops_layer_out.restype = lib.int8_get_spin.restype = i
     lib.int8_get_spin.argtypes = []
     lib.ops_layer_in.argtypes = [p, p, p, f, i, i, lin, p, p, p, i, i, i]
-    lib.ops_layer_out.argtypes = [p, long_, i, i, i, i, p, long_, long_, p, long_, long_, i, f, p, i, lin, p, f, lin, lin, p, i]
+    lib.ops_layer_out.argtypes = [
+        p,
+        long_,
+        i,
+        i,
+        i,
+        i,
+        p,
+        long_,
+        long_,
+        p,
+        long_,
+        long_,
+        i,
+        f,
+        p,
+        i,
+        lin,
+        p,
+        f,
+        lin,
+        lin,
+        p,
+        i,
+    ]
     _lib = lib
     return lib
 
 
 def usable() -> bool:
     """The ops are built and allowed (``OMNISTREAM_NATIVE=0`` turns them off with the int8 kernel)."""
-    return native.enabled() and _load() is not None
+    return cpu.enabled() and _load() is not None
 
 
 def _threads() -> int:
-    return native._threads or torch.get_num_threads()
+    return cpu._threads or torch.get_num_threads()
 
 
 def _check(t: torch.Tensor, name: str) -> None:
@@ -80,7 +107,9 @@ def _check(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"native ops: {name} must be float32 on the CPU with a contiguous last dimension")
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+def rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension. With ``residual``, ``x`` is
     first updated in place to ``x + residual`` (the layer's skip connection). x: contiguous."""
     if not x.is_contiguous():
@@ -127,7 +156,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _check(gate_up, "gate_up")
     inner = gate_up.shape[-1] // 2
     out = gate_up.new_empty((*gate_up.shape[:-1], inner))
-    (_lib or _load()).ops_silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * inner), inner, out.data_ptr(), _threads())
+    (_lib or _load()).ops_silu_mul(
+        gate_up.data_ptr(), gate_up.numel() // (2 * inner), inner, out.data_ptr(), _threads()
+    )
     return out
 
 
@@ -157,7 +188,9 @@ def _attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tu
     )
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal grouped-query attention of n new positions against a cache that ends with them.
 
     q: (n, heads * D) (rows may be strided, e.g. the q part of a fused qkv output); k, v: (1,

@@ -52,10 +52,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules import module as torch_module
 
-from omnistream.reasoning.cache import BufferedCache
-from omnistream.reasoning.qwen2 import Qwen2, rotate
+from omnistream.reasoning.llm.cache import BufferedCache
+from omnistream.reasoning.llm.model import Qwen2, rotate
 
-log = logging.getLogger("omnistream.reasoning.static_decode")
+log = logging.getLogger("omnistream.reasoning.llm")
 
 MIN_CAPACITY = 256
 MAX_CAPACITY = 32768
@@ -271,7 +271,7 @@ class StaticDecoder:
     def _forward(self, size: int) -> None:
         """The model's forward for one token on the static buffers' first ``size`` tokens: reads
         ``inputs``, writes the new key/value at the slot, ``logits`` and ``next_id``. The same
-        maths as Qwen2.forward (reasoning/qwen2.py) with static shapes."""
+        maths as Qwen2.forward (llm/model.py) with static shapes."""
         model = self.model
         ids = self.inputs[0:1].view(1, 1)
         slot = self.inputs[1:2]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("omnistream.reasoning.native")
+log = logging.getLogger("omnistream.kernels.cpu")
 
 SOURCE_DIR = Path(__file__).parent
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC")

@@ -1,4 +1,5 @@
-"""The LLM: load once from the prepared cache, prefill, stream tokens with our own decode loop.
+"""The LLM engine: load a model once in the format ``llm.formats`` chooses, prefill, and stream
+tokens with our own decode loop.
 
 transformers' ``generate()`` is not used: the loop below is short, lets the caller stop between
 tokens (barge-in), and is where KV-cache reuse plugs in.
@@ -14,72 +15,10 @@ from pathlib import Path
 
 import torch
 
-from omnistream.reasoning.cache import BufferedCache
+from omnistream.reasoning.llm import formats
+from omnistream.reasoning.llm.cache import BufferedCache
 
-log = logging.getLogger("omnistream.reasoning.engine")
-
-
-FORMATS = ("auto", "gguf", "int8", "float32", "bfloat16", "float16")
-
-
-def gguf_file(model_dir: Path) -> Path | None:
-    """The GGUF a prepared model directory came from: ``<cache>/gguf/<name>.gguf`` beside
-    ``<cache>/llm/<name>-<dtype>`` (reasoning/prepare.py), or the one ``*.gguf`` inside a local
-    model directory; None if there is none."""
-    model_dir = Path(model_dir)
-    name = model_dir.name.rsplit("-", 1)[0]
-    packaged = model_dir.parent.parent / "gguf" / f"{name}.gguf"
-    if packaged.is_file() and packaged.with_suffix(".gguf.sha256").is_file():
-        return packaged
-    inside = sorted(model_dir.glob("*.gguf")) if model_dir.is_dir() else []
-    return inside[0] if len(inside) == 1 else None
-
-
-def resolve_format(fmt: str, model_dir: Path | None = None) -> str:
-    """The weight format to run. "auto" is bfloat16 on a GPU; on a CPU (decoding is bound by
-    memory bandwidth) it is "gguf" for a Qwen2 model prepared from a K-quant GGUF (``model_dir``)
-    where the native kernel builds: the file's own 4.5-6.5-bit blocks (reasoning/native/
-    kquant.py; the 1.5B Q4_K_M decodes 45 % faster than as int8 in 640 MB less RAM, but
-    prefills ~2.7x slower), else int8 (a quarter of float32; see reasoning/quant.py)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"reasoning.dtype must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "auto":
-        if torch.cuda.is_available():
-            return "bfloat16"
-        return "gguf" if model_dir is not None and gguf_runnable(model_dir) else "int8"
-    return fmt
-
-
-def gguf_runnable(model_dir: Path) -> bool:
-    """Whether "auto" runs ``model_dir`` as "gguf": a Qwen2 with its GGUF beside it, every weight
-    in a block type the native kernel has, mostly K-quants (``kquant.k_quant_share``: the 0.5B's
-    Q5_0/Q8_0 decode faster as int8), and the kernel built."""
-    from omnistream.reasoning import qwen2
-
-    path = gguf_file(model_dir)
-    if path is None or not qwen2.is_qwen2(model_dir):
-        return False
-    from omnistream.reasoning.native import kquant
-
-    return kquant.available() and kquant.supports(path) and kquant.k_quant_share(path) >= 0.5
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """The dtype activations and the KV cache are kept in for a weight format."""
-    fmt = resolve_format(dtype)
-    return torch.float32 if fmt in ("int8", "gguf") else getattr(torch, fmt)
-
-
-PREPARED_DTYPES = ("bfloat16", "float16", "float32")
-
-
-def int8_dir(model_dir: Path) -> Path:
-    """Where the int8 conversion of a model directory is cached: ``<name>-int8`` beside a
-    prepared ``<name>-<dtype>``, else ``<directory name>-int8`` (two local models whose names share
-    a prefix, "qwen-1b" and "qwen-7b", get two caches; the cache also records which weights it was
-    made from, see ``quant.prepare_int8``)."""
-    stem, _, suffix = model_dir.name.rpartition("-")
-    return model_dir.with_name(f"{stem if stem and suffix in PREPARED_DTYPES else model_dir.name}-int8")
+log = logging.getLogger("omnistream.reasoning.llm")
 
 
 @functools.cache
@@ -130,52 +69,42 @@ class LLMEngine:
     def __init__(self, model_dir: Path, dtype: str = "auto", threads: int = 2):
         from transformers import AutoTokenizer
 
-        from omnistream.reasoning import native, qwen2
-        from omnistream.reasoning.quant import load_int8, prepare_int8
+        from omnistream.kernels import cpu
+        from omnistream.reasoning.llm import cuda_graphs, load
+        from omnistream.reasoning.llm.model import is_qwen2
 
         started = time.monotonic()
         map_large_buffers()
         self.model_dir = Path(model_dir)
-        self.format = resolve_format(dtype, model_dir)
+        if not is_qwen2(self.model_dir):
+            raise ValueError(
+                f"{model_dir}: not a Qwen2 model (config.json model_type); the engine runs Qwen2 only"
+            )
+        choice = formats.choose(dtype, self.model_dir)
+        self.format, self.dtype, self.device = choice.format, choice.dtype, torch.device(choice.device)
         torch.set_num_threads(threads)
-        if self.format in ("int8", "gguf") and native.available():
-            # The int8 kernel runs the linear layers (nearly all the work) on ``threads`` cores
-            # with its own workers; torch's remaining small ops run on one thread, so its OpenMP
+        if self.format in ("int8", "gguf") and cpu.available():
+            # The native kernels run the linear layers (nearly all the work) on ``threads`` cores
+            # with their own workers; torch's remaining small ops run on one thread, so its OpenMP
             # barriers never wait for a core another process (or the kernel) holds: on 2 busy
             # cores two torch threads made an 80-token prefill 6x slower.
-            native.set_threads(threads)
+            cpu.set_threads(threads)
             torch.set_num_threads(1)
-        self.dtype = resolve_dtype(dtype)
-        self.device = torch.device(
-            "cuda" if torch.cuda.is_available() and self.format not in ("int8", "gguf") else "cpu"
-        )
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        # Qwen2 (the packaged models) runs on reasoning/qwen2.py; another architecture in a local
-        # model directory goes through transformers.
-        ours = qwen2.is_qwen2(model_dir)
         if self.format == "gguf":
-            gguf = gguf_file(model_dir)
-            if gguf is None or not ours:
-                raise ValueError(f"{model_dir}: format 'gguf' needs a Qwen2 model prepared from a GGUF")
-            self.model = qwen2.from_gguf(gguf, model_dir)
+            if choice.gguf is None:
+                raise ValueError(
+                    f"{model_dir}: format 'gguf' needs a model prepared from a GGUF (or one *.gguf in it)"
+                )
+            self.model = load.from_gguf(choice.gguf, self.model_dir)
         elif self.format == "int8":
-            prepared = prepare_int8(model_dir, int8_dir(model_dir))
-            self.model = qwen2.from_int8_dir(prepared) if ours else load_int8(prepared)
-        elif ours:
-            self.model = qwen2.from_float_dir(model_dir, self.dtype, str(self.device))
+            self.model = load.from_int8_dir(formats.prepare_int8(self.model_dir))
         else:
-            from transformers import AutoModelForCausalLM
-
-            self.model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=self.dtype, attn_implementation="sdpa"
-            ).eval()
-            self.model.to(self.device)
+            self.model = load.from_float_dir(self.model_dir, self.dtype, str(self.device))
         release_freed_memory()  # conversion and fusing leave freed buffers on glibc's heap
-        # One-token decode steps on a CUDA GPU as CUDA graph replays (reasoning/static_decode.py;
-        # None elsewhere, or with OMNISTREAM_CUDA_GRAPHS=0).
-        from omnistream.reasoning import static_decode
-
-        self.decoder = static_decode.for_model(self.model)
+        # One-token decode steps on a CUDA GPU as CUDA graph replays (None elsewhere, or with
+        # OMNISTREAM_CUDA_GRAPHS=0).
+        self.decoder = cuda_graphs.for_model(self.model)
         self.eos_ids = {self.tokenizer.eos_token_id}
         for token in ("<|im_end|>", "<|endoftext|>"):
             token_id = self.tokenizer.convert_tokens_to_ids(token)

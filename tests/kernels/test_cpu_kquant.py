@@ -1,4 +1,4 @@
-"""GGUF blocks run as they are (reasoning/native/kquant.c, kquant.py): the repacked blocks
+"""GGUF blocks run as they are (kernels/cpu/kquant.c, kquant.py; the file read by reasoning/llm/gguf.py): the repacked blocks
 dequantize exactly as the gguf package's reference, each block type's GEMM equals a float64
 reference built from the dequantized weights and the kernel's own activation quantization, and a
 tiny Qwen2 read from a synthetic GGUF matches the float model built from its dequantized weights."""
@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.reasoning import native
+from omnistream.kernels import cpu as native
+from omnistream.kernels import reference as ref
+from omnistream.kernels.cpu import kquant
+from omnistream.reasoning.llm import gguf as gguf_reader
+from omnistream.reasoning.llm import load
 
 gguf = pytest.importorskip("gguf")
-kquant = pytest.importorskip("omnistream.reasoning.native.kquant")
 from gguf import GGMLQuantizationType as GT  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
@@ -60,16 +63,11 @@ def centered_q4k(rows: int, cols: int, seed: int, scale: float) -> np.ndarray:
 def reference(
     x: torch.Tensor, w: np.ndarray, qtype: int, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float64 reference, float64 bound of the sum of |terms|): the kernel's quantized
-    activations times the dequantized weights."""
+    """(float64 reference, float64 bound of the sum of |terms|): ``reference.kquant_linear`` on
+    the kernel's quantized activations (checked against ``reference.kquant_activations`` in
+    test_activation_quantization) and the gguf package's dequantized weights."""
     q, d, _ = kquant.quantize_activations(x, ACT_BLOCK[qtype])
-    m, k = x.shape
-    xa = (q.double().reshape(m, -1, ACT_BLOCK[qtype]) * d.double()[:, :, None]).reshape(m, k)
-    wd = torch.from_numpy(w).double()
-    y = xa @ wd.T
-    if bias is not None:
-        y = y + bias.double()
-    return y, xa.abs() @ wd.abs().T
+    return ref.kquant_linear(q.float(), d, torch.from_numpy(w), bias)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: kquant.NAMES[t])
@@ -115,6 +113,8 @@ def test_activation_quantization(block):
     assert (q.float() - expected).abs().max() <= 0.5 + 1e-4
     assert q.abs().max() <= 127 and q[2, :block].eq(0).all()
     assert torch.equal(s.int(), q.int().reshape(3, -1, 16).sum(dim=2))
+    values, scales = ref.kquant_activations(x, block)  # the torch reference: ties may round apart
+    assert torch.allclose(d, scales) and (q.float() - values).abs().max() <= 1
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 7, 26])
@@ -251,7 +251,6 @@ def write_tiny_gguf(path, tied: bool, vocab: int = VOCAB) -> dict[str, tuple[int
 
 def float_model(tensors: dict[str, tuple[int, np.ndarray]]):
     """The same model with float32 weights dequantized by the gguf package (nn.Linear layers)."""
-    from omnistream.reasoning import qwen2
 
     def weight(name: str) -> torch.Tensor:
         qtype, data = tensors[name]
@@ -272,30 +271,29 @@ def float_model(tensors: dict[str, tuple[int, np.ndarray]]):
         "qwen2.block_count": LAYERS,
         "qwen2.rope.freq_base": 1000000.0,
     }
-    config = qwen2.config_from_gguf(meta, VOCAB, "output.weight" not in tensors)
+    config = load.config_from_gguf(meta, VOCAB, "output.weight" not in tensors)
     norms = {"model.norm.weight": names["output_norm.weight"]}
     for i in range(LAYERS):
         norms[f"model.layers.{i}.input_layernorm.weight"] = names[f"blk.{i}.attn_norm.weight"]
         norms[f"model.layers.{i}.post_attention_layernorm.weight"] = names[f"blk.{i}.ffn_norm.weight"]
 
     def make_linear(hf_names: list[str]):
-        bases = [qwen2.gguf_tensor_name(n) for n in hf_names]
+        bases = [load.gguf_tensor_name(n) for n in hf_names]
         ws = [names[f"{b}.weight"] for b in bases]
-        bias = qwen2._joined_bias([names.get(f"{b}.bias") for b in bases], [w.shape[0] for w in ws])
-        return qwen2._linear(torch.cat(ws), bias)
+        bias = load._joined_bias([names.get(f"{b}.bias") for b in bases], [w.shape[0] for w in ws])
+        return load._linear(torch.cat(ws), bias)
 
     embedding = torch.nn.Embedding.from_pretrained(names["token_embd.weight"], freeze=True)
-    return qwen2.build(config, norms, make_linear, embedding)
+    return load.build(config, norms, make_linear, embedding)
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_tiny_qwen2_from_gguf_matches_float(tmp_path, tied):
-    from omnistream.reasoning import qwen2
-    from omnistream.reasoning.cache import BufferedCache
+    from omnistream.reasoning.llm.cache import BufferedCache
 
     path = tmp_path / "tiny.gguf"
     tensors = write_tiny_gguf(path, tied)
-    model = qwen2.from_gguf(path)
+    model = load.from_gguf(path)
     reference_model = float_model(tensors)
     assert model.config.num_key_value_heads == KV_HEADS and model.config.tie_word_embeddings == tied
     qkv = model.model.layers[0].self_attn.qkv_proj
@@ -320,7 +318,8 @@ def test_engine_runs_gguf_and_auto_picks_it(tmp_path, tiny_llm_dir):
     import json
     import shutil
 
-    from omnistream.reasoning.engine import LLMEngine, gguf_file, resolve_format
+    from omnistream.reasoning.llm.engine import LLMEngine
+    from omnistream.reasoning.llm.formats import gguf_file, resolve_format
 
     model_dir = tmp_path / "tiny-gguf"
     shutil.copytree(tiny_llm_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
@@ -363,7 +362,7 @@ def test_gguf_header_and_k_quant_share(tmp_path):
     them; the K-quant share "auto" uses to choose the format."""
     path = tmp_path / "tiny.gguf"
     tensors = write_tiny_gguf(path, tied=False)
-    read, meta = kquant.read_gguf(path)
+    read, meta = gguf_reader.read_gguf(path)
     assert meta["general.architecture"] == "qwen2" and meta["qwen2.block_count"] == LAYERS
     assert set(read) == set(tensors)
     for name, (qtype, data) in tensors.items():
@@ -374,8 +373,8 @@ def test_gguf_header_and_k_quant_share(tmp_path):
             assert np.array_equal(
                 read[name].dequantize().numpy(), dequantize(data, GT(qtype)).reshape(data.shape[0], -1)
             )
-    assert kquant.supports(path)
-    share = kquant.k_quant_share(path)
+    assert gguf_reader.supports(path)
+    share = gguf_reader.k_quant_share(path)
     k_bytes = sum(d.nbytes for t, d in tensors.values() if t in (kquant.Q4_K, kquant.Q6_K))
     all_bytes = sum(d.nbytes for t, d in tensors.values() if t)
     assert share == pytest.approx(k_bytes / all_bytes)
@@ -386,5 +385,5 @@ def test_gguf_header_and_k_quant_share(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert kquant.k_quant_share(only_q8) == 0.0 and kquant.supports(only_q8)
-    assert not kquant.supports(tmp_path / "missing.gguf")
+    assert gguf_reader.k_quant_share(only_q8) == 0.0 and gguf_reader.supports(only_q8)
+    assert not gguf_reader.supports(tmp_path / "missing.gguf")

@@ -1,4 +1,4 @@
-"""The native int8 kernel (reasoning/native): exact int32 products against a float reference,
+"""The native int8 kernel (kernels/cpu) against its torch reference (``reference.int8_linear``: exact int32 products),
 per-token activation scales, Int8Linear on it against fbgemm, and the fbgemm fallback."""
 
 from __future__ import annotations
@@ -6,35 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnistream.reasoning import native
-from omnistream.reasoning.quant import WEIGHT_MAX, Int8Linear
+from omnistream.kernels import cpu as native
+from omnistream.kernels import reference as ref
+from omnistream.reasoning.llm.int8 import WEIGHT_MAX, Int8Linear
 
 needs_native = pytest.mark.skipif(
     not native.available(), reason="native int8 kernel unavailable (no compiler or no AVX2)"
 )
-
-
-def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's activation quantization in torch: per row, asymmetric over [min, max] (0
-    included), 256 levels, round half to even."""
-    x = x.float()
-    low = x.amin(dim=1).clamp(max=0)
-    high = x.amax(dim=1).clamp(min=0)
-    span = high - low
-    inv = torch.where(span > 0, torch.tensor(255.0) / span, torch.zeros_like(span))
-    zero = torch.round(-low * inv)
-    u = (torch.round(x * inv[:, None]) + zero[:, None]).clamp(0, 255)
-    return u, span / 255.0, zero
-
-
-def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-    """The kernel's arithmetic: its activation quantization, then exact integer dot products."""
-    u, x_scale, zero = quantize_reference(x)
-    acc = (u - zero[:, None]).double() @ qweight.double().T  # exact: integers far below 2**53
-    y = acc * x_scale.double()[:, None] * scales.double()[None, :]
-    if bias is not None:
-        y = y + bias.double()
-    return y.float()
 
 
 def random_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +29,7 @@ def test_activation_quantization_is_per_row_asymmetric_round_half_even() -> None
     x[4, 4:] = x[4, 4:].abs()
     x[5] = x[5].abs() + 1  # all positive: the range still starts at 0
     q, scales, zeros = native.quantize_rows(x)
-    u, x_scale, zero = quantize_reference(x)
+    u, x_scale, zero = ref.int8_quantize_rows(x)
     torch.testing.assert_close(scales, x_scale, rtol=0, atol=0)
     assert torch.equal(zeros, zero.to(torch.int32)) and torch.equal(q.to(torch.int32), u.to(torch.int32))
     assert torch.equal(q[3], torch.zeros(77, dtype=torch.uint8)) and int(zeros[3]) == 0  # an all-zero row
@@ -73,7 +51,7 @@ def test_kernel_matches_the_exact_reference(m: int, k: int, n: int) -> None:
     x = torch.randn(m, k, generator=g) * (torch.rand(m, 1, generator=g) * 10 + 0.01)
     bias = torch.randn(n, generator=g)
     for b in (None, bias):
-        expected = reference(x, qweight, scales, b)
+        expected = ref.int8_linear(x, qweight, scales, b)
         for threads in (1, 2):
             got = native.int8_linear(x, qweight, scales, rowsum, b, threads=threads)
             assert got.shape == (m, n) and got.dtype == torch.float32
@@ -87,14 +65,14 @@ def test_kernel_handles_leading_dimensions_dtypes_and_a_large_shape() -> None:
     qweight, scales = random_weight(301, 1000, seed=3)
     rowsum = native.weight_rowsum(qweight)
     x = torch.randn(2, 37, 1000)
-    expected = reference(x.reshape(-1, 1000), qweight, scales, None).reshape(2, 37, 301)
+    expected = ref.int8_linear(x.reshape(-1, 1000), qweight, scales, None).reshape(2, 37, 301)
     torch.testing.assert_close(native.int8_linear(x, qweight, scales, rowsum), expected, rtol=2e-6, atol=1e-4)
     got = native.int8_linear(x.transpose(0, 1).contiguous().transpose(0, 1), qweight, scales, rowsum)
     torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-4)  # a non-contiguous input
     half = native.int8_linear(x.bfloat16(), qweight, scales, rowsum)
     torch.testing.assert_close(
         half,
-        reference(x.bfloat16().float().reshape(-1, 1000), qweight, scales, None).reshape(2, 37, 301),
+        ref.int8_linear(x.bfloat16().float().reshape(-1, 1000), qweight, scales, None).reshape(2, 37, 301),
         rtol=2e-6,
         atol=1e-4,
     )
@@ -168,7 +146,7 @@ def test_a_failed_build_reports_unavailable_with_one_warning(
     monkeypatch.setattr(native, "_tried", False)
     if not native._cpu_supported() or native._compiler() is None:
         pytest.skip("no AVX2 CPU or no compiler: the build is never tried")
-    with caplog.at_level("WARNING", logger="omnistream.reasoning.native"):
+    with caplog.at_level("WARNING", logger="omnistream.kernels.cpu"):
         assert not native.available()
         assert not native.available()  # tried once per process
     assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1

@@ -14,7 +14,7 @@
  * quantized activations stays in L2 while the weight rows of a tile stay in L1. Output rows are
  * handed out in chunks to the caller and a small pool of helper threads (see parallel_chunks).
  *
- * Plain C, no torch headers: built by omnistream/reasoning/native/__init__.py with
+ * Plain C, no torch headers: built by omnistream/kernels/cpu/__init__.py with
  * gcc -O3 -mavx2 -mfma -mf16c -pthread -shared -fPIC.
  */
 #include <immintrin.h>
