@@ -500,12 +500,11 @@ class MemoryStage:
         window = self.session(session).sensory
         return max(self.store.latest_end(session), window[-1].ts if window else 0.0)
 
-    def _tiered(self, request: Retrieve) -> dict[int, MemoryItem]:
+    def _tiered(self, request: Retrieve, query: np.ndarray) -> dict[int, MemoryItem]:
         """The working set, the closest archive records and the recent window, without repeats:
         an archived record inside a chosen event is left out, and so is an event whose every
-        member is chosen on its own."""
+        member is chosen on its own. ``query``: the question's text embedding."""
         session, until = request.session, request.ts
-        query = self.embedder.embed([request.query])[0]
         chosen = {
             entry.item_id: memory_item(entry, float(entry.embedding @ query))
             for entry in self.session(session).pyramid.entries()
@@ -569,16 +568,26 @@ class MemoryStage:
         if request.ts <= 0:  # a question without a stream time is about now (e.g. `omnistream ask`)
             request = msgspec.structs.replace(request, ts=self.stream_now(request.session))
         session, until = request.session, request.ts
+        query = self.embedder.embed([request.query])[0]
         if self.store.count(session) <= self.config.return_all_below:
-            rows = [item for item in self.store.between(session, float("-inf"), until) if known(item, until)]
-            # Each with its text similarity to the question: the reasoner puts the closest
-            # next to the question (reasoning.prompt.related_records).
-            query = self.embedder.embed([request.query])[0]
-            scores = self.store.similarities(session, query, [item.id for item in rows])
-            chosen = {item.id: memory_item(item, scores.get(item.id, 0.0)) for item in rows}
+            chosen = {
+                item.id: memory_item(item)
+                for item in self.store.between(session, float("-inf"), until)
+                if known(item, until)
+            }
         else:
-            chosen = self._tiered(request)
-        items = sorted(chosen.values(), key=lambda item: (item.t0, item.item_id))
+            chosen = self._tiered(request, query)
+        # Every record with its text similarity to the question (those of the recent window and
+        # of a short session too): the reasoner repeats the closest next to the question
+        # (reasoning.prompt.related_records).
+        scores = self.store.similarities(session, query, list(chosen))
+        items = sorted(
+            (
+                msgspec.structs.replace(item, score=scores.get(item_id, item.score))
+                for item_id, item in chosen.items()
+            ),
+            key=lambda item: (item.t0, item.item_id),
+        )
         synopsis = self.store.latest(session, "synopsis", until)
         if synopsis is not None:
             items.insert(0, memory_item(synopsis, 1.0))
