@@ -65,7 +65,7 @@ def prepare_llm_cache(config: Config, progress: bool = True, every_packaged: boo
     if any(fmt in ("gguf", "int8") for fmt in chosen.values()):
         from omnistream.kernels import cpu
 
-        cpu.build()  # the kernels, compiled once (int8 falls back to fbgemm where they cannot)
+        cpu.build()  # the kernels, compiled once (float32 runs where they cannot)
     for model_dir, fmt in chosen.items():
         if fmt != "int8":  # "gguf" runs the reassembled GGUF's blocks as they are: no cache
             continue

@@ -10,9 +10,7 @@ installed only for this benchmark and skipped with a message when missing. Both 
 last position's logits on every call (llama.cpp's ``eval`` does it internally).
 
 The gguf format runs the GGUF's own quantized blocks on the native kernel (kernels/cpu/
-kquant.c). The int8 format runs on the native kernel where it builds (kernels/cpu); the same run then
-also measures fbgemm's path (``OMNISTREAM_NATIVE=0``, format name ``int8-fbgemm``), and the rows
-are labelled "int8 (native)" and "int8 (fbgemm)".
+kquant.c), the int8 format its int8 rows on the native int8 kernel (kernels/cpu).
 
 The prompt text is real English prose (the GPL-3 text every Debian system carries), so tokens
 per word are those of real text.
@@ -65,18 +63,13 @@ def measure_torch(model: str, fmt: str, threads: int, quick: bool) -> dict:
     from omnistream.reasoning.llm.engine import LLMEngine, peak_rss_mb
     from omnistream.reasoning.llm.prepare import prepare_llm
 
-    if fmt == "int8-fbgemm":
-        os.environ["OMNISTREAM_NATIVE"] = "0"
-        fmt = "int8"
     config = load_config()
     model_dir = prepare_llm(model, config.cache_dir)
     start = time.perf_counter()
     engine = LLMEngine(model_dir, fmt, threads)
     load_s = time.perf_counter() - start
     from omnistream.kernels import cpu as native
-    from omnistream.reasoning.llm.int8 import Int8Linear
 
-    uses_native = any(isinstance(m, Int8Linear) and m._native is not None for m in engine.model.modules())
     ids = engine.ids(corpus())[:, : CONTEXT_TOKENS + DECODE_TOKENS + QUESTION_TOKENS]
     repeats = 2 if quick else 3
 
@@ -84,7 +77,7 @@ def measure_torch(model: str, fmt: str, threads: int, quick: bool) -> dict:
         engine.forward(ids[:, :n], BufferedCache(), 0)
 
     prefill(8)  # warm-up: first calls allocate and pack
-    result = {"load_s": load_s, "native": uses_native and native.available()}
+    result = {"load_s": load_s, "native": native.available()}
     for n in PREFILL_LENGTHS:
         result[f"prefill_{n}"] = n / _median_time(lambda n=n: prefill(n), 1 if n >= 1024 else repeats)
 
@@ -225,20 +218,11 @@ def run(
             _NOTES.append(
                 "llama-cpp-python is not installed: no llama.cpp reference (pip install llama-cpp-python)"
             )
-        pending = list(formats)
-        while pending:
-            fmt = pending.pop(0)
+        for fmt in formats:
             progress(f"bench llm: {model} {fmt}")
             measured = _run_worker("torch", model, fmt, threads, quick)
-            name = fmt
-            if fmt == "int8" and measured.get("native"):
-                name = "int8 (native)"
-                if "int8-fbgemm" not in formats:
-                    pending.insert(0, "int8-fbgemm")  # the fallback, measured in the same run
-            elif fmt == "int8-fbgemm":
-                name = "int8 (fbgemm)"
             for key, label, unit in ROWS:
-                row = {"name": f"{model} {name}: {label}", "value": round(measured[key], 2), "unit": unit}
+                row = {"name": f"{model} {fmt}: {label}", "value": round(measured[key], 2), "unit": unit}
                 if reference is not None:
                     row.update(baseline=round(reference[key], 2), baseline_name="llama.cpp Q4_K_M")
                 rows.append(row)

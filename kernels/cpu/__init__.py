@@ -5,8 +5,8 @@ The C sources are compiled once per machine into
 ``$XDG_CACHE_HOME/omnistream/native/omnistream-<sha of sources + compiler + flags>.so`` (under a lock, with
 an atomic rename, so processes starting together build it once) and loaded with ctypes. Without
 a C compiler, without AVX2/FMA/F16C, or when the build fails, one warning is logged and
-``available()`` is False: callers fall back to fbgemm. ``OMNISTREAM_NATIVE=0`` forces that
-fallback (benchmarks and tests compare both).
+``available()`` is False: the engine then runs float32 on torch's own ops (its "auto" format).
+``OMNISTREAM_NATIVE=0`` forces that (tests compare both).
 
 ``build()`` compiles ahead of time (``omnistream models`` can call it so the first question does
 not wait for the compiler) and returns the library's path, or None where it cannot be used.
@@ -107,11 +107,15 @@ def _load() -> ctypes.CDLL | None:
         return _lib
     _tried = True
     if not _cpu_supported():
-        log.warning("native int8 kernel unavailable: this CPU lacks AVX2/FMA/F16C; using fbgemm")
+        log.warning(
+            "native int8 kernel unavailable: this CPU lacks AVX2/FMA/F16C; the LLM runs float32 on torch"
+        )
         return None
     compiler = _compiler()
     if compiler is None:
-        log.warning("native int8 kernel unavailable: no C compiler (gcc) found; using fbgemm")
+        log.warning(
+            "native int8 kernel unavailable: no C compiler (gcc) found; the LLM runs float32 on torch"
+        )
         return None
     try:
         target = _library_path(compiler)
@@ -121,7 +125,7 @@ def _load() -> ctypes.CDLL | None:
         if lib.int8_gemm_abi_version() != ABI_VERSION:
             raise RuntimeError("ABI version mismatch")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        log.warning(f"native int8 kernel unavailable ({error}); using fbgemm")
+        log.warning(f"native int8 kernel unavailable ({error}); the LLM runs float32 on torch")
         return None
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     lib.int8_linear.restype = None
@@ -146,7 +150,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def enabled() -> bool:
-    """False when ``OMNISTREAM_NATIVE=0`` (or ``false``/``no``/``off``) forces fbgemm."""
+    """False when ``OMNISTREAM_NATIVE=0`` (or ``false``/``no``/``off``) turns the native kernels off."""
     return os.environ.get("OMNISTREAM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 

@@ -5,10 +5,10 @@ Formats (``reasoning.dtype``):
 - "gguf": the packaged GGUF's own quantized blocks, as they are, on the native kernel
   (kernels/cpu/kquant.c). "auto" on a CPU for a GGUF that is mostly K-quants (the default 1.5B
   Q4_K_M: fastest decode, least RAM).
-- "int8": int8 rows made from the float weights (``llm.int8``), on the native int8 kernel (fbgemm
-  where it does not build). "auto" on a CPU otherwise (the 0.5B's Q5_0/Q8_0 blocks decode faster
-  as int8).
-- "float32", "bfloat16", "float16": the float weights. "auto" on a CUDA GPU is bfloat16.
+- "int8": int8 rows made from the float weights (``llm.int8``), on the native int8 kernel. "auto"
+  on a CPU otherwise (the 0.5B's Q5_0/Q8_0 blocks decode faster as int8).
+- "float32", "bfloat16", "float16": the float weights. "auto" on a CUDA GPU is bfloat16, and
+  float32 on a CPU where the native kernels do not build (no gcc, no AVX2, OMNISTREAM_NATIVE=0).
 
 Caches are named by what they were made from, not by directory names: the int8 cache of a model
 is ``int8-<fingerprint of its weights>`` beside it (``int8_cache``), so two local models never
@@ -60,6 +60,10 @@ def resolve_format(fmt: str, model_dir: Path | None = None) -> str:
     if fmt == "auto":
         if torch.cuda.is_available():
             return "bfloat16"
+        from omnistream.kernels import cpu
+
+        if not cpu.available():
+            return "float32"
         return "gguf" if model_dir is not None and gguf_runnable(model_dir) else "int8"
     return fmt
 

@@ -4,17 +4,14 @@ the embedding as int8 rows, and the cache file they are loaded from.
 Why int8: decoding one token reads every weight once, so on a laptop CPU it is bound by memory
 bandwidth; int8 weights are a quarter of float32. Activations are quantized per call and the
 output is float32. The layers run on the native AVX2 kernel (kernels/cpu: one activation scale
-per token, weights read once per call) where it builds, else on fbgemm's dynamic quantization
-(one activation scale per call, with ``reduce_range``). Weights are 7-bit so that AVX2's 16-bit
-pair sums cannot saturate in either.
+per token, weights read once per call). Weights are 7-bit so that AVX2's 16-bit pair sums
+cannot saturate.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,22 +24,15 @@ FORMAT_VERSION = 3  # 3: written from the safetensors by ``write_cache``, named 
 
 
 WEIGHT_MAX = 63  # 7-bit weights: with 8-bit activations, AVX2's u8 x s8 pair sums cannot saturate int16
-BUCKET_RATIO = 2.0  # rows whose magnitudes differ by more than this are quantized separately
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ W.T + b`` with W int8 per output channel (7-bit, |w| <= WEIGHT_MAX).
-
-    Where the native AVX2 kernel builds (``kernels/cpu``), it runs the layer from the raw
-    int8 weight: every activation row (token) is quantized with its own scale and the weight is
-    read once per call, whatever the number of rows; no fbgemm packed copy is made.
-
-    Otherwise (no compiler, no AVX2, or ``OMNISTREAM_NATIVE=0``) fbgemm's dynamic linear runs it.
-    fbgemm quantizes the activation with one scale per call. One token with huge activations
-    (the attention-sink token has them) would crush every other row of a prefill to a few
-    levels, so rows are grouped by magnitude (powers of two) and each group is its own call:
-    one call when decoding, a handful when prefilling.
-    """
+    """``y = x @ W.T + b`` with W int8 per output channel (7-bit, |w| <= WEIGHT_MAX), on the
+    native AVX2 kernel (``kernels/cpu``): every activation row (token) is quantized with its own
+    scale and the weight is read once per call, whatever the number of rows. Where the kernel
+    does not build (no compiler, no AVX2, ``OMNISTREAM_NATIVE=0``) the int8 format is not offered
+    ("auto" runs float32 there): fbgemm's dynamic int8 layers decoded the 1.5B at 0.46 tokens/s on
+    2 busy cores, 4x slower than float32 (BENCHMARKS.md)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -52,18 +42,14 @@ class Int8Linear(nn.Module):
             )
         if scales.shape != (qweight.shape[0],):
             raise ValueError(f"Int8Linear needs one scale per output row, got {tuple(scales.shape)}")
+        if not native.available():
+            raise RuntimeError(
+                "the int8 format needs the native CPU kernels (kernels/cpu: gcc and an AVX2/FMA/F16C "
+                "CPU; OMNISTREAM_NATIVE not 0); use reasoning.dtype = auto or float32"
+            )
         self.out_features, self.in_features = qweight.shape
         self.has_bias = bias is not None
-        self._packed = self._native = None
-        if native.available():
-            self._native = native.PreparedWeight(qweight, scales, bias)
-            return
-        with warnings.catch_warnings():  # quantized tensor types are deprecated, fbgemm's packing is not
-            warnings.simplefilter("ignore", UserWarning)
-            quantized = torch._make_per_channel_quantized_tensor(
-                qweight, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0
-            )
-        self._packed = torch.ops.quantized.linear_prepack(quantized, None if bias is None else bias.float())
+        self._native = native.PreparedWeight(qweight, scales, bias)
 
     @staticmethod
     def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,32 +66,10 @@ class Int8Linear(nn.Module):
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(int8 weight, scales, bias) as stored."""
-        if self._native is not None:
-            return self._native.weight, self._native.scale, self._native.bias
-        weight, bias = torch.ops.quantized.linear_unpack(self._packed)
-        return weight.int_repr(), weight.q_per_channel_scales().float(), bias
+        return self._native.weight, self._native.scale, self._native.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._native is not None:
-            return self._native.linear(x)
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1]).float()
-        if rows.shape[0] == 1:
-            y = torch.ops.quantized.linear_dynamic(rows, self._packed, False)
-            return y.reshape(*shape[:-1], self.out_features)
-        magnitude = rows.abs().amax(dim=1).clamp(min=1e-30)
-        if magnitude.max() <= BUCKET_RATIO * magnitude.min():
-            return torch.ops.quantized.linear_dynamic(rows, self._packed, False).reshape(
-                *shape[:-1], self.out_features
-            )
-        bucket = torch.floor(torch.log2(magnitude) / math.log2(BUCKET_RATIO))
-        y = rows.new_empty((rows.shape[0], self.out_features))
-        for value in torch.unique(bucket):
-            index = torch.nonzero(bucket == value).squeeze(1)
-            y.index_copy_(
-                0, index, torch.ops.quantized.linear_dynamic(rows.index_select(0, index), self._packed, False)
-            )
-        return y.reshape(*shape[:-1], self.out_features)
+        return self._native.linear(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
