@@ -107,6 +107,7 @@ ON_SCREEN = re.compile(r"\b(?:on|off|onto) (?:the )?screen\b", re.IGNORECASE)
 # A question about what came last wants the order of last appearances too.
 LATEST = re.compile(r"\b(?:most recent(?:ly)?|latest|last)\b", re.IGNORECASE)
 WHERE = re.compile(r"\bwhere\b", re.IGNORECASE)
+WHEN = re.compile(r"\b(?:when|how long ago|what time)\b", re.IGNORECASE)
 SCENE_SUMMARY_CHARS = 120
 
 
@@ -151,6 +152,22 @@ def appearances(clips: list, named_by: list[set[str]], term: str) -> list[list[f
             runs.append([clip.t0, clip.t1])
         previous = named
     return runs
+
+
+def ago(seconds: float) -> str:
+    """How long ago, as people say it: "just now", "about 40 seconds ago", "about a minute ago",
+    "about 3 minutes ago", "about an hour ago" (answers to "when" questions often want this)."""
+    if seconds < 10:
+        return "just now"
+    if seconds < 55:
+        return f"about {int(round(seconds / 10.0)) * 10} seconds ago"
+    minutes = int(round(seconds / 60.0))
+    if minutes < 2:
+        return "about a minute ago"
+    if minutes < 60:
+        return f"about {minutes} minutes ago"
+    hours = int(round(minutes / 60.0))
+    return "about an hour ago" if hours < 2 else f"about {hours} hours ago"
 
 
 def ordinal(n: int) -> str:
@@ -350,6 +367,7 @@ class MemoryStage:
                 fact += "; in view now"
             elif ended:
                 fact += f"; {ended[-1].text}"
+                fact += f" ({ago(until_ts - ended[-1].t1)})" if WHEN.search(query) else ""
             looks: dict[str, list[str]] = {}  # each way it looked (colour, shirt), with its times
             for row in appeared:
                 named = row.text.split(" appeared at ")[0].split(" entered at ")[0].split()
@@ -423,6 +441,8 @@ class MemoryStage:
                 spans = [f"first {spans[0]}", f"last {spans[-1]}"]
             times = "time" if len(runs) == 1 else "separate times"
             now = "; on screen now" if runs[-1][1] >= clips[-1].t1 else ""
+            if not now and WHEN.search(query):
+                now = f"; last {ago(until_ts - runs[-1][1])}"
             facts.append(f"{name} on screen {len(runs)} {times} ({', '.join(spans)}){now}")
             firsts.append((runs[0][0], name))
             lasts.append((runs[-1][0], name))

@@ -194,3 +194,27 @@ def test_the_suffix_repeats_the_related_records_from_what_the_mode_reads(tiny_en
     recent = Ask(ts=75, session="s2", turn="t", question=question, mode="recent")
     _, seen = answerer.memory_for(recent, [*STREAM[:9], now])
     assert line not in answerer.suffix_text(recent, seen, [])  # 00:31 is not in its 30 s
+
+
+@pytest.mark.parametrize(
+    ("seconds", "said"),
+    [
+        (4, "just now"),
+        (38, "about 40 seconds ago"),
+        (70, "about a minute ago"),
+        (130, "about 2 minutes ago"),
+        (3900, "about an hour ago"),
+    ],
+)
+def test_how_long_ago_is_said_as_people_say_it(seconds: float, said: str) -> None:
+    from omnistream.memory.stage import ago
+
+    assert ago(seconds) == said
+
+
+def test_a_when_question_gets_how_long_ago_a_thing_was_last_seen(tmp_path: Path) -> None:
+    stage = stage_with_scenes(tmp_path)
+    [fact] = stage.now_item("default", 70, "When was the palace last on screen?").facts
+    assert fact == "palace on screen 1 time (00:14-00:28); last about 40 seconds ago"
+    [fact] = stage.now_item("default", 70, "How many times was the palace shown?").facts
+    assert "ago" not in fact
