@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import re
 
+import msgspec
+
 from omnistream.protocol.labels import SYNONYMS
 from omnistream.protocol.messages import MemoryItem
 from omnistream.protocol.text import clock, content_words, number, words
@@ -101,6 +103,8 @@ ABOUT_NOW = re.compile(
 )
 AT_START = re.compile(r"\b(?:at|near|from|in|since) the (?:very )?(?:start|beginning)\b")
 WHILE = re.compile(r"\bwhile\b([^,.?]+)")
+ANCHOR_MIN = 0.8  # how related the scene "after the X" names must be (a shared colour is not)
+NEXT_TO = re.compile(r"\b(?:immediately |right |just |directly |straight )?(after|before)\b([^,.?]+)")
 UNIT_S = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 RELATED_LINES = 3  # records repeated next to the question
 RELATED_MIN = 0.35  # ... each at least this related (see ``relatedness``)
@@ -248,6 +252,9 @@ def related_records(
     if ABOUT_NOW.search(question.lower()) and time_window(question, now) is None:
         return []  # what is on screen now is in the "now" record; past scenes would mislead
     candidates = [item for item in items if item.kind in ("clip", "transcript", "event")]
+    neighbour = _next_to(question, candidates, now)
+    if neighbour is not None:  # "what was shown right after the X": the X, then what came next
+        return neighbour
     scores = relatedness(question, candidates, now)
     ranked = sorted(range(len(candidates)), key=lambda i: -scores[i])
     if not ranked or scores[ranked[0]] < RELATED_MIN:
@@ -255,6 +262,26 @@ def related_records(
     best = scores[ranked[0]]
     kept = [i for i in ranked[:limit] if scores[i] >= max(RELATED_MIN, 0.5 * best)]
     return [candidates[i] for i in sorted(kept, key=lambda i: (candidates[i].t0, candidates[i].item_id))]
+
+
+def _next_to(question: str, items: list[MemoryItem], now: float) -> list[MemoryItem] | None:
+    """For "what was shown (immediately) after / before the X": the scene that names the X
+    best and the scene next to it, marked as such; None for other questions."""
+    match = NEXT_TO.search(question.lower())
+    if not match or not any(w in VISUAL_CUES for w in words(question[: match.start()])):
+        return None
+    clips = sorted((item for item in items if item.kind == "clip"), key=lambda c: (c.t0, c.item_id))
+    scores = relatedness(match.group(2), clips, now)
+    if not clips or max(scores) < ANCHOR_MIN:  # a scene it clearly names, or none
+        return None
+    at = max(range(len(clips)), key=lambda i: (scores[i], -clips[i].t0))
+    step = 1 if match.group(1) == "after" else -1
+    if not 0 <= at + step < len(clips):
+        return None
+    anchor, other = clips[at], clips[at + step]
+    mark = f" (shown right {match.group(1)} the scene at {clock(anchor.t0)})"
+    other = msgspec.structs.replace(other, text=other.text + mark)
+    return sorted([anchor, other], key=lambda c: c.t0)
 
 
 def related_lines(related: list[MemoryItem], items: list[MemoryItem]) -> list[str]:

@@ -218,3 +218,14 @@ def test_a_when_question_gets_how_long_ago_a_thing_was_last_seen(tmp_path: Path)
     assert fact == "palace on screen 1 time (00:14-00:28); last about 40 seconds ago"
     [fact] = stage.now_item("default", 70, "How many times was the palace shown?").facts
     assert "ago" not in fact
+
+
+def test_what_was_shown_right_after_a_scene_is_the_next_scene_marked_as_such() -> None:
+    records = related_records("What was shown immediately after the photo of the monkey?", STREAM, 100)
+    assert [r.item_id for r in records] == [6, 9]
+    assert records[1].text.endswith("(shown right after the scene at 00:42)")
+    before = related_records("What was shown just before the monkeys?", STREAM, 100)
+    assert [r.item_id for r in before] == [5, 6] and "right before the scene at 00:42" in before[0].text
+    # "after" in what a voice said is no scene order.
+    said = related_records("What did the voice say after he married a more amiable woman?", STREAM, 100)
+    assert [r.item_id for r in said] == [10]
