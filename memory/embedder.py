@@ -8,7 +8,7 @@ exact-GELU MLP layers) over the package's safetensors, with the ``tokenizers`` l
 ``tokenizer.json``. The memory process needs no torch: importing torch costs about 220 MB of
 resident memory and transformers' BERT another 200 MB (sympy, scipy, the compiler stack), for a
 22M-parameter model.
-``tests/unit/test_embedder.py`` checks the outputs against transformers' BertModel.
+``tests/integration/test_embedder.py`` checks the outputs against transformers' BertModel.
 """
 
 from __future__ import annotations

@@ -35,6 +35,29 @@ def gateway_and_memory(short_tmp: Path):
     launcher.shutdown()
 
 
+@pytest.fixture
+def curve_gateway(short_tmp: Path):
+    """Starts a real gateway (a process, no models) served beyond loopback with CURVE keys for
+    the named clients: ``curve_gateway("alice", "bob")`` -> (launcher, keys_dir, port)."""
+    from omnistream.app.launcher import Launcher
+
+    from .util import curve_settings
+
+    started = []
+
+    def start(*clients: str):
+        keys_dir = short_tmp / "keys"
+        curve = curve_settings(keys_dir, *clients)
+        launcher = Launcher(make_config(short_tmp, ("gateway",), **curve), short_tmp / "run")
+        launcher.start()
+        started.append(launcher)
+        return launcher, keys_dir, curve["gateway.port"]
+
+    yield start
+    for launcher in started:
+        launcher.shutdown()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

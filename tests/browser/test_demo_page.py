@@ -24,6 +24,7 @@ from omnistream.app.launcher import Launcher
 from omnistream.bench.browser import launch_chromium
 
 from ..conftest import make_config
+from ..util import wait_until
 from .media import fake_camera, fake_microphone
 
 pytestmark = pytest.mark.slow
@@ -40,16 +41,15 @@ def free_port() -> int:
 
 
 def wait_http(url: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def up() -> bool:
         assert process.poll() is None, f"omnistream demo exited with code {process.returncode}"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+                return response.status == 200
         except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"the demo page did not come up at {url}")
+            return False
+
+    wait_until(up, timeout_s, f"the demo page at {url}", interval=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +114,12 @@ def test_page_streams_the_camera_and_answers_typed_and_spoken_questions_aloud(pa
     page.get_by_text("Click to Access Webcam").click()
     page.locator("#camera button[aria-label='capture photo']").click()
     # Generous: on a loaded 2-core machine Gradio's stream events arrive late and some are dropped.
-    deadline = time.monotonic() + 180
-    while perception_frames(launcher.run_dir) < frames_before + 5:
-        assert time.monotonic() < deadline, "no frames from the page reached perception"
-        time.sleep(1)
+    wait_until(
+        lambda: perception_frames(launcher.run_dir) >= frames_before + 5,
+        180,
+        "frames from the page to reach perception",
+        interval=1,
+    )
     time.sleep(4)  # let perception see the butterfly for a few seconds
     # next to the camera: the frame perception analysed (with the boxes of any objects detected)
     page.wait_for_selector("#preview img[src^='data:image/jpeg;base64,']", timeout=60_000)

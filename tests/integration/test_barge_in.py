@@ -33,6 +33,7 @@ from omnistream.protocol.text import words
 from omnistream.speech.speak import Voice
 
 from ..conftest import make_config, pid_alive
+from ..util import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -82,10 +83,13 @@ class Microphone:
             self._chunk(audio[start : start + STEP])
 
     def until(self, condition, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert time.monotonic() < deadline, [type(m).__name__ for _, m in self.events][-30:]
-            self._chunk(np.zeros(STEP, np.float32))
+        wait_until(
+            condition,
+            timeout_s,
+            lambda: f"the condition; events: {[type(m).__name__ for _, m in self.events][-30:]}",
+            every=lambda: self._chunk(np.zeros(STEP, np.float32)),
+            interval=0,
+        )
 
     def _chunk(self, pcm: np.ndarray) -> None:
         due = time.monotonic() + len(pcm) / RATE

@@ -20,14 +20,12 @@ import pytest
 import zmq
 
 from omnistream.app.client import Client, ClientError
-from omnistream.app.launcher import Launcher
-from omnistream.app.models import prepare_llm_cache
-from omnistream.app.replay import DEFAULT_SAMPLE
-from omnistream.perception.sources import AUDIO_RATE, MediaReader
 from omnistream.protocol.messages import Record
 from omnistream.protocol.sockets import make_socket, recv
 
-from ..conftest import make_config, pid_alive
+from ..conftest import pid_alive
+from ..util import wait_until
+from .whole_system import Replay, whole_system
 
 pytestmark = pytest.mark.slow
 
@@ -53,52 +51,6 @@ class Outcome:
     seconds: float
     text: str = ""
     error: str = ""
-
-
-class Supervisor(threading.Thread):
-    """Steps the launcher (restarts, READYs) on its own thread; the test only reads pids."""
-
-    def __init__(self, launcher: Launcher):
-        super().__init__(daemon=True)
-        self.launcher, self.stop = launcher, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.launcher.step(timeout_ms=50)
-
-
-class Feeder(threading.Thread):
-    """Streams the sample in a loop at 2x real time (stream time keeps increasing)."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__(daemon=True)
-        self.run_dir, self.stop = run_dir, threading.Event()
-        self.sent = self.dropped = 0
-        self.events = list(MediaReader(DEFAULT_SAMPLE, max_fps=5))
-        self.length = max(e.ts for e in self.events) + 0.5
-
-    def run(self) -> None:
-        with Client.connect(self.run_dir, timeout_s=60) as client:
-            self.stream(client)
-            self.reconnected_status = client.status()
-
-    def stream(self, client: Client) -> None:
-        loop = 0
-        start = time.monotonic()
-        while True:
-            for event in self.events:
-                ts = loop * self.length + event.ts
-                while time.monotonic() < start + ts / 2.0:
-                    if self.stop.is_set():
-                        return
-                    client.poll_events(0.01)  # keep the event queue short
-                if event.kind == "video":
-                    ok = client.push_frame(event.data, ts)
-                else:
-                    ok = client.push_audio(event.data, AUDIO_RATE, ts, channel="scene")
-                self.sent += ok
-                self.dropped += not ok
-            loop += 1
 
 
 class Asker(threading.Thread):
@@ -128,118 +80,102 @@ class Asker(threading.Thread):
 
 
 def test_every_stage_killed_in_turn_under_load(tmp_path_factory) -> None:
-    root = Path(tmp_path_factory.mktemp("chaos"))
-    run_dir = Path("/tmp") / f"os-chaos-{os.getpid()}"
-    config = make_config(
-        root,
-        ("gateway", "perception", "memory", "reasoning", "speech"),
-        **{
-            "reasoning.model": "qwen2.5-coder-0.5b",
-            "reasoning.max_new_tokens": 24,
-            "launcher.restart_backoff_s": 0.2,
-            "gateway.ask_timeout_s": 120.0,
-            "perception.max_fps": 2.0,  # leave the LLM some of a small machine's CPU
-        },
-    )
-    prepare_llm_cache(config, progress=False)
-    launcher = Launcher(config, run_dir)
-    launcher.start()
-    supervisor = Supervisor(launcher)
-    supervisor.start()
-    records: dict[int, Record] = {}
-    observer = make_socket(zmq.Context.instance(), zmq.SUB, RECONNECT_IVL=100)
-    observer.connect(launcher.addresses.bus_out)
-    observer.setsockopt(zmq.SUBSCRIBE, b"Record")
-    feeder, asker = Feeder(run_dir), Asker(run_dir)
-    kills: list[tuple[str, int, float]] = []
-    pids = []
-    try:
-        feeder.start()
-        asker.start()
+    overrides = {"reasoning.max_new_tokens": 24, "gateway.ask_timeout_s": 120.0}
+    with whole_system(Path(tmp_path_factory.mktemp("chaos")), "chaos", **overrides) as (config, launcher):
+        run_dir = launcher.run_dir
+        records: dict[int, Record] = {}
+        observer = make_socket(zmq.Context.instance(), zmq.SUB, RECONNECT_IVL=100)
+        observer.connect(launcher.addresses.bus_out)
+        observer.setsockopt(zmq.SUBSCRIBE, b"Record")
+        feeder, asker = Replay(run_dir, status_at_end=True), Asker(run_dir)
+        kills: list[tuple[str, int, float]] = []
+        try:
+            feeder.start()
+            asker.start()
 
-        def watch(seconds: float) -> None:
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                if observer.poll(50):
-                    _, message = recv(observer)
-                    if (
-                        isinstance(message, Record)
-                        and message.session == config.session
-                        and message.kind in ("clip", "transcript")  # what history returns
-                    ):
-                        records[message.item_id] = message
+            def watch(seconds: float) -> None:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    if observer.poll(50):
+                        _, message = recv(observer)
+                        if (
+                            isinstance(message, Record)
+                            and message.session == config.session
+                            and message.kind in ("clip", "transcript")  # what history returns
+                        ):
+                            records[message.item_id] = message
 
-        watch(8.0)
-        for _ in range(ROUNDS):
-            for name in ORDER:
-                child = launcher.children[name]
-                old = child.pid
-                os.kill(old, signal.SIGKILL)
-                kills.append((name, old, time.monotonic()))
-                watch(KILL_GAP_S)
-            deadline = time.monotonic() + 180
-            while not all(
-                c.ready and c.pid != old
-                for c, (_, old, _) in zip(
-                    [launcher.children[n] for n in ORDER], kills[-len(ORDER) :], strict=True
+            def all_back() -> bool:
+                children = [launcher.children[n] for n in ORDER]
+                return all(
+                    c.ready and c.pid != old
+                    for c, (_, old, _) in zip(children, kills[-len(ORDER) :], strict=True)
                 )
-            ):
-                assert time.monotonic() < deadline, f"not all back: {launcher.status_rows()}"
-                watch(0.2)
-            assert not any(pid_alive(old) for _, old, _ in kills)
-        watch(5.0)
-        feeder.stop.set()
-        asker.stop.set()
-        feeder.join(ASK_BOUND_S + 60)
-        asker.join(ASK_BOUND_S + 60)
-        assert not asker.is_alive() and not feeder.is_alive(), "a client hung"
 
-        # Restarts: each kill, one restart.
-        for name in ORDER:
-            assert launcher.children[name].restarts == ROUNDS, launcher.status_rows()
-        # Questions: every one ended within the bound, with an answer or a known, clear error.
-        outcomes = asker.outcomes
-        assert outcomes, "no question was asked"
-        for outcome in outcomes:
-            assert outcome.seconds < ASK_BOUND_S, outcome
-            assert outcome.text.strip() or any(e in outcome.error for e in KNOWN_ERRORS), outcome
-        # (How many are answered rather than failed depends on the machine: on 2 loaded cores an
-        # answer takes longer than the gaps between kills.)
-        summary = [(round(o.seconds), o.text[:40] or o.error[:60]) for o in outcomes]
-        # After the last kill the system answers again (same client class, fresh question).
-        with Client.connect(run_dir, timeout_s=60) as client:
-            final = "".join(client.ask("What is on screen?", speak=False, timeout_s=300))
-            assert final.strip(), (client.last_done, summary)
-            history = client.history(limit=5000)
-            status = client.status()
-        # Memory lost nothing it acknowledged.
-        kept = {item.item_id for item in history.items}
-        assert records, "memory acknowledged no record"
-        lost = sorted(set(records) - kept)
-        assert not lost, f"{len(lost)} acknowledged records missing, e.g. {records[lost[0]]}"
-        # Session data (SQLite, WAL, spilled KV blocks) is owner-only.
-        exposed = [
-            f"{p} {p.stat().st_mode & 0o777:o}"
-            for p in [config.data_dir, *config.data_dir.rglob("*")]
-            if p.stat().st_mode & 0o077
-        ]
-        assert not exposed, exposed
-        # Clients reconnected by themselves: both long-lived clients' last status came through.
-        assert feeder.sent > 0 and asker.client_status.stages and feeder.reconnected_status.stages
-        assert {"gateway", "perception", "memory", "reasoning", "speech"} <= set(status.stages)
-        pids = [c.pid for c in launcher.children.values()]
-        reasoning = status.stages["reasoning"].counters
-        print(
-            f"chaos: {len(kills)} kills in {time.monotonic() - kills[0][2]:.0f} s; questions: {summary}; "
-            f"reasoning counters {reasoning}"
-            + f"; {len(outcomes)} questions ({sum(bool(o.text) for o in outcomes)} answered); "
-            f"{len(records)} records kept; frames/audio sent {feeder.sent}, dropped {feeder.dropped}"
-        )
-    finally:
-        feeder.stop.set()
-        asker.stop.set()
-        supervisor.stop.set()
-        supervisor.join(10)
-        observer.close(linger=0)
-        launcher.shutdown()
-    assert not any(pid_alive(pid) for pid in pids)
+            watch(8.0)
+            for _ in range(ROUNDS):
+                for name in ORDER:
+                    child = launcher.children[name]
+                    old = child.pid
+                    os.kill(old, signal.SIGKILL)
+                    kills.append((name, old, time.monotonic()))
+                    watch(KILL_GAP_S)
+                wait_until(
+                    all_back,
+                    180,
+                    lambda: f"every process back: {launcher.status_rows()}",
+                    every=lambda: watch(0.2),
+                    interval=0,
+                )
+                assert not any(pid_alive(old) for _, old, _ in kills)
+            watch(5.0)
+            feeder.stop.set()
+            asker.stop.set()
+            feeder.join(ASK_BOUND_S + 60)
+            asker.join(ASK_BOUND_S + 60)
+            assert not asker.is_alive() and not feeder.is_alive(), "a client hung"
+
+            # Restarts: each kill, one restart.
+            for name in ORDER:
+                assert launcher.children[name].restarts == ROUNDS, launcher.status_rows()
+            # Questions: every one ended within the bound, with an answer or a known, clear error.
+            outcomes = asker.outcomes
+            assert outcomes, "no question was asked"
+            for outcome in outcomes:
+                assert outcome.seconds < ASK_BOUND_S, outcome
+                assert outcome.text.strip() or any(e in outcome.error for e in KNOWN_ERRORS), outcome
+            # (How many are answered rather than failed depends on the machine: on 2 loaded cores an
+            # answer takes longer than the gaps between kills.)
+            summary = [(round(o.seconds), o.text[:40] or o.error[:60]) for o in outcomes]
+            # After the last kill the system answers again (same client class, fresh question).
+            with Client.connect(run_dir, timeout_s=60) as client:
+                final = "".join(client.ask("What is on screen?", speak=False, timeout_s=300))
+                assert final.strip(), (client.last_done, summary)
+                history = client.history(limit=5000)
+                status = client.status()
+            # Memory lost nothing it acknowledged.
+            kept = {item.item_id for item in history.items}
+            assert records, "memory acknowledged no record"
+            lost = sorted(set(records) - kept)
+            assert not lost, f"{len(lost)} acknowledged records missing, e.g. {records[lost[0]]}"
+            # Session data (SQLite, WAL, spilled KV blocks) is owner-only.
+            exposed = [
+                f"{p} {p.stat().st_mode & 0o777:o}"
+                for p in [config.data_dir, *config.data_dir.rglob("*")]
+                if p.stat().st_mode & 0o077
+            ]
+            assert not exposed, exposed
+            # Clients reconnected by themselves: both long-lived clients' last status came through.
+            assert feeder.sent > 0 and asker.client_status.stages and feeder.reconnected_status.stages
+            assert {"gateway", "perception", "memory", "reasoning", "speech"} <= set(status.stages)
+            reasoning = status.stages["reasoning"].counters
+            print(
+                f"chaos: {len(kills)} kills in {time.monotonic() - kills[0][2]:.0f} s; questions: {summary}; "
+                f"reasoning counters {reasoning}"
+                + f"; {len(outcomes)} questions ({sum(bool(o.text) for o in outcomes)} answered); "
+                f"{len(records)} records kept; frames/audio sent {feeder.sent}, dropped {feeder.dropped}"
+            )
+        finally:
+            feeder.stop.set()
+            asker.stop.set()
+            observer.close(linger=0)

@@ -25,10 +25,9 @@ from omnistream.app.launcher import Launcher
 from omnistream.app.models import prepare_llm_cache
 from omnistream.app.replay import DEFAULT_SAMPLE
 from omnistream.perception.sources import AUDIO_RATE, MediaReader
-from omnistream.protocol.security import generate_keys
 
 from ..conftest import make_config
-from ..unit.test_security import free_port_pair
+from ..util import curve_settings
 
 # Slow and long: in the extended set (bash scripts/test.sh --extended), not the default suite.
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
@@ -154,13 +153,8 @@ def test_node_client_over_curve_pushes_asks_interrupts_watches_and_reads_history
         pytest.skip("examples/node/node_modules is missing: run scripts/install.sh (npm ci in examples/node)")
     n_frames, n_chunks = write_media(short_tmp)
     keys_dir = short_tmp / "keys"
-    generate_keys(keys_dir, client="node")
-    port = free_port_pair()
-    config = make_config(
-        short_tmp,
-        ("gateway", "perception", "memory", "reasoning", "speech"),
-        **{"gateway.host": "0.0.0.0", "gateway.port": port, "gateway.keys_dir": str(keys_dir)},
-    )
+    curve = curve_settings(keys_dir, "node")
+    config = make_config(short_tmp, ("gateway", "perception", "memory", "reasoning", "speech"), **curve)
     prepare_llm_cache(config, progress=False)
     launcher = Launcher(config, short_tmp / "run")
     script = (

@@ -23,6 +23,7 @@ from omnistream.app.models import prepare_llm_cache
 from omnistream.app.replay import DEFAULT_SAMPLE, Replayer, ScheduledAsk
 
 from ..conftest import make_config, pid_alive
+from ..util import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -91,10 +92,13 @@ def test_memory_killed_with_sigkill_comes_back_with_its_memories(system: Launche
     memory = system.children["memory"]
     old_pid = memory.pid
     os.kill(old_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 120
-    while not (memory.ready and memory.pid != old_pid):
-        assert time.monotonic() < deadline, system.status_rows()
-        system.step(timeout_ms=100)
+    wait_until(
+        lambda: memory.ready and memory.pid != old_pid,
+        120,
+        lambda: f"memory back: {system.status_rows()}",
+        every=lambda: system.step(timeout_ms=100),
+        interval=0,
+    )
     assert memory.restarts == 1
     with Client.connect(system.run_dir) as client:
         text = "".join(client.ask("What did the reader say? Quote the words.", ts=31.0)).lower()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -25,13 +24,12 @@ import zmq
 
 from omnistream.app.client import Client, ClientError
 from omnistream.app.launcher import Launcher
-from omnistream.app.models import prepare_llm_cache
-from omnistream.app.replay import DEFAULT_SAMPLE
-from omnistream.perception.sources import AUDIO_RATE, MediaReader
+from omnistream.protocol.config import Config
 from omnistream.protocol.messages import Record, Stats
 from omnistream.protocol.sockets import make_socket, recv
 
-from ..conftest import make_config, pid_alive
+from ..conftest import pid_alive
+from .whole_system import Replay, whole_system
 
 # Slow and long: in the extended set (bash scripts/test.sh --extended), not the default suite.
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
@@ -41,63 +39,13 @@ BEFORE_KILL_S = 6.0  # records flow this long before each kill
 RECOVER_BOUND_S = 90.0  # a killed stage is back and serving within this
 
 
-class Supervisor(threading.Thread):
-    def __init__(self, launcher: Launcher):
-        super().__init__(daemon=True)
-        self.launcher, self.stop = launcher, threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.launcher.step(timeout_ms=50)
-
-
-class Replay(threading.Thread):
-    """The bundled recording, looped at 2x real time (stream time keeps increasing)."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__(daemon=True)
-        self.run_dir, self.stop = run_dir, threading.Event()
-        self.sent = self.dropped = 0
-        self.events = list(MediaReader(DEFAULT_SAMPLE, max_fps=5))
-        self.length = max(e.ts for e in self.events) + 0.5
-
-    def run(self) -> None:
-        with Client.connect(self.run_dir, timeout_s=60) as client:
-            loop, start = 0, time.monotonic()
-            while True:
-                for event in self.events:
-                    ts = loop * self.length + event.ts
-                    while time.monotonic() < start + ts / 2.0:
-                        if self.stop.is_set():
-                            return
-                        client.poll_events(0.01)
-                    if event.kind == "video":
-                        ok = client.push_frame(event.data, ts)
-                    else:
-                        ok = client.push_audio(event.data, AUDIO_RATE, ts, channel="scene")
-                    self.sent += ok
-                    self.dropped += not ok
-                loop += 1
-
-
 def test_each_stage_killed_mid_replay_loses_no_acknowledged_record(tmp_path_factory) -> None:
-    root = Path(tmp_path_factory.mktemp("faults"))
-    run_dir = Path("/tmp") / f"os-faults-{os.getpid()}"
-    config = make_config(
-        root,
-        ("gateway", "perception", "memory", "reasoning", "speech"),
-        **{
-            "reasoning.model": "qwen2.5-coder-0.5b",
-            "reasoning.max_new_tokens": 16,
-            "launcher.restart_backoff_s": 0.2,
-            "perception.max_fps": 2.0,
-        },
-    )
-    prepare_llm_cache(config, progress=False)
-    launcher = Launcher(config, run_dir)
-    launcher.start()
-    supervisor = Supervisor(launcher)
-    supervisor.start()
+    with whole_system(Path(tmp_path_factory.mktemp("faults")), "faults") as (config, launcher):
+        run_the_kills(config, launcher)
+
+
+def run_the_kills(config: Config, launcher: Launcher) -> None:
+    run_dir = launcher.run_dir
     acked: dict[int, float] = {}  # record id -> when its Record was seen
     beats: dict[int, float] = {}  # pid -> first Stats seen from it
     observer = make_socket(zmq.Context.instance(), zmq.SUB, RECONNECT_IVL=100)
@@ -106,7 +54,6 @@ def test_each_stage_killed_mid_replay_loses_no_acknowledged_record(tmp_path_fact
     observer.setsockopt(zmq.SUBSCRIBE, b"Stats")
     replay = Replay(run_dir)
     figures: list[dict] = []
-    pids: list[int] = []
 
     def watch(seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -175,7 +122,6 @@ def test_each_stage_killed_mid_replay_loses_no_acknowledged_record(tmp_path_fact
             final = history_ids(probe)
             missing = sorted(set(acked) - final)
             answer = "".join(probe.ask("What is on screen?", speak=False, timeout_s=180))
-        pids = [c.pid for c in launcher.children.values()]
         print(f"fault injection: {figures}; at the end {len(acked)} acknowledged, {len(missing)} missing")
         assert not missing, f"{len(missing)} acknowledged records missing at the end: {missing[:10]}"
         assert len(acked) >= 10 and all(f["acknowledged"] for f in figures[1:]), figures
@@ -185,8 +131,4 @@ def test_each_stage_killed_mid_replay_loses_no_acknowledged_record(tmp_path_fact
         assert replay.sent > 100
     finally:
         replay.stop.set()
-        supervisor.stop.set()
-        supervisor.join(10)
         observer.close(linger=0)
-        launcher.shutdown()
-    assert not any(pid_alive(pid) for pid in pids)

@@ -23,12 +23,12 @@ import zmq
 
 from omnistream.app.client import Client
 from omnistream.app.launcher import Launcher
-from omnistream.app.models import prepare_llm_cache
+from omnistream.protocol.config import Config
 from omnistream.protocol.messages import AudioChunk, HistoryRequest, VideoFrame
 from omnistream.protocol.sockets import make_socket, recv, send
 
-from ..conftest import make_config, pid_alive
-from .test_fault_injection import Replay, Supervisor
+from ..util import wait_until
+from .whole_system import Replay, whole_system
 
 # Slow and long: in the extended set (bash scripts/test.sh --extended), not the default suite.
 pytestmark = [pytest.mark.slow, pytest.mark.extended]
@@ -130,27 +130,15 @@ class Flooder(threading.Thread):
 
 
 def test_flood_leaves_every_stage_up_and_within_its_rss_limit(tmp_path_factory) -> None:
-    root = Path(tmp_path_factory.mktemp("flood"))
-    run_dir = Path("/tmp") / f"os-flood-{os.getpid()}"
-    config = make_config(
-        root,
-        ("gateway", "perception", "memory", "reasoning", "speech"),
-        **{
-            "reasoning.model": "qwen2.5-coder-0.5b",
-            "reasoning.max_new_tokens": 16,
-            "launcher.restart_backoff_s": 0.2,
-            "perception.max_fps": 2.0,
-        },
-    )
-    prepare_llm_cache(config, progress=False)
-    launcher = Launcher(config, run_dir)
-    launcher.start()
-    supervisor = Supervisor(launcher)
-    supervisor.start()
+    with whole_system(Path(tmp_path_factory.mktemp("flood")), "flood") as (config, launcher):
+        run_the_flood(config, launcher)
+
+
+def run_the_flood(config: Config, launcher: Launcher) -> None:
+    run_dir = launcher.run_dir
     sampler = RssSampler(launcher)
     sampler.start()
     replay = Replay(run_dir)
-    pids: list[int] = []
     try:
         before = {name: child.pid for name, child in launcher.children.items()}
         replay.start()
@@ -168,10 +156,12 @@ def test_flood_leaves_every_stage_up_and_within_its_rss_limit(tmp_path_factory) 
         replay.stop.set()
         replay.join(30)
         # Every stage up: the same process, or restarted and ready again.
-        deadline = time.monotonic() + 120
-        while not all(c.ready and c.alive() for c in launcher.children.values()):
-            assert time.monotonic() < deadline, launcher.status_rows()
-            time.sleep(0.2)
+        wait_until(
+            lambda: all(c.ready and c.alive() for c in launcher.children.values()),
+            120,
+            lambda: f"every stage up: {launcher.status_rows()}",
+            interval=0.2,
+        )
         with Client.connect(run_dir, timeout_s=60) as client:
             history = client.history(limit=5000)
             recover_start = time.monotonic()
@@ -181,7 +171,6 @@ def test_flood_leaves_every_stage_up_and_within_its_rss_limit(tmp_path_factory) 
         sampler.stop.set()
         sampler.join(5)
         restarted = {n: c.restarts for n, c in launcher.children.items() if c.pid != before[n]}
-        pids = [c.pid for c in launcher.children.values()]
         figures = {
             "flood_s": round(flood_s, 1),
             "sent": {f.kind: f.sent for f in flooders},
@@ -218,7 +207,3 @@ def test_flood_leaves_every_stage_up_and_within_its_rss_limit(tmp_path_factory) 
     finally:
         replay.stop.set()
         sampler.stop.set()
-        supervisor.stop.set()
-        supervisor.join(10)
-        launcher.shutdown()
-    assert not any(pid_alive(pid) for pid in pids)

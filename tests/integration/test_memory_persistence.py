@@ -30,6 +30,7 @@ from omnistream.protocol.messages import Clip, Label, Message, Record, Synopsis,
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config, pid_alive
+from ..util import wait_until
 
 pytestmark = pytest.mark.slow  # three starts of the memory process (MiniLM), ~25 s on 2 idle cores
 
@@ -98,20 +99,30 @@ class Bus:
     def store(self, messages: list[Message], launcher: Launcher | None = None) -> list[Record]:
         """Publish ``messages`` once the bus carries them (slow joiner) and wait for their records."""
         probe = Transcript(session="probe", t0=0, ts=0.1, text="probe")
-        deadline = time.monotonic() + 30
-        while not any(r.session == "probe" for r in self.records(0.3)):
-            assert time.monotonic() < deadline, "memory never acknowledged the probe"
-            send(self.pub, probe)
+        wait_until(
+            lambda: any(r.session == "probe" for r in self.records(0.3)),
+            30,
+            "memory to acknowledge the probe",
+            every=lambda: send(self.pub, probe),
+            interval=0,
+        )
         for message in messages:
             send(self.pub, message)
         acked: list[Record] = []
-        deadline = time.monotonic() + 30
         mine = lambda: [r for r in acked if r.session == SESSION]  # noqa: E731
-        while len(mine()) < len(messages):
-            assert time.monotonic() < deadline, f"acknowledged: {acked}"
-            acked += self.records(0.2)
+
+        def take() -> None:
+            acked.extend(self.records(0.2))
             if launcher is not None:
                 launcher.step(timeout_ms=10)
+
+        wait_until(
+            lambda: len(mine()) >= len(messages),
+            30,
+            lambda: f"every record; acknowledged: {acked}",
+            every=take,
+            interval=0,
+        )
         return mine()
 
     def close(self) -> None:
@@ -160,10 +171,13 @@ def test_named_session_survives_sigkill_of_memory_and_a_whole_restart(short_tmp:
         memory = launcher.children["memory"]
         old_pid = memory.pid
         os.kill(old_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 120
-        while not (memory.ready and memory.pid != old_pid):
-            assert time.monotonic() < deadline, launcher.status_rows()
-            launcher.step(timeout_ms=100)
+        wait_until(
+            lambda: memory.ready and memory.pid != old_pid,
+            120,
+            lambda: f"memory back: {launcher.status_rows()}",
+            every=lambda: launcher.step(timeout_ms=100),
+            interval=0,
+        )
         assert not pid_alive(old_pid)
         with Client.connect(launcher.run_dir, session=SESSION) as client:
             assert remembered(client) == before

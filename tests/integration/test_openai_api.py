@@ -29,6 +29,7 @@ from omnistream.app.openai_api import ApiThread, create_app
 from omnistream.app.replay import DEFAULT_SAMPLE, Replayer
 
 from ..conftest import make_config, pid_alive
+from ..util import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -92,10 +93,12 @@ def api():
     assert events.opened.wait(30), "the events stream did not open"
     with Client.connect(launcher.run_dir, session=SESSION) as client:
         Replayer(client, speak=False).run(DEFAULT_SAMPLE, [], speed=3.0)
-        deadline = time.monotonic() + 90  # the end of the sound is transcribed after the replay
-        while not any("amiable" in i.text.lower() for i in client.history(kinds=["transcript"]).items):
-            assert time.monotonic() < deadline, "the reader's words never reached memory"
-            time.sleep(1.0)
+        wait_until(  # the end of the sound is transcribed after the replay
+            lambda: any("amiable" in i.text.lower() for i in client.history(kinds=["transcript"]).items),
+            90,
+            "the reader's words to reach memory",
+            interval=1.0,
+        )
     events.stop.set()
     yield System(base, launcher, events)
     server.stop()

@@ -26,6 +26,7 @@ from omnistream.protocol.messages import Record, Transcript
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config, pid_alive
+from ..util import wait_until
 
 STAGES = ("gateway", "perception", "memory")
 STOP_AT_S = 24.0  # the sample's second scene runs 14.0 .. 27.9 s: this stops inside it
@@ -115,11 +116,13 @@ def test_memory_stores_its_backlog_before_it_stops(short_tmp: Path) -> None:
         sub.connect(addresses.bus_out)
         sub.setsockopt(zmq.SUBSCRIBE, b"Record")
         try:
-            deadline = time.monotonic() + 30
-            while not sub.poll(200):  # the bus carries our messages (slow joiner): a probe is stored
-                assert time.monotonic() < deadline, "memory never acknowledged the probe"
+
+            def probe() -> None:
                 send(pub, Transcript(session="probe", t0=0, ts=0.1, text="probe"))
                 launcher.step(timeout_ms=10)
+
+            # the bus carries our messages (slow joiner): a probe is stored
+            wait_until(lambda: sub.poll(200), 30, "memory to acknowledge the probe", every=probe, interval=0)
             assert isinstance(recv(sub)[1], Record)
             for i in range(count):  # faster than memory embeds and stores them
                 send(pub, Transcript(session="backlog", t0=i, ts=i + 0.5, text=f"sentence number {i}"))

@@ -38,6 +38,7 @@ from omnistream.protocol.messages import Box, Percept, Sighting, VideoFrame
 from omnistream.protocol.sockets import make_socket, send
 
 from ..conftest import make_config
+from ..util import wait_until
 
 GREY = (128, 128, 128)
 ORANGE_JPG = Path("/usr/share/doc/opencv-doc/examples/data/orange.jpg")
@@ -170,11 +171,7 @@ def test_percepts_carry_the_newest_detections_and_the_frame_they_were_made_on(en
     try:
         stage.handle(VideoFrame(ts=0.0, image=orange, index=0))
         stage.tick()
-        deadline = time.monotonic() + 60
-        while not stage.counters["detections"]:
-            assert time.monotonic() < deadline, "the detector did not finish"
-            time.sleep(0.05)
-            stage.tick()
+        wait_until(lambda: stage.counters["detections"], 60, "the detector to finish", every=stage.tick)
         stage.handle(VideoFrame(ts=0.1, image=orange, index=1))  # not due for objects (2 per s)
         stage.tick()
     finally:
@@ -235,17 +232,24 @@ def test_the_session_shows_the_analysed_frame_with_its_boxes_and_the_tracker_eve
         others = Percept(session="someone-else", ts=2.0, features=features, boxes=[], boxes_ts=1.0)
         sightings = [msgspec.structs.replace(s, session=session.session) for s in sightings_of_a_visit()]
         assert on_live_view(session) == ({"__type__": "update"}, {"__type__": "update"})  # nothing yet
-        deadline = time.monotonic() + 20
-        while session.seen is None:
-            assert time.monotonic() < deadline, "the gateway did not relay the percept"
-            send(bus, others)  # (re-sent until the bus subscription has reached this publisher)
+
+        def send_percepts() -> None:  # re-sent until the bus subscription has reached this publisher
+            send(bus, others)
             send(bus, mine)
             session.wait_for_change(0.3)
+
+        wait_until(
+            lambda: session.seen is not None, 20, "the percept relayed", every=send_percepts, interval=0
+        )
         for sighting in sightings:
             send(bus, sighting)
-        while session.sightings_received < len(sightings):
-            assert time.monotonic() < deadline, "the gateway did not relay the sightings"
-            session.wait_for_change(0.3)
+        wait_until(
+            lambda: session.sightings_received >= len(sightings),
+            20,
+            "the sightings relayed",
+            every=lambda: session.wait_for_change(0.3),
+            interval=0,
+        )
         send(bus, mine)  # a repeat (the next percept before a new detection) changes nothing
         time.sleep(0.3)
         seen = session.seen
@@ -279,11 +283,13 @@ def test_the_session_shows_the_analysed_frame_with_its_boxes_and_the_tracker_eve
 
         # objects off: a percept without detections shows its own frame, with no boxes
         plain = Percept(session=session.session, ts=2.0, features=features)
-        deadline = time.monotonic() + 10
-        while session.seen.ts != 2.0:
-            assert time.monotonic() < deadline, "the plain percept was not relayed"
-            send(bus, plain)
-            session.wait_for_change(0.3)
+        wait_until(
+            lambda: session.seen.ts == 2.0,
+            10,
+            "the plain percept relayed",
+            every=lambda: (send(bus, plain), session.wait_for_change(0.3)),
+            interval=0,
+        )
         assert session.seen.boxes == [] and tuple(session.seen.frame[0, 0]) == blue
         preview, rows = on_live_view(session)
         assert "perception at <b>00:02</b>: no objects detected" in preview

@@ -53,6 +53,7 @@ from omnistream.protocol.messages import (
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config
+from ..util import wait_until
 
 CASES = int(os.environ.get("OMNISTREAM_FUZZ_CASES", "100000"))
 SEED = 20261126
@@ -265,15 +266,13 @@ def gateway(short_tmp: Path):
 
 def _request(sock: zmq.Socket, message, timeout_ms: int = 10_000):
     send(sock, message)
-    deadline = time.monotonic() + timeout_ms / 1000
-    while time.monotonic() < deadline:
-        if sock.poll(100):
-            reply = recv(sock)[1]
-            if getattr(reply, "request_id", None) == getattr(
-                message, "request_id", getattr(message, "turn", None)
-            ):
-                return reply
-    raise AssertionError(f"no reply to {message}")
+    wanted = getattr(message, "request_id", getattr(message, "turn", None))
+
+    def reply():
+        got = recv(sock)[1] if sock.poll(100) else None
+        return got if getattr(got, "request_id", None) == wanted else None
+
+    return wait_until(reply, timeout_ms / 1000, f"a reply to {message}", interval=0)
 
 
 def test_live_gateway_keeps_serving_through_fuzzed_and_absurd_input(gateway: Launcher) -> None:
@@ -318,14 +317,13 @@ def test_live_gateway_keeps_serving_through_fuzzed_and_absurd_input(gateway: Lau
         ]
         for message, needle in cases:
             send(sock, message)
-            deadline = time.monotonic() + 10
-            reply = None
-            while time.monotonic() < deadline and reply is None:
-                if sock.poll(100):
-                    got = recv(sock)[1]
-                    if isinstance(got, Error) and needle in got.message:
-                        reply = got
-            assert reply is not None and reply.code == "invalid", (message, needle)
+
+            def error(needle=needle):
+                got = recv(sock)[1] if sock.poll(100) else None
+                return got if isinstance(got, Error) and needle in got.message else None
+
+            reply = wait_until(error, 10, f"an Error naming {needle!r} for {message}", interval=0)
+            assert reply.code == "invalid", (message, needle)
         # Odd but acceptable text is accepted (bounded, not mangled).
         ack = _request(sock, Ask(turn="odd", question="¿Qué es esto? 🦋 e\u0301 \u202eabc", speak=False))
         assert ack.request_id == "odd" and not isinstance(ack, Error)

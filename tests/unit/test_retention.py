@@ -36,6 +36,7 @@ from omnistream.protocol.messages import (
 from omnistream.protocol.sockets import make_socket, send
 
 from ..conftest import make_config
+from ..util import wait_until
 from .test_memory_and_reasoning import FakeEmbedder
 
 DAY = 86400.0
@@ -189,14 +190,11 @@ def test_sessions_delete_through_a_running_memory_refuses_a_live_session(
         bus.connect(launcher.addresses.bus_in)
         time.sleep(0.5)
         send(bus, Transcript(session="live", t0=0.0, ts=4.0, text="the kettle is on"))
-        deadline = time.monotonic() + 20
         args = ["--set", f"paths.data_dir={short_tmp / 'data'}", "--run-dir", str(short_tmp / "run")]
-        while True:  # until memory stored it
-            code, out = run_cli(["sessions", *args, "--json"], capsys)
-            if [row["session"] for row in json.loads(out)] == ["live"]:
-                break
-            assert time.monotonic() < deadline, out
-            time.sleep(0.2)
+        listed = lambda: [
+            row["session"] for row in json.loads(run_cli(["sessions", *args, "--json"], capsys)[1])
+        ]  # noqa: E731
+        wait_until(lambda: listed() == ["live"], 20, "memory to store the live session", interval=0.2)
         with pytest.raises(SystemExit) as exited:
             cli.main(["sessions", "delete", "live", *args])
         assert exited.value.code == cli.EXIT_FAILURE  # live: refused, with the reason

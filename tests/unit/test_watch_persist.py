@@ -9,7 +9,6 @@ reasoning loads a session's watches from memory on its first contact with the se
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from omnistream.protocol.messages import (
 from omnistream.protocol.sockets import make_socket, recv, send
 from omnistream.reasoning import watch as watch_module
 
+from ..util import wait_until
 from .test_memory_and_reasoning import FakeEmbedder, ReasoningHarness, word_engine  # noqa: F401
 
 CONDITION = "tell me when the kettle boils"
@@ -51,11 +51,8 @@ def as_the_gateway(memory: MemoryStage, watch: Watch, address: str) -> Message:
     sock.connect(address)
     try:
         send(sock, watch)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if sock.poll(50):
-                return recv(sock)[1]
-        raise AssertionError("memory did not answer the watch")
+        wait_until(lambda: sock.poll(50), 10, "memory to answer the watch", interval=0)
+        return recv(sock)[1]
     finally:
         sock.close(linger=0)
 

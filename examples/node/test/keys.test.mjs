@@ -1,4 +1,4 @@
-// CURVE certificates in the format of protocol/security.py (tests/unit/test_client_node.py also
+// CURVE certificates in the format of protocol/security.py (tests/integration/test_client_node_gateway.py also
 // reads the files Python's `generate_keys` writes).
 
 import assert from "node:assert/strict";

@@ -6,7 +6,7 @@ writes ``examples/node/lib/messages.mjs`` (every message type of ``protocol/mess
 order, types and defaults, as msgspec encodes them) and ``examples/node/test/fixtures/codec.json``
 (messages encoded by ``protocol/codec.py``, with what each must decode to). ``node --test`` checks
 that the Node codec encodes the requests to the same bytes and decodes every message to the same
-values; ``tests/unit/test_client_node.py`` fails when either file is stale.
+values; ``tests/integration/test_client_node_gateway.py`` fails when either file is stale.
 """
 
 from __future__ import annotations

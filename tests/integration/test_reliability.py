@@ -21,6 +21,7 @@ from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, Interrupt
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config
+from ..util import wait_until
 
 
 def supervise(launcher: Launcher, seconds: float) -> None:
@@ -87,13 +88,16 @@ def test_restarted_reasoning_gets_the_waiting_questions_again(gateway: Launcher)
             assert bus.poll(5000), "the waiting question was not sent again"
             again = recv(bus)[1]
             assert isinstance(again, Ask) and again.turn == waiting and again.question == "waiting question"
-            failed = None
-            deadline = time.monotonic() + 5
-            while failed is None and time.monotonic() < deadline:
-                for event in client.poll_events(0.1):
-                    if isinstance(event, AnswerDone) and event.turn == started:
-                        failed = event
-            assert failed is not None and "reasoning restarted while answering" in failed.error
+            failed = wait_until(
+                lambda: next(
+                    (e for e in client.poll_events(0.1) if isinstance(e, AnswerDone) and e.turn == started),
+                    None,
+                ),
+                5,
+                "the started answer's end",
+                interval=0,
+            )
+            assert "reasoning restarted while answering" in failed.error
             send(pub, AnswerDone(turn=waiting, text="answered by the new one"))
             time.sleep(0.3)
             counters = client.status().stages["gateway"].counters
@@ -114,14 +118,16 @@ def test_audio_faster_than_the_limit_is_dropped_and_counted(gateway: Launcher) -
             client.push_audio(chunk, 16000, ts=i * 0.1, channel="scene")
             time.sleep(0.005)
         elapsed = time.monotonic() - start
-        deadline = time.monotonic() + 20  # the gateway may lag behind on a loaded machine
-        while True:
+
+        def every_chunk_counted() -> dict | None:
             counters = client.status().stages["gateway"].counters
-            accepted = counters.get("in_AudioChunk", 0) * 0.1
-            dropped = counters.get("audio_dropped_s", 0)
-            if accepted + dropped + client.audio_dropped * 0.1 >= 29.95 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+            counted = counters.get("in_AudioChunk", 0) * 0.1 + counters.get("audio_dropped_s", 0)
+            return counters if counted + client.audio_dropped * 0.1 >= 29.95 else None
+
+        # (20 s: the gateway may lag behind on a loaded machine)
+        counters = wait_until(every_chunk_counted, 20, "the gateway to count all 30 s", interval=0.5)
+        accepted = counters.get("in_AudioChunk", 0) * 0.1
+        dropped = counters.get("audio_dropped_s", 0)
         span = time.monotonic() - start  # the gateway took the chunks within this
     assert accepted + dropped + client.audio_dropped * 0.1 == pytest.approx(30.0, abs=0.05)
     assert accepted <= 5.0 + 2.0 * span + 0.11  # burst + rate x time
@@ -202,13 +208,17 @@ def test_a_question_interrupted_while_it_waits_is_dropped(gateway: Launcher) -> 
         time.sleep(0.5)
         for turn in ("keep", "stale"):
             send(pub, Ask(turn=turn, question="q"))
-        deadline = time.monotonic() + 5
-        while len(runtime._pending) < 2 and time.monotonic() < deadline:
-            runtime.poll(0.1)
+        poll = lambda: runtime.poll(0.1)  # noqa: E731
+        wait_until(lambda: len(runtime._pending) >= 2, 5, "both questions", every=poll, interval=0)
         send(pub, Interrupt(turn="stale", reason="timed out"))
         send(pub, Interrupt(turn="", reason="barge-in"))  # no turn: stops the current answer only
-        while runtime.counters["asks_cancelled"] < 1 and time.monotonic() < deadline:
-            runtime.poll(0.1)
+        wait_until(
+            lambda: runtime.counters["asks_cancelled"] >= 1,
+            5,
+            "the stale question cancelled",
+            every=poll,
+            interval=0,
+        )
         time.sleep(0.2)
         runtime.poll(0.1)
         pending = runtime.take_pending()

@@ -22,6 +22,7 @@ from omnistream.protocol.messages import Clip, Transcript
 from omnistream.protocol.sockets import make_socket, send
 
 from ..conftest import make_config
+from ..util import wait_until
 
 SESSION = "kitchen"
 
@@ -57,10 +58,7 @@ def system(tmp_path_factory):
     for record in RECORDS:
         send(bus, record)
     with Client.connect(run_dir, session=SESSION, timeout_s=20) as client:
-        deadline = time.monotonic() + 30
-        while len(client.history().items) < 3:
-            assert time.monotonic() < deadline, "memory did not store the published records"
-            time.sleep(0.2)
+        wait_until(lambda: len(client.history().items) >= 3, 30, "memory to store the records", interval=0.2)
     yield launcher
     bus.close(linger=0)
     launcher.shutdown()

@@ -21,10 +21,9 @@ import pytest
 
 from omnistream.app.client import Client
 from omnistream.app.launcher import Launcher
-from omnistream.protocol.security import generate_keys, write_keypair
+from omnistream.protocol.security import write_keypair
 
 from ..conftest import make_config
-from .test_security import free_port_pair
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "examples" / "node"
 
@@ -157,28 +156,18 @@ for (const [dir, name] of [[strangerDir, "client"], [keysDir + "/nowhere", "node
 """
 
 
-def test_node_client_reaches_a_curve_gateway_with_the_keys_python_wrote(short_tmp: Path) -> None:
-    keys_dir = short_tmp / "keys"
-    generate_keys(keys_dir, client="node")
+def test_node_client_reaches_a_curve_gateway_with_the_keys_python_wrote(
+    short_tmp: Path, curve_gateway
+) -> None:
+    launcher, keys_dir, port = curve_gateway("node")
     stranger = short_tmp / "stranger"
     write_keypair(stranger, "client")  # well-formed, not authorised
     (stranger / "server.key").write_text((keys_dir / "server.key").read_text())
-    port = free_port_pair()
-    config = make_config(
-        short_tmp,
-        ("gateway",),
-        **{"gateway.host": "0.0.0.0", "gateway.port": port, "gateway.keys_dir": str(keys_dir)},
-    )
-    launcher = Launcher(config, short_tmp / "run")
-    launcher.start()
-    try:
-        endpoint = f"tcp://127.0.0.1:{port}"
-        args = (str(launcher.run_dir), str(keys_dir), endpoint, str(stranger))
-        result = node("--input-type=module", "-e", CURVE_SESSION, *args, timeout_s=90)
-        curve_args = ("--endpoint", endpoint, "--keys-dir", str(keys_dir), "--key-name", "node")
-        refused = node("ask.mjs", "   ", *curve_args, timeout_s=60)  # reached over CURVE, then refused
-    finally:
-        launcher.shutdown()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    args = (str(launcher.run_dir), str(keys_dir), endpoint, str(stranger))
+    result = node("--input-type=module", "-e", CURVE_SESSION, *args, timeout_s=90)
+    curve_args = ("--endpoint", endpoint, "--keys-dir", str(keys_dir), "--key-name", "node")
+    refused = node("ask.mjs", "   ", *curve_args, timeout_s=60)  # reached over CURVE, then refused
     assert refused.returncode == 2 and "[invalid] Ask.question must have" in refused.stderr, refused.stderr
     assert result.returncode == 0, result.stderr
     first, frame, remote, stranger_refused, no_keys = [

@@ -43,6 +43,7 @@ from omnistream.app.openai_api import (
 from omnistream.protocol.messages import Interrupt
 
 from ..conftest import make_config
+from ..util import wait_until
 
 TOKEN = "s3cret-token-0123456789"
 ASK_TIMEOUT_S = 3.0
@@ -300,14 +301,15 @@ def test_serve_api_attaches_to_the_running_system_and_refuses_to_serve_beyond_lo
     try:
         announced = json.loads(server.stdout.readline())
         assert announced == {"url": f"http://127.0.0.1:{port}/v1", "session": "from-cli", "token": True}
-        deadline = time.monotonic() + 20
-        while True:
+
+        def models_served() -> httpx.Response | None:
+            assert server.poll() is None, server.stderr.read()
             try:
-                models = httpx.get(f"{announced['url']}/models", headers={"Authorization": f"Bearer {TOKEN}"})
-                break
+                return httpx.get(f"{announced['url']}/models", headers={"Authorization": f"Bearer {TOKEN}"})
             except httpx.ConnectError:
-                assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()
-                time.sleep(0.2)
+                return None
+
+        models = wait_until(models_served, 20, "the API to serve /models", interval=0.2)
         assert models.status_code == 200 and models.json()["data"][0]["id"] == "omnistream"
         assert httpx.get(f"{announced['url']}/models").status_code == 401
     finally:

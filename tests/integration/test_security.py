@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -26,25 +25,10 @@ from omnistream.protocol.security import generate_keys, is_loopback, load_server
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config
-from .test_hardening import probe_runtime  # noqa: F401 - the fixture
+from ..unit.test_hardening import probe_runtime  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("protocol", "app", "memory", "reasoning", "speech", "perception", "kernels")
-
-
-def free_port_pair() -> int:
-    """A tcp port p with p + 1 also free (the gateway's ROUTER and PUB)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("0.0.0.0", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("0.0.0.0", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port pair")
 
 
 def mode(path: Path) -> int:
@@ -125,22 +109,6 @@ def test_gateway_beyond_loopback_refuses_to_start_without_keys(short_tmp: Path) 
         Launcher(config, short_tmp / "run").start()
 
 
-@pytest.fixture
-def curve_gateway(short_tmp: Path):
-    keys_dir = short_tmp / "keys"
-    generate_keys(keys_dir, client="good")
-    port = free_port_pair()
-    config = make_config(
-        short_tmp,
-        ("gateway",),
-        **{"gateway.host": "0.0.0.0", "gateway.port": port, "gateway.keys_dir": str(keys_dir)},
-    )
-    launcher = Launcher(config, short_tmp / "run")
-    launcher.start()
-    yield launcher, keys_dir, port
-    launcher.shutdown()
-
-
 def _raw_status(endpoint: str, setup=None, wait_ms: int = 3000) -> object | None:
     """One StatusRequest on a fresh DEALER; the reply, or None if nothing came."""
     sock = make_socket(zmq.Context.instance(), zmq.DEALER)
@@ -157,7 +125,7 @@ def _raw_status(endpoint: str, setup=None, wait_ms: int = 3000) -> object | None
 
 
 def test_only_authorised_clients_reach_a_gateway_beyond_loopback(curve_gateway) -> None:
-    launcher, keys_dir, port = curve_gateway
+    launcher, keys_dir, port = curve_gateway("good")
     addresses = json.loads((launcher.run_dir / "addresses.json").read_text())
     assert addresses["gateway"] == f"tcp://0.0.0.0:{port}" and addresses["curve"] is True
     endpoint = f"tcp://127.0.0.1:{port}"
@@ -562,43 +530,30 @@ def test_source_credentials_never_reach_errors_or_logs() -> None:
     assert "127.0.0.1:9" in text
 
 
-def test_a_session_belongs_to_the_client_key_that_opened_it(short_tmp: Path) -> None:
+def test_a_session_belongs_to_the_client_key_that_opened_it(curve_gateway) -> None:
     """Beyond loopback, two authorised keys: bob cannot ask in, interrupt or read the history
     of alice's session (he could: every client could use every session); his own works."""
-    keys_dir = short_tmp / "keys"
-    generate_keys(keys_dir, client="alice")
-    generate_keys(keys_dir, client="bob")
-    port = free_port_pair()
-    config = make_config(
-        short_tmp,
-        ("gateway",),
-        **{"gateway.host": "0.0.0.0", "gateway.port": port, "gateway.keys_dir": str(keys_dir)},
-    )
-    launcher = Launcher(config, short_tmp / "run")
-    launcher.start()
+    _, keys_dir, port = curve_gateway("alice", "bob")
     endpoint = f"tcp://127.0.0.1:{port}"
-    try:
-        with (
-            Client.connect(
-                endpoint=endpoint, keys_dir=keys_dir, key_name="alice", session="trip", timeout_s=20
-            ) as alice,
-            Client.connect(
-                endpoint=endpoint, keys_dir=keys_dir, key_name="bob", session="trip", timeout_s=20
-            ) as bob,
-        ):
-            assert alice.send_ask("what is on screen?", ts=0.0)
-            with pytest.raises(ClientError) as refused:
-                bob.send_ask("what did alice see?", ts=0.0)
-            assert refused.value.code == "not_your_session" and "another client key" in str(refused.value)
-            with pytest.raises(ClientError) as refused:
-                bob.history()
-            assert refused.value.code == "not_your_session"
-            bob.session = "bobs-own"
-            assert bob.send_ask("and in my session?", ts=0.0)
-            status = alice.status()
-        assert status.stages["gateway"].counters["not_owner"] >= 2
-    finally:
-        launcher.shutdown()
+    with (
+        Client.connect(
+            endpoint=endpoint, keys_dir=keys_dir, key_name="alice", session="trip", timeout_s=20
+        ) as alice,
+        Client.connect(
+            endpoint=endpoint, keys_dir=keys_dir, key_name="bob", session="trip", timeout_s=20
+        ) as bob,
+    ):
+        assert alice.send_ask("what is on screen?", ts=0.0)
+        with pytest.raises(ClientError) as refused:
+            bob.send_ask("what did alice see?", ts=0.0)
+        assert refused.value.code == "not_your_session" and "another client key" in str(refused.value)
+        with pytest.raises(ClientError) as refused:
+            bob.history()
+        assert refused.value.code == "not_your_session"
+        bob.session = "bobs-own"
+        assert bob.send_ask("and in my session?", ts=0.0)
+        status = alice.status()
+    assert status.stages["gateway"].counters["not_owner"] >= 2
 
 
 def test_a_flood_of_big_requests_waits_in_the_client_not_in_the_gateway(short_tmp: Path) -> None:

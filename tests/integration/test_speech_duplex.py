@@ -31,6 +31,7 @@ from omnistream.speech.speak import PhraseSplitter, Voice
 from omnistream.speech.stage import SpeechStage
 from omnistream.speech.wer import word_error_rate
 
+from ..util import wait_until
 from .test_speech import librivox_clips
 
 ANSWER = "You saw a monarch butterfly at the start. Then the reader said he might have been made amiable."
@@ -105,14 +106,12 @@ class Harness:
 
     def run_until(self, condition, timeout_s: float = 30.0, silence: bool = True) -> None:
         """Tick (feeding microphone silence in real time) until ``condition()``."""
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert time.monotonic() < deadline, [type(m).__name__ for _, m in self.out][-20:]
-            if silence:
-                self.mic(np.zeros(int(STEP_S * self.mic_rate), np.float32))
-            else:
-                time.sleep(0.005)
-                self.stage.tick()
+        if silence:
+            every, interval = lambda: self.mic(np.zeros(int(STEP_S * self.mic_rate), np.float32)), 0.0
+        else:
+            every, interval = self.stage.tick, 0.005
+        what = lambda: f"the condition; sent: {[type(m).__name__ for _, m in self.out][-20:]}"  # noqa: E731
+        wait_until(condition, timeout_s, what, every=every, interval=interval)
 
     def audio_of(self, turn: str) -> np.ndarray:
         chunks = [m.pcm for m in self.of(AudioOut) if m.turn == turn and m.pcm is not None]
@@ -333,13 +332,15 @@ def test_the_assistants_own_voice_in_the_microphone_does_not_interrupt(
     h.send(Ask(turn="t4", question="What did you see?", audio_rate=16000))
     h.stream_answer("t4", ANSWER, delay_s=0.02)
     sent = 0
-    deadline = time.monotonic() + 40
-    while not h.finished("t4"):  # whatever the stage sends comes back into the microphone
-        assert time.monotonic() < deadline
+
+    def echo_back() -> None:  # whatever the stage sends comes back into the microphone
+        nonlocal sent
         audio = h.audio_of("t4")
         h.echo.append(audio[sent:])
         sent = len(audio)
         h.mic(np.zeros(int(STEP_S * MIC_RATE), np.float32))
+
+    wait_until(lambda: h.finished("t4"), 40, "the answer to finish", every=echo_back, interval=0)
     assert h.counters["echo_ignored"] >= 1
     assert not h.of(Interrupt) and not h.of(Ask)
     [spoken] = [m for m in h.of(Transcript) if m.speaker == "assistant"]
