@@ -1,4 +1,6 @@
-"""omnistream's GPU kernels (Triton) and their dispatch; imported as ``omnistream.kernels``.
+"""omnistream's kernels, imported as ``omnistream.kernels``: the GPU kernels (Triton) and their
+dispatch (``ops``), the native CPU kernels of the LLM (``cpu``, C and assembly built at first
+use), and the torch references both are tested against (``reference``).
 
 The repository root is the ``omnistream`` package, so this folder is also reachable as a top-level
 ``kernels`` whenever the root is on ``sys.path`` (``python -m ...`` or ``python -c`` started from

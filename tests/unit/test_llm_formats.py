@@ -195,3 +195,20 @@ def test_the_engine_runs_qwen2_only(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="Qwen2"):
         LLMEngine(tmp_path, "float32", 1)
+
+
+def test_a_prepared_model_finds_its_gguf_by_its_marker_not_its_name(tmp_path: Path) -> None:
+    """``llm.prepare`` records the GGUF a directory was converted from (CONVERTED); the GGUF
+    counts only with its sha256 marker (a complete reassembly)."""
+    from omnistream.reasoning.llm.formats import gguf_file
+
+    model_dir = tmp_path / "llm" / "renamed-anything"
+    model_dir.mkdir(parents=True)
+    (model_dir / "CONVERTED").write_text("qwen-x.gguf")
+    gguf = tmp_path / "gguf" / "qwen-x.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    assert gguf_file(model_dir) is None  # no sha256 marker: an interrupted reassembly
+    gguf.with_suffix(".gguf.sha256").write_text("0" * 64)
+    assert gguf_file(model_dir) == gguf
+    assert int8_cache(model_dir).parent == tmp_path / "llm"
