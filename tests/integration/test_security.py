@@ -26,6 +26,7 @@ from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config
 from ..unit.test_hardening import probe_runtime  # noqa: F401 - the fixture
+from ..util import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("protocol", "app", "memory", "reasoning", "speech", "perception", "kernels")
@@ -327,10 +328,13 @@ def test_poll_takes_at_most_poll_max_bytes_and_leaves_the_rest_queued(probe_runt
     runtime.subscribe(AudioChunk)
     chunk = np.zeros(75_000, np.float32)  # 300 kB
     try:
-        deadline = time.monotonic() + 10
-        while not runtime.poll(0.05):  # the subscription has reached the publisher
-            assert time.monotonic() < deadline
-            send(bus_out, AudioChunk(pcm=np.zeros(16, np.float32), ts=-1.0))
+        wait_until(  # the subscription has reached the publisher
+            lambda: runtime.poll(0.05),
+            10,
+            "the subscription to reach the publisher",
+            every=lambda: send(bus_out, AudioChunk(pcm=np.zeros(16, np.float32), ts=-1.0)),
+            interval=0,
+        )
         time.sleep(0.2)
         runtime.poll(0.0)
         runtime.take_pending()
@@ -338,10 +342,15 @@ def test_poll_takes_at_most_poll_max_bytes_and_leaves_the_rest_queued(probe_runt
             send(bus_out, AudioChunk(pcm=chunk, ts=float(i)))
         time.sleep(0.5)
         sizes, got = [], []
-        while len(got) < 10 and time.monotonic() < deadline + 10:
+
+        def take() -> None:
             batch = runtime.poll(0.1)
             sizes.append(len(batch))
-            got += batch
+            got.extend(batch)
+
+        wait_until(
+            lambda: len(got) >= 10, 10, lambda: f"ten chunks; batches: {sizes}", every=take, interval=0
+        )
         assert sizes[:3] == [4, 4, 2], sizes
         assert [m.ts for m in got] == [float(i) for i in range(10)]
         assert runtime.counters["poll_byte_limit"] >= 2
@@ -362,10 +371,13 @@ def test_the_bus_queues_at_most_hwm_messages_for_a_subscriber_that_stops_reading
         sub.connect(launcher.addresses.bus_out)
         sub.setsockopt(zmq.SUBSCRIBE, b"Flood")
         pub.connect(launcher.addresses.bus_in)
-        deadline = time.monotonic() + 10
-        while not sub.poll(50):  # the subscription has reached the bus
-            assert time.monotonic() < deadline
-            pub.send_multipart([b"Flood", b"probe"])
+        wait_until(  # the subscription has reached the bus
+            lambda: sub.poll(50),
+            10,
+            "the subscription to reach the bus",
+            every=lambda: pub.send_multipart([b"Flood", b"probe"]),
+            interval=0,
+        )
         while sub.poll(200):
             sub.recv_multipart()
         body = b"x" * 8192
@@ -517,12 +529,14 @@ def test_source_credentials_never_reach_errors_or_logs() -> None:
     spec = "http://admin:hunter2@127.0.0.1:9/stream.ts?token=s3cret"
     source = open_source(spec, lambda image, ts: True, None, reconnect_s=60.0, stall_s=60.0).start()
     try:
-        deadline = time.monotonic() + 20
         events = []
-        while not any(e.kind == "error" for e in events):
-            assert time.monotonic() < deadline, events
-            events += source.events()
-            time.sleep(0.1)
+        wait_until(
+            lambda: any(e.kind == "error" for e in events),
+            20,
+            lambda: f"the source's error event; events: {events}",
+            every=lambda: events.extend(source.events()),
+            interval=0.1,
+        )
     finally:
         source.stop()
     text = " ".join(f"{e.source} {e.detail}" for e in events) + source.name
