@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import zmq
 
-from omnistream.app.client import Client, ClientError
-from omnistream.app.launcher import Launcher
 from omnistream.memory.stage import MemoryStage
 from omnistream.memory.store import MemoryStore
 from omnistream.protocol.config import MemoryConfig
@@ -119,22 +117,6 @@ def test_a_watch_survives_a_reasoning_restart_and_a_bad_one_is_refused_before_it
     finally:
         second.close()
         memory.store.close()
-
-
-def test_the_gateway_acknowledges_a_watch_only_once_memory_stored_it(
-    gateway_and_memory: Launcher, short_tmp: Path
-) -> None:
-    """Real processes: an accepted watch is in memory's database when its Ack arrives; a refused
-    one gets the reason instead of an Ack (before: an Ack for both)."""
-    with Client.connect(gateway_and_memory.run_dir, session="kitchen", timeout_s=15) as client:
-        watch_id = client.watch(CONDITION)
-        with pytest.raises(ClientError, match=r"\[invalid\] Watch.condition must have at most 500"):
-            client.watch("x" * 600)
-    store = MemoryStore(short_tmp / "data" / "memory.sqlite", FakeEmbedder.dim)
-    try:
-        assert store.watches("kitchen") == [(watch_id, CONDITION, 0.0)]
-    finally:
-        store.close()
 
 
 def test_a_record_a_question_prefilled_first_is_still_checked_against_the_watches(
