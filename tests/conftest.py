@@ -24,15 +24,29 @@ def make_config(root: Path, stages: tuple[str, ...], **overrides) -> Config:
     return load_config(None, values)
 
 
+def launched(root: Path, stages: tuple[str, ...], **overrides) -> Iterator:
+    """Real stage processes (``make_config``'s data directory, ``root / "run"``), shut down when
+    the fixture that yields from this ends."""
+    from omnistream.app.launcher import Launcher
+
+    launcher = Launcher(make_config(root, stages, **overrides), root / "run")
+    launcher.start()
+    try:
+        yield launcher
+    finally:
+        launcher.shutdown()
+
+
 @pytest.fixture
 def gateway_and_memory(short_tmp: Path):
     """A real gateway and memory (processes), no models: request routing and storage tests."""
-    from omnistream.app.launcher import Launcher
+    yield from launched(short_tmp, ("gateway", "memory"))
 
-    launcher = Launcher(make_config(short_tmp, ("gateway", "memory")), short_tmp / "run")
-    launcher.start()
-    yield launcher
-    launcher.shutdown()
+
+@pytest.fixture
+def gateway_only(short_tmp: Path):
+    """A real gateway (a process) alone, no models."""
+    yield from launched(short_tmp, ("gateway",))
 
 
 @pytest.fixture

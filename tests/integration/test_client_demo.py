@@ -3,8 +3,6 @@ pure helpers (citations, browser audio). The page itself is tested in tests/brow
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 import numpy as np
 import pytest
@@ -14,21 +12,12 @@ from omnistream.app.demo import build_page, highlight_citations, on_ask, on_watc
 from omnistream.app.demo_session import DemoSession, wav_bytes
 from omnistream.app.launcher import Launcher
 
-from ..conftest import make_config
 from ..util import wait_until
 
 
-@pytest.fixture
-def gateway_only(short_tmp: Path):
-    # memory too: it stores a watch before the gateway acknowledges it
-    launcher = Launcher(make_config(short_tmp, ("gateway", "memory")), short_tmp / "run")
-    launcher.start()
-    yield launcher
-    launcher.shutdown()
-
-
-def test_each_tab_gets_its_own_session_and_requests_reach_the_gateway(gateway_only: Launcher) -> None:
-    first, second = DemoSession(gateway_only.run_dir), DemoSession(gateway_only.run_dir)
+def test_each_tab_gets_its_own_session_and_requests_reach_the_gateway(gateway_and_memory: Launcher) -> None:
+    # (memory too: it stores a watch before the gateway acknowledges it)
+    first, second = DemoSession(gateway_and_memory.run_dir), DemoSession(gateway_and_memory.run_dir)
     try:
         assert first.session != second.session and first.session.startswith("web-")
         first.push_frame(np.full((6, 8, 4), 200, np.uint8)[..., :3])
@@ -48,7 +37,7 @@ def test_each_tab_gets_its_own_session_and_requests_reach_the_gateway(gateway_on
             interval=0,
         )
         assert stats_rows(first)[0][0] == "gateway"
-        with Client.connect(gateway_only.run_dir, timeout_s=10) as client:
+        with Client.connect(gateway_and_memory.run_dir, timeout_s=10) as client:
             counters = client.status().stages["gateway"].counters
         assert counters["in_VideoFrame"] == 1 and counters["in_AudioChunk"] == 1 and counters["in_Watch"] == 1
     finally:
@@ -57,8 +46,8 @@ def test_each_tab_gets_its_own_session_and_requests_reach_the_gateway(gateway_on
     assert not first.reader.is_alive()
 
 
-def test_page_builds_with_every_control(gateway_only: Launcher) -> None:
-    page = build_page(gateway_only.run_dir)
+def test_page_builds_with_every_control(gateway_and_memory: Launcher) -> None:
+    page = build_page(gateway_and_memory.run_dir)
     ids = {block.elem_id for block in page.blocks.values() if getattr(block, "elem_id", None)}
     assert {
         "camera",

@@ -38,14 +38,6 @@ def node(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture
-def gateway_only(short_tmp: Path):
-    launcher = Launcher(make_config(short_tmp, ("gateway",)), short_tmp / "run")
-    launcher.start()
-    yield launcher
-    launcher.shutdown()
-
-
 PUSH_AND_STATUS = """
 import { Client } from "./omnistream.mjs";
 const client = await Client.connect(process.argv[1]);

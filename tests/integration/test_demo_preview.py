@@ -18,7 +18,6 @@ import zmq
 
 from omnistream.app.demo import on_live_view
 from omnistream.app.demo_session import DemoSession
-from omnistream.app.launcher import Launcher
 from omnistream.app.preview import draw_detections
 from omnistream.perception.encoder import load_encoder
 from omnistream.perception.stage import PerceptionStage, build_detectors
@@ -26,7 +25,6 @@ from omnistream.protocol.config import PerceptionConfig
 from omnistream.protocol.messages import Box, Percept, VideoFrame
 from omnistream.protocol.sockets import make_socket, send
 
-from ..conftest import make_config
 from ..unit.test_demo_preview import sightings_of_a_visit
 from ..util import wait_until
 
@@ -67,14 +65,6 @@ def test_percepts_carry_the_newest_detections_and_the_frame_they_were_made_on(en
 
 
 # -- the demo session: percepts and sightings relayed by the gateway ---------------------------------------
-
-
-@pytest.fixture
-def gateway_only(short_tmp: Path):
-    launcher = Launcher(make_config(short_tmp, ("gateway",)), short_tmp / "run")
-    launcher.start()
-    yield launcher
-    launcher.shutdown()
 
 
 def solid(rgb: tuple[int, int, int]) -> np.ndarray:

@@ -28,18 +28,14 @@ from omnistream.protocol.messages import (
 )
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
-from ..conftest import make_config
+from ..conftest import launched
 from ..unit.test_fuzz import SEED, corpus, mutate
 from ..util import wait_until
 
 
 @pytest.fixture
 def gateway(short_tmp: Path):
-    config = make_config(short_tmp, ("gateway",), **{"bus.max_message_bytes": 4 << 20})
-    launcher = Launcher(config, short_tmp / "run")
-    launcher.start()
-    yield launcher
-    launcher.shutdown()
+    yield from launched(short_tmp, ("gateway",), **{"bus.max_message_bytes": 4 << 20})
 
 
 def _request(sock: zmq.Socket, message, timeout_ms: int = 10_000):

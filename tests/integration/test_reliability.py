@@ -20,7 +20,7 @@ from omnistream.app.launcher import Launcher
 from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, Interrupt, Stats
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
-from ..conftest import make_config
+from ..conftest import launched
 from ..util import wait_until
 
 
@@ -32,12 +32,7 @@ def supervise(launcher: Launcher, seconds: float) -> None:
 
 @pytest.fixture
 def gateway(short_tmp: Path, request):
-    overrides = getattr(request, "param", {})
-    config = make_config(short_tmp, ("gateway",), **overrides)
-    launcher = Launcher(config, short_tmp / "run")
-    launcher.start()
-    yield launcher
-    launcher.shutdown()
+    yield from launched(short_tmp, ("gateway",), **getattr(request, "param", {}))
 
 
 @pytest.mark.parametrize(
