@@ -161,15 +161,16 @@ def classify_evidence(
 
 
 def restates(question: str, answer: str) -> bool:
-    """An answer that echoes the question: (nearly) all its words are the question's, and it
-    repeats most of them (picking one of the things a question lists is an answer)."""
+    """An answer that echoes the question: all its words are the question's (one word of its
+    own, "holding a candle", is an answer, if a wrong one), and it repeats most of them
+    (picking one of the things a question lists is an answer)."""
     times = re.compile(r"\b\d+:\d\d(?::\d\d)?\b")
     if times.search(answer) and re.search(r"\b(when|what time|how long ago)\b", question, re.IGNORECASE):
         return False  # a time answers a "when"
     said = content_words(times.sub(" ", answer))  # a number is content; a time is not
     asked = set(content_words(question))
     echoed = {w for w in said if w in asked}
-    return bool(said) and len(echoed) >= 0.8 * len(set(said)) and len(echoed) >= 0.5 * len(asked)
+    return bool(said) and echoed == set(said) and len(echoed) >= 0.5 * len(asked)
 
 
 def score(question: Question, mode: str, answer: Answer, records: list[MemoryItem] | None = None) -> Scored:

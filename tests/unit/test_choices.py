@@ -118,3 +118,6 @@ def test_an_answer_made_of_the_question_s_words_restates_it() -> None:
     assert not restates("How many people are on screen now?", "There are 4 people on screen now.")
     assert not restates("When was the ball last seen?", "The ball was last seen at 03:49.")
     assert restates("Where was the ball last seen?", "The ball was last seen at 03:49.")
+    held = "In the animated scene, what is the woman in the purple dress holding in her hand?"
+    assert restates(held, "The woman in the purple dress is holding it in her hand.")
+    assert not restates(held, "The woman in the purple dress is holding a candle in her hand.")
