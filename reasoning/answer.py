@@ -1,8 +1,11 @@
 """Answering: memory in, a streamed answer (or a scored multiple-choice letter) out.
 
 The prompt is the chat template split in three: a prefix (system prompt and memory header: the
-attention sinks), one line per memory record, and a suffix (what is on screen now, the current
-time, the question and its choices, the start of the assistant's reply). In "full" mode the
+attention sinks), one line per memory record, and a suffix (what is on screen now with the
+timeline of the things the question names, the few records the question is about repeated
+(``prompt.related_records``: a small model copies from a line next to the question, not from one
+2000 tokens back), the current time, the question and its choices, the start of the assistant's
+reply). In "full" mode the
 record lines come from the session's streamed KV cache and only the suffix is prefilled; the
 baselines re-read records as text.
 
