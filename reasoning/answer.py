@@ -382,7 +382,7 @@ class Answerer:
         # what it does not hold), repeated next to the question.
         pool = records if ask.mode == "full" else shown
         related = related_records(ask.question, pool, ask.ts)
-        self.related = related_lines(related, pool)
+        self.related = related_lines(related, pool, ask.question)
         shown = shown + related
         spans = [tuple(span) for span in self.last_context] + [(r.t0, r.t1) for r in shown]
         self.last_context = merge_spans(spans + ([(now.t0, now.t1)] if now is not None else []))

@@ -284,18 +284,70 @@ def _next_to(question: str, items: list[MemoryItem], now: float) -> list[MemoryI
     return sorted([anchor, other], key=lambda c: c.t0)
 
 
-def related_lines(related: list[MemoryItem], items: list[MemoryItem]) -> list[str]:
+def related_lines(related: list[MemoryItem], items: list[MemoryItem], question: str = "") -> list[str]:
     """``related_records`` as memory lines, a transcript with what was on screen as it was said
-    (the clip of ``items`` it falls in)."""
+    (the clip of ``items`` it falls in) and, for a question that quotes it with a gap ("made
+    still more ... what?"), the words that fill the gap."""
     clips = [item for item in items if item.kind == "clip"]
     lines = []
     for item in related:
         line = format_item(item)
+        if len(line) > RELATED_LINE_CHARS:
+            line = line[: RELATED_LINE_CHARS - 3] + "..."
         if item.kind == "transcript":
             middle = (item.t0 + item.t1) / 2
             scene = next((c for c in clips if c.t0 - 0.5 <= middle <= c.t1 + 0.5), None)
             if scene is not None:
                 shown = scene.text.removeprefix("seen: ").split(";")[0]
                 line += f" (on screen then: {shown})"
-        lines.append(line if len(line) <= RELATED_LINE_CHARS else line[: RELATED_LINE_CHARS - 3] + "...")
+            filler = gap_filler(question, item.text) if question else None
+            if filler:
+                line += f' (the words in the gap of the question: "{filler}")'
+        lines.append(line)
     return lines
+
+
+GAP = re.compile(r"\.\.\.|\u2026|_{2,}")
+ASKING = frozenset(["what", "which", "who", "whom", "how", "why", "when", "where"])
+GAP_CONTEXT = 4  # words of the question matched on each side of its gap
+GAP_MAX_WORDS = 5  # most words a gap is filled with
+
+
+def gap_filler(question: str, heard: str) -> str | None:
+    """The words of ``heard`` that fill the gap of a question quoting it: "rather ... is to be
+    ill disposed" or "he might even have been made what himself?" against "... made amiable
+    himself" -> "amiable". The gap is "..." (or "what" inside a quote, "made what himself"); the
+    words before it must be found in ``heard`` (at least two, or one of 5 letters), then those
+    after it, if the question goes on; None when the question has no gap or does not quote."""
+    if GAP.search(question):
+        asked = words(GAP.sub(" qqgapqq ", question))
+    else:  # "made what himself": a question word after a quoted word
+        asked = words(question)
+        spots = [i for i, w in enumerate(asked) if w == "what" and i > 0 and asked[i - 1] not in ASKING]
+        if not spots:
+            return None
+        asked[spots[-1]] = "qqgapqq"
+    at = asked.index("qqgapqq")
+    before = asked[max(0, at - GAP_CONTEXT) : at]
+    after: list[str] = []
+    for word in asked[at + 1 : at + 1 + GAP_CONTEXT]:
+        if word in ASKING:
+            break
+        after.append(word)
+    said = words(heard)
+    for size in range(len(before), 0, -1):  # the longest end of the words before the gap
+        tail = before[-size:]
+        if size == 1 and len(tail[0]) < 5:
+            break
+        starts = [i + size for i in range(len(said) - size + 1) if said[i : i + size] == tail]
+        if not starts:
+            continue
+        start = starts[-1]
+        if not after:
+            filled = said[start : start + GAP_MAX_WORDS]
+            return " ".join(filled) or None
+        for end in range(start + 1, min(start + GAP_MAX_WORDS, len(said)) + 1):
+            if said[end : end + len(after)] == after or (end < len(said) and said[end] == after[0]):
+                return " ".join(said[start:end])
+        return None
+    return None

@@ -229,3 +229,37 @@ def test_what_was_shown_right_after_a_scene_is_the_next_scene_marked_as_such() -
     # "after" in what a voice said is no scene order.
     said = related_records("What did the voice say after he married a more amiable woman?", STREAM, 100)
     assert [r.item_id for r in said] == [10]
+
+
+@pytest.mark.parametrize(
+    ("question", "heard", "filler"),
+    [
+        (
+            "Earlier a reader said that to be rather cold hearted and rather ... is to be ill disposed. "
+            "What was the missing word?",
+            "Unless to be rather coldhearted and rather selfish is to be ill disposed.",
+            "selfish",
+        ),
+        (
+            "Earlier, the reader of the novel said that he might even have been made what himself?",
+            "He might even have been made amiable himself.",
+            "amiable",
+        ),
+        ("A voice said 'Go somewhere and do ...' what?", "Go somewhere and do something.", "something"),
+        ("What did the voice say?", "Go somewhere and do something.", None),  # no gap
+        ("He said the cat sat on the ... what?", "Go somewhere and do something.", None),  # no quote
+    ],
+)
+def test_the_words_filling_a_quoted_gap_are_found(question: str, heard: str, filler) -> None:
+    from omnistream.reasoning.prompt import gap_filler
+
+    assert gap_filler(question, heard) == filler
+
+
+def test_a_line_heard_tells_the_words_of_the_question_s_gap() -> None:
+    question = "Earlier, a reader said that he might have been made more ... what?"
+    record = heard(
+        10, 89, 95, "Had he married a more amiable woman he might have been made more respectable."
+    )
+    [line] = related_lines([record], STREAM, question)
+    assert line.endswith('(the words in the gap of the question: "respectable")')
