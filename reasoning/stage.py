@@ -98,6 +98,7 @@ class Job:
     started: bool = False
     replies: dict[str, Message] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    created: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -395,7 +396,10 @@ class ReasoningStage:
         del queue[:count]
         if not queue:
             self.queued_records.pop(session, None)
+        began = time.perf_counter()
         self._stream(session, items)
+        self.counters["prefill_steps"] += 1
+        self.counters["prefill_s"] += time.perf_counter() - began
         return count
 
     def _stream(self, session: str, items: list[MemoryItem]) -> None:
@@ -582,6 +586,8 @@ class ReasoningStage:
 
     def _answer_steps(self, job: Job, ask: Ask, done: AnswerDone) -> Generator:
         start, before = self.clock(), self.counters["records_before_answer"]
+        steps_before, prefill_before = self.counters["prefill_steps"], self.counters["prefill_s"]
+        queued_at_start = sum(len(q) for q in self.queued_records.values())
         # Read ahead (Draft): memory was retrieved and assembled for the question's first words,
         # so records that arrived since can wait until after the answer.
         prepared = self.answerer.take_prepared(ask)
@@ -646,6 +652,10 @@ class ReasoningStage:
                 "turn": ask.turn,
                 "mode": ask.mode,
                 "records_before": int(self.counters["records_before_answer"] - before),
+                "prefill_steps": int(self.counters["prefill_steps"] - steps_before),
+                "prefill_s": round(self.counters["prefill_s"] - prefill_before, 3),
+                "queued_at_start": queued_at_start,
+                "waited_s": round(start - job.created, 3),
                 "queued_after": sum(len(q) for q in self.queued_records.values()),
                 "records_s": round(records_at - start, 3),
                 "retrieve_s": round(retrieved_at - records_at, 3),
