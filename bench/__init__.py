@@ -26,6 +26,7 @@ SUITES = {
     "soak": "omnistream.bench.soak",
     "browser": "omnistream.bench.browser",  # the demo page's round trip in headless Chromium (when named)
     "voice": "omnistream.bench.voice",  # the TTS voices side by side (runs when named)
+    "streams": "omnistream.bench.streams",  # 1, 2, 4, 8 concurrent camera streams (runs when named)
 }
 DEFAULT_SUITES = ("kernels", "perception", "speech", "llm", "memory")  # soak runs only when named (an hour)
 
