@@ -8,8 +8,9 @@ and with it the stage, on a node with the same resources, while the rest keeps r
 
 - Placement: a stage goes to a node offering the custom resource ``omnistream_<stage>``
   (``ray start --resources '{"omnistream_reasoning": 1}'`` on the GPU box, ``omnistream_perception``
-  on the one with the camera) when any node offers it, anywhere otherwise; the gateway goes to
-  the node that runs ``omnistream up`` (Ray's ``node:<ip>`` resource), where clients find it.
+  on the one with the camera) when any node offers it, anywhere otherwise; the gateway without
+  one goes to the node that runs ``omnistream up`` (Ray's ``node:<ip>`` resource): its client
+  sockets are ipc there unless ``gateway.host`` serves them over tcp (CURVE, its own keys).
 - Addresses: the bus and memory bind tcp ports on their node's IP and publish them in the
   cluster's key-value store (Ray's GCS, ``_internal_kv``); every other stage reads them there
   before it starts. A restarted bus or memory binds the same ports again, so the others'
@@ -391,10 +392,10 @@ class ClusterSystem:
         pending = []
         for name in self.names():
             resources = {}
-            if name == "gateway":
-                resources[f"node:{here}"] = 0.001
-            elif resource_name(name) in offered:
+            if resource_name(name) in offered:
                 resources[resource_name(name)] = 0.001
+            elif name == "gateway":  # clients (and this driver) reach it where `up` runs
+                resources[f"node:{here}"] = 0.001
             shard = f"{name.split('-')[1]}/{replicas}" if name.startswith("reasoning-") else ""
             actor = actor_class.options(
                 name=f"{self.system}-{name}",
