@@ -224,7 +224,7 @@ def make_actor_class(ray):  # noqa: ANN001 - ray is imported by the caller (an o
                 json.dump(keys, out)
             save_config(config, self.run_dir / "config.json")
             endpoints = {"control": f"ipc://{self.run_dir / 'control'}"}
-            endpoints.update(self._exchange(kv_get, kv_put))
+            endpoints.update(self._exchange(kv_get, kv_put, config))
             Addresses(**endpoints).save(self.run_dir)
             control = make_socket(zmq.Context.instance(), zmq.PULL)
             for stale in ("control", "gateway", "gateway_pub"):
@@ -274,10 +274,10 @@ def make_actor_class(ray):  # noqa: ANN001 - ray is imported by the caller (an o
             control.close(0)
             threading.Thread(target=self._watch, daemon=True).start()
 
-        def _exchange(self, kv_get, kv_put) -> dict[str, str]:
+        def _exchange(self, kv_get, kv_put, config: Config) -> dict[str, Any]:
             """Publish what this stage binds; wait for what it connects to (bus, memory)."""
             base = self.name.split("-")[0]
-            mine: dict[str, str] = {}
+            mine: dict[str, Any] = {}
             if base in ("bus", "memory"):
                 keys = ("bus_in", "bus_out", "media_in", "media_out") if base == "bus" else ("memory",)
                 before = kv_get(self.system, base) or {}
@@ -286,11 +286,22 @@ def make_actor_class(ray):  # noqa: ANN001 - ray is imported by the caller (an o
                 for endpoint in mine.values():  # a killed incarnation's stage may still hold it (flushing)
                     _wait_port_free(self.ip, int(endpoint.rsplit(":", 1)[1]), 60.0)
                 kv_put(self.system, base, mine)
-            if base == "gateway":  # clients on this node reach it here (gateway.host: over tcp)
+            if base == "gateway":  # clients on this node reach it here; gateway.host: over tcp + CURVE
+                from omnistream.protocol.security import is_loopback
+                from omnistream.protocol.sockets import ENDPOINTS
+
+                host = config.gateway.host
                 mine = {
                     "gateway": f"ipc://{self.run_dir / 'gateway'}",
                     "gateway_pub": f"ipc://{self.run_dir / 'gateway_pub'}",
                 }
+                if not is_loopback(host):  # its own keys (gateway.keys_dir on this node)
+                    port = config.gateway.port or config.bus.base_port + ENDPOINTS.index("gateway")
+                    mine = {
+                        "gateway": f"tcp://{host}:{port}",
+                        "gateway_pub": f"tcp://{host}:{port + 1}",
+                        "curve": True,
+                    }
                 kv_put(self.system, "gateway", mine)
             needs = {"bus": (), "memory": ("bus",)}.get(base, ("bus", "memory"))
             endpoints = {"gateway": "", "gateway_pub": "", "memory": "", **mine}
