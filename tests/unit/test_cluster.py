@@ -114,3 +114,38 @@ def test_the_stages_start_bus_then_memory_and_reasoning_replicas_get_names() -> 
     ]
     system.config = load_config(None, {})
     assert system.names() == ["bus", "memory", "gateway", "perception", "reasoning", "speech"]
+
+
+def test_a_restarted_replica_fails_only_the_questions_of_its_own_sessions(tmp_path: Path) -> None:
+    from omnistream.app.gateway import ClientRequest, GatewayStage
+    from omnistream.protocol.codec import encode
+    from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, Stats
+
+    from ..harness import run_stage
+
+    config = load_config(None, {"paths.data_dir": str(tmp_path / "data"), "cluster.reasoning_replicas": 2})
+    stage = GatewayStage(config, lambda message, to=None: True)
+    names = [f"s{i}" for i in range(50)]
+    mine, theirs = (next(n for n in names if owner(n, 2) == i) for i in (0, 1))
+    asks = [
+        Ask(session=mine, turn="t0", question="what is here?"),
+        Ask(session=theirs, turn="t1", question="and?"),
+    ]
+    requests = [
+        ClientRequest(b"alice", ("connection", b"alice"), [bytes(f) for f in encode(a)]) for a in asks
+    ]
+    run = run_stage(
+        stage,
+        [
+            Stats(stage="reasoning-0", pid=100),
+            Stats(stage="reasoning-1", pid=200),
+            *requests,
+            AnswerDelta(session=mine, turn="t0", text="A", seq=0),
+            AnswerDelta(session=theirs, turn="t1", text="B", seq=0),
+            Stats(stage="reasoning-0", pid=101),  # replica 0 restarted (Ray) while answering t0
+            Stats(stage="reasoning-1", pid=200),
+        ],
+    )
+    failed = [s.message for s in run.sent if s.to.channel == "clients" and isinstance(s.message, AnswerDone)]
+    assert [(d.turn, "restarted" in d.error) for d in failed] == [("t0", True)]
+    assert "t1" in stage.pending and "t0" not in stage.pending  # replica 1's answer goes on
