@@ -216,7 +216,8 @@ class PerceptionStage:
         if session in self.sessions:
             self.sessions.move_to_end(session)
         else:
-            while len(self.sessions) >= max(self.config.live_sessions, 1):
+            # Every source read here stays live (its stream never pauses), pushed sessions share the rest.
+            while len(self.sessions) >= max(self.config.live_sessions, len(self.sources) + 1, 1):
                 self._evict(next(iter(self.sessions)))
             segmenter = ClipSegmenter(
                 classes=self.encoder.classes,
