@@ -19,7 +19,7 @@ from omnistream.speech.asr import Recognizer
 from omnistream.speech.resample import to_mono_16k
 from omnistream.speech.speak import Voice
 from omnistream.speech.stage import SpeechStage
-from omnistream.speech.wer import word_error_rate
+from omnistream.speech.wer import edit_distance, word_error_rate
 
 from ..util import wait_until
 
@@ -77,17 +77,7 @@ def test_hibari_g2p_gives_the_voice_espeak_phonemes() -> None:
     for ours, theirs in zip(g2p.phonemes(text), espeak.phonemes(text), strict=True):
         ours, theirs = ours.replace(" ", ""), theirs.replace(" ", "")
         # at most a few differences (stress marks, a reduced vowel) per sentence
-        assert _edit_distance(ours, theirs) <= 0.15 * len(theirs), (ours, theirs)
-
-
-def _edit_distance(a: str, b: str) -> int:
-    previous = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        current = [i]
-        for j, y in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
-        previous = current
-    return previous[-1]
+        assert edit_distance(ours, theirs) <= 0.15 * len(theirs), (ours, theirs)
 
 
 def test_misaki_phonemes_are_rewritten_in_espeak_ipa() -> None:
