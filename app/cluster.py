@@ -137,9 +137,17 @@ def secure_tcp(keys: dict[str, str], authorized_dir: Path) -> None:
     zmq.Socket.bind, zmq.Socket.connect, zmq.Context.term = secure_bind, secure_connect, term_after_auth
 
 
+# What a reasoning replica receives about one session (every message has a ``session``; these are
+# the ones whose session says whose they are: Shutdown and the like go to every replica).
+SHARDED = frozenset(
+    ("Record", "Ask", "Interrupt", "Draft", "Watch", "DeleteSession", "UserSpeech", "Transcript", "Synopsis")
+)
+
+
 def shard_filter(index: int, replicas: int) -> None:
-    """This reasoning replica keeps only the messages of the sessions it owns (and those of no
-    session: shutdown, stats); memory's replies (to its own requests) all pass."""
+    """This reasoning replica keeps only the messages of the sessions it owns (``SHARDED``
+    types; the others, such as Shutdown, reach every replica); memory's replies (to its own
+    requests) all pass."""
     from omnistream.protocol import runtime
 
     drain = runtime.Runtime._drain
@@ -148,8 +156,7 @@ def shard_filter(index: int, replicas: int) -> None:
         messages = drain(self, sock, latest_only)
         if sock is self.memory:
             return messages
-        kept = [m for m in messages if owner(getattr(m, "session", None) or "", replicas) == index]
-        kept += [m for m in messages if getattr(m, "session", None) is None]
+        kept = [m for m in messages if type(m).__name__ not in SHARDED or owner(m.session, replicas) == index]
         self.counters["not_my_shard"] += len(messages) - len(kept)
         return kept
 

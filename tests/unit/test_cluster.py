@@ -149,3 +149,35 @@ def test_a_restarted_replica_fails_only_the_questions_of_its_own_sessions(tmp_pa
     failed = [s.message for s in run.sent if s.to.channel == "clients" and isinstance(s.message, AnswerDone)]
     assert [(d.turn, "restarted" in d.error) for d in failed] == [("t0", True)]
     assert "t1" in stage.pending and "t0" not in stage.pending  # replica 1's answer goes on
+
+
+def test_a_replica_keeps_its_sessions_messages_and_every_replica_the_shutdown(monkeypatch) -> None:
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from omnistream.app.cluster import shard_filter
+    from omnistream.protocol import runtime
+    from omnistream.protocol.messages import Ask, Record, Shutdown
+
+    names = [f"s{i}" for i in range(50)]
+    mine, theirs = (next(n for n in names if owner(n, 2) == i) for i in (1, 0))
+    bus = [
+        Record(session=mine, item_id=1, kind="clip", t0=0.0, text="a"),
+        Record(session=theirs, item_id=2, kind="clip", t0=0.0, text="b"),
+        Ask(session=theirs, turn="t", question="?"),
+        Ask(session=mine, turn="u", question="?"),
+        Shutdown(session=theirs),
+    ]
+    monkeypatch.setattr(runtime.Runtime, "_drain", lambda self, sock, latest_only: list(bus))
+    monkeypatch.setattr(runtime.Runtime, "__init__", runtime.Runtime.__init__)
+    shard_filter(1, 2)
+    memory_socket = object()
+    replica = SimpleNamespace(memory=memory_socket, counters=defaultdict(float))
+    kept = runtime.Runtime._drain(replica, "bus socket", False)
+    assert [(type(m).__name__, m.session) for m in kept] == [
+        ("Record", mine),
+        ("Ask", mine),
+        ("Shutdown", theirs),
+    ]
+    assert replica.counters["not_my_shard"] == 2
+    assert runtime.Runtime._drain(replica, memory_socket, False) == bus  # replies to its own requests
