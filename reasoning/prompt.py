@@ -230,8 +230,10 @@ def relatedness(question: str, items: list[MemoryItem], now: float) -> list[floa
         score = base
         if (wants_speech and heard) or (wants_sight and not wants_speech and not heard):
             score += 0.25
-        if inside:
-            score += 0.35
+        if inside:  # nearer the middle of the time it names first ("about six minutes ago")
+            middle, half = (window[0] + window[1]) / 2, max((window[1] - window[0]) / 2, 1.0)
+            off = abs((item.t0 + item.t1) / 2 - middle) / half
+            score += 0.35 + 0.1 * max(1.0 - off, 0.0)
         if said_then:
             score += 0.5
         scores.append(score)

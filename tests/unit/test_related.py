@@ -263,3 +263,11 @@ def test_a_line_heard_tells_the_words_of_the_question_s_gap() -> None:
     )
     [line] = related_lines([record], STREAM, question)
     assert line.endswith('(the words in the gap of the question: "respectable")')
+
+
+def test_of_many_things_said_at_the_time_named_the_nearest_come_first() -> None:
+    """Ten sentences in the six minutes before: 'about four minutes ago' (240 s before 06:00,
+    give or take 96 s) keeps the three said nearest 02:00."""
+    said = [heard(i + 1, 30.0 * i, 30.0 * i + 3, f"sentence number {i}") for i in range(12)]
+    question = "About four minutes ago a voice mentioned a man by name. Who?"
+    assert [r.t0 for r in related_records(question, said, 360)] == [90.0, 120.0, 150.0]
