@@ -299,7 +299,9 @@ def related_lines(related: list[MemoryItem], items: list[MemoryItem], question: 
         if item.kind == "transcript":
             middle = (item.t0 + item.t1) / 2
             scene = next((c for c in clips if c.t0 - 0.5 <= middle <= c.t1 + 0.5), None)
-            if scene is not None:
+            # Only for "while X was on screen": else the 1.5B answered with the scene's labels
+            # ("Mr. Dashwood had a monastery, a bell cote and a castle").
+            if scene is not None and WHILE.search(question.lower()):
                 shown = scene.text.removeprefix("seen: ").split(";")[0]
                 line += f" (on screen then: {shown})"
             filler = gap_filler(question, item.text) if question else None

@@ -61,8 +61,11 @@ def test_the_words_heard_at_the_time_a_question_names_are_put_next_to_it() -> No
         "About forty seconds ago a voice gave a movement instruction. How far did it say to go forward?"
     )
     lines = related_lines(related_records(question, STREAM, 75), STREAM)
-    # Only that sentence, with the scene it was heard over (a question may name either).
-    assert lines == ['[00:31-00:34] a voice said: "Go forward 10 meters." (on screen then: candle (stick))']
+    # Only that sentence.
+    assert lines == ['[00:31-00:34] a voice said: "Go forward 10 meters."']
+    # What was on screen as it was said, only for a question joining the two ("while ...").
+    [line] = related_lines([STREAM[6]], STREAM, "Which card did a voice name while the monkey was on screen?")
+    assert line.endswith("(on screen then: baboon (monkeys), guenon (monkey))")
 
 
 def test_what_a_voice_said_while_a_scene_was_on_screen_is_joined_by_time() -> None:
