@@ -46,18 +46,11 @@ from typing import Any
 
 import zmq
 
+from omnistream.app.launcher import STAGE_MODULES  # the one table of stage -> module
 from omnistream.protocol.config import Config, save_config
 
 NAMESPACE = "omnistream"
 ZAP_DOMAIN = "omnistream-cluster"
-STAGE_MODULES = {
-    "bus": "omnistream.app.bus",
-    "gateway": "omnistream.app.gateway",
-    "perception": "omnistream.perception.stage",
-    "memory": "omnistream.memory.stage",
-    "reasoning": "omnistream.reasoning.stage",
-    "speech": "omnistream.speech.stage",
-}
 STOP_ORDER = ("gateway", "perception", "speech", "memory", "reasoning", "bus")
 
 
