@@ -2,7 +2,7 @@
 # Run the whole test suite (unit, kernels, integration with the real default models).
 # Needs scripts/install.sh to have run once. Extra arguments go to pytest (e.g. -m "not slow").
 #   bash scripts/test.sh --extended [pytest args]   the extended set instead: long whole-system runs
-#       (fault injection, flood, soak, the Node client and omnistream watch end to end; ~8 min),
+#       (fault injection, chaos, flood, soak, the Node client and omnistream watch end to end; ~8 min),
 #       which the default run (the README's and CI's) leaves out to stay under 15 minutes.
 #   bash scripts/test.sh --latest [pytest args]   drift check before refreshing the lock: build a
 #       throwaway environment from the newest releases within pyproject.toml's ranges, print which

@@ -27,7 +27,7 @@ from ..conftest import pid_alive
 from ..util import wait_until
 from .whole_system import Replay, whole_system
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 ROUNDS = int(os.environ.get("OMNISTREAM_CHAOS_ROUNDS", "2"))
 ORDER = ("gateway", "perception", "memory", "reasoning", "speech", "bus")
