@@ -4,7 +4,12 @@ Each type is a tagged ``msgspec.Struct``; the tag is the class name and doubles 
 topic. ndarray fields travel as separate zero-copy frames (see ``protocol.codec``), never pickled.
 
 Conventions: ``ts`` is stream time in seconds (the position in the watched stream, not wall
-clock); ``session`` names the user session; ``turn`` names one question/answer exchange.
+clock) and always means the same thing: the moment the message stands at, i.e. when what it says
+became true. A message about a span carries its start as ``t0`` and its end as ``ts`` (Clip,
+Transcript, Sighting, Record: the span is [t0, ts]); an instant's message carries that instant (a
+frame's capture, an Ask's asking, a Draft's last word heard); a reply carries the ``ts`` of what
+it answers. ``Ask.ts <= 0`` means "now": memory and reasoning take the newest stream time they
+know. ``session`` names the user session; ``turn`` names one question/answer exchange.
 Unknown fields and wrong field types are rejected at decode time with an error naming the field.
 """
 
@@ -166,7 +171,8 @@ AnswerMode = Literal["full", "reprefill", "recent", "no_memory"]
 
 
 class Ask(Message):
-    """A question at stream time ``ts``. ``choices`` (optional) makes it multiple choice.
+    """A question asked at stream time ``ts`` (``ts <= 0``: now, the newest stream time memory
+    has). ``choices`` (optional) makes it multiple choice.
 
     ``mode`` picks how memory is used: "full" (the system: streamed KV cache plus retrieved
     blocks), or a baseline for evaluation: "reprefill" (the same retrieved records re-read as
