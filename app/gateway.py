@@ -64,6 +64,7 @@ from omnistream.app.cluster import owner
 from omnistream.protocol.codec import ProtocolError, decode
 from omnistream.protocol.config import Config, GatewayConfig
 from omnistream.protocol.messages import (
+    PREEMPTION_DISCARDED,
     WATCH_CONDITION_CHARS,
     Ack,
     AnswerDelta,
@@ -91,7 +92,7 @@ from omnistream.protocol.security import (
     make_curve_server,
     start_authenticator,
 )
-from omnistream.protocol.sockets import make_socket, send
+from omnistream.protocol.sockets import make_socket, read_bounded, send
 from omnistream.speech.rates import sample_rate_problem
 
 log = logging.getLogger("omnistream.gateway")
@@ -163,6 +164,8 @@ def check_request(message: Message, limits: GatewayConfig) -> str | None:
             reason = reason or check_text(f"Ask.choices[{i}]", choice, MAX_CHOICE_CHARS)
         if reason is None and message.audio_rate and not 8000 <= message.audio_rate <= 48000:
             reason = f"Ask.audio_rate must be 0 or 8000..48000 Hz, got {message.audio_rate}"
+        if reason is None and message.tentative:
+            reason = "Ask.tentative is the speech stage's (preemptive generation), not a client's"
         return reason
     if isinstance(message, Watch):
         return check_text("Watch.watch_id", message.watch_id, MAX_ID_CHARS) or check_text(
@@ -355,6 +358,11 @@ class GatewayStage:
                 self.on_reasoning_pid(message.pid)
             elif message.stage.startswith("reasoning-") and message.state == "running":
                 self.on_reasoning_pid(message.pid, replica=message.stage)
+        elif isinstance(message, (AnswerDelta, AnswerDone)) and message.tentative:
+            self.last_progress = time.monotonic()
+            return  # an answer to a question not confirmed yet: sent again if it is, else dropped
+        elif isinstance(message, Interrupt) and message.reason == PREEMPTION_DISCARDED:
+            return  # that dropped answer's end: no client saw it
         elif isinstance(message, AnswerDelta):
             pending = self.pending.get(message.turn)
             if pending is not None:
@@ -739,17 +747,13 @@ class GatewaySockets:
         per client in turn, so a client with a thousand waiting requests delays another's by one
         request each, not a thousand."""
         queues: OrderedDict[bytes, deque[list[zmq.Frame]]] = OrderedDict()
-        taken, max_bytes = 0, self.runtime.config.bus.poll_max_bytes
-        for _ in range(max(self.runtime.config.bus.poll_max_messages, 1)):
-            if taken >= max_bytes:  # and bus.poll_max_bytes: a flood of frames is not all taken at once
-                self.runtime.counters["poll_byte_limit"] += 1
-                break
-            try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            taken += sum(len(frame) for frame in frames)
+        bus = self.runtime.config.bus  # and bus.poll_max_bytes: a flood of frames is not all taken at once
+
+        def take(frames: list[zmq.Frame]) -> None:
             queues.setdefault(frames[0].bytes, deque()).append(frames)
+
+        if read_bounded(sock, take, bus.poll_max_messages, bus.poll_max_bytes):
+            self.runtime.counters["poll_byte_limit"] += 1
         while queues:
             for identity in list(queues):
                 waiting = queues[identity]

@@ -63,7 +63,7 @@ from omnistream.protocol.messages import (
     Stats,
 )
 from omnistream.protocol.routes import media_topics
-from omnistream.protocol.sockets import Addresses, make_socket, send
+from omnistream.protocol.sockets import Addresses, make_socket, read_bounded, send
 
 log = logging.getLogger("omnistream.runtime")
 
@@ -77,8 +77,8 @@ FLUSH_LINGER_S = 2.0  # stopping: the most the last messages (a final clip) may 
 class To:
     """Where an emitted message goes: ``BUS`` (the bus, or the media bus for media topics),
     ``MEMORY`` (memory's ROUTER: a request whose reply comes back as a ``MemoryReply``),
-    ``CLIENTS`` (the gateway's PUB to every client) or ``client(identity)`` (one client's
-    DEALER, through the gateway's ROUTER)."""
+    ``CLIENTS`` (the gateway's PUB to every client) or ``client(identity)`` (one peer's DEALER,
+    through the stage's own ROUTER: a client of the gateway, a stage asking memory)."""
 
     channel: str
     identity: bytes = b""
@@ -230,31 +230,27 @@ class Runtime:
 
     def _drain(self, sock: zmq.Socket, latest_only: bool) -> list[Message]:
         """At most ``bus.poll_max_messages`` messages and ``bus.poll_max_bytes`` bytes (at least
-        one message) from ``sock``; the rest wait in the socket."""
+        one message) from ``sock`` (``read_bounded``); the rest wait in the socket."""
         got: dict[str, Message] = {}
         ordered: list[Message] = []
-        taken_bytes, max_bytes = 0, self.config.bus.poll_max_bytes
-        for _ in range(max(self.config.bus.poll_max_messages, 1)):
-            if taken_bytes and taken_bytes >= max_bytes:
-                self.counters["poll_byte_limit"] += 1
-                break
-            try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            taken_bytes += sum(len(frame) for frame in frames)
+
+        def take(frames: list[zmq.Frame]) -> None:
             try:
                 message = decode(frames)
             except ProtocolError as exc:
                 self.counters["rejected"] += 1
                 self.publish(Error(code=exc.code, message=f"{self.name}: {exc}"))
-                continue
+                return
             if latest_only:
                 if type(message).__name__ in got:
                     self.counters["dropped_in"] += 1
                 got[type(message).__name__] = message
             else:
                 ordered.append(message)
+
+        bus = self.config.bus
+        if read_bounded(sock, take, bus.poll_max_messages, bus.poll_max_bytes):
+            self.counters["poll_byte_limit"] += 1
         return ordered + list(got.values())
 
     def poll(self, timeout_s: float = 0.0) -> list[Message | MemoryReply]:

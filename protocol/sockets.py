@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,24 @@ def recv(sock: zmq.Socket, *, prefix_frames: int = 0, flags: int = 0) -> tuple[l
     frames = sock.recv_multipart(flags=flags, copy=False)
     prefix = [f.bytes for f in frames[:prefix_frames]]
     return prefix, decode(frames[prefix_frames:])
+
+
+def read_bounded(
+    sock: zmq.Socket, on_message: Callable[[list[zmq.Frame]], None], max_messages: int, max_bytes: int
+) -> bool:
+    """Receive (without waiting) at most ``max_messages`` messages and ``max_bytes`` bytes from
+    ``sock`` (at least one message, whatever its size), handing each one's frames to
+    ``on_message`` as it comes; the rest wait in the socket for the next call (``bus.hwm`` deep).
+    True when the byte bound stopped it (``poll_byte_limit``). The one bounded read of every
+    loop: the runtime's bus, media and memory sockets, the gateway's and memory's ROUTERs."""
+    taken = 0
+    for _ in range(max(max_messages, 1)):
+        if taken and taken >= max_bytes:
+            return True
+        try:
+            frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            break
+        taken += sum(len(frame) for frame in frames)
+        on_message(frames)
+    return False
