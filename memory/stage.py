@@ -9,6 +9,13 @@ Tiers (budgets in ``MemoryConfig``; README "Memory tiers"):
 Every record is committed to SQLite before it is announced (``Record``), so nothing
 acknowledged is lost when the process is killed; the tiers are reloaded from disk.
 
+Layout (the stage contract, protocol/runtime.py): ``MemoryStage`` holds no socket. Bus messages
+come to its ``handle``; a request read from memory's ROUTER comes as a ``Request`` (who sent it,
+its frames), decoded and checked by the stage and answered with ``emit(reply,
+to=client(identity))``; what it announces goes out with ``emit(message)`` (the bus). ``main``
+binds the ROUTER, reads it bounded (``read_bounded``) and lends the runtime the channel replies
+take.
+
 Bus in: ``Clip``, final ``Transcript``, ``Percept``, ``Synopsis``, ``Ask`` (snapshot). ROUTER in:
 ``Retrieve`` from reasoning, answered with ``Retrieved``: the synopsis first, then in time order
 the working set (L2 events, L1 records), the archive records closest to the question, the
@@ -32,8 +39,9 @@ import argparse
 import logging
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -45,7 +53,7 @@ from omnistream.memory.retention import apply_retention, delete_session
 from omnistream.memory.session import Scenes, SessionMemory, memory_item, stored_entry
 from omnistream.memory.store import LEAF_KINDS, MemoryStore, StoreFull
 from omnistream.memory.tiers import Entry, Pyramid, leaf
-from omnistream.protocol.codec import ProtocolError
+from omnistream.protocol.codec import ProtocolError, decode
 from omnistream.protocol.config import MemoryConfig, RetentionConfig
 from omnistream.protocol.labels import classes_in, spoken
 from omnistream.protocol.messages import (
@@ -72,8 +80,8 @@ from omnistream.protocol.messages import (
     WatchesRequest,
 )
 from omnistream.protocol.routes import subscriptions
-from omnistream.protocol.runtime import Runtime
-from omnistream.protocol.sockets import make_socket, recv, send
+from omnistream.protocol.runtime import BUS, Emit, Runtime, To, client
+from omnistream.protocol.sockets import make_socket, read_bounded, send
 from omnistream.protocol.text import clock, content_words
 
 log = logging.getLogger("omnistream.memory")
@@ -175,7 +183,25 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
+@dataclass
+class Request:
+    """A request as memory's ROUTER read it: the sender's ``identity`` (where the reply goes) and
+    the message's ``frames`` (decoded and checked by the stage)."""
+
+    identity: bytes
+    frames: list = field(default_factory=list)
+    session: str = "default"
+
+
+def no_emit(message: Message, to: To = BUS) -> bool:
+    return True
+
+
 class MemoryStage:
+    """Memory's logic without sockets: built from its configuration, the store, the text
+    embedder and an ``emit`` callable (``emit(message)``: the bus; ``to=client(identity)``: the
+    reply to a ``Request``)."""
+
     name = "memory"
 
     def __init__(
@@ -183,16 +209,19 @@ class MemoryStage:
         config: MemoryConfig,
         store: MemoryStore,
         embedder: TextEmbedder,
-        counters: dict[str, float],
-        publish: Callable[[Message], None] = lambda message: None,
+        emit: Emit = no_emit,
+        counters: dict[str, float] | None = None,
+        *,
         data_dir: Path | None = None,
         retention: RetentionConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.config = config
         self.store = store
         self.embedder = embedder
-        self.counters = counters
-        self.publish = publish
+        self.emit = emit
+        self.counters: dict[str, float] = counters if counters is not None else defaultdict(float)
+        self.clock = clock
         # Retrieval results taken when each question arrived (the moment the user asked).
         self.snapshots: OrderedDict[str, Retrieved] = OrderedDict()
         self.sessions: OrderedDict[str, SessionMemory] = OrderedDict()
@@ -235,7 +264,10 @@ class MemoryStage:
 
     # -- bus messages ----------------------------------------------------------------------------
 
-    def handle(self, message: Message) -> None:
+    def handle(self, message: Message | Request) -> None:
+        if isinstance(message, Request):
+            self.serve(message.identity, message.frames)
+            return
         self.touch(message.session)
         try:
             self._handle(message)
@@ -252,7 +284,8 @@ class MemoryStage:
 
     def _handle(self, message: Message) -> None:
         if isinstance(message, Ask):
-            self.snapshot(message)
+            if message.turn not in self.snapshots:  # else: the confirmation of a tentative Ask
+                self.snapshot(message)
         elif isinstance(message, Clip):
             self.on_clip(message)
         elif isinstance(message, Transcript) and message.final and message.text.strip():
@@ -294,7 +327,7 @@ class MemoryStage:
             session, kind, t0, t1, text, embedding, speaker=speaker, features=features, meta=meta
         )
         self.counters[f"{kind}s_stored"] += 1
-        self.publish(
+        self.emit(
             Record(ts=t1, session=session, item_id=item_id, kind=kind, t0=t0, text=text, speaker=speaker)  # type: ignore[arg-type]
         )
         self._consolidate(
@@ -465,7 +498,7 @@ class MemoryStage:
                 meta={"through_item_id": synopsis.through_item_id},
             )
             self.counters["synopses_stored"] += 1
-        self.publish(
+        self.emit(
             Record(
                 ts=synopsis.ts,
                 session=synopsis.session,
@@ -652,7 +685,7 @@ class MemoryStage:
         if watch.cancel:
             removed = self.store.delete_watch(session, watch_id)
             self.counters["watches_cancelled"] += removed
-            self.publish(watch)
+            self.emit(watch)
             return Ack(ts=watch.ts, session=session, request_id=watch_id)
         reason = None
         if not watch_id.strip():
@@ -671,7 +704,7 @@ class MemoryStage:
             return Error(code="invalid", message=reason, request_id=watch_id, session=session)
         self.store.save_watch(session, watch_id, condition, watch.ts)
         self.counters["watches_stored"] += 1
-        self.publish(msgspec.structs.replace(watch, condition=condition))
+        self.emit(msgspec.structs.replace(watch, condition=condition))
         return Ack(ts=watch.ts, session=session, request_id=watch_id)
 
     def stored_watches(self, request: WatchesRequest) -> Watches:
@@ -683,22 +716,24 @@ class MemoryStage:
 
     # -- retention and deletion --------------------------------------------------------------------
 
-    def tick(self) -> None:
-        """Apply the retention policy every ``retention.every_s`` (and at start)."""
-        now = time.monotonic()
+    def tick(self) -> bool:
+        """Apply the retention policy every ``retention.every_s`` (and at start). Nothing is left
+        waiting for a next step: False."""
+        now = self.clock()
         if self.retention_at and now - self.retention_at < self.retention.every_s:
-            return
+            return False
         self.retention_at = now
         try:
             deleted, over = apply_retention(self.store, self.data_dir, self.retention, dict(self.active))
         except Exception as exc:  # a disk error here must not stop the stage; tried again later
             log.error("retention failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
             self.counters["retention_errors"] += 1
-            return
+            return False
         for session in deleted:
             self.forget(session)
         self.counters["sessions_deleted"] += len(deleted)
         self.counters["retention_over_budget"] += over
+        return False
 
     def forget(self, session: str) -> None:
         """A session was deleted from disk: drop what memory holds of it, tell reasoning."""
@@ -706,7 +741,7 @@ class MemoryStage:
         self.active.pop(session, None)
         for turn in [t for t, snapshot in self.snapshots.items() if snapshot.session == session]:
             del self.snapshots[turn]
-        self.publish(DeleteSession(session=session))
+        self.emit(DeleteSession(session=session))
 
     def delete(self, request: DeleteSession) -> Message:
         """``omnistream sessions delete``: refused for a live session (a message within LIVE_S)
@@ -727,46 +762,74 @@ class MemoryStage:
         log.info("session deleted", extra={"session": session, "records": records})
         return Ack(ts=request.ts, session=session, request_id=request.request_id)
 
-    def on_router(self, sock: zmq.Socket) -> None:
-        while True:
-            try:
-                identity, message = recv(sock, prefix_frames=1, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ProtocolError as exc:
-                self.counters["rejected"] += 1
-                log.warning("rejected request: %s", exc)
-                continue
-            request_id = getattr(message, "request_id", "") or getattr(message, "watch_id", "")
-            try:
-                if isinstance(message, HistoryRequest):
-                    reply: Message = self.history(message)
-                elif isinstance(message, Watch):
-                    reply = self.on_watch(message)
-                elif isinstance(message, WatchesRequest):
-                    reply = self.stored_watches(message)
-                elif isinstance(message, DeleteSession):
-                    reply = self.delete(message)
-                elif not isinstance(message, Retrieve):
-                    reply = Error(
-                        code="unsupported", message=f"memory does not serve {type(message).__name__}"
-                    )
-                else:
-                    reply = self.retrieve(message)
-            except ProtocolError as exc:
-                reply = exc.to_error(request_id=request_id)
-            except Exception as exc:  # a failed request is answered; memory keeps serving
-                log.exception(
-                    "request failed: %s", type(message).__name__, extra={"handling": type(message).__name__}
-                )
-                self.counters["handler_errors"] += 1
+    def serve(self, identity: bytes, frames: list) -> None:
+        """Answer one request read from the ROUTER (``emit(reply, to=client(identity))``): a
+        malformed one with an ``Error`` naming the problem (counted in ``rejected``), one that
+        fails with an ``Error`` ``stage_error``; either way memory keeps serving and nothing
+        stored is touched."""
+        message: Message | None = None
+        try:
+            message = decode(frames)
+        except ProtocolError as exc:
+            self.counters["rejected"] += 1
+            log.warning("rejected request: %s", exc)
+            self.emit(exc.to_error(), client(identity))
+            return
+        request_id = getattr(message, "request_id", "") or getattr(message, "watch_id", "")
+        try:
+            if isinstance(message, HistoryRequest):
+                reply: Message = self.history(message)
+            elif isinstance(message, Watch):
+                reply = self.on_watch(message)
+            elif isinstance(message, WatchesRequest):
+                reply = self.stored_watches(message)
+            elif isinstance(message, DeleteSession):
+                reply = self.delete(message)
+            elif not isinstance(message, Retrieve):
                 reply = Error(
-                    code="stage_error",
-                    message=f"memory: {type(message).__name__}: {type(exc).__name__}: {str(exc)[:500]}",
+                    code="unsupported",
+                    message=f"memory does not serve {type(message).__name__}",
                     request_id=request_id,
-                    session=getattr(message, "session", "default"),
+                    session=message.session,
                 )
-            send(sock, reply, prefix=identity)
+            else:
+                reply = self.retrieve(message)
+        except ProtocolError as exc:
+            reply = exc.to_error(request_id=request_id)
+        except Exception as exc:  # a failed request is answered; memory keeps serving
+            log.exception(
+                "request failed: %s", type(message).__name__, extra={"handling": type(message).__name__}
+            )
+            self.counters["handler_errors"] += 1
+            reply = Error(
+                code="stage_error",
+                message=f"memory: {type(message).__name__}: {type(exc).__name__}: {str(exc)[:500]}",
+                request_id=request_id,
+                session=getattr(message, "session", "default"),
+            )
+        self.emit(reply, client(identity))
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def serve_router(stage: MemoryStage, sock: zmq.Socket, max_messages: int, max_bytes: int) -> bool:
+    """Read at most ``max_messages`` requests and ``max_bytes`` bytes from memory's ROUTER
+    (``read_bounded``: the rest wait in the socket) and hand each to the stage as a ``Request``;
+    True when the byte bound stopped it."""
+    return read_bounded(
+        sock, lambda frames: stage.handle(Request(frames[0].bytes, frames[1:])), max_messages, max_bytes
+    )
+
+
+def router_outlet(sock: zmq.Socket) -> Callable[[Message, To], bool]:
+    """The channel replies take: ``emit(reply, to=client(identity))`` -> that sender's DEALER."""
+
+    def send_reply(message: Message, to: To) -> bool:
+        send(sock, message, prefix=[to.identity])
+        return True
+
+    return send_reply
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -781,17 +844,23 @@ def main(argv: list[str] | None = None) -> None:
         config.memory,
         store,
         embedder,
+        runtime.emit,
         runtime.counters,
-        runtime.publish,
         data_dir=config.data_dir,
         retention=config.retention,
     )
     router = make_socket(runtime.ctx, zmq.ROUTER, max_message_bytes=1 << 20)
     router.bind(runtime.addresses.memory)
-    runtime.add_socket(router, stage.on_router)
+    runtime.outlets["client"] = router_outlet(router)
+    bus = config.bus
+
+    def on_router(sock: zmq.Socket) -> None:
+        if serve_router(stage, sock, bus.poll_max_messages, bus.poll_max_bytes):
+            runtime.counters["poll_byte_limit"] += 1
+
+    runtime.add_socket(router, on_router)
     runtime.subscribe(*subscriptions("memory"))
     runtime.run(stage, tick=stage.tick)
-    store.close()
 
 
 if __name__ == "__main__":

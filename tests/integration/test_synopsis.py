@@ -8,7 +8,6 @@ from the synopsis.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +61,7 @@ def test_synopsis_from_real_records_is_stored_and_answers_a_later_question(
         synopsis_every_records=4, synopsis_max_chars=160, l1_items=1, l2_items=0, return_all_below=0
     )
     published: list = []
-    memory = MemoryStage(
-        config, MemoryStore(tmp_path / "m.sqlite", 384), TextEmbedder(), defaultdict(float), published.append
-    )
+    memory = MemoryStage(config, MemoryStore(tmp_path / "m.sqlite", 384), TextEmbedder(), published.append)
     synopsizer = Synopsizer(engine, config)
     for message in (
         clip(1, 0, 14, "seen: monarch (butterfly), admiral (butterfly), ringlet (butterfly)"),

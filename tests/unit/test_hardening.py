@@ -23,7 +23,7 @@ import zmq
 
 from omnistream.app.gateway import CLIENT_REQUESTS, GatewaySockets, GatewayStage, check_request
 from omnistream.app.launcher import Launcher
-from omnistream.memory.stage import MemoryStage
+from omnistream.memory.stage import MemoryStage, router_outlet, serve_router
 from omnistream.memory.store import MemoryStore
 from omnistream.protocol.config import save_config
 from omnistream.protocol.messages import (
@@ -41,7 +41,7 @@ from omnistream.protocol.messages import (
     VideoFrame,
     Watch,
 )
-from omnistream.protocol.runtime import Runtime
+from omnistream.protocol.runtime import BUS, Runtime
 from omnistream.protocol.sockets import Addresses, make_socket, recv, send
 
 from ..conftest import make_config
@@ -210,13 +210,15 @@ class FaultyStore(MemoryStore):
 def test_memory_router_answers_a_failed_request_and_serves_the_next(short_tmp: Path) -> None:
     counters: dict[str, float] = defaultdict(float)
     store = FaultyStore(short_tmp / "m.sqlite", FakeEmbedder.dim)
-    stage = MemoryStage(make_config(short_tmp, ("memory",)).memory, store, FakeEmbedder(), counters)  # type: ignore[arg-type]
+    stage = MemoryStage(make_config(short_tmp, ("memory",)).memory, store, FakeEmbedder(), counters=counters)  # type: ignore[arg-type]
     stage.handle(
         Clip(session="k", ts=5.0, t0=0.0, clip_id=1, features=np.ones(8, np.float32), description="cup")
     )
     ctx = zmq.Context.instance()
     router = make_socket(ctx, zmq.ROUTER)
     router.bind(f"ipc://{short_tmp}/memory")
+    reply = router_outlet(router)  # as memory's process wires it: replies to the sender's DEALER
+    stage.emit = lambda message, to=BUS: reply(message, to) if to.channel == "client" else True
     client = dealer(f"ipc://{short_tmp}/memory")
     try:
         store.fail_next = True
@@ -226,7 +228,7 @@ def test_memory_router_answers_a_failed_request_and_serves_the_next(short_tmp: P
         deadline = time.monotonic() + 10
         while len(replies) < 2 and time.monotonic() < deadline:
             if router.poll(100):
-                stage.on_router(router)  # raised out of the stage's loop before the fix
+                serve_router(stage, router, 1000, 32 << 20)  # raised out of the stage's loop before the fix
             while client.poll(0):
                 replies.append(recv(client)[1])
         assert [type(r).__name__ for r in replies] == ["Error", "History"], replies

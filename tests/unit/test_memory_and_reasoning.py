@@ -59,9 +59,7 @@ class FakeEmbedder:
 
 
 def memory_stage(tmp_path: Path, **config) -> MemoryStage:
-    return MemoryStage(
-        MemoryConfig(**config), MemoryStore(tmp_path / "m.sqlite", 26), FakeEmbedder(), defaultdict(float)
-    )
+    return MemoryStage(MemoryConfig(**config), MemoryStore(tmp_path / "m.sqlite", 26), FakeEmbedder())
 
 
 def clip(clip_id: int, t0: float, t1: float, name: str, features: np.ndarray) -> Clip:
@@ -408,7 +406,6 @@ def test_memory_snapshots_at_question_time_and_announces_records(tmp_path: Path)
         MemoryConfig(),
         MemoryStore(tmp_path / "m.sqlite", 26),
         FakeEmbedder(),
-        defaultdict(float),
         published.append,
     )
     stage.handle(Transcript(t0=1, ts=2, text="first words", speaker="scene"))
@@ -704,7 +701,9 @@ class ReasoningHarness:
 
         import zmq
 
+        from omnistream.memory.stage import router_outlet, serve_router
         from omnistream.protocol.config import save_config
+        from omnistream.protocol.runtime import BUS
         from omnistream.protocol.sockets import make_socket
         from omnistream.reasoning.stage import ReasoningStage
 
@@ -722,11 +721,15 @@ class ReasoningHarness:
         self.router = make_socket(ctx, zmq.ROUTER, max_message_bytes=1 << 20)
         self.router.bind(address)
         self.done = threading.Event()
+        reply, announce = router_outlet(self.router), memory.emit  # replies to the sender's DEALER
+        memory.emit = lambda message, to=BUS: (
+            reply(message, to) if to.channel == "client" else announce(message)
+        )
 
         def serve() -> None:
             while not self.done.is_set():
                 if self.router.poll(20):
-                    memory.on_router(self.router)
+                    serve_router(memory, self.router, 1000, 32 << 20)
 
         self.thread = threading.Thread(target=serve, daemon=True)
         self.thread.start()
@@ -788,7 +791,6 @@ def test_reasoning_holds_a_bounded_number_of_sessions_and_rebuilds_one_that_come
         MemoryConfig(),
         MemoryStore(short_tmp / "m.sqlite", 26),
         FakeEmbedder(),
-        defaultdict(float),
         published.append,
     )
     for i in range(50):

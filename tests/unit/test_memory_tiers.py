@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +155,7 @@ def test_event_text_keeps_times_deduplicates_descriptions_and_quotes_speech() ->
 
 def stage_at(path: Path, **config) -> MemoryStage:
     values = {"l1_items": 3, "l2_items": 2, "event_max_chars": 10_000, "return_all_below": 0, **config}
-    return MemoryStage(MemoryConfig(**values), MemoryStore(path, DIM), TableEmbedder(), defaultdict(float))
+    return MemoryStage(MemoryConfig(**values), MemoryStore(path, DIM), TableEmbedder())
 
 
 def feed(stage: MemoryStage, names: str, session: str = "default") -> None:
@@ -255,7 +254,7 @@ def test_recent_window_returns_records_not_their_event(tmp_path: Path) -> None:
 def test_synopsis_is_stored_once_and_acknowledged(tmp_path: Path) -> None:
     published = []
     stage = stage_at(tmp_path / "m.sqlite")
-    stage.publish = published.append
+    stage.emit = published.append
     synopsis = Synopsis(ts=30, t0=0, text="A butterfly, then the word Linux.", through_item_id=4)
     stage.handle(synopsis)
     stage.handle(synopsis)  # the acknowledgement was lost and reasoning sent it again
@@ -282,7 +281,7 @@ def test_ram_is_bounded_by_the_budgets_while_disk_keeps_everything(tmp_path: Pat
         scene_prototypes=8,
         seen_history_s=30,
     )
-    stage = MemoryStage(config, MemoryStore(tmp_path / "m.sqlite", 32), RandomEmbedder(), defaultdict(float))
+    stage = MemoryStage(config, MemoryStore(tmp_path / "m.sqlite", 32), RandomEmbedder())
 
     def step(i: int) -> None:
         if i % 2:

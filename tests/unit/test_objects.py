@@ -241,7 +241,7 @@ def test_memory_stores_sightings_and_answers_last_seen_from_the_timeline(tmp_pat
     from .test_memory_and_reasoning import memory_stage
 
     stage, published = memory_stage(tmp_path), []
-    stage.publish = published.append
+    stage.emit = published.append
     # A tracker run: the phone shows up twice, last on the right of the laptop; two people for a while.
     tracker = Tracker(min_hits=2, max_missed_s=2.0)
     events = []
@@ -301,7 +301,7 @@ def test_the_timeline_tells_each_look_of_a_thing_with_its_times(tmp_path: Path) 
     from .test_memory_and_reasoning import memory_stage
 
     stage = memory_stage(tmp_path)
-    stage.publish = lambda message: None
+    stage.emit = lambda message: True
     tracker = Tracker(min_hits=2, max_missed_s=2.0)
     events = []
     for step in range(60):

@@ -10,7 +10,6 @@ memory that does not answer ends the question with an ``AnswerDone`` naming the 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,7 @@ from .test_memory_and_reasoning import FakeEmbedder, word_engine  # noqa: F401
 def in_process_memory(tmp_path: Path) -> tuple[MemoryStage, list[Message]]:
     published: list[Message] = []
     store = MemoryStore(tmp_path / "m.sqlite", FakeEmbedder.dim)
-    memory = MemoryStage(MemoryConfig(), store, FakeEmbedder(), defaultdict(float), published.append)  # type: ignore[arg-type]
+    memory = MemoryStage(MemoryConfig(), store, FakeEmbedder(), published.append)  # type: ignore[arg-type]
     return memory, published
 
 

@@ -13,7 +13,6 @@ import json
 import os
 import sqlite3
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,6 @@ def stage_in(data_dir: Path, published: list[Message], **retention) -> MemorySta
         MemoryConfig(),
         MemoryStore(data_dir / "memory.sqlite", FakeEmbedder.dim),
         FakeEmbedder(),  # type: ignore[arg-type]
-        defaultdict(float),
         published.append,
         data_dir=data_dir,
         retention=RetentionConfig(**retention),

@@ -9,7 +9,6 @@ reasoning loads a session's watches from memory on its first contact with the se
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,7 @@ FIRING = "the kettle boils and whistles"
 def memory_stage(root: Path, published: list[Message]) -> MemoryStage:
     """Memory in-process (a real SQLite store, the fake embedder), publishing into ``published``."""
     store = MemoryStore(root / "m.sqlite", FakeEmbedder.dim)
-    return MemoryStage(MemoryConfig(), store, FakeEmbedder(), defaultdict(float), published.append)  # type: ignore[arg-type]
+    return MemoryStage(MemoryConfig(), store, FakeEmbedder(), published.append)  # type: ignore[arg-type]
 
 
 def as_the_gateway(memory: MemoryStage, watch: Watch, address: str) -> Message:
