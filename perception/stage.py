@@ -17,6 +17,13 @@ frame of a scene, then every ``keyframe_every_s``); a closed clip waits for its 
 (objects, people, text seen) before it is published. Counts of frames received, encoded and
 dropped go out in ``Stats``; source trouble goes out as ``Error`` (``source_ended``,
 ``source_stalled``, ...) and never stops the stage.
+
+Layout (the stage contract, protocol/runtime.py): ``PerceptionStage`` holds no socket: frames
+come to ``handle`` (or, in the process, to ``on_frame`` from the ``MediaReceiver`` thread ``main``
+starts and hands it as ``receiver``, stopped by ``close``), ``tick`` does one bounded step
+(encode one batch, publish what the detectors found, release the clips they finished, close idle
+streams), and everything goes out through ``emit`` (the bus). Its clock (``clock``) paces frames
+and closes idle streams, so tests/harness.py's ``run_stage`` drives it on a fake one.
 """
 
 from __future__ import annotations
@@ -24,13 +31,12 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import zmq
 
 from omnistream.perception.clips import ClipSegmenter, describe, top_labels
 from omnistream.perception.detectors import (
@@ -63,7 +69,7 @@ from omnistream.protocol.messages import (
     Sighting,
     VideoFrame,
 )
-from omnistream.protocol.runtime import Runtime
+from omnistream.protocol.runtime import BUS, Emit, Runtime, To
 from omnistream.protocol.text import clock
 
 log = logging.getLogger("omnistream.perception")
@@ -102,10 +108,15 @@ class _SessionState:
     held: list[tuple[Clip, float]] = field(default_factory=list)  # closed clips, wall time closed
 
 
+def no_emit(message: Message, to: To = BUS) -> bool:
+    return True
+
+
 class PerceptionStage:
     """The stage's logic without sockets: ``handle`` (pushed frames), ``tick`` (encode what is
-    waiting, publish detections, clips and source output), ``stop``. ``publish`` sends a message;
-    ``counters`` are the runtime's (published in ``Stats``)."""
+    waiting, publish detections, clips and source output), ``close``. Built from its
+    configuration, the frame encoder and an ``emit`` callable (everything goes to the bus);
+    ``counters`` are the runtime's (published in ``Stats``), ``clock`` a monotonic clock."""
 
     name = "perception"
 
@@ -113,15 +124,18 @@ class PerceptionStage:
         self,
         config: PerceptionConfig,
         encoder: FrameEncoder,
-        publish: Callable[[Message], None],
-        counters: dict[str, float],
+        emit: Emit = no_emit,
+        counters: dict[str, float] | None = None,
+        *,
         session: str = "default",
         detectors: DetectorWorker | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.config = config
         self.encoder = encoder
-        self.publish = publish
-        self.counters = counters
+        self.emit = emit
+        self.counters: dict[str, float] = counters if counters is not None else defaultdict(float)
+        self.clock = clock
         self.session = session
         self.detectors = detectors
         # A slot per stream, taken round-robin; a batch spans the streams waiting (one live
@@ -134,7 +148,7 @@ class PerceptionStage:
         self.source: LiveSource | None = None  # the first of ``sources``
         self.sources: dict[str, LiveSource] = {}  # session -> the source read for it
         self._audio: deque[tuple[np.ndarray, float, str]] = deque()  # filled by the source threads
-        self._errors: deque[Error] = deque()  # filled by the media receiver thread
+        self.rejected: deque[Error] = deque()  # bad frames the media receiver thread refused
         self.receiver: MediaReceiver | None = None
         self._pending_keyframes: set[tuple[str, float]] = set()  # (session, ts) at the detectors
         self._received = self._skipped = self._from_source = 0
@@ -235,12 +249,14 @@ class PerceptionStage:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
+        """One step: at most one batch encoded. True while frames wait that may be encoded at
+        once (no ``max_fps`` pacing): the loop then takes new messages without waiting."""
         self._publish_source_output()
-        while self._errors:
-            self.publish(self._errors.popleft())
+        while self.rejected:
+            self.emit(self.rejected.popleft())
             self.counters["rejected"] += 1
-        if len(self.slot) and self.wall_limiter.admit(time.monotonic()):
+        if len(self.slot) and self.wall_limiter.admit(self.clock()):
             frames = [frame for frame in self.slot.take(self.batch_size) if self._due(frame)]
             shapes: dict[tuple[int, ...], list[SampledFrame]] = {}
             for frame in frames:  # a batch is one shape: streams of other sizes go in their own
@@ -249,7 +265,7 @@ class PerceptionStage:
                 self.encode(batch)
         self._collect_detections()
         self._release_clips()
-        now = time.monotonic()
+        now = self.clock()
         for session, state in list(self.sessions.items()):
             if state.last_frame_wall and now - state.last_frame_wall > self.idle_close_s:
                 self._flush(session, wait=False)
@@ -257,6 +273,7 @@ class PerceptionStage:
         received = self._received + self._from_source + self.counters.get("dropped_in", 0.0)
         self.counters["frames_received"] = received
         self.counters["frames_dropped"] = dropped
+        return bool(len(self.slot)) and not self.wall_limiter.period
 
     def encode(self, frames: list[SampledFrame]) -> None:
         """Encode one batch and publish a ``Percept`` per frame (and the clips they close)."""
@@ -271,7 +288,7 @@ class PerceptionStage:
             if closed:  # a new scene: what the detectors saw in the last one no longer holds
                 state.faces_now, state.text_now, state.objects_now = [], [], []
                 state.scene_start = closed[-1].ts
-            now = time.monotonic()
+            now = self.clock()
             state.held += [(clip, now) for clip in closed]
             state.last_ts = frame.ts
             if self.detectors is not None:
@@ -286,7 +303,7 @@ class PerceptionStage:
             labels = top_labels(
                 prob, self.encoder.classes, self.config.top_labels, self.config.min_label_score
             )
-            self.publish(
+            self.emit(
                 Percept(
                     ts=frame.ts,
                     session=frame.session,
@@ -303,7 +320,7 @@ class PerceptionStage:
                 )
             )
             self.counters["frames_encoded"] += 1
-            state.last_frame_wall = time.monotonic()
+            state.last_frame_wall = self.clock()
         self._release_clips()
 
     # -- detectors and clips -------------------------------------------------------------------
@@ -353,7 +370,7 @@ class PerceptionStage:
             self.counters["detector_s"] += found.seconds
 
     def _release_clips(self, force: bool = False) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for session, state in self.sessions.items():
             while state.held:
                 clip, closed_at = state.held[0]
@@ -381,11 +398,11 @@ class PerceptionStage:
         colours = [f.colours for f in mine if f.ts >= clip.t0 and f.colours]
         colour = max(set(colours), key=colours.count) if colours else ""  # the most frequent
         clip.description = describe(clip.labels, notes, clip.text_seen, clip.motion, clip.objects, colour)
-        self.publish(clip)
+        self.emit(clip)
         self.counters["clips"] += 1
 
     def _publish_sighting(self, session: str, event: TrackEvent) -> None:
-        self.publish(
+        self.emit(
             Sighting(
                 ts=event.ts,
                 t0=event.t0,
@@ -402,7 +419,7 @@ class PerceptionStage:
     def _publish_source_output(self) -> None:
         while self._audio:
             pcm, ts, session = self._audio.popleft()
-            self.publish(AudioChunk(ts=ts, session=session, pcm=pcm, sample_rate=AUDIO_RATE, channel="scene"))
+            self.emit(AudioChunk(ts=ts, session=session, pcm=pcm, sample_rate=AUDIO_RATE, channel="scene"))
         for session, source in self.sources.items():
             self._publish_source_events(session, source)
 
@@ -418,7 +435,7 @@ class PerceptionStage:
                 message = f"perception source {event.source}: {event.kind}" + (
                     f" ({event.detail})" if event.detail else ""
                 )
-                self.publish(Error(code=f"source_{event.kind}", message=message, session=session))
+                self.emit(Error(code=f"source_{event.kind}", message=message, session=session))
 
     def _flush(self, session: str, wait: bool = True) -> None:
         """Close the session's open clip. ``wait``: block until the detectors are done (at the
@@ -427,7 +444,7 @@ class PerceptionStage:
         if state is None:
             return
         if state.segmenter.has_open_clip():
-            state.held.append((state.segmenter.close(), time.monotonic()))
+            state.held.append((state.segmenter.close(), self.clock()))
         if wait and self.detectors is not None:
             self.detectors.wait_idle(MAX_CLIP_HOLD_S)
             self._collect_detections()
@@ -449,13 +466,9 @@ class PerceptionStage:
         self._pending_keyframes = {tag for tag in self._pending_keyframes if tag[0] != session}
         self.counters["sessions_closed"] += 1
 
-    def start_receiver(self, ctx: zmq.Context, address: str, hwm: int, max_message_bytes: int) -> None:
-        """Take pushed frames straight off the media bus, in a thread (see ``receiver``)."""
-        self.receiver = MediaReceiver(
-            ctx, address, self.on_frame, self._errors.append, hwm, max_message_bytes
-        ).start()
-
-    def stop(self) -> None:
+    def close(self) -> None:
+        """Stop taking frames (the receiver, the sources), publish every open clip (waiting for
+        the detectors), stop the detectors."""
         if self.receiver is not None:
             self.receiver.stop()
         if self.sources:
@@ -465,6 +478,8 @@ class PerceptionStage:
         self.flush_all()
         if self.detectors is not None:
             self.detectors.close()
+
+    stop = close
 
     def flush_all(self) -> None:
         for session in list(self.sessions):
@@ -532,10 +547,23 @@ def main(argv: list[str] | None = None) -> None:
     config = runtime.config.perception
     encoder = load_encoder(config.encoder, threads=config.threads, device=config.device)
     stage = PerceptionStage(
-        config, encoder, runtime.publish, runtime.counters, runtime.config.session, build_detectors(config)
+        config,
+        encoder,
+        runtime.emit,
+        runtime.counters,
+        session=runtime.config.session,
+        detectors=build_detectors(config),
     )
     bus = runtime.config.bus
-    stage.start_receiver(runtime.ctx, runtime.addresses.media_out, bus.frame_hwm, bus.max_message_bytes)
+    # Pushed frames straight off the media bus, in a thread, so no stale frame waits in a queue.
+    stage.receiver = MediaReceiver(
+        runtime.ctx,
+        runtime.addresses.media_out,
+        stage.on_frame,
+        stage.rejected.append,
+        bus.frame_hwm,
+        bus.max_message_bytes,
+    ).start()
     for session, spec in runtime.config.source_sessions():  # perception.source and .sources
         stage.start_source(spec, session)
     # A short poll: frames from an in-process source wake nothing, the tick must come round.
