@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omnistream.kernels.ops import rope_rotate
-from omnistream.reasoning.kvcache import BlockStore, StreamingKV, inv_freq_for
+from omnistream.reasoning.kvcache import Block, BlockStore, StreamingKV, inv_freq_for
 
 from ..tiny import SHAPES, qwen2_model
 
@@ -245,3 +245,35 @@ def test_appending_many_entries_in_one_pass_equals_appending_them_one_by_one(mod
     for a, b in zip(many.cache.layers, one.cache.layers, strict=True):
         torch.testing.assert_close(a.keys, b.keys, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(a.values, b.values, atol=2e-5, rtol=1e-4)
+
+
+def random_store(
+    seed: int, blocks: int, layers: int = 3, kv_heads: int = 2, head_dim: int = 16
+) -> BlockStore:
+    generator = torch.Generator().manual_seed(seed)
+    store = BlockStore()
+    for block_id in range(blocks):
+        pooled = torch.randn(layers, kv_heads, head_dim, generator=generator)
+        store.add(Block(block_id, float(block_id), block_id + 1.0, f"block {block_id}", 4, pooled=pooled))
+    return store
+
+
+def test_the_answerer_ranking_and_the_block_store_ranking_agree_on_random_blocks() -> None:
+    """Issue #19 item 3: ``Answerer.rank_blocks`` (argsort of ``block_scores`` over the candidates'
+    columns) and ``BlockStore.rank`` (``block_scores`` then ``topk_blocks`` with the candidates
+    allowed) give the same order, before the first is dropped for the second."""
+    from types import SimpleNamespace
+
+    from omnistream.reasoning.answer import Answerer
+
+    for seed in range(20):
+        store = random_store(seed, blocks=5 + 7 * seed)
+        generator = torch.Generator().manual_seed(1000 + seed)
+        queries = torch.randn(3, 4, 1 + seed % 6, 16, generator=generator)
+        ids = list(store.blocks)
+        for candidates in (set(ids), set(ids[::2]), set(ids[seed % 3 :: 5]), {ids[-1]}, set()):
+            answerer = SimpleNamespace(question_queries=lambda kv, question, q=queries: q)
+            kv = SimpleNamespace(evicted=store)
+            old = Answerer.rank_blocks(answerer, kv, "question", candidates)  # type: ignore[arg-type]
+            assert store.rank(queries, candidates) == old, (seed, sorted(candidates))
+            assert sorted(old) == sorted(candidates)
