@@ -223,6 +223,13 @@ class ReasoningConfig(_Section):
     # (mean log-probability per token); "letter" scores the choice letters with the choices
     # listed (see Answerer.choose).
     choice_scoring: str = "answer"
+    # A question's backlog (records of its session that ended before it and are not in its KV
+    # yet) is prefilled before its answer when it is at most this many tokens; a longer one
+    # waits until after the answer, which reads the most related and newest of its retrieved
+    # records as text instead, up to this many tokens (issue #20 item 6). 0: always prefilled first.
+    backlog_tokens: int = 128
+    # Repeat the few records most related to the question next to it (prompt.related_records).
+    related_records: bool = True
 
 
 class RetentionConfig(_Section):

@@ -36,6 +36,7 @@ from omnistream.reasoning.llm.engine import LLMEngine, TextStream
 from omnistream.reasoning.prompt import (
     CHOICE_LETTERS,
     SYSTEM_PROMPT,
+    backlog_records,
     clock,
     format_item,
     related_lines,
@@ -179,6 +180,8 @@ class Answerer:
         choice_scoring: str = "answer",
         sessions_in_ram: int = 0,
         on_unload: Callable[[str], None] = lambda session: None,
+        backlog_tokens: int = 128,
+        related: bool = True,
     ):
         if choice_scoring not in CHOICE_SCORING:
             raise ValueError(f"choice scoring must be one of {CHOICE_SCORING}, got {choice_scoring!r}")
@@ -188,6 +191,11 @@ class Answerer:
         self.last_context: list[list[float]] = []  # spans of the records the last answer read
         self.last_open_answer = ""  # the open answer the last multiple-choice pick was made from
         self.related: list[str] = []  # memory lines repeated before the question (memory_for)
+        self.repeat_related = related  # reasoning.related_records
+        # Records retrieved for a question that its session's KV does not hold yet (queued behind
+        # it, ``memory_for``'s ``queued_from``): at most this many tokens of them read as text.
+        self.backlog_tokens = backlog_tokens
+        self.last_backlog: list[MemoryItem] = []  # those the last answer read
         self.engine = engine
         self.block_ram_bytes = block_ram_bytes
         self.spill_root = spill_root
@@ -353,21 +361,41 @@ class Answerer:
         self.last_context = merge_spans([(b.t0, b.t1) for b in in_context])
         return memory.kv.assemble(blocks, drop_newest_tokens=later)
 
-    def memory_for(self, ask: Ask, items: list[MemoryItem]) -> tuple[object, MemoryItem | None]:
-        """The cache to answer ``ask`` from, and the 'now' record, according to ``ask.mode``."""
+    def memory_for(
+        self, ask: Ask, items: list[MemoryItem], queued_from: int | None = None
+    ) -> tuple[object, MemoryItem | None]:
+        """The cache to answer ``ask`` from, and the 'now' record, according to ``ask.mode``.
+
+        ``queued_from``: the id of the first record queued to be streamed into the session's KV
+        after the answer (the caller's backlog): retrieved records from it on are not streamed
+        here (the KV holds records in order); in "full" mode the most related and newest of them
+        are read as text after the memory, up to ``backlog_tokens``."""
         now = next((item for item in items if item.kind == "now"), None)
         synopsis = [item for item in items if item.kind == "synopsis"][:1]
         records = [item for item in items if item.kind not in ("now", "synopsis")]
         perceived = [item for item in records if item.kind in STREAMED_KINDS]
-        self.ingest_many(ask.session, sorted(perceived, key=lambda r: r.item_id))
+        waiting = [r for r in perceived if queued_from is not None and r.item_id >= queued_from]
+        unread = {r.item_id for r in waiting}
+        held = [r for r in records if r.item_id not in unread]
+        self.ingest_many(
+            ask.session, sorted((r for r in perceived if r.item_id not in unread), key=lambda r: r.item_id)
+        )
+        self.last_backlog = []
         if ask.mode == "full":
-            cache = self.kv_cache(ask.session, records, ask.question)
+            cache = self.kv_cache(ask.session, held, ask.question)
             # The synopsis stands for what left the window: after the memory, before the
             # question. While the window still holds the whole session it tells nothing the
             # records do not, and re-reading it cost every question 1-3 s on 2 cores.
             if synopsis and len(self.session(ask.session).kv.evicted):
                 line = self.engine.ids(format_item(synopsis[0]) + "\n")
                 self.engine.forward(line, cache, cache.get_seq_length())
+            # The backlog: newer than everything the KV holds, so after it.
+            self.last_backlog = backlog_records(
+                ask.question, waiting, ask.ts, self.backlog_tokens, lambda text: len(self.engine.ids(text)[0])
+            )
+            if self.last_backlog:
+                lines = "".join(format_item(item) + "\n" for item in self.last_backlog)
+                self.engine.forward(self.engine.ids(lines), cache, cache.get_seq_length())
             shown: list[MemoryItem] = []
         elif ask.mode == "reprefill":
             shown = records
@@ -380,10 +408,11 @@ class Answerer:
             self.last_context = []
         # The records the question names, from what this mode reads (a baseline gets none of
         # what it does not hold), repeated next to the question.
-        pool = records if ask.mode == "full" else shown
-        related = related_records(ask.question, pool, ask.ts)
+        # (The backlog read just before the question is not repeated.)
+        pool = held if ask.mode == "full" else shown
+        related = related_records(ask.question, pool, ask.ts) if self.repeat_related else []
         self.related = related_lines(related, pool, ask.question)
-        shown = shown + related
+        shown = shown + related + self.last_backlog
         spans = [tuple(span) for span in self.last_context] + [(r.t0, r.t1) for r in shown]
         self.last_context = merge_spans(spans + ([(now.t0, now.t1)] if now is not None else []))
         return cache, now
@@ -531,16 +560,18 @@ class Answerer:
         max_new_tokens: int,
         should_stop: Callable[[], bool],
         prepared: Prepared | None = None,
+        queued_from: int | None = None,
     ) -> Iterator[tuple[str, str]]:
         """Yield (text piece, choice letter or "") as the answer is produced. With ``prepared``
         (``take_prepared``: the question read ahead) the answer comes from that cache, ``items``
-        unused: only the question's last words are left to read."""
+        unused: only the question's last words are left to read. ``queued_from``: see
+        ``memory_for``."""
         if prepared is not None:  # its last words and the turn's end in one pass
             unread = self._unread(prepared, ask.question) + self.engine.ids(self.suffix_end)[0].tolist()
             cache, suffix = prepared.cache, torch.tensor([unread])
             self.last_context = prepared.context
         else:
-            cache, now = self.memory_for(ask, items)
+            cache, now = self.memory_for(ask, items, queued_from)
             if ask.choices and self.choice_scoring == "answer":
                 yield from self._answer_then_choose(ask, cache, now, should_stop)
                 return

@@ -266,6 +266,34 @@ def related_records(
     return [candidates[i] for i in sorted(kept, key=lambda i: (candidates[i].t0, candidates[i].item_id))]
 
 
+def backlog_records(
+    question: str, items: list[MemoryItem], now: float, budget_tokens: int, count_tokens
+) -> list[MemoryItem]:
+    """Of the records a question's KV does not hold yet (its session's backlog, not prefilled
+    before the answer so the first token comes in time), those read as text instead: the most
+    related to ``question`` (``relatedness``, at least RELATED_MIN) and the newest in turn, then
+    the newest, while their lines fit ``budget_tokens`` (``count_tokens(line)``); in time order."""
+    candidates = [item for item in items if item.kind in ("clip", "transcript", "event")]
+    if not candidates or budget_tokens <= 0:
+        return []
+    scores = relatedness(question, candidates, now)
+    related = sorted(
+        (i for i in range(len(candidates)) if scores[i] >= RELATED_MIN), key=lambda i: -scores[i]
+    )
+    newest = sorted(range(len(candidates)), key=lambda i: (-candidates[i].t1, -candidates[i].item_id))
+    # Taken in turn: the question may be about what was just seen or heard, or about a record
+    # its words name.
+    turns = [i for pair in zip(related, newest[: len(related)], strict=True) for i in pair]
+    kept: list[int] = []
+    left = budget_tokens
+    for i in dict.fromkeys(turns + newest):
+        cost = count_tokens(format_item(candidates[i]) + "\n")
+        if cost <= left:
+            kept.append(i)
+            left -= cost
+    return [candidates[i] for i in sorted(kept, key=lambda i: (candidates[i].t0, candidates[i].item_id))]
+
+
 def _next_to(question: str, items: list[MemoryItem], now: float) -> list[MemoryItem] | None:
     """For "what was shown (immediately) after / before the X": the scene that names the X
     best and the scene next to it, marked as such; None for other questions."""

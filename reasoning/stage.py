@@ -150,6 +150,8 @@ class ReasoningStage:
             choice_scoring=config.choice_scoring,
             sessions_in_ram=config.sessions_in_ram,
             on_unload=self._session_unloaded,
+            backlog_tokens=config.backlog_tokens,
+            related=config.related_records,
         )
         # Sessions whose history memory has streamed into their KV (since they were last loaded),
         # and those being loaded now (by a job).
@@ -425,6 +427,21 @@ class ReasoningStage:
         while self.prefill_step():
             pass
 
+    def _backlog_tokens(self, session: str, ts: float) -> int:
+        """About how many tokens ``_prefill_before(session, ts=ts)`` would prefill."""
+        queue = self.queued_records.get(session, [])
+        needed = max((n + 1 for n, item in enumerate(queue) if ts <= 0 or item.t1 <= ts), default=0)
+        return sum(estimate_tokens(item) for item in queue[:needed])
+
+    def _defers(self, ask: Ask) -> bool:
+        """Whether ``ask``'s backlog waits until after its answer: a baseline reads records as
+        text and needs none of it; the full system's first token would wait for more than
+        ``reasoning.backlog_tokens`` of it (0: never deferred)."""
+        limit = self.config.backlog_tokens
+        if limit <= 0 or not self.queued_records.get(ask.session):
+            return False
+        return ask.mode != "full" or self._backlog_tokens(ask.session, ask.ts) > limit
+
     def _prefill_before(self, session: str, ts: float | None = None, item_id: int | None = None) -> Generator:
         """(in a job) Prefill the session's queued records that a question needs: those that
         ended by ``ts`` (every one when ``ts`` <= 0: "now") and those up to ``item_id``, with
@@ -574,7 +591,9 @@ class ReasoningStage:
         ask = job.ask
         assert ask is not None
         try:
-            yield from self._answer_steps(job, ask, done)
+            deferred = yield from self._answer_steps(job, ask, done)
+            if deferred:  # answered: now the backlog it did not wait for, before the next question
+                yield from self._prefill_before(ask.session, ts=ask.ts)
         except Stopped:
             done.error = "interrupted"
             self.emit(done)
@@ -585,6 +604,7 @@ class ReasoningStage:
             self.emit(done)
 
     def _answer_steps(self, job: Job, ask: Ask, done: AnswerDone) -> Generator:
+        """(in a job) The answer; returns whether its backlog was deferred (``_defers``)."""
         start, before = self.clock(), self.counters["records_before_answer"]
         steps_before, prefill_before = self.counters["prefill_steps"], self.counters["prefill_s"]
         queued_at_start = sum(len(q) for q in self.queued_records.values())
@@ -593,6 +613,7 @@ class ReasoningStage:
         prepared = self.answerer.take_prepared(ask)
         yield from self._load_history(job, ask.session)
         items: list[MemoryItem] = []
+        deferred = False
         if prepared is None:
             request_id = self.request(
                 job,
@@ -605,8 +626,14 @@ class ReasoningStage:
                 ),
             )
             # While memory retrieves: the records of this session that ended before the question
-            # (the rest of the backlog waits until after the answer).
-            yield from self._prefill_before(ask.session, ts=ask.ts)
+            # (the rest of the backlog waits until after the answer); when they are many
+            # (``_defers``), none: the answer reads the retrieved ones among them as text
+            # (``Answerer.memory_for``) and they are prefilled after it.
+            deferred = self._defers(ask)
+            if deferred:
+                self.counters["backlogs_deferred"] += 1
+            else:
+                yield from self._prefill_before(ask.session, ts=ask.ts)
             records_at = self.clock()
             try:
                 items = (yield from self._await(job, request_id)).items
@@ -614,8 +641,8 @@ class ReasoningStage:
                 done.error = str(exc)
                 self.emit(done)
                 return
-            # Retrieved records still queued go in first, in order (the KV holds them in order).
-            yield from self._prefill_before(ask.session, item_id=self._newest(items))
+            if not deferred:  # retrieved records still queued go in first, in order
+                yield from self._prefill_before(ask.session, item_id=self._newest(items))
         else:
             records_at = self.clock()
         retrieved_at = self.clock()
@@ -628,9 +655,11 @@ class ReasoningStage:
         def stop() -> bool:
             return job.stopped
 
+        queue = self.queued_records.get(ask.session)
+        queued_from = min(item.item_id for item in queue) if queue else None
         context: list[list[float]] | None = None
         for seq, (piece, choice) in enumerate(
-            self.answerer.answer(ask, items, self.config.max_new_tokens, stop, prepared)
+            self.answerer.answer(ask, items, self.config.max_new_tokens, stop, prepared, queued_from)
         ):
             if not pieces:
                 done.first_token_s = self.clock() - start
@@ -658,6 +687,8 @@ class ReasoningStage:
                 "waited_s": round(start - job.created, 3),
                 "queued_after": sum(len(q) for q in self.queued_records.values()),
                 "records_s": round(records_at - start, 3),
+                "deferred": deferred,
+                "backlog_read": len(self.answerer.last_backlog) if deferred else 0,
                 "retrieve_s": round(retrieved_at - records_at, 3),
                 "first_token_s": round(done.first_token_s, 3),
                 "total_s": round(done.total_s, 3),
@@ -667,6 +698,7 @@ class ReasoningStage:
         self.counters["answers"] += 1
         self.counters["answer_tokens"] += len(pieces)
         self.emit(done)
+        return deferred
 
     def close(self) -> None:
         """Stopping: a question being answered ends with an ``AnswerDone`` saying so (one not
