@@ -186,6 +186,11 @@ class Ask(Message):
     speak: bool = True
     mode: AnswerMode = "full"
     audio_rate: int = 0  # sample rate (Hz) the client wants spoken answers in; 0: the voice's own
+    # Preemptive generation (speech, ``speech.preemptive``): asked before the end of the user's
+    # turn is confirmed. Its answer is marked tentative and not relayed to clients until an Ask
+    # of the same turn without the flag (same question and ts) confirms it; an Interrupt of the
+    # turn discards it. Only the speech stage sends it (the gateway refuses it from clients).
+    tentative: bool = False
 
 
 class Draft(Message):
@@ -201,6 +206,10 @@ class AnswerDelta(Message):
     turn: str
     text: str
     seq: int = 0
+    # Part of an answer to a tentative Ask not confirmed yet: for the speech stage only (the
+    # gateway does not relay it). On confirmation the pieces are sent again without the flag,
+    # with the same ``seq``.
+    tentative: bool = False
 
 
 class AnswerDone(Message):
@@ -215,10 +224,15 @@ class AnswerDone(Message):
     # screen when asked. The running synopsis is not listed (it spans the whole stream). For
     # citations, and for the eval's evidence recall (was the evidence in context?).
     context: list[list[float]] = []
+    tentative: bool = False  # the end of an answer to a tentative Ask not confirmed yet (see AnswerDelta)
+
+
+PREEMPTION_DISCARDED = "preemption discarded"  # Interrupt.reason: a tentative answer dropped
 
 
 class Interrupt(Message):
-    """Stop answering ``turn`` (empty: whatever is being answered) at once."""
+    """Stop answering ``turn`` (empty: whatever is being answered) at once. With ``reason``
+    PREEMPTION_DISCARDED it drops a tentative answer no client saw (the gateway does not relay it)."""
 
     turn: str = ""
     reason: str = ""

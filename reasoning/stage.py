@@ -26,10 +26,12 @@ import argparse
 import logging
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from omnistream.protocol.config import MemoryConfig, ReasoningConfig
 from omnistream.protocol.messages import (
@@ -66,6 +68,7 @@ WATCHED_KINDS = (*STREAMED_KINDS, "sighting")
 
 MAX_QUESTION_CHARS = 2000
 MEMORY_TIMEOUT_S = 10.0
+MAX_UNCONFIRMED = 16  # tentative answers kept for a confirmation that may still come
 MEMORY_ATTEMPTS = 2  # a request memory did not answer in MEMORY_TIMEOUT_S is sent once more
 HISTORY_TS = 1e12  # "until the end of time": a history request returns every record
 HISTORY_PAGE_RECORDS = 500  # records per history page (memory also bounds a page's bytes)
@@ -99,6 +102,7 @@ class Job:
     replies: dict[str, Message] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     created: float = field(default_factory=time.monotonic)
+    held: list[Message] | None = None  # a tentative Ask's answer so far (None: not tentative)
 
 
 @dataclass
@@ -164,6 +168,8 @@ class ReasoningStage:
         self.watched_upto: dict[str, int] = {}
         self.jobs: deque[Job] = deque()
         self.requests: dict[str, Request] = {}  # request_id -> the job waiting for its reply
+        # Tentative answers finished before their Ask was confirmed: turn -> what they sent.
+        self.unconfirmed: OrderedDict[str, list[Message]] = OrderedDict()
         self._prefilled_since_release = False
 
     # -- messages ------------------------------------------------------------------------------
@@ -212,7 +218,9 @@ class ReasoningStage:
     def ask(self, ask: Ask) -> None:
         """Answer ``ask`` (as a job): deltas, then exactly one ``AnswerDone`` (with ``error`` set
         when the question is invalid or answering it failed)."""
-        done = AnswerDone(ts=ask.ts, session=ask.session, turn=ask.turn, text="")
+        if not ask.tentative and self._confirm(ask):
+            return
+        done = AnswerDone(ts=ask.ts, session=ask.session, turn=ask.turn, text="", tentative=ask.tentative)
         empty = [i for i, choice in enumerate(ask.choices) if not split_choice(choice)]
         if not ask.question.strip() or len(ask.question) > MAX_QUESTION_CHARS:
             done.error = f"Ask.question must be 1..{MAX_QUESTION_CHARS} characters, got {len(ask.question)}"
@@ -221,13 +229,48 @@ class ReasoningStage:
         if done.error:
             self.emit(done)
             return
-        job = Job("answer", ask.session, ask=ask)
+        job = Job("answer", ask.session, ask=ask, held=[] if ask.tentative else None)
         self.start(job, self._answer(job, done))
+
+    def _confirm(self, ask: Ask) -> bool:
+        """``ask`` confirms a tentative Ask of its turn (preemptive generation, speech): what its
+        answer sent tentatively is sent again for the clients, the rest goes out as usual. False
+        when there is none (then it is a question like any other)."""
+        for job in self.jobs:
+            if (
+                job.kind == "answer"
+                and job.ask is not None
+                and job.ask.turn == ask.turn
+                and job.held is not None
+            ):
+                held, job.held = job.held, None
+                break
+        else:
+            held = self.unconfirmed.pop(ask.turn, None)
+            if held is None:
+                return False
+        for message in held:
+            self.emit(msgspec.structs.replace(message, tentative=False))
+        self.counters["asks_confirmed"] += 1
+        return True
+
+    def _emit_answer(self, job: Job, message: AnswerDelta | AnswerDone) -> None:
+        """A piece or the end of an answer; while its Ask is tentative, marked so (the gateway
+        does not relay it) and kept for ``_confirm``."""
+        message.tentative = job.held is not None
+        if job.held is not None:
+            job.held.append(message)
+            if isinstance(message, AnswerDone) and not job.stopped:
+                self.unconfirmed[message.turn] = job.held
+                while len(self.unconfirmed) > MAX_UNCONFIRMED:
+                    self.unconfirmed.popitem(last=False)
+        self.emit(message)
 
     def interrupt(self, message: Interrupt) -> None:
         """Stop the answer of the interrupted turn (every answer of the session for a turn-less
         interrupt): one in progress ends at its next step with error "interrupted"; one not
         started yet is dropped (the runtime drops a waiting Ask the same way)."""
+        self.unconfirmed.pop(message.turn, None)
         for job in list(self.jobs):
             if (
                 job.kind == "answer"
@@ -596,12 +639,12 @@ class ReasoningStage:
                 yield from self._prefill_before(ask.session, ts=ask.ts)
         except Stopped:
             done.error = "interrupted"
-            self.emit(done)
+            self._emit_answer(job, done)
         except Exception as exc:  # one question failed: say so, keep the stage and the slot
             log.exception("answer failed", extra={"turn": ask.turn})
             self.counters["answer_errors"] += 1
             done.error = f"answer failed: {type(exc).__name__}: {exc}"
-            self.emit(done)
+            self._emit_answer(job, done)
 
     def _answer_steps(self, job: Job, ask: Ask, done: AnswerDone) -> Generator:
         """(in a job) The answer; returns whether its backlog was deferred (``_defers``)."""
@@ -639,7 +682,7 @@ class ReasoningStage:
                 items = (yield from self._await(job, request_id)).items
             except MemoryUnavailable as exc:
                 done.error = str(exc)
-                self.emit(done)
+                self._emit_answer(job, done)
                 return
             if not deferred:  # retrieved records still queued go in first, in order
                 yield from self._prefill_before(ask.session, item_id=self._newest(items))
@@ -666,7 +709,8 @@ class ReasoningStage:
                 context = self.answerer.last_context  # its memory is assembled by now
             pieces.append(piece)
             done.choice = choice or done.choice
-            self.emit(AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq))
+            delta = AnswerDelta(ts=ask.ts, session=ask.session, turn=ask.turn, text=piece, seq=seq)
+            self._emit_answer(job, delta)
             yield  # the loop takes what arrived (an Interrupt) before the next piece
             if job.stopped:
                 break
@@ -697,7 +741,7 @@ class ReasoningStage:
         release_freed_memory()  # the question's assembled cache (retrieved blocks + window)
         self.counters["answers"] += 1
         self.counters["answer_tokens"] += len(pieces)
-        self.emit(done)
+        self._emit_answer(job, done)
         return deferred
 
     def close(self) -> None:
@@ -714,6 +758,7 @@ class ReasoningStage:
                         turn=ask.turn,
                         text="",
                         error="interrupted: reasoning stopped",
+                        tentative=job.held is not None,
                     )
                 )
             if job.steps is not None:
