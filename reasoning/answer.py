@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from omnistream.kernels import ops
 from omnistream.protocol.messages import Ask, Draft, MemoryItem
 from omnistream.protocol.text import words
 from omnistream.reasoning.choices import NOT_SEEN, supported_choice
@@ -91,16 +90,11 @@ def kv_fingerprint(engine, prefix_ids: list[int]) -> str:
 
 def tap_queries(model, callback: Callable[[torch.Tensor], None]) -> list:
     """Call ``callback`` with each layer's q projection (batch, tokens, heads * head_dim) on the
-    next forward passes; returns handles with ``remove()``. Our Qwen2 offers ``on_query``;
-    a transformers model gets forward hooks on ``q_proj``."""
+    next forward passes (our Qwen2's ``on_query``); returns handles with ``remove()``."""
     handles = []
     for layer in model.model.layers:
-        attention = layer.self_attn
-        if hasattr(attention, "on_query"):
-            attention.on_query.append(callback)
-            handles.append(_Untap(attention.on_query, callback))
-        else:
-            handles.append(attention.q_proj.register_forward_hook(lambda _m, _i, out: callback(out)))
+        layer.self_attn.on_query.append(callback)
+        handles.append(_Untap(layer.self_attn.on_query, callback))
     return handles
 
 
@@ -318,17 +312,6 @@ class Answerer:
                 hook.remove()
         return torch.stack([q.reshape(q.shape[0], -1, head_dim).transpose(0, 1) for q in captured]).float()
 
-    def rank_blocks(self, kv: StreamingKV, question: str, candidates: set[int]) -> list[int]:
-        """Evicted block ids (among ``candidates``) by how strongly the question's queries attend to
-        their pooled keys, averaged over layers (ReKV's internal retrieval), best first."""
-        ids, pooled = kv.evicted.pooled_keys()
-        keep = [i for i, block_id in enumerate(ids) if block_id in candidates]
-        if not keep:
-            return []
-        scores = ops.block_scores(self.question_queries(kv, question), pooled[:, keep]).mean(dim=0)
-        order = torch.argsort(scores, descending=True).tolist()
-        return [ids[keep[i]] for i in order]
-
     def kv_cache(self, session: str, retrieved: list[MemoryItem], question: str = ""):
         """The session's streamed cache with retrieved evicted blocks put back: the blocks of the
         records memory found by text (external retrieval) fused with the blocks the question's
@@ -342,9 +325,9 @@ class Answerer:
         asked_at = max((memory.block_of_item.get(i, -1) for i in item_ids), default=-1)
         candidates = {b.block_id for b in memory.kv.evicted if b.block_id <= asked_at}
         external = [memory.block_of_item[i] for i in item_ids if memory.block_of_item.get(i) in candidates]
-        internal = (
-            self.rank_blocks(memory.kv, question, candidates) if question and self.internal_retrieval else []
-        )
+        internal: list[int] = []  # evicted blocks the question's queries attend to most
+        if question and self.internal_retrieval and candidates:
+            internal = memory.kv.evicted.rank(self.question_queries(memory.kv, question), candidates)
         fused: dict[int, float] = {}
         for ranking in (external, internal):  # reciprocal rank fusion
             for rank, block_id in enumerate(dict.fromkeys(ranking)):

@@ -467,8 +467,9 @@ def test_events_bring_back_their_members_blocks_and_the_synopsis_stays_in_contex
 
 
 def test_internal_retrieval_scores_blocks_by_the_questions_own_queries(tiny_engine) -> None:
-    """rank_blocks captures each layer's q projection during the question's prefill; the ranking
-    must equal a direct computation from the model's hidden states."""
+    """question_queries captures each layer's q projection during the question's prefill; the
+    ranking of the evicted blocks by them (BlockStore.rank, what kv_cache calls) must equal a
+    direct computation from the model's hidden states."""
     from omnistream.kernels import reference
     from omnistream.reasoning.answer import Answerer
     from omnistream.reasoning.llm.cache import cache_from
@@ -479,7 +480,7 @@ def test_internal_retrieval_scores_blocks_by_the_questions_own_queries(tiny_engi
     kv = answerer.session("s").kv
     candidates = {b.block_id for b in kv.evicted}
     question = "which scene had the kettle?"
-    ranked = answerer.rank_blocks(kv, question, candidates)
+    ranked = kv.evicted.rank(answerer.question_queries(kv, question), candidates)
     assert sorted(ranked) == sorted(candidates)
 
     model = tiny_engine.model
