@@ -1,4 +1,5 @@
-"""Objects: the COCO detector on OpenCV's sample photos, colour names, positions, the tracker."""
+"""Objects: colour names, positions, the tracker, memory's timeline of what was seen (the COCO
+detector on OpenCV's sample photos: tests/integration/test_objects_models.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import numpy as np
 import pytest
 
 from omnistream.perception.objects import (
-    ObjectDetector,
     ObjectSighting,
     colour_name,
     middle_colours,
@@ -19,36 +19,12 @@ from omnistream.perception.tracks import Tracker
 from omnistream.protocol.labels import classes_in
 
 SAMPLES = Path("/usr/share/doc/opencv-doc/examples/data")
-EPISODE = Path(__file__).resolve().parents[2] / "docs" / "episodes" / "objects" / "episode.mp4"
 
 
 def rgb(name: str) -> np.ndarray:
     image = cv2.imread(str(SAMPLES / name))
     assert image is not None, f"{SAMPLES / name} missing (Debian package opencv-doc)"
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-@pytest.fixture(scope="module")
-def detector() -> ObjectDetector:
-    return ObjectDetector(min_score=0.5)
-
-
-def test_detector_finds_the_footballer_and_his_ball(detector: ObjectDetector) -> None:
-    found = detector.detect(rgb("messi5.jpg"))
-    labels = [s.label for s in found]
-    assert labels[:2] == ["person", "sports ball"], found
-    person, ball = found[0], found[1]
-    assert person.score > 0.9 and ball.score > 0.9
-    # The ball is at his feet: inside the lower part of the person's box.
-    assert person.box[0] <= ball.box[0] and ball.box[3] <= person.box[3] + 5
-    assert ball.describe().endswith("ball (centre)")
-
-
-def test_detector_finds_oranges_and_nothing_on_a_blank_frame(detector: ObjectDetector) -> None:
-    found = detector.detect(rgb("fruits.jpg"))
-    assert found and found[0].label == "orange" and found[0].score > 0.9
-    assert "orange" in found[0].colour
-    assert detector.detect(np.full((240, 320, 3), 128, np.uint8)) == []
 
 
 @pytest.mark.parametrize(
@@ -103,29 +79,6 @@ def test_warm_lit_red_is_orange_red_and_shading_is_one_colour() -> None:
     assert colour_name(patch) == "orange-red"
     patch[:, 26:] = (110, 45, 15)  # the same hue in shadow: brown, 35 %
     assert colour_name(patch) == "orange-red"
-
-
-def test_opencv_samples_colours(detector: ObjectDetector) -> None:
-    """Real photos (opencv-doc): the apple is orange-red, the orange wedge orange, the mandrill's
-    nose red; the footballer's striped shirt blue and red, his ball yellow (the detector's boxes)."""
-    apple, fruits, baboon = (rgb(name) for name in ("apple.jpg", "fruits.jpg", "baboon.jpg"))
-    assert colour_name(apple[170:340, 170:340]) == "orange-red"
-    assert colour_name(fruits[160:320, 170:340]).startswith("orange")
-    assert colour_name(baboon[250:330, 200:310]) == "red"
-    person, ball = detector.detect(rgb("messi5.jpg"))[:2]
-    assert person.colour.startswith("blue") and ball.colour == "yellow" and ball.name() == "yellow ball"
-
-
-def test_a_striped_shirt_in_a_stream_is_two_colours(detector: ObjectDetector) -> None:
-    """The footballer as the objects episode's H.264 stream shows him (640x360, at 5 s): his
-    shirt of blue and red stripes is named by both colours."""
-    capture = cv2.VideoCapture(str(EPISODE))
-    capture.set(cv2.CAP_PROP_POS_MSEC, 5000)
-    ok, frame = capture.read()
-    capture.release()
-    assert ok, f"{EPISODE} unreadable"
-    person = detector.detect(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))[0]
-    assert person.label == "person" and person.name() == "person in a blue and red shirt", person
 
 
 def test_the_middle_of_a_picture_is_named_by_its_colours() -> None:

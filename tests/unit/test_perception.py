@@ -1,4 +1,5 @@
-"""Clip segmentation on exact synthetic features; the real encoder on frames of the bundled sample."""
+"""Clip segmentation on exact synthetic features, ImageNet names, the media reader (the real encoder
+on frames of the bundled sample: tests/integration/test_perception_models.py)."""
 
 from __future__ import annotations
 
@@ -68,28 +69,6 @@ def test_imagenet_names_carry_plain_categories() -> None:
     assert classes[323].label() == "monarch (butterfly)"
     assert classes[950].label() == "orange (fruit)"
     assert classes[151].label() == "Chihuahua (dog)"
-
-
-def sample_frames(times: list[float]) -> list[np.ndarray]:
-    wanted, frames = sorted(times), []
-    for event in MediaReader(DEFAULT_SAMPLE):
-        if event.kind == "video" and wanted and event.ts >= wanted[0]:
-            frames.append(event.data)
-            wanted.pop(0)
-    return frames
-
-
-def test_real_encoder_names_the_butterfly_of_the_sample() -> None:
-    from omnistream.perception.encoder import load_encoder
-
-    encoder = load_encoder("efficientnet-lite0")
-    butterfly, linux = sample_frames([5.0, 20.0])
-    features, p = encoder.encode([butterfly, linux])
-    assert features.shape == (2, 1280) and p.shape == (2, 1000)
-    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-5)
-    labels = [label.name for label in top_labels(p[0], encoder.classes, 3, 0.05)]
-    assert any("butterfly" in name for name in labels), labels
-    assert float(features[0] @ features[1]) < 0.8  # different scenes are far apart
 
 
 def test_media_reader_interleaves_video_and_audio_in_time_order() -> None:
