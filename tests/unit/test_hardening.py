@@ -369,3 +369,38 @@ def test_a_client_may_name_a_bounded_number_of_sessions(probe_runtime: Runtime) 
         assert list(gateway.client_sessions[one]) == ["s50"]
     finally:
         gateway.close()
+
+
+def test_one_bounded_read_for_every_loop_takes_at_most_its_messages_and_bytes() -> None:
+    """``read_bounded`` (the runtime's bus sockets, the gateway's and memory's ROUTERs): at most
+    ``max_messages``, and once ``max_bytes`` is reached no more (but always one, however large);
+    what is left waits in the socket for the next read, in order."""
+    from omnistream.protocol.sockets import read_bounded
+
+    ctx = zmq.Context.instance()
+    router = make_socket(ctx, zmq.ROUTER)
+    address = "inproc://bounded-read"
+    router.bind(address)
+    client = make_socket(ctx, zmq.DEALER)
+    client.connect(address)
+    try:
+        for index in range(7):
+            client.send_multipart([b"%d" % index, b"x" * 100])
+        assert router.poll(5000)
+        got: list[bytes] = []
+
+        def take(frames: list) -> None:
+            assert len(frames) == 3  # the sender's identity, then its frames
+            got.append(frames[1].bytes)
+
+        assert not read_bounded(router, take, 3, 1 << 20)
+        assert got == [b"0", b"1", b"2"]
+        assert read_bounded(router, take, 100, 150)  # 101 + 101 bytes: the byte bound stops it
+        assert got[3:] == [b"3", b"4"]
+        assert read_bounded(router, take, 100, 1)  # one message, however large
+        assert got[5:] == [b"5"]
+        assert not read_bounded(router, take, 100, 1 << 20)
+        assert got[6:] == [b"6"] and not read_bounded(router, take, 100, 1 << 20)
+    finally:
+        router.close(linger=0)
+        client.close(linger=0)
