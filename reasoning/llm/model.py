@@ -113,7 +113,10 @@ class Attention(nn.Module):
         self.o_proj: nn.Module = nn.Identity()
         self.on_query: list[Callable[[torch.Tensor], None]] = []
 
-    def forward(self, x: torch.Tensor, cos, sin, cache, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos, sin, cache, mask: torch.Tensor | bool | None) -> torch.Tensor:
+        """``mask``: a boolean (n, past + n) mask, True for causal attention over the new tokens
+        alone (nothing cached before them: SDPA's ``is_causal``, which lets a GPU run its fused
+        flash kernels instead of reading a mask), or None (one token: everything visible)."""
         batch, n, _ = x.shape
         q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         for callback in self.on_query:
@@ -124,10 +127,21 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)
+        causal = mask is True
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads, is_causal=False
+            q,
+            k,
+            v,
+            attn_mask=None if causal else mask,
+            enable_gqa=self.heads != self.kv_heads,
+            is_causal=causal,
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, n, self.q_size))
+
+
+def causal_mask(n: int, past: int, device) -> torch.Tensor:
+    """(n, past + n) booleans: new token i sees the ``past`` cached tokens and new ones up to i."""
+    return torch.ones(n, past + n, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
 class MLP(nn.Module):
@@ -204,10 +218,11 @@ class Qwen2(nn.Module):
         if x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] == 1 and cpu.usable(self):
             x = cpu.forward(self, x[0], cos, sin, cache, min(logits_to_keep, n) if logits_to_keep else n)
             return Output(logits=self.lm_head(x[None]), past_key_values=cache)
-        # New token i sees everything cached and the new tokens up to itself.
-        mask = None
+        # New token i sees everything cached and the new tokens up to itself: with nothing cached
+        # that is plain causal attention (SDPA's is_causal, no mask tensor).
+        mask: torch.Tensor | bool | None = None
         if n > 1:
-            mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            mask = True if past == 0 else causal_mask(n, past, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
         x = self.model.norm(x)

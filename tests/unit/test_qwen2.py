@@ -132,3 +132,39 @@ def test_int8_embedding_rows_are_within_half_a_step() -> None:
     assert bool(((rows - exact).abs() <= step / 2 + 1e-6).all())
     assert bool((rows[1] == 0).all())
     assert embedding.qweight.dtype == torch.int8 and embedding.qweight.element_size() == 1
+
+
+def test_causal_prefill_without_a_mask_matches_the_boolean_mask(tiny_llm_dir: Path) -> None:
+    """A prefill with nothing cached runs SDPA with is_causal=True (no mask tensor: a GPU's fused
+    kernels); on the CPU its logits and cache equal the explicit boolean mask's."""
+    ours = load.from_float_dir(tiny_llm_dir)
+    ours.native_ops = False  # the torch layers (the GPU's path)
+    torch.manual_seed(3)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 23))
+    seen: list[object] = []
+    layer0 = ours.model.layers[0].self_attn
+    hook = layer0.register_forward_pre_hook(lambda _m, args: seen.append(args[4]))
+    causal_cache = BufferedCache()
+    causal = _run(ours, ids, causal_cache, 0)
+    hook.remove()
+    assert seen == [True]  # nothing cached: is_causal, no mask built
+
+    x = ours.model.embed_tokens(ids)
+    cos, sin = ours.model.rotary(torch.arange(23), x.dtype)
+    mask = qwen2.causal_mask(23, 0, x.device)
+    masked_cache = BufferedCache()
+    with torch.inference_mode():
+        for layer in ours.model.layers:
+            x = layer(x, cos, sin, masked_cache, mask)
+        masked = ours.lm_head(ours.model.norm(x))
+    torch.testing.assert_close(causal, masked, atol=1e-5, rtol=1e-5)
+    assert causal.argmax(-1).tolist() == masked.argmax(-1).tolist()
+    for a, b in zip(causal_cache.layers, masked_cache.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-6, rtol=1e-6)
+    # After a cache, the mask is built (the new tokens see every cached one).
+    seen.clear()
+    hook = layer0.register_forward_pre_hook(lambda _m, args: seen.append(args[4]))
+    _run(ours, ids[:, :5], causal_cache, 23)
+    hook.remove()
+    assert isinstance(seen[0], torch.Tensor) and seen[0].shape == (5, 28)
+    assert bool(seen[0][:, :23].all()) and seen[0][:, 23:].sum(1).tolist() == [1, 2, 3, 4, 5]
