@@ -117,6 +117,14 @@ LATEST = re.compile(r"\b(?:most recent(?:ly)?|latest|last)\b", re.IGNORECASE)
 WHERE = re.compile(r"\bwhere\b", re.IGNORECASE)
 WHEN = re.compile(r"\b(?:when|how long ago|what time)\b", re.IGNORECASE)
 SCENE_SUMMARY_CHARS = 120
+# A question about the most people at once over the stream (not about one scene of it).
+MOST_AT_ONCE = re.compile(
+    r"\b(?:most|at once|at the same time|at one time|maximum|largest|biggest|busiest)\b", re.IGNORECASE
+)
+NAMED_SCENES = 3  # scenes a question names whose people counts its timeline gives
+# Words of a question that name people or the picture itself, not which scene it is about.
+_PEOPLE_WORDS = """person people man men woman women someone anyone somebody child kid boy girl guy lady
+player many picture image scene photo number roughly exactly about around there"""
 
 
 def known(item, until_ts: float) -> bool:
@@ -414,16 +422,8 @@ class MemoryStage:
                 scene = self.store.between(session, appeared[-1].t0, appeared[-1].t0, ("clip",), 1)
                 if scene:
                     fact += f"; the scene it was last in: {scene_summary(scene[0].meta.get('base', scene[0].text))}"
-            if label == "person":  # the most at once: the tracker's closed intervals, or now
-                spans = [
-                    (int(r.meta.get("count", 0)), clock(r.t0), clock(r.t1))
-                    for r in rows
-                    if r.meta.get("event") == "count"
-                ]
-                spans.append((sum(1 for line in in_view if line.startswith("person")), "now", ""))
-                most = max(spans, key=lambda span: span[0])
-                if most[0]:
-                    fact += f"; at most {most[0]} at once ({'-'.join(filter(None, most[1:]))})"
+            if label == "person":  # in the scenes the question names; the most at once if asked
+                fact += self.people_counts(session, query, until_ts, rows, in_view)
             facts.append(fact)
             if appeared:
                 firsts.append((appeared[0].t0, name))
@@ -440,6 +440,41 @@ class MemoryStage:
             order = ", ".join(f"{name} ({clock(t0)})" for t0, name in sorted(lasts, key=lambda f: f[0]))
             facts.append(f"in order of last appearance, the most recent last: {order}")
         return facts
+
+    def people_counts(self, session: str, query: str, until_ts: float, rows: list, in_view: list[str]) -> str:
+        """How many people were in view at once (the tracker's count intervals): in the scenes
+        the question names by their words ("the picture of the man in a white shirt": the clip
+        that found a person in a white shirt), and over the whole stream only when it asks for
+        the most at once. A session's maximum answered "how many people were in the picture
+        where a man held a clock" with the street camera's crowd."""
+        spans = [(int(r.meta.get("count", 0)), r.t0, r.t1) for r in rows if r.meta.get("event") == "count"]
+        now = sum(1 for line in in_view if line.startswith("person"))
+        if MOST_AT_ONCE.search(query):
+            most = max([(n, clock(t0), clock(t1)) for n, t0, t1 in spans] + [(now, "now", "")])
+            return f"; at most {most[0]} at once ({'-'.join(filter(None, most[1:]))})" if most[0] else ""
+        ignore = TIMELINE_IGNORE | set(content_words(_PEOPLE_WORDS))
+        terms = {w for w in content_words(query) if len(w) > 2 and not w.isdigit() and w not in ignore}
+        if not spans or not terms:
+            return ""
+        clips = self.store.between(session, spans[0][1], until_ts, ("clip",))
+        named = []
+        for clip in clips:
+            if not known(clip, until_ts):
+                continue
+            counts = [n for n, t0, t1 in spans if t0 < clip.t1 and t1 > clip.t0]
+            base = clip.meta.get("base", clip.text)
+            score = len(terms & set(content_words(base)))
+            if counts and score:
+                named.append((score, clip.t0, clip.t1, min(counts), max(counts), base))
+        if not named:
+            return ""
+        best = max(scene[0] for scene in named)
+        chosen = [scene for scene in named if scene[0] == best][-NAMED_SCENES:]
+        return "; in view at once in the scenes the question names: " + ", ".join(
+            f"{low if low == high else f'{low}-{high}'} {'person' if high == 1 else 'people'} "
+            f"({clock(t0)}-{clock(t1)}: {scene_summary(base)})"
+            for _, t0, t1, low, high, base in chosen
+        )
 
     def scene_timeline(
         self, session: str, query: str, until_ts: float, skip: set[str]

@@ -26,7 +26,13 @@ import numpy as np
 
 from omnistream.perception import hands as hand_words
 from omnistream.perception.hands import HandReader
-from omnistream.perception.objects import ObjectDetector, ObjectSighting, middle_colours, package_dir
+from omnistream.perception.objects import (
+    ObjectDetector,
+    ObjectSighting,
+    middle_colours,
+    package_dir,
+    picture_area,
+)
 from omnistream.perception.pose import PoseEstimator
 
 log = logging.getLogger("omnistream.perception")
@@ -298,7 +304,8 @@ class DetectorWorker:
             if self.pose is not None and any(s.label == "person" for s in objects):
                 poses = self.pose.estimate(image, objects)
             found = self.hands.find(image, list(poses.values())) if self.hands is not None else []
-            return hand_words.annotate(objects, poses, found, (image.shape[1], image.shape[0]))
+            size = (image.shape[1], image.shape[0])
+            return hand_words.annotate(objects, poses, found, size, picture_area(image))
         except Exception:
             log.exception("pose or hand estimation failed", extra={"stage": "perception"})
             self.failures += 1

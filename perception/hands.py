@@ -390,6 +390,7 @@ def annotate(
     poses: dict[int, Keypoints],
     hands: list[Hand],
     frame_size: tuple[int, int],
+    area: tuple[int, int, int, int] | None = None,
 ) -> list[ObjectSighting]:
     """One frame's detections with what the people do (``describe_people``) and their hands: a
     hand's gesture and the object it holds go to the person it belongs to; a hand with no person
@@ -421,7 +422,7 @@ def annotate(
             continue
         held.setdefault(owner, []).extend(things)
         if hand.gesture:  # where the hand is, as the viewer sees it: "showing an open hand on the right"
-            side = position_words(hand.box, *frame_size).split(",")[0]
+            side = position_words(hand.box, *frame_size, area).split(",")[0]
             where = "in the centre" if side == "centre" else f"on the {side}"
             extra.setdefault(owner, []).append(f"{GESTURE_WORDS[hand.gesture]} {where}")
     out = describe_people(sightings, poses, held, extra)
@@ -437,7 +438,7 @@ def annotate(
                 score=round(hand.score, 2),
                 box=box,
                 frame_size=(width, height),
-                position=position_words(box, width, height),
+                position=position_words(box, width, height, area),
                 colour="",
                 pose=tuple(words),
             )

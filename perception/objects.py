@@ -135,14 +135,50 @@ def colour_region(image: np.ndarray, box: tuple[int, int, int, int], label: str)
 # --- position --------------------------------------------------------------------------------
 
 
-def position_words(box: tuple[int, int, int, int], width: int, height: int) -> str:
+# Black bars round a picture (a photo or 4:3 video padded to the frame's shape): columns and
+# rows this dark all along (mean and brightest pixel) are not part of the picture.
+BAR_MEAN, BAR_MAX = 12, 40
+BAR_MIN = 0.03  # bars narrower than this share of the frame are ignored
+
+
+def picture_area(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2) of the picture inside black bars of a uint8 (H, W, 3) frame: a portrait
+    photo shown on a wide screen fills only its middle, and "on the left of the picture" is
+    the left of that, not of the screen. The whole frame when it has no bars."""
+    height, width = image.shape[:2]
+    bright = image.max(axis=2)
+    cols = (bright.mean(axis=0) < BAR_MEAN) & (bright.max(axis=0) < BAR_MAX)
+    rows = (bright.mean(axis=1) < BAR_MEAN) & (bright.max(axis=1) < BAR_MAX)
+
+    def inside(dark: np.ndarray, size: int) -> tuple[int, int]:
+        lit = np.flatnonzero(~dark)
+        if not len(lit):
+            return 0, size
+        start, end = int(lit[0]), int(lit[-1]) + 1
+        start = start if start >= BAR_MIN * size else 0
+        end = end if size - end >= BAR_MIN * size else size
+        return start, end
+
+    (x1, x2), (y1, y2) = inside(cols, width), inside(rows, height)
+    return x1, y1, x2, y2
+
+
+def position_words(
+    box: tuple[int, int, int, int], width: int, height: int, area: tuple[int, int, int, int] | None = None
+) -> str:
     """ "left", "centre" or "right" by the box centre (thirds of the width, as the viewer sees the
-    picture), with "near" for a box covering over 30 % of the frame and "far" under 1 %."""
+    picture), with "near" for a box covering over 30 % of the frame and "far" under 1 %. With
+    ``area`` (``picture_area``: the picture inside black bars), of that picture."""
     x1, y1, x2, y2 = box
+    if area is not None:
+        ax1, ay1, ax2, ay2 = area
+        x1, x2 = min(max(x1, ax1), ax2) - ax1, min(max(x2, ax1), ax2) - ax1
+        y1, y2 = min(max(y1, ay1), ay2) - ay1, min(max(y2, ay1), ay2) - ay1
+        width, height = ax2 - ax1, ay2 - ay1
     centre = (x1 + x2) / 2 / max(width, 1)
     side = "left" if centre < 1 / 3 else "right" if centre > 2 / 3 else "centre"
-    area = (x2 - x1) * (y2 - y1) / max(width * height, 1)
-    depth = ", near" if area > 0.3 else ", far" if area < 0.01 else ""
+    area_share = (x2 - x1) * (y2 - y1) / max(width * height, 1)
+    depth = ", near" if area_share > 0.3 else ", far" if area_share < 0.01 else ""
     return side + depth
 
 
@@ -230,13 +266,14 @@ class ObjectDetector:
 
     def detect(self, image: np.ndarray) -> list[ObjectSighting]:
         height, width = image.shape[:2]
+        area = picture_area(image)
         return [
             ObjectSighting(
                 label,
                 round(score, 3),
                 box,
                 (width, height),
-                position_words(box, width, height),
+                position_words(box, width, height, area),
                 colour_name(colour_region(image, box, label)),
             )
             for label, score, box in self.raw(np.ascontiguousarray(image))

@@ -1,0 +1,119 @@
+"""Facts about the scene a question names (issue #17): people counted in that scene by memory's
+timeline, not the session's busiest moment; left and right of the picture inside black bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from omnistream.perception.objects import ObjectSighting, picture_area, position_words
+from omnistream.perception.tracks import Tracker
+from omnistream.protocol.messages import Clip, Percept, Retrieve, Sighting
+
+from .test_memory_and_reasoning import memory_stage
+from .test_objects import rgb
+
+EPISODE = Path(__file__).resolve().parents[2] / "docs" / "episodes" / "scenes" / "episode.mp4"
+
+
+def person(x: int, colour: str, size: int = 80) -> ObjectSighting:
+    box = (x, 100, x + size, 100 + 2 * size)
+    return ObjectSighting("person", 0.9, box, (640, 360), position_words(box, 640, 360), colour)
+
+
+# Three scenes: a street with five people, a portrait of one man in a white shirt, two players.
+SCENES = [
+    (0.0, 14.0, [person(20 + 120 * i, "black", 40) for i in range(5)], "seen: street; objects: 5 people: person in a black shirt (left, far)"),
+    (14.0, 28.0, [person(280, "white", 120)], "seen: jersey (T-shirt); objects: person in a white shirt (centre, near)"),
+    (28.0, 42.0, [person(100, "red"), person(400, "blue")], "seen: basketball; objects: 2 people: person in a red shirt (left)"),
+]  # fmt: skip
+
+
+def stage_with_scenes(tmp_path: Path):
+    stage = memory_stage(tmp_path)
+    stage.emit = lambda message: True
+    tracker = Tracker(min_hits=2, max_missed_s=1.0)
+    events = []
+    for step in range(int(60 / 0.5)):
+        ts = step * 0.5
+        frame = next((people for t0, t1, people, _ in SCENES if t0 <= ts < t1 - 0.5), [])
+        events += tracker.update(ts, frame)
+    events += tracker.flush(60.0)
+    for event in events:
+        stage.handle(
+            Sighting(
+                ts=event.ts, t0=event.t0, label=event.label, event=event.kind, text=event.text,
+                track_id=event.track_id, count=event.count,
+            )
+        )  # fmt: skip
+    for clip_id, (t0, t1, _, description) in enumerate(SCENES):
+        features = np.eye(4, dtype=np.float32)[clip_id]
+        stage.handle(Clip(clip_id=clip_id, t0=t0, ts=t1, features=features, description=description))
+    stage.handle(Percept(ts=60, features=np.ones(4, np.float32) / 2, objects=[]))
+    return stage
+
+
+def person_fact(stage, question: str) -> str:
+    reply = stage.retrieve(Retrieve(ts=60, request_id="q", query=question))
+    [fact] = [fact for fact in reply.items[-1].facts if fact.startswith("person:")]
+    return fact
+
+
+def test_people_are_counted_in_the_scene_the_question_names(tmp_path: Path) -> None:
+    stage = stage_with_scenes(tmp_path)
+    fact = person_fact(stage, "In the picture of the man in a white T-shirt, how many people were there?")
+    assert "at most" not in fact, fact  # the street's five are another scene
+    assert (
+        "in the scenes the question names: 1 person (00:14-00:28: jersey (T-shirt); objects: person in a white shirt"
+        in fact
+    ), fact
+    fact = person_fact(stage, "How many people played basketball?")
+    assert "names: 2 people (00:28-00:42: basketball" in fact, fact
+
+
+def test_the_most_people_at_once_only_when_asked(tmp_path: Path) -> None:
+    stage = stage_with_scenes(tmp_path)
+    assert "at most 5 at once (00:00-00:13)" in person_fact(stage, "What is the most people you saw at once?")
+    # A question that names no scene gets no count from the timeline (the records it gets say them).
+    fact = person_fact(stage, "How many people were there?")
+    assert "at most" not in fact and "in view at once" not in fact, fact
+
+
+def padded(image: np.ndarray, width: int = 640, height: int = 360) -> tuple[np.ndarray, int, float]:
+    """``image`` fitted into a black ``width`` x ``height`` frame (as an episode shows a photo):
+    the frame, the left bar's width and the scale."""
+    scale = min(width / image.shape[1], height / image.shape[0])
+    small = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)))
+    frame = np.zeros((height, width, 3), np.uint8)
+    x0, y0 = (width - small.shape[1]) // 2, (height - small.shape[0]) // 2
+    frame[y0 : y0 + small.shape[0], x0 : x0 + small.shape[1]] = small
+    return frame, x0, scale
+
+
+def test_left_and_right_are_of_the_picture_inside_black_bars() -> None:
+    photo = rgb("fruits.jpg")  # 512 x 480: a tall picture on a wide screen, bars at both sides
+    frame, x0, scale = padded(photo)
+    x1, y1, x2, y2 = picture_area(frame)
+    assert abs(x1 - x0) <= 1 and abs(x2 - (640 - x0)) <= 1 and (y1, y2) == (0, 360)
+    # A thing at x 90-160 of the picture's 512 is on the left of the picture; of the whole
+    # screen, it was in the centre.
+    box = (x0 + round(90 * scale), 100, x0 + round(160 * scale), 200)
+    assert position_words(box, 640, 360) == "centre"
+    assert position_words(box, 640, 360, picture_area(frame)) == "left"
+    assert picture_area(photo) == (0, 0, 512, 480)  # no bars: the whole frame
+    assert picture_area(rgb("messi5.jpg")) == (0, 0, 548, 342)
+
+
+def test_the_picture_area_of_an_encoded_episode_frame() -> None:
+    """H.264 leaves noise in the bars: a breakfast-table photo (1032 x 829) shown at 640 x 360."""
+    video = cv2.VideoCapture(str(EPISODE))
+    video.set(cv2.CAP_PROP_POS_MSEC, 5000)
+    ok, frame = video.read()
+    assert ok, f"cannot read {EPISODE}"
+    x1, y1, x2, y2 = picture_area(frame[:, :, ::-1])
+    assert abs(x1 - 96) <= 3 and abs(x2 - 544) <= 3 and (y1, y2) == (0, 360), (x1, x2)
+    # The mobile phone at the bottom left of the table (in the picture: x 55-190 of 1032).
+    phone = (96 + 24, 250, 96 + 83, 330)
+    assert position_words(phone, 640, 360, (x1, y1, x2, y2)) == "left"
