@@ -155,6 +155,12 @@ def scene_summary(description: str) -> str:
     return text if len(text) <= SCENE_SUMMARY_CHARS else text[: SCENE_SUMMARY_CHARS - 3] + "..."
 
 
+def look(row) -> str:
+    """How a tracker's "appeared" record saw the thing: "yellow ball", "person (in a red shirt)"."""
+    named = row.text.split(" appeared at ")[0].split(" entered at ")[0].split()
+    return " ".join(w for w in named if not w.isdigit())
+
+
 def appearances(clips: list, named_by: list[set[str]], term: str) -> list[list[float]]:
     """[t0, t1] of each run of consecutive clips (time order) whose description names ``term``
     (``named_by``: each clip's ``scene_words``)."""
@@ -411,13 +417,14 @@ class MemoryStage:
                 fact += f" ({ago(until_ts - ended[-1].t1)})" if WHEN.search(query) else ""
             looks: dict[str, list[str]] = {}  # each way it looked (colour, shirt), with its times
             for row in appeared:
-                named = row.text.split(" appeared at ")[0].split(" entered at ")[0].split()
-                looks.setdefault(" ".join(w for w in named if not w.isdigit()), []).append(clock(row.t0))
+                looks.setdefault(look(row), []).append(clock(row.t0))
             if len(looks) > 1:
                 fact += "; seen as " + ", ".join(
-                    f"{look} ({', '.join(times[:TIMELINE_LISTED])}{', ...' if len(times) > TIMELINE_LISTED else ''})"
-                    for look, times in list(looks.items())[:TIMELINE_LISTED]
+                    f"{seen} ({', '.join(times[:TIMELINE_LISTED])}{', ...' if len(times) > TIMELINE_LISTED else ''})"
+                    for seen, times in list(looks.items())[:TIMELINE_LISTED]
                 )
+                if label != "person":
+                    fact += self.looks_named(session, query, until_ts, label, appeared)
             if appeared and not now and WHERE.search(query):  # where: in which scene
                 scene = self.store.between(session, appeared[-1].t0, appeared[-1].t0, ("clip",), 1)
                 if scene:
@@ -452,28 +459,56 @@ class MemoryStage:
         if MOST_AT_ONCE.search(query):
             most = max([(n, clock(t0), clock(t1)) for n, t0, t1 in spans] + [(now, "now", "")])
             return f"; at most {most[0]} at once ({'-'.join(filter(None, most[1:]))})" if most[0] else ""
-        ignore = TIMELINE_IGNORE | set(content_words(_PEOPLE_WORDS))
-        terms = {w for w in content_words(query) if len(w) > 2 and not w.isdigit() and w not in ignore}
-        if not spans or not terms:
+        if not spans:
             return ""
-        clips = self.store.between(session, spans[0][1], until_ts, ("clip",))
-        named = []
-        for clip in clips:
-            if not known(clip, until_ts):
-                continue
-            counts = [n for n, t0, t1 in spans if t0 < clip.t1 and t1 > clip.t0]
-            base = clip.meta.get("base", clip.text)
-            score = len(terms & set(content_words(base)))
-            if counts and score:
-                named.append((score, clip.t0, clip.t1, min(counts), max(counts), base))
+
+        def counts(clip) -> tuple[int, int] | None:
+            inside = [n for n, t0, t1 in spans if t0 < clip.t1 and t1 > clip.t0]
+            return (min(inside), max(inside)) if inside else None
+
+        named = self.named_scenes(session, query, until_ts, spans[0][1], _PEOPLE_WORDS, counts)
         if not named:
             return ""
-        best = max(scene[0] for scene in named)
-        chosen = [scene for scene in named if scene[0] == best][-NAMED_SCENES:]
         return "; in view at once in the scenes the question names: " + ", ".join(
             f"{low if low == high else f'{low}-{high}'} {'person' if high == 1 else 'people'} "
-            f"({clock(t0)}-{clock(t1)}: {scene_summary(base)})"
-            for _, t0, t1, low, high, base in chosen
+            f"({clock(clip.t0)}-{clock(clip.t1)}: {scene_summary(clip.meta.get('base', clip.text))})"
+            for clip, (low, high) in named
+        )
+
+    def named_scenes(
+        self, session: str, query: str, until_ts: float, t_from: float, not_scene: str, keep: Callable
+    ) -> list[tuple]:
+        """The scenes (clips from ``t_from``) a question names by the words of their
+        descriptions, besides ``not_scene``'s words (the thing asked about): (clip, what
+        ``keep(clip)`` says of it) for those sharing the most words with it (at least one),
+        where ``keep`` says something (not None); the latest ``NAMED_SCENES``, in time order."""
+        ignore = TIMELINE_IGNORE | set(content_words(not_scene))
+        terms = {w for w in content_words(query) if len(w) > 2 and not w.isdigit() and w not in ignore}
+        if not terms:
+            return []
+        named = []
+        for clip in self.store.between(session, t_from, until_ts, ("clip",)):
+            score = len(terms & set(content_words(clip.meta.get("base", clip.text))))
+            kept = keep(clip) if score and known(clip, until_ts) else None
+            if kept is not None:
+                named.append((score, clip, kept))
+        best = max((score for score, _, _ in named), default=0)
+        return [(clip, kept) for score, clip, kept in named if score == best][-NAMED_SCENES:]
+
+    def looks_named(self, session: str, query: str, until_ts: float, label: str, appeared: list) -> str:
+        """How a thing seen in several looks (a yellow ball in one scene, white in another) looked
+        in the scenes the question names by other words ("the ball next to the man in a red
+        shirt"): the last-seen record alone named the other scene's look."""
+
+        def looks(clip) -> list[str] | None:
+            seen = [look(row) for row in appeared if clip.t0 - 1.0 <= row.t0 <= clip.t1]
+            return list(dict.fromkeys(seen)) or None
+
+        named = self.named_scenes(session, query, until_ts, appeared[0].t0, f"{label} {spoken(label)}", looks)
+        if not named:
+            return ""
+        return "; in the scenes the question names: " + ", ".join(
+            f"{' and '.join(seen)} ({clock(clip.t0)}-{clock(clip.t1)})" for clip, seen in named
         )
 
     def scene_timeline(

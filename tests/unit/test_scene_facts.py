@@ -117,3 +117,49 @@ def test_the_picture_area_of_an_encoded_episode_frame() -> None:
     # The mobile phone at the bottom left of the table (in the picture: x 55-190 of 1032).
     phone = (96 + 24, 250, 96 + 83, 330)
     assert position_words(phone, 640, 360, (x1, y1, x2, y2)) == "left"
+
+
+def test_a_thing_seen_in_several_looks_is_told_as_it_looked_in_the_scene_named(tmp_path: Path) -> None:
+    """A yellow ball at a footballer's feet, later white balls in a street scene: asked about the
+    ball next to the man in the striped shirt, the timeline says how it looked in that scene."""
+    from dataclasses import replace
+
+    stage = memory_stage(tmp_path)
+    stage.emit = lambda message: True
+    tracker = Tracker(min_hits=2, max_missed_s=1.0)
+    ball = ObjectSighting("sports ball", 0.9, (300, 250, 340, 290), (640, 360), "centre", "yellow")
+    events = []
+    for step in range(120):
+        ts = step * 0.5
+        if ts < 13:
+            events += tracker.update(ts, [ball])
+        elif 20 <= ts < 33 or 40 <= ts < 53:
+            events += tracker.update(ts, [replace(ball, box=(100, 100, 110, 110), colour="white")])
+        else:
+            events += tracker.update(ts, [])
+    for event in events + tracker.flush(60.0):
+        stage.handle(
+            Sighting(
+                ts=event.ts, t0=event.t0, label=event.label, event=event.kind, text=event.text,
+                track_id=event.track_id, count=event.count,
+            )
+        )  # fmt: skip
+    scenes = [
+        (0.0, 14.0, "seen: soccer ball; objects: person in a red and blue striped shirt (centre), yellow ball (centre)"),
+        (20.0, 34.0, "seen: mobile home; objects: 3 people: person in a black shirt (left, far), white ball (left, far)"),
+        (40.0, 54.0, "seen: pole; objects: 2 people: person in a grey shirt (right, far), white ball (left, far)"),
+    ]  # fmt: skip
+    for clip_id, (t0, t1, description) in enumerate(scenes):
+        features = np.eye(4, dtype=np.float32)[clip_id]
+        stage.handle(Clip(clip_id=clip_id, t0=t0, ts=t1, features=features, description=description))
+    stage.handle(Percept(ts=60, features=np.ones(4, np.float32) / 2, objects=[]))
+    question = "What colour was the ball next to the man in the striped shirt?"
+    reply = stage.retrieve(Retrieve(ts=60, request_id="b", query=question))
+    [fact] = [fact for fact in reply.items[-1].facts if fact.startswith("ball:")]
+    assert (
+        "white ball 3 last seen" in fact and "seen as yellow ball (00:00), white ball (00:20, 00:40)" in fact
+    )
+    assert fact.endswith("; in the scenes the question names: yellow ball (00:00-00:14)"), fact
+    # Without words naming a scene, no scene is picked.
+    reply = stage.retrieve(Retrieve(ts=60, request_id="c", query="What colour was the ball?"))
+    assert "question names" not in reply.items[-1].facts[0]
