@@ -6,8 +6,11 @@ after a 256-token prompt, the text's own next tokens fed back so every backend d
 sequence), and time to first token of a 20-token question after a 1024-token context already in
 the cache (the reasoner's case: memory is streamed in before the question comes). The reference
 is llama-cpp-python on the same GGUF file, same prompts, same threads, in the same run; it is
-installed only for this benchmark and skipped with a message when missing. Both compute the
-last position's logits on every call (llama.cpp's ``eval`` does it internally).
+installed only for this benchmark, never in the project's environment: its worker runs under the
+interpreter named by ``$OMNISTREAM_LLAMA_CPP_PYTHON`` (a separate virtual environment with
+llama-cpp-python, see README), else this one if it has the package; without either the reference
+is skipped with a note saying so. Both compute the last position's logits on every call
+(llama.cpp's ``eval`` does it internally).
 
 The gguf format runs the GGUF's own quantized blocks on the native kernel (kernels/cpu/
 kquant.c), the int8 format its int8 rows on the native int8 kernel (kernels/cpu).
@@ -109,19 +112,16 @@ def _rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
+def measure_llama_cpp(gguf: str, threads: int, quick: bool) -> dict:
+    """The llama.cpp reference on the GGUF file ``gguf``. Imports only llama_cpp and the standard
+    library: it runs as a script under another venv's interpreter (``LLAMA_CPP_PYTHON``)."""
     import resource
 
     from llama_cpp import Llama
 
-    from omnistream.protocol.config import load_config
-    from omnistream.reasoning.llm.prepare import PACKAGED_MODELS, assemble_gguf
-
-    config = load_config()
-    gguf = assemble_gguf(PACKAGED_MODELS[model], config.cache_dir / "gguf")
     start = time.perf_counter()
     llm = Llama(
-        model_path=str(gguf),
+        model_path=gguf,
         n_ctx=4096,
         n_threads=threads,
         n_threads_batch=threads,
@@ -164,8 +164,24 @@ def measure_llama_cpp(model: str, threads: int, quick: bool) -> dict:
 # -- the suite --------------------------------------------------------------------------------
 
 
-def _run_worker(backend: str, model: str, fmt: str, threads: int, quick: bool) -> dict:
-    command = [sys.executable, "-m", "omnistream.bench.llm", backend, model, fmt, str(threads)]
+LLAMA_CPP_PYTHON = "OMNISTREAM_LLAMA_CPP_PYTHON"  # interpreter (its own venv) with llama-cpp-python
+
+
+def _gguf_path(model: str) -> str:
+    from omnistream.protocol.config import load_config
+    from omnistream.reasoning.llm.prepare import PACKAGED_MODELS, assemble_gguf
+
+    return str(assemble_gguf(PACKAGED_MODELS[model], load_config().cache_dir / "gguf"))
+
+
+def _run_worker(
+    backend: str, model: str, fmt: str, threads: int, quick: bool, python: str | None = None
+) -> dict:
+    if backend == "llama_cpp":  # this file as a script (-P: nothing beside it on sys.path), the GGUF's path
+        head = [python or sys.executable, "-P", str(Path(__file__).resolve()), backend, _gguf_path(model)]
+    else:
+        head = [sys.executable, "-m", "omnistream.bench.llm", backend, model]
+    command = [*head, fmt, str(threads)]
     if quick:
         command.append("--quick")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -175,10 +191,33 @@ def _run_worker(backend: str, model: str, fmt: str, threads: int, quick: bool) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def llama_cpp_available() -> bool:
+def llama_cpp_python() -> tuple[str | None, str]:
+    """(interpreter, "") for the llama.cpp worker, or (None, why not): ``$OMNISTREAM_LLAMA_CPP_PYTHON``
+    when set (it must import llama_cpp), else this interpreter if it has llama-cpp-python."""
     import importlib.util
 
-    return importlib.util.find_spec("llama_cpp") is not None
+    python = os.environ.get(LLAMA_CPP_PYTHON)
+    if python:
+        done = (
+            subprocess.run(
+                [python, "-c", "import llama_cpp"], capture_output=True, text=True, check=False, timeout=60
+            )
+            if Path(python).exists()
+            else None
+        )
+        if done is None or done.returncode != 0:
+            return None, f"${LLAMA_CPP_PYTHON}={python} cannot import llama_cpp: no llama.cpp reference"
+        return python, ""
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return sys.executable, ""
+    return None, (
+        "llama-cpp-python is not installed: no llama.cpp reference (install it in its own venv and "
+        f"set ${LLAMA_CPP_PYTHON} to that venv's python, see README)"
+    )
+
+
+def llama_cpp_available() -> bool:
+    return llama_cpp_python()[0] is not None
 
 
 ROWS = [
@@ -209,15 +248,14 @@ def run(
     formats = formats or (("gguf", "int8", "float32") if quick else ("gguf", "int8", "float32", "bfloat16"))
     rows: list[dict] = []
     _NOTES.clear()
+    python, missing = llama_cpp_python()
+    if python is None:
+        _NOTES.append(missing)
     for model in models:
         reference = None
-        if llama_cpp_available():
+        if python is not None:
             progress(f"bench llm: llama.cpp {model} (reference)")
-            reference = _run_worker("llama_cpp", model, "Q4_K_M", threads, quick)
-        else:
-            _NOTES.append(
-                "llama-cpp-python is not installed: no llama.cpp reference (pip install llama-cpp-python)"
-            )
+            reference = _run_worker("llama_cpp", model, "Q4_K_M", threads, quick, python)
         for fmt in formats:
             progress(f"bench llm: {model} {fmt}")
             measured = _run_worker("torch", model, fmt, threads, quick)
@@ -236,7 +274,7 @@ def report_extra() -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m omnistream.bench.llm", description="one bench worker")
     parser.add_argument("backend", choices=("torch", "llama_cpp"))
-    parser.add_argument("model")
+    parser.add_argument("model", help="a packaged model's name; for llama_cpp also a .gguf file's path")
     parser.add_argument("format")
     parser.add_argument("threads", type=int)
     parser.add_argument("--quick", action="store_true")
@@ -244,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.backend == "torch":
         result = measure_torch(args.model, args.format, args.threads, args.quick)
     else:
-        result = measure_llama_cpp(args.model, args.threads, args.quick)
+        gguf = args.model if args.model.endswith(".gguf") else _gguf_path(args.model)
+        result = measure_llama_cpp(gguf, args.threads, args.quick)
     print(json.dumps(result))
 
 
