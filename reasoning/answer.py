@@ -190,6 +190,10 @@ class Answerer:
         # it, ``memory_for``'s ``queued_from``): at most this many tokens of them read as text.
         self.backlog_tokens = backlog_tokens
         self.last_backlog: list[MemoryItem] = []  # those the last answer read
+        # Where the last answer's first token went: assembling its memory, and the prompt read
+        # after it (what is on screen, related lines, the question), in tokens.
+        self.last_memory_s = 0.0
+        self.last_suffix_tokens = 0
         self.engine = engine
         self.block_ram_bytes = block_ram_bytes
         self.spill_root = spill_root
@@ -554,7 +558,10 @@ class Answerer:
             cache, suffix = prepared.cache, torch.tensor([unread])
             self.last_context = prepared.context
         else:
+            began = time.perf_counter()
             cache, now = self.memory_for(ask, items, queued_from)
+            self.last_memory_s = time.perf_counter() - began
+            self.last_suffix_tokens = len(self.engine.ids(self.suffix_text(ask, now, []))[0])
             if ask.choices and self.choice_scoring == "answer":
                 yield from self._answer_then_choose(ask, cache, now, should_stop)
                 return

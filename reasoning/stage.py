@@ -733,6 +733,8 @@ class ReasoningStage:
                 "records_s": round(records_at - start, 3),
                 "deferred": deferred,
                 "backlog_read": len(self.answerer.last_backlog) if deferred else 0,
+                "memory_s": round(self.answerer.last_memory_s, 3),
+                "suffix_tokens": self.answerer.last_suffix_tokens,
                 "retrieve_s": round(retrieved_at - records_at, 3),
                 "first_token_s": round(done.first_token_s, 3),
                 "total_s": round(done.total_s, 3),
