@@ -199,6 +199,12 @@ def _described(track: Track) -> str:
 
 
 def _where(track: Track) -> str:
+    """Where it is, and what a hand does ("in the centre, near, showing an open hand"): a hand's
+    record is what a question about a gesture shown minutes ago finds. (A person's pose words
+    change from frame to frame; the clip descriptions carry them.)"""
     side = track.sighting.position
     where = ("in the " if side.startswith("centre") else "on the ") + side
-    return where + (f", {track.near}" if track.near else "")
+    where += f", {track.near}" if track.near else ""
+    if track.label != "person" and track.sighting.pose:
+        where += ", " + ", ".join(track.sighting.pose)
+    return where

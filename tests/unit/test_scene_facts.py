@@ -163,3 +163,17 @@ def test_a_thing_seen_in_several_looks_is_told_as_it_looked_in_the_scene_named(t
     # Without words naming a scene, no scene is picked.
     reply = stage.retrieve(Retrieve(ts=60, request_id="c", query="What colour was the ball?"))
     assert "question names" not in reply.items[-1].facts[0]
+
+
+def test_a_hand_record_says_what_the_hand_did() -> None:
+    """A close-up hand's gesture rides in its tracker records ("how was the hand held?" asked a
+    minute later finds them); a person's pose words stay in the clip descriptions."""
+    hand = ObjectSighting(
+        "hand", 0.99, (200, 60, 460, 330), (640, 360), "centre, near", "", ("showing an open hand",)
+    )
+    tracker = Tracker(min_hits=2, max_missed_s=1.0)
+    events = tracker.update(0.0, [hand]) + tracker.update(0.5, [hand]) + tracker.flush(14.0)
+    assert [e.text for e in events] == [
+        "hand 1 appeared at 00:00, in the centre, near, showing an open hand",
+        "hand 1 last seen at 00:00, in the centre, near, showing an open hand (in view 00:00-00:00)",
+    ]
