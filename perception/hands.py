@@ -385,6 +385,11 @@ def _owner(hand: Hand, sightings: list[ObjectSighting]) -> int | None:
     return None if best is None else best[1]
 
 
+# A hand with no person around it is a close-up in front of the camera: one smaller than this
+# share of the frame (a "far" thing) is most likely a palm the detector saw in something else.
+LOOSE_HAND_MIN = 0.01
+
+
 def annotate(
     sightings: list[ObjectSighting],
     poses: dict[int, Keypoints],
@@ -430,6 +435,8 @@ def annotate(
     for hand, things in loose:
         x1, y1, x2, y2 = hand.box
         box = (max(0, x1), max(0, y1), min(width, x2), min(height, y2))
+        if (box[2] - box[0]) * (box[3] - box[1]) < LOOSE_HAND_MIN * width * height:
+            continue  # a tiny hand with nobody around it: a palm seen in a bus front or a sign
         words = [GESTURE_WORDS[hand.gesture]] if hand.gesture else []
         words += [f"holding {article(thing.name())}" for thing in things]
         out.append(

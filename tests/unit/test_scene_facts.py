@@ -177,3 +177,21 @@ def test_a_hand_record_says_what_the_hand_did() -> None:
         "hand 1 appeared at 00:00, in the centre, near, showing an open hand",
         "hand 1 last seen at 00:00, in the centre, near, showing an open hand (in view 00:00-00:00)",
     ]
+
+
+def test_a_tiny_hand_with_nobody_around_it_is_not_a_hand() -> None:
+    """Palm detection finds "hands" in a bus front or a sign; a hand with no person around it is
+    a close-up, never a speck under 1 % of the frame."""
+    from omnistream.perception.hands import Hand, annotate
+
+    def hand_at(box: tuple[int, int, int, int]) -> Hand:
+        points = np.zeros((21, 3), np.float32)
+        points[:, 0] = np.linspace(box[0], box[2], 21)
+        points[:, 1] = np.linspace(box[1], box[3], 21)
+        return Hand(points=points, score=0.8, gesture="a V sign")
+
+    bus = ObjectSighting("bus", 0.99, (150, 40, 560, 330), (640, 360), "centre, near", "red")
+    out = annotate([bus], {}, [hand_at((300, 150, 320, 170))], (640, 360))
+    assert [s.label for s in out] == ["bus"]
+    out = annotate([bus], {}, [hand_at((40, 150, 110, 230))], (640, 360))  # 2.4 % of the frame
+    assert [s.label for s in out] == ["bus", "hand"]
