@@ -22,8 +22,7 @@
  * Tiles: MT tokens x NR weight rows; the rows' blocks are unpacked once per tile and used for MT
  * tokens. Decoding (M = 1) runs 1 x 4 tiles with a software prefetch ahead of the weight sweep
  * (memory bound); prefills run 4 x 2 tiles over token blocks that stay in L2 (compute bound),
- * Q4_K and Q6_K 4 x 3 ones whose integer part is in assembly (q4k/q6k_sb4x3_asm: 12 accumulators;
- * on CPUs with AVX512-VNNI the same tiles with vpdpwssd in place of vpmaddwd + vpaddd).
+ * Q4_K and Q6_K 4 x 3 ones whose integer part is in assembly (q4k/q6k_sb4x3_asm: 12 accumulators).
  * Every tile shape gives the same integer sums (lane for lane) and float steps per output.
  * Output rows are handed out in chunks through parallel_chunks (pool.c).
  */
@@ -38,12 +37,6 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-#ifndef KQ_EVEX
-#define KQ_EVEX 1
-#endif
-#ifndef KQ_NEXT_PF
-#define KQ_NEXT_PF 1
-#endif
 #ifndef KQ_PF_DIST
 #define KQ_PF_DIST 1536 /* decoding: software prefetch distance (bytes) ahead of the tile sweep */
 #endif
@@ -59,24 +52,6 @@ _Static_assert(sizeof(blk_q4k) == 148 && sizeof(blk_q6k) == 210, "K-quant block 
 _Static_assert(sizeof(blk_q80) == 34 && sizeof(blk_q50) == 22, "32-block sizes");
 
 int kq_abi_version(void) { return 1; }
-
-/* Whether the prefill tiles add their scaled products with AVX512-VNNI's vpdpwssd (on ymm
- * registers): set at load where the CPU has AVX512-VNNI and AVX512-VL (checked at run time, so
- * one build runs on AVX2-only CPUs too); kq_set_vnni switches it (tests compare both). */
-static int kq_vnni;
-
-int kq_vnni_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
-}
-
-__attribute__((constructor)) static void kq_detect(void) { kq_vnni = kq_vnni_supported(); }
-
-/* Use VNNI (on != 0, where supported) or not; returns whether it is used now. */
-int kq_set_vnni(int on) {
-    kq_vnni = on && kq_vnni_supported();
-    return kq_vnni;
-}
 
 static int block_values(int type) { return type == KQ_Q4_K || type == KQ_Q6_K ? 256 : 32; }
 static size_t block_bytes(int type) {
@@ -212,104 +187,50 @@ INLINE void q4k_tile(const acts_t *A, int t0, const blk_q4k *w, int nb, int MT, 
 /* Prefill tile for Q4_K, 4 tokens x 3 rows, one super-block, in assembly (intrinsics spill the 12
  * accumulators). ymm0-11 accumulate acc[t][r] (lane-for-lane the sums of q4k_tile), ymm12/13 hold
  * a row's low/high nibbles of 64 values, ymm14 a sub-block scale (int16 broadcast), ymm15 the
- * products; the activations are maddubs' memory operand. sc16: the rows' 8 scales as int16.
- * Two builds of the same steps: the scaled int16 pairs are added to the accumulator by vpmaddwd
- * + vpaddd (AVX2), or by one vpdpwssd (AVX512-VNNI on ymm registers, where the CPU has it: the
- * same int32 sums, a third fewer instructions per 32 products). */
-static const uint8_t KQ_M4[32] __attribute__((aligned(32))) = {
-    15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
-    15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15};
-/* the int16 products T (pairs) times the scales S, added into ACC */
-#define KQ_ACC_AVX2(T, S, ACC) "vpmaddwd %%" S ", %%" T ", %%" T "\n\t" "vpaddd %%" T ", %%" ACC ", %%" ACC "\n\t"
-#define KQ_ACC_VNNI(T, S, ACC) "vpdpwssd %%" S ", %%" T ", %%" ACC "\n\t"
-/* one token: products of 32 values (activations at XO of XP) with QR, scaled, into ACC */
-#define KQ_MAC(F, XO, QR, XP, ACC) "vpmaddubsw " XO "(%[" XP "]), %%" QR ", %%ymm15\n\t" F("ymm15", "ymm14", ACC)
-/* row R (pointer WP, accumulators A0..A3 for tokens 0..3), values 64p..64p+63 */
-#define KQ_ROW(F, P, WP, SO_LO, SO_HI, A0, A1, A2, A3)                                         \
-    "vmovdqu " #P "*32(%[" WP "]), %%ymm12\n\t"                                                \
-    "vpsrlw $4, %%ymm12, %%ymm13\n\t"                                                          \
-    "vpand %[m4], %%ymm12, %%ymm12\n\t"                                                        \
-    "vpbroadcastw " SO_LO "(%[sc]), %%ymm14\n\t"                                               \
-    KQ_MAC(F, #P "*64", "ymm12", "x0", A0) KQ_MAC(F, #P "*64", "ymm12", "x1", A1)              \
-    KQ_MAC(F, #P "*64", "ymm12", "x2", A2) KQ_MAC(F, #P "*64", "ymm12", "x3", A3)              \
-    "vpand %[m4], %%ymm13, %%ymm13\n\t"                                                        \
-    "vpbroadcastw " SO_HI "(%[sc]), %%ymm14\n\t"                                               \
-    KQ_MAC(F, #P "*64+32", "ymm13", "x0", A0) KQ_MAC(F, #P "*64+32", "ymm13", "x1", A1)        \
-    KQ_MAC(F, #P "*64+32", "ymm13", "x2", A2) KQ_MAC(F, #P "*64+32", "ymm13", "x3", A3)
-/* sub-block 2p of row r: scale at byte 2*(8r + 2p) */
-#define KQ_P(F, P)                                                                             \
-    KQ_ROW(F, P, "w0", #P "*4", #P "*4+2", "ymm0", "ymm3", "ymm6", "ymm9")                     \
-    KQ_ROW(F, P, "w1", "16+" #P "*4", "18+" #P "*4", "ymm1", "ymm4", "ymm7", "ymm10")          \
-    KQ_ROW(F, P, "w2", "32+" #P "*4", "34+" #P "*4", "ymm2", "ymm5", "ymm8", "ymm11")
-#define KQ_SB4X3(F)                                                                            \
-    __asm__ volatile(                                                                          \
-        TILE12_ZERO                                                                            \
-        KQ_P(F, 0) KQ_P(F, 1) KQ_P(F, 2) KQ_P(F, 3)                                            \
-        TILE12_STORE                                                                           \
-        :                                                                                      \
-        : [x0] "r"(x[0]), [x1] "r"(x[1]), [x2] "r"(x[2]), [x3] "r"(x[3]), [w0] "r"(q[0]),      \
-          [w1] "r"(q[1]), [w2] "r"(q[2]), [sc] "r"(sc16), [out] "r"(out),                      \
-          [m4] "m"(*(const __m256i *)KQ_M4)                                                    \
-        : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",    \
-          "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15")
+ * products; the activations are maddubs' memory operand. sc16: the rows' 8 scales as int16. */
 static void q4k_sb4x3_asm(const int8_t *const x[4], const uint8_t *const q[3], const int16_t *sc16,
                           __m256i out[12]) {
-    KQ_SB4X3(KQ_ACC_AVX2);
-}
-static void q4k_sb4x3_vnni(const int8_t *const x[4], const uint8_t *const q[3], const int16_t *sc16,
-                           __m256i out[12]) {
-    KQ_SB4X3(KQ_ACC_VNNI);
-}
-#undef KQ_MAC
-#undef KQ_ROW
-#undef KQ_P
-#undef KQ_SB4X3
-/* The VNNI build with the 4 tokens' activations of 64 values held in ymm16-23 (EVEX registers,
- * there with AVX512-VL) and used by the 3 rows: a third of the activation loads. */
-#define KQ_MACR(XR, QR, ACC) "vpmaddubsw %%" XR ", %%" QR ", %%ymm15\n\t" KQ_ACC_VNNI("ymm15", "ymm14", ACC)
-#define KQ_ROWR(P, WP, SO_LO, SO_HI, A0, A1, A2, A3)                                            \
+    static const uint8_t M4[32] __attribute__((aligned(32))) = {
+        15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
+        15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15};
+    /* one token: products of 32 values (activations at XO of XP) with QR, scaled, into ACC */
+#define KQ_MAC(XO, QR, XP, ACC)                                                                \
+    "vpmaddubsw " XO "(%[" XP "]), %%" QR ", %%ymm15\n\t"                                      \
+    "vpmaddwd %%ymm14, %%ymm15, %%ymm15\n\t"                                                   \
+    "vpaddd %%ymm15, %%" ACC ", %%" ACC "\n\t"
+    /* row R (pointer WP, accumulators A0..A3 for tokens 0..3), values 64p..64p+63 */
+#define KQ_ROW(P, WP, SO_LO, SO_HI, A0, A1, A2, A3)                                            \
     "vmovdqu " #P "*32(%[" WP "]), %%ymm12\n\t"                                                \
     "vpsrlw $4, %%ymm12, %%ymm13\n\t"                                                          \
     "vpand %[m4], %%ymm12, %%ymm12\n\t"                                                        \
     "vpbroadcastw " SO_LO "(%[sc]), %%ymm14\n\t"                                               \
-    KQ_MACR("ymm16", "ymm12", A0) KQ_MACR("ymm18", "ymm12", A1)                                \
-    KQ_MACR("ymm20", "ymm12", A2) KQ_MACR("ymm22", "ymm12", A3)                                \
+    KQ_MAC(#P "*64", "ymm12", "x0", A0) KQ_MAC(#P "*64", "ymm12", "x1", A1)                    \
+    KQ_MAC(#P "*64", "ymm12", "x2", A2) KQ_MAC(#P "*64", "ymm12", "x3", A3)                    \
     "vpand %[m4], %%ymm13, %%ymm13\n\t"                                                        \
     "vpbroadcastw " SO_HI "(%[sc]), %%ymm14\n\t"                                               \
-    KQ_MACR("ymm17", "ymm13", A0) KQ_MACR("ymm19", "ymm13", A1)                                \
-    KQ_MACR("ymm21", "ymm13", A2) KQ_MACR("ymm23", "ymm13", A3)
-#define KQ_LOADX(P)                                                                            \
-    "vmovdqu64 " #P "*64(%[x0]), %%ymm16\n\t" "vmovdqu64 " #P "*64+32(%[x0]), %%ymm17\n\t"     \
-    "vmovdqu64 " #P "*64(%[x1]), %%ymm18\n\t" "vmovdqu64 " #P "*64+32(%[x1]), %%ymm19\n\t"     \
-    "vmovdqu64 " #P "*64(%[x2]), %%ymm20\n\t" "vmovdqu64 " #P "*64+32(%[x2]), %%ymm21\n\t"     \
-    "vmovdqu64 " #P "*64(%[x3]), %%ymm22\n\t" "vmovdqu64 " #P "*64+32(%[x3]), %%ymm23\n\t"
-#define KQ_PR(P)                                                                               \
-    KQ_LOADX(P)                                                                                \
-    KQ_ROWR(P, "w0", #P "*4", #P "*4+2", "ymm0", "ymm3", "ymm6", "ymm9")                       \
-    KQ_ROWR(P, "w1", "16+" #P "*4", "18+" #P "*4", "ymm1", "ymm4", "ymm7", "ymm10")            \
-    KQ_ROWR(P, "w2", "32+" #P "*4", "34+" #P "*4", "ymm2", "ymm5", "ymm8", "ymm11")
-__attribute__((target("avx512vl,avx512bw,avx512vnni")))
-static void q4k_sb4x3_evex(const int8_t *const x[4], const uint8_t *const q[3], const int16_t *sc16,
-                           __m256i out[12]) {
+    KQ_MAC(#P "*64+32", "ymm13", "x0", A0) KQ_MAC(#P "*64+32", "ymm13", "x1", A1)              \
+    KQ_MAC(#P "*64+32", "ymm13", "x2", A2) KQ_MAC(#P "*64+32", "ymm13", "x3", A3)
+    /* sub-block 2p of row r: scale at byte 2*(8r + 2p) */
+#define KQ_P(P)                                                                                \
+    KQ_ROW(P, "w0", #P "*4", #P "*4+2", "ymm0", "ymm3", "ymm6", "ymm9")                        \
+    KQ_ROW(P, "w1", "16+" #P "*4", "18+" #P "*4", "ymm1", "ymm4", "ymm7", "ymm10")             \
+    KQ_ROW(P, "w2", "32+" #P "*4", "34+" #P "*4", "ymm2", "ymm5", "ymm8", "ymm11")
     __asm__ volatile(
         TILE12_ZERO
-        KQ_PR(0) KQ_PR(1) KQ_PR(2) KQ_PR(3)
+        KQ_P(0) KQ_P(1) KQ_P(2) KQ_P(3)
         TILE12_STORE
         :
         : [x0] "r"(x[0]), [x1] "r"(x[1]), [x2] "r"(x[2]), [x3] "r"(x[3]), [w0] "r"(q[0]),
-          [w1] "r"(q[1]), [w2] "r"(q[2]), [sc] "r"(sc16), [out] "r"(out),
-          [m4] "m"(*(const __m256i *)KQ_M4)
+          [w1] "r"(q[1]), [w2] "r"(q[2]), [sc] "r"(sc16), [out] "r"(out), [m4] "m"(*(const __m256i *)M4)
         : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
-          "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17",
-          "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23");
+          "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+#undef KQ_MAC
+#undef KQ_ROW
+#undef KQ_P
 }
-#undef KQ_MACR
-#undef KQ_ROWR
-#undef KQ_LOADX
-#undef KQ_PR
 
 /* The Q4_K prefill tile, 4 tokens x 3 rows: q4k_tile's sums and float steps, the integer part of
- * each super-block in q4k_sb4x3_asm (or its VNNI build). */
+ * each super-block in q4k_sb4x3_asm. */
 static void q4k_tile4x3(const acts_t *A, int t0, const blk_q4k *w, int nb, float *out) {
     __m256 accf[4][3];
     __m256i acci[12] __attribute__((aligned(32)));
@@ -325,12 +246,7 @@ static void q4k_tile4x3(const acts_t *A, int t0, const blk_q4k *w, int nb, float
             q[r] = blk->qs;
             _mm_store_si128((__m128i *)(sc16 + 8 * r), _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)blk->sc)));
         }
-        if (kq_vnni && KQ_EVEX)
-            q4k_sb4x3_evex(x, q, sc16, acci);
-        else if (kq_vnni)
-            q4k_sb4x3_vnni(x, q, sc16, acci);
-        else
-            q4k_sb4x3_asm(x, q, sc16, acci);
+        q4k_sb4x3_asm(x, q, sc16, acci);
         /* the float steps of q4k_tile, with d * da and dmin * da as vector products (same values) */
         __m256 da[4];
         __m256i sums[4];
@@ -419,15 +335,20 @@ INLINE void q6k_tile(const acts_t *A, int t0, const blk_q6k *w, int nb, int MT, 
  * ymm12 holds a row's 32 6-bit values (4 low bits from ql, 2 high from qh), ymm13 their scales
  * (sc: per row 8 vectors, low half the first 16-value sub-block's scale, high half the second's),
  * ymm14/15 the products. x: the tokens' activations of the super-block, q: the rows' blocks. */
-static const uint8_t KQ_M6[2][32] __attribute__((aligned(32))) = {
-    {15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
-     15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15},
-    {48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48,
-     48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48}};
-/* one token: products of 32 values (activations at XO of XP) with ymm12, scaled, into ACC */
-#define KQ_MAC6(XO, XP, T, ACC) "vpmaddubsw " XO "(%[" XP "]), %%ymm12, %%" T "\n\t" KQ_ACC6(T, "ymm13", ACC)
-/* row WP, values 32c..32c+31 of half H (c = 4H + I): low bits at LO (shifted by LOSH), high
- * bits at qh (128 + 32H, moved into bits 4-5 by QHSH), scales vector SC */
+static void q6k_sb4x3_asm(const int8_t *const x[4], const blk_q6k *const q[3], const __m256i *sc,
+                          __m256i out[12]) {
+    static const uint8_t M[2][32] __attribute__((aligned(32))) = {
+        {15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15,
+         15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15},
+        {48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48,
+         48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48}};
+    /* one token: products of 32 values (activations at XO of XP) with ymm12, scaled, into ACC */
+#define KQ_MAC6(XO, XP, T, ACC)                                                                \
+    "vpmaddubsw " XO "(%[" XP "]), %%ymm12, %%" T "\n\t"                                       \
+    "vpmaddwd %%ymm13, %%" T ", %%" T "\n\t"                                                   \
+    "vpaddd %%" T ", %%" ACC ", %%" ACC "\n\t"
+    /* row WP, values 32c..32c+31 of half H (c = 4H + I): low bits at LO (shifted by LOSH), high
+     * bits at qh (128 + 32H, moved into bits 4-5 by QHSH), scales vector SC */
 #define KQ_ROW6(H, I, LO, LOSH, QHSH, WP, SC, A0, A1, A2, A3)                                  \
     "vmovdqu 64*" #H "+" LO "(%[" WP "]), %%ymm12\n\t" LOSH                                    \
     "vpand %[m4], %%ymm12, %%ymm12\n\t"                                                        \
@@ -441,44 +362,30 @@ static const uint8_t KQ_M6[2][32] __attribute__((aligned(32))) = {
     KQ_ROW6(H, I, LO, LOSH, QHSH, "w0", "0", "ymm0", "ymm3", "ymm6", "ymm9")                  \
     KQ_ROW6(H, I, LO, LOSH, QHSH, "w1", "1", "ymm1", "ymm4", "ymm7", "ymm10")                 \
     KQ_ROW6(H, I, LO, LOSH, QHSH, "w2", "2", "ymm2", "ymm5", "ymm8", "ymm11")
-/* the four 32-value chunks of a half, as q6k_tile unpacks them */
+    /* the four 32-value chunks of a half, as q6k_tile unpacks them */
 #define KQ_HALF6(H)                                                                            \
     KQ_CHUNK6(H, 0, "0", "", "vpsllw $4, %%ymm15, %%ymm15\n\t")                                \
     KQ_CHUNK6(H, 1, "32", "", "vpsllw $2, %%ymm15, %%ymm15\n\t")                               \
     KQ_CHUNK6(H, 2, "0", "vpsrlw $4, %%ymm12, %%ymm12\n\t", "")                                \
     KQ_CHUNK6(H, 3, "32", "vpsrlw $4, %%ymm12, %%ymm12\n\t", "vpsrlw $2, %%ymm15, %%ymm15\n\t")
-/* the tile's assembly, its accumulate step KQ_ACC6 (AVX2 or VNNI) defined at each use */
-#define KQ6_SB4X3                                                                              \
-    __asm__ volatile(                                                                          \
-        TILE12_ZERO                                                                            \
-        KQ_HALF6(0) KQ_HALF6(1)                                                                \
-        TILE12_STORE                                                                           \
-        :                                                                                      \
-        : [x0] "r"(x[0]), [x1] "r"(x[1]), [x2] "r"(x[2]), [x3] "r"(x[3]), [w0] "r"(q[0]),      \
-          [w1] "r"(q[1]), [w2] "r"(q[2]), [sc] "r"(sc), [out] "r"(out),                        \
-          [m4] "m"(*(const __m256i *)KQ_M6[0]), [m30] "m"(*(const __m256i *)KQ_M6[1])          \
-        : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",    \
+    __asm__ volatile(
+        TILE12_ZERO
+        KQ_HALF6(0) KQ_HALF6(1)
+        TILE12_STORE
+        :
+        : [x0] "r"(x[0]), [x1] "r"(x[1]), [x2] "r"(x[2]), [x3] "r"(x[3]), [w0] "r"(q[0]),
+          [w1] "r"(q[1]), [w2] "r"(q[2]), [sc] "r"(sc), [out] "r"(out),
+          [m4] "m"(*(const __m256i *)M[0]), [m30] "m"(*(const __m256i *)M[1])
+        : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
           "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
-#define KQ_ACC6 KQ_ACC_AVX2
-static void q6k_sb4x3_asm(const int8_t *const x[4], const blk_q6k *const q[3], const __m256i *sc,
-                          __m256i out[12]) {
-    KQ6_SB4X3;
-}
-#undef KQ_ACC6
-#define KQ_ACC6 KQ_ACC_VNNI
-static void q6k_sb4x3_vnni(const int8_t *const x[4], const blk_q6k *const q[3], const __m256i *sc,
-                           __m256i out[12]) {
-    KQ6_SB4X3;
-}
-#undef KQ_ACC6
-#undef KQ6_SB4X3
 #undef KQ_MAC6
 #undef KQ_ROW6
 #undef KQ_CHUNK6
 #undef KQ_HALF6
+}
 
 /* The Q6_K prefill tile, 4 tokens x 3 rows: q6k_tile's sums and float steps, the integer part of
- * each super-block in q6k_sb4x3_asm (or its VNNI build). */
+ * each super-block in q6k_sb4x3_asm. */
 static void q6k_tile4x3(const acts_t *A, int t0, const blk_q6k *w, int nb, float *out) {
     __m256 accf[4][3];
     __m256i acci[12] __attribute__((aligned(32)));
@@ -496,10 +403,7 @@ static void q6k_tile4x3(const acts_t *A, int t0, const blk_q6k *w, int nb, float
                 for (int i = 0; i < 4; i++) sc[r][4 * h + i] = bcast(s, PAIR16[i]);
             }
         }
-        if (kq_vnni)
-            q6k_sb4x3_vnni(x, q, sc[0], acci);
-        else
-            q6k_sb4x3_asm(x, q, sc[0], acci);
+        q6k_sb4x3_asm(x, q, sc[0], acci);
         for (int r = 0; r < 3; r++) {
             const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q[r]->sc));
             const __m256 d = _mm256_set1_ps(h2f(q[r]->d));
@@ -637,10 +541,6 @@ static void compute_rows(const call_t *c, int n0, int n1) {
         if (c->type == KQ_Q4_K || c->type == KQ_Q6_K) /* 4 x 3 tiles in assembly, then the 4 x 2 ones below */
             for (; n + 3 <= n1; n += 3) {
                 const uint8_t *wr = c->w + n * c->row_bytes;
-#if KQ_NEXT_PF
-                if (m0 == 0 && n + 6 <= n1) /* the next 3 rows, while these serve the token tiles */
-                    for (size_t j = 0; j < 3 * c->row_bytes; j += 64) _mm_prefetch((const char *)wr + 3 * c->row_bytes + j, _MM_HINT_T0);
-#endif
                 int m = m0;
                 for (; m + 4 <= m1; m += 4) {
                     if (c->type == KQ_Q4_K)

@@ -49,9 +49,6 @@ def _lib() -> ctypes.CDLL:
     lib.kq_linear.argtypes = [i, p, i, i, p, i, p, p, ctypes.c_long, i]
     lib.kq_dequant_rows.restype = i
     lib.kq_dequant_rows.argtypes = [i, p, i, p, i, p]
-    lib.kq_vnni_supported.restype = i
-    lib.kq_set_vnni.restype = i
-    lib.kq_set_vnni.argtypes = [i]
     lib.kq_quantize_rows.restype = None
     lib.kq_quantize_rows.argtypes = [p, i, i, i, p, p, p]
     _ready = lib
@@ -63,18 +60,6 @@ def available() -> bool:
         return cpu.available() and _lib() is not None
     except RuntimeError:
         return False
-
-
-def vnni_supported() -> bool:
-    """Whether this CPU has AVX512-VNNI (and VL): the prefill tiles then add their products with
-    vpdpwssd (the same integer sums as AVX2's vpmaddwd + vpaddd, fewer instructions)."""
-    return bool(_lib().kq_vnni_supported())
-
-
-def set_vnni(on: bool) -> bool:
-    """Use the VNNI tiles (where supported; the default) or the AVX2 ones; returns whether VNNI
-    is used now."""
-    return bool(_lib().kq_set_vnni(int(on)))
 
 
 def repack(qtype: int, raw: np.ndarray) -> np.ndarray:

@@ -117,18 +117,13 @@ def test_activation_quantization(block):
     assert torch.allclose(d, scales) and (q.float() - values).abs().max() <= 1
 
 
-@pytest.mark.parametrize("vnni", [True, False], ids=["vnni", "avx2"])
 @pytest.mark.parametrize("n", [3, 4, 5, 7, 26])
 @pytest.mark.parametrize("m", [4, 5, 6, 7, 9])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: kquant.NAMES[t])
-def test_prefill_tiles_equal_decode_tiles(qtype, m, n, vnni):
-    """Every prefill tile (the assembly 4 x 3 ones, in their AVX2 and AVX512-VNNI builds, the
-    4 x 2 and 1-row tails for the rest of the rows and tokens) gives bit for bit what decoding one
-    token at a time gives: the same integer sums and float steps per output."""
-    if vnni and not kquant.vnni_supported():
-        pytest.skip("this CPU has no AVX512-VNNI")
-    kquant.set_vnni(vnni)
-    default = kquant.vnni_supported()
+def test_prefill_tiles_equal_decode_tiles(qtype, m, n):
+    """Every prefill tile (the assembly 4 x 3 ones, the 4 x 2 and 1-row tails for the rest of the
+    rows and tokens) gives bit for bit what decoding one token at a time gives: the same integer
+    sums and float steps per output."""
     k = 512
     raw = random_blocks(qtype, n, k, seed=100 * m + n + qtype)
     layer = kquant.KQuantLinear([kquant.QTensor.from_gguf_blocks(qtype, raw, k)], torch.randn(n))
@@ -140,7 +135,6 @@ def test_prefill_tiles_equal_decode_tiles(qtype, m, n, vnni):
         one = torch.cat([layer(x[i : i + 1]) for i in range(m)])
     finally:
         native.set_threads(None)
-        kquant.set_vnni(default)  # back to the default (VNNI where the CPU has it)
     assert torch.equal(y, one)
 
 
