@@ -40,10 +40,42 @@ def format_item(item: MemoryItem) -> str:
         return f'[{span}] {who}: "{item.text}"'
     if item.kind == "now":
         line = f"[now, {clock(item.t1)}] on screen right now: {item.text.removeprefix('seen: ')}"
-        return "\n".join([line, *(f"[timeline] {fact}" for fact in item.facts)])
+        return "\n".join([line, *(f"[timeline] {fact}" for fact in bounded_facts(item.facts))])
     if item.kind == "sighting":
         return f"[{span}] {item.text}"
     return f"[{span}] on screen: {item.text.removeprefix('seen: ')}"
+
+
+TIMELINE_FACT_CHARS = 240  # one timeline fact (a thing's appearances, looks, scenes), ~60 tokens
+TIMELINE_CHARS = 720  # all of them, ~180 tokens: read after memory, before the first token
+
+
+def bounded_facts(facts: list[str]) -> list[str]:
+    """The "now" record's timeline facts within ``TIMELINE_CHARS``, each within
+    ``TIMELINE_FACT_CHARS`` (cut at a clause, marked "..."). Memory lists a fact per thing the
+    question names, and a question naming many (colours, "black-and-white") gave 130-460 tokens
+    of them, read before the answer's first token. The things come first in memory's order (the
+    detector's classes, then scene words); the order-of-appearance lines, which answer "which
+    first", are always kept; the first fact may take twice the length of the others (a count
+    of people in the scenes the question names comes after the looks)."""
+    kept, used = [], 0
+    order = [fact for fact in facts if fact.startswith("in order of ")]
+    for fact in facts:
+        if fact in order:
+            continue
+        limit = TIMELINE_FACT_CHARS * (1 if kept else 2)  # the first (what the question asks of) longer
+        if len(fact) > limit:
+            cut = fact[:limit]
+            at = max(cut.rfind("; "), cut.rfind(", "))
+            fact = (cut[:at] if at > limit // 2 else cut).rstrip(" ,;") + " ..."
+        if kept and used + len(fact) > TIMELINE_CHARS:
+            break
+        kept.append(fact)
+        used += len(fact)
+    return kept + [
+        fact if len(fact) <= 2 * TIMELINE_FACT_CHARS else fact[: 2 * TIMELINE_FACT_CHARS] + " ..."
+        for fact in order
+    ]
 
 
 def memory_log(items: list[MemoryItem]) -> str:

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from omnistream.protocol.messages import Clip, Label, MemoryItem, Percept, Retrieve, Sighting
-from omnistream.reasoning.prompt import related_lines, related_records, time_window
+from omnistream.reasoning.prompt import (
+    TIMELINE_CHARS,
+    TIMELINE_FACT_CHARS,
+    bounded_facts,
+    format_item,
+    related_lines,
+    related_records,
+    time_window,
+)
 
 from .test_memory_and_reasoning import memory_stage, tiny_engine, vec  # noqa: F401 (tiny_engine: a fixture)
 
@@ -274,3 +282,28 @@ def test_of_many_things_said_at_the_time_named_the_nearest_come_first() -> None:
     said = [heard(i + 1, 30.0 * i, 30.0 * i + 3, f"sentence number {i}") for i in range(12)]
     question = "About four minutes ago a voice mentioned a man by name. Who?"
     assert [r.t0 for r in related_records(question, said, 360)] == [90.0, 120.0, 150.0]
+
+
+def test_timeline_facts_are_bounded_and_keep_the_order_lines():
+    # A question naming many things ("black-and-white", colours) made memory list a fact for
+    # each: hundreds of tokens read before the first token. The prompt keeps them bounded.
+    long_fact = (
+        "white on screen 5 separate times (" + ", ".join(f"{i:02d}:00-{i:02d}:10" for i in range(30)) + ")"
+    )
+    facts = [
+        "ball: appeared 2 separate times, first at 00:10; seen as yellow ball (00:10), white ball (01:20)",
+        long_fact,
+        *[f"thing{i} on screen 1 time (00:0{i}-00:1{i}); " + "x" * 150 for i in range(8)],
+        "in order of first appearance: ball (00:10), white (00:20)",
+    ]
+    kept = bounded_facts(facts)
+    assert kept[0] == facts[0]  # the detector's class first, whole
+    assert kept[1].endswith(" ...") and len(kept[1]) <= TIMELINE_FACT_CHARS + 4
+    assert kept[1].startswith("white on screen 5 separate times (00:00-00:10, 01:00-01:10")
+    assert kept[-1] == facts[-1]  # which-first answered from the order line, always kept
+    assert sum(map(len, kept[:-1])) <= TIMELINE_CHARS
+    assert len(kept) < len(facts)
+    item = MemoryItem(kind="now", t0=0.0, t1=90.0, text="seen: a ball", facts=facts)
+    assert format_item(item).count("[timeline]") == len(kept)
+    short = ["cup: appeared 1 separate time, first at 00:05; in view now"]
+    assert bounded_facts(short) == short
