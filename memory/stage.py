@@ -125,6 +125,10 @@ NAMED_SCENES = 3  # scenes a question names whose people counts its timeline giv
 # Words of a question that name people or the picture itself, not which scene it is about.
 _PEOPLE_WORDS = """person people man men woman women someone anyone somebody child kid boy girl guy lady
 player many picture image scene photo number roughly exactly about around there"""
+# Colour words name no thing in the scenes ("white on screen 3 separate times" was the white
+# phone, car and shirt of three scenes); "orange" is a fruit too and stays.
+_COLOURS = "red pink purple blue cyan green yellow brown black grey gray white dark light bright"
+COLOUR_WORDS = frozenset(_COLOURS.split())
 
 
 def known(item, until_ts: float) -> bool:
@@ -436,6 +440,8 @@ class MemoryStage:
                 firsts.append((appeared[0].t0, name))
                 lasts.append((appeared[-1].t0, name))
             told.update(content_words(label))
+            if label == "person":  # "people", "man", "picture": the count above, not a thing in scenes
+                told.update(content_words(_PEOPLE_WORDS))
         scene_facts, scene_firsts, scene_lasts = self.scene_timeline(session, query, until_ts, told)
         facts += scene_facts
         firsts += scene_firsts
@@ -521,7 +527,7 @@ class MemoryStage:
         terms = [
             w
             for w in dict.fromkeys(content_words(query))
-            if len(w) > 2 and not w.isdigit() and w not in TIMELINE_IGNORE and w not in skip
+            if len(w) > 2 and not w.isdigit() and w not in TIMELINE_IGNORE | COLOUR_WORDS and w not in skip
         ]
         if not terms:
             return [], [], []

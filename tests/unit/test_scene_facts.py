@@ -195,3 +195,13 @@ def test_a_tiny_hand_with_nobody_around_it_is_not_a_hand() -> None:
     assert [s.label for s in out] == ["bus"]
     out = annotate([bus], {}, [hand_at((40, 150, 110, 230))], (640, 360))  # 2.4 % of the frame
     assert [s.label for s in out] == ["bus", "hand"]
+
+
+def test_colour_and_people_words_are_no_things_of_the_scene_timeline(tmp_path: Path) -> None:
+    stage = stage_with_scenes(tmp_path)
+    question = "In the picture of the man in a white T-shirt, how many people were there?"
+    facts = stage.retrieve(Retrieve(ts=60, request_id="q", query=question)).items[-1].facts
+    assert facts[0].startswith("person:") and "names: 1 person" in facts[0], facts
+    # Before: "white on screen 1 time (00:14-00:28)", "people on screen 2 separate times (...)".
+    assert not [fact for fact in facts if fact.startswith(("white ", "people ", "picture "))], facts
+    assert any(fact.startswith("shirt on screen") for fact in facts), facts  # things still are
