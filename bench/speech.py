@@ -288,10 +288,12 @@ def response_rows(
     """End of the user's question -> first assistant audio, broken down, for the current
     settings and (baseline) the settings before, with a scripted answer and with the LLM."""
     results: dict[tuple[str, str], list[dict]] = {}
+    counters: dict[tuple[str, str], dict[str, float]] = {}
     answerers = [("scripted", None)] + ([("llm", llm)] if llm is not None else [])
     for label, responder in answerers:
         for settings, config, model in (
             ("now", SpeechConfig(), recognizer),
+            ("no preemption", speech_turns.no_preemption_config(), recognizer),
             ("before", speech_turns.before_config(), full),
         ):
             progress(f"speech: end of question -> first audio, {label} answer, settings {settings}")
@@ -302,6 +304,7 @@ def response_rows(
                 )
             finally:
                 driver.stage.stop()
+            counters[(label, settings)] = dict(driver.counters)
     rows = speech_turns.breakdown_rows(
         "scripted answer at 50 tokens/s",
         results[("scripted", "now")],
@@ -312,12 +315,24 @@ def response_rows(
         rows += speech_turns.breakdown_rows(
             f"LLM {llm.model}", results[("llm", "now")], results[("llm", "before")], speech_turns.LLM_SPANS
         )
+    # Issue #21: preemptive generation against the same settings without it, in the same run.
+    for label, responder in answerers:
+        name = "scripted answer at 50 tokens/s" if responder is None else f"LLM {responder.model}"
+        rows += speech_turns.breakdown_rows(
+            f"{name}, preemptive",
+            results[(label, "now")],
+            results[(label, "no preemption")],
+            speech_turns.LLM_SPANS,
+            speech_turns.NO_PREEMPTION_NAME,
+        )
+        rows += speech_turns.preemption_rows(name, counters[(label, "now")])
     return rows
 
 
 def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
     """``OMNISTREAM__REASONING__MODEL`` (or the config's ``reasoning.model``) picks the LLM;
-    ``OMNISTREAM_BENCH_SPEECH_LLM=0`` leaves the LLM out."""
+    ``OMNISTREAM_BENCH_SPEECH_LLM=0`` leaves the LLM out; ``OMNISTREAM_BENCH_SPEECH_TRIALS``
+    sets the number of spoken questions per answerer and settings (5 with --quick, else 20)."""
     clips = librivox()
     load_before = os.getloadavg()[0]
     llm = None
@@ -330,7 +345,8 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
     voice = Voice("heart")
     try:
         rows = asr_rows(recognizer, full, clips)
-        rows += response_rows(recognizer, full, voice, clips, 5 if quick else 20, llm, progress)
+        trials = int(os.environ.get("OMNISTREAM_BENCH_SPEECH_TRIALS", 5 if quick else 20))
+        rows += response_rows(recognizer, full, voice, clips, trials, llm, progress)
     finally:
         if llm is not None:
             llm.close()

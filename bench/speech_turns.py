@@ -28,7 +28,15 @@ import numpy as np
 import zmq
 
 from omnistream.protocol.config import SpeechConfig, load_config
-from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, AudioOut, Draft, Interrupt
+from omnistream.protocol.messages import (
+    PREEMPTION_DISCARDED,
+    AnswerDelta,
+    AnswerDone,
+    Ask,
+    AudioOut,
+    Draft,
+    Interrupt,
+)
 from omnistream.protocol.sockets import make_socket, recv, send
 from omnistream.speech.turns import SPANS
 
@@ -38,11 +46,16 @@ BEFORE = {
     "first_phrase_words": 0,
     "asr_window": "full",
     "read_ahead": False,
+    "preemptive": False,
+    "early_final_s": 0.2,
 }
 BEFORE_NAME = (
     "before: 30 s whisper window, 0.5 s silence + 0.15 s grace, first phrase at a clause end, "
     "question not read ahead"
 )
+# Issue #21: the settings before preemptive generation (speculative final at 0.2 s of silence).
+NO_PREEMPTION = {"preemptive": False, "early_final_s": 0.2}
+NO_PREEMPTION_NAME = "no preemptive generation (speculative final after 0.2 s of silence)"
 SCRIPTED = "It was a monarch butterfly on a purple flower, near the window, and then it flew away."
 SCRIPTED_S_PER_WORD = 0.02
 
@@ -120,13 +133,21 @@ def answer_each_ask(driver, llm: LLM | None) -> Callable[[], None]:
     """Make ``driver`` answer every ``Ask`` the stage publishes; returns the pump to call on
     every loop pass (it feeds due answer pieces to the stage)."""
     scripted: dict[str, float] = {}
+    asked: set[str] = set()
     publish = driver.stage.publish
 
     def on_publish(message) -> None:
         publish(message)
         if isinstance(message, Draft) and llm is not None:
             llm.draft(message.question)
+        if isinstance(message, Interrupt) and message.reason == PREEMPTION_DISCARDED:
+            scripted.pop(message.turn, None)
+            if llm is not None:
+                llm.stop()  # the child stops at its next piece
+        if isinstance(message, Ask) and message.turn in asked:
+            return  # the confirmation of a tentative Ask: its answer is on its way
         if isinstance(message, Ask):
+            asked.add(message.turn)
             if llm is not None:
                 llm.ask(message.turn, message.question)
             else:
@@ -196,6 +217,10 @@ def turn_trials(
         spans["end of user speech -> first AudioOut sent"] = marks["first_audio"] - end_wall
         if timeline.asr_s is not None:
             spans["final ASR compute (one whisper pass over the utterance)"] = timeline.asr_s
+        if "confirmed" in marks:  # preemptive generation: asked tentatively, confirmed here
+            spans["end of user speech -> turn confirmed (tentative Ask's audio released)"] = (
+                marks["confirmed"] - end_wall
+            )
         results.append(spans)
         progress(f"speech: trial {trial}: {1000 * spans['end of user speech -> first AudioOut sent']:.0f} ms")
     return results
@@ -206,7 +231,9 @@ def idle(driver, llm: LLM | None, turn: str) -> bool:
     return not driver.stage.turns and not driver.stage.hearing() and (llm is None or turn in driver.llm_done)
 
 
-def breakdown_rows(label: str, now: list[dict], before: list[dict], names: list[str]) -> list[dict]:
+def breakdown_rows(
+    label: str, now: list[dict], before: list[dict], names: list[str], before_name: str = BEFORE_NAME
+) -> list[dict]:
     rows = []
     for name in names:
         values = [r[name] for r in now if name in r]
@@ -221,7 +248,7 @@ def breakdown_rows(label: str, now: list[dict], before: list[dict], names: list[
             }
             row["n"] = len(values)
             if base:
-                row["baseline_name"] = BEFORE_NAME
+                row["baseline_name"] = before_name
                 row["baseline"] = float(np.percentile(base, q) * 1000)
             rows.append(row)
     return rows
@@ -232,11 +259,13 @@ SPEECH_SPANS = [
     *(name for name, _, _ in SPANS[:3]),
     "final ASR compute (one whisper pass over the utterance)",
     "end of user speech -> Ask",
+    "end of user speech -> turn confirmed (tentative Ask's audio released)",
     *(name for name, _, _ in SPANS[4:7]),
     "end of user speech -> first AudioOut sent",
 ]
 LLM_SPANS = [
     "end of user speech -> Ask",
+    "end of user speech -> turn confirmed (tentative Ask's audio released)",
     SPANS[3][0],
     SPANS[4][0],
     SPANS[5][0],
@@ -305,3 +334,27 @@ def _proxy(xsub, xpub) -> None:
 
 def before_config() -> SpeechConfig:
     return SpeechConfig(**BEFORE)
+
+
+def no_preemption_config() -> SpeechConfig:
+    return SpeechConfig(**NO_PREEMPTION)
+
+
+def preemption_rows(label: str, counters: dict[str, float]) -> list[dict]:
+    """How often the tentative answer was discarded, and how often the latest partial transcript
+    already made the final question (what starting on it at the VAD's end would have won)."""
+    made = counters.get("preemptions", 0)
+    checked = counters.get("finals_after_partial", 0)
+    return [
+        {"name": f"preemptive Asks, {label}", "value": made, "unit": "asks"},
+        {
+            "name": f"... discarded (the user went on, or the final transcript differed), {label}",
+            "value": counters.get("preemptions_discarded", 0),
+            "unit": f"of {made:.0f}",
+        },
+        {
+            "name": f"final question = the latest partial transcript's, {label}",
+            "value": counters.get("finals_same_as_partial", 0),
+            "unit": f"of {checked:.0f}",
+        },
+    ]

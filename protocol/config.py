@@ -159,6 +159,13 @@ class SpeechConfig(_Section):
         True  # send the words of a question heard so far (Draft): reasoning reads them before the turn ends
     )
     asr_window: str = "short"  # whisper encoder on the utterance's length, or "full" (30 s)
+    # Silence after which the utterance is transcribed speculatively (its final if no speech
+    # follows); 0.1: the earliest the final's audio is known (the VAD keeps 96 ms of tail).
+    early_final_s: float = 0.1
+    # Preemptive generation: that speculative transcript is asked at once (a tentative Ask)
+    # while the end of the turn is awaited; its audio is held until the final transcript
+    # confirms the question (the same words), else discarded and asked again.
+    preemptive: bool = True
     ask_on_user_speech: bool = True
     wake_phrase: str = ""  # non-empty: only utterances containing it become questions
     echo_overlap: float = 0.6  # share of heard words the assistant is saying that marks an echo

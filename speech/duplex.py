@@ -151,6 +151,8 @@ class SpokenTurn:
     heard_by: tuple[str, int] | None = None  # the user utterance that may be barging in
     echo_heard: bool = False  # its own voice reached the microphone: confirm barge-ins by words
     cancelled: bool = False  # read by the TTS thread: skip this turn's queued phrases
+    held: bool = False  # a tentative Ask's answer: synthesised, not sent until confirmed
+    tentative_pieces: int = 0  # tentative AnswerDeltas received: their confirmed replays are skipped
     timeline: Timeline = field(default_factory=lambda: Timeline(""))
 
 
@@ -167,6 +169,9 @@ class Utterance:
     final_samples: int = -3
     continues: PendingQuestion | None = None  # the question this utterance may be going on with
     drafted: str = ""  # the question last sent as a Draft
+    partial_question: str = ""  # the question the latest partial transcript makes
+    early_ts: float = 0.0  # stream time of the end of the audio transcribed speculatively
+    voiced_ts: float = 0.0  # stream time of the end of the final's audio: the question's ts
 
 
 @dataclass
@@ -177,4 +182,15 @@ class PendingQuestion:
     deadline: float  # monotonic seconds
     timeline: Timeline = field(default_factory=lambda: Timeline(""))
     turn: str = ""  # the Ask's turn, once asked
-    turn: str = ""  # once asked
+
+
+@dataclass
+class Preemption:
+    """A question asked tentatively (``Ask.tentative``) before the end of its turn: confirmed
+    when the turn ends with the same question and ts, else discarded."""
+
+    key: tuple[str, int]  # the user utterance whose speculative transcript it is
+    question: str
+    ts: float
+    turn: str
+    timeline: Timeline

@@ -66,24 +66,51 @@ class Speaker:
     # -- answers in ----------------------------------------------------------------------------
 
     def start(self, ask: Ask, timeline: Timeline | None = None) -> None:
-        """A new question: the session's answers still speaking are interrupted."""
-        for turn in [t for t in self.turns.values() if t.ask.session == ask.session]:
-            self.publish(Interrupt(ts=ask.ts, session=ask.session, turn=turn.ask.turn, reason="new question"))
-            self.end(turn, cut=True)
+        """A new question: the session's answers still speaking are interrupted. A tentative one
+        (preemptive generation) is synthesised but held, and interrupts nothing, until ``confirm``."""
+        if not ask.tentative:
+            self._interrupt_others(ask)
         if not ask.speak or self.voice is None:
             return
         rate = ask.audio_rate or self.voice.sample_rate
         playout = Playout(rate, self.config.output_chunk_s, self.config.output_lead_s)
         splitter = PhraseSplitter(first_words=self.config.first_phrase_words)
-        turn = SpokenTurn(ask=ask, playout=playout, splitter=splitter)
+        turn = SpokenTurn(ask=ask, playout=playout, splitter=splitter, held=ask.tentative)
         turn.timeline = timeline or Timeline(ask.turn)
         turn.timeline.mark("ask_received", self.clock())
         self.turns[ask.turn] = turn
+
+    def _interrupt_others(self, ask: Ask) -> None:
+        for turn in [
+            t for t in self.turns.values() if t.ask.session == ask.session and t.ask.turn != ask.turn
+        ]:
+            self.publish(Interrupt(ts=ask.ts, session=ask.session, turn=turn.ask.turn, reason="new question"))
+            self.end(turn, cut=True)
+
+    def confirm(self, ask: Ask) -> bool:
+        """The tentative answer of ``ask``'s turn is confirmed: its audio may go out. False when
+        no such answer is held (then ``ask`` is a question like any other)."""
+        turn = self.turns.get(ask.turn)
+        if turn is None or not turn.held:
+            return False
+        self._interrupt_others(ask)
+        turn.ask, turn.held = ask, False
+        return True
+
+    def discard(self, turn_id: str) -> None:
+        """Drop a tentative answer: nothing of it was sent."""
+        turn = self.turns.get(turn_id)
+        if turn is not None and turn.held:
+            self.end(turn, cut=True)
 
     def delta(self, message: AnswerDelta) -> None:
         turn = self.turns.get(message.turn)
         if turn is None:
             return
+        if message.tentative:
+            turn.tentative_pieces = max(turn.tentative_pieces, message.seq + 1)
+        elif message.seq < turn.tentative_pieces:
+            return  # a piece received tentatively, sent again for the clients at confirmation
         turn.timeline.mark("first_delta", self.clock())
         turn.text += message.text
         for phrase in turn.splitter.push(message.text):
@@ -91,7 +118,7 @@ class Speaker:
 
     def done(self, message: AnswerDone) -> None:
         turn = self.turns.get(message.turn)
-        if turn is not None:
+        if turn is not None and not turn.answer_done:
             for phrase in turn.splitter.finish():
                 self._synthesize(turn, phrase)
             turn.answer_done = True
@@ -147,6 +174,8 @@ class Speaker:
         return message
 
     def _send_audio(self, turn: SpokenTurn, now: float) -> None:
+        if turn.held:
+            return
         for chunk in turn.playout.take(now):
             if turn.t0 is None:
                 turn.t0 = self.stream_ts.get(turn.ask.session, turn.ask.ts)
@@ -163,6 +192,8 @@ class Speaker:
         """Final ``AudioOut`` (with ``flush`` when cut) and the assistant transcript of what was heard."""
         self.turns.pop(turn.ask.turn, None)
         turn.cancelled = True
+        if turn.held:  # a tentative answer: clients never heard of it
+            return
         now = self.clock()
         heard = turn.playout.played(now) if cut else len(turn.playout.buffer)
         self.publish(self._audio_out(turn, flush=cut, final=True))
@@ -198,7 +229,7 @@ class Speaker:
         heard in the microphone (then pausing at every echo would stutter: words decide)."""
         now = self.clock()
         for turn in self.turns.values():
-            if turn.ask.session != key[0] or turn.heard_by is not None:
+            if turn.ask.session != key[0] or turn.heard_by is not None or turn.held:
                 continue
             turn.heard_by = key
             if turn.echo_heard:

@@ -8,7 +8,11 @@ the utterance ends after ``min_silence_s`` and is asked ``turn_grace_s`` later (
 after ``wake_phrase``). The user going on right after an ``Ask`` extends that question. While
 the user speaks, each partial transcript (and the one at a pause, when the turn waits longer)
 goes to reasoning as a ``Draft`` of the question (``read_ahead``), so the LLM has read most of
-it when the turn ends.
+it when the turn ends. Preemptive generation (``preemptive``): the transcript at the pause is
+asked at once as a tentative ``Ask``, in parallel with the end-of-turn wait; its answer is
+synthesised but held until the turn ends with the same question and ts (an ``Ask`` of the same
+turn confirms it), and discarded (``Interrupt``, reason PREEMPTION_DISCARDED) if the user goes on
+or the final transcript differs. Clients see only confirmed answers.
 Speaking (``speaking.Speaker``): ``AnswerDelta`` phrases -> TTS -> ``AudioOut`` chunks paced to
 real time at the rate the ``Ask`` asked for; what was heard is recorded as an assistant
 ``Transcript``.
@@ -38,6 +42,7 @@ from pathlib import Path
 
 from omnistream.protocol.config import SpeechConfig
 from omnistream.protocol.messages import (
+    PREEMPTION_DISCARDED,
     AnswerDelta,
     AnswerDone,
     Ask,
@@ -53,12 +58,13 @@ from omnistream.protocol.routes import subscriptions
 from omnistream.protocol.runtime import Runtime
 from omnistream.protocol.text import words
 from omnistream.speech.asr import Recognizer
-from omnistream.speech.duplex import PendingQuestion, Utterance, after_wake_phrase
+from omnistream.speech.duplex import PendingQuestion, Preemption, Utterance, after_wake_phrase
 from omnistream.speech.hypothesis import StreamingTranscriber
+from omnistream.speech.resample import SAMPLE_RATE
 from omnistream.speech.speak import Voice
 from omnistream.speech.speaking import Speaker
 from omnistream.speech.turns import Timeline, reads_finished
-from omnistream.speech.vad import Listener, ListenEvent, VoiceActivity
+from omnistream.speech.vad import EARLY_FINAL_S, Listener, ListenEvent, VoiceActivity
 from omnistream.speech.workers import Worker
 
 log = logging.getLogger("omnistream.speech")
@@ -85,6 +91,7 @@ class SessionState:
     pending: PendingQuestion | None = None  # a question waiting for the end of the turn
     asked: PendingQuestion | None = None  # the last question asked: the user may go on with it
     ask_timeline: Timeline | None = None  # the asked question's marks, until its Ask comes back
+    preempted: Preemption | None = None  # asked tentatively, the end of its turn not confirmed yet
     user_rate: int = 0  # the microphone's sample rate, what the answer is spoken at
 
 
@@ -114,6 +121,7 @@ class SpeechStage:
         # them is closed (``close_session``).
         self.sessions: OrderedDict[str, SessionState] = OrderedDict()
         self.timelines: deque[Timeline] = deque(maxlen=256)
+        self.discarded: deque[str] = deque(maxlen=64)  # tentative turns dropped: ignore their Ask
 
     @property
     def turns(self):
@@ -145,6 +153,16 @@ class SpeechStage:
             self.on_audio(message)
         elif isinstance(message, Ask):
             state, timeline = self.sessions.get(message.session), None
+            if message.tentative and message.turn in self.discarded:
+                return  # discarded before it came back over the bus
+            if not message.tentative and self.speaker.confirm(message):
+                if (
+                    state is not None
+                    and state.ask_timeline is not None
+                    and state.ask_timeline.turn == message.turn
+                ):
+                    state.ask_timeline = None
+                return
             if (
                 state is not None
                 and state.ask_timeline is not None
@@ -172,10 +190,21 @@ class SpeechStage:
                         self._on_user_event(session, event)
         now = self.clock()  # a question that became due in this pass goes out in this pass
         for session, state in list(self.sessions.items()):
+            if state.preempted is not None and self._spoke_since(session, state.preempted):
+                self._discard(session)
             pending = state.pending
             if pending is not None and now >= pending.deadline and not self._user_busy(session):
                 state.pending = None
+                pre, state.preempted = state.preempted, None
+                confirmed = pre is not None and (pre.question, pre.ts) == (pending.text, pending.t1)
+                if pre is not None and not confirmed:
+                    state.preempted = pre
+                    self._discard(session)
                 pending.turn, pending.deadline = uuid.uuid4().hex, now
+                if confirmed:  # the tentative Ask's answer, held until now, may be heard
+                    pending.turn, pending.timeline = pre.turn, pre.timeline
+                    pending.timeline.mark("confirmed", now)
+                    self.counters["preemptions_confirmed"] += 1
                 pending.timeline.turn = pending.turn
                 pending.timeline.mark("ask", now)
                 state.asked, state.ask_timeline = pending, pending.timeline
@@ -205,6 +234,7 @@ class SpeechStage:
             state.listeners[channel] = Listener(
                 vad=VoiceActivity(),
                 threshold=self.config.vad_threshold,
+                pause_s=self.config.early_final_s if user else EARLY_FINAL_S,
                 min_silence_s=self.config.min_silence_s,
                 min_speech_s=self.config.min_speech_s,
                 max_utterance_s=self.config.max_utterance_s,
@@ -256,6 +286,8 @@ class SpeechStage:
         for channel in list(state.listeners) if state is not None else []:
             self._on_events(session, channel, state.listeners[channel].flush())
             del state.listeners[channel]
+        if state is not None and state.preempted is not None:
+            self._discard(session)
         if state is not None and not state.utterances and state.pending is None:
             del self.sessions[session]
         self.counters["sessions_closed"] += 1
@@ -268,6 +300,8 @@ class SpeechStage:
             utterance = Utterance(event.t0, StreamingTranscriber(self.recognizer))
             state.utterances[event.utterance] = utterance
             asked = state.asked
+            if state.preempted is not None:  # the user goes on: the turn was not over
+                self._discard(session)
             if asked is not None and now - asked.deadline <= self.config.continue_s:
                 turn = self.speaker.turns.get(asked.turn)
                 if turn is None or turn.playout.played(now) < UNHEARD_S * turn.playout.rate:
@@ -294,10 +328,15 @@ class SpeechStage:
         timeline = utterance.timeline
         if event.kind == "pause":  # transcribe now what the final will be if the user is done
             utterance.early_samples, utterance.early_text = samples, None
+            utterance.early_ts = event.t0 + samples / SAMPLE_RATE
+            if state.preempted is not None:  # spoke again since that question was asked
+                self._discard(session)
             timeline.marks["speech_end"] = now - state.listeners["user"].pause_s
             self._submit_final(key, event.audio, skip=lambda: utterance.early_samples != samples)
             return
         utterance.ended, utterance.end_ts, utterance.final_samples = True, event.t1, samples
+        # The question's stream time: the end of its audio, the same whenever the turn ends.
+        utterance.voiced_ts = event.t1 if event.audio is None else event.t0 + samples / SAMPLE_RATE
         timeline.mark("speech_end", now)
         timeline.mark("turn_end", now)
         self.publish(UserSpeech(ts=event.t1, session=session, started=False))
@@ -360,6 +399,7 @@ class SpeechStage:
                 listener = self._user_listener(key[0])
                 if not self._ends_soon(text) and listener is not None:
                     self._draft(key, listener.stream_ts, text)
+                self._preempt(key, utterance, text)
 
     def _on_user_partial(self, key: Key, t1: float, text: str) -> None:
         utterance = self._utterance(key)
@@ -376,6 +416,7 @@ class SpeechStage:
         )
         self.speaker.cut(key)
         self._draft(key, t1, text)
+        utterance.partial_question = self._question(key[0], utterance, text)
 
     def _draft(self, key: Key, t1: float, text: str) -> None:
         """Send what the question will be if the user stops now (as ``_on_user_final`` would
@@ -392,18 +433,97 @@ class SpeechStage:
             self.publish(Draft(ts=t1, session=session, question=question))
             self.counters["drafts"] += 1
 
+    def _preempt(self, key: Key, utterance: Utterance, text: str) -> None:
+        """Preemptive generation: ``text``, the speculative transcript at a pause, is what the
+        final will be if the user is done; ask its question now (tentative), while the end of the
+        turn is awaited. Its answer is synthesised but held until the turn ends with the same
+        question (``tick``), and discarded if the user goes on or the question changes."""
+        session, state = key[0], self.sessions.get(key[0])
+        if not (self.config.preemptive and self.config.ask_on_user_speech and text) or state is None:
+            return
+        listener = self._user_listener(session)
+        if listener is None or listener.utterance != key[1] or not listener.in_speech:
+            return
+        if listener.silence_s < listener.pause_s:
+            return  # the user spoke again while it was transcribed
+        if utterance.echo or self.speaker.is_echo(session, text):
+            return
+        question = self._question(session, utterance, text)
+        self._ask_tentatively(key, question, utterance.early_ts, utterance.timeline)
+
+    def _ask_tentatively(self, key: Key, question: str, ts: float, timeline: Timeline) -> None:
+        """Send ``question`` (stream time ``ts``) as a tentative Ask, in place of the session's
+        tentative question if that was another."""
+        session, state = key[0], self.sessions.get(key[0])
+        if not (self.config.preemptive and self.config.ask_on_user_speech and question) or state is None:
+            return
+        pre = state.preempted
+        if pre is not None and (pre.question, pre.ts) == (question, ts):
+            return
+        if pre is not None:
+            self._discard(session)
+        state.preempted = Preemption(key, question, ts, uuid.uuid4().hex, timeline)
+        timeline.turn = state.preempted.turn
+        timeline.mark("ask", self.clock())
+        state.ask_timeline = timeline
+        self.publish(
+            Ask(
+                ts=ts,
+                session=session,
+                turn=state.preempted.turn,
+                question=question,
+                audio_rate=state.user_rate,
+                tentative=True,
+            )
+        )
+        self.counters["preemptions"] += 1
+
+    def _spoke_since(self, session: str, pre: Preemption) -> bool:
+        """The user spoke again in the utterance ``pre`` was asked from (no "started" event:
+        the same utterance goes on)."""
+        listener = self._user_listener(session)
+        return (
+            listener is not None
+            and listener.in_speech
+            and listener.utterance == pre.key[1]
+            and listener.silence_s < listener.pause_s
+        )
+
+    def _discard(self, session: str) -> None:
+        """Drop the session's tentative question: reasoning stops answering it, its held audio
+        goes, nothing of it reached a client."""
+        state = self.sessions[session]
+        pre, state.preempted = state.preempted, None
+        if pre is None:
+            return
+        self.publish(Interrupt(ts=pre.ts, session=session, turn=pre.turn, reason=PREEMPTION_DISCARDED))
+        self.discarded.append(pre.turn)
+        self.speaker.discard(pre.turn)
+        pre.timeline.forget_answer()
+        if state.ask_timeline is pre.timeline:
+            state.ask_timeline = None
+        self.counters["preemptions_discarded"] += 1
+
     def _on_user_final(self, key: Key, t1: float, text: str) -> None:
         session, state = key[0], self.sessions.get(key[0])
         utterance = None if state is None else state.utterances.pop(key[1], None)
         if state is None or utterance is None:
             return
         now = self.clock()
+        # The stream time of the words (and of the question they make): the end of their audio,
+        # the same whenever the turn is judged over.
+        t1 = utterance.voiced_ts or t1
         utterance.timeline.mark("final", now)
+        preempted = state.preempted
+        if preempted is not None and preempted.key == key and not text:
+            self._discard(session)
         if not text:
             self.counters["utterances_empty"] += 1
             self.speaker.resume(key)
             return
         if utterance.echo or self.speaker.is_echo(session, text):
+            if state.preempted is not None:
+                self._discard(session)
             self._on_echo(key, utterance)
             return
         self.counters["utterances"] += 1
@@ -416,6 +536,14 @@ class SpeechStage:
             return
         deadline = now if self._ends_soon(text) else now + self.config.turn_grace_s
         question = self._question(session, utterance, text)
+        if utterance.partial_question:  # would an answer to the latest partial have been right?
+            self.counters["finals_after_partial"] += 1
+            self.counters["finals_same_as_partial"] += int(question == utterance.partial_question)
+        pre = state.preempted
+        if pre is not None and (pre.question, pre.ts) != (question, t1):
+            self._discard(session)  # the final transcript is not what was answered: ask again
+        if deadline > now:  # the end of the turn is awaited: answer meanwhile (preemptive)
+            self._ask_tentatively(key, question, t1, utterance.timeline)
         pending = state.pending
         if pending is not None:  # the user went on before the question was asked: one question
             pending.text, pending.t1, pending.deadline = question, t1, deadline

@@ -37,6 +37,8 @@ SPANS = (
     ("last speech window -> first AudioOut sent (speech stage + LLM)", "speech_end", "first_audio"),
 )
 
+USER_MARKS = ("speech_end", "turn_end", "final")
+
 
 def reads_finished(text: str) -> bool:
     """True when ``text`` reads as a complete turn: it ends a sentence (. ? !) and its last word
@@ -58,6 +60,10 @@ class Timeline:
 
     def mark(self, name: str, at: float) -> None:
         self.marks.setdefault(name, at)
+
+    def forget_answer(self) -> None:
+        """Drop the marks of an answer discarded (a tentative Ask's): those of the user's turn stay."""
+        self.marks = {name: at for name, at in self.marks.items() if name in USER_MARKS}
 
     def spans(self) -> dict[str, float]:
         """Seconds between the marks present, by span name (see ``SPANS``)."""

@@ -14,6 +14,7 @@ from scipy.signal import resample_poly
 
 from omnistream.protocol.config import SpeechConfig
 from omnistream.protocol.messages import (
+    PREEMPTION_DISCARDED,
     AnswerDelta,
     AnswerDone,
     Ask,
@@ -86,7 +87,12 @@ class Harness:
         self.stage.tick()
 
     def of(self, kind: type) -> list:
-        return [m for _, m in self.out if isinstance(m, kind)]
+        """What was published of ``kind``; tentative Asks (preemptive generation) left out: the
+        Ask that confirms one has the same turn, question and ts (``tentative`` has them)."""
+        return [m for _, m in self.out if isinstance(m, kind) and not getattr(m, "tentative", False)]
+
+    def tentative(self) -> list[Ask]:
+        return [m for _, m in self.out if isinstance(m, Ask) and m.tentative]
 
     def mic(self, audio: np.ndarray, realtime: bool = True) -> None:
         """Feed the user's microphone in 20 ms chunks (plus any echo), ticking between chunks."""
@@ -166,7 +172,8 @@ def test_spoken_question_becomes_an_ask_at_the_end_of_the_turn(
 ) -> None:
     """A question that reads as finished is asked after ``turn_end_s`` of silence: well before
     the utterance would end (``min_silence_s``) and without the grace (made 5 s here to show it)."""
-    h = make_harness(mic_rate=48000, turn_grace_s=5.0)  # a 48 kHz microphone
+    # A 48 kHz microphone; no preemptive generation: the Ask at the end of the turn is the first.
+    h = make_harness(mic_rate=48000, turn_grace_s=5.0, preemptive=False)
     clip = speech_clip(4)  # "he might even have been made amiable himself"
     mic_48k = resample_poly(np.concatenate([np.zeros(8000, np.float32), clip]), 3, 1).astype(np.float32)
     h.mic(mic_48k, realtime=False)
@@ -257,6 +264,76 @@ def test_a_pause_mid_sentence_does_not_cut_the_question_short(
     interrupted = {m.turn for m in h.of(Interrupt) if m.reason == "user continued"}
     assert {a.turn for a in asks[:-1]} <= interrupted and asks[-1].turn not in interrupted
     assert h.counters["questions_continued"] == len(asks) - 1
+
+
+def answer_tentatively(h: Harness, ask: Ask, text: str = ANSWER) -> None:
+    """What reasoning does with a tentative Ask: the bus brings it back to the stage, the
+    answer's pieces come marked tentative."""
+    h.send(ask)
+    for seq, word in enumerate(text.split(" ")):
+        h.send(AnswerDelta(turn=ask.turn, text=word if seq == 0 else " " + word, seq=seq, tentative=True))
+    h.send(AnswerDone(turn=ask.turn, text=text, tentative=True))
+
+
+def test_a_question_is_answered_preemptively_and_heard_only_once_confirmed(
+    recognizer: Recognizer, voice: Voice, make_harness
+) -> None:
+    """Preemptive generation (issue #21): the transcript at the pause (or the final, when the
+    turn then waits its grace) is asked at once (tentatively), its answer synthesised while the
+    end of the turn is awaited; not one chunk of it is sent before the Ask that confirms it
+    (same turn, question and ts), and the confirmed replay of its pieces is not spoken twice."""
+    h = make_harness(turn_end_s=0.5, turn_grace_s=1.0)  # every turn waits 0.5 s + 1 s of grace
+    h.mic(np.concatenate([np.zeros(8000, np.float32), speech_clip(4)]), realtime=False)
+    h.run_until(lambda: h.tentative(), timeout_s=20)
+    [tentative] = h.tentative()
+    answer_tentatively(h, tentative)
+    h.run_until(lambda: h.of(Ask), timeout_s=20)
+    [ask] = h.of(Ask)
+    assert (ask.turn, ask.question, ask.ts) == (tentative.turn, tentative.question, tentative.ts)
+    [final] = [m for m in h.of(Transcript) if m.final and m.speaker == "user"]
+    assert ask.question == final.text and ask.ts == final.ts
+    confirmed_at = next(i for i, (_, m) in enumerate(h.out) if isinstance(m, Ask) and not m.tentative)
+    sent = [i for i, (_, m) in enumerate(h.out) if isinstance(m, AudioOut) and m.turn == ask.turn]
+    assert not sent or sent[0] > confirmed_at  # held until confirmed
+    h.send(ask)  # the confirmation comes back over the bus; reasoning sends the pieces again
+    for seq, word in enumerate(ANSWER.split(" ")):
+        h.send(AnswerDelta(turn=ask.turn, text=word if seq == 0 else " " + word, seq=seq))
+    h.send(AnswerDone(turn=ask.turn, text=ANSWER))
+    h.run_until(lambda: h.finished(ask.turn), timeout_s=30)
+    [spoken] = [m for m in h.of(Transcript) if m.speaker == "assistant"]
+    assert words(spoken.text) == words(ANSWER)  # once, not twice
+    assert h.counters["preemptions"] == 1 and h.counters["preemptions_confirmed"] == 1
+    assert not h.counters["preemptions_discarded"] and not h.of(Interrupt)
+    [timeline] = h.stage.timelines  # its first phrase was synthesised before the confirmation
+    marks = timeline.marks
+    assert marks["ask"] < marks["first_tts"] < marks["confirmed"] <= marks["first_audio"], marks
+
+
+def test_a_preemptive_answer_is_discarded_when_the_user_goes_on(
+    recognizer: Recognizer, voice: Voice, make_harness
+) -> None:
+    """The user pauses mid-sentence (1.1 s; the turn waits min_silence_s + 1.5 s of grace), is
+    asked tentatively at the pause, and goes on: that answer is dropped unheard (an Interrupt
+    with reason PREEMPTION_DISCARDED), the whole sentence is asked, and its own tentative
+    answer is the one confirmed."""
+    h = make_harness(turn_end_s=0.5, turn_grace_s=1.5)  # turn_end_s >= min_silence_s: no text signal
+    audio, cut = speech_clip(3), int(2.55 * MIC_RATE)  # "had he married a more amiable woman, | he ..."
+    h.mic(np.concatenate([np.zeros(4000, np.float32), audio[:cut]]))
+    h.run_until(lambda: h.tentative(), timeout_s=20)
+    first = h.tentative()[-1]  # asked at the pause
+    answer_tentatively(h, first)
+    h.mic(np.zeros(int(1.1 * MIC_RATE) - 2000, np.float32))
+    h.mic(audio[cut:])
+    h.run_until(lambda: h.of(Ask), timeout_s=20)
+    [ask] = h.of(Ask)
+    assert word_error_rate(librivox_clips()[3][1], ask.question) <= 0.25, ask.question
+    assert ask.turn != first.turn and ask.turn == h.tentative()[-1].turn
+    # (A pause between two words may have been asked tentatively too, and dropped.)
+    dropped = [m.turn for m in h.of(Interrupt)]
+    assert first.turn in dropped and {m.reason for m in h.of(Interrupt)} == {PREEMPTION_DISCARDED}
+    assert not [m for m in h.of(AudioOut) if m.turn in dropped]  # not a chunk, not a flush
+    assert not [m for m in h.of(Transcript) if m.speaker == "assistant"]
+    assert h.counters["preemptions_discarded"] == len(dropped) and h.counters["preemptions_confirmed"] == 1
 
 
 def test_wake_phrase_gates_questions(recognizer: Recognizer, voice: Voice, make_harness) -> None:
