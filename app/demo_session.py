@@ -41,7 +41,7 @@ from omnistream.protocol.messages import (
     Box,
     Error,
     History,
-    MemoryItem,
+    MemoryRecord,
     Message,
     Percept,
     Sighting,
@@ -119,7 +119,7 @@ class DemoSession:
         self.heard: deque[Transcript] = deque(maxlen=20)
         self.stats: dict[str, Stats] = {}
         self.errors: deque[str] = deque(maxlen=5)
-        self.timeline: list[MemoryItem] = []  # the records shown in the page's timeline, in order
+        self.timeline: list[MemoryRecord] = []  # the records shown in the page's timeline, in order
         self.sent_frames: deque[tuple[float, np.ndarray]] = deque(maxlen=FRAMES_KEPT)  # (ts, small copy)
         self.seen: Seen | None = None  # the newest analysed frame with its boxes
         self.seen_version = 0  # bumped whenever ``seen`` changes

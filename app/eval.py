@@ -29,7 +29,7 @@ import numpy as np
 
 from omnistream.app.client import Client
 from omnistream.app.replay import Answer, Replayer, ScheduledAsk
-from omnistream.protocol.messages import MemoryItem
+from omnistream.protocol.messages import MemoryRecord
 from omnistream.protocol.text import content_words
 
 MODES = ("full", "reprefill", "recent", "no_memory")
@@ -124,7 +124,7 @@ def _overlaps(a0: float, a1: float, b0: float, b1: float, slack: float = 0.0) ->
     return a0 <= b1 + slack and b0 <= a1 + slack
 
 
-def evidence_records(question: Question, records: list[MemoryItem]) -> list[MemoryItem]:
+def evidence_records(question: Question, records: list[MemoryRecord]) -> list[MemoryRecord]:
     """The records that hold the question's evidence: overlapping an evidence window and naming
     a keyword or the right choice's words (any overlapping record for counting and order)."""
     near = [
@@ -145,7 +145,7 @@ def evidence_records(question: Question, records: list[MemoryItem]) -> list[Memo
 
 
 def classify_evidence(
-    question: Question, correct: bool, context: list[list[float]], records: list[MemoryItem]
+    question: Question, correct: bool, context: list[list[float]], records: list[MemoryRecord]
 ) -> str:
     """Why an answer was wrong, from where its evidence was (see the module docstring)."""
     if not question.windows:
@@ -173,7 +173,7 @@ def restates(question: str, answer: str) -> bool:
     return bool(said) and echoed == set(said) and len(echoed) >= 0.5 * len(asked)
 
 
-def score(question: Question, mode: str, answer: Answer, records: list[MemoryItem] | None = None) -> Scored:
+def score(question: Question, mode: str, answer: Answer, records: list[MemoryRecord] | None = None) -> Scored:
     done = answer.done
     text = done.text if done else answer.text
     choice = done.choice if done else ""

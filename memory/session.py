@@ -1,5 +1,5 @@
 """What memory holds in RAM for one session, and conversions between stored rows, tier
-entries and ``MemoryItem``s."""
+entries and ``MemoryRecord``s."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from omnistream.memory.store import Item
-from omnistream.memory.tiers import Entry, Part, Pyramid, leaf
-from omnistream.protocol.messages import MemoryItem, Percept
+from omnistream.memory.store import StoredRecord
+from omnistream.memory.tiers import MemberRecord, Pyramid, TierRecord, leaf
+from omnistream.protocol.messages import MemoryRecord, Percept
 
 SAME_SCENE_SIMILARITY = 0.85  # dot product of pooled clip features that marks a repeated scene
 
@@ -62,12 +62,12 @@ class SessionMemory:
     seen: deque[Percept] = field(default_factory=deque)  # light percepts, one a second (seen_history_s)
 
 
-def stored_entry(item: Item, embedding: np.ndarray, features: np.ndarray | None) -> Entry:
+def stored_entry(item: StoredRecord, embedding: np.ndarray, features: np.ndarray | None) -> TierRecord:
     """The tier entry of a stored row (a clip, a transcript or an event)."""
     if item.kind != "event":
         base = item.meta.get("base")
         return leaf(item.id, item.kind, item.t0, item.t1, item.text, embedding, features, item.speaker, base)
-    return Entry(
+    return TierRecord(
         item_id=item.id,
         kind="event",
         t0=item.t0,
@@ -75,14 +75,14 @@ def stored_entry(item: Item, embedding: np.ndarray, features: np.ndarray | None)
         text=item.text,
         embedding=embedding,
         features=features,
-        parts=[Part.from_json(row) for row in item.meta.get("parts", [])],
+        parts=[MemberRecord.from_json(row) for row in item.meta.get("parts", [])],
         feature_weight=int(item.meta.get("weight", 0)),
     )
 
 
-def memory_item(item: Item | Entry, score: float = 0.0) -> MemoryItem:
-    item_id = item.id if isinstance(item, Item) else item.item_id
-    return MemoryItem(
+def memory_item(item: StoredRecord | TierRecord, score: float = 0.0) -> MemoryRecord:
+    item_id = item.id if isinstance(item, StoredRecord) else item.item_id
+    return MemoryRecord(
         kind=item.kind,  # type: ignore[arg-type]
         t0=item.t0,
         t1=item.t1,

@@ -52,7 +52,7 @@ from omnistream.memory.embedder import TextEmbedder
 from omnistream.memory.retention import apply_retention, delete_session
 from omnistream.memory.session import Scenes, SessionMemory, memory_item, stored_entry
 from omnistream.memory.store import LEAF_KINDS, MemoryStore, StoreFull
-from omnistream.memory.tiers import Entry, Pyramid, leaf
+from omnistream.memory.tiers import Pyramid, TierRecord, leaf
 from omnistream.protocol.codec import ProtocolError, decode
 from omnistream.protocol.config import MemoryConfig, RetentionConfig
 from omnistream.protocol.labels import classes_in, spoken
@@ -66,7 +66,7 @@ from omnistream.protocol.messages import (
     Error,
     History,
     HistoryRequest,
-    MemoryItem,
+    MemoryRecord,
     Message,
     Percept,
     Record,
@@ -274,7 +274,7 @@ class MemoryStage:
             self.store.unload(unloaded)
         return state
 
-    def _consolidate(self, state: SessionMemory, entry: Entry) -> None:
+    def _consolidate(self, state: SessionMemory, entry: TierRecord) -> None:
         merges, archived = state.pyramid.merges, state.pyramid.archived
         state.pyramid.add(entry)
         self.counters["merges"] += state.pyramid.merges - merges
@@ -587,7 +587,7 @@ class MemoryStage:
 
     # -- retrieval -------------------------------------------------------------------------------
 
-    def now_item(self, session: str, until_ts: float, query: str = "") -> MemoryItem | None:
+    def now_item(self, session: str, until_ts: float, query: str = "") -> MemoryRecord | None:
         """What is on screen at ``until_ts``: labels of the latest percepts (sensory tier), with the
         objects, people and text the detectors last found in the scene, and the timeline facts of
         the things ``query`` names."""
@@ -614,7 +614,7 @@ class MemoryStage:
         if latest.text_seen:
             text += "; text: " + ", ".join(f'"{line}"' for line in latest.text_seen)
         facts = self.timeline(session, query, until_ts, latest.objects) if query else []
-        return MemoryItem(kind="now", t0=recent[0].ts, t1=recent[-1].ts, text=text, facts=facts)
+        return MemoryRecord(kind="now", t0=recent[0].ts, t1=recent[-1].ts, text=text, facts=facts)
 
     def snapshot(self, ask: Ask) -> None:
         request = Retrieve(
@@ -629,7 +629,7 @@ class MemoryStage:
         window = self.session(session).sensory
         return max(self.store.latest_end(session), window[-1].ts if window else 0.0)
 
-    def _tiered(self, request: Retrieve, query: np.ndarray) -> dict[int, MemoryItem]:
+    def _tiered(self, request: Retrieve, query: np.ndarray) -> dict[int, MemoryRecord]:
         """The working set, the closest archive records and the recent window, without repeats:
         an archived record inside a chosen event is left out, and so is an event whose every
         member is chosen on its own. ``query``: the question's text embedding."""
@@ -665,7 +665,7 @@ class MemoryStage:
         records follow."""
         limit = min(request.page_size, MAX_HISTORY_PAGE)
         rows = self.store.after(request.session, request.after_id, HISTORY_KINDS, limit + 1)
-        items: list[MemoryItem] = []
+        items: list[MemoryRecord] = []
         size = 0
         for row in rows[:limit]:
             item = memory_item(row)

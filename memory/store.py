@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnistream.memory.tiers import Entry
+from omnistream.memory.tiers import TierRecord
 
 
 class VectorIndex:
@@ -100,7 +100,7 @@ COLUMNS = "id, session, kind, t0, t1, text, speaker, meta, tier, parent"
 
 
 @dataclass(frozen=True)
-class Item:
+class StoredRecord:
     id: int
     session: str
     kind: str
@@ -133,7 +133,7 @@ class SessionSink:
     store: MemoryStore
     session: str
 
-    def save_event(self, event: Entry, sources: list[int]) -> int:
+    def save_event(self, event: TierRecord, sources: list[int]) -> int:
         return self.store.save_event(self.session, event, sources)
 
     def archive(self, item_id: int) -> None:
@@ -280,7 +280,7 @@ class MemoryStore:
     def sink(self, session: str) -> SessionSink:
         return SessionSink(self, session)
 
-    def save_event(self, session: str, event: Entry, sources: list[int]) -> int:
+    def save_event(self, session: str, event: TierRecord, sources: list[int]) -> int:
         """Store ``event`` in L2 and archive its ``sources`` under it, in one transaction."""
         vector = self._checked(event.embedding)
         meta = {
@@ -317,13 +317,13 @@ class MemoryStore:
     # -- reading -----------------------------------------------------------------------------------
 
     @staticmethod
-    def _item(row: tuple) -> Item:
-        """An ``Item`` from the first columns of a row selected with ``COLUMNS``."""
-        return Item(
+    def _item(row: tuple) -> StoredRecord:
+        """A ``StoredRecord`` from the first columns of a row selected with ``COLUMNS``."""
+        return StoredRecord(
             row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), row[8], row[9]
         )
 
-    def _items(self, where: str, params: tuple) -> list[Item]:
+    def _items(self, where: str, params: tuple) -> list[StoredRecord]:
         order = "" if "ORDER BY" in where else " ORDER BY t0, id"
         rows = self.db.execute(f"SELECT {COLUMNS} FROM items WHERE {where}{order}", params).fetchall()
         return [self._item(row) for row in rows]
@@ -344,7 +344,7 @@ class MemoryStore:
         kinds: tuple[str, ...] = LEAF_KINDS,
         limit: int = -1,
         newest: bool = False,
-    ) -> list[Item]:
+    ) -> list[StoredRecord]:
         """Records of ``kinds`` that overlap [t_from, t_to]: the first ``limit`` in time order, or
         with ``newest`` the ``limit`` that end last, the last-ending first."""
         marks = ",".join("?" * len(kinds))
@@ -354,7 +354,7 @@ class MemoryStore:
             (session, t_from, t_to, *kinds),
         )
 
-    def after(self, session: str, after_id: int, kinds: tuple[str, ...], limit: int) -> list[Item]:
+    def after(self, session: str, after_id: int, kinds: tuple[str, ...], limit: int) -> list[StoredRecord]:
         """The first ``limit`` records of ``kinds`` with ids above ``after_id``, in id order (a
         session's history page by page)."""
         marks = ",".join("?" * len(kinds))
@@ -363,7 +363,7 @@ class MemoryStore:
             (session, after_id, *kinds),
         )
 
-    def sightings(self, session: str, label: str, until_ts: float) -> list[Item]:
+    def sightings(self, session: str, label: str, until_ts: float) -> list[StoredRecord]:
         """The tracker's records about COCO class ``label`` up to ``until_ts``, in time order."""
         return self._items(
             "session = ? AND kind = 'sighting' AND json_extract(meta, '$.label') = ? AND t0 <= ? "
@@ -371,7 +371,9 @@ class MemoryStore:
             (session, label, until_ts),
         )
 
-    def tier_rows(self, session: str, tier: str) -> Iterator[tuple[Item, np.ndarray, np.ndarray | None]]:
+    def tier_rows(
+        self, session: str, tier: str
+    ) -> Iterator[tuple[StoredRecord, np.ndarray, np.ndarray | None]]:
         """(item, embedding, features) of every row of ``tier``, in time order."""
         cursor = self.db.execute(
             f"SELECT {COLUMNS}, embedding, features FROM items WHERE session = ? AND tier = ? ORDER BY t0, id",
@@ -380,7 +382,7 @@ class MemoryStore:
         for row in cursor:
             yield self._item(row), np.frombuffer(row[10], dtype=np.float32).copy(), _vector(row[11])
 
-    def latest(self, session: str, kind: str, until_ts: float) -> Item | None:
+    def latest(self, session: str, kind: str, until_ts: float) -> StoredRecord | None:
         """The last stored record of ``kind`` that ends by ``until_ts``."""
         row = self.db.execute(
             f"SELECT {COLUMNS} FROM items WHERE session = ? AND kind = ? AND t1 <= ? ORDER BY id DESC LIMIT 1",
@@ -414,7 +416,7 @@ class MemoryStore:
 
     def search(
         self, session: str, query: np.ndarray, top_k: int, until_ts: float, archive_only: bool = False
-    ) -> list[tuple[Item, float]]:
+    ) -> list[tuple[StoredRecord, float]]:
         """The ``top_k`` records most similar to ``query`` (float32 (dim,)) that began by
         ``until_ts``: the working set through its in-RAM index, the archive from disk."""
         if top_k <= 0:

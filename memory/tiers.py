@@ -37,7 +37,7 @@ def unit(vector: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Part:
+class MemberRecord:
     """One clip or transcript inside an entry. ``text``: a clip's description without its repeat
     mark, or a transcript verbatim."""
 
@@ -52,12 +52,12 @@ class Part:
         return [self.item_id, self.kind, self.t0, self.t1, self.text, self.speaker]
 
     @classmethod
-    def from_json(cls, row: list) -> Part:
+    def from_json(cls, row: list) -> MemberRecord:
         return cls(int(row[0]), str(row[1]), float(row[2]), float(row[3]), str(row[4]), str(row[5]))
 
 
 @dataclass
-class Entry:
+class TierRecord:
     """A record in L1 or L2. ``embedding``: float32 (dim,), unit; ``features``: float32 (D,),
     unit, or None (transcripts). ``weight``: how many parts its means are taken over."""
 
@@ -68,7 +68,7 @@ class Entry:
     text: str
     embedding: np.ndarray
     features: np.ndarray | None = None
-    parts: list[Part] = field(default_factory=list)
+    parts: list[MemberRecord] = field(default_factory=list)
     speaker: str = ""
     feature_weight: int = 1  # parts that had features
 
@@ -91,13 +91,13 @@ def leaf(
     features: np.ndarray | None = None,
     speaker: str = "",
     base_text: str | None = None,
-) -> Entry:
+) -> TierRecord:
     """An L1 entry for one stored clip or transcript (``base_text``: a clip's description
     without its repeat mark; derived from ``text`` when not given)."""
     part_text = (
         base_text if base_text is not None else (REPEAT_MARK.sub("", text) if kind == "clip" else text)
     )
-    return Entry(
+    return TierRecord(
         item_id=item_id,
         kind=kind,
         t0=t0,
@@ -105,20 +105,20 @@ def leaf(
         text=text,
         embedding=unit(embedding),
         features=None if features is None else unit(features),
-        parts=[Part(item_id, kind, t0, t1, part_text, speaker)],
+        parts=[MemberRecord(item_id, kind, t0, t1, part_text, speaker)],
         speaker=speaker,
         feature_weight=0 if features is None else 1,
     )
 
 
-def similarity(a: Entry, b: Entry) -> float:
+def similarity(a: TierRecord, b: TierRecord) -> float:
     text = float(a.embedding @ b.embedding)
     if a.features is None or b.features is None or a.features.shape != b.features.shape:
         return text
     return (text + float(a.features @ b.features)) / 2.0
 
 
-def render(parts: list[Part]) -> str:
+def render(parts: list[MemberRecord]) -> str:
     """The text of an event: its parts in time order, each with its stream time."""
     pieces: list[list] = []  # [description, spans] for clips, [text] for transcripts
     by_description: dict[str, list] = {}
@@ -144,7 +144,7 @@ def _weighted_mean(a: np.ndarray, wa: int, b: np.ndarray, wb: int) -> np.ndarray
     return unit((a * wa + b * wb) / max(wa + wb, 1))
 
 
-def merge(a: Entry, b: Entry) -> Entry:
+def merge(a: TierRecord, b: TierRecord) -> TierRecord:
     """One event covering ``a`` and ``b`` (item_id 0 until it is stored)."""
     parts = sorted(a.parts + b.parts, key=lambda p: (p.t0, p.item_id))
     if a.features is not None and b.features is not None and a.features.shape == b.features.shape:
@@ -153,7 +153,7 @@ def merge(a: Entry, b: Entry) -> Entry:
         )
     else:
         features = a.features if a.features is not None else b.features
-    return Entry(
+    return TierRecord(
         item_id=0,
         kind="event",
         t0=min(a.t0, b.t0),
@@ -167,7 +167,7 @@ def merge(a: Entry, b: Entry) -> Entry:
 
 
 def most_similar_pair(
-    entries: list[Entry], allowed: Callable[[Entry, Entry], bool] | None = None
+    entries: list[TierRecord], allowed: Callable[[TierRecord, TierRecord], bool] | None = None
 ) -> int | None:
     """Index i of the adjacent pair (i, i+1) with the highest similarity (the oldest on ties)."""
     best, best_score = None, -np.inf
@@ -183,7 +183,7 @@ def most_similar_pair(
 class TierSink(Protocol):
     """Where consolidation steps are made durable (``MemoryStore.sink(session)``)."""
 
-    def save_event(self, event: Entry, sources: list[int]) -> int: ...  # returns the event's id
+    def save_event(self, event: TierRecord, sources: list[int]) -> int: ...  # returns the event's id
 
     def archive(self, item_id: int) -> None: ...
 
@@ -197,25 +197,25 @@ class Pyramid:
     l2_budget: int
     event_max_chars: int
     sink: TierSink
-    l1: list[Entry] = field(default_factory=list)
-    l2: list[Entry] = field(default_factory=list)
+    l1: list[TierRecord] = field(default_factory=list)
+    l2: list[TierRecord] = field(default_factory=list)
     merges: int = 0  # consolidation steps so far (for stats)
     archived: int = 0
 
     @staticmethod
-    def _insert(level: list[Entry], entry: Entry) -> None:
+    def _insert(level: list[TierRecord], entry: TierRecord) -> None:
         index = len(level)
         while index > 0 and level[index - 1].order > entry.order:
             index -= 1
         level.insert(index, entry)
 
-    def load(self, l1: list[Entry], l2: list[Entry]) -> None:
+    def load(self, l1: list[TierRecord], l2: list[TierRecord]) -> None:
         """Restore the levels from disk and finish any consolidation a crash left undone."""
         self.l1 = sorted(l1, key=lambda e: e.order)
         self.l2 = sorted(l2, key=lambda e: e.order)
         self.consolidate()
 
-    def add(self, entry: Entry) -> None:
+    def add(self, entry: TierRecord) -> None:
         self._insert(self.l1, entry)
         self.consolidate()
 
@@ -233,7 +233,7 @@ class Pyramid:
             else:
                 self._merge(self.l2, pair)
 
-    def _merge(self, level: list[Entry], index: int) -> None:
+    def _merge(self, level: list[TierRecord], index: int) -> None:
         first, second = level[index], level[index + 1]
         event = merge(first, second)
         event = replace(event, item_id=self.sink.save_event(event, [first.item_id, second.item_id]))
@@ -241,5 +241,5 @@ class Pyramid:
         self._insert(self.l2, event)
         self.merges += 1
 
-    def entries(self) -> list[Entry]:
+    def entries(self) -> list[TierRecord]:
         return sorted(self.l1 + self.l2, key=lambda e: e.order)

@@ -10,6 +10,10 @@ Transcript, Sighting, Record: the span is [t0, ts]); an instant's message carrie
 frame's capture, an Ask's asking, a Draft's last word heard); a reply carries the ``ts`` of what
 it answers. ``Ask.ts <= 0`` means "now": memory and reasoning take the newest stream time they
 know. ``session`` names the user session; ``turn`` names one question/answer exchange.
+A remembered thing is a *record* everywhere: ``Record`` announces a stored one, ``MemoryRecord``
+is one as memory returns it, memory/store.py's ``StoredRecord`` the stored row, memory/tiers.py's
+``TierRecord`` the working-memory copy with its vectors (``MemberRecord``: one record inside a
+consolidated event). A ``KVBlock`` (reasoning) is a record's tokens in the KV cache.
 Unknown fields and wrong field types are rejected at decode time with an error naming the field.
 """
 
@@ -280,7 +284,7 @@ MemoryKind = Literal["clip", "transcript", "sighting", "event", "synopsis", "now
 RecordKind = Literal["clip", "transcript", "sighting", "event", "synopsis"]
 
 
-class MemoryItem(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class MemoryRecord(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One remembered record with its stream-time span [t0, t1].
 
     Kinds: "clip" (a scene description), "transcript" (speech) and "sighting" (an object or
@@ -349,7 +353,7 @@ class Synopsis(Message):
 
 class Retrieved(Message):
     request_id: str
-    items: list[MemoryItem] = []
+    items: list[MemoryRecord] = []
     error: str = ""
     more: bool = False  # a history page (``Retrieve.page_size``) with more records after it
 
@@ -387,7 +391,7 @@ class History(Message):
     """Memory's answer to a ``HistoryRequest``; ``truncated`` when more records matched."""
 
     request_id: str
-    items: list[MemoryItem] = []
+    items: list[MemoryRecord] = []
     truncated: bool = False
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from omnistream.protocol.messages import Ask, Draft, MemoryItem
+from omnistream.protocol.messages import Ask, Draft, MemoryRecord
 from omnistream.protocol.text import words
 from omnistream.reasoning.choices import NOT_SEEN, supported_choice
 from omnistream.reasoning.kvcache import BlockStore, StreamingKV
@@ -189,7 +189,7 @@ class Answerer:
         # Records retrieved for a question that its session's KV does not hold yet (queued behind
         # it, ``memory_for``'s ``queued_from``): at most this many tokens of them read as text.
         self.backlog_tokens = backlog_tokens
-        self.last_backlog: list[MemoryItem] = []  # those the last answer read
+        self.last_backlog: list[MemoryRecord] = []  # those the last answer read
         # Where the last answer's first token went: assembling its memory, and the prompt read
         # after it (what is on screen, related lines, the question), in tokens.
         self.last_memory_s = 0.0
@@ -240,15 +240,15 @@ class Answerer:
             self.prepared.pop(name, None)
             self.on_unload(name)
 
-    def ingest(self, session: str, item: MemoryItem) -> bool:
+    def ingest(self, session: str, item: MemoryRecord) -> bool:
         """Stream one record into the session's KV cache (once: records are keyed by id)."""
         return bool(self.ingest_many(session, [item]))
 
-    def ingest_many(self, session: str, items: list[MemoryItem]) -> list[MemoryItem]:
+    def ingest_many(self, session: str, items: list[MemoryRecord]) -> list[MemoryRecord]:
         """Stream records (in id order) into the session's KV cache, several per forward pass;
         returns those that were new (records already held, or not streamed kinds, are skipped)."""
         memory = self.session(session)
-        new: list[MemoryItem] = []
+        new: list[MemoryRecord] = []
         last = memory.last_item_id
         for item in items:
             if item.kind in STREAMED_KINDS and item.item_id > last:
@@ -268,7 +268,7 @@ class Answerer:
 
     # -- prompt pieces -------------------------------------------------------------------------
 
-    def suffix_head(self, ask: Ask, now: MemoryItem | None) -> str:
+    def suffix_head(self, ask: Ask, now: MemoryRecord | None) -> str:
         """The suffix up to the question's words (it ends in "Question:")."""
         parts = [""]
         if now is not None:
@@ -279,7 +279,7 @@ class Answerer:
         parts.append("\nQuestion:")
         return "\n".join(parts)
 
-    def suffix_text(self, ask: Ask, now: MemoryItem | None, choices: list[str]) -> str:
+    def suffix_text(self, ask: Ask, now: MemoryRecord | None, choices: list[str]) -> str:
         parts = [f"{self.suffix_head(ask, now)} {ask.question}"]
         if choices:
             lettered = [f"{CHOICE_LETTERS[i]}. {text}" for i, text in enumerate(choices)]
@@ -287,7 +287,7 @@ class Answerer:
             parts.append("Answer with the letter of the correct choice.")
         return "\n".join(parts) + self.suffix_end
 
-    def text_cache(self, records: list[MemoryItem]):
+    def text_cache(self, records: list[MemoryRecord]):
         """A fresh cache holding prefix + the records as text (the re-prefill baselines)."""
         return self.text_cache_lines([format_item(item) for item in records])
 
@@ -316,7 +316,7 @@ class Answerer:
                 hook.remove()
         return torch.stack([q.reshape(q.shape[0], -1, head_dim).transpose(0, 1) for q in captured]).float()
 
-    def kv_cache(self, session: str, retrieved: list[MemoryItem], question: str = ""):
+    def kv_cache(self, session: str, retrieved: list[MemoryRecord], question: str = ""):
         """The session's streamed cache with retrieved evicted blocks put back: the blocks of the
         records memory found by text (external retrieval) fused with the blocks the question's
         own queries score highest (internal retrieval), up to ``retrieved_tokens``."""
@@ -349,8 +349,8 @@ class Answerer:
         return memory.kv.assemble(blocks, drop_newest_tokens=later)
 
     def memory_for(
-        self, ask: Ask, items: list[MemoryItem], queued_from: int | None = None
-    ) -> tuple[object, MemoryItem | None]:
+        self, ask: Ask, items: list[MemoryRecord], queued_from: int | None = None
+    ) -> tuple[object, MemoryRecord | None]:
         """The cache to answer ``ask`` from, and the 'now' record, according to ``ask.mode``.
 
         ``queued_from``: the id of the first record queued to be streamed into the session's KV
@@ -383,7 +383,7 @@ class Answerer:
             if self.last_backlog:
                 lines = "".join(format_item(item) + "\n" for item in self.last_backlog)
                 self.engine.forward(self.engine.ids(lines), cache, cache.get_seq_length())
-            shown: list[MemoryItem] = []
+            shown: list[MemoryRecord] = []
         elif ask.mode == "reprefill":
             shown = records
         elif ask.mode == "recent":
@@ -444,7 +444,7 @@ class Answerer:
         means = [float(lp.mean()) for lp in self.engine.continuation_logprobs(cache, prompt, continuations)]
         return CHOICE_LETTERS[max(range(len(means)), key=means.__getitem__)], means
 
-    def choose(self, ask: Ask, cache, now: MemoryItem | None) -> tuple[str, list[float]]:
+    def choose(self, ask: Ask, cache, now: MemoryRecord | None) -> tuple[str, list[float]]:
         """The choice to answer with; returns (letter, one score per choice, higher is better).
 
         "answer" scoring (the default): the question is first answered openly, as a user asking
@@ -485,7 +485,7 @@ class Answerer:
 
     # -- reading a spoken question ahead -------------------------------------------------------
 
-    def prepare(self, draft: Draft, items: list[MemoryItem] | None) -> None:
+    def prepare(self, draft: Draft, items: list[MemoryRecord] | None) -> None:
         """Read ``draft`` (the words of a question heard so far) ahead: the first draft of a
         question assembles its memory (``items``: what memory retrieved for it) and prefills the
         suffix's head; each draft then prefills its words, reusing the tokens it shares with the
@@ -543,7 +543,7 @@ class Answerer:
     def answer(
         self,
         ask: Ask,
-        items: list[MemoryItem],
+        items: list[MemoryRecord],
         max_new_tokens: int,
         should_stop: Callable[[], bool],
         prepared: Prepared | None = None,
@@ -575,7 +575,7 @@ class Answerer:
             yield piece, ""
 
     def _answer_then_choose(
-        self, ask: Ask, cache, now: MemoryItem | None, should_stop: Callable[[], bool]
+        self, ask: Ask, cache, now: MemoryRecord | None, should_stop: Callable[[], bool]
     ) -> Iterator[tuple[str, str]]:
         """A multiple-choice question with "answer" scoring: the open answer streams as it is
         decoded (the user sees the assistant's own words at once), then the choice it supports

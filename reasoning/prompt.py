@@ -8,7 +8,7 @@ import re
 import msgspec
 
 from omnistream.protocol.labels import SYNONYMS
-from omnistream.protocol.messages import MemoryItem
+from omnistream.protocol.messages import MemoryRecord
 from omnistream.protocol.text import clock, content_words, number, words
 
 SYSTEM_PROMPT = (
@@ -27,7 +27,7 @@ SYSTEM_PROMPT = (
 CHOICE_LETTERS = ("A", "B", "C", "D", "E", "F")
 
 
-def format_item(item: MemoryItem) -> str:
+def format_item(item: MemoryRecord) -> str:
     """One memory line. An "event" (records merged by memory) already lists each of its parts
     with its own time; a "synopsis" summarises the whole stream up to its end time."""
     span = f"{clock(item.t0)}-{clock(item.t1)}"
@@ -78,14 +78,14 @@ def bounded_facts(facts: list[str]) -> list[str]:
     ]
 
 
-def memory_log(items: list[MemoryItem]) -> str:
+def memory_log(items: list[MemoryRecord]) -> str:
     return "\n".join(format_item(item) for item in items) or "(nothing seen or heard yet)"
 
 
 KEPT_KINDS = ("now", "synopsis")  # never dropped to fit a budget
 
 
-def fit_items(items: list[MemoryItem], budget_tokens: int, count_tokens) -> list[MemoryItem]:
+def fit_items(items: list[MemoryRecord], budget_tokens: int, count_tokens) -> list[MemoryRecord]:
     """Drop the least relevant then oldest records until the log fits ``budget_tokens`` (what is
     on screen now and the synopsis stay)."""
     kept = list(items)
@@ -104,7 +104,7 @@ def fit_items(items: list[MemoryItem], budget_tokens: int, count_tokens) -> list
 # monkey was on screen."). The suffix repeats the few records most related to the question
 # (``related_records``): by the words they share with it (rare words weigh more; label synonyms
 # and longer forms count: "footballer" finds a "soccer ball"), by what memory's text embedding
-# scored (``MemoryItem.score``), by kind (a question about what a voice said wants what was
+# scored (``MemoryRecord.score``), by kind (a question about what a voice said wants what was
 # heard), and by the time the question names ("about forty seconds ago", "at the start",
 # "while the sweets were on screen").
 
@@ -206,7 +206,7 @@ def _names(term: str, said: set[str]) -> bool:
     return len(term) >= 5 and any(len(w) >= 5 and (w.startswith(term) or term.startswith(w)) for w in said)
 
 
-def relatedness(question: str, items: list[MemoryItem], now: float) -> list[float]:
+def relatedness(question: str, items: list[MemoryRecord], now: float) -> list[float]:
     """How related each record is to ``question`` (about 0..2; see the comment above)."""
     if not items:
         return []
@@ -279,8 +279,8 @@ def relatedness(question: str, items: list[MemoryItem], now: float) -> list[floa
 
 
 def related_records(
-    question: str, items: list[MemoryItem], now: float, limit: int = RELATED_LINES
-) -> list[MemoryItem]:
+    question: str, items: list[MemoryRecord], now: float, limit: int = RELATED_LINES
+) -> list[MemoryRecord]:
     """The records (clips, transcripts, events) most related to ``question``, in time order:
     at most ``limit``, each scoring at least RELATED_MIN and at least half the best."""
     if ABOUT_NOW.search(question.lower()) and time_window(question, now) is None:
@@ -299,8 +299,8 @@ def related_records(
 
 
 def backlog_records(
-    question: str, items: list[MemoryItem], now: float, budget_tokens: int, count_tokens
-) -> list[MemoryItem]:
+    question: str, items: list[MemoryRecord], now: float, budget_tokens: int, count_tokens
+) -> list[MemoryRecord]:
     """Of the records a question's KV does not hold yet (its session's backlog, not prefilled
     before the answer so the first token comes in time), those read as text instead: the most
     related to ``question`` (``relatedness``, at least RELATED_MIN) and the newest in turn, then
@@ -326,7 +326,7 @@ def backlog_records(
     return [candidates[i] for i in sorted(kept, key=lambda i: (candidates[i].t0, candidates[i].item_id))]
 
 
-def _next_to(question: str, items: list[MemoryItem], now: float) -> list[MemoryItem] | None:
+def _next_to(question: str, items: list[MemoryRecord], now: float) -> list[MemoryRecord] | None:
     """For "what was shown (immediately) after / before the X": the scene that names the X
     best and the scene next to it, marked as such; None for other questions."""
     match = NEXT_TO.search(question.lower())
@@ -346,7 +346,7 @@ def _next_to(question: str, items: list[MemoryItem], now: float) -> list[MemoryI
     return sorted([anchor, other], key=lambda c: c.t0)
 
 
-def related_lines(related: list[MemoryItem], items: list[MemoryItem], question: str = "") -> list[str]:
+def related_lines(related: list[MemoryRecord], items: list[MemoryRecord], question: str = "") -> list[str]:
     """``related_records`` as memory lines, a transcript with what was on screen as it was said
     (the clip of ``items`` it falls in) and, for a question that quotes it with a gap ("made
     still more ... what?"), the words that fill the gap."""

@@ -42,7 +42,7 @@ from omnistream.protocol.messages import (
     Draft,
     Error,
     Interrupt,
-    MemoryItem,
+    MemoryRecord,
     Message,
     Record,
     Retrieve,
@@ -113,7 +113,7 @@ class Request:
     attempts: int = 1
 
 
-def estimate_tokens(item: MemoryItem) -> int:
+def estimate_tokens(item: MemoryRecord) -> int:
     return max(1, len(item.text) // CHARS_PER_TOKEN + 8)  # + the line's times and kind
 
 
@@ -163,7 +163,7 @@ class ReasoningStage:
         self.loading: set[str] = set()
         self.watches = WatchList(engine)
         self.synopsizer = Synopsizer(engine, memory_config or MemoryConfig())
-        self.queued_records: dict[str, list[MemoryItem]] = {}
+        self.queued_records: dict[str, list[MemoryRecord]] = {}
         # The last record id of each session checked against its watches (each record once).
         self.watched_upto: dict[str, int] = {}
         self.jobs: deque[Job] = deque()
@@ -180,7 +180,7 @@ class ReasoningStage:
         elif isinstance(message, Record) and message.kind == "synopsis":
             self.synopsizer.acknowledge(message)
         elif isinstance(message, Record):
-            item = MemoryItem(
+            item = MemoryRecord(
                 kind=message.kind,
                 t0=message.t0,
                 t1=message.ts,
@@ -447,7 +447,7 @@ class ReasoningStage:
         self.counters["prefill_s"] += time.perf_counter() - began
         return count
 
-    def _stream(self, session: str, items: list[MemoryItem]) -> None:
+    def _stream(self, session: str, items: list[MemoryRecord]) -> None:
         """Prefill ``items`` into the session's KV memory; watches see each record once as it
         arrives, whether or not a question's retrieval prefilled it first."""
         items = sorted(items, key=lambda i: i.item_id)
@@ -627,7 +627,7 @@ class ReasoningStage:
         self.counters["drafts_read"] += 1
 
     @staticmethod
-    def _newest(items: list[MemoryItem]) -> int:
+    def _newest(items: list[MemoryRecord]) -> int:
         return max((i.item_id for i in items if i.kind in STREAMED_KINDS), default=0)
 
     def _answer(self, job: Job, done: AnswerDone) -> Generator:
@@ -655,7 +655,7 @@ class ReasoningStage:
         # so records that arrived since can wait until after the answer.
         prepared = self.answerer.take_prepared(ask)
         yield from self._load_history(job, ask.session)
-        items: list[MemoryItem] = []
+        items: list[MemoryRecord] = []
         deferred = False
         if prepared is None:
             request_id = self.request(

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from omnistream.protocol.config import MemoryConfig
-from omnistream.protocol.messages import MemoryItem, Record, Synopsis
+from omnistream.protocol.messages import MemoryRecord, Record, Synopsis
 from omnistream.reasoning.llm.engine import LLMEngine
 from omnistream.reasoning.prompt import clock, format_item
 
@@ -75,7 +75,7 @@ class SessionDigest:
     sentences: list[Sentence] = field(default_factory=list)
     covered_ts: float = float("-inf")  # stream time the synopsis covers up to
     t0: float | None = None  # start of the first record seen
-    new: list[MemoryItem] = field(default_factory=list)  # records since, newest last (text-bounded)
+    new: list[MemoryRecord] = field(default_factory=list)  # records since, newest last (text-bounded)
     new_count: int = 0
     last_ts: float = 0.0  # end of the newest record
     last_item_id: int = 0
@@ -102,7 +102,7 @@ class Synopsizer:
 
     # -- what the reasoner sees --------------------------------------------------------------------
 
-    def seed(self, session: str, synopsis: MemoryItem) -> None:
+    def seed(self, session: str, synopsis: MemoryRecord) -> None:
         """Start from a synopsis memory already holds (the reasoner restarted)."""
         digest = self.digest(session)
         if synopsis.t1 >= digest.covered_ts:
@@ -111,7 +111,7 @@ class Synopsizer:
             digest.new = [item for item in digest.new if item.t1 > synopsis.t1]
             digest.new_count = len(digest.new)
 
-    def observe(self, session: str, item: MemoryItem) -> None:
+    def observe(self, session: str, item: MemoryRecord) -> None:
         """A new clip or transcript of ``session``."""
         digest = self.digest(session)
         if item.kind not in ("clip", "transcript", "sighting") or item.t1 <= digest.covered_ts:

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from omnistream.protocol.messages import WATCH_CONDITION_CHARS, WATCHES_PER_SESSION, Alert, MemoryItem, Watch
+from omnistream.protocol.messages import (
+    WATCH_CONDITION_CHARS,
+    WATCHES_PER_SESSION,
+    Alert,
+    MemoryRecord,
+    Watch,
+)
 from omnistream.reasoning.llm.cache import BufferedCache
 from omnistream.reasoning.llm.engine import LLMEngine
 from omnistream.reasoning.prompt import format_item
@@ -30,9 +36,9 @@ WATCH_SYSTEM = (
 MAX_WATCHES_PER_SESSION = WATCHES_PER_SESSION  # memory checks both before it stores a watch
 MARGIN_OVER_NEUTRAL = 0.4
 NEUTRAL_OBSERVATIONS = (
-    MemoryItem(kind="clip", t0=0, t1=5, text="seen: wall (structure), window (framework), door"),
-    MemoryItem(kind="clip", t0=0, t1=5, text="seen: jersey (shirt), analog clock (clock)"),
-    MemoryItem(kind="transcript", t0=0, t1=5, text="Okay, let us continue.", speaker="scene"),
+    MemoryRecord(kind="clip", t0=0, t1=5, text="seen: wall (structure), window (framework), door"),
+    MemoryRecord(kind="clip", t0=0, t1=5, text="seen: jersey (shirt), analog clock (clock)"),
+    MemoryRecord(kind="transcript", t0=0, t1=5, text="Okay, let us continue.", speaker="scene"),
 )
 MAX_CONDITION_CHARS = WATCH_CONDITION_CHARS
 
@@ -85,13 +91,13 @@ class WatchList:
         self.watches.pop(session, None)
 
     @torch.inference_mode()
-    def margin(self, condition: str, item: MemoryItem) -> float:
+    def margin(self, condition: str, item: MemoryRecord) -> float:
         """logit(yes) - logit(no) for 'does this observation meet the condition?'."""
         user = f"Observation: {format_item(item)}\nCondition: {condition}\nIs the condition met?"
         logits = self.engine.forward(self.engine.chat_ids(WATCH_SYSTEM, user), BufferedCache(), 0)[0]
         return float(logits[self.yes_no[0]] - logits[self.yes_no[1]])
 
-    def check(self, session: str, item: MemoryItem) -> list[Alert]:
+    def check(self, session: str, item: MemoryRecord) -> list[Alert]:
         """Alerts for the watches of ``session`` that ``item`` satisfies."""
         alerts = []
         for standing in self.watches.get(session, {}).values():

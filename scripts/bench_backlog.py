@@ -32,7 +32,7 @@ def main() -> None:
     from omnistream.protocol.messages import (
         AnswerDone,
         Ask,
-        MemoryItem,
+        MemoryRecord,
         Record,
         Retrieve,
         Retrieved,
@@ -74,14 +74,14 @@ def main() -> None:
             return [Retrieved(session=request.session, request_id=request.request_id)]
         known = [r for r in records if r.ts <= request.ts]
         items = [
-            MemoryItem(
+            MemoryRecord(
                 kind=r.kind, t0=r.t0, t1=r.ts, text=r.text, speaker=r.speaker, item_id=r.item_id, score=0.3
             )
             for r in known
         ]
         clips = [r for r in known if r.kind == "clip"]
         if clips:
-            items.append(MemoryItem(kind="now", t0=clips[-1].t0, t1=request.ts, text=clips[-1].text))
+            items.append(MemoryRecord(kind="now", t0=clips[-1].t0, t1=request.ts, text=clips[-1].text))
         return [Retrieved(session=request.session, request_id=request.request_id, items=items)]
 
     def drive(stage, messages) -> list:

@@ -408,7 +408,7 @@ export class Client {
   }
 
   /**
-   * What memory recorded in this session over stream times [t0, t1]: `{items: MemoryItem[],
+   * What memory recorded in this session over stream times [t0, t1]: `{items: MemoryRecord[],
    * truncated}`, oldest first; clips, transcripts and sightings unless `kinds` says otherwise;
    * the first `limit` records, or the last with `newest`.
    * @param {number} [t0]

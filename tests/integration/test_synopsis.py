@@ -17,7 +17,7 @@ from omnistream.memory.embedder import TextEmbedder
 from omnistream.memory.stage import MemoryStage
 from omnistream.memory.store import MemoryStore
 from omnistream.protocol.config import MemoryConfig, load_config
-from omnistream.protocol.messages import Ask, Clip, Label, MemoryItem, Record, Retrieve, Transcript
+from omnistream.protocol.messages import Ask, Clip, Label, MemoryRecord, Record, Retrieve, Transcript
 from omnistream.reasoning.answer import Answerer
 from omnistream.reasoning.llm.engine import LLMEngine
 from omnistream.reasoning.llm.prepare import prepare_llm
@@ -45,9 +45,9 @@ def clip(clip_id: int, t0: float, t1: float, description: str) -> Clip:
 ANIMAL_WORDS = ("butterfl", "monarch", "admiral", "ringlet")
 
 
-def items_of(records: list[Record]) -> list[MemoryItem]:
+def items_of(records: list[Record]) -> list[MemoryRecord]:
     return [
-        MemoryItem(kind=r.kind, t0=r.t0, t1=r.ts, text=r.text, speaker=r.speaker, item_id=r.item_id)
+        MemoryRecord(kind=r.kind, t0=r.t0, t1=r.ts, text=r.text, speaker=r.speaker, item_id=r.item_id)
         for r in records
     ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from omnistream.protocol.config import load_config
-from omnistream.protocol.messages import MemoryItem, Watch
+from omnistream.protocol.messages import MemoryRecord, Watch
 from omnistream.reasoning.llm.engine import LLMEngine
 from omnistream.reasoning.llm.prepare import prepare_llm
 from omnistream.reasoning.watch import WatchList
@@ -19,8 +19,8 @@ def watches() -> WatchList:
     return WatchList(LLMEngine(prepare_llm("qwen2.5-coder-0.5b", config.cache_dir), "auto", 2))
 
 
-def item(item_id: int, kind: str, text: str, t: float) -> MemoryItem:
-    return MemoryItem(kind=kind, t0=t, t1=t + 5, text=text, item_id=item_id, speaker="scene")
+def item(item_id: int, kind: str, text: str, t: float) -> MemoryRecord:
+    return MemoryRecord(kind=kind, t0=t, t1=t + 5, text=text, item_id=item_id, speaker="scene")
 
 
 def test_watch_fires_on_the_matching_record_only(watches: WatchList) -> None:

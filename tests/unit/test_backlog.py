@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, MemoryItem
+from omnistream.protocol.messages import AnswerDelta, AnswerDone, Ask, MemoryRecord
 from omnistream.reasoning.prompt import backlog_records, format_item
 
 from ..harness import Ticks, run_stage
@@ -19,8 +19,8 @@ from .test_memory_and_reasoning import word_engine  # noqa: F401
 from .test_reasoning_stage import in_process_memory, kv_ids, reasoning, responder, transcripts
 
 
-def spoken(item_id: int, t0: float, t1: float, text: str) -> MemoryItem:
-    return MemoryItem(kind="transcript", t0=t0, t1=t1, text=text, item_id=item_id)
+def spoken(item_id: int, t0: float, t1: float, text: str) -> MemoryRecord:
+    return MemoryRecord(kind="transcript", t0=t0, t1=t1, text=text, item_id=item_id)
 
 
 def test_backlog_records_are_the_most_related_then_the_newest_within_the_budget() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from omnistream.app.eval import Question, classify_evidence, evidence_records, restates
-from omnistream.protocol.messages import MemoryItem
+from omnistream.protocol.messages import MemoryRecord
 from omnistream.protocol.text import content_words
 from omnistream.reasoning.answer import merge_spans
 from omnistream.reasoning.choices import support, supported_choice
@@ -68,8 +68,8 @@ def test_merge_spans_sorts_and_joins_overlapping_and_touching_spans() -> None:
     assert merge_spans([]) == []
 
 
-def record(t0: float, t1: float, text: str, kind: str = "clip") -> MemoryItem:
-    return MemoryItem(kind=kind, t0=t0, t1=t1, text=text)
+def record(t0: float, t1: float, text: str, kind: str = "clip") -> MemoryRecord:
+    return MemoryRecord(kind=kind, t0=t0, t1=t1, text=text)
 
 
 def question(kind: str = "visual-past", evidence=(14.0, 30.0)) -> Question:

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 
 from omnistream.app.gateway import CLIENT_REQUESTS, FORWARDED_TO_CLIENTS
-from omnistream.protocol.messages import Ack, History, MemoryItem, Message, Status
+from omnistream.protocol.messages import Ack, History, MemoryRecord, Message, Status
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 BASE_FIELDS = {field.name for field in msgspec.structs.fields(Message)}
@@ -25,7 +25,7 @@ def sections() -> dict[str, str]:
 
 
 def client_facing_types() -> list[type]:
-    return [*CLIENT_REQUESTS, *FORWARDED_TO_CLIENTS, Ack, Status, History, MemoryItem]
+    return [*CLIENT_REQUESTS, *FORWARDED_TO_CLIENTS, Ack, Status, History, MemoryRecord]
 
 
 def test_every_client_facing_field_is_documented() -> None:

@@ -37,7 +37,7 @@ from omnistream.protocol.messages import (
     Interrupt,
     KVBlock,
     Label,
-    MemoryItem,
+    MemoryRecord,
     Percept,
     Stats,
     Status,
@@ -70,7 +70,7 @@ def corpus() -> list[list[bytes]]:
         Interrupt(turn="a1", reason="barge-in"),
         Watch(watch_id="w1", condition="tell me when a person enters"),
         HistoryRequest(request_id="h1", t0=0.0, t1=30.0, kinds=["clip"], limit=10),
-        History(request_id="h1", items=[MemoryItem(kind="clip", t0=0.0, t1=1.0, text="x", item_id=3)]),
+        History(request_id="h1", items=[MemoryRecord(kind="clip", t0=0.0, t1=1.0, text="x", item_id=3)]),
         KVBlock(
             block_id=1,
             t0=0.0,

@@ -14,7 +14,7 @@ from omnistream.memory.stage import MemoryStage, clock, ordinal
 from omnistream.memory.store import MemoryStore
 from omnistream.protocol.codec import ProtocolError
 from omnistream.protocol.config import MemoryConfig, load_config
-from omnistream.protocol.messages import Ask, Clip, Label, MemoryItem, Percept, Retrieve, Transcript
+from omnistream.protocol.messages import Ask, Clip, Label, MemoryRecord, Percept, Retrieve, Transcript
 from omnistream.reasoning.prompt import fit_items, format_item, memory_log
 
 
@@ -122,16 +122,16 @@ def test_clock_and_ordinal() -> None:
 
 def test_prompt_lines_and_budget() -> None:
     items = [
-        MemoryItem(kind="clip", t0=0, t1=14, text="seen: monarch (butterfly)", score=0.9),
-        MemoryItem(
+        MemoryRecord(kind="clip", t0=0, t1=14, text="seen: monarch (butterfly)", score=0.9),
+        MemoryRecord(
             kind="transcript",
             t0=93,
             t1=97,
             text="He might even have been made amiable himself.",
             speaker="scene",
         ),
-        MemoryItem(kind="transcript", t0=99, t1=100, text="what was that", speaker="user"),
-        MemoryItem(kind="now", t0=100, t1=101, text="seen: Linux"),
+        MemoryRecord(kind="transcript", t0=99, t1=100, text="what was that", speaker="user"),
+        MemoryRecord(kind="now", t0=100, t1=101, text="seen: Linux"),
     ]
     assert format_item(items[0]) == "[00:00-00:14] on screen: monarch (butterfly)"
     assert (
@@ -324,11 +324,11 @@ def test_an_answer_reports_the_spans_of_the_records_it_read(tiny_engine) -> None
 
     answerer = Answerer(tiny_engine, 256, 64)
     records = [
-        MemoryItem(kind="clip", t0=0, t1=4, text="seen: butterfly", item_id=1),
-        MemoryItem(kind="transcript", t0=4.2, t1=6, text="fail better", item_id=2),
-        MemoryItem(kind="clip", t0=40, t1=44, text="seen: orange", item_id=3),
+        MemoryRecord(kind="clip", t0=0, t1=4, text="seen: butterfly", item_id=1),
+        MemoryRecord(kind="transcript", t0=4.2, t1=6, text="fail better", item_id=2),
+        MemoryRecord(kind="clip", t0=40, t1=44, text="seen: orange", item_id=3),
     ]
-    now = MemoryItem(kind="now", t0=58, t1=60, text="seen: sudoku")
+    now = MemoryRecord(kind="now", t0=58, t1=60, text="seen: sudoku")
     ask = Ask(ts=60, session="s", turn="t", question="what?", mode="full")
     answerer.memory_for(ask, [*records, now])
     assert answerer.last_context == [[0, 6], [40, 44], [58, 60]]
@@ -422,8 +422,8 @@ def test_memory_snapshots_at_question_time_and_announces_records(tmp_path: Path)
     assert [item.item_id for item in fresh.items] == [1, 2]
 
 
-def record(item_id: int, t0: float, text: str, kind: str = "clip") -> MemoryItem:
-    return MemoryItem(kind=kind, t0=t0, t1=t0 + 5, text=text, item_id=item_id)
+def record(item_id: int, t0: float, text: str, kind: str = "clip") -> MemoryRecord:
+    return MemoryRecord(kind=kind, t0=t0, t1=t0 + 5, text=text, item_id=item_id)
 
 
 RECORDS = [
@@ -441,8 +441,8 @@ def test_events_bring_back_their_members_blocks_and_the_synopsis_stays_in_contex
     memory = answerer.session("s")
     evicted = {b.item_id: b for b in memory.kv.evicted}
     assert {1, 2, 3} <= set(evicted)
-    event = MemoryItem(kind="event", t0=0, t1=25, text="merged", item_id=99, members=[2, 3])
-    synopsis = MemoryItem(kind="synopsis", t0=0, t1=60, text="a stream of red things", item_id=100)
+    event = MemoryRecord(kind="event", t0=0, t1=25, text="merged", item_id=99, members=[2, 3])
+    synopsis = MemoryRecord(kind="synopsis", t0=0, t1=60, text="a stream of red things", item_id=100)
     assert not answerer.ingest("s", event) and not answerer.ingest("s", synopsis)  # derived, not streamed
     cache = answerer.kv_cache("s", [event, RECORDS[-1]])
     window = sum(b.n_tokens for b in memory.kv.window)
@@ -600,7 +600,7 @@ def test_spilled_kv_is_kept_apart_per_model_format_and_prompt(tiny_engine, tiny_
         answerer.ingest_many(
             "s",
             [
-                MemoryItem(kind="clip", t0=i, t1=i + 1, text=f"seen: thing {i} " * 4, item_id=i + 1)
+                MemoryRecord(kind="clip", t0=i, t1=i + 1, text=f"seen: thing {i} " * 4, item_id=i + 1)
                 for i in range(8)
             ],
         )

@@ -16,7 +16,7 @@ import numpy as np
 from omnistream.memory.session import Scenes
 from omnistream.memory.stage import MemoryStage
 from omnistream.memory.store import MemoryStore
-from omnistream.memory.tiers import Entry, Pyramid, leaf, merge, render
+from omnistream.memory.tiers import Pyramid, TierRecord, leaf, merge, render
 from omnistream.protocol.config import MemoryConfig
 from omnistream.protocol.messages import Clip, HistoryRequest, Label, Percept, Retrieve, Synopsis, Transcript
 
@@ -58,7 +58,7 @@ class Sink:
         self.next_id = 100
         self.steps: list[tuple] = []
 
-    def save_event(self, event: Entry, sources: list[int]) -> int:
+    def save_event(self, event: TierRecord, sources: list[int]) -> int:
         self.next_id += 1
         self.steps.append(("merge", sources, self.next_id))
         return self.next_id
@@ -67,11 +67,11 @@ class Sink:
         self.steps.append(("archive", item_id))
 
 
-def transcript_entry(item_id: int, name: str, t0: float) -> Entry:
+def transcript_entry(item_id: int, name: str, t0: float) -> TierRecord:
     return leaf(item_id, "transcript", t0, t0 + 5, name, VECTORS[name])
 
 
-def spans(entries: list[Entry]) -> list[tuple[float, float]]:
+def spans(entries: list[TierRecord]) -> list[tuple[float, float]]:
     return [(e.t0, e.t1) for e in entries]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omnistream.protocol.messages import Clip, Label, MemoryItem, Percept, Retrieve, Sighting
+from omnistream.protocol.messages import Clip, Label, MemoryRecord, Percept, Retrieve, Sighting
 from omnistream.reasoning.prompt import (
     TIMELINE_CHARS,
     TIMELINE_FACT_CHARS,
@@ -23,12 +23,12 @@ from omnistream.reasoning.prompt import (
 from .test_memory_and_reasoning import memory_stage, tiny_engine, vec  # noqa: F401 (tiny_engine: a fixture)
 
 
-def clip(item_id: int, t0: float, t1: float, text: str) -> MemoryItem:
-    return MemoryItem(kind="clip", t0=t0, t1=t1, text=text, item_id=item_id)
+def clip(item_id: int, t0: float, t1: float, text: str) -> MemoryRecord:
+    return MemoryRecord(kind="clip", t0=t0, t1=t1, text=text, item_id=item_id)
 
 
-def heard(item_id: int, t0: float, t1: float, text: str) -> MemoryItem:
-    return MemoryItem(kind="transcript", t0=t0, t1=t1, text=text, item_id=item_id)
+def heard(item_id: int, t0: float, t1: float, text: str) -> MemoryRecord:
+    return MemoryRecord(kind="transcript", t0=t0, t1=t1, text=text, item_id=item_id)
 
 
 STREAM = [
@@ -100,13 +100,13 @@ def test_a_question_gets_the_record_sharing_its_rare_words_and_synonyms() -> Non
 
 
 def test_memory_text_similarity_ranks_records_sharing_no_word() -> None:
-    scored = [MemoryItem(**{**_fields(r), "score": 0.6 if r.item_id == 8 else 0.25}) for r in STREAM]
+    scored = [MemoryRecord(**{**_fields(r), "score": 0.6 if r.item_id == 8 else 0.25}) for r in STREAM]
     question = "So far, how many playing cards in all has a voice named?"
     assert [r.item_id for r in related_records(question, scored, 100)] == [8]
     assert related_records(question, STREAM, 100) == []  # no shared word, no similarity: nothing
 
 
-def _fields(item: MemoryItem) -> dict:
+def _fields(item: MemoryRecord) -> dict:
     return {f: getattr(item, f) for f in item.__struct_fields__}
 
 
@@ -192,7 +192,7 @@ def test_the_suffix_repeats_the_related_records_from_what_the_mode_reads(tiny_en
     from omnistream.reasoning.answer import RELATED_HEADER, Answerer
 
     answerer = Answerer(tiny_engine, 256, 64)
-    now = MemoryItem(kind="now", t0=74, t1=75, text="seen: lighter")
+    now = MemoryRecord(kind="now", t0=74, t1=75, text="seen: lighter")
     question = (
         "About forty seconds ago a voice gave a movement instruction. How far did it say to go forward?"
     )
@@ -303,7 +303,7 @@ def test_timeline_facts_are_bounded_and_keep_the_order_lines():
     assert kept[-1] == facts[-1]  # which-first answered from the order line, always kept
     assert sum(map(len, kept[:-1])) <= TIMELINE_CHARS
     assert len(kept) < len(facts)
-    item = MemoryItem(kind="now", t0=0.0, t1=90.0, text="seen: a ball", facts=facts)
+    item = MemoryRecord(kind="now", t0=0.0, t1=90.0, text="seen: a ball", facts=facts)
     assert format_item(item).count("[timeline]") == len(kept)
     short = ["cup: appeared 1 separate time, first at 00:05; in view now"]
     assert bounded_facts(short) == short

@@ -5,13 +5,13 @@ tests/integration/test_synopsis.py.)"""
 from __future__ import annotations
 
 from omnistream.protocol.config import MemoryConfig
-from omnistream.protocol.messages import MemoryItem, Record, Synopsis
+from omnistream.protocol.messages import MemoryRecord, Record, Synopsis
 from omnistream.reasoning.prompt import fit_items, format_item, memory_log
 from omnistream.reasoning.synopsis import ACK_TIMEOUT_S, Sentence, Synopsizer, split_sentences
 
 
-def said(item_id: int, t0: float, text: str = "words") -> MemoryItem:
-    return MemoryItem(kind="transcript", t0=t0, t1=t0 + 2, text=text, speaker="scene", item_id=item_id)
+def said(item_id: int, t0: float, text: str = "words") -> MemoryRecord:
+    return MemoryRecord(kind="transcript", t0=t0, t1=t0 + 2, text=text, speaker="scene", item_id=item_id)
 
 
 def synopsizer(**config) -> Synopsizer:
@@ -36,7 +36,7 @@ def test_due_after_n_records_or_m_stream_seconds() -> None:
 
 def test_a_stored_synopsis_covers_the_records_before_it() -> None:
     schedule = synopsizer(synopsis_every_records=2)
-    schedule.seed("s", MemoryItem(kind="synopsis", t0=0, t1=30, text="Earlier things.", item_id=9))
+    schedule.seed("s", MemoryRecord(kind="synopsis", t0=0, t1=30, text="Earlier things.", item_id=9))
     schedule.observe("s", said(1, 10))  # already summarised (ends at 12 <= 30)
     schedule.observe("s", said(2, 20))
     assert schedule.due() == []
@@ -67,7 +67,7 @@ def test_a_stored_synopsis_splits_back_into_its_sentences() -> None:
     ]
     assert split_sentences("Free text.") == [Sentence(0, 0, "Free text.")] and split_sentences(" ") == []
     schedule = synopsizer()
-    schedule.seed("s", MemoryItem(kind="synopsis", t0=0, t1=3725, text=text))
+    schedule.seed("s", MemoryRecord(kind="synopsis", t0=0, t1=3725, text=text))
     assert schedule.digest("s").text == text and schedule.digest("s").covered_ts == 3725
 
 
@@ -93,8 +93,8 @@ def test_unacknowledged_synopsis_is_sent_again() -> None:
 
 
 def test_synopsis_and_event_lines_and_the_budget_keeps_the_synopsis() -> None:
-    synopsis = MemoryItem(kind="synopsis", t0=0, t1=95, text="A butterfly, then Linux.", score=1.0)
-    event = MemoryItem(
+    synopsis = MemoryRecord(kind="synopsis", t0=0, t1=95, text="A butterfly, then Linux.", score=1.0)
+    event = MemoryRecord(
         kind="event",
         t0=0,
         t1=30,
@@ -106,7 +106,7 @@ def test_synopsis_and_event_lines_and_the_budget_keeps_the_synopsis() -> None:
         format_item(event)
         == '[00:00-00:30] 00:00-00:14 on screen: monarch (butterfly); 00:03 a voice said: "Front left."'
     )
-    items = [synopsis, event, MemoryItem(kind="now", t0=99, t1=100, text="seen: Linux")]
+    items = [synopsis, event, MemoryRecord(kind="now", t0=99, t1=100, text="seen: Linux")]
     kept = fit_items(items, budget_tokens=20, count_tokens=lambda text: len(text.split()))
     assert [item.kind for item in kept] == ["synopsis", "now"]
     assert memory_log(kept).splitlines()[0] == format_item(synopsis)

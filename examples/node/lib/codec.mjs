@@ -63,7 +63,7 @@ export class OmnistreamError extends Error {
   }
 }
 
-/** Every struct of the protocol, by name (message types and the nested Label, Box, MemoryItem). */
+/** Every struct of the protocol, by name (message types and the nested Label, Box, MemoryRecord). */
 export { STRUCTS };
 
 /** @type {Record<string, {array: any, size: number}>} */

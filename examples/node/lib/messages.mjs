@@ -173,13 +173,13 @@ export const STRUCTS = {
     ]},
   "Retrieved": {"tag": "Retrieved", "arrayLike": false, "omitDefaults": true, "fields": [
       {"name": "request_id", "type": "str"},
-      {"name": "items", "type": {"list": {"struct": "MemoryItem"}}, "default": []},
+      {"name": "items", "type": {"list": {"struct": "MemoryRecord"}}, "default": []},
       {"name": "error", "type": "str", "default": ""},
       {"name": "more", "type": "bool", "default": false},
       {"name": "ts", "type": "float", "default": 0.0},
       {"name": "session", "type": "str", "default": "default"},
     ]},
-  "MemoryItem": {"tag": null, "arrayLike": false, "omitDefaults": false, "fields": [
+  "MemoryRecord": {"tag": null, "arrayLike": false, "omitDefaults": false, "fields": [
       {"name": "kind", "type": {"literal": ["clip", "event", "now", "sighting", "synopsis", "transcript"]}},
       {"name": "t0", "type": "float"},
       {"name": "t1", "type": "float"},
@@ -218,7 +218,7 @@ export const STRUCTS = {
     ]},
   "History": {"tag": "History", "arrayLike": false, "omitDefaults": true, "fields": [
       {"name": "request_id", "type": "str"},
-      {"name": "items", "type": {"list": {"struct": "MemoryItem"}}, "default": []},
+      {"name": "items", "type": {"list": {"struct": "MemoryRecord"}}, "default": []},
       {"name": "truncated", "type": "bool", "default": false},
       {"name": "ts", "type": "float", "default": 0.0},
       {"name": "session", "type": "str", "default": "default"},

@@ -37,7 +37,7 @@ from omnistream.protocol.messages import (
     HistoryRequest,
     Interrupt,
     Label,
-    MemoryItem,
+    MemoryRecord,
     Percept,
     Sighting,
     Stats,
@@ -213,11 +213,11 @@ def cases() -> list[tuple[str, str, Any]]:
             History(
                 request_id="h1",
                 items=[
-                    MemoryItem(kind="clip", t0=0.0, t1=5.5, text="seen: monarch (butterfly)", item_id=1),
-                    MemoryItem(
+                    MemoryRecord(kind="clip", t0=0.0, t1=5.5, text="seen: monarch (butterfly)", item_id=1),
+                    MemoryRecord(
                         kind="transcript", t0=2.0, t1=4.0, text="made amiable", speaker="scene", item_id=2
                     ),
-                    MemoryItem(kind="event", t0=0.0, t1=9.0, text="both", members=[1, 2], score=0.25),
+                    MemoryRecord(kind="event", t0=0.0, t1=9.0, text="both", members=[1, 2], score=0.25),
                 ],
                 truncated=True,
             ),
