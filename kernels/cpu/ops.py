@@ -22,9 +22,6 @@ ABI_VERSION = 2
 # ~1000, lets them sleep in the Python between a layer's native calls, and waking them costs more
 # than the gap). Restored after the forward, so idle helpers still sleep soon.
 FORWARD_SPIN = 10000
-# A decoded token's attention (one query row per head) runs on the calling thread up to this many
-# keys: handing half of ~20 us of work to a helper cost more than it saved (bench llm's profile).
-ONE_THREAD_DECODE_KEYS = 2048
 _lib: ctypes.CDLL | None = None
 _checked = False
 
@@ -221,7 +218,7 @@ def attention(
         out.data_ptr(),
         out.stride(0),
         1.0 / math.sqrt(head_dim),
-        1 if n == 1 and total <= ONE_THREAD_DECODE_KEYS else _threads(),
+        _threads(),
     )
     return out
 
