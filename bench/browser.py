@@ -289,7 +289,7 @@ def speech_baseline(trials: int, progress: Callable[[str], None]) -> dict[str, l
                 driver, clips, trials, speech.voiced_span, speech.captured_at, progress, llm
             )
         finally:
-            driver.stage.stop()
+            driver.stage.close()
     finally:
         llm.close()
     return {

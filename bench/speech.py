@@ -303,7 +303,7 @@ def response_rows(
                     driver, clips, trials, voiced_span, captured_at, progress, responder
                 )
             finally:
-                driver.stage.stop()
+                driver.stage.close()
             counters[(label, settings)] = dict(driver.counters)
     rows = speech_turns.breakdown_rows(
         "scripted answer at 50 tokens/s",
@@ -359,7 +359,7 @@ def run(quick: bool, progress: Callable[[str], None]) -> list[dict]:
         progress("speech: false interruptions")
         rows += false_interruption_rows(driver, clips, 3 if quick else 10)
     finally:
-        driver.stage.stop()
+        driver.stage.close()
     # Latencies above scale with CPU contention: say how busy the machine was.
     load = max(load_before, os.getloadavg()[0])
     rows.append(

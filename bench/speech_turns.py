@@ -134,7 +134,7 @@ def answer_each_ask(driver, llm: LLM | None) -> Callable[[], None]:
     every loop pass (it feeds due answer pieces to the stage)."""
     scripted: dict[str, float] = {}
     asked: set[str] = set()
-    publish = driver.stage.publish
+    publish = driver.stage.emit
 
     def on_publish(message) -> None:
         publish(message)
@@ -153,7 +153,7 @@ def answer_each_ask(driver, llm: LLM | None) -> Callable[[], None]:
             else:
                 scripted[message.turn] = time.monotonic()
 
-    driver.stage.publish = on_publish
+    driver.stage.emit = on_publish
 
     def pump() -> None:
         now = time.monotonic()

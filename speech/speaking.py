@@ -4,7 +4,7 @@
 phrases, each phrase is synthesised on the TTS worker as soon as it ends, and the audio is sent
 in small chunks paced to real time (``Playout``). Barge-in acts here: ``hear`` pauses every
 answer of a session the moment the VAD hears the user, ``resume`` lets a false interruption
-go on, ``cut`` ends the answers a user utterance interrupted. An ended answer is published as an
+go on, ``cut`` ends the answers a user utterance interrupted. An ended answer is emitted as an
 assistant ``Transcript`` of what the client actually played.
 
 Each turn carries latency marks (monotonic seconds; see ``turns.Timeline``): the first
@@ -47,14 +47,14 @@ class Speaker:
         self,
         config: SpeechConfig,
         voice: Voice | None,
-        publish: Callable[[Message], None],
+        emit: Callable[[Message], object],
         counters: dict[str, float],
         clock: Callable[[], float] = time.monotonic,
         on_timeline: Callable[[Timeline], None] = lambda timeline: None,
     ):
         self.config = config
         self.voice = voice
-        self.publish = publish
+        self.emit = emit
         self.counters = counters
         self.clock = clock
         self.on_timeline = on_timeline
@@ -84,7 +84,7 @@ class Speaker:
         for turn in [
             t for t in self.turns.values() if t.ask.session == ask.session and t.ask.turn != ask.turn
         ]:
-            self.publish(Interrupt(ts=ask.ts, session=ask.session, turn=turn.ask.turn, reason="new question"))
+            self.emit(Interrupt(ts=ask.ts, session=ask.session, turn=turn.ask.turn, reason="new question"))
             self.end(turn, cut=True)
 
     def confirm(self, ask: Ask) -> bool:
@@ -149,9 +149,7 @@ class Speaker:
                 turn.synthesized += 1
                 turn.timeline.mark("first_tts", now)
                 if error is not None:
-                    self.publish(
-                        Error(code="tts_failed", message=f"speech: {error}", session=turn.ask.session)
-                    )
+                    self.emit(Error(code="tts_failed", message=f"speech: {error}", session=turn.ask.session))
                 else:
                     turn.playout.add(phrase, audio)
         for turn in list(self.turns.values()):
@@ -179,7 +177,7 @@ class Speaker:
         for chunk in turn.playout.take(now):
             if turn.t0 is None:
                 turn.t0 = self.stream_ts.get(turn.ask.session, turn.ask.ts)
-            self.publish(self._audio_out(turn, chunk))
+            self.emit(self._audio_out(turn, chunk))
             self.counters["audio_out_chunks"] += 1
             if "first_audio" not in turn.timeline.marks:
                 turn.timeline.mark("first_audio", self.clock())
@@ -196,12 +194,12 @@ class Speaker:
             return
         now = self.clock()
         heard = turn.playout.played(now) if cut else len(turn.playout.buffer)
-        self.publish(self._audio_out(turn, flush=cut, final=True))
+        self.emit(self._audio_out(turn, flush=cut, final=True))
         text = turn.playout.spoken_text(heard)
         if not text:
             return
         t0 = turn.t0 if turn.t0 is not None else turn.ask.ts
-        self.publish(
+        self.emit(
             Transcript(
                 ts=t0 + heard / turn.playout.rate,
                 t0=t0,
@@ -236,7 +234,7 @@ class Speaker:
                 continue
             turn.playout.pause(now)
             if turn.seq:
-                self.publish(self._audio_out(turn, flush=True))
+                self.emit(self._audio_out(turn, flush=True))
             self.counters["barge_in_pauses"] += 1
 
     def echoing(self, key: Key) -> bool:
@@ -258,7 +256,7 @@ class Speaker:
         """The user utterance ``key`` has words: interrupt the answers it was talking over."""
         for turn in [t for t in self.turns.values() if t.heard_by == key]:
             ts = self.stream_ts.get(key[0], 0.0)
-            self.publish(Interrupt(ts=ts, session=key[0], turn=turn.ask.turn, reason="barge-in"))
+            self.emit(Interrupt(ts=ts, session=key[0], turn=turn.ask.turn, reason="barge-in"))
             self.counters["barge_ins"] += 1
             self.end(turn, cut=True)
 

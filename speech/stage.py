@@ -35,7 +35,7 @@ import argparse
 import logging
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +55,7 @@ from omnistream.protocol.messages import (
     UserSpeech,
 )
 from omnistream.protocol.routes import subscriptions
-from omnistream.protocol.runtime import Runtime
+from omnistream.protocol.runtime import Emit, Runtime
 from omnistream.protocol.text import words
 from omnistream.speech.asr import Recognizer
 from omnistream.speech.duplex import PendingQuestion, Preemption, Utterance, after_wake_phrase
@@ -96,6 +96,9 @@ class SessionState:
 
 
 class SpeechStage:
+    """Speech's logic without sockets: built from its configuration, the recognizer, the voice
+    (None: nothing is spoken) and an ``emit`` callable (``emit(message)``: the bus)."""
+
     name = "speech"
 
     def __init__(
@@ -103,20 +106,29 @@ class SpeechStage:
         config: SpeechConfig,
         recognizer: Recognizer,
         voice: Voice | None,
-        publish: Callable[[Message], None],
-        counters: dict[str, float],
+        emit: Emit,
+        counters: dict[str, float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.config = config
         self.recognizer = recognizer
-        self.publish = publish
-        self.counters = counters
+        self.emit = emit
+        self.counters: dict[str, float] = counters if counters is not None else defaultdict(float)
         self.clock = clock
         self.asr = Worker("speech-asr")  # partials and the scene's sound track
         # A user's final transcript is what the answer waits for: its own thread, so it never
         # queues behind a partial already running (whisper passes cannot be stopped midway).
         self.asr_final = Worker("speech-asr-final")
-        self.speaker = Speaker(config, voice, publish, counters, clock, self._on_timeline)
+        # Through the stage's own emit and clock, so that what replaces them (tests/harness.py)
+        # reaches the speaker too.
+        self.speaker = Speaker(
+            config,
+            voice,
+            lambda message: self.emit(message),
+            self.counters,
+            lambda: self.clock(),
+            self._on_timeline,
+        )
         # Least recently heard first; beyond ``live_sessions`` sessions listened to, the first of
         # them is closed (``close_session``).
         self.sessions: OrderedDict[str, SessionState] = OrderedDict()
@@ -136,7 +148,7 @@ class SpeechStage:
         """A user utterance is still heard or transcribed (its final transcript not handled)."""
         return any(state.utterances for state in self.sessions.values())
 
-    def waiting(self) -> bool:
+    def question_pending(self) -> bool:
         """A question waits for the end of its turn to be asked."""
         return any(state.pending is not None for state in self.sessions.values())
 
@@ -208,7 +220,7 @@ class SpeechStage:
                 pending.timeline.turn = pending.turn
                 pending.timeline.mark("ask", now)
                 state.asked, state.ask_timeline = pending, pending.timeline
-                self.publish(
+                self.emit(
                     Ask(
                         ts=pending.t1,
                         session=session,
@@ -296,7 +308,7 @@ class SpeechStage:
         key, state = (session, event.utterance), self.sessions[session]
         now = self.clock()
         if event.kind == "started":
-            self.publish(UserSpeech(ts=event.t0, session=session, started=True))
+            self.emit(UserSpeech(ts=event.t0, session=session, started=True))
             utterance = Utterance(event.t0, StreamingTranscriber(self.recognizer))
             state.utterances[event.utterance] = utterance
             asked = state.asked
@@ -339,7 +351,7 @@ class SpeechStage:
         utterance.voiced_ts = event.t1 if event.audio is None else event.t0 + samples / SAMPLE_RATE
         timeline.mark("speech_end", now)
         timeline.mark("turn_end", now)
-        self.publish(UserSpeech(ts=event.t1, session=session, started=False))
+        self.emit(UserSpeech(ts=event.t1, session=session, started=False))
         if event.audio is None:
             self._on_user_final(key, event.t1, "")
         elif samples != utterance.early_samples:
@@ -374,13 +386,13 @@ class SpeechStage:
     def _on_asr(self, tag: tuple, result, error: BaseException | None) -> None:
         kind = tag[0]
         if error is not None:
-            self.publish(Error(code="asr_failed", message=f"speech: {type(error).__name__}: {error}"))
+            self.emit(Error(code="asr_failed", message=f"speech: {type(error).__name__}: {error}"))
             result = {"partial": ("", ""), "final": ("", 0.0)}.get(kind, "")
         if kind == "scene":
             _, session, t0, t1 = tag
             if result:
                 self.counters["utterances_scene"] += 1
-                self.publish(Transcript(ts=t1, t0=t0, session=session, text=result, speaker="scene"))
+                self.emit(Transcript(ts=t1, t0=t0, session=session, text=result, speaker="scene"))
         elif kind == "partial":
             self._on_user_partial(tag[1], tag[2], " ".join(part for part in result if part))
         else:
@@ -411,9 +423,7 @@ class SpeechStage:
             return
         if self.speaker.echoing(key) and len(words(text)) < ECHO_MIN_WORDS:
             return  # a word or two misheard from our own voice ("Simon" for "monarch"): wait
-        self.publish(
-            Transcript(ts=t1, t0=utterance.t0, session=key[0], text=text, final=False, speaker="user")
-        )
+        self.emit(Transcript(ts=t1, t0=utterance.t0, session=key[0], text=text, final=False, speaker="user"))
         self.speaker.cut(key)
         self._draft(key, t1, text)
         utterance.partial_question = self._question(key[0], utterance, text)
@@ -430,7 +440,7 @@ class SpeechStage:
         question = self._question(session, utterance, text)
         if question and question != utterance.drafted:
             utterance.drafted = question
-            self.publish(Draft(ts=t1, session=session, question=question))
+            self.emit(Draft(ts=t1, session=session, question=question))
             self.counters["drafts"] += 1
 
     def _preempt(self, key: Key, utterance: Utterance, text: str) -> None:
@@ -466,7 +476,7 @@ class SpeechStage:
         timeline.turn = state.preempted.turn
         timeline.mark("ask", self.clock())
         state.ask_timeline = timeline
-        self.publish(
+        self.emit(
             Ask(
                 ts=ts,
                 session=session,
@@ -496,7 +506,7 @@ class SpeechStage:
         pre, state.preempted = state.preempted, None
         if pre is None:
             return
-        self.publish(Interrupt(ts=pre.ts, session=session, turn=pre.turn, reason=PREEMPTION_DISCARDED))
+        self.emit(Interrupt(ts=pre.ts, session=session, turn=pre.turn, reason=PREEMPTION_DISCARDED))
         self.discarded.append(pre.turn)
         self.speaker.discard(pre.turn)
         pre.timeline.forget_answer()
@@ -527,10 +537,10 @@ class SpeechStage:
             self._on_echo(key, utterance)
             return
         self.counters["utterances"] += 1
-        self.publish(Transcript(ts=t1, t0=utterance.t0, session=session, text=text, speaker="user"))
+        self.emit(Transcript(ts=t1, t0=utterance.t0, session=session, text=text, speaker="user"))
         gone_on = self._gone_on(session, utterance)
         if gone_on is not None and gone_on.turn not in self.speaker.turns:  # not spoken: tell reasoning
-            self.publish(Interrupt(ts=t1, session=session, turn=gone_on.turn, reason="user continued"))
+            self.emit(Interrupt(ts=t1, session=session, turn=gone_on.turn, reason="user continued"))
         self.speaker.cut(key)
         if not self.config.ask_on_user_speech:
             return
@@ -586,7 +596,9 @@ class SpeechStage:
         self.counters["echo_ignored"] += 1
         self.speaker.resume(key, echo=True)
 
-    def stop(self) -> None:
+    def close(self) -> None:
+        """End what is heard now (a user's utterance is asked, as at any end of speech) and stop
+        the ASR and TTS workers."""
         for session, state in list(self.sessions.items()):
             for channel, listener in list(state.listeners.items()):
                 for event in listener.flush():
@@ -605,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     config = runtime.config.speech
     recognizer = Recognizer(config.asr_model, threads=config.threads, window=config.asr_window)
     voice = Voice(config.tts_voice, threads=config.threads) if config.tts_enabled else None
-    stage = SpeechStage(config, recognizer, voice, runtime.publish, runtime.counters)
+    stage = SpeechStage(config, recognizer, voice, runtime.emit, runtime.counters)
     runtime.subscribe(*subscriptions("speech"))
     # A short poll keeps the paced audio on time (40 ms chunks) and barge-in within one pass.
     runtime.run(stage, tick=stage.tick, poll_s=0.01)

@@ -356,4 +356,4 @@ def test_live_sessions_are_bounded_and_a_closed_ones_utterance_is_finished(
         assert ask.session == "talk" and ask.question == said.text
         assert "talk" not in stage.live and not stage.sessions["talk"].listeners
     finally:
-        stage.stop()
+        stage.close()

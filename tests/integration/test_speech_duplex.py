@@ -61,7 +61,7 @@ def make_harness(recognizer: Recognizer, voice: Voice):
 
     yield make
     for harness in made:
-        harness.stage.stop()
+        harness.stage.close()
 
 
 class Harness:
@@ -257,7 +257,7 @@ def test_a_pause_mid_sentence_does_not_cut_the_question_short(
         )
     )
     h.mic(audio[cut:])
-    h.run_until(lambda: h.of(Ask) and not h.stage.waiting() and not h.stage.hearing(), timeout_s=20)
+    h.run_until(lambda: h.of(Ask) and not h.stage.question_pending() and not h.stage.hearing(), timeout_s=20)
     h.mic(np.zeros(MIC_RATE, np.float32))  # nothing more comes
     asks = h.of(Ask)
     assert word_error_rate(librivox_clips()[clip][1], asks[-1].question) <= 0.25, [a.question for a in asks]

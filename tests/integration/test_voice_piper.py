@@ -147,7 +147,7 @@ def test_the_speech_stage_speaks_an_answer_with_the_piper_voice(recognizer: Reco
             interval=0.01,
         )
     finally:
-        stage.stop()
+        stage.close()
     chunks = [m for m in out if isinstance(m, AudioOut) and m.pcm is not None]
     assert chunks and {m.sample_rate for m in chunks} == {48000}
     heard = recognizer.transcribe(to_mono_16k(np.concatenate([m.pcm for m in chunks]), 48000))
