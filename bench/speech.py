@@ -293,7 +293,7 @@ def response_rows(
     for label, responder in answerers:
         for settings, config, model in (
             ("now", SpeechConfig(), recognizer),
-            ("no preemption", speech_turns.no_preemption_config(), recognizer),
+            ("preemptive", speech_turns.preemption_config(), recognizer),
             ("before", speech_turns.before_config(), full),
         ):
             progress(f"speech: end of question -> first audio, {label} answer, settings {settings}")
@@ -320,12 +320,12 @@ def response_rows(
         name = "scripted answer at 50 tokens/s" if responder is None else f"LLM {responder.model}"
         rows += speech_turns.breakdown_rows(
             f"{name}, preemptive",
+            results[(label, "preemptive")],
             results[(label, "now")],
-            results[(label, "no preemption")],
             speech_turns.LLM_SPANS,
             speech_turns.NO_PREEMPTION_NAME,
         )
-        rows += speech_turns.preemption_rows(name, counters[(label, "now")])
+        rows += speech_turns.preemption_rows(name, counters[(label, "preemptive")])
     return rows
 
 

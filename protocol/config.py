@@ -161,11 +161,12 @@ class SpeechConfig(_Section):
     asr_window: str = "short"  # whisper encoder on the utterance's length, or "full" (30 s)
     # Silence after which the utterance is transcribed speculatively (its final if no speech
     # follows); 0.1: the earliest the final's audio is known (the VAD keeps 96 ms of tail).
-    early_final_s: float = 0.1
+    early_final_s: float = 0.2
     # Preemptive generation: that speculative transcript is asked at once (a tentative Ask)
     # while the end of the turn is awaited; its audio is held until the final transcript
-    # confirms the question (the same words), else discarded and asked again.
-    preemptive: bool = True
+    # confirms the question (the same words), else discarded and asked again. Off: it did not
+    # win on 2 cores with the 1.5B (BENCHMARKS.md, issue #21).
+    preemptive: bool = False
     ask_on_user_speech: bool = True
     wake_phrase: str = ""  # non-empty: only utterances containing it become questions
     echo_overlap: float = 0.6  # share of heard words the assistant is saying that marks an echo

@@ -266,6 +266,9 @@ def test_a_pause_mid_sentence_does_not_cut_the_question_short(
     assert h.counters["questions_continued"] == len(asks) - 1
 
 
+PREEMPTIVE = {"preemptive": True, "early_final_s": 0.1}
+
+
 def answer_tentatively(h: Harness, ask: Ask, text: str = ANSWER) -> None:
     """What reasoning does with a tentative Ask: the bus brings it back to the stage, the
     answer's pieces come marked tentative."""
@@ -282,7 +285,7 @@ def test_a_question_is_answered_preemptively_and_heard_only_once_confirmed(
     turn then waits its grace) is asked at once (tentatively), its answer synthesised while the
     end of the turn is awaited; not one chunk of it is sent before the Ask that confirms it
     (same turn, question and ts), and the confirmed replay of its pieces is not spoken twice."""
-    h = make_harness(turn_end_s=0.5, turn_grace_s=1.0)  # every turn waits 0.5 s + 1 s of grace
+    h = make_harness(turn_end_s=0.5, turn_grace_s=1.0, **PREEMPTIVE)  # every turn waits 1.5 s
     h.mic(np.concatenate([np.zeros(8000, np.float32), speech_clip(4)]), realtime=False)
     h.run_until(lambda: h.tentative(), timeout_s=20)
     [tentative] = h.tentative()
@@ -316,7 +319,7 @@ def test_a_preemptive_answer_is_discarded_when_the_user_goes_on(
     asked tentatively at the pause, and goes on: that answer is dropped unheard (an Interrupt
     with reason PREEMPTION_DISCARDED), the whole sentence is asked, and its own tentative
     answer is the one confirmed."""
-    h = make_harness(turn_end_s=0.5, turn_grace_s=1.5)  # turn_end_s >= min_silence_s: no text signal
+    h = make_harness(turn_end_s=0.5, turn_grace_s=1.5, **PREEMPTIVE)  # no text signal
     audio, cut = speech_clip(3), int(2.55 * MIC_RATE)  # "had he married a more amiable woman, | he ..."
     h.mic(np.concatenate([np.zeros(4000, np.float32), audio[:cut]]))
     h.run_until(lambda: h.tentative(), timeout_s=20)
